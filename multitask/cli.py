@@ -1,0 +1,136 @@
+"""`mt`: thin Typer commands over the library; each parses, loads the config, calls one function."""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise asks the network for news
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(help="mt: multi-head k-fold training, pseudo-labels and submissions for product labels.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+
+
+@contextmanager
+def progress_and_errors():
+    """A rich progress display; known user errors become one red line and exit code 2."""
+    from multitask.config import ConfigError
+    from multitask.data.cache import ImageDecodeError
+    from multitask.data.layout import LayoutError
+    from multitask.model import CheckpointError
+    from multitask.submit import SubmissionError
+
+    known = (ConfigError, LayoutError, ImageDecodeError, CheckpointError, SubmissionError, FileNotFoundError,
+             ValueError)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as progress:
+            yield progress
+    except known as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2)
+
+
+def print_scores(title: str, scores: dict) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("macro F1", justify="right")
+    for k, v in scores.items():
+        if k.startswith("f1"):
+            table.add_row(k, f"{v:.4f}")
+    console.print(table)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="competition root (train/, eval/)"),
+    out: Path = typer.Option(..., "--out", help="run directory"),
+    heads: Optional[str] = typer.Option(None, help="comma list covering each factor once: mask,gender,age | mask,gender_age | class"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file, or a name under configs/ (demo, competition)"),
+    sharing: Optional[str] = typer.Option(None, help="shared | separate backbones"),
+    folds: Optional[int] = typer.Option(None, help="number of folds"),
+    fold: Optional[list[int]] = typer.Option(None, help="train only this fold (repeatable)"),
+    epochs: Optional[int] = typer.Option(None),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override, e.g. train.lr=3e-4 (repeatable)"),
+):
+    """Train every fold (round 0); write checkpoints, OOF and test probabilities into the run directory."""
+    from multitask.config import load_config
+    from multitask.kfold import train_run
+
+    overrides = [f"data_root={data.resolve()}"]
+    for key, value in (("heads", heads), ("model.sharing", sharing), ("train.folds", folds), ("train.epochs", epochs)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if fold:
+        overrides.append(f"train.fold={json.dumps(list(fold))}")
+    with progress_and_errors() as progress:
+        cfg = load_config(config, overrides + list(set_ or []))
+        summary = train_run(cfg, out, progress)
+    print_scores(f"round 0 out-of-fold (folds {summary['folds_done']})", summary["oof"])
+    console.print(f"run: {out}  (config.yaml, folds.csv, round0/, summary.json)")
+
+
+@app.command("pseudo-label")
+def pseudo_label_cmd(
+    run: Path = typer.Option(..., "--run", help="run directory made by `mt train`"),
+    threshold: Optional[float] = typer.Option(None, help="least combined probability to keep a test image [config: 0.9]"),
+    rounds: Optional[int] = typer.Option(None, help="pseudo-label rounds to add [config: 1]"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override (repeatable)"),
+):
+    """Add rounds trained on train + confidently pseudo-labelled test images."""
+    from multitask.pseudo import pseudo_label
+
+    with progress_and_errors() as progress:
+        reports = pseudo_label(run, threshold, rounds, list(set_ or []), progress)
+    table = Table(title="pseudo-label rounds")
+    for col in ("round", "threshold", "added", "OOF macro F1"):
+        table.add_column(col, justify="right")
+    for rep in reports:
+        table.add_row(str(rep["round"]), f"{rep['threshold']:.2f}", f"{rep['added']}/{rep['of']}", f"{rep['oof_f1']:.4f}")
+    console.print(table)
+
+
+@app.command()
+def submit(
+    run: Path = typer.Option(..., "--run", help="run directory"),
+    out: Optional[Path] = typer.Option(None, help="submission file [RUN/submission.csv]"),
+):
+    """Write the latest round's soft-voted predictions as ImageID,ans in info.csv order, checked."""
+    from multitask.submit import make_submission
+
+    with progress_and_errors() as progress:
+        path = make_submission(run, out, progress)
+    console.print(f"submission: {path}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="folder for the data set, run and submission"),
+    train_persons: int = typer.Option(80, help="synthetic train persons (7 images each)"),
+    eval_persons: int = typer.Option(16, help="synthetic test persons"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override (repeatable)"),
+):
+    """Generate a synthetic data set, then train → pseudo-label → submit with configs/demo.yaml."""
+    import time
+
+    from multitask.demo import run_demo
+
+    t0 = time.perf_counter()
+    with progress_and_errors() as progress:
+        result = run_demo(out, train_persons, eval_persons, list(set_ or []), progress, log=progress.console.print)
+    print_scores("submission vs the generated answer key", result["score"])
+    console.print(f"submission: {result['submission']}  run: {result['run']}  "
+                  f"({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,205 @@
+"""The run configuration: a pydantic schema, YAML loading, dotted overrides and the resolved dump.
+
+Every field has a default, so an empty file is a valid config; unknown keys are errors, because a
+typo in a competition config silently training the wrong thing costs a day.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LossCfg(_Strict):
+    name: Literal["ce", "focal", "label_smoothing", "soft_f1"] = "ce"
+    weight: float = Field(1.0, ge=0)
+    smoothing: float = Field(0.1, ge=0, lt=1)  # label_smoothing only
+    gamma: float = Field(2.0, ge=0)  # focal only
+
+
+class ModelCfg(_Strict):
+    backbone: str = "resnet10t"
+    pretrained: bool = False  # timm hub weights (needs network)
+    checkpoint: str | None = None  # local timm-compatible state dict for the backbone(s)
+    sharing: Literal["shared", "separate"] = "shared"
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+
+
+class DataCfg(_Strict):
+    img_size: tuple[int, int] = (64, 64)  # height, width of the cache and the network input
+    age_bins: list[int] = [30, 60]
+    cache_dir: str | None = None  # None: $MT_CACHE_DIR or ~/.cache/mt
+    decode_workers: int = Field(0, ge=0)  # 0: one per core
+    num_workers: int = Field(0, ge=0)  # DataLoader workers (albumentations backend)
+    cache_on_device: bool = False  # torch backend: hold the uint8 cache in accelerator memory
+
+    @field_validator("age_bins")
+    @classmethod
+    def _increasing(cls, v):
+        if not v or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("age_bins must be a non-empty increasing list, e.g. [30, 60]")
+        return v
+
+
+class TorchAugCfg(_Strict):
+    """Batched augmentation on the training device (backend: torch)."""
+    hflip: float = Field(0.5, ge=0, le=1)
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = Field(0.06, ge=0, le=0.5)
+    rotate: float = Field(10.0, ge=0, le=180)  # degrees
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+
+
+DEFAULT_ALBUMENTATIONS = [
+    {"name": "HorizontalFlip", "p": 0.5},
+    {"name": "Affine", "scale": [0.9, 1.1], "translate_percent": [-0.06, 0.06], "rotate": [-10, 10], "p": 0.7},
+    {"name": "RandomBrightnessContrast", "brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5},
+]
+
+
+class AugCfg(_Strict):
+    backend: Literal["albumentations", "torch"] = "albumentations"
+    train: list[dict[str, Any]] = Field(default_factory=lambda: [dict(t) for t in DEFAULT_ALBUMENTATIONS])
+    torch: TorchAugCfg = TorchAugCfg()
+    tta: list[Literal["none", "hflip"]] = ["none", "hflip"]
+
+    @field_validator("train")
+    @classmethod
+    def _named(cls, v):
+        for t in v:
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+                raise ValueError(f"each transform needs a 'name' (an albumentations class), got {t!r}")
+        return v
+
+    @field_validator("tta")
+    @classmethod
+    def _some_view(cls, v):
+        if not v:
+            raise ValueError("tta needs at least one view, e.g. [none]")
+        return v
+
+
+class TrainCfg(_Strict):
+    folds: int = Field(5, ge=2)
+    fold: list[int] | None = None  # train only these folds (None: all)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables
+    amp: bool = True  # bf16 autocast on CUDA; the CPU always trains in fp32
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _folds_in_range(self):
+        if self.fold is not None and any(not 0 <= k < self.folds for k in self.fold):
+            raise ValueError(f"fold {self.fold} out of range for {self.folds} folds")
+        return self
+
+
+class PseudoCfg(_Strict):
+    threshold: float = Field(0.9, ge=0, le=1)  # 0 takes every test image
+    rounds: int = Field(1, ge=1)
+
+
+class Config(_Strict):
+    task: Literal["mask"] = "mask"
+    data_root: str | None = None
+    heads: str = "mask,gender,age"
+    losses: dict[str, LossCfg] = Field(default_factory=dict)  # by head name; missing heads use ce
+    model: ModelCfg = ModelCfg()
+    data: DataCfg = DataCfg()
+    aug: AugCfg = AugCfg()
+    train: TrainCfg = TrainCfg()
+    pseudo: PseudoCfg = PseudoCfg()
+
+    def loss_for(self, head: str) -> LossCfg:
+        return self.losses.get(head, LossCfg())
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, or a name under the project's configs/ (`demo` or `demo.yaml`)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config file {path} not found (nor under {CONFIG_DIR})")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    source = "defaults"
+    raw: dict = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        raw, source = read_yaml(p), str(p)
+    raw = apply_overrides(raw, list(overrides))
+    return validate(raw, source)
+
+
+def validate(raw: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"invalid config ({source}):\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,145 @@
+"""Batches for training and inference, from the uint8 cache.
+
+Images travel as uint8 NCHW (a quarter of float32's bytes) and become floats on the device, where
+the model normalises them. Labels travel as the task's factor values (N, F); each head's target is
+derived from them on the fly, so one loader serves every head, shared or separate backbones alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from multitask.config import Config
+from multitask.data.augment import augment_batch, build_albumentations
+
+
+@dataclass
+class RowImages:
+    """Images drawn from several caches (train, test): row i is `arrays[src[i]][idx[i]]`."""
+    arrays: list[np.ndarray]
+    src: np.ndarray
+    idx: np.ndarray
+
+    @classmethod
+    def of(cls, array: np.ndarray, rows: np.ndarray | None = None) -> "RowImages":
+        rows = np.arange(len(array)) if rows is None else np.asarray(rows)
+        return cls([array], np.zeros(len(rows), np.int64), rows.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.arrays[self.src[i]][self.idx[i]]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), H, W, 3) uint8, in the order of `rows`."""
+        rows = np.asarray(rows)
+        first = self.arrays[0]
+        out = np.empty((len(rows), *first.shape[1:]), dtype=np.uint8)
+        for s, arr in enumerate(self.arrays):
+            sel = np.flatnonzero(self.src[rows] == s)
+            if len(sel):
+                order = self.idx[rows[sel]]
+                # sorted reads are sequential on a memmap; put them back in the asked order after
+                perm = np.argsort(order, kind="stable")
+                out[sel[perm]] = arr[order[perm]]
+        return out
+
+    def concat(self, other: "RowImages") -> "RowImages":
+        arrays = list(self.arrays)
+        src = other.src.copy()
+        for s, arr in enumerate(other.arrays):
+            pos = next((i for i, a in enumerate(arrays) if a is arr), None)
+            if pos is None:
+                arrays.append(arr)
+                pos = len(arrays) - 1
+            src[other.src == s] = pos
+        return RowImages(arrays, np.concatenate([self.src, src]), np.concatenate([self.idx, other.idx]))
+
+
+def to_chw(batch: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+
+
+class AugmentedImages(Dataset):
+    """Per-image albumentations over cached uint8 images, seeded per (epoch, index) so the result
+    does not depend on the number of workers."""
+
+    def __init__(self, images: RowImages, targets: np.ndarray, specs: list[dict], seed: int):
+        self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.long)
+        self.transform = build_albumentations(specs)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = np.array(self.images[i])  # a writable copy: the cache is a read-only memmap
+        if self.transform is not None:
+            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            img = np.ascontiguousarray(self.transform(image=img)["image"])
+        return torch.from_numpy(img).permute(2, 0, 1), self.targets[i]
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+class TrainBatches:
+    """Shuffled, augmented training batches on `device`; `epoch(e)` yields (x float [0,1], y factors)."""
+
+    def __init__(self, cfg: Config, images: RowImages, targets: np.ndarray, device: torch.device, seed: int):
+        self.cfg, self.device, self.seed = cfg, device, seed
+        self.batch_size = min(cfg.train.batch_size, len(images))
+        # BatchNorm cannot train on a batch of one; drop the ragged tail when there is a tail to drop
+        self.drop_last = len(images) > cfg.train.batch_size
+        self.n = len(images)
+        if cfg.aug.backend == "torch":
+            store = to_chw(images.take(np.arange(len(images))))
+            on_device = cfg.data.cache_on_device and device.type != "cpu"
+            self.store = store.to(device) if on_device else (store.pin_memory() if device.type == "cuda" else store)
+            self.targets = torch.as_tensor(targets, dtype=torch.long)
+        else:
+            self.dataset = AugmentedImages(images, targets, cfg.aug.train, seed)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.cfg.aug.backend == "torch":
+            yield from self._torch_epoch(gen)
+            return
+        self.dataset.set_epoch(epoch)
+        workers = self.cfg.data.num_workers
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen,
+                            drop_last=self.drop_last, num_workers=workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
+        for x, y in loader:
+            x, y = _to_device(x, y, self.device)
+            yield x.float().div_(255), y
+
+    def _torch_epoch(self, gen: torch.Generator):
+        order = torch.randperm(self.n, generator=gen)
+        for b in range(len(self)):
+            rows = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.store[rows.to(self.store.device)]
+            x, y = _to_device(x, self.targets[rows], self.device)
+            yield augment_batch(x.float().div_(255), self.cfg.aug.torch, gen), y
+
+
+def eval_batches(images: RowImages, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Plain uint8 batches in row order, moved to `device` as float [0, 1]."""
+    for start in range(0, len(images), batch_size):
+        x = to_chw(images.take(np.arange(start, min(start + batch_size, len(images)))))
+        if device.type == "cuda":
+            x = x.pin_memory()
+        yield x.to(device, non_blocking=True).float().div_(255)

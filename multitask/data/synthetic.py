@@ -1,0 +1,242 @@
+"""A small synthetic stand-in for the mask competition, written in its exact on-disk layout.
+
+Cartoon faces carry the three labels as drawn cues big enough to survive a 64x64 resize:
+mask (worn / below the nose or on the chin / none), gender (short hair on top / long hair down to
+the shoulders) and age group (dark / salt-and-pepper / white hair, plus forehead wrinkles).
+Class = mask*6 + gender*3 + age_group, as in `multitask.labels.mask_task()`.
+
+Everything is drawn from seeded numpy Generators, so a seed gives byte-identical files; it lets the
+whole pipeline (layout reader, cache, training, voting, submission) run end to end without the real
+photos.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+TRAIN_STEMS = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
+MASK_OF_STEM = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
+GENDERS = ("male", "female")
+RACES = ("White", "Black", "Asian", "Indian", "Others")
+AGE_RANGES = ((18, 29), (30, 59), (60, 80))  # inclusive, one per age group
+JPEG_QUALITY = 90
+
+SKIN_TONES = ((255, 224, 196), (241, 194, 160), (224, 172, 125), (198, 134, 86), (141, 85, 54), (100, 62, 40))
+YOUNG_HAIR = ((40, 26, 16), (22, 18, 18), (70, 45, 25), (168, 128, 60))  # brown, black, dark brown, dark blond
+MID_HAIR = ((95, 92, 90), (110, 104, 98), (85, 80, 78))  # darker grey base, speckled lighter below
+OLD_HAIR = ((236, 236, 232), (215, 215, 212), (245, 242, 235))
+MASK_COLOURS = ((150, 200, 235), (245, 245, 245), (30, 30, 35), (235, 150, 180), (35, 50, 110),
+                (120, 190, 120), (140, 140, 150), (200, 60, 50))
+SHIRT_COLOURS = ((60, 90, 160), (160, 40, 50), (40, 120, 80), (200, 180, 60), (90, 90, 90), (220, 220, 220))
+
+
+def make_demo_dataset(out, n_train_persons: int = 60, n_eval_persons: int = 20,
+                      image_size: tuple[int, int] = (128, 96), seed: int = 0) -> dict:
+    """Write the data set under `out` (str or Path); return {"root": Path, "answers": Path, "n_train_images": int, "n_eval_images": int}.
+
+    Layout: train/train.csv + train/images/<id_gender_race_age>/{mask1..5,incorrect_mask,normal}.<ext>,
+    eval/info.csv + eval/images/<sha1>.jpg, and answers.csv (true classes of the eval images) beside,
+    not inside, eval/ so a reader of eval/ cannot peek. `image_size` is (height, width).
+    """
+    if n_train_persons < 0 or n_eval_persons < 0:
+        raise ValueError("person counts must be >= 0")
+    height, width = (int(v) for v in image_size)
+    if height < 32 or width < 24:
+        raise ValueError(f"image_size (height, width) must be at least (32, 24), got {image_size}")
+    root = Path(out)
+    train_dir, eval_dir = root / "train", root / "eval"
+    (train_dir / "images").mkdir(parents=True, exist_ok=True)
+    (eval_dir / "images").mkdir(parents=True, exist_ok=True)
+
+    train_rows = []
+    for i, person in enumerate(_people(n_train_persons, seed, split=0)):
+        pid = f"{i + 1:06d}"
+        folder = f"{pid}_{person['gender_name']}_{person['race']}_{person['age']}"
+        ext = _train_extension(i)
+        person_dir = train_dir / "images" / folder
+        person_dir.mkdir(exist_ok=True)
+        for stem in TRAIN_STEMS:
+            img = _draw_picture(person, MASK_OF_STEM[stem], (height, width), person["rng"])
+            _save(img, person_dir / f"{stem}{ext}")
+        train_rows.append([pid, person["gender_name"], person["race"], person["age"], folder])
+
+    eval_rows = []
+    for j, person in enumerate(_people(n_eval_persons, seed, split=1)):
+        # ids continue after train's so eval people are never train people, even in the hash
+        pid = f"{n_train_persons + j + 1:06d}"
+        for stem in TRAIN_STEMS:
+            mask = MASK_OF_STEM[stem]
+            image_id = hashlib.sha1(f"{seed}/{pid}/{stem}".encode()).hexdigest() + ".jpg"
+            img = _draw_picture(person, mask, (height, width), person["rng"])
+            _save(img, eval_dir / "images" / image_id)
+            eval_rows.append([image_id, mask * 6 + person["gender"] * 3 + person["age_group"]])
+    # the competition's info.csv is not grouped by person; a grouped order would leak identity
+    order = np.random.default_rng([seed, 2]).permutation(len(eval_rows))
+    eval_rows = [eval_rows[k] for k in order]
+
+    _write_csv(train_dir / "train.csv", ["id", "gender", "race", "age", "path"], train_rows)
+    _write_csv(eval_dir / "info.csv", ["ImageID", "ans"], [[r[0], 0] for r in eval_rows])
+    answers = root / "answers.csv"
+    _write_csv(answers, ["ImageID", "ans"], eval_rows)
+    return {"root": root, "answers": answers,
+            "n_train_images": len(train_rows) * len(TRAIN_STEMS), "n_eval_images": len(eval_rows)}
+
+
+def _people(n: int, seed: int, split: int) -> list[dict]:
+    """Per-person attributes; (gender, age group) is a shuffled balanced cycle so that any n >= 6
+    covers all six combinations (hence all 18 classes) while each stays uniform in distribution."""
+    rng = np.random.default_rng([seed, split])
+    combos = rng.permutation(np.tile(np.arange(6), -(-n // 6))[:n]) if n else np.zeros(0, int)
+    people = []
+    for i, combo in enumerate(combos):
+        # one generator per person: a person's pictures don't shift when n changes elsewhere
+        prng = np.random.default_rng([seed, split, i, 7])
+        gender, age_group = int(combo) // 3, int(combo) % 3
+        lo, hi = AGE_RANGES[age_group]
+        hair_palette = (YOUNG_HAIR, MID_HAIR, OLD_HAIR)[age_group]
+        skin = np.array(SKIN_TONES[prng.integers(len(SKIN_TONES))], float) + prng.uniform(-10, 10, 3)
+        people.append({
+            "rng": prng,
+            "gender": gender,
+            "gender_name": GENDERS[gender],
+            "age_group": age_group,
+            "age": int(prng.integers(lo, hi + 1)),
+            "race": RACES[prng.integers(len(RACES))],
+            "skin": tuple(int(v) for v in np.clip(skin, 0, 255)),
+            "hair": hair_palette[prng.integers(len(hair_palette))],
+            "shirt": SHIRT_COLOURS[prng.integers(len(SHIRT_COLOURS))],
+            "face_w": (0.28 if gender == 0 else 0.24) * prng.uniform(0.95, 1.05),
+            "hair_len": prng.uniform(0.10, 0.16),  # how far long hair falls below the chin, in heights
+            "cap_h": prng.uniform(0.95, 1.05),
+        })
+    return people
+
+
+def _train_extension(i: int) -> str:
+    # by index rather than at random: any 8 consecutive persons already show all three extensions
+    return {3: ".jpeg", 7: ".png"}.get(i % 10, ".jpg")
+
+
+def _draw_picture(p: dict, mask: int, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    h, w = size
+    img = _background(size, rng)
+    d = ImageDraw.Draw(img)
+    scale = rng.uniform(0.92, 1.08)
+    cx = w * (0.5 + rng.uniform(-0.04, 0.04))
+    cy = h * (0.44 + rng.uniform(-0.03, 0.03))
+    fw, fh = p["face_w"] * w * scale, 0.25 * h * scale
+    lw = max(1, round(h / 64))  # survives the halving to 64 px as at least one pixel
+    hair = _hair_texture(p, size, rng)
+
+    # shoulders and shirt
+    d.ellipse((cx - 0.62 * w, cy + fh + 0.05 * h, cx + 0.62 * w, cy + fh + 0.75 * h), fill=p["shirt"])
+    if p["gender"] == 1:
+        back = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(back).rounded_rectangle(
+            (cx - fw * 1.4, cy - fh * 1.12, cx + fw * 1.4, cy + fh + p["hair_len"] * h), radius=fw * 0.7, fill=255)
+        img.paste(hair, (0, 0), back)
+    d.rectangle((cx - fw * 0.35, cy + fh * 0.6, cx + fw * 0.35, cy + fh + 0.07 * h), fill=_shade(p["skin"], 0.9))
+    d.ellipse((cx - fw, cy - fh, cx + fw, cy + fh), fill=p["skin"])
+
+    # hair cap over the top of the head; bottom edge at ~0.8 fh above centre leaves a forehead
+    cap = Image.new("L", (w, h), 0)
+    ch = p["cap_h"]
+    cap_draw = ImageDraw.Draw(cap)
+    cap_draw.chord((cx - fw * 1.06, cy - fh * 1.16 * ch, cx + fw * 1.06, cy - fh * 0.44), 180, 360, fill=255)
+    if p["gender"] == 0:  # sideburns, so short hair reads as hair rather than a hat
+        for x0, x1 in ((cx - fw * 1.03, cx - fw * 0.8), (cx + fw * 0.8, cx + fw * 1.03)):
+            cap_draw.rectangle((x0, cy - fh * 0.85, x1, cy - fh * 0.2), fill=255)
+    img.paste(hair, (0, 0), cap)
+
+    dark = _shade(p["skin"], 0.55)
+    ex, ey, er = 0.4 * fw, cy - 0.15 * fh, 0.11 * fw
+    for sx in (-1, 1):
+        d.ellipse((cx + sx * ex - er * 1.4, ey - er, cx + sx * ex + er * 1.4, ey + er), fill=(250, 250, 250))
+        d.ellipse((cx + sx * ex - er * 0.7, ey - er * 0.7, cx + sx * ex + er * 0.7, ey + er * 0.7), fill=(40, 30, 30))
+    d.polygon([(cx, cy - 0.02 * fh), (cx - 0.14 * fw, cy + 0.24 * fh), (cx + 0.12 * fw, cy + 0.24 * fh)],
+              fill=_shade(p["skin"], 0.7))
+    d.ellipse((cx - 0.3 * fw, cy + 0.44 * fh, cx + 0.3 * fw, cy + 0.58 * fh), fill=(160, 45, 60))
+
+    if p["age_group"] >= 1:
+        ys = (-0.62, -0.46) if p["age_group"] == 1 else (-0.7, -0.56, -0.42, -0.3)
+        for y in ys:
+            y = cy + y * fh
+            d.line([(cx - 0.5 * fw, y + lw), (cx - 0.15 * fw, y), (cx + 0.15 * fw, y), (cx + 0.5 * fw, y + lw)],
+                   fill=dark, width=lw)
+        if p["age_group"] == 2:  # crow's feet
+            for sx in (-1, 1):
+                x0 = cx + sx * (ex + er * 1.6)
+                for dy in (-0.5, 0.5):
+                    d.line([(x0, ey), (x0 + sx * 0.14 * fw, ey + dy * er * 1.5)], fill=dark, width=lw)
+
+    if mask != 2:
+        # incorrect = the same mask slid down: below the nose (mouth covered) or onto the chin
+        shift = 0.0 if mask == 0 else fh * (0.3 if rng.random() < 0.5 else 0.62)
+        _draw_mask(d, cx, cy + shift, fw, fh, MASK_COLOURS[rng.integers(len(MASK_COLOURS))], lw)
+
+    return _finish(img, rng)
+
+
+def _draw_mask(d: ImageDraw.ImageDraw, cx: float, top_cy: float, fw: float, fh: float, colour, lw: int) -> None:
+    t = top_cy + 0.02 * fh
+    pts = [(cx - 0.88 * fw, t + 0.05 * fh), (cx - 0.3 * fw, t - 0.04 * fh), (cx + 0.3 * fw, t - 0.04 * fh),
+           (cx + 0.88 * fw, t + 0.05 * fh), (cx + 0.75 * fw, t + 0.62 * fh), (cx, t + 0.9 * fh),
+           (cx - 0.75 * fw, t + 0.62 * fh)]
+    d.polygon(pts, fill=colour, outline=_shade(colour, 0.7))
+    for sx in (-1, 1):  # straps towards the ears
+        d.line([(cx + sx * 0.88 * fw, t + 0.08 * fh), (cx + sx * 1.02 * fw, t - 0.1 * fh)], fill=colour, width=lw)
+    for k in (0.25, 0.45):  # pleats
+        d.line([(cx - 0.6 * fw, t + k * fh), (cx + 0.6 * fw, t + k * fh)], fill=_shade(colour, 0.8), width=1)
+
+
+def _background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    h, w = size
+    base = rng.uniform(60, 230, 3)
+    tilt = rng.uniform(-40, 40, 3)
+    grad = np.linspace(-0.5, 0.5, h)[:, None, None] * tilt
+    arr = base + grad + rng.normal(0, 8, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def _hair_texture(p: dict, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """Full-frame hair colour, pasted through shape masks; salt-and-pepper for the middle age group."""
+    h, w = size
+    arr = np.empty((h, w, 3), float)
+    arr[:] = p["hair"]
+    if p["age_group"] == 1:
+        speck = rng.random((h // 2 + 1, w // 2 + 1)) < 0.4
+        speck = np.repeat(np.repeat(speck, 2, 0), 2, 1)[:h, :w]
+        arr[speck] = (205, 205, 200)
+    arr += rng.normal(0, 6, (h, w, 1))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def _finish(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    arr = np.asarray(img, float) * rng.uniform(0.85, 1.15) + rng.normal(0, 3, (img.height, img.width, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def _shade(colour, f: float) -> tuple[int, int, int]:
+    return tuple(int(max(0, min(255, c * f))) for c in colour)
+
+
+def _save(img: Image.Image, path: Path) -> None:
+    if path.suffix.lower() == ".png":
+        img.save(path, format="PNG")
+    else:
+        img.save(path, format="JPEG", quality=JPEG_QUALITY)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    # a crash mid-write leaves only the .tmp behind, never a truncated CSV under the real name
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)

@@ -1,0 +1,131 @@
+"""Train one fold: AdamW, warmup + cosine, bf16 autocast and channels_last on CUDA, optional EMA and
+torch.compile, gradient clipping; validate every epoch and keep the checkpoint with the best combined
+macro F1 (the competition metric, not accuracy).
+
+Writes FOLD/metrics.csv (a row per epoch), FOLD/best.pt (weights) and FOLD/last.pt (everything a
+resume needs: model, EMA, optimizer, scheduler, epoch, RNG states).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from timm.utils import ModelEmaV3
+
+from multitask.config import Config
+from multitask.data.dataset import RowImages, TrainBatches
+from multitask.labels import Head, Task
+from multitask.losses import MultiHeadLoss
+from multitask.metrics import score_probs
+from multitask.model import build_model, param_groups
+from multitask.predict import autocast, predict_probs, prepare_input
+from multitask.run import atomic_write_text, save_torch
+
+
+@dataclass
+class FoldData:
+    train_images: RowImages
+    train_factors: np.ndarray  # (N, F) true (or pseudo) factor values
+    val_images: RowImages
+    val_factors: np.ndarray
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def rng_state() -> dict:
+    # numpy's global generator is not used in training, and its state would not load with weights_only
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_dir: Path, seed: int,
+               device: torch.device, progress=None, label: str = "fold") -> dict:
+    """Train, validate each epoch, checkpoint; return the best epoch's validation scores."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    seed_everything(seed)
+    model = build_model(cfg.model, heads).to(device)
+    if tc.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
+    batches = TrainBatches(cfg, data.train_images, data.train_factors, device, seed)
+    total_steps = tc.epochs * len(batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(round(tc.warmup_epochs * len(batches)), total_steps))
+    criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads})
+    step_model = torch.compile(model) if tc.compile else model
+
+    task_id = progress.add_task(label, total=total_steps) if progress else None
+    best = {"f1": -1.0}
+    rows = []
+    step = 0
+    for epoch in range(tc.epochs):
+        model.train()
+        t0, seen = time.perf_counter(), 0
+        loss_sums = {h.name: 0.0 for h in heads} | {"loss": 0.0}
+        for x, y in batches.epoch(epoch):
+            targets = {h.name: h.targets(y) for h in heads}
+            with autocast(device, tc.amp):
+                outputs = step_model(prepare_input(x, cfg, device))
+            loss, parts = criterion(outputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update(model, step=step)
+            n = len(x)
+            seen += n
+            loss_sums["loss"] += loss.item() * n
+            for name, v in parts.items():
+                loss_sums[name] += v.item() * n
+            if progress:
+                progress.update(task_id, advance=1, description=f"{label} epoch {epoch + 1}/{tc.epochs}")
+        train_s = time.perf_counter() - t0
+
+        eval_model = ema.module if ema is not None else model
+        probs = predict_probs(eval_model, data.val_images, cfg, device, views=["none"])
+        scores = score_probs(task, heads, probs, data.val_factors)
+        row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "train_loss": loss_sums["loss"] / seen}
+        row |= {f"loss_{name}": loss_sums[name] / seen for name in criterion.fns}
+        row |= {f"val_{k}": v for k, v in scores.items()}
+        row |= {"train_img_s": seen / train_s}
+        rows.append(row)
+        atomic_write_text(out_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
+        if scores["f1"] > best["f1"]:
+            best = scores | {"epoch": epoch}
+            save_torch(out_dir / "best.pt", {"model": eval_model.state_dict(), "epoch": epoch, "scores": scores})
+        save_torch(out_dir / "last.pt", {
+            "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "step": step, "best": best, "rng": rng_state()})
+        if progress:
+            progress.console.print(
+                f"  {label} epoch {epoch + 1}/{tc.epochs}  loss {row['train_loss']:.3f}  "
+                + "  ".join(f"{h.name} {scores[f'f1_{h.name}']:.3f}" for h in heads)
+                + f"  F1 {scores['f1']:.3f}  ({row['train_img_s']:.0f} img/s)")
+    if progress:
+        progress.remove_task(task_id)
+    return best

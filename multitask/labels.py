@@ -1,0 +1,159 @@
+"""The decomposition as data: factors, heads that join factors, and the final class.
+
+A task is an ordered list of factors; the final class is the mixed-radix number over the factors in
+order (mask·6 + gender·3 + age for the mask competition). A head predicts one factor or a join of
+factors (`gender_age`, 6 classes) or all of them (`class`). Everything downstream (model, losses,
+metrics, voting, pseudo-labels, submission) works on heads by name and size, never on the words
+mask, gender or age: only `mask_task()` and the layout reader know those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+FLAT_HEAD = "class"
+
+
+@dataclass(frozen=True)
+class Factor:
+    name: str
+    classes: tuple[str, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.classes)
+
+
+def mixed_radix(values: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    """Columns of `values` (N, len(sizes)) as one integer, the first column most significant."""
+    values = np.asarray(values, dtype=np.int64).reshape(-1, len(sizes))
+    out = np.zeros(len(values), dtype=np.int64)
+    for col, size in enumerate(sizes):
+        out = out * size + values[:, col]
+    return out
+
+
+def split_radix(codes: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    codes = np.asarray(codes, dtype=np.int64).copy()
+    out = np.zeros((len(codes), len(sizes)), dtype=np.int64)
+    for col in range(len(sizes) - 1, -1, -1):
+        out[:, col] = codes % sizes[col]
+        codes //= sizes[col]
+    return out
+
+
+@dataclass(frozen=True)
+class Head:
+    name: str
+    factor_idx: tuple[int, ...]  # positions in the task's factor list, in task order
+    sizes: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        return prod(self.sizes)
+
+    def targets(self, factor_values):
+        """Head class of each row of task factor values (N, F); numpy or torch integers alike."""
+        out = factor_values[:, self.factor_idx[0]]
+        for i, size in zip(self.factor_idx[1:], self.sizes[1:]):
+            out = out * size + factor_values[:, i]
+        return out
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    factors: tuple[Factor, ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(f.n for f in self.factors)
+
+    @property
+    def n_classes(self) -> int:
+        return prod(self.sizes)
+
+    @property
+    def factor_names(self) -> list[str]:
+        return [f.name for f in self.factors]
+
+    def encode(self, factor_values: np.ndarray) -> np.ndarray:
+        return mixed_radix(factor_values, self.sizes)
+
+    def decode(self, classes: np.ndarray) -> np.ndarray:
+        return split_radix(classes, self.sizes)
+
+    def head(self, name: str) -> Head:
+        """`class` is every factor; otherwise factor names joined by `_` (in any order)."""
+        names = self.factor_names
+        if name == FLAT_HEAD:
+            idx = tuple(range(len(names)))
+        else:
+            parts = _split_head_name(name, names)
+            if parts is None:
+                raise ValueError(f"unknown head {name!r}: heads are factors {names}, joins of them with '_' "
+                                 f"(e.g. {'_'.join(names[-2:])!r}) or {FLAT_HEAD!r}")
+            idx = tuple(sorted(names.index(p) for p in parts))
+        return Head(name, idx, tuple(self.sizes[i] for i in idx))
+
+    def heads(self, spec: str | list[str]) -> list[Head]:
+        """Parse a comma list of heads that must cover each factor exactly once."""
+        names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+        names = [n for n in names if n]
+        if not names:
+            raise ValueError("no heads given: use e.g. " + ",".join(self.factor_names))
+        heads = [self.head(n) for n in names]
+        covered = [i for h in heads for i in h.factor_idx]
+        missing = [self.factors[i].name for i in range(len(self.factors)) if i not in covered]
+        twice = sorted({self.factors[i].name for i in covered if covered.count(i) > 1})
+        if missing or twice:
+            problems = ([f"missing {missing}"] if missing else []) + ([f"covered twice {twice}"] if twice else [])
+            raise ValueError(f"heads {','.join(names)!r} must cover each factor of {self.factor_names} exactly "
+                             f"once: {'; '.join(problems)}")
+        return heads
+
+    def class_to_head_index(self, head: Head) -> np.ndarray:
+        """For each final class, the head class it implies (n_classes,)."""
+        return head.targets(self.decode(np.arange(self.n_classes)))
+
+    def combine(self, heads: list[Head], probs: dict[str, np.ndarray]) -> np.ndarray:
+        """Final-class probabilities as the product of the heads' probabilities (N, n_classes).
+
+        The heads cover disjoint factor sets, so the product is a proper distribution when each head's is.
+        """
+        out = None
+        for h in heads:
+            p = np.asarray(probs[h.name])[:, self.class_to_head_index(h)]
+            out = p if out is None else out * p
+        return out
+
+
+def _split_head_name(name: str, factor_names: list[str]) -> list[str] | None:
+    """Split `gender_age` into factor names; factor names may themselves contain '_'."""
+    if name in factor_names:
+        return [name]
+    for f in factor_names:
+        if name.startswith(f + "_"):
+            rest = _split_head_name(name[len(f) + 1:], factor_names)
+            if rest is not None and f not in rest:
+                return [f] + rest
+    return None
+
+
+def age_group(age: np.ndarray, bins: list[int]) -> np.ndarray:
+    """Index of the age bin: bins [30, 60] give <30 → 0, 30–59 → 1, ≥60 → 2."""
+    return np.searchsorted(np.asarray(bins), np.asarray(age), side="right")
+
+
+def mask_task(age_bins: list[int] = (30, 60)) -> Task:
+    """The mask competition: 18 classes = mask (3) × gender (2) × age group (3), in that order."""
+    bins = list(age_bins)
+    edges = [0] + bins
+    age_names = [f"<{bins[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[1:], bins[1:])] + [f">={bins[-1]}"]
+    return Task("mask", (
+        Factor("mask", ("worn", "incorrect", "not_worn")),
+        Factor("gender", ("male", "female")),
+        Factor("age", tuple(age_names)),
+    ))

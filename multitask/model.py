@@ -1,0 +1,72 @@
+"""timm backbone(s) and one linear head per task head, shared or separate.
+
+shared:   one backbone (num_classes=0) → pooled features → a Linear per head.
+separate: one backbone per head, each with its own Linear; the batch is loaded once and fed to all.
+The model takes images as floats in [0, 1] and normalises them itself (mean/std buffers from the
+backbone's pretrained config), so the data path stays uint8 up to the device and an exported model
+needs no preprocessing beside it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from multitask.config import ModelCfg
+from multitask.labels import Head
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def create_backbone(cfg: ModelCfg) -> nn.Module:
+    """A timm backbone without classifier; weights from the hub (`pretrained`) or a local file."""
+    kwargs = dict(num_classes=0, drop_rate=cfg.drop_rate)
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint file not found")
+        # timm's own loader: it drops the classifier weights that num_classes=0 has no place for
+        overlay = dict(file=str(path))
+        try:
+            return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except (RuntimeError, KeyError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot load into {cfg.backbone}: {e}") from None
+    return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+
+
+class MultiHeadNet(nn.Module):
+    def __init__(self, cfg: ModelCfg, heads: list[Head]):
+        super().__init__()
+        self.sharing = cfg.sharing
+        self.head_names = [h.name for h in heads]
+        n_backbones = 1 if cfg.sharing == "shared" else len(heads)
+        self.backbones = nn.ModuleList([create_backbone(cfg) for _ in range(n_backbones)])
+        dim = self.backbones[0].num_features
+        self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.n) for h in heads})
+        pcfg = self.backbones[0].pretrained_cfg
+        self.register_buffer("mean", torch.tensor(pcfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pcfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if self.sharing == "shared":
+            feats = self.backbones[0](x)
+            return {name: self.heads[name](feats) for name in self.head_names}
+        return {name: self.heads[name](bb(x)) for name, bb in zip(self.head_names, self.backbones)}
+
+
+def build_model(cfg: ModelCfg, heads: list[Head]) -> MultiHeadNet:
+    return MultiHeadNet(cfg, heads)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-d parameters), as timm does."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

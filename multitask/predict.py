@@ -1,0 +1,78 @@
+"""Head probabilities with TTA, and soft voting across folds.
+
+Soft voting averages each head's probabilities (over TTA views, then over folds) before combining
+heads into the final class: averaging probabilities keeps each model's confidence, which a hard
+majority vote throws away.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multitask.config import Config
+from multitask.data.augment import tta_view
+from multitask.data.dataset import RowImages, eval_batches
+from multitask.labels import Head
+from multitask.model import MultiHeadNet, build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 on CUDA; the CPU stays fp32 (bf16 autocast is slower than fp32 on most CPUs)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare_input(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
+    if cfg.train.channels_last and device.type == "cuda":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: torch.device,
+                  views: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Softmax probabilities per head (N, n_h), averaged over the TTA views."""
+    views = list(cfg.aug.tta if views is None else views)
+    was_training = model.training
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in model.head_names}
+    for x in eval_batches(images, cfg.train.eval_batch_size, device):
+        acc: dict[str, torch.Tensor] = {}
+        for view in views:
+            with autocast(device, cfg.train.amp):
+                out = model(prepare_input(tta_view(x, view), cfg, device))
+            for name, logits in out.items():
+                p = logits.float().softmax(1)
+                acc[name] = acc[name] + p if name in acc else p
+        for name in chunks:
+            chunks[name].append((acc[name] / len(views)).cpu().numpy())
+    model.train(was_training)
+    return {name: np.concatenate(c) if c else np.zeros((0, model.heads[name].out_features), np.float32)
+            for name, c in chunks.items()}
+
+
+def soft_vote(prob_sets: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.mean([p[name] for p in prob_sets], axis=0) for name in prob_sets[0]}
+
+
+def load_model(path: Path, cfg: Config, heads: list[Head], device: torch.device) -> MultiHeadNet:
+    """A fold's model from its checkpoint; the backbone is built without fetching pretrained weights,
+    since the checkpoint already holds every weight."""
+    model_cfg = cfg.model.model_copy(update={"pretrained": False, "checkpoint": None})
+    model = build_model(model_cfg, heads)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model.eval()

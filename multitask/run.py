@@ -1,0 +1,92 @@
+"""The run directory: where one stage hands its result to the next, and atomic writes.
+
+RUN/config.yaml  folds.csv  summary.json  submission.csv
+RUN/round0/fold0/{best.pt,last.pt,metrics.csv,oof.npz,test.npz}
+RUN/round0/{oof.npz,test_probs.npz,summary.json}     RUN/round1/... (pseudo-label rounds)
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def save_npz(path: Path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def save_torch(path: Path, obj) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    folds = property(lambda self: self.root / "folds.csv")
+    summary = property(lambda self: self.root / "summary.json")
+    submission = property(lambda self: self.root / "submission.csv")
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / f"round{r}"
+
+    def fold_dir(self, r: int, k: int) -> Path:
+        return self.round_dir(r) / f"fold{k}"
+
+    def rounds(self) -> list[int]:
+        """Rounds that have aggregated results, in order."""
+        found = []
+        for p in self.root.glob("round*"):
+            m = re.fullmatch(r"round(\d+)", p.name)
+            if m and (p / "oof.npz").exists():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def latest_round(self) -> int:
+        rounds = self.rounds()
+        if not rounds:
+            raise FileNotFoundError(f"{self.root}: no trained round found (run `mt train` first)")
+        return rounds[-1]

@@ -1,0 +1,52 @@
+"""The submission: the latest round's soft-voted predictions as ImageID,ans in info.csv's order,
+checked before it is written, and written atomically (a refused file leaves the old one intact)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from multitask.data.layout import read_csv
+from multitask.kfold import load_round_test_probs, reopen_context
+from multitask.run import atomic_write_text
+
+
+class SubmissionError(ValueError):
+    pass
+
+
+def check_submission(sub: pd.DataFrame, info_ids: np.ndarray, n_classes: int) -> None:
+    if list(sub.columns) != ["ImageID", "ans"]:
+        raise SubmissionError(f"columns must be ['ImageID', 'ans'], got {list(sub.columns)}")
+    if len(sub) != len(info_ids):
+        raise SubmissionError(f"{len(sub)} rows, but info.csv has {len(info_ids)}")
+    mismatch = np.flatnonzero(sub["ImageID"].to_numpy().astype(str) != np.asarray(info_ids).astype(str))
+    if len(mismatch):
+        i = mismatch[0]
+        raise SubmissionError(f"ImageID differs from info.csv at row {i + 1}: "
+                              f"{sub['ImageID'].iloc[i]!r} vs {info_ids[i]!r} ({len(mismatch)} rows differ)")
+    if not pd.api.types.is_integer_dtype(sub["ans"]):
+        raise SubmissionError(f"ans must be integers, got {sub['ans'].dtype}")
+    bad = sub["ans"][(sub["ans"] < 0) | (sub["ans"] >= n_classes)]
+    if len(bad):
+        raise SubmissionError(f"ans outside 0..{n_classes - 1}, e.g. {bad.iloc[0]}")
+
+
+def write_submission(sub: pd.DataFrame, info_ids: np.ndarray, n_classes: int, out: Path) -> Path:
+    check_submission(sub, info_ids, n_classes)
+    atomic_write_text(out, sub.to_csv(index=False))
+    return out
+
+
+def make_submission(run_dir: str | Path, out: str | Path | None = None, progress=None) -> Path:
+    ctx = reopen_context(run_dir, progress=progress, with_images=False)
+    r = ctx.run.latest_round()
+    image_ids, probs = load_round_test_probs(ctx, r)
+    pred = dict(zip(image_ids, ctx.task.combine(ctx.heads, probs).argmax(1)))
+    info_ids = read_csv(Path(ctx.cfg.data_root) / "eval" / "info.csv", ["ImageID", "ans"])["ImageID"].to_numpy()
+    missing = [i for i in info_ids if i not in pred]
+    if missing:
+        raise SubmissionError(f"round {r} has no prediction for {len(missing)} info.csv image(s), e.g. {missing[0]}")
+    sub = pd.DataFrame({"ImageID": info_ids, "ans": np.array([pred[i] for i in info_ids], dtype=np.int64)})
+    return write_submission(sub, info_ids, ctx.task.n_classes, Path(out) if out else ctx.run.submission)

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+
+from multitask.config import ConfigError, TorchAugCfg
+from multitask.data.augment import augment_batch, build_albumentations, tta_view
+from multitask.data.dataset import AugmentedImages, RowImages
+
+
+def test_torch_augment_is_seeded_and_stays_in_range():
+    x = torch.rand(4, 3, 16, 12)
+    a = augment_batch(x.clone(), TorchAugCfg(), torch.Generator().manual_seed(0))
+    b = augment_batch(x.clone(), TorchAugCfg(), torch.Generator().manual_seed(0))
+    c = augment_batch(x.clone(), TorchAugCfg(), torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_torch_augment_identity_settings_change_nothing_but_flip():
+    x = torch.rand(3, 3, 8, 8)
+    still = TorchAugCfg(hflip=0, scale=(1, 1), translate=0, rotate=0, brightness=0, contrast=0)
+    torch.testing.assert_close(augment_batch(x.clone(), still, torch.Generator()), x, atol=1e-5, rtol=0)
+    flip = still.model_copy(update={"hflip": 1.0})
+    torch.testing.assert_close(augment_batch(x.clone(), flip, torch.Generator()), x.flip(-1), atol=1e-5, rtol=0)
+    assert torch.equal(tta_view(x, "hflip"), x.flip(-1))
+
+
+def test_unknown_albumentations_transform_is_a_config_error():
+    with pytest.raises(ConfigError, match="'Sparkle' is not an albumentations transform"):
+        build_albumentations([{"name": "Sparkle"}])
+
+
+def test_albumentations_dataset_is_deterministic_per_epoch():
+    imgs = np.random.default_rng(0).integers(0, 255, (6, 16, 12, 3), dtype=np.uint8)
+    specs = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "RandomBrightnessContrast", "p": 1.0}]
+    a = AugmentedImages(RowImages.of(imgs), np.zeros((6, 3)), specs, seed=0)
+    b = AugmentedImages(RowImages.of(imgs), np.zeros((6, 3)), specs, seed=0)
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(6))
+    first = [a[i][0] for i in range(6)]
+    a.set_epoch(1)
+    assert any(not torch.equal(first[i], a[i][0]) for i in range(6))
+
+
+def test_row_images_take_from_several_caches_in_order():
+    t = np.arange(4)[:, None, None, None] * np.ones((4, 2, 2, 3), np.uint8)
+    e = 100 + np.arange(3)[:, None, None, None] * np.ones((3, 2, 2, 3), np.uint8)
+    rows = RowImages.of(t, np.array([3, 1])).concat(RowImages.of(e, np.array([2, 0])))
+    assert [int(v) for v in rows.take(np.array([2, 0, 3, 1]))[:, 0, 0, 0]] == [102, 3, 100, 1]

@@ -1,0 +1,59 @@
+"""The decoded cache: built once, reused, invalidated by a changed file, atomic, clear on bad images."""
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from multitask.data import cache as cache_mod
+from multitask.data.cache import ImageDecodeError, cached_images
+
+
+def make_images(folder, n=5):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        arr = np.full((40, 30, 3), i * 40, np.uint8)
+        arr[:20] = 255 - i * 40  # top and bottom halves differ, so orientation is checked
+        p = folder / f"{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(arr).save(p, quality=95)
+        paths.append(str(p))
+    return paths
+
+
+def test_cache_decodes_resizes_and_is_reused(tmp_path, monkeypatch):
+    paths = make_images(tmp_path / "img")
+    arr = cached_images(paths, (20, 16), tmp_path / "c", workers=2)
+    assert arr.shape == (5, 20, 16, 3) and arr.dtype == np.uint8
+    assert abs(int(arr[2, 2, 8, 0]) - (255 - 80)) <= 3 and abs(int(arr[2, 17, 8, 0]) - 80) <= 3
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 1
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again although the cache exists")
+
+    monkeypatch.setattr(cache_mod, "decode_resized", no_decode)
+    again = cached_images(paths, (20, 16), tmp_path / "c")
+    assert np.array_equal(arr, again)
+
+
+def test_cache_key_covers_size_and_file_changes(tmp_path):
+    paths = make_images(tmp_path / "img")
+    cached_images(paths, (20, 16), tmp_path / "c")
+    cached_images(paths, (24, 16), tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(paths[0], quality=95)
+    st = os.stat(paths[0])
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    arr = cached_images(paths, (20, 16), tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 3
+    assert arr[0].max() <= 3
+
+
+def test_bad_image_names_the_file_and_leaves_no_partial_cache(tmp_path):
+    paths = make_images(tmp_path / "img")
+    bad = tmp_path / "img" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        cached_images(paths + [str(bad)], (20, 16), tmp_path / "c")
+    assert list((tmp_path / "c").iterdir()) == []

@@ -1,0 +1,49 @@
+import pytest
+
+from multitask.config import ConfigError, dump_config, load_config
+
+
+def test_defaults_and_dotted_overrides():
+    cfg = load_config(None, ["train.lr=3e-4", "model.sharing=separate", "data.img_size=[32, 24]", "heads=class"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.sharing == "separate"
+    assert cfg.data.img_size == (32, 24)
+    assert cfg.heads == "class"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 3\n  lr: 0.01\nlosses:\n  age: {name: focal, gamma: 1.5}\n")
+    cfg = load_config(p, ["train.epochs=7"])
+    assert cfg.train.epochs == 7 and cfg.train.lr == 0.01
+    assert cfg.loss_for("age").name == "focal" and cfg.loss_for("mask").name == "ce"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("demo", ["train.seed=5"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lrr=1"], "train.lrr: Extra inputs are not permitted"),
+    (["train.epochs=0"], "train.epochs"),
+    (["model.sharing=both"], "model.sharing"),
+    (["losses.mask.name=hinge"], "losses.mask.name"),
+    (["train.fold=[7]"], "fold \\[7\\] out of range"),
+    (["data.age_bins=[60, 30]"], "increasing"),
+    (["noequals"], "not key=value"),
+])
+def test_bad_config_is_a_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,60 @@
+"""Folds are grouped by person (never a leak) and stratified on the person-level factors."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from multitask.data.folds import FoldLeakError, assign_folds, check_no_leak, make_folds, person_level_factors
+from multitask.labels import mask_task
+
+
+def fake_table(n_persons=200, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_persons):
+        g, a = rng.integers(2), rng.choice(3, p=[0.5, 0.35, 0.15])
+        for m in [0, 0, 0, 0, 0, 1, 2]:
+            rows.append((f"p{p:04d}", m, g, a))
+    return pd.DataFrame(rows, columns=["person", "mask", "gender", "age"])
+
+
+def test_person_level_factors_are_derived_from_data():
+    assert person_level_factors(fake_table(), mask_task()) == ["gender", "age"]
+
+
+def test_no_person_in_two_folds_and_every_person_placed():
+    df = fake_table()
+    folds = make_folds(df, mask_task(), 5, seed=0)
+    assert folds["person"].is_unique and set(folds["person"]) == set(df["person"])
+    fold = assign_folds(df, folds)
+    per_person = pd.Series(fold).groupby(df["person"].to_numpy()).nunique()
+    assert (per_person == 1).all()
+    assert sorted(np.unique(fold)) == [0, 1, 2, 3, 4]
+
+
+def test_folds_are_stratified_on_gender_and_age():
+    df = fake_table(400)
+    fold = assign_folds(df, make_folds(df, mask_task(), 5, seed=0))
+    strata = df["gender"] * 3 + df["age"]
+    overall = strata.value_counts(normalize=True).sort_index()
+    for k in range(5):
+        share = strata[fold == k].value_counts(normalize=True).sort_index()
+        assert np.abs(share - overall).max() < 0.03, (k, share, overall)
+
+
+def test_folds_are_deterministic_per_seed():
+    df = fake_table()
+    a = make_folds(df, mask_task(), 5, seed=3)
+    b = make_folds(df, mask_task(), 5, seed=3)
+    c = make_folds(df, mask_task(), 5, seed=4)
+    assert a.equals(b) and not a.equals(c)
+
+
+def test_leak_check_catches_a_split_person():
+    leaked = pd.DataFrame({"person": ["a", "a", "b"], "fold": [0, 1, 1]})
+    with pytest.raises(FoldLeakError, match="more than one fold"):
+        check_no_leak(leaked)
+
+
+def test_too_few_persons_is_an_error():
+    with pytest.raises(ValueError, match="3 persons cannot fill 5 folds"):
+        make_folds(fake_table(3), mask_task(), 5, seed=0)

@@ -1,0 +1,94 @@
+"""Reading the competition layout: extensions, hidden files, and clear errors naming the file."""
+import shutil
+
+import pytest
+from PIL import Image
+
+from multitask.data.layout import LayoutError, read_layout
+
+STEMS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
+
+
+def write_person(images_dir, folder, ext=".jpg"):
+    d = images_dir / folder
+    d.mkdir(parents=True)
+    for stem in STEMS:
+        Image.new("RGB", (24, 32), (100, 120, 140)).save(d / f"{stem}{ext}")
+    return d
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "data"
+    images = r / "train" / "images"
+    write_person(images, "000001_female_Asian_45", ".jpg")
+    write_person(images, "000002_male_White_61", ".jpeg")
+    write_person(images, "000003_male_Black_22", ".png")
+    (r / "train" / "train.csv").write_text(
+        "id,gender,race,age,path\n"
+        "000001,female,Asian,45,000001_female_Asian_45\n"
+        "000002,male,White,61,000002_male_White_61\n"
+        "000003,male,Black,22,000003_male_Black_22\n")
+    (r / "eval" / "images").mkdir(parents=True)
+    for name in ["b.jpg", "a.jpg"]:
+        Image.new("RGB", (24, 32)).save(r / "eval" / "images" / name)
+    (r / "eval" / "info.csv").write_text("ImageID,ans\nb.jpg,0\na.jpg,0\n")
+    return r
+
+
+def test_reads_every_extension_and_labels(root):
+    layout = read_layout(root, [30, 60])
+    train = layout.train
+    assert len(train) == 21
+    assert {p.rsplit(".", 1)[1] for p in train["path"]} == {"jpg", "jpeg", "png"}
+    p1 = train[train["person"] == "000001_female_Asian_45"].set_index("stem")
+    assert p1.loc["mask3", "mask"] == 0 and p1.loc["incorrect_mask", "mask"] == 1 and p1.loc["normal", "mask"] == 2
+    assert (p1["gender"] == 1).all() and (p1["age"] == 1).all()
+    p2 = train[train["person"] == "000002_male_White_61"]
+    assert (p2["gender"] == 0).all() and (p2["age"] == 2).all()
+    assert (train[train["person"] == "000003_male_Black_22"]["age"] == 0).all()
+    assert layout.test["image_id"].tolist() == ["b.jpg", "a.jpg"]  # info.csv order kept
+
+
+def test_hidden_and_non_image_files_are_not_pictures(root):
+    d = root / "train" / "images" / "000001_female_Asian_45"
+    (d / "._mask1.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+    (d / ".DS_Store").write_bytes(b"junk")
+    (d / "notes.txt").write_text("not a picture")
+    train = read_layout(root, [30, 60]).train
+    assert len(train) == 21
+    assert not any("/." in p for p in train["path"])
+
+
+def test_age_bins_come_from_config(root):
+    train = read_layout(root, [25, 50]).train
+    assert (train[train["person"] == "000001_female_Asian_45"]["age"] == 1).all()
+    assert (train[train["person"] == "000002_male_White_61"]["age"] == 2).all()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: (r / "train" / "train.csv").write_text("id,gender,age,path\n1,male,3,x\n"), "missing column"),
+    (lambda r: (r / "train" / "train.csv").write_text(
+        "id,gender,race,age,path\n000001,woman,Asian,45,000001_female_Asian_45\n"), "line 2: gender 'woman'"),
+    (lambda r: (r / "train" / "train.csv").write_text(
+        "id,gender,race,age,path\n000001,female,Asian,old,000001_female_Asian_45\n"), "age 'old'"),
+    (lambda r: (r / "train" / "train.csv").write_text(
+        "id,gender,race,age,path\n000009,female,Asian,45,nobody\n"), "image folder .*nobody not found"),
+    (lambda r: Image.new("RGB", (8, 8)).save(r / "train" / "images" / "000003_male_Black_22" / "mask9.png"),
+     "mask9.png: unexpected picture name"),
+    (lambda r: Image.new("RGB", (8, 8)).save(r / "train" / "images" / "000003_male_Black_22" / "normal.jpg"),
+     "two pictures named 'normal'"),
+    (lambda r: (r / "eval" / "images" / "a.jpg").unlink(), "info.csv: 1 image.*a.jpg"),
+    (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\na.jpg,0\na.jpg,0\n"), "duplicate ImageID"),
+])
+def test_bad_input_is_a_clear_error_naming_the_file(root, mutate, message):
+    mutate(root)
+    with pytest.raises(LayoutError, match=message):
+        read_layout(root, [30, 60])
+
+
+def test_missing_root_and_missing_eval(root, tmp_path):
+    with pytest.raises(LayoutError, match="data root not found"):
+        read_layout(tmp_path / "nope", [30, 60])
+    shutil.rmtree(root / "eval")
+    assert read_layout(root, [30, 60]).test is None

@@ -1,0 +1,153 @@
+"""train → pseudo-label → submit on generated data, through the library and the CLI."""
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from multitask.cli import app
+from multitask.config import ConfigError
+from multitask.kfold import train_run
+from multitask.pseudo import pseudo_label, select_pseudo
+from multitask.run import RunDir, load_npz, read_json
+from multitask.submit import SubmissionError, check_submission, make_submission, write_submission
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = tiny_config(demo_root, f"data.cache_dir={out.parent / 'cache'}")
+    summary = train_run(cfg, out)
+    return out, summary
+
+
+def test_train_writes_the_run_directory(trained, demo_root):
+    out, summary = trained
+    run = RunDir(out)
+    assert run.config.exists() and run.folds.exists() and run.summary.exists()
+    for k in (0, 1):
+        for name in ("best.pt", "last.pt", "metrics.csv", "oof.npz", "test.npz"):
+            assert (run.fold_dir(0, k) / name).exists(), name
+        metrics = pd.read_csv(run.fold_dir(0, k) / "metrics.csv")
+        assert {"val_f1", "val_f1_mask", "val_f1_gender", "val_f1_age"} <= set(metrics.columns)
+    assert (run.round_dir(0) / "curves.png").stat().st_size > 1000
+    oof = load_npz(run.round_dir(0) / "oof.npz")
+    n_train = 12 * 7
+    assert sorted(oof["rows"].tolist()) == list(range(n_train))  # every train image predicted exactly once
+    np.testing.assert_allclose(oof["p_mask"].sum(1), 1, rtol=1e-5)
+    folds = pd.read_csv(run.folds)
+    assert folds["person"].is_unique and set(folds["fold"]) == {0, 1}
+    test = load_npz(run.round_dir(0) / "test_probs.npz")
+    info = pd.read_csv(demo_root / "eval" / "info.csv")
+    assert test["image_id"].tolist() == info["ImageID"].tolist()
+    s = read_json(run.summary)
+    assert s["latest_round"] == 0 and {"f1", "f1_mask", "f1_gender", "f1_age"} <= set(s["rounds"][0]["oof"])
+    assert summary["oof"]["f1"] == s["rounds"][0]["oof"]["f1"]
+
+
+def test_train_is_deterministic_on_cpu(trained, demo_root, tmp_path):
+    out, _ = trained
+    again = tmp_path / "again"
+    train_run(tiny_config(demo_root, f"data.cache_dir={out.parent / 'cache'}"), again)
+    for k in (0, 1):
+        a = pd.read_csv(RunDir(out).fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
+        b = pd.read_csv(RunDir(again).fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_select_pseudo_by_threshold():
+    combined = np.array([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9]])
+    rows, classes, conf = select_pseudo(combined, 0.9)
+    assert rows.tolist() == [0, 2] and classes.tolist() == [0, 1] and conf.tolist() == [0.95, 0.9]
+
+
+def test_pseudo_round_then_submit(trained, demo_root):
+    out, _ = trained
+    reports = pseudo_label(out, threshold=0.0, rounds=1)  # threshold 0 adds every test image
+    run = RunDir(out)
+    assert reports[0]["round"] == 1 and reports[0]["added"] == 4 * 7
+    pseudo = pd.read_csv(run.round_dir(1) / "pseudo.csv")
+    assert len(pseudo) == 28 and pseudo["class"].between(0, 17).all()
+    # pseudo images only ever train: validation rows of round 1 are exactly the train images
+    oof = load_npz(run.round_dir(1) / "oof.npz")
+    assert sorted(oof["rows"].tolist()) == list(range(12 * 7))
+    assert read_json(run.summary)["latest_round"] == 1
+
+    path = make_submission(out)
+    sub = pd.read_csv(path)
+    info = pd.read_csv(demo_root / "eval" / "info.csv")
+    assert sub["ImageID"].tolist() == info["ImageID"].tolist()
+    assert sub["ans"].between(0, 17).all() and sub["ans"].dtype.kind == "i"
+    # it is the latest round's soft vote
+    test = load_npz(run.round_dir(1) / "test_probs.npz")
+    from multitask.labels import mask_task
+    task = mask_task()
+    expected = task.combine(task.heads("mask,gender,age"), {h: test[f"p_{h}"] for h in ("mask", "gender", "age")})
+    assert sub["ans"].tolist() == expected.argmax(1).tolist()
+
+
+def test_broken_submission_is_refused_and_nothing_is_lost(tmp_path):
+    info = np.array(["a.jpg", "b.jpg", "c.jpg"])
+    out = tmp_path / "submission.csv"
+    out.write_text("ImageID,ans\na.jpg,1\nb.jpg,2\nc.jpg,3\n")
+    before = out.read_text()
+    cases = [
+        (pd.DataFrame({"ImageID": ["a.jpg", "c.jpg", "b.jpg"], "ans": [1, 2, 3]}), "differs from info.csv at row 2"),
+        (pd.DataFrame({"ImageID": ["a.jpg", "b.jpg"], "ans": [1, 2]}), "2 rows, but info.csv has 3"),
+        (pd.DataFrame({"ImageID": info, "ans": [1, 18, 0]}), "outside 0..17"),
+        (pd.DataFrame({"ImageID": info, "ans": [1.5, 2.0, 0.0]}), "integers"),
+        (pd.DataFrame({"id": info, "ans": [1, 2, 0]}), "columns"),
+    ]
+    for sub, message in cases:
+        with pytest.raises(SubmissionError, match=message):
+            write_submission(sub, info, 18, out)
+        assert out.read_text() == before
+    check_submission(pd.DataFrame({"ImageID": info, "ans": [0, 17, 5]}), info, 18)
+
+
+def test_separate_backbones_and_joined_heads(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, "model.sharing=separate", "heads=mask,gender_age", "train.fold=[1]",
+                      "losses.gender_age.name=soft_f1", "aug.backend=torch")
+    summary = train_run(cfg, tmp_path / "sep")
+    assert summary["folds_done"] == [1]
+    assert {"f1_mask", "f1_gender_age", "f1"} <= set(summary["oof"])
+    fold = load_npz(RunDir(tmp_path / "sep").fold_dir(0, 1) / "test.npz")
+    assert fold["p_gender_age"].shape == (28, 6)
+
+
+def test_a_run_directory_refuses_other_settings(trained, demo_root):
+    out, _ = trained
+    with pytest.raises(ConfigError, match="other settings \\(model.backbone\\)"):
+        train_run(tiny_config(demo_root, "model.backbone=resnet10t"), out)
+
+
+runner = CliRunner()
+
+
+def test_cli_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("train", "pseudo-label", "submit", "demo"):
+        assert cmd in result.output
+
+
+def test_cli_rejects_bad_heads_without_writing(demo_root, tmp_path):
+    result = runner.invoke(app, ["train", "--data", str(demo_root), "--out", str(tmp_path / "r"),
+                                 "--heads", "mask,gender"])
+    assert result.exit_code == 2
+    assert "must cover each factor" in result.output and "missing ['age']" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_train_and_submit(demo_root, tmp_path):
+    out = tmp_path / "cli_run"
+    result = runner.invoke(app, ["train", "--data", str(demo_root), "--out", str(out), "--heads", "class",
+                                 "--folds", "2", "--fold", "0", "--epochs", "1",
+                                 "--set", "model.backbone=test_efficientnet", "--set", "data.img_size=[32,32]"])
+    assert result.exit_code == 0, result.output
+    assert "round 0 out-of-fold" in result.output
+    result = runner.invoke(app, ["submit", "--run", str(out), "--out", str(tmp_path / "sub.csv")])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(tmp_path / "sub.csv")) == 28
+    result = runner.invoke(app, ["submit", "--run", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "config.yaml: not found" in result.output
