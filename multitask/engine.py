@@ -56,6 +56,38 @@ def rng_state() -> dict:
     return {"python": random.getstate(), "torch": torch.get_rng_state()}
 
 
+def train_one_epoch(step_model, model, batches, heads: list[Head], criterion: MultiHeadLoss, optimizer,
+                    scheduler, ema, cfg: Config, device: torch.device, step: int, on_step=None):
+    """One pass over `batches`; returns (summed losses weighted by batch size, images seen, step).
+    `step_model` is `model` or its torch.compile wrapper; clipping and EMA act on `model`."""
+    model.train()
+    seen = 0
+    sums = {h.name: torch.zeros((), device=device) for h in heads} | {"loss": torch.zeros((), device=device)}
+    for x, y in batches:
+        targets = {h.name: h.targets(y) for h in heads}
+        with autocast(device, cfg.train.amp):
+            outputs = step_model(prepare_input(x, cfg, device))
+        loss, parts = criterion(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if ema is not None:
+            ema.update(model, step=step)
+        n = len(x)
+        seen += n
+        # accumulate on the device: a .item() per step would wait for the GPU every batch
+        sums["loss"] += loss.detach() * n
+        for name, v in parts.items():
+            sums[name] += v.detach() * n
+        if on_step:
+            on_step(step)
+    return {k: float(v) for k, v in sums.items()}, seen, step
+
+
 def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_dir: Path, seed: int,
                device: torch.device, progress=None, label: str = "fold") -> dict:
     """Train, validate each epoch, checkpoint; return the best epoch's validation scores."""
@@ -79,30 +111,14 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     rows = []
     step = 0
     for epoch in range(tc.epochs):
-        model.train()
-        t0, seen = time.perf_counter(), 0
-        loss_sums = {h.name: 0.0 for h in heads} | {"loss": 0.0}
-        for x, y in batches.epoch(epoch):
-            targets = {h.name: h.targets(y) for h in heads}
-            with autocast(device, tc.amp):
-                outputs = step_model(prepare_input(x, cfg, device))
-            loss, parts = criterion(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if ema is not None:
-                ema.update(model, step=step)
-            n = len(x)
-            seen += n
-            loss_sums["loss"] += loss.item() * n
-            for name, v in parts.items():
-                loss_sums[name] += v.item() * n
+        t0 = time.perf_counter()
+
+        def on_step(_):
             if progress:
                 progress.update(task_id, advance=1, description=f"{label} epoch {epoch + 1}/{tc.epochs}")
+
+        loss_sums, seen, step = train_one_epoch(step_model, model, batches.epoch(epoch), heads, criterion,
+                                                optimizer, scheduler, ema, cfg, device, step, on_step)
         train_s = time.perf_counter() - t0
 
         eval_model = ema.module if ema is not None else model

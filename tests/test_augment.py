@@ -46,3 +46,24 @@ def test_row_images_take_from_several_caches_in_order():
     e = 100 + np.arange(3)[:, None, None, None] * np.ones((3, 2, 2, 3), np.uint8)
     rows = RowImages.of(t, np.array([3, 1])).concat(RowImages.of(e, np.array([2, 0])))
     assert [int(v) for v in rows.take(np.array([2, 0, 3, 1]))[:, 0, 0, 0]] == [102, 3, 100, 1]
+
+
+def test_torch_backend_batches_match_rows_across_caches():
+    from multitask.config import load_config
+    from multitask.data.dataset import TrainBatches
+
+    t = (np.arange(5)[:, None, None, None] * np.ones((5, 4, 4, 3))).astype(np.uint8)
+    e = (100 + np.arange(3)[:, None, None, None] * np.ones((3, 4, 4, 3))).astype(np.uint8)
+    images = RowImages.of(t, np.array([0, 2, 4])).concat(RowImages.of(e, np.array([1, 2])))
+    targets = np.array([[0, 0, 0], [0, 0, 2], [0, 0, 4], [0, 1, 1], [0, 1, 2]])  # last column = pixel id
+    still = ["aug.torch.hflip=0", "aug.torch.scale=[1, 1]", "aug.torch.translate=0", "aug.torch.rotate=0",
+             "aug.torch.brightness=0", "aug.torch.contrast=0", "aug.backend=torch", "train.batch_size=2"]
+    for on_device in (False, True):
+        cfg = load_config(None, still + [f"data.cache_on_device={on_device}"])
+        seen = []
+        for x, y in TrainBatches(cfg, images, targets, torch.device("cpu"), seed=0).epoch(0):
+            pixel = (x[:, 0, 0, 0] * 255).round().long()
+            expected = torch.where(y[:, 1] == 1, 100 + y[:, 2], y[:, 2])
+            assert torch.equal(pixel, expected)
+            seen += pixel.tolist()
+        assert len(seen) == 4  # 5 rows, batches of 2, the ragged tail dropped

@@ -107,7 +107,8 @@ def test_broken_submission_is_refused_and_nothing_is_lost(tmp_path):
 
 def test_separate_backbones_and_joined_heads(demo_root, tmp_path):
     cfg = tiny_config(demo_root, "model.sharing=separate", "heads=mask,gender_age", "train.fold=[1]",
-                      "losses.gender_age.name=soft_f1", "aug.backend=torch")
+                      "losses.gender_age.name=soft_f1", "aug.backend=torch", "data.cache_on_device=true",
+                      "train.ema=true")
     summary = train_run(cfg, tmp_path / "sep")
     assert summary["folds_done"] == [1]
     assert {"f1_mask", "f1_gender_age", "f1"} <= set(summary["oof"])

@@ -65,6 +65,18 @@ def to_chw(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
 
 
+_DEVICE_COPIES: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
+
+
+def device_copy(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One accelerator copy of a whole cache per process, shared by every fold and round that uses it
+    (the array is kept alongside so its id cannot be reused by another array)."""
+    key = (id(array), str(device))
+    if key not in _DEVICE_COPIES:
+        _DEVICE_COPIES[key] = (array, to_chw(np.array(array)).to(device))  # np.array: the memmap is read-only
+    return _DEVICE_COPIES[key][1]
+
+
 class AugmentedImages(Dataset):
     """Per-image albumentations over cached uint8 images, seeded per (epoch, index) so the result
     does not depend on the number of workers."""
@@ -102,9 +114,13 @@ class TrainBatches:
         self.drop_last = len(images) > cfg.train.batch_size
         self.n = len(images)
         if cfg.aug.backend == "torch":
-            store = to_chw(images.take(np.arange(len(images))))
-            on_device = cfg.data.cache_on_device and device.type != "cpu"
-            self.store = store.to(device) if on_device else (store.pin_memory() if device.type == "cuda" else store)
+            self.images = images
+            # on the CPU this is one torch copy of the cache in RAM: harmless, and the same code path
+            self.on_device = cfg.data.cache_on_device
+            if self.on_device:
+                self.stores = [device_copy(arr, device) for arr in images.arrays]
+                self.src = torch.as_tensor(images.src, device=device)
+                self.idx = torch.as_tensor(images.idx, device=device)
             self.targets = torch.as_tensor(targets, dtype=torch.long)
         else:
             self.dataset = AugmentedImages(images, targets, cfg.aug.train, seed)
@@ -127,12 +143,25 @@ class TrainBatches:
             x, y = _to_device(x, y, self.device)
             yield x.float().div_(255), y
 
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self.on_device:
+            x = to_chw(self.images.take(rows.numpy()))
+            return x.pin_memory() if self.device.type == "cuda" else x
+        rows = rows.to(self.device)
+        src, idx = self.src[rows], self.idx[rows]
+        if len(self.stores) == 1:
+            return self.stores[0][idx]
+        x = torch.empty((len(rows), *self.stores[0].shape[1:]), dtype=torch.uint8, device=self.device)
+        for s, store in enumerate(self.stores):
+            sel = src == s
+            x[sel] = store[idx[sel]]
+        return x
+
     def _torch_epoch(self, gen: torch.Generator):
         order = torch.randperm(self.n, generator=gen)
         for b in range(len(self)):
             rows = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.store[rows.to(self.store.device)]
-            x, y = _to_device(x, self.targets[rows], self.device)
+            x, y = _to_device(self._gather(rows), self.targets[rows], self.device)
             yield augment_batch(x.float().div_(255), self.cfg.aug.torch, gen), y
 
 

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Training and inference throughput of mt's data path against the model's own limit and the usual
+PIL + torchvision pipeline, in one run on whatever device is found. Prints one JSON line.
+
+  (a) model_bound_img_s: the training step alone on random tensors already on the device
+  (b) pipeline_img_s:    mt's own epoch loop (engine.train_one_epoch over TrainBatches) from the
+                         decoded uint8 cache; cache_build_s is the one-off decode of the JPEG files
+  (c) naive_img_s:       PIL decode + torchvision transforms in DataLoader workers every epoch
+  infer_img_s:           predict_probs over the test images with TTA views, soft-voted over folds
+                         (images per second, each image counted once for all folds and views)
+
+The JPEGs are drawn by mt's synthetic generator at the competition's 384x512 (width x height).
+
+  python scripts/bench_throughput.py --quick        # CPU smoke run, under a minute on 2 cores
+  python scripts/bench_throughput.py                # efficientnet_b0, 256x192, batch 128 (GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from multitask.config import load_config
+from multitask.data.cache import cached_images
+from multitask.data.dataset import RowImages, TrainBatches
+from multitask.data.layout import factor_values, read_layout
+from multitask.data.synthetic import make_demo_dataset
+from multitask.engine import train_one_epoch, warmup_cosine
+from multitask.labels import mask_task
+from multitask.losses import MultiHeadLoss
+from multitask.model import build_model, param_groups
+from multitask.predict import predict_probs, resolve_device, soft_vote
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_training(cfg, heads, device):
+    """A fresh model with mt's optimizer, schedule and loss, as engine.train_fold builds them."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model, heads).to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(0, 10**6))
+    crit = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads})
+    step_model = torch.compile(model) if cfg.train.compile else model
+    return model, step_model, opt, sched, crit
+
+
+def timed_epoch(cfg, heads, device, batches, warmup_batches, measure_batches) -> float:
+    """Images per second over `measure_batches` steps of mt's epoch loop, after `warmup_batches`."""
+    model, step_model, opt, sched, crit = make_training(cfg, heads, device)
+    it = iter(batches)
+    train_one_epoch(step_model, model, (next(it) for _ in range(warmup_batches)), heads, crit, opt, sched,
+                    None, cfg, device, 0)
+    sync(device)
+    t0 = time.perf_counter()
+    _, seen, _ = train_one_epoch(step_model, model, (next(it) for _ in range(measure_batches)), heads, crit,
+                                 opt, sched, None, cfg, device, 0)
+    sync(device)
+    return seen / (time.perf_counter() - t0)
+
+
+def endless(make_epoch):
+    e = 0
+    while True:
+        yield from make_epoch(e)
+        e += 1
+
+
+class NaiveFiles(Dataset):
+    """The usual pipeline: open and decode the JPEG and run torchvision transforms, every epoch."""
+
+    def __init__(self, paths, targets, size):
+        from torchvision import transforms as T
+        self.paths, self.targets = paths, torch.as_tensor(targets)
+        self.tf = T.Compose([T.Resize(size), T.RandomHorizontalFlip(), T.ToTensor()])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as im:
+            return self.tf(im.convert("RGB")), self.targets[i]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 64 JPEGs, few steps")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--img-size", default=None, help="HxW, e.g. 256x192")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--n-images", type=int, default=None, help="JPEGs to generate (multiple of 7)")
+    ap.add_argument("--steps", type=int, default=None, help="measured training steps per variant")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None, help="naive pipeline DataLoader workers")
+    ap.add_argument("--folds", type=int, default=5, help="fold models soft-voted at inference")
+    ap.add_argument("--aug-backend", default=None, help="torch (GPU default) | albumentations")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--data", default=None, help="reuse/generate the JPEG set here (default: a temp dir)")
+    a = ap.parse_args()
+
+    device = resolve_device("auto")
+    cuda = device.type == "cuda"
+    quick = a.quick
+    model_name = a.model or ("test_efficientnet" if quick else "efficientnet_b0")
+    h, w = (int(v) for v in (a.img_size or ("128x96" if quick else "256x192")).split("x"))
+    batch = a.batch_size or (32 if quick else 128)
+    n_images = a.n_images or (70 if quick else 18_900)
+    steps = a.steps or (6 if quick else 60)
+    warmup = a.warmup if a.warmup is not None else (2 if quick else 15)
+    workers = a.workers if a.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    backend = a.aug_backend or ("torch" if cuda else "albumentations")
+    cfg = load_config(None, [
+        f"model.backbone={model_name}", f"data.img_size=[{h}, {w}]", f"train.batch_size={batch}",
+        f"train.eval_batch_size={batch * 4}", f"aug.backend={backend}", f"data.cache_on_device={cuda}",
+        f"data.num_workers={0 if backend == 'torch' or not cuda else workers}", f"train.compile={a.compile}",
+        "aug.tta=[none, hflip]"])
+    task = mask_task(cfg.data.age_bins)
+    heads = task.heads(cfg.heads)
+
+    tmp = tempfile.TemporaryDirectory()
+    data_root = Path(a.data or tmp.name) / "jpegs"
+    t0 = time.perf_counter()
+    if not (data_root / "train" / "train.csv").exists():
+        make_demo_dataset(data_root, n_train_persons=max(1, n_images // 7), n_eval_persons=0,
+                          image_size=(512, 384), seed=0)
+    gen_s = time.perf_counter() - t0
+    layout = read_layout(data_root, cfg.data.age_bins)
+    paths = layout.train["path"].tolist()
+    factors = factor_values(layout.train, task)
+
+    # (a) the model alone on tensors already on the device
+    x = torch.rand(batch, 3, h, w, device=device)
+    y = torch.as_tensor(factors[np.arange(batch) % len(factors)], device=device)
+    model_bound = timed_epoch(cfg, heads, device, endless(lambda e: ((x, y) for _ in range(10**9))), warmup, steps)
+
+    # (b) mt: one parallel decode into the uint8 cache, then the epoch loop over it
+    cache_dir = Path(tmp.name) / "cache"
+    t0 = time.perf_counter()
+    images = cached_images(paths, (h, w), cache_dir)
+    cache_build_s = time.perf_counter() - t0
+    cache_bytes = images.nbytes
+    t0 = time.perf_counter()
+    batches = TrainBatches(cfg, RowImages.of(images), factors, device, seed=0)
+    loader_setup_s = time.perf_counter() - t0
+    pipeline = timed_epoch(cfg, heads, device, endless(batches.epoch), warmup, steps)
+
+    # (c) the usual pipeline: PIL decode + torchvision transforms in DataLoader workers
+    naive_ds = NaiveFiles(paths, factors, (h, w))
+    naive_loader = DataLoader(naive_ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=cuda,
+                              drop_last=True, persistent_workers=True, prefetch_factor=4)
+
+    def naive_epoch(_):
+        for xb, yb in naive_loader:
+            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+
+    naive = timed_epoch(cfg, heads, device, endless(naive_epoch), warmup, steps)
+    del naive_loader
+
+    # inference: TTA views × folds, soft-voted, over the cached images
+    models = [make_training(cfg, heads, device)[0].eval() for _ in range(a.folds)]
+    test = RowImages.of(images)
+    predict_probs(models[0], RowImages.of(images, np.arange(min(len(images), batch))), cfg, device)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    soft_vote([predict_probs(m, test, cfg, device) for m in models])
+    sync(device)
+    infer = len(test) / (time.perf_counter() - t0)
+
+    ru_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ru_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+        "model": model_name, "img_size": [h, w], "batch_size": batch, "aug_backend": backend,
+        "compile": a.compile, "precision": "bf16" if cuda and cfg.train.amp else "fp32",
+        "n_images": len(paths), "jpeg_size": [512, 384], "steps": steps,
+        "model_bound_img_s": round(model_bound, 1), "pipeline_img_s": round(pipeline, 1),
+        "naive_img_s": round(naive, 1), "naive_workers": workers,
+        "pipeline_vs_model_bound": round(pipeline / model_bound, 3), "pipeline_vs_naive": round(pipeline / naive, 2),
+        "cache_build_s": round(cache_build_s, 2), "cache_build_img_s": round(len(paths) / cache_build_s, 1),
+        "cache_gb": round(cache_bytes / 1e9, 3), "cache_gb_per_18900": round(cache_bytes / len(paths) * 18_900 / 1e9, 3),
+        "loader_setup_s": round(loader_setup_s, 2),
+        "infer_img_s": round(infer, 1), "infer_folds": a.folds, "infer_tta": list(cfg.aug.tta),
+        "peak_rss_mb": round(ru_self, 1), "peak_rss_children_mb": round(ru_children, 1),
+        "jpeg_generation_s": round(gen_s, 1), "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
