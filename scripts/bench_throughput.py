@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 import numpy as np
 import torch
 from PIL import Image
@@ -171,7 +169,6 @@ def main() -> None:
             yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
 
     naive = timed_epoch(cfg, heads, device, endless(naive_epoch), warmup, steps)
-    del naive_loader
 
     # inference: TTA views × folds, soft-voted, over the cached images
     models = [make_training(cfg, heads, device)[0].eval() for _ in range(a.folds)]

@@ -1,6 +1,5 @@
 """The decoded cache: built once, reused, invalidated by a changed file, atomic, clear on bad images."""
 import os
-import time
 
 import numpy as np
 import pytest

@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 CACHE_VERSION = 1  # bump when decoding or resizing changes
+DECODE_CHUNK = 64  # images per task: large enough to amortise scheduling, small enough to balance threads
 
 
 class ImageDecodeError(ValueError):
@@ -51,6 +53,13 @@ def decode_resized(path: str, size: tuple[int, int]) -> np.ndarray:
         raise ImageDecodeError(f"{path}: cannot decode image ({e})") from None
 
 
+def decode_chunk(arr: np.ndarray, paths: Sequence[str], start: int, size: tuple[int, int]) -> int:
+    stop = min(start + DECODE_CHUNK, len(paths))
+    for i in range(start, stop):
+        arr[i] = decode_resized(paths[i], size)
+    return stop - start
+
+
 def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, workers: int = 0,
                      on_progress: Callable[[int], None] | None = None) -> None:
     """Decode `paths` in parallel into the .npy file `out`, written atomically."""
@@ -60,23 +69,15 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
     os.close(fd)
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))
-        chunk = 64
-        starts = range(0, len(paths), chunk)
-
-        def fill(start: int) -> int:
-            stop = min(start + chunk, len(paths))
-            for i in range(start, stop):
-                arr[i] = decode_resized(paths[i], size)
-            return stop - start
-
+        starts = range(0, len(paths), DECODE_CHUNK)
         # Pillow releases the GIL while decoding and resizing, so threads scale over cores and
         # write straight into the shared memmap, with no pickling of pixels between processes.
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as ex:
-            for n in ex.map(fill, starts):
+            for n in ex.map(partial(decode_chunk, arr, paths, size=size), starts):
                 if on_progress:
                     on_progress(n)
         arr.flush()
-        del arr
+        del arr  # close the map before the rename
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,20 @@
+"""The throughput benchmark runs end to end and reports every figure the performance issue asks for
+(the figures themselves are measured by running the script, never asserted in a unit test)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_throughput.py"
+
+
+def test_bench_throughput_quick_prints_one_json_line(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--n-images", "14", "--steps", "2", "--warmup", "1",
+                          "--folds", "2", "--img-size", "64x48", "--batch-size", "4"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("model_bound_img_s", "pipeline_img_s", "naive_img_s", "cache_build_s", "infer_img_s",
+                "peak_rss_mb", "device", "model", "img_size"):
+        assert key in result, key
+    assert result["n_images"] == 14 and result["img_size"] == [64, 48]
+    assert all(result[k] > 0 for k in ("model_bound_img_s", "pipeline_img_s", "naive_img_s", "infer_img_s"))
