@@ -141,7 +141,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
             progress.console.print(
                 f"  {label} epoch {epoch + 1}/{tc.epochs}  loss {row['train_loss']:.3f}  "
                 + "  ".join(f"{h.name} {scores[f'f1_{h.name}']:.3f}" for h in heads)
-                + f"  F1 {scores['f1']:.3f}  ({row['train_img_s']:.0f} img/s)")
+                + f"  F1 {scores['f1']:.3f}  ({row['train_img_s']:.0f} img/s)", soft_wrap=True)
     if progress:
         progress.remove_task(task_id)
     return best

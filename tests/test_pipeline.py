@@ -2,6 +2,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_config
@@ -16,7 +17,7 @@ from multitask.submit import SubmissionError, check_submission, make_submission,
 @pytest.fixture(scope="module")
 def trained(demo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    cfg = tiny_config(demo_root, f"data.cache_dir={out.parent / 'cache'}")
+    cfg = tiny_config(demo_root, f"data.cache_dir={out.parent / 'cache'}", "train.epochs=3")
     summary = train_run(cfg, out)
     return out, summary
 
@@ -30,6 +31,12 @@ def test_train_writes_the_run_directory(trained, demo_root):
             assert (run.fold_dir(0, k) / name).exists(), name
         metrics = pd.read_csv(run.fold_dir(0, k) / "metrics.csv")
         assert {"val_f1", "val_f1_mask", "val_f1_gender", "val_f1_age"} <= set(metrics.columns)
+        assert len(metrics) == 3
+        # best.pt is the first epoch with the highest combined macro F1, not the best accuracy or loss
+        best = torch.load(run.fold_dir(0, k) / "best.pt", weights_only=True)
+        assert best["epoch"] == int(metrics["val_f1"].idxmax())
+        last = torch.load(run.fold_dir(0, k) / "last.pt", weights_only=False)
+        assert last["epoch"] == 2 and {"optimizer", "scheduler", "rng", "model"} <= set(last)
     assert (run.round_dir(0) / "curves.png").stat().st_size > 1000
     oof = load_npz(run.round_dir(0) / "oof.npz")
     n_train = 12 * 7
@@ -48,7 +55,7 @@ def test_train_writes_the_run_directory(trained, demo_root):
 def test_train_is_deterministic_on_cpu(trained, demo_root, tmp_path):
     out, _ = trained
     again = tmp_path / "again"
-    train_run(tiny_config(demo_root, f"data.cache_dir={out.parent / 'cache'}"), again)
+    train_run(tiny_config(demo_root, f"data.cache_dir={out.parent / 'cache'}", "train.epochs=3"), again)
     for k in (0, 1):
         a = pd.read_csv(RunDir(out).fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
         b = pd.read_csv(RunDir(again).fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
@@ -119,7 +126,7 @@ def test_separate_backbones_and_joined_heads(demo_root, tmp_path):
 def test_a_run_directory_refuses_other_settings(trained, demo_root):
     out, _ = trained
     with pytest.raises(ConfigError, match="other settings \\(model.backbone\\)"):
-        train_run(tiny_config(demo_root, "model.backbone=resnet10t"), out)
+        train_run(tiny_config(demo_root, "model.backbone=resnet10t", "train.epochs=3"), out)
 
 
 runner = CliRunner()
