@@ -88,25 +88,42 @@ def train_one_epoch(step_model, model, batches, heads: list[Head], criterion: Mu
     return {k: float(v) for k, v in sums.items()}, seen, step
 
 
+@dataclass
+class Training:
+    """Everything one fold's training loop steps: built in one place for the engine and the benchmark."""
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # `model` or its torch.compile wrapper
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    criterion: MultiHeadLoss
+
+
+def build_training(cfg: Config, heads: list[Head], device: torch.device, steps_per_epoch: int) -> Training:
+    tc = cfg.train
+    model = build_model(cfg.model, heads).to(device)
+    if tc.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(round(tc.warmup_epochs * steps_per_epoch), tc.epochs * steps_per_epoch))
+    criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads})
+    step_model = torch.compile(model) if tc.compile else model
+    return Training(model, step_model, ema, optimizer, scheduler, criterion)
+
+
 def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_dir: Path, seed: int,
                device: torch.device, progress=None, label: str = "fold") -> dict:
     """Train, validate each epoch, checkpoint; return the best epoch's validation scores."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     seed_everything(seed)
-    model = build_model(cfg.model, heads).to(device)
-    if tc.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
     batches = TrainBatches(cfg, data.train_images, data.train_factors, device, seed)
-    total_steps = tc.epochs * len(batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(round(tc.warmup_epochs * len(batches)), total_steps))
-    criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads})
-    step_model = torch.compile(model) if tc.compile else model
+    t = build_training(cfg, heads, device, len(batches))
+    model, ema, optimizer, scheduler, criterion = t.model, t.ema, t.optimizer, t.scheduler, t.criterion
 
-    task_id = progress.add_task(label, total=total_steps) if progress else None
+    task_id = progress.add_task(label, total=tc.epochs * len(batches)) if progress else None
     best = {"f1": -1.0}
     rows = []
     step = 0
@@ -117,7 +134,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
             if progress:
                 progress.update(task_id, advance=1, description=f"{label} epoch {epoch + 1}/{tc.epochs}")
 
-        loss_sums, seen, step = train_one_epoch(step_model, model, batches.epoch(epoch), heads, criterion,
+        loss_sums, seen, step = train_one_epoch(t.step_model, model, batches.epoch(epoch), heads, criterion,
                                                 optimizer, scheduler, ema, cfg, device, step, on_step)
         train_s = time.perf_counter() - t0
 

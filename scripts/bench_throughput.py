@@ -35,10 +35,8 @@ from multitask.data.cache import cached_images
 from multitask.data.dataset import RowImages, TrainBatches
 from multitask.data.layout import factor_values, read_layout
 from multitask.data.synthetic import make_demo_dataset
-from multitask.engine import train_one_epoch, warmup_cosine
+from multitask.engine import build_training, train_one_epoch
 from multitask.labels import mask_task
-from multitask.losses import MultiHeadLoss
-from multitask.model import build_model, param_groups
 from multitask.predict import predict_probs, resolve_device, soft_vote
 
 
@@ -48,28 +46,24 @@ def sync(device: torch.device) -> None:
 
 
 def make_training(cfg, heads, device):
-    """A fresh model with mt's optimizer, schedule and loss, as engine.train_fold builds them."""
+    """A fresh model, optimizer, schedule and loss exactly as engine.train_fold builds them."""
     torch.manual_seed(0)
-    model = build_model(cfg.model, heads).to(device)
-    if cfg.train.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(0, 10**6))
-    crit = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads})
-    step_model = torch.compile(model) if cfg.train.compile else model
-    return model, step_model, opt, sched, crit
+    return build_training(cfg, heads, device, steps_per_epoch=10**4)
 
 
 def timed_epoch(cfg, heads, device, batches, warmup_batches, measure_batches) -> float:
     """Images per second over `measure_batches` steps of mt's epoch loop, after `warmup_batches`."""
-    model, step_model, opt, sched, crit = make_training(cfg, heads, device)
+    t = make_training(cfg, heads, device)
     it = iter(batches)
-    train_one_epoch(step_model, model, (next(it) for _ in range(warmup_batches)), heads, crit, opt, sched,
-                    None, cfg, device, 0)
+
+    def run(n: int) -> int:
+        return train_one_epoch(t.step_model, t.model, (next(it) for _ in range(n)), heads, t.criterion,
+                               t.optimizer, t.scheduler, t.ema, cfg, device, 0)[1]
+
+    run(warmup_batches)
     sync(device)
     t0 = time.perf_counter()
-    _, seen, _ = train_one_epoch(step_model, model, (next(it) for _ in range(measure_batches)), heads, crit,
-                                 opt, sched, None, cfg, device, 0)
+    seen = run(measure_batches)
     sync(device)
     return seen / (time.perf_counter() - t0)
 
@@ -171,7 +165,7 @@ def main() -> None:
     naive = timed_epoch(cfg, heads, device, endless(naive_epoch), warmup, steps)
 
     # inference: TTA views × folds, soft-voted, over the cached images
-    models = [make_training(cfg, heads, device)[0].eval() for _ in range(a.folds)]
+    models = [make_training(cfg, heads, device).model.eval() for _ in range(a.folds)]
     test = RowImages.of(images)
     predict_probs(models[0], RowImages.of(images, np.arange(min(len(images), batch))), cfg, device)  # warm-up
     sync(device)

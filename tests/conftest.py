@@ -1,7 +1,3 @@
-import os
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 import pytest
 import torch
 
