@@ -57,6 +57,7 @@ def train(
     folds: Optional[int] = typer.Option(None, help="number of folds"),
     fold: Optional[list[int]] = typer.Option(None, help="train only this fold (repeatable)"),
     epochs: Optional[int] = typer.Option(None),
+    jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process [config: 1]"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override, e.g. train.lr=3e-4 (repeatable)"),
 ):
     """Train every fold (round 0); write checkpoints, OOF and test probabilities into the run directory."""
@@ -64,7 +65,8 @@ def train(
     from multitask.kfold import train_run
 
     overrides = [f"data_root={data.resolve()}"]
-    for key, value in (("heads", heads), ("model.sharing", sharing), ("train.folds", folds), ("train.epochs", epochs)):
+    for key, value in (("heads", heads), ("model.sharing", sharing), ("train.folds", folds), ("train.epochs", epochs),
+                       ("train.jobs", jobs)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if fold:
@@ -81,13 +83,15 @@ def pseudo_label_cmd(
     run: Path = typer.Option(..., "--run", help="run directory made by `mt train`"),
     threshold: Optional[float] = typer.Option(None, help="least combined probability to keep a test image [config: 0.9]"),
     rounds: Optional[int] = typer.Option(None, help="pseudo-label rounds to add [config: 1]"),
+    jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override (repeatable)"),
 ):
     """Add rounds trained on train + confidently pseudo-labelled test images."""
     from multitask.pseudo import pseudo_label
 
     with progress_and_errors() as progress:
-        reports = pseudo_label(run, threshold, rounds, list(set_ or []), progress)
+        extra = [f"train.jobs={jobs}"] if jobs is not None else []
+        reports = pseudo_label(run, threshold, rounds, extra + list(set_ or []), progress)
     table = Table(title="pseudo-label rounds")
     for col in ("round", "threshold", "added", "OOF macro F1"):
         table.add_column(col, justify="right")

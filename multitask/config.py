@@ -108,6 +108,9 @@ class TrainCfg(_Strict):
     channels_last: bool = True  # CUDA only
     compile: bool = False
     device: str = "auto"
+    # folds trained at once, each in its own process over the shared cache; `auto` spreads them over
+    # every visible GPU, and two on one GPU keep it busier than one (measure it: scripts/bench_parallel.py)
+    jobs: int = Field(1, ge=1)
     seed: int = 0
 
     @model_validator(mode="after")

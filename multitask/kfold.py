@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from multitask.config import Config, ConfigError, dump_config, load_config
 from multitask.data.cache import cached_images
@@ -20,12 +21,13 @@ from multitask.data.layout import Layout, factor_values, read_layout
 from multitask.engine import FoldData, train_fold
 from multitask.labels import Head, Task, mask_task
 from multitask.metrics import score_probs
+from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, resolve_device, soft_vote
 from multitask.report import plot_round
 from multitask.run import RunDir, atomic_write_text, load_npz, read_json, save_npz, write_json
 
 # Settings that may differ between invocations on one run directory without changing what it holds.
-PER_INVOCATION = {("train", "fold"), ("train", "device"), ("pseudo", "threshold"), ("pseudo", "rounds"),
+PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("pseudo", "threshold"), ("pseudo", "rounds"),
                   ("data", "cache_dir"), ("data", "decode_workers"), ("data", "num_workers")}
 
 
@@ -119,30 +121,72 @@ def reopen_context(run_dir: str | Path, overrides: list[str] = (), progress=None
     return open_context(run, cfg, progress, with_images=with_images)
 
 
-def train_round(ctx: Context, r: int, pseudo: tuple[RowImages, np.ndarray] | None = None,
-                progress=None) -> dict:
-    """Train the selected folds of round r (pseudo-labelled images join every fold's training set,
-    never a validation set) and rebuild the round's aggregate."""
-    cfg, run = ctx.cfg, ctx.run
-    device = resolve_device(cfg.train.device)
+def pseudo_labelled(ctx: Context, r: int) -> tuple[RowImages, np.ndarray] | None:
+    """The test images round r adds to every training fold, with their pseudo factor values, read
+    from the round's pseudo.csv (so a worker process rebuilds them from the run directory alone)."""
+    path = ctx.run.round_dir(r) / "pseudo.csv"
+    if not path.exists():
+        return None
+    table = pd.read_csv(path, dtype={"ImageID": str})
+    row_of = {image_id: i for i, image_id in enumerate(ctx.layout.test["image_id"].astype(str))}
+    missing = sorted(set(table["ImageID"]) - set(row_of))
+    if missing:
+        raise ValueError(f"{path}: images not in {ctx.cfg.data_root}/eval/info.csv: {missing[:5]}")
+    rows = np.array([row_of[i] for i in table["ImageID"]], dtype=np.int64)
+    return RowImages.of(ctx.test_images, rows), ctx.task.decode(table["class"].to_numpy())
+
+
+def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None) -> None:
+    """Fold k of round r: train (pseudo-labelled images join the training set, never the validation
+    set), then write the best checkpoint's OOF and test probabilities."""
+    cfg = ctx.cfg
     factors = factor_values(ctx.layout.train, ctx.task)
-    folds_to_train = cfg.train.fold if cfg.train.fold is not None else list(range(cfg.train.folds))
-    for k in folds_to_train:
-        tr, va = np.flatnonzero(ctx.folds != k), np.flatnonzero(ctx.folds == k)
-        train_images, train_factors = RowImages.of(ctx.train_images, tr), factors[tr]
-        if pseudo is not None:
-            train_images = train_images.concat(pseudo[0])
-            train_factors = np.concatenate([train_factors, pseudo[1]])
-        data = FoldData(train_images, train_factors, RowImages.of(ctx.train_images, va), factors[va])
-        fold_dir = run.fold_dir(r, k)
-        train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
-                   device=device, progress=progress, label=f"round {r} fold {k}")
-        model = load_model(fold_dir / "best.pt", cfg, ctx.heads, device)
-        oof = predict_probs(model, data.val_images, cfg, device)
-        save_npz(fold_dir / "oof.npz", rows=va, **{f"p_{h}": p for h, p in oof.items()})
-        if ctx.test_images is not None:
-            test = predict_probs(model, RowImages.of(ctx.test_images), cfg, device)
-            save_npz(fold_dir / "test.npz", **{f"p_{h}": p for h, p in test.items()})
+    tr, va = np.flatnonzero(ctx.folds != k), np.flatnonzero(ctx.folds == k)
+    train_images, train_factors = RowImages.of(ctx.train_images, tr), factors[tr]
+    pseudo = pseudo_labelled(ctx, r)
+    if pseudo is not None:
+        train_images = train_images.concat(pseudo[0])
+        train_factors = np.concatenate([train_factors, pseudo[1]])
+    data = FoldData(train_images, train_factors, RowImages.of(ctx.train_images, va), factors[va])
+    fold_dir = ctx.run.fold_dir(r, k)
+    train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
+               device=device, progress=progress, label=f"round {r} fold {k}")
+    model = load_model(fold_dir / "best.pt", cfg, ctx.heads, device)
+    oof = predict_probs(model, data.val_images, cfg, device)
+    save_npz(fold_dir / "oof.npz", rows=va, **{f"p_{h}": p for h, p in oof.items()})
+    if ctx.test_images is not None:
+        test = predict_probs(model, RowImages.of(ctx.test_images), cfg, device)
+        save_npz(fold_dir / "test.npz", **{f"p_{h}": p for h, p in test.items()})
+
+
+def _fold_worker(payload: dict, folds, device: str, progress) -> None:
+    """One worker process of a parallel round: open the run (the caches are already built), then
+    train the folds handed to it."""
+    cfg = Config.model_validate(payload["cfg"])
+    ctx = open_context(RunDir(payload["run"]), cfg, progress)
+    for k in folds:
+        train_round_fold(ctx, payload["round"], k, torch.device(device), progress)
+
+
+def worker_devices(name: str) -> list[str]:
+    """`auto` spreads workers over every visible GPU; any other name puts them all on that device."""
+    if name == "auto" and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [str(resolve_device(name))]
+
+
+def train_round(ctx: Context, r: int, progress=None) -> dict:
+    """Train the selected folds of round r, one after another or `train.jobs` at once in worker
+    processes, and rebuild the round's aggregate."""
+    cfg = ctx.cfg
+    folds = cfg.train.fold if cfg.train.fold is not None else list(range(cfg.train.folds))
+    if cfg.train.jobs > 1 and len(folds) > 1:
+        payload = {"cfg": cfg.model_dump(mode="json"), "run": str(ctx.run.root), "round": r}
+        run_in_workers(_fold_worker, payload, folds, cfg.train.jobs, worker_devices(cfg.train.device), progress)
+    else:
+        device = resolve_device(cfg.train.device)
+        for k in folds:
+            train_round_fold(ctx, r, k, device, progress)
     return aggregate_round(ctx, r)
 
 

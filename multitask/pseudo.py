@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.data.dataset import RowImages
 from multitask.kfold import load_round_test_probs, reopen_context, train_round
 from multitask.run import atomic_write_text
 
@@ -38,8 +37,7 @@ def pseudo_label(run_dir: str | Path, threshold: float | None = None, rounds: in
         r = prev + 1
         atomic_write_text(ctx.run.round_dir(r) / "pseudo.csv", pd.DataFrame(
             {"ImageID": image_ids[rows], "class": classes, "confidence": conf}).to_csv(index=False))
-        pseudo = (RowImages.of(ctx.test_images, rows), ctx.task.decode(classes))
-        summary = train_round(ctx, r, pseudo, progress)
+        summary = train_round(ctx, r, progress)  # reads the round's pseudo.csv
         reports.append({"round": r, "from_round": prev, "threshold": ctx.cfg.pseudo.threshold,
                         "added": int(len(rows)), "of": int(len(image_ids)), "oof_f1": summary["oof"]["f1"],
                         "oof": summary["oof"]})

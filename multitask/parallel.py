@@ -1,0 +1,129 @@
+"""Work items (folds) spread over worker processes, with their progress relayed to the parent's display.
+
+Several folds at once keep one GPU busier than one fold does (the host work of one process, its
+evaluation and checkpoint writes, overlap another's GPU work), and spread folds over several GPUs.
+Workers are spawned, not forked (CUDA cannot be used in a forked child), and pull the next item
+from a shared queue, so a slow fold does not hold up the others' share.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import traceback
+from typing import Any, Callable, Iterator
+
+POLL_S = 0.2
+
+
+class RelayProgress:
+    """The part of rich's Progress the library uses, sent over a queue to the parent's real one."""
+
+    def __init__(self, events, worker: int):
+        self.events, self.worker, self.n = events, worker, 0
+        self.console = self
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        self.n += 1
+        self.events.put(("add", self.worker, self.n, description, total))
+        return self.n
+
+    def update(self, task_id: int, advance: float = 0, description: str | None = None, **_) -> None:
+        self.events.put(("update", self.worker, task_id, advance, description))
+
+    def remove_task(self, task_id: int) -> None:
+        self.events.put(("remove", self.worker, task_id))
+
+    def print(self, text: Any = "", **_) -> None:
+        self.events.put(("print", self.worker, str(text)))
+
+
+def _pull(todo) -> Iterator[Any]:
+    while (item := todo.get()) is not None:
+        yield item
+
+
+def _portable(e: BaseException) -> BaseException:
+    """The exception itself when it survives pickling (so the parent raises the same type), else its text."""
+    try:
+        return pickle.loads(pickle.dumps(e))
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _worker(target: Callable, payload: Any, todo, events, worker: int, device: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        target(payload, _pull(todo), device, RelayProgress(events, worker))
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the parent, which raises it
+        events.put(("error", worker, _portable(e), traceback.format_exc()))
+        raise SystemExit(1)
+    events.put(("exit", worker))
+
+
+def run_in_workers(target: Callable, payload: Any, items: list, jobs: int, devices: list[str],
+                   progress=None) -> None:
+    """Call `target(payload, items_iterator, device, progress)` in `jobs` spawned processes; worker i
+    gets `devices[i % len(devices)]` and a share of the CPU threads. The first failure stops the rest
+    and is raised here (files the finished items wrote stay)."""
+    jobs = max(1, min(jobs, len(items)))
+    ctx = mp.get_context("spawn")
+    todo, events = ctx.Queue(), ctx.Queue()
+    for item in items:
+        todo.put(item)
+    for _ in range(jobs):
+        todo.put(None)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    procs = [ctx.Process(target=_worker, args=(target, payload, todo, events, i, devices[i % len(devices)], threads))
+             for i in range(jobs)]
+    for p in procs:
+        p.start()
+    shown: dict[tuple[int, int], Any] = {}
+    running = set(range(jobs))
+    try:
+        while running:
+            try:
+                event = events.get(timeout=POLL_S)
+            except queue.Empty:
+                for i in list(running):
+                    if procs[i].exitcode is not None:  # died without a word: killed (out of memory, say)
+                        raise RuntimeError(f"fold worker {i} on {devices[i % len(devices)]} died "
+                                           f"(exit code {procs[i].exitcode})")
+                continue
+            kind, worker = event[0], event[1]
+            if kind == "exit":
+                running.discard(worker)
+            elif kind == "error":
+                error, trace = event[2], event[3]
+                error.add_note(f"in fold worker {worker} on {devices[worker % len(devices)]}:\n{trace}")
+                raise error
+            elif progress is not None:
+                _show(progress, shown, event)
+    finally:
+        for p in procs:
+            if p.is_alive() and running:
+                p.terminate()
+            p.join()
+        if progress is not None:
+            for task_id in shown.values():
+                progress.remove_task(task_id)
+
+
+def _show(progress, shown: dict, event: tuple) -> None:
+    kind, worker = event[0], event[1]
+    if kind == "add":
+        shown[(worker, event[2])] = progress.add_task(event[3], total=event[4])
+    elif kind == "update":
+        task_id = shown.get((worker, event[2]))
+        if task_id is not None:
+            kw = {"description": event[4]} if event[4] is not None else {}
+            progress.update(task_id, advance=event[3], **kw)
+    elif kind == "remove":
+        task_id = shown.pop((worker, event[2]), None)
+        if task_id is not None:
+            progress.remove_task(task_id)
+    elif kind == "print":
+        progress.console.print(event[2], soft_wrap=True)

@@ -1,0 +1,91 @@
+"""Folds trained at once in worker processes: the same files and numbers as one after another,
+progress relayed, failures raised in the parent."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import tiny_config
+from multitask.kfold import train_run
+from multitask.model import CheckpointError
+from multitask.parallel import RelayProgress, _show
+from multitask.pseudo import pseudo_label
+from multitask.run import RunDir, load_npz
+
+
+def _metrics(out, r, k):
+    return pd.read_csv(RunDir(out).fold_dir(r, k) / "metrics.csv").drop(columns="train_img_s")
+
+
+def test_two_jobs_give_what_one_gives(demo_root, tmp_path):
+    # equal up to float summation order: each worker gets cpu_count // jobs torch threads, and the
+    # thread count changes the order of some reductions in the last bits
+    common = (f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2", "train.folds=3")
+    one = tmp_path / "one"
+    train_run(tiny_config(demo_root, *common), one)
+    two = tmp_path / "two"
+    train_run(tiny_config(demo_root, *common, "train.jobs=2"), two)
+    for k in range(3):
+        pd.testing.assert_frame_equal(_metrics(one, 0, k), _metrics(two, 0, k), check_exact=False, rtol=1e-4)
+    a, b = load_npz(RunDir(one).round_dir(0) / "oof.npz"), load_npz(RunDir(two).round_dir(0) / "oof.npz")
+    np.testing.assert_array_equal(a["rows"], b["rows"])
+    np.testing.assert_allclose(a["p_mask"], b["p_mask"], atol=1e-4)
+    ta = load_npz(RunDir(one).round_dir(0) / "test_probs.npz")
+    tb = load_npz(RunDir(two).round_dir(0) / "test_probs.npz")
+    np.testing.assert_allclose(ta["p_age"], tb["p_age"], atol=1e-4)
+
+    # a pseudo-label round in workers rebuilds the pseudo-labelled images from the round's pseudo.csv
+    reports = pseudo_label(two, threshold=0.0, rounds=1, overrides=["train.jobs=2"])
+    assert reports[0]["added"] == 4 * 7
+    for k in range(3):
+        metrics = _metrics(two, 1, k)
+        assert len(metrics) == 2 and (RunDir(two).fold_dir(1, k) / "test.npz").exists()
+
+
+def test_a_failing_worker_raises_in_the_parent(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.jobs=2",
+                      f"model.checkpoint={tmp_path / 'missing.pth'}")
+    with pytest.raises(CheckpointError, match="missing.pth") as info:
+        train_run(cfg, tmp_path / "run")
+    assert any("fold worker" in note for note in getattr(info.value, "__notes__", []))
+
+
+class FakeProgress:
+    def __init__(self):
+        self.tasks, self.lines, self.n = {}, [], 0
+        self.console = self
+
+    def add_task(self, description, total=None):
+        self.n += 1
+        self.tasks[self.n] = [description, total, 0]
+        return self.n
+
+    def update(self, task_id, advance=0, description=None):
+        self.tasks[task_id][2] += advance
+        if description:
+            self.tasks[task_id][0] = description
+
+    def remove_task(self, task_id):
+        del self.tasks[task_id]
+
+    def print(self, text, soft_wrap=False):
+        self.lines.append(text)
+
+
+def test_relayed_progress_reaches_the_parents_display():
+    events = []
+
+    class Q:
+        put = events.append
+
+    shown, parent = {}, FakeProgress()
+    workers = [RelayProgress(Q, 0), RelayProgress(Q, 1)]
+    a = workers[0].add_task("fold 0", total=10)
+    b = workers[1].add_task("fold 1", total=5)
+    workers[0].update(a, advance=3, description="fold 0 epoch 2")
+    workers[1].update(b, advance=5)
+    workers[1].console.print("fold 1 done")
+    workers[1].remove_task(b)
+    for e in events:
+        _show(parent, shown, e)
+    assert list(parent.tasks.values()) == [["fold 0 epoch 2", 10, 3]]
+    assert parent.lines == ["fold 1 done"]
