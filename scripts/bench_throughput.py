@@ -131,7 +131,7 @@ def main() -> None:
     t0 = time.perf_counter()
     if not (data_root / "train" / "train.csv").exists():
         make_demo_dataset(data_root, n_train_persons=max(1, n_images // 7), n_eval_persons=0,
-                          image_size=(512, 384), seed=0)
+                          image_size=(512, 384), seed=0, workers=os.cpu_count() or 1)
     gen_s = time.perf_counter() - t0
     layout = read_layout(data_root, cfg.data.age_bins)
     paths = layout.train["path"].tolist()

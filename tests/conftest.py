@@ -22,7 +22,9 @@ def demo_root(tmp_path_factory):
 
 
 def tiny_config(root, *overrides):
-    """A config that trains in seconds on the CPU: 2 folds, 1 epoch, 32 px, the tiniest timm model."""
+    """A config that trains in seconds on the CPU: 2 folds, 1 epoch, 32 px, the tiniest timm model.
+    On the CPU even where a GPU is present (the determinism tests need it); tests/test_cuda.py
+    overrides the device."""
     return load_config(None, [
-        f"data_root={root}", "model.backbone=test_efficientnet", "data.img_size=[32, 32]",
+        f"data_root={root}", "train.device=cpu", "model.backbone=test_efficientnet", "data.img_size=[32, 32]",
         "train.folds=2", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=64", *overrides])

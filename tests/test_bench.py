@@ -18,3 +18,14 @@ def test_bench_throughput_quick_prints_one_json_line(tmp_path):
         assert key in result, key
     assert result["n_images"] == 14 and result["img_size"] == [64, 48]
     assert all(result[k] > 0 for k in ("model_bound_img_s", "pipeline_img_s", "naive_img_s", "infer_img_s"))
+
+
+def test_bench_kfold_quick_prints_one_json_line(tmp_path):
+    script = SCRIPT.parent / "bench_kfold.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--data", str(tmp_path)],
+                         capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["n_train_images"] == 14 * 7 and result["n_test_images"] == 3 * 7
+    assert result["folds"] == 2 and result["epochs"] == 1
+    assert result["total_s"] >= result["train_run_s"] > 0
+    assert 0 <= result["submission_f1"] <= 1 and 0 <= result["oof_f1"] <= 1

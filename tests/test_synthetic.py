@@ -191,3 +191,12 @@ def test_age_cue_in_hair_brightness(built):
     young, mid, old = (np.mean(by_group[g]) for g in range(3))
     assert mid > young + 25
     assert old > mid + 25
+
+
+def test_parallel_drawing_writes_the_same_files(tmp_path):
+    one = make_demo_dataset(tmp_path / "one", n_train_persons=6, n_eval_persons=2, seed=5)["root"]
+    two = make_demo_dataset(tmp_path / "two", n_train_persons=6, n_eval_persons=2, seed=5, workers=2)["root"]
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    for rel in files:
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
