@@ -43,7 +43,9 @@ class DataCfg(_Strict):
     cache_dir: str | None = None  # None: $MT_CACHE_DIR or ~/.cache/mt
     decode_workers: int = Field(0, ge=0)  # 0: one per core
     num_workers: int = Field(0, ge=0)  # DataLoader workers (albumentations backend)
-    cache_on_device: bool = False  # torch backend: hold the uint8 cache in accelerator memory
+    # hold the uint8 caches in accelerator memory: the torch backend's training batches and every
+    # evaluation and prediction are gathered there
+    cache_on_device: bool = False
 
     @field_validator("age_bins")
     @classmethod

@@ -24,7 +24,7 @@ from multitask.labels import Head, Task
 from multitask.losses import MultiHeadLoss
 from multitask.metrics import score_probs
 from multitask.model import build_model, param_groups
-from multitask.predict import autocast, predict_probs, prepare_input
+from multitask.predict import autocast, predict_probs, prepare_input, tune_for
 from multitask.run import atomic_write_text, save_torch
 
 
@@ -101,11 +101,13 @@ class Training:
 
 def build_training(cfg: Config, heads: list[Head], device: torch.device, steps_per_epoch: int) -> Training:
     tc = cfg.train
+    tune_for(device)
     model = build_model(cfg.model, heads).to(device)
     if tc.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
+    # fused: one kernel for the whole update on CUDA instead of several per parameter group
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(tc.warmup_epochs * steps_per_epoch), tc.epochs * steps_per_epoch))
     criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads})

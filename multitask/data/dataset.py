@@ -77,6 +77,32 @@ def device_copy(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return _DEVICE_COPIES[key][1]
 
 
+class DeviceImages:
+    """A RowImages whose caches live on the device (one shared copy of each per process): batches are
+    gathered there, with no host copy and no transfer per batch."""
+
+    def __init__(self, images: RowImages, device: torch.device):
+        self.stores = [device_copy(arr, device) for arr in images.arrays]
+        self.src = torch.as_tensor(images.src, device=device)
+        self.idx = torch.as_tensor(images.idx, device=device)
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), 3, H, W) uint8 on the device, in the order of `rows`."""
+        rows = rows.to(self.device)
+        src, idx = self.src[rows], self.idx[rows]
+        if len(self.stores) == 1:
+            return self.stores[0][idx]
+        x = torch.empty((len(rows), *self.stores[0].shape[1:]), dtype=torch.uint8, device=self.device)
+        for s, store in enumerate(self.stores):
+            sel = src == s
+            x[sel] = store[idx[sel]]
+        return x
+
+
 class AugmentedImages(Dataset):
     """Per-image albumentations over cached uint8 images, seeded per (epoch, index) so the result
     does not depend on the number of workers."""
@@ -116,11 +142,7 @@ class TrainBatches:
         if cfg.aug.backend == "torch":
             self.images = images
             # on the CPU this is one torch copy of the cache in RAM: harmless, and the same code path
-            self.on_device = cfg.data.cache_on_device
-            if self.on_device:
-                self.stores = [device_copy(arr, device) for arr in images.arrays]
-                self.src = torch.as_tensor(images.src, device=device)
-                self.idx = torch.as_tensor(images.idx, device=device)
+            self.device_images = DeviceImages(images, device) if cfg.data.cache_on_device else None
             self.targets = torch.as_tensor(targets, dtype=torch.long)
         else:
             self.dataset = AugmentedImages(images, targets, cfg.aug.train, seed)
@@ -144,18 +166,10 @@ class TrainBatches:
             yield x.float().div_(255), y
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
-        if not self.on_device:
-            x = to_chw(self.images.take(rows.numpy()))
-            return x.pin_memory() if self.device.type == "cuda" else x
-        rows = rows.to(self.device)
-        src, idx = self.src[rows], self.idx[rows]
-        if len(self.stores) == 1:
-            return self.stores[0][idx]
-        x = torch.empty((len(rows), *self.stores[0].shape[1:]), dtype=torch.uint8, device=self.device)
-        for s, store in enumerate(self.stores):
-            sel = src == s
-            x[sel] = store[idx[sel]]
-        return x
+        if self.device_images is not None:
+            return self.device_images.take(rows)
+        x = to_chw(self.images.take(rows.numpy()))
+        return x.pin_memory() if self.device.type == "cuda" else x
 
     def _torch_epoch(self, gen: torch.Generator):
         order = torch.randperm(self.n, generator=gen)
@@ -165,8 +179,16 @@ class TrainBatches:
             yield augment_batch(x.float().div_(255), self.cfg.aug.torch, gen), y
 
 
-def eval_batches(images: RowImages, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """Plain uint8 batches in row order, moved to `device` as float [0, 1]."""
+def eval_batches(images: RowImages, batch_size: int, device: torch.device,
+                 on_device: bool = False) -> Iterator[torch.Tensor]:
+    """Plain batches in row order on `device` as float [0, 1]; gathered from the device's copy of the
+    caches when `on_device`, else read from the memory map and sent over."""
+    if on_device:
+        source = DeviceImages(images, device)
+        for start in range(0, len(images), batch_size):
+            rows = torch.arange(start, min(start + batch_size, len(images)), device=device)
+            yield source.take(rows).float().div_(255)
+        return
     for start in range(0, len(images), batch_size):
         x = to_chw(images.take(np.arange(start, min(start + batch_size, len(images)))))
         if device.type == "cuda":

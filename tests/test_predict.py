@@ -1,0 +1,41 @@
+"""Prediction: the same probabilities whether batches come from the memory map or from the device's
+copy of the caches; TTA views averaged; soft voting."""
+import numpy as np
+import torch
+
+from conftest import tiny_config
+from multitask.data.dataset import RowImages
+from multitask.kfold import build_task
+from multitask.model import build_model
+from multitask.predict import predict_probs, soft_vote
+
+
+def test_device_copy_and_memory_map_give_the_same_probabilities():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    images = RowImages.of(a, np.array([8, 1, 3])).concat(RowImages.of(b, np.array([4, 0])))
+    images = images.concat(RowImages.of(a, np.array([2])))
+    cfg = tiny_config(".", "train.eval_batch_size=4", "aug.tta=[none, hflip]")
+    _, heads = build_task(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, heads).eval()
+    host = predict_probs(model, images, cfg, torch.device("cpu"))
+    on_device = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_on_device": True})})
+    dev = predict_probs(model, images, on_device, torch.device("cpu"))
+    for name in host:
+        assert host[name].shape == (6, {"mask": 3, "gender": 2, "age": 3}[name])
+        np.testing.assert_array_equal(host[name], dev[name])
+        np.testing.assert_allclose(host[name].sum(1), 1, rtol=1e-5)
+    # the average of the two views, row by row, in the asked order
+    rows = np.stack([images[i] for i in range(len(images))])
+    x = torch.from_numpy(rows).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        plain, flipped = model(x), model(x.flip(-1))
+    expected = (plain["age"].softmax(1) + flipped["age"].softmax(1)) / 2
+    np.testing.assert_allclose(host["age"], expected.numpy(), atol=1e-6)
+
+
+def test_soft_vote_averages_each_head_over_folds():
+    folds = [{"h": np.array([[0.9, 0.1]])}, {"h": np.array([[0.3, 0.7]])}]
+    np.testing.assert_allclose(soft_vote(folds)["h"], [[0.6, 0.4]])
