@@ -101,6 +101,21 @@ def pseudo_label_cmd(
 
 
 @app.command()
+def resume(
+    run: Path = typer.Option(..., "--run", help="run directory of a killed `mt train` or `mt pseudo-label`"),
+    jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override of a per-invocation key, e.g. train.device=cuda:1"),
+):
+    """Finish the latest round: finished folds are kept, interrupted ones carry on from their last.pt."""
+    from multitask.kfold import resume_run
+
+    extra = [f"train.jobs={jobs}"] if jobs is not None else []
+    with progress_and_errors() as progress:
+        summary = resume_run(run, extra + list(set_ or []), progress)
+    print_scores(f"round {summary['round']} out-of-fold (folds {summary['folds_done']})", summary["oof"])
+
+
+@app.command()
 def submit(
     run: Path = typer.Option(..., "--run", help="run directory"),
     out: Optional[Path] = typer.Option(None, help="submission file [RUN/submission.csv]"),

@@ -53,7 +53,17 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 def rng_state() -> dict:
     # numpy's global generator is not used in training, and its state would not load with weights_only
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train_one_epoch(step_model, model, batches, heads: list[Head], criterion: MultiHeadLoss, optimizer,
@@ -115,9 +125,25 @@ def build_training(cfg: Config, heads: list[Head], device: torch.device, steps_p
     return Training(model, step_model, ema, optimizer, scheduler, criterion)
 
 
+def resume_from(path: Path, t: Training) -> tuple[int, int, dict, list[dict]]:
+    """Load a fold's last.pt into `t`; return (next epoch, step, best scores, metrics rows so far)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    t.model.load_state_dict(state["model"])
+    if t.ema is not None:
+        t.ema.module.load_state_dict(state["ema"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    # metrics.csv is written before last.pt: a kill between the two leaves a row to drop
+    rows = pd.read_csv(path.parent / "metrics.csv").iloc[:state["epoch"] + 1].to_dict("records")
+    return state["epoch"] + 1, state["step"], state["best"], rows
+
+
 def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_dir: Path, seed: int,
-               device: torch.device, progress=None, label: str = "fold") -> dict:
-    """Train, validate each epoch, checkpoint; return the best epoch's validation scores."""
+               device: torch.device, progress=None, label: str = "fold", resume: bool = False) -> dict:
+    """Train, validate each epoch, checkpoint; return the best epoch's validation scores. With
+    `resume`, carry on from out_dir/last.pt where there is one: on the CPU the result is the one an
+    uninterrupted run gives (batch order and augmentation are seeded per epoch, RNG states restored)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     seed_everything(seed)
@@ -125,11 +151,11 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     t = build_training(cfg, heads, device, len(batches))
     model, ema, optimizer, scheduler, criterion = t.model, t.ema, t.optimizer, t.scheduler, t.criterion
 
-    task_id = progress.add_task(label, total=tc.epochs * len(batches)) if progress else None
-    best = {"f1": -1.0}
-    rows = []
-    step = 0
-    for epoch in range(tc.epochs):
+    start, step, best, rows = 0, 0, {"f1": -1.0}, []
+    if resume and (out_dir / "last.pt").exists():
+        start, step, best, rows = resume_from(out_dir / "last.pt", t)
+    task_id = progress.add_task(label, total=(tc.epochs - start) * len(batches)) if progress else None
+    for epoch in range(start, tc.epochs):
         t0 = time.perf_counter()
 
         def on_step(_):

@@ -136,9 +136,18 @@ def pseudo_labelled(ctx: Context, r: int) -> tuple[RowImages, np.ndarray] | None
     return RowImages.of(ctx.test_images, rows), ctx.task.decode(table["class"].to_numpy())
 
 
-def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None) -> None:
+def fold_finished(ctx: Context, r: int, k: int) -> bool:
+    fold_dir = ctx.run.fold_dir(r, k)
+    return (fold_dir / "oof.npz").exists() and (ctx.test_images is None or (fold_dir / "test.npz").exists())
+
+
+def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None,
+                     resume: bool = False) -> None:
     """Fold k of round r: train (pseudo-labelled images join the training set, never the validation
-    set), then write the best checkpoint's OOF and test probabilities."""
+    set), then write the best checkpoint's OOF and test probabilities. With `resume`, a finished fold
+    is left as it is and an interrupted one carries on from its last.pt."""
+    if resume and fold_finished(ctx, r, k):
+        return
     cfg = ctx.cfg
     factors = factor_values(ctx.layout.train, ctx.task)
     tr, va = np.flatnonzero(ctx.folds != k), np.flatnonzero(ctx.folds == k)
@@ -150,7 +159,7 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     data = FoldData(train_images, train_factors, RowImages.of(ctx.train_images, va), factors[va])
     fold_dir = ctx.run.fold_dir(r, k)
     train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
-               device=device, progress=progress, label=f"round {r} fold {k}")
+               device=device, progress=progress, label=f"round {r} fold {k}", resume=resume)
     model = load_model(fold_dir / "best.pt", cfg, ctx.heads, device)
     oof = predict_probs(model, data.val_images, cfg, device)
     save_npz(fold_dir / "oof.npz", rows=va, **{f"p_{h}": p for h, p in oof.items()})
@@ -165,7 +174,7 @@ def _fold_worker(payload: dict, folds, device: str, progress) -> None:
     cfg = Config.model_validate(payload["cfg"])
     ctx = open_context(RunDir(payload["run"]), cfg, progress)
     for k in folds:
-        train_round_fold(ctx, payload["round"], k, torch.device(device), progress)
+        train_round_fold(ctx, payload["round"], k, torch.device(device), progress, payload["resume"])
 
 
 def worker_devices(name: str) -> list[str]:
@@ -175,18 +184,20 @@ def worker_devices(name: str) -> list[str]:
     return [str(resolve_device(name))]
 
 
-def train_round(ctx: Context, r: int, progress=None) -> dict:
+def train_round(ctx: Context, r: int, progress=None, resume: bool = False) -> dict:
     """Train the selected folds of round r, one after another or `train.jobs` at once in worker
     processes, and rebuild the round's aggregate."""
     cfg = ctx.cfg
     folds = cfg.train.fold if cfg.train.fold is not None else list(range(cfg.train.folds))
+    if resume:
+        folds = [k for k in folds if not fold_finished(ctx, r, k)]
     if cfg.train.jobs > 1 and len(folds) > 1:
-        payload = {"cfg": cfg.model_dump(mode="json"), "run": str(ctx.run.root), "round": r}
+        payload = {"cfg": cfg.model_dump(mode="json"), "run": str(ctx.run.root), "round": r, "resume": resume}
         run_in_workers(_fold_worker, payload, folds, cfg.train.jobs, worker_devices(cfg.train.device), progress)
     else:
         device = resolve_device(cfg.train.device)
         for k in folds:
-            train_round_fold(ctx, r, k, device, progress)
+            train_round_fold(ctx, r, k, device, progress, resume)
     return aggregate_round(ctx, r)
 
 
@@ -237,6 +248,22 @@ def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, n
         raise FileNotFoundError(f"{path}: no test probabilities (does {ctx.cfg.data_root}/eval exist?)")
     z = load_npz(path)
     return z["image_id"], {h.name: z[f"p_{h.name}"] for h in ctx.heads}
+
+
+def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) -> dict:
+    """`mt resume`: finish the latest round a killed `mt train` or `mt pseudo-label` left, from the run
+    directory alone. Finished folds are kept; interrupted ones carry on from their last.pt."""
+    run = RunDir(run_dir)
+    if not run.config.exists():
+        raise FileNotFoundError(f"{run.config}: not found; is {run.root} a run directory made by `mt train`?")
+    saved = load_config(run.config)
+    changed = differing_keys(saved.model_dump(mode="json"), load_config(run.config, overrides).model_dump(mode="json"))
+    if changed:
+        raise ConfigError(f"a resumed run keeps its settings; {', '.join(changed)} cannot change "
+                          f"(start another run with `mt train`)")
+    ctx = reopen_context(run_dir, overrides, progress)
+    started = ctx.run.started_rounds()
+    return train_round(ctx, started[-1] if started else 0, progress, resume=True)
 
 
 def train_run(cfg: Config, out: str | Path, progress=None) -> dict:

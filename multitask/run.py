@@ -85,6 +85,11 @@ class RunDir:
                 found.append(int(m.group(1)))
         return sorted(found)
 
+    def started_rounds(self) -> list[int]:
+        """Rounds with a folder, finished or not, in order."""
+        found = [re.fullmatch(r"round(\d+)", p.name) for p in self.root.glob("round*") if p.is_dir()]
+        return sorted(int(m.group(1)) for m in found if m)
+
     def latest_round(self) -> int:
         rounds = self.rounds()
         if not rounds:

@@ -1,0 +1,85 @@
+"""A killed run carries on where it stopped, and ends where an uninterrupted run ends (CPU)."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import multitask.engine as engine
+from conftest import tiny_config
+from multitask.cli import app
+from multitask.config import ConfigError
+from multitask.kfold import resume_run, train_run
+from multitask.run import RunDir, load_npz
+
+
+def _kill_at_epoch_call(monkeypatch, n):
+    real, calls = engine.train_one_epoch, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", dying)
+    return lambda: monkeypatch.setattr(engine, "train_one_epoch", real)
+
+
+@pytest.mark.parametrize("backend", ["albumentations", "torch"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(demo_root, tmp_path, monkeypatch, backend):
+    common = (f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=3", "train.ema=true", "model.drop_rate=0.2",
+              f"aug.backend={backend}")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train_run(tiny_config(demo_root, *common), full)
+
+    restore = _kill_at_epoch_call(monkeypatch, 5)  # fold 0 runs 3 epochs; fold 1 dies in its second
+    with pytest.raises(KeyboardInterrupt):
+        train_run(tiny_config(demo_root, *common), killed)
+    restore()
+    run = RunDir(killed)
+    assert (run.fold_dir(0, 0) / "oof.npz").exists() and not (run.fold_dir(0, 1) / "oof.npz").exists()
+    assert torch.load(run.fold_dir(0, 1) / "last.pt", weights_only=True)["epoch"] == 0
+    kept = (run.fold_dir(0, 0) / "oof.npz").stat().st_mtime_ns
+
+    summary = resume_run(killed)
+    assert summary["folds_done"] == [0, 1]
+    assert (run.fold_dir(0, 0) / "oof.npz").stat().st_mtime_ns == kept  # the finished fold is not retrained
+    for k in (0, 1):
+        a = pd.read_csv(RunDir(full).fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
+        b = pd.read_csv(run.fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
+        pd.testing.assert_frame_equal(a, b)
+        wa = torch.load(RunDir(full).fold_dir(0, k) / "best.pt", weights_only=True)["model"]
+        wb = torch.load(run.fold_dir(0, k) / "best.pt", weights_only=True)["model"]
+        assert all(torch.equal(wa[n], wb[n]) for n in wa)
+    oa, ob = load_npz(RunDir(full).round_dir(0) / "oof.npz"), load_npz(run.round_dir(0) / "oof.npz")
+    for name in ("p_mask", "p_gender", "p_age"):
+        np.testing.assert_array_equal(oa[name], ob[name])
+
+
+def test_resume_keeps_the_runs_settings_and_needs_a_run(demo_root, tmp_path):
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
+    with pytest.raises(ConfigError, match="train.epochs"):
+        resume_run(out, ["train.epochs=5"])
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        resume_run(tmp_path / "nothing")
+    # a finished round: nothing to train, the aggregate is rebuilt from the folds' files
+    result = CliRunner().invoke(app, ["resume", "--run", str(out), "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "round 0 out-of-fold" in result.output
+
+
+def test_resume_finishes_a_killed_pseudo_label_round(demo_root, tmp_path, monkeypatch):
+    from multitask.pseudo import pseudo_label
+
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
+    restore = _kill_at_epoch_call(monkeypatch, 2)  # round 1: fold 0 done, fold 1 killed before training
+    with pytest.raises(KeyboardInterrupt):
+        pseudo_label(out, threshold=0.0, rounds=1)
+    restore()
+    assert RunDir(out).rounds() == [0]  # round 1 has no aggregate yet
+    summary = resume_run(out)
+    assert summary["round"] == 1 and summary["folds_done"] == [0, 1] and summary["pseudo_added"] == 4 * 7
+    assert RunDir(out).rounds() == [0, 1]
