@@ -88,11 +88,15 @@ def run_in_workers(target: Callable, payload: Any, items: list, jobs: int, devic
             try:
                 event = events.get(timeout=POLL_S)
             except queue.Empty:
-                for i in list(running):
-                    if procs[i].exitcode is not None:  # died without a word: killed (out of memory, say)
-                        raise RuntimeError(f"fold worker {i} on {devices[i % len(devices)]} died "
-                                           f"(exit code {procs[i].exitcode})")
-                continue
+                dead = [i for i in running if procs[i].exitcode not in (None, 0)]
+                if not dead:
+                    continue
+                try:  # a worker that raised has put its error just before exiting: read it first
+                    event = events.get(timeout=5)
+                except queue.Empty:  # killed without a word (out of memory, say)
+                    i = dead[0]
+                    raise RuntimeError(f"fold worker {i} on {devices[i % len(devices)]} died "
+                                       f"(exit code {procs[i].exitcode})") from None
             kind, worker = event[0], event[1]
             if kind == "exit":
                 running.discard(worker)

@@ -89,3 +89,25 @@ def test_relayed_progress_reaches_the_parents_display():
         _show(parent, shown, e)
     assert list(parent.tasks.values()) == [["fold 0 epoch 2", 10, 3]]
     assert parent.lines == ["fold 1 done"]
+
+
+def _raises(payload, items, device, progress):
+    for item in items:
+        if item == 2:
+            raise ValueError(f"bad item {item}")
+
+
+def _dies(payload, items, device, progress):
+    import os
+
+    for _ in items:
+        os._exit(3)
+
+
+def test_worker_failures_reach_the_parent():
+    from multitask.parallel import run_in_workers
+
+    with pytest.raises(ValueError, match="bad item 2"):
+        run_in_workers(_raises, None, [0, 1, 2, 3], jobs=2, devices=["cpu"])
+    with pytest.raises(RuntimeError, match="died .exit code 3"):
+        run_in_workers(_dies, None, [0, 1], jobs=2, devices=["cpu"])
