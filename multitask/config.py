@@ -111,7 +111,7 @@ class TrainCfg(_Strict):
     compile: bool = False
     device: str = "auto"
     # folds trained at once, each in its own process over the shared cache; `auto` spreads them over
-    # every visible GPU, and two on one GPU keep it busier than one (measure it: scripts/bench_parallel.py)
+    # every visible GPU (whether two on one GPU pay is for scripts/bench_kfold.py to say)
     jobs: int = Field(1, ge=1)
     seed: int = 0
 

@@ -1,7 +1,8 @@
 """Work items (folds) spread over worker processes, with their progress relayed to the parent's display.
 
-Several folds at once keep one GPU busier than one fold does (the host work of one process, its
-evaluation and checkpoint writes, overlap another's GPU work), and spread folds over several GPUs.
+Several folds at once spread a round over several GPUs, and on one GPU let one fold's host work
+(evaluation, checkpoint writes, Python) overlap another's kernels; the GPU time-slices between
+processes, so whether that pays is measured (scripts/bench_kfold.py), not assumed.
 Workers are spawned, not forked (CUDA cannot be used in a forked child), and pull the next item
 from a shared queue, so a slow fold does not hold up the others' share.
 """
