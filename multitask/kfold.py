@@ -113,11 +113,16 @@ def open_context(run: RunDir, cfg: Config, progress=None, layout: Layout | None 
 
 def reopen_context(run_dir: str | Path, overrides: list[str] = (), progress=None,
                    with_images: bool = True) -> Context:
-    """The context of an existing run, from its run directory alone."""
+    """The context of an existing run, from its run directory alone. Overrides may change only the
+    per-invocation settings: anything else would make the run differ from its config.yaml."""
     run = RunDir(run_dir)
     if not run.config.exists():
         raise FileNotFoundError(f"{run.config}: not found; is {run.root} a run directory made by `mt train`?")
     cfg = load_config(run.config, overrides)
+    changed = differing_keys(load_config(run.config).model_dump(mode="json"), cfg.model_dump(mode="json"))
+    if changed:
+        raise ConfigError(f"{run.config}: {', '.join(changed)} cannot change in an existing run (only "
+                          f"{', '.join(sorted('.'.join(k) for k in PER_INVOCATION))} can); start another run with `mt train`")
     return open_context(run, cfg, progress, with_images=with_images)
 
 
@@ -144,10 +149,8 @@ def fold_finished(ctx: Context, r: int, k: int) -> bool:
 def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None,
                      resume: bool = False) -> None:
     """Fold k of round r: train (pseudo-labelled images join the training set, never the validation
-    set), then write the best checkpoint's OOF and test probabilities. With `resume`, a finished fold
-    is left as it is and an interrupted one carries on from its last.pt."""
-    if resume and fold_finished(ctx, r, k):
-        return
+    set), then write the best checkpoint's OOF and test probabilities. With `resume`, training carries
+    on from the fold's last.pt where there is one."""
     cfg = ctx.cfg
     factors = factor_values(ctx.layout.train, ctx.task)
     tr, va = np.flatnonzero(ctx.folds != k), np.flatnonzero(ctx.folds == k)
@@ -253,14 +256,6 @@ def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, n
 def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) -> dict:
     """`mt resume`: finish the latest round a killed `mt train` or `mt pseudo-label` left, from the run
     directory alone. Finished folds are kept; interrupted ones carry on from their last.pt."""
-    run = RunDir(run_dir)
-    if not run.config.exists():
-        raise FileNotFoundError(f"{run.config}: not found; is {run.root} a run directory made by `mt train`?")
-    saved = load_config(run.config)
-    changed = differing_keys(saved.model_dump(mode="json"), load_config(run.config, overrides).model_dump(mode="json"))
-    if changed:
-        raise ConfigError(f"a resumed run keeps its settings; {', '.join(changed)} cannot change "
-                          f"(start another run with `mt train`)")
     ctx = reopen_context(run_dir, overrides, progress)
     started = ctx.run.started_rounds()
     return train_round(ctx, started[-1] if started else 0, progress, resume=True)

@@ -60,8 +60,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(demo_root, tmp_path, mo
 def test_resume_keeps_the_runs_settings_and_needs_a_run(demo_root, tmp_path):
     out = tmp_path / "run"
     train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
-    with pytest.raises(ConfigError, match="train.epochs"):
+    with pytest.raises(ConfigError, match="train.epochs cannot change"):
         resume_run(out, ["train.epochs=5"])
+    from multitask.pseudo import pseudo_label
+
+    with pytest.raises(ConfigError, match="train.lr cannot change"):  # a later round may not drift either
+        pseudo_label(out, overrides=["train.lr=0.1"])
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         resume_run(tmp_path / "nothing")
     # a finished round: nothing to train, the aggregate is rebuilt from the folds' files
