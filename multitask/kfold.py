@@ -208,7 +208,7 @@ def aggregate_round(ctx: Context, r: int) -> dict:
     """OOF probabilities and scores, soft-voted test probabilities, and the round summary, from the
     folds of round r that have finished."""
     run, task, heads = ctx.run, ctx.task, ctx.heads
-    done = [k for k in range(ctx.cfg.train.folds) if (run.fold_dir(r, k) / "oof.npz").exists()]
+    done = [k for k in range(ctx.cfg.train.folds) if fold_finished(ctx, r, k)]
     if not done:
         raise FileNotFoundError(f"{run.round_dir(r)}: no finished fold")
     factors = factor_values(ctx.layout.train, task)

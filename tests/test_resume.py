@@ -68,6 +68,13 @@ def test_resume_keeps_the_runs_settings_and_needs_a_run(demo_root, tmp_path):
         pseudo_label(out, overrides=["train.lr=0.1"])
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         resume_run(tmp_path / "nothing")
+    # a fold killed between its OOF and test files is not counted as done, neither by the aggregate
+    # nor by resume, which trains it again
+    from multitask.kfold import aggregate_round, reopen_context
+
+    (RunDir(out).fold_dir(0, 1) / "test.npz").unlink()
+    assert aggregate_round(reopen_context(out), 0)["folds_done"] == [0]
+    assert resume_run(out)["folds_done"] == [0, 1]
     # a finished round: nothing to train, the aggregate is rebuilt from the folds' files
     result = CliRunner().invoke(app, ["resume", "--run", str(out), "--jobs", "2"])
     assert result.exit_code == 0, result.output

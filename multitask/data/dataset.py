@@ -87,9 +87,6 @@ class DeviceImages:
         self.idx = torch.as_tensor(images.idx, device=device)
         self.device = device
 
-    def __len__(self) -> int:
-        return len(self.idx)
-
     def take(self, rows: torch.Tensor) -> torch.Tensor:
         """(len(rows), 3, H, W) uint8 on the device, in the order of `rows`."""
         rows = rows.to(self.device)
