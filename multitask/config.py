@@ -108,7 +108,7 @@ class TrainCfg(_Strict):
     grad_clip: float = Field(1.0, ge=0)  # 0 disables
     amp: bool = True  # bf16 autocast on CUDA; the CPU always trains in fp32
     channels_last: bool = True  # CUDA only
-    compile: bool = False
+    compile: bool = False  # torch.compile for training and prediction alike
     device: str = "auto"
     # folds trained at once, each in its own process over the shared cache; `auto` spreads them over
     # every visible GPU (whether two on one GPU pay is for scripts/bench_kfold.py to say)

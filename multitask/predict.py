@@ -52,17 +52,22 @@ def prepare_input(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.T
 def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: torch.device,
                   views: list[str] | None = None) -> dict[str, np.ndarray]:
     """Softmax probabilities per head (N, n_h), averaged over the TTA views. They stay on the device
-    until the end: a copy to the host per batch would wait for the GPU every batch."""
+    until the end: a copy to the host per batch would wait for the GPU every batch.
+
+    With `train.compile` the forward is compiled too. Dynamo treats the weights as inputs, so every
+    fold's model (and the EMA copy validated each epoch) reuses the same graphs: one for the full
+    batch and one, dynamic in the batch size, for the shorter last batches."""
     views = list(cfg.aug.tta if views is None else views)
     was_training = model.training
     model.eval()
+    forward = torch.compile(model) if cfg.train.compile else model
     probs = {name: torch.empty((len(images), head.out_features), device=device)
              for name, head in model.heads.items()}
     start = 0
     for x in eval_batches(images, cfg.train.eval_batch_size, device, cfg.data.cache_on_device):
         for i, view in enumerate(views):
             with autocast(device, cfg.train.amp):
-                out = model(prepare_input(tta_view(x, view), cfg, device))
+                out = forward(prepare_input(tta_view(x, view), cfg, device))
             for name, logits in out.items():
                 p = logits.float().softmax(1)
                 batch = probs[name][start:start + len(x)]

@@ -4,9 +4,13 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_config
-from multitask.kfold import train_run
+from multitask.data.dataset import RowImages
+from multitask.kfold import build_task, train_run
+from multitask.model import build_model
+from multitask.predict import predict_probs
 from multitask.run import RunDir, load_npz
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -25,3 +29,22 @@ def test_a_compiled_fold_matches_the_eager_fold(demo_root, tmp_path):
     for name in ("p_mask", "p_gender", "p_age"):
         # same seed, batches and initial weights: only the kernels' float rounding differs (~1e-5 seen)
         np.testing.assert_allclose(compiled[name], eager[name], atol=1e-4)
+
+
+def test_compiled_prediction_reuses_one_graph_across_fold_models(demo_root):
+    cfg = tiny_config(demo_root, "train.eval_batch_size=8", "aug.tta=[none, hflip]")
+    compiled_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
+    _, heads = build_task(cfg)
+    images = RowImages.of(np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
+    cpu = torch.device("cpu")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counts of earlier compiles
+    for seed in range(3):  # three folds' models: different weights, one architecture
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, heads)
+        eager = predict_probs(model, images, cfg, cpu)
+        compiled = predict_probs(model, images, compiled_cfg, cpu)
+        for name in eager:
+            np.testing.assert_allclose(compiled[name], eager[name], atol=1e-5)
+    # batches of 8, 8, 4: one graph for the full batch, one for the short one, whatever the weights
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
