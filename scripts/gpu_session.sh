@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/PERFORMANCE.md, one stage per call of the device tool (each stage
-# fits its 10-minute limit; the generated JPEGs stay in /tmp while the machine stays warm).
+# should fit its 10-minute limit). The generated JPEGs stay in /tmp only while the machine stays
+# warm, which is 30 s after a call: make the calls back to back, or each stage generates them again.
 #
 # Here, once: the device lacks albumentations and pydantic, so fetch cp312 wheels to carry
 #   echo /.whl/ >> .git/info/exclude
