@@ -31,7 +31,7 @@ def test_a_compiled_fold_matches_the_eager_fold(demo_root, tmp_path):
         np.testing.assert_allclose(compiled[name], eager[name], atol=1e-4)
 
 
-def test_compiled_prediction_reuses_one_graph_across_fold_models(demo_root):
+def test_compiled_prediction_reuses_its_graphs_across_fold_models(demo_root):
     cfg = tiny_config(demo_root, "train.eval_batch_size=8", "aug.tta=[none, hflip]")
     compiled_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
     _, heads = build_task(cfg)
