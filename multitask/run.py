@@ -76,19 +76,14 @@ class RunDir:
     def fold_dir(self, r: int, k: int) -> Path:
         return self.round_dir(r) / f"fold{k}"
 
-    def rounds(self) -> list[int]:
-        """Rounds that have aggregated results, in order."""
-        found = []
-        for p in self.root.glob("round*"):
-            m = re.fullmatch(r"round(\d+)", p.name)
-            if m and (p / "oof.npz").exists():
-                found.append(int(m.group(1)))
-        return sorted(found)
-
     def started_rounds(self) -> list[int]:
         """Rounds with a folder, finished or not, in order."""
         found = [re.fullmatch(r"round(\d+)", p.name) for p in self.root.glob("round*") if p.is_dir()]
         return sorted(int(m.group(1)) for m in found if m)
+
+    def rounds(self) -> list[int]:
+        """Rounds that have aggregated results, in order."""
+        return [r for r in self.started_rounds() if (self.round_dir(r) / "oof.npz").exists()]
 
     def latest_round(self) -> int:
         rounds = self.rounds()
