@@ -49,9 +49,9 @@ def print_scores(title: str, scores: dict) -> None:
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., "--data", help="competition root (train/, eval/)"),
     out: Path = typer.Option(..., "--out", help="run directory"),
-    heads: Optional[str] = typer.Option(None, help="comma list covering each factor once: mask,gender,age | mask,gender_age | class"),
+    data: Optional[Path] = typer.Option(None, "--data", help="competition root (train/, eval/), or a table task's table"),
+    heads: Optional[str] = typer.Option(None, help="comma list covering each factor once: mask,gender,age | mask,gender_age | class (default: one head per factor)"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file, or a name under configs/ (demo, competition)"),
     sharing: Optional[str] = typer.Option(None, help="shared | separate backbones"),
     folds: Optional[int] = typer.Option(None, help="number of folds"),
@@ -64,7 +64,7 @@ def train(
     from multitask.config import load_config
     from multitask.kfold import train_run
 
-    overrides = [f"data_root={data.resolve()}"]
+    overrides = []
     for key, value in (("heads", heads), ("model.sharing", sharing), ("train.folds", folds), ("train.epochs", epochs),
                        ("train.jobs", jobs)):
         if value is not None:
@@ -72,7 +72,7 @@ def train(
     if fold:
         overrides.append(f"train.fold={json.dumps(list(fold))}")
     with progress_and_errors() as progress:
-        cfg = load_config(config, overrides + list(set_ or []))
+        cfg = load_config(config, overrides + list(set_ or []), data=data)
         summary = train_run(cfg, out, progress)
     print_scores(f"round 0 out-of-fold (folds {summary['folds_done']})", summary["oof"])
     console.print(f"run: {out}  (config.yaml, folds.csv, round0/, summary.json)")
@@ -120,12 +120,32 @@ def submit(
     run: Path = typer.Option(..., "--run", help="run directory"),
     out: Optional[Path] = typer.Option(None, help="submission file [RUN/submission.csv]"),
 ):
-    """Write the latest round's soft-voted predictions as ImageID,ans in info.csv order, checked."""
+    """Write the latest round's soft-voted test predictions: ImageID,ans in info.csv order for the
+    competition, the predictions file of `mt predict` for a table task."""
     from multitask.submit import make_submission
 
     with progress_and_errors() as progress:
         path = make_submission(run, out, progress)
     console.print(f"submission: {path}")
+
+
+@app.command()
+def predict(
+    run: Path = typer.Option(..., "--run", help="run directory"),
+    images: Path = typer.Option(..., "--images", help="a folder (recursive), a CSV with a path column, or one image"),
+    out: Path = typer.Option(..., "--out", help="predictions CSV to write"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per forward pass (default: the run's train.eval_batch_size)"),
+    probs: bool = typer.Option(False, "--probs", help="add every factor's probabilities (p_<factor>_<class>)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out undecodable images and list them in <out>.skipped.csv"),
+):
+    """The run's fold ensemble with its TTA views (what submit uses) on any images: path, each factor's
+    class, class, prob."""
+    from multitask.predict import predict_images
+
+    with progress_and_errors() as progress:
+        result = predict_images(run, images, out, batch_size, probs, skip_bad, progress)
+    skipped = f", {result['skipped']} skipped (listed in {result['skipped_file']})" if result["skipped"] else ""
+    console.print(f"predictions: {result['out']}  ({result['predicted']} images, round {result['round']}{skipped})")
 
 
 @app.command()

@@ -29,6 +29,50 @@ class LossCfg(_Strict):
     gamma: float = Field(2.0, ge=0)  # focal only
 
 
+class FactorCfg(_Strict):
+    """One factor of a table task: categorical (`classes`, the class index is the position in the
+    list) or a binned number (`bins`, increasing edges: [30, 60] gives <30, 30-59, >=60)."""
+    name: str
+    column: str | None = None  # the table's column (default: the name)
+    classes: list[str] | None = None
+    bins: list[float] | None = None
+    per_group: bool = False  # every row of a group must agree on it (checked when the table is read)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.classes is None) == (self.bins is None):
+            raise ValueError(f"factor {self.name!r} needs exactly one of classes (categorical) or bins (numeric)")
+        if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
+            raise ValueError(f"factor {self.name!r}: classes must be at least two distinct names")
+        if self.bins is not None and (not self.bins or any(b <= a for a, b in zip(self.bins, self.bins[1:]))):
+            raise ValueError(f"factor {self.name!r}: bins must be a non-empty increasing list, e.g. [30, 60]")
+        if not self.name or self.name == "class" or "," in self.name:
+            raise ValueError(f"factor name {self.name!r} is not allowed (empty, 'class', or with a comma)")
+        return self
+
+
+class TableTaskCfg(_Strict):
+    """A task read from a table with one row per training image. Relative paths: `table` against the
+    config file's folder (or the working directory, from --data or --set); `images` and `test` against
+    the table's folder; the path column against `images`."""
+    table: str
+    images: str | None = None  # root of the path column (default: the table's folder)
+    path_col: str = "path"
+    group_col: str | None = None  # rows of a group never split across folds (default: each row its own)
+    factors: list[FactorCfg]
+    test: str | None = None  # a table of images to predict (path column only)
+
+    @field_validator("factors")
+    @classmethod
+    def _distinct(cls, v):
+        if not v:
+            raise ValueError("a table task needs at least one factor")
+        names = [f.name for f in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"factor names must be distinct, got {names}")
+        return v
+
+
 class ModelCfg(_Strict):
     backbone: str = "resnet10t"
     pretrained: bool = False  # timm hub weights (needs network)
@@ -39,7 +83,7 @@ class ModelCfg(_Strict):
 
 class DataCfg(_Strict):
     img_size: tuple[int, int] = (64, 64)  # height, width of the cache and the network input
-    age_bins: list[int] = [30, 60]
+    age_bins: list[int] = [30, 60]  # the mask preset's age factor
     cache_dir: str | None = None  # None: $MT_CACHE_DIR or ~/.cache/mt
     decode_workers: int = Field(0, ge=0)  # 0: one per core
     num_workers: int = Field(0, ge=0)  # DataLoader workers (albumentations backend)
@@ -128,9 +172,9 @@ class PseudoCfg(_Strict):
 
 
 class Config(_Strict):
-    task: Literal["mask"] = "mask"
-    data_root: str | None = None
-    heads: str = "mask,gender,age"
+    task: Literal["mask"] | TableTaskCfg = "mask"  # the competition preset, or a table task
+    data_root: str | None = None  # the competition root (task: mask)
+    heads: str | None = None  # None: one head per factor
     losses: dict[str, LossCfg] = Field(default_factory=dict)  # by head name; missing heads use ce
     model: ModelCfg = ModelCfg()
     data: DataCfg = DataCfg()
@@ -188,14 +232,38 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), data: str | Path | None = None) -> Config:
+    """Defaults < the YAML file < dotted overrides < `data` (the competition root, or a table task's
+    table). A table task's relative paths come out absolute, so the resolved config works anywhere."""
     source = "defaults"
     raw: dict = {}
     if path is not None:
         p = resolve_config_path(path)
         raw, source = read_yaml(p), str(p)
+        _anchor_table(raw, p.parent)
     raw = apply_overrides(raw, list(overrides))
-    return validate(raw, source)
+    if data is not None:
+        if isinstance(raw.get("task"), dict):
+            raw["task"]["table"] = str(Path(data).resolve())
+        else:
+            raw["data_root"] = str(Path(data).resolve())
+    cfg = validate(raw, source)
+    if isinstance(cfg.task, TableTaskCfg):
+        cfg.task = absolute_paths(cfg.task)
+    return cfg
+
+
+def _anchor_table(raw: dict, folder: Path) -> None:
+    task = raw.get("task")
+    if isinstance(task, dict) and isinstance(task.get("table"), str) and not Path(task["table"]).is_absolute():
+        task["table"] = str(folder / task["table"])
+
+
+def absolute_paths(t: TableTaskCfg) -> TableTaskCfg:
+    table = Path(t.table).resolve()
+    under = lambda p: str(p if Path(p).is_absolute() else (table.parent / p).resolve())  # noqa: E731
+    return t.model_copy(update={"table": str(table), "images": under(t.images or "."),
+                                "test": under(t.test) if t.test else None})
 
 
 def validate(raw: dict, source: str) -> Config:

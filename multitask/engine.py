@@ -24,7 +24,8 @@ from multitask.labels import Head, Task
 from multitask.losses import MultiHeadLoss
 from multitask.metrics import score_probs
 from multitask.model import build_model, param_groups
-from multitask.predict import autocast, predict_probs, prepare_input, tune_for
+from multitask.device import autocast, prepare_input, tune_for
+from multitask.predict import predict_probs
 from multitask.run import atomic_write_text, save_torch
 
 

@@ -6,124 +6,23 @@ so folds can be trained one at a time (`--fold K`), or by different processes in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from multitask.config import Config, ConfigError, dump_config, load_config
-from multitask.data.cache import cached_images
+from multitask.config import Config
+from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_data, reopen_context
 from multitask.data.dataset import RowImages
-from multitask.data.folds import assign_folds, check_no_leak, make_folds
-from multitask.data.layout import Layout, factor_values, read_layout
+from multitask.data.table import factor_values, numeric_values
+from multitask.device import resolve_device
 from multitask.engine import FoldData, train_fold
-from multitask.labels import Head, Task, mask_task
 from multitask.metrics import score_probs
 from multitask.parallel import run_in_workers
-from multitask.predict import load_model, predict_probs, resolve_device, soft_vote
+from multitask.predict import load_model, predict_probs, soft_vote
 from multitask.report import plot_round
-from multitask.run import RunDir, atomic_write_text, load_npz, read_json, save_npz, write_json
-
-# Settings that may differ between invocations on one run directory without changing what it holds.
-PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("pseudo", "threshold"), ("pseudo", "rounds"),
-                  ("data", "cache_dir"), ("data", "decode_workers"), ("data", "num_workers")}
-
-
-@dataclass
-class Context:
-    """What every stage of a run needs, loaded once: config, task, heads, tables and caches."""
-    run: RunDir
-    cfg: Config
-    task: Task
-    heads: list[Head]
-    layout: Layout
-    train_images: np.ndarray | None  # None when opened without images (submit)
-    test_images: np.ndarray | None
-    folds: np.ndarray  # fold of each train row
-
-
-def build_task(cfg: Config) -> tuple[Task, list[Head]]:
-    task = mask_task(cfg.data.age_bins)
-    heads = task.heads(cfg.heads)
-    unknown = sorted(set(cfg.losses) - {h.name for h in heads})
-    if unknown:
-        raise ConfigError(f"losses given for {unknown}, which are not among the heads {cfg.heads!r}")
-    return task, heads
-
-
-def differing_keys(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        key = prefix + (k,)
-        if key in PER_INVOCATION:
-            continue
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += differing_keys(va, vb, key)
-        elif va != vb:
-            out.append(".".join(key))
-    return out
-
-
-def claim_run_dir(run: RunDir, cfg: Config) -> None:
-    """Write config.yaml, or check that an existing run was made with the same settings."""
-    if run.config.exists():
-        old = load_config(run.config)
-        diff = differing_keys(old.model_dump(mode="json"), cfg.model_dump(mode="json"))
-        if diff:
-            raise ConfigError(f"{run.root} already holds a run with other settings ({', '.join(diff)}); "
-                              f"use another --out, or the same settings to retrain folds")
-    atomic_write_text(run.config, dump_config(cfg))
-
-
-def read_data(cfg: Config) -> Layout:
-    if not cfg.data_root:
-        raise ConfigError("no data root: pass --data DATA (or set data_root in the config)")
-    return read_layout(cfg.data_root, cfg.data.age_bins)
-
-
-def open_context(run: RunDir, cfg: Config, progress=None, layout: Layout | None = None,
-                 with_images: bool = True) -> Context:
-    """Read the data, make or reuse folds, and build (or find) the decoded caches."""
-    task, heads = build_task(cfg)
-    layout = layout or read_data(cfg)
-    if run.folds.exists():
-        folds_table = pd.read_csv(run.folds, dtype={"person": str})
-        check_no_leak(folds_table)
-    else:
-        folds_table = make_folds(layout.train, task, cfg.train.folds, cfg.train.seed)
-        atomic_write_text(run.folds, folds_table.to_csv(index=False))
-    folds = assign_folds(layout.train, folds_table)
-    size = tuple(cfg.data.img_size)
-
-    def images(paths: list[str], what: str) -> np.ndarray:
-        tid = progress.add_task(f"decoding {what} images", total=len(paths)) if progress else None
-        arr = cached_images(paths, size, cfg.data.cache_dir, cfg.data.decode_workers,
-                            on_progress=(lambda n: progress.update(tid, advance=n)) if progress else None)
-        if progress:
-            progress.remove_task(tid)
-        return arr
-
-    train_images = images(layout.train["path"].tolist(), "train") if with_images else None
-    test_images = images(layout.test["path"].tolist(), "test") if with_images and layout.test is not None else None
-    return Context(run, cfg, task, heads, layout, train_images, test_images, folds)
-
-
-def reopen_context(run_dir: str | Path, overrides: list[str] = (), progress=None,
-                   with_images: bool = True) -> Context:
-    """The context of an existing run, from its run directory alone. Overrides may change only the
-    per-invocation settings: anything else would make the run differ from its config.yaml."""
-    run = RunDir(run_dir)
-    if not run.config.exists():
-        raise FileNotFoundError(f"{run.config}: not found; is {run.root} a run directory made by `mt train`?")
-    cfg = load_config(run.config, overrides)
-    changed = differing_keys(load_config(run.config).model_dump(mode="json"), cfg.model_dump(mode="json"))
-    if changed:
-        raise ConfigError(f"{run.config}: {', '.join(changed)} cannot change in an existing run (only "
-                          f"{', '.join(sorted('.'.join(k) for k in PER_INVOCATION))} can); start another run with `mt train`")
-    return open_context(run, cfg, progress, with_images=with_images)
+from multitask.run import RunDir, load_npz, read_json, save_npz, write_json
 
 
 def pseudo_labelled(ctx: Context, r: int) -> tuple[RowImages, np.ndarray] | None:
@@ -133,10 +32,10 @@ def pseudo_labelled(ctx: Context, r: int) -> tuple[RowImages, np.ndarray] | None
     if not path.exists():
         return None
     table = pd.read_csv(path, dtype={"ImageID": str})
-    row_of = {image_id: i for i, image_id in enumerate(ctx.layout.test["image_id"].astype(str))}
+    row_of = {image_id: i for i, image_id in enumerate(ctx.table.test["image_id"].astype(str))}
     missing = sorted(set(table["ImageID"]) - set(row_of))
     if missing:
-        raise ValueError(f"{path}: images not in {ctx.cfg.data_root}/eval/info.csv: {missing[:5]}")
+        raise ValueError(f"{path}: images not among the task's test images: {missing[:5]}")
     rows = np.array([row_of[i] for i in table["ImageID"]], dtype=np.int64)
     return RowImages.of(ctx.test_images, rows), ctx.task.decode(table["class"].to_numpy())
 
@@ -152,7 +51,7 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     set), then write the best checkpoint's OOF and test probabilities. With `resume`, training carries
     on from the fold's last.pt where there is one."""
     cfg = ctx.cfg
-    factors = factor_values(ctx.layout.train, ctx.task)
+    factors = factor_values(ctx.table.train, ctx.task)
     tr, va = np.flatnonzero(ctx.folds != k), np.flatnonzero(ctx.folds == k)
     train_images, train_factors = RowImages.of(ctx.train_images, tr), factors[tr]
     pseudo = pseudo_labelled(ctx, r)
@@ -211,15 +110,16 @@ def aggregate_round(ctx: Context, r: int) -> dict:
     done = [k for k in range(ctx.cfg.train.folds) if fold_finished(ctx, r, k)]
     if not done:
         raise FileNotFoundError(f"{run.round_dir(r)}: no finished fold")
-    factors = factor_values(ctx.layout.train, task)
+    factors = factor_values(ctx.table.train, task)
     oofs = [load_npz(run.fold_dir(r, k) / "oof.npz") for k in done]
     rows = np.concatenate([o["rows"] for o in oofs])
     order = np.argsort(rows)
     oof = {h.name: np.concatenate([o[f"p_{h.name}"] for o in oofs])[order] for h in heads}
     rows = rows[order]
     oof_scores = score_probs(task, heads, oof, factors[rows])
-    save_npz(run.round_dir(r) / "oof.npz", rows=rows, person=ctx.layout.train["person"].to_numpy().astype(str)[rows],
-             factors=factors[rows], fold=ctx.folds[rows], **{f"p_{h}": p for h, p in oof.items()})
+    save_npz(run.round_dir(r) / "oof.npz", rows=rows, group=ctx.table.train["group"].to_numpy().astype(str)[rows],
+             factors=factors[rows], fold=ctx.folds[rows], **{f"p_{h}": p for h, p in oof.items()},
+             **{f"value_{f}": v[rows] for f, v in numeric_values(ctx.table.train, task).items()})
     fold_scores = {}
     for k in done:
         metrics = pd.read_csv(run.fold_dir(r, k) / "metrics.csv")
@@ -228,7 +128,7 @@ def aggregate_round(ctx: Context, r: int) -> dict:
     if ctx.test_images is not None:
         test = soft_vote([{h.name: load_npz(run.fold_dir(r, k) / "test.npz")[f"p_{h.name}"] for h in heads}
                           for k in done])
-        save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.layout.test["image_id"].to_numpy().astype(str),
+        save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str),
                  **{f"p_{h}": p for h, p in test.items()})
     summary = {"round": r, "folds_done": done, "oof": oof_scores, "folds": fold_scores}
     pseudo_file = run.round_dir(r) / "pseudo.csv"
@@ -248,7 +148,8 @@ def update_run_summary(run: RunDir) -> None:
 def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     path = ctx.run.round_dir(r) / "test_probs.npz"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no test probabilities (does {ctx.cfg.data_root}/eval exist?)")
+        raise FileNotFoundError(f"{path}: no test probabilities (the task has no test images: "
+                                f"a competition root without eval/, or a table task without task.test)")
     z = load_npz(path)
     return z["image_id"], {h.name: z[f"p_{h.name}"] for h in ctx.heads}
 
@@ -264,8 +165,11 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
 def train_run(cfg: Config, out: str | Path, progress=None) -> dict:
     """`mt train`: round 0 of a run."""
     run = RunDir(out)
-    build_task(cfg)  # refuse bad heads or data before touching the run directory
-    layout = read_data(cfg)
+    task, _ = build_task(cfg)
+    # read and decode everything before touching the run directory: bad heads, a bad table or an
+    # undecodable image stop here, with nothing written
+    table = read_data(cfg, task)
+    images = load_images(cfg, table, progress)
     claim_run_dir(run, cfg)
-    ctx = open_context(run, cfg, progress, layout)
+    ctx = open_context(run, cfg, progress, table, images)
     return train_round(ctx, 0, progress=progress)

@@ -4,7 +4,7 @@ A task is an ordered list of factors; the final class is the mixed-radix number 
 order (mask·6 + gender·3 + age for the mask competition). A head predicts one factor or a join of
 factors (`gender_age`, 6 classes) or all of them (`class`). Everything downstream (model, losses,
 metrics, voting, pseudo-labels, submission) works on heads by name and size, never on the words
-mask, gender or age: only `mask_task()` and the layout reader know those.
+mask, gender or age: only `mask_task()`, the competition reader and the demo generator know those.
 """
 from __future__ import annotations
 
@@ -18,12 +18,41 @@ FLAT_HEAD = "class"
 
 @dataclass(frozen=True)
 class Factor:
+    """One sub-label. Categorical (`classes` named in order), or a binned number (`bins`: the class is
+    the bin its value falls in, and the value itself is kept for techniques that read numbers)."""
     name: str
     classes: tuple[str, ...]
+    bins: tuple[float, ...] | None = None
+
+    @classmethod
+    def binned(cls, name: str, bins) -> "Factor":
+        bins = tuple(bins)
+        return cls(name, bin_names(bins), bins)
 
     @property
     def n(self) -> int:
         return len(self.classes)
+
+    @property
+    def numeric(self) -> bool:
+        return self.bins is not None
+
+    def bin(self, values: np.ndarray) -> np.ndarray:
+        """Bin index of each value: bins [30, 60] give <30 → 0, 30–59 → 1, ≥60 → 2."""
+        return np.searchsorted(np.asarray(self.bins, dtype=float), np.asarray(values, dtype=float), side="right")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def bin_names(bins) -> tuple[str, ...]:
+    """Readable bin names: whole-number edges [30, 60] give <30, 30-59, >=60; other edges give
+    half-open ranges such as 2.5-7.5."""
+    bins = list(bins)
+    whole = all(float(b).is_integer() for b in bins)
+    middle = [f"{_num(lo)}-{_num(hi - 1) if whole else _num(hi)}" for lo, hi in zip(bins, bins[1:])]
+    return (f"<{_num(bins[0])}", *middle, f">={_num(bins[-1])}")
 
 
 def mixed_radix(values: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
@@ -79,6 +108,22 @@ class Task:
     def factor_names(self) -> list[str]:
         return [f.name for f in self.factors]
 
+    @property
+    def numeric_factors(self) -> list[Factor]:
+        return [f for f in self.factors if f.numeric]
+
+    def class_names(self, classes: np.ndarray) -> np.ndarray:
+        """(N, F) names of each factor's class for final classes."""
+        decoded = self.decode(classes)
+        return np.array([[f.classes[v] for f, v in zip(self.factors, row)] for row in decoded], dtype=object
+                        ).reshape(len(decoded), len(self.factors))
+
+    def marginal(self, combined: np.ndarray, i: int) -> np.ndarray:
+        """Probabilities of factor i's classes, summed out of final-class probabilities (N, n_classes)."""
+        sizes = self.sizes
+        p = np.asarray(combined).reshape(len(combined), *sizes)
+        return p.sum(axis=tuple(a + 1 for a in range(len(sizes)) if a != i))
+
     def encode(self, factor_values: np.ndarray) -> np.ndarray:
         return mixed_radix(factor_values, self.sizes)
 
@@ -98,8 +143,10 @@ class Task:
             idx = tuple(sorted(names.index(p) for p in parts))
         return Head(name, idx, tuple(self.sizes[i] for i in idx))
 
-    def heads(self, spec: str | list[str]) -> list[Head]:
-        """Parse a comma list of heads that must cover each factor exactly once."""
+    def heads(self, spec: str | list[str] | None) -> list[Head]:
+        """Parse a comma list of heads that must cover each factor exactly once (None: a head per factor)."""
+        if spec is None:
+            spec = self.factor_names
         names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
         names = [n for n in names if n]
         if not names:
@@ -142,18 +189,10 @@ def _split_head_name(name: str, factor_names: list[str]) -> list[str] | None:
     return None
 
 
-def age_group(age: np.ndarray, bins: list[int]) -> np.ndarray:
-    """Index of the age bin: bins [30, 60] give <30 → 0, 30–59 → 1, ≥60 → 2."""
-    return np.searchsorted(np.asarray(bins), np.asarray(age), side="right")
-
-
 def mask_task(age_bins: list[int] = (30, 60)) -> Task:
     """The mask competition: 18 classes = mask (3) × gender (2) × age group (3), in that order."""
-    bins = list(age_bins)
-    edges = [0] + bins
-    age_names = [f"<{bins[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[1:], bins[1:])] + [f">={bins[-1]}"]
     return Task("mask", (
         Factor("mask", ("worn", "incorrect", "not_worn")),
         Factor("gender", ("male", "female")),
-        Factor("age", tuple(age_names)),
+        Factor.binned("age", age_bins),
     ))

@@ -1,51 +1,28 @@
-"""Head probabilities with TTA, and soft voting across folds.
+"""Head probabilities with TTA, soft voting across folds, and a finished run applied to new images.
 
 Soft voting averages each head's probabilities (over TTA views, then over folds) before combining
 heads into the final class: averaging probabilities keeps each model's confidence, which a hard
-majority vote throws away.
+majority vote throws away. `mt predict` and the predictions file of a table task's `mt submit` share
+one writer, so both files read the same way.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from multitask.config import Config
+from multitask.context import build_task, load_run_config
 from multitask.data.augment import tta_view
+from multitask.data.cache import ImageDecodeError, decode_into, undecodable_error
 from multitask.data.dataset import RowImages, eval_batches
-from multitask.labels import Head
+from multitask.data.table import DataError, read_frame
+from multitask.device import autocast, prepare_input, resolve_device, tune_for
+from multitask.labels import Head, Task
 from multitask.model import MultiHeadNet, build_model
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def tune_for(device: torch.device) -> None:
-    """Fast kernels on CUDA: inputs keep one size, so cuDNN's one-off search for the fastest
-    convolution algorithms pays back at once; TF32 for the fp32 work outside autocast. (Both give up
-    bitwise reproducibility, which only the CPU promises.)"""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 on CUDA; the CPU stays fp32 (bf16 autocast is slower than fp32 on most CPUs)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def prepare_input(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
-    if cfg.train.channels_last and device.type == "cuda":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+from multitask.run import RunDir, atomic_write_text, read_json
 
 
 @torch.no_grad()
@@ -98,3 +75,106 @@ def load_model(path: Path, cfg: Config, heads: list[Head], device: torch.device)
     if cfg.train.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return model.eval()
+
+
+# ---- a finished run applied to images: `mt predict`, and the predictions file of `mt submit` ----
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def final_classes(combined: np.ndarray) -> np.ndarray:
+    """The predicted final class of each row of final-class probabilities."""
+    return combined.argmax(1)
+
+
+def predictions_frame(task: Task, ids, combined: np.ndarray, with_probs: bool = False) -> pd.DataFrame:
+    """path, each factor's class name, the final class (mixed radix over the factors' class indices)
+    and its probability; with `with_probs`, every factor's probabilities (summed out of the final
+    class's, so they hold for any head layout) as p_<factor>_<class>."""
+    classes = final_classes(combined)
+    out = pd.DataFrame({"path": list(ids)})
+    names = task.class_names(classes)
+    for i, f in enumerate(task.factors):
+        out[f.name] = names[:, i]
+    out["class"] = classes.astype(np.int64)
+    out["prob"] = combined[np.arange(len(classes)), classes]
+    if with_probs:
+        for i, f in enumerate(task.factors):
+            marginal = task.marginal(combined, i)
+            for j, c in enumerate(f.classes):
+                out[f"p_{f.name}_{c}"] = marginal[:, j]
+    return out
+
+
+def list_images(source: str | Path) -> tuple[list[str], list[str]]:
+    """(ids, paths) of what `mt predict --images` names: a folder (recursively, image files only,
+    hidden files and folders skipped; ids relative to it), a CSV with a `path` column (relative to
+    the CSV's folder unless absolute; ids as listed), or one image file."""
+    src = Path(source)
+    if src.is_dir():
+        found = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(src).parts))
+        if not found:
+            raise FileNotFoundError(f"{src}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+        return [p.relative_to(src).as_posix() for p in found], [str(p) for p in found]
+    if src.suffix.lower() == ".csv":
+        df, _ = read_frame(src)
+        if "path" not in df.columns:
+            raise DataError(f"{src}: missing column 'path'; found {list(df.columns)}")
+        if df.empty:
+            raise DataError(f"{src}: no rows")
+        ids = df["path"].tolist()
+        return ids, [p if Path(p).is_absolute() else str(src.parent / p) for p in ids]
+    if src.is_file():
+        return [str(source)], [str(src)]
+    raise FileNotFoundError(f"{src}: not found (expected a folder, a CSV with a path column, or an image file)")
+
+
+def round_models(run: RunDir, r: int) -> list[Path]:
+    """best.pt of every fold the round's aggregate voted over."""
+    done = read_json(run.round_dir(r) / "summary.json")["folds_done"]
+    return [run.fold_dir(r, k) / "best.pt" for k in done]
+
+
+def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, heads: list[Head],
+                   device: torch.device, progress=None) -> dict[str, np.ndarray]:
+    """Every fold model with the run's TTA views, soft-voted: what the round's test_probs.npz holds."""
+    tid = progress.add_task("predicting", total=len(checkpoints)) if progress else None
+    sets = []
+    for path in checkpoints:
+        sets.append(predict_probs(load_model(path, cfg, heads, device), images, cfg, device))
+        if progress:
+            progress.update(tid, advance=1)
+    if progress:
+        progress.remove_task(tid)
+    return soft_vote(sets)
+
+
+def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, batch_size: int | None = None,
+                   with_probs: bool = False, skip_bad: bool = False, progress=None) -> dict:
+    """`mt predict`: the run's latest round (its fold ensemble and TTA views, as `submit` uses them)
+    on any images. Undecodable images stop it, all listed; with `skip_bad` they are left out and
+    listed in <out>.skipped.csv."""
+    run = RunDir(run_dir)
+    cfg = load_run_config(run, [f"train.eval_batch_size={batch_size}"] if batch_size else [])
+    task, heads = build_task(cfg)
+    r = run.latest_round()
+    ids, paths = list_images(source)
+    arr = np.empty((len(paths), *cfg.data.img_size, 3), dtype=np.uint8)
+    bad = decode_into(arr, paths, tuple(cfg.data.img_size), cfg.data.decode_workers)
+    out = Path(out)
+    skipped_file = out.with_name(out.stem + ".skipped.csv")
+    if bad and not skip_bad:
+        raise undecodable_error(paths, bad)
+    keep = np.setdiff1d(np.arange(len(paths)), [i for i, _ in bad])
+    if bad:
+        atomic_write_text(skipped_file, pd.DataFrame({"path": [ids[i] for i, _ in bad],
+                                                      "reason": [why for _, why in bad]}).to_csv(index=False))
+    if not len(keep):
+        raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
+    probs = ensemble_probs(round_models(run, r), RowImages.of(arr[keep]), cfg, heads,
+                           resolve_device(cfg.train.device), progress)
+    frame = predictions_frame(task, [ids[i] for i in keep], task.combine(heads, probs), with_probs)
+    atomic_write_text(out, frame.to_csv(index=False))
+    return {"out": str(out), "round": r, "predicted": int(len(keep)), "skipped": len(bad),
+            "skipped_file": str(skipped_file) if bad else None}

@@ -28,7 +28,8 @@ def pseudo_label(run_dir: str | Path, threshold: float | None = None, rounds: in
         extra.append(f"pseudo.rounds={rounds}")
     ctx = reopen_context(run_dir, extra, progress)
     if ctx.test_images is None:
-        raise FileNotFoundError(f"{ctx.cfg.data_root}/eval not found: nothing to pseudo-label")
+        raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no "
+                                "task.test in a table task): nothing to pseudo-label")
     reports = []
     for _ in range(ctx.cfg.pseudo.rounds):
         prev = ctx.run.latest_round()

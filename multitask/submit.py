@@ -1,5 +1,7 @@
-"""The submission: the latest round's soft-voted predictions as ImageID,ans in info.csv's order,
-checked before it is written, and written atomically (a refused file leaves the old one intact)."""
+"""The submission: the latest round's soft-voted predictions of the task's test images, written
+atomically (a refused file leaves the old one intact). For the competition, ImageID,ans in
+info.csv's order, checked against a fresh read of info.csv; for a table task, the predictions file
+`mt predict` writes (path, each factor's class, class, prob)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +11,7 @@ import pandas as pd
 
 from multitask.data.layout import read_csv
 from multitask.kfold import load_round_test_probs, reopen_context
+from multitask.predict import final_classes, predictions_frame
 from multitask.run import atomic_write_text
 
 
@@ -43,10 +46,15 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     ctx = reopen_context(run_dir, progress=progress, with_images=False)
     r = ctx.run.latest_round()
     image_ids, probs = load_round_test_probs(ctx, r)
-    pred = dict(zip(image_ids, ctx.task.combine(ctx.heads, probs).argmax(1)))
-    info_ids = read_csv(Path(ctx.cfg.data_root) / "eval" / "info.csv", ["ImageID", "ans"])["ImageID"].to_numpy()
+    combined = ctx.task.combine(ctx.heads, probs)
+    out = Path(out) if out else ctx.run.submission
+    if ctx.table.info_csv is None:
+        atomic_write_text(out, predictions_frame(ctx.task, image_ids, combined).to_csv(index=False))
+        return out
+    pred = dict(zip(image_ids, final_classes(combined)))
+    info_ids = read_csv(ctx.table.info_csv, ["ImageID", "ans"])["ImageID"].to_numpy()
     missing = [i for i in info_ids if i not in pred]
     if missing:
         raise SubmissionError(f"round {r} has no prediction for {len(missing)} info.csv image(s), e.g. {missing[0]}")
     sub = pd.DataFrame({"ImageID": info_ids, "ans": np.array([pred[i] for i in info_ids], dtype=np.int64)})
-    return write_submission(sub, info_ids, ctx.task.n_classes, Path(out) if out else ctx.run.submission)
+    return write_submission(sub, info_ids, ctx.task.n_classes, out)

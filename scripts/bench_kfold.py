@@ -34,7 +34,7 @@ from multitask.data.layout import read_layout
 from multitask.data.synthetic import make_demo_dataset
 from multitask.demo import score_submission
 from multitask.kfold import train_run
-from multitask.predict import resolve_device
+from multitask.device import resolve_device
 from multitask.run import RunDir
 from multitask.submit import make_submission
 

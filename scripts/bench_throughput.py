@@ -33,11 +33,13 @@ from torch.utils.data import DataLoader, Dataset
 from multitask.config import load_config
 from multitask.data.cache import cached_images
 from multitask.data.dataset import RowImages, TrainBatches
-from multitask.data.layout import factor_values, read_layout
+from multitask.data.layout import read_layout
+from multitask.data.table import factor_values
 from multitask.data.synthetic import make_demo_dataset
 from multitask.engine import build_training, train_one_epoch
 from multitask.labels import mask_task
-from multitask.predict import predict_probs, resolve_device, soft_vote
+from multitask.device import resolve_device
+from multitask.predict import predict_probs, soft_vote
 
 
 def sync(device: torch.device) -> None:

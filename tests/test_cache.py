@@ -31,7 +31,7 @@ def test_cache_decodes_resizes_and_is_reused(tmp_path, monkeypatch):
     def no_decode(*a, **k):
         raise AssertionError("decoded again although the cache exists")
 
-    monkeypatch.setattr(cache_mod, "decode_resized", no_decode)
+    monkeypatch.setattr(cache_mod, "_decode", no_decode)
     again = cached_images(paths, (20, 16), tmp_path / "c")
     assert np.array_equal(arr, again)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from multitask.data.folds import FoldLeakError, assign_folds, check_no_leak, make_folds, person_level_factors
+from multitask.data.folds import FoldLeakError, assign_folds, check_no_leak, make_folds, group_level_factors
 from multitask.labels import mask_task
 
 
@@ -14,19 +14,19 @@ def fake_table(n_persons=200, seed=0):
         g, a = rng.integers(2), rng.choice(3, p=[0.5, 0.35, 0.15])
         for m in [0, 0, 0, 0, 0, 1, 2]:
             rows.append((f"p{p:04d}", m, g, a))
-    return pd.DataFrame(rows, columns=["person", "mask", "gender", "age"])
+    return pd.DataFrame(rows, columns=["group", "mask", "gender", "age"])
 
 
-def test_person_level_factors_are_derived_from_data():
-    assert person_level_factors(fake_table(), mask_task()) == ["gender", "age"]
+def test_group_level_factors_are_derived_from_data():
+    assert group_level_factors(fake_table(), mask_task()) == ["gender", "age"]
 
 
 def test_no_person_in_two_folds_and_every_person_placed():
     df = fake_table()
     folds = make_folds(df, mask_task(), 5, seed=0)
-    assert folds["person"].is_unique and set(folds["person"]) == set(df["person"])
+    assert folds["group"].is_unique and set(folds["group"]) == set(df["group"])
     fold = assign_folds(df, folds)
-    per_person = pd.Series(fold).groupby(df["person"].to_numpy()).nunique()
+    per_person = pd.Series(fold).groupby(df["group"].to_numpy()).nunique()
     assert (per_person == 1).all()
     assert sorted(np.unique(fold)) == [0, 1, 2, 3, 4]
 
@@ -50,11 +50,11 @@ def test_folds_are_deterministic_per_seed():
 
 
 def test_leak_check_catches_a_split_person():
-    leaked = pd.DataFrame({"person": ["a", "a", "b"], "fold": [0, 1, 1]})
+    leaked = pd.DataFrame({"group": ["a", "a", "b"], "fold": [0, 1, 1]})
     with pytest.raises(FoldLeakError, match="more than one fold"):
         check_no_leak(leaked)
 
 
 def test_too_few_persons_is_an_error():
-    with pytest.raises(ValueError, match="3 persons cannot fill 5 folds"):
+    with pytest.raises(ValueError, match="3 groups cannot fill 5 folds"):
         make_folds(fake_table(3), mask_task(), 5, seed=0)

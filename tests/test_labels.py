@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from multitask.labels import age_group, mask_task
+from multitask.labels import Factor, Task, bin_names, mask_task
 
 
 def test_mask_task_class_is_mask6_gender3_age():
@@ -68,6 +68,23 @@ def test_flat_head_combines_to_itself():
     np.testing.assert_allclose(task.combine(heads, {"class": p}), p)
 
 
-def test_age_groups_from_config_bins():
-    assert age_group(np.array([18, 29, 30, 59, 60, 90]), [30, 60]).tolist() == [0, 0, 1, 1, 2, 2]
-    assert age_group(np.array([24, 25, 70]), [25, 70]).tolist() == [0, 1, 2]
+def test_binned_factor_bins_and_names():
+    age = Factor.binned("age", [30, 60])
+    assert age.numeric and age.classes == ("<30", "30-59", ">=60")
+    assert age.bin(np.array([18, 29, 30, 59, 60, 90])).tolist() == [0, 0, 1, 1, 2, 2]
+    assert Factor.binned("age", [25, 70]).bin(np.array([24, 25, 70])).tolist() == [0, 1, 2]
+    assert Factor.binned("age", [29.5, 59.5]).bin(np.array([29.4, 29.5])).tolist() == [0, 1]
+    assert bin_names([2.5, 7.5]) == ("<2.5", "2.5-7.5", ">=7.5")
+    assert bin_names([10]) == ("<10", ">=10")
+    assert not Factor("gender", ("m", "f")).numeric
+
+
+def test_a_task_of_any_shape_names_and_marginalises_its_classes():
+    # 2 x 4, nothing named mask, gender or age
+    task = Task("t", (Factor("shape", ("circle", "square")), Factor("colour", ("r", "g", "b", "y"))))
+    assert task.n_classes == 8 and [h.n for h in task.heads("shape,colour")] == [2, 4]
+    names = task.class_names(np.array([0, 5, 7]))
+    assert names.tolist() == [["circle", "r"], ["square", "g"], ["square", "y"]]
+    p = np.random.default_rng(0).dirichlet(np.ones(8), size=4)
+    np.testing.assert_allclose(task.marginal(p, 0), p.reshape(4, 2, 4).sum(2))
+    np.testing.assert_allclose(task.marginal(p, 1), p.reshape(4, 2, 4).sum(1))

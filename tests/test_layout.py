@@ -41,12 +41,12 @@ def test_reads_every_extension_and_labels(root):
     train = layout.train
     assert len(train) == 21
     assert {p.rsplit(".", 1)[1] for p in train["path"]} == {"jpg", "jpeg", "png"}
-    p1 = train[train["person"] == "000001_female_Asian_45"].set_index("stem")
+    p1 = train[train["group"] == "000001_female_Asian_45"].set_index("stem")
     assert p1.loc["mask3", "mask"] == 0 and p1.loc["incorrect_mask", "mask"] == 1 and p1.loc["normal", "mask"] == 2
     assert (p1["gender"] == 1).all() and (p1["age"] == 1).all()
-    p2 = train[train["person"] == "000002_male_White_61"]
+    p2 = train[train["group"] == "000002_male_White_61"]
     assert (p2["gender"] == 0).all() and (p2["age"] == 2).all()
-    assert (train[train["person"] == "000003_male_Black_22"]["age"] == 0).all()
+    assert (train[train["group"] == "000003_male_Black_22"]["age"] == 0).all()
     assert layout.test["image_id"].tolist() == ["b.jpg", "a.jpg"]  # info.csv order kept
 
 
@@ -62,8 +62,8 @@ def test_hidden_and_non_image_files_are_not_pictures(root):
 
 def test_age_bins_come_from_config(root):
     train = read_layout(root, [25, 50]).train
-    assert (train[train["person"] == "000001_female_Asian_45"]["age"] == 1).all()
-    assert (train[train["person"] == "000002_male_White_61"]["age"] == 2).all()
+    assert (train[train["group"] == "000001_female_Asian_45"]["age"] == 1).all()
+    assert (train[train["group"] == "000002_male_White_61"]["age"] == 2).all()
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -43,7 +43,7 @@ def test_train_writes_the_run_directory(trained, demo_root):
     assert sorted(oof["rows"].tolist()) == list(range(n_train))  # every train image predicted exactly once
     np.testing.assert_allclose(oof["p_mask"].sum(1), 1, rtol=1e-5)
     folds = pd.read_csv(run.folds)
-    assert folds["person"].is_unique and set(folds["fold"]) == {0, 1}
+    assert folds["group"].is_unique and set(folds["fold"]) == {0, 1}
     test = load_npz(run.round_dir(0) / "test_probs.npz")
     info = pd.read_csv(demo_root / "eval" / "info.csv")
     assert test["image_id"].tolist() == info["ImageID"].tolist()

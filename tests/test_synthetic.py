@@ -200,3 +200,115 @@ def test_parallel_drawing_writes_the_same_files(tmp_path):
     assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
     for rel in files:
         assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+
+
+# --- table-task mode: make_table_dataset ------------------------------------------------------------
+
+TABLE_SIZE = (32, 32)
+TABLE_RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
+
+
+def _size_bin(size: float) -> int:
+    return 0 if size < 20 else 1 if size < 30 else 2
+
+
+def _sha1_tree(root) -> dict:
+    import hashlib
+    return {p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def table_built(tmp_path_factory):
+    from multitask.data.synthetic import make_table_dataset
+    out = tmp_path_factory.mktemp("table")
+    info = make_table_dataset(out, n_train_groups=6, n_test_groups=2, per_group=3, image_size=TABLE_SIZE, seed=4)
+    return out, info
+
+
+def test_table_return_value_and_columns(table_built):
+    out, info = table_built
+    assert info == {"root": out, "table": out / "train.csv", "test": out / "test.csv",
+                    "answers": out / "answers.csv", "n_train_images": 18, "n_test_images": 6}
+    header, rows = _read_csv(out / "train.csv")
+    assert header == ["path", "group", "shape", "colour", "size"] and len(rows) == 18
+    header, rows = _read_csv(out / "test.csv")
+    assert header == ["path"] and len(rows) == 6
+    header, rows = _read_csv(out / "answers.csv")
+    assert header == ["path", "shape", "colour", "size"] and len(rows) == 6
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_table_train_labels(table_built):
+    out, _ = table_built
+    _, rows = _read_csv(out / "train.csv")
+    by_group: dict[str, list] = {}
+    for path, group, shape, colour, size in rows:
+        assert re.fullmatch(r"g\d{4}", group)
+        assert re.fullmatch(rf"images/{group}/\d+\.(jpg|png)", path)
+        assert (out / path).is_file()
+        assert shape in ("circle", "square") and colour in TABLE_RGB
+        assert re.fullmatch(r"\d+\.\d", size) and 10 <= float(size) < 40
+        by_group.setdefault(group, []).append((shape, colour, size))
+    assert len(by_group) == 6 and all(len(v) == 3 for v in by_group.values())
+    for pics in by_group.values():
+        assert len({p[0] for p in pics}) == 1 and len({p[2] for p in pics}) == 1
+    assert any(len({p[1] for p in pics}) > 1 for pics in by_group.values())
+    assert {r[2] for r in rows} == {"circle", "square"}
+    assert {r[3] for r in rows} == set(TABLE_RGB)
+    assert {_size_bin(float(r[4])) for r in rows} == {0, 1, 2}
+    assert {p.suffix for p in (out / "images").rglob("*.*")} == {".jpg", ".png"}
+
+
+def test_table_test_split(table_built):
+    out, _ = table_built
+    _, train_rows = _read_csv(out / "train.csv")
+    _, test_rows = _read_csv(out / "test.csv")
+    _, ans_rows = _read_csv(out / "answers.csv")
+    test_paths = [r[0] for r in test_rows]
+    assert [r[0] for r in ans_rows] == test_paths
+    assert len(set(test_paths)) == 6 and all((out / p).is_file() for p in test_paths)
+    assert not set(test_paths) & {r[0] for r in train_rows}
+    train_groups = {r[1] for r in train_rows}
+    test_groups = {p.split("/")[1] for p in test_paths}
+    assert len(test_groups) == 2 and not test_groups & train_groups
+    assert test_groups == {"g0007", "g0008"}  # numbering continues after the train groups
+    for path, shape, colour, size in ans_rows:
+        assert shape in ("circle", "square") and colour in TABLE_RGB and 10 <= float(size) < 40
+    # every picture on disk is listed exactly once, in train.csv or test.csv
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "images").rglob("*.*")}
+    assert on_disk == set(test_paths) | {r[0] for r in train_rows}
+
+
+def test_table_images_and_colour_cue(table_built):
+    """The middle of each picture is inside the shape, so its mean colour is nearest the labelled one."""
+    out, _ = table_built
+    _, train_rows = _read_csv(out / "train.csv")
+    _, ans_rows = _read_csv(out / "answers.csv")
+    labelled = [(r[0], r[3]) for r in train_rows] + [(r[0], r[2]) for r in ans_rows]
+    for path, colour in labelled:
+        with Image.open(out / path) as im:
+            assert im.size == (TABLE_SIZE[1], TABLE_SIZE[0]) and im.mode == "RGB"
+            assert im.format == ("PNG" if path.endswith(".png") else "JPEG")
+        centre = _region(_load(out / path), (0.45, 0.55), (0.45, 0.55)).reshape(-1, 3).mean(0)
+        nearest = min(TABLE_RGB, key=lambda c: float(np.sum((centre - np.array(TABLE_RGB[c])) ** 2)))
+        assert nearest == colour, (path, centre)
+
+
+def test_table_deterministic(tmp_path):
+    from multitask.data.synthetic import make_table_dataset
+    kw = dict(n_train_groups=6, n_test_groups=2, per_group=3, image_size=TABLE_SIZE)
+    a = _sha1_tree(make_table_dataset(tmp_path / "a", seed=9, **kw)["root"])
+    b = _sha1_tree(make_table_dataset(tmp_path / "b", seed=9, **kw)["root"])
+    c = _sha1_tree(make_table_dataset(tmp_path / "c", seed=10, **kw)["root"])
+    assert a == b
+    assert a != c
+    assert a["train.csv"] != c["train.csv"]
+
+
+def test_table_bad_arguments(tmp_path):
+    from multitask.data.synthetic import make_table_dataset
+    for kw in (dict(n_train_groups=-1), dict(n_test_groups=-1), dict(per_group=0), dict(image_size=(16, 16)),
+               dict(image_size=(48, 20))):
+        with pytest.raises(ValueError):
+            make_table_dataset(tmp_path, **kw)

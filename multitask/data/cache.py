@@ -23,7 +23,19 @@ DECODE_CHUNK = 64  # images per task: large enough to amortise scheduling, small
 
 
 class ImageDecodeError(ValueError):
-    pass
+    """Images that cannot be decoded; `bad` holds (index into the paths, reason) for every one."""
+
+    def __init__(self, message: str, bad: list[tuple[int, str]] = ()):
+        super().__init__(message)
+        self.bad = list(bad)
+
+
+def undecodable_error(paths: Sequence[str], bad: list[tuple[int, str]], where: Sequence[str] | None = None,
+                      most: int = 50) -> ImageDecodeError:
+    """One error listing every image that failed, by file (and by table line where known)."""
+    lines = [f"{where[i]}: {paths[i]}: {why}" if where is not None else f"{paths[i]}: {why}" for i, why in bad]
+    more = f"\n  ... and {len(lines) - most} more" if len(lines) > most else ""
+    return ImageDecodeError(f"{len(bad)} image(s) cannot be decoded:\n  " + "\n  ".join(lines[:most]) + more, bad)
 
 
 def default_cache_dir() -> Path:
@@ -38,44 +50,70 @@ def cache_key(paths: Sequence[str], size: tuple[int, int]) -> str:
     return h.hexdigest()[:20]
 
 
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what Pillow raises for bad files
+
+
+def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    with Image.open(path) as im:
+        # JPEG can decode straight at 1/2, 1/4, 1/8 scale: far fewer pixels to decode and resize
+        im.draft("RGB", (w, h))
+        im = im.convert("RGB")
+        if im.width == 0 or im.height == 0:
+            raise ValueError("the image is empty")
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
+        return np.asarray(im, dtype=np.uint8)
+
+
 def decode_resized(path: str, size: tuple[int, int]) -> np.ndarray:
     """RGB uint8 (H, W, 3) at `size` = (height, width)."""
-    h, w = size
     try:
-        with Image.open(path) as im:
-            # JPEG can decode straight at 1/2, 1/4, 1/8 scale: far fewer pixels to decode and resize
-            im.draft("RGB", (w, h))
-            im = im.convert("RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return _decode(path, size)
+    except DECODE_ERRORS as e:
         raise ImageDecodeError(f"{path}: cannot decode image ({e})") from None
 
 
-def decode_chunk(arr: np.ndarray, paths: Sequence[str], start: int, size: tuple[int, int]) -> int:
-    stop = min(start + DECODE_CHUNK, len(paths))
-    for i in range(start, stop):
-        arr[i] = decode_resized(paths[i], size)
-    return stop - start
+def decode_chunk(arr: np.ndarray, paths: Sequence[str], start: int, size: tuple[int, int]) -> list[tuple[int, str]]:
+    """Decode one chunk into `arr`; return the images that failed, with why, instead of stopping."""
+    bad = []
+    for i in range(start, min(start + DECODE_CHUNK, len(paths))):
+        try:
+            arr[i] = _decode(paths[i], size)
+        except DECODE_ERRORS as e:
+            bad.append((i, f"cannot decode image ({e})"))
+    return bad
+
+
+def decode_into(arr: np.ndarray, paths: Sequence[str], size: tuple[int, int], workers: int = 0,
+                on_progress: Callable[[int], None] | None = None) -> list[tuple[int, str]]:
+    """Decode every path into `arr` (N, H, W, 3); return (index, reason) for each that failed."""
+    bad = []
+    # Pillow releases the GIL while decoding and resizing, so threads scale over cores and
+    # write straight into the shared array, with no pickling of pixels between processes.
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as ex:
+        for start, chunk_bad in zip(range(0, len(paths), DECODE_CHUNK),
+                                    ex.map(partial(decode_chunk, arr, paths, size=size),
+                                           range(0, len(paths), DECODE_CHUNK))):
+            bad += chunk_bad
+            if on_progress:
+                on_progress(min(DECODE_CHUNK, len(paths) - start))
+    return bad
 
 
 def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, workers: int = 0,
                      on_progress: Callable[[int], None] | None = None) -> None:
-    """Decode `paths` in parallel into the .npy file `out`, written atomically."""
+    """Decode `paths` in parallel into the .npy file `out`, written atomically; every image that
+    cannot be decoded is listed in one ImageDecodeError, and no cache file is left."""
     h, w = size
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".npy.tmp", dir=out.parent)
     os.close(fd)
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))
-        starts = range(0, len(paths), DECODE_CHUNK)
-        # Pillow releases the GIL while decoding and resizing, so threads scale over cores and
-        # write straight into the shared memmap, with no pickling of pixels between processes.
-        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as ex:
-            for n in ex.map(partial(decode_chunk, arr, paths, size=size), starts):
-                if on_progress:
-                    on_progress(n)
+        bad = decode_into(arr, paths, size, workers, on_progress)
+        if bad:
+            raise undecodable_error(paths, bad)
         arr.flush()
         del arr  # close the map before the rename
         os.replace(tmp, out)

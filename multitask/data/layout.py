@@ -3,19 +3,18 @@
 DATA/train/train.csv (id,gender,race,age,path) + DATA/train/images/<path>/{mask1..5,incorrect_mask,normal}.*
 DATA/eval/info.csv (ImageID,ans) + DATA/eval/images/<ImageID>
 
-The train table has a row per image with `person`, `path` and one integer column per task factor;
-the test table has `image_id` and `path`. This module is one of the few that know the words mask,
-gender and age.
+It returns the same image table as a table task (`table.py`): a row per image with its person as the
+group, the path, one integer column per factor and the age in years behind the age factor; the test
+table has `image_id` and `path`. This module is one of the few that know the words mask, gender and age.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from multitask.labels import Task, age_group
+from multitask.data.table import DataError, ImageTable, value_column
+from multitask.labels import mask_task
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 MASK_STEMS = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -23,15 +22,8 @@ GENDERS = {"male": 0, "female": 1}
 TRAIN_COLUMNS = ["id", "gender", "race", "age", "path"]
 
 
-class LayoutError(ValueError):
+class LayoutError(DataError):
     pass
-
-
-@dataclass
-class Layout:
-    root: Path
-    train: pd.DataFrame
-    test: pd.DataFrame | None  # None when DATA/eval is absent
 
 
 def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -93,9 +85,9 @@ def read_train(root: Path, age_bins: list[int]) -> pd.DataFrame:
         if not pics:
             raise LayoutError(f"{folder}: no pictures (expected {sorted(MASK_STEMS)})")
         for stem, p in pics.items():
-            rows.append((rec.path, str(p), stem, MASK_STEMS[stem], gender, age))
-    df = pd.DataFrame(rows, columns=["person", "path", "stem", "mask", "gender", "age_years"])
-    df["age"] = age_group(df["age_years"].to_numpy(), age_bins)
+            rows.append((rec.path, str(p), f"{where} ({p.name})", stem, MASK_STEMS[stem], gender, age))
+    df = pd.DataFrame(rows, columns=["group", "path", "where", "stem", "mask", "gender", value_column("age")])
+    df["age"] = mask_task(age_bins).factors[2].bin(df[value_column("age")].to_numpy())
     return df
 
 
@@ -115,13 +107,9 @@ def read_test(root: Path) -> pd.DataFrame | None:
     return pd.DataFrame({"image_id": info["ImageID"].to_numpy(), "path": [str(p) for p in paths]})
 
 
-def read_layout(root: str | Path, age_bins: list[int]) -> Layout:
+def read_layout(root: str | Path, age_bins: list[int]) -> ImageTable:
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root}: data root not found")
-    return Layout(root, read_train(root, age_bins), read_test(root))
-
-
-def factor_values(df: pd.DataFrame, task: Task) -> np.ndarray:
-    """The table's factor columns as an (N, F) int64 array in task order."""
-    return df[task.factor_names].to_numpy(dtype=np.int64)
+    test = read_test(root)
+    return ImageTable(read_train(root, age_bins), test, root / "eval" / "info.csv" if test is not None else None)

@@ -8,6 +8,10 @@ Class = mask*6 + gender*3 + age_group, as in `multitask.labels.mask_task()`.
 Everything is drawn from seeded numpy Generators, so a seed gives byte-identical files; it lets the
 whole pipeline (layout reader, cache, training, voting, submission) run end to end without the real
 photos.
+
+`make_table_dataset` writes a second, simpler set for the table-task mode (a CSV of picture paths
+with a group column and several label columns): one filled circle or square per picture, whose shape
+and size belong to the group and whose colour belongs to the picture.
 """
 from __future__ import annotations
 
@@ -35,6 +39,10 @@ OLD_HAIR = ((236, 236, 232), (215, 215, 212), (245, 242, 235))
 MASK_COLOURS = ((150, 200, 235), (245, 245, 245), (30, 30, 35), (235, 150, 180), (35, 50, 110),
                 (120, 190, 120), (140, 140, 150), (200, 60, 50))
 SHIRT_COLOURS = ((60, 90, 160), (160, 40, 50), (40, 120, 80), (200, 180, 60), (90, 90, 90), (220, 220, 220))
+
+TABLE_SHAPES = ("circle", "square")
+TABLE_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
+TABLE_SIZE_BINS = ((10, 20), (20, 30), (30, 40))  # [lo, hi) of `size`; drawn in tenths, so never rounds across
 
 
 def make_demo_dataset(out, n_train_persons: int = 60, n_eval_persons: int = 20,
@@ -80,6 +88,116 @@ def make_demo_dataset(out, n_train_persons: int = 60, n_eval_persons: int = 20,
     _write_csv(answers, ["ImageID", "ans"], eval_rows)
     return {"root": root, "answers": answers,
             "n_train_images": len(train_rows) * len(TRAIN_STEMS), "n_eval_images": len(eval_rows)}
+
+
+def make_table_dataset(out, n_train_groups: int = 12, n_test_groups: int = 4, per_group: int = 3,
+                       image_size: tuple[int, int] = (48, 48), seed: int = 0) -> dict:
+    """Write the table-task set under `out` (str or Path); return {"root", "table", "test", "answers": Path,
+    "n_train_images", "n_test_images": int}.
+
+    Layout: images/<group>/<k>.<jpg|png>, train.csv (path,group,shape,colour,size), test.csv (path)
+    and answers.csv (path,shape,colour,size, in test.csv's order); paths are relative to `out` with
+    forward slashes. shape and size are per group, colour per picture, so a reader must keep group
+    labels and picture labels apart. Test groups are numbered after the train ones so no group name
+    is shared. `image_size` is (height, width).
+    """
+    if n_train_groups < 0 or n_test_groups < 0:
+        raise ValueError("group counts must be >= 0")
+    if per_group < 1:
+        raise ValueError(f"per_group must be >= 1, got {per_group}")
+    height, width = (int(v) for v in image_size)
+    if height < 24 or width < 24:
+        raise ValueError(f"image_size (height, width) must be at least (24, 24), got {image_size}")
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+
+    train_rows = []
+    for i, g in enumerate(_table_groups(n_train_groups, per_group, seed, split=0)):
+        train_rows += _write_table_group(root, f"g{i + 1:04d}", g, (height, width))
+    test_rows = []
+    for j, g in enumerate(_table_groups(n_test_groups, per_group, seed, split=1)):
+        test_rows += _write_table_group(root, f"g{n_train_groups + j + 1:04d}", g, (height, width))
+    # grouped, the test order would tell a reader which pictures share a group (hence shape and size)
+    order = np.random.default_rng([seed, 2, 13]).permutation(len(test_rows))
+    test_rows = [test_rows[k] for k in order]
+
+    table, test, answers = root / "train.csv", root / "test.csv", root / "answers.csv"
+    _write_csv(table, ["path", "group", "shape", "colour", "size"], train_rows)
+    _write_csv(test, ["path"], [[r[0]] for r in test_rows])
+    _write_csv(answers, ["path", "shape", "colour", "size"], [[r[0], r[2], r[3], r[4]] for r in test_rows])
+    return {"root": root, "table": table, "test": test, "answers": answers,
+            "n_train_images": len(train_rows), "n_test_images": len(test_rows)}
+
+
+def _table_groups(n: int, per_group: int, seed: int, split: int) -> list[dict]:
+    """Per-group labels and per-picture colours.
+
+    (shape, size bin) is a shuffled balanced cycle, as in `_people`, so any n >= 6 covers both shapes
+    and all three size bins. Colours follow the split's picture index j in blocks of four, each block
+    a permutation of the four colours with its own generator: any 8 consecutive pictures of a split
+    (so any group of >= 8 and the train set of >= 8 pictures) show every colour, colour stays independent of
+    shape and size, and earlier blocks don't shift when counts change.
+    """
+    rng = np.random.default_rng([seed, split, 11])
+    n_combos = len(TABLE_SHAPES) * len(TABLE_SIZE_BINS)
+    combos = rng.permutation(np.tile(np.arange(n_combos), -(-n // n_combos))[:n]) if n else np.zeros(0, int)
+    names = list(TABLE_COLOURS)
+    blocks: dict[int, np.ndarray] = {}
+    groups = []
+    for i, combo in enumerate(combos):
+        # one generator per group: a group's pictures don't shift when n changes elsewhere
+        grng = np.random.default_rng([seed, split, i, 13])
+        shape, size_bin = TABLE_SHAPES[int(combo) // 3], int(combo) % 3
+        lo, hi = TABLE_SIZE_BINS[size_bin]
+        size = int(grng.integers(lo * 10, hi * 10)) / 10  # the written value is the drawn one, exactly
+        colours, exts = [], []
+        for k in range(per_group):
+            j = i * per_group + k
+            if j // 4 not in blocks:
+                blocks[j // 4] = np.random.default_rng([seed, split, j // 4, 5]).permutation(4)
+            colours.append(names[int(blocks[j // 4][j % 4])])
+            exts.append(".png" if j % 4 == 3 else ".jpg")  # by index: both formats in any 4 pictures
+        groups.append({"rng": grng, "shape": shape, "size": size, "colours": colours, "exts": exts})
+    return groups
+
+
+def _write_table_group(root: Path, name: str, g: dict, size: tuple[int, int]) -> list[list]:
+    group_dir = root / "images" / name
+    group_dir.mkdir(exist_ok=True)
+    rows = []
+    for k, (colour, ext) in enumerate(zip(g["colours"], g["exts"])):
+        _save(_draw_table_picture(g["shape"], colour, g["size"], size, g["rng"]), group_dir / f"{k}{ext}")
+        rows.append([f"images/{name}/{k}{ext}", name, g["shape"], colour, f"{g['size']:.1f}"])
+    return rows
+
+
+def _draw_table_picture(shape: str, colour: str, label_size: float, size: tuple[int, int],
+                        rng: np.random.Generator) -> Image.Image:
+    """A grey, mildly noisy background with one filled shape.
+
+    Grey, not `_background`'s random tint, so the colour label is the only saturated colour in the
+    picture. radius = size/40 * 0.45 * min(h, w): from 11% to 45% of the short side, still a few
+    pixels apart per size bin after a 32x32 resize. The centre jitter is capped at 6% of the short
+    side and by the room left to the edges, so the shape stays inside the frame and covers the
+    middle of the picture.
+    """
+    h, w = size
+    grey = rng.uniform(90, 200)
+    arr = grey + rng.uniform(-12, 12, 3) + rng.normal(0, 6, (h, w, 3))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    r = label_size / 40 * 0.45 * min(h, w)
+    jx = max(0.0, min(0.06 * min(h, w), w / 2 - r - 1))
+    jy = max(0.0, min(0.06 * min(h, w), h / 2 - r - 1))
+    cx, cy = w / 2 + rng.uniform(-jx, jx), h / 2 + rng.uniform(-jy, jy)
+    fill = tuple(int(v) for v in np.clip(np.array(TABLE_COLOURS[colour]) + rng.uniform(-10, 10, 3), 0, 255))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    d = ImageDraw.Draw(img)
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    else:
+        d.rectangle(box, fill=fill)
+    arr = np.asarray(img, float) + rng.normal(0, 3, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
 def _call(job):

@@ -1,0 +1,147 @@
+"""What every stage of a run needs, loaded once: the config, the task and its heads, the image
+table, the folds and the decoded caches. A run directory holds everything to rebuild it.
+
+`read_data` is the one place that knows a task's kind: the competition preset reads its layout,
+a table task its table; both give the same image table, and nothing after this module asks which.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from multitask.config import Config, ConfigError, TableTaskCfg, dump_config, load_config
+from multitask.data.cache import ImageDecodeError, cached_images, undecodable_error
+from multitask.data.folds import assign_folds, make_folds, read_folds
+from multitask.data.layout import read_layout
+from multitask.data.table import ImageTable, read_table
+from multitask.labels import Factor, Head, Task, mask_task
+from multitask.run import RunDir, atomic_write_text
+
+# Settings that may differ between invocations on one run directory without changing what it holds.
+PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("pseudo", "threshold"), ("pseudo", "rounds"),
+                  ("data", "cache_dir"), ("data", "decode_workers"), ("data", "num_workers"),
+                  ("train", "eval_batch_size")}
+
+
+@dataclass
+class Context:
+    run: RunDir
+    cfg: Config
+    task: Task
+    heads: list[Head]
+    table: ImageTable
+    train_images: np.ndarray | None  # None when opened without images (submit)
+    test_images: np.ndarray | None
+    folds: np.ndarray  # fold of each train row
+
+
+def task_of(cfg: Config) -> Task:
+    if isinstance(cfg.task, TableTaskCfg):
+        return Task("table", tuple(Factor.binned(f.name, f.bins) if f.bins is not None else Factor(f.name, tuple(f.classes))
+                                   for f in cfg.task.factors))
+    return mask_task(cfg.data.age_bins)
+
+
+def build_task(cfg: Config) -> tuple[Task, list[Head]]:
+    task = task_of(cfg)
+    heads = task.heads(cfg.heads)
+    unknown = sorted(set(cfg.losses) - {h.name for h in heads})
+    if unknown:
+        raise ConfigError(f"losses given for {unknown}, which are not among the heads "
+                          f"{','.join(h.name for h in heads)!r}")
+    return task, heads
+
+
+def read_data(cfg: Config, task: Task) -> ImageTable:
+    if isinstance(cfg.task, TableTaskCfg):
+        return read_table(cfg.task, task)
+    if not cfg.data_root:
+        raise ConfigError("no data root: pass --data DATA (or set data_root in the config)")
+    return read_layout(cfg.data_root, cfg.data.age_bins)
+
+
+def differing_keys(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = prefix + (k,)
+        if key in PER_INVOCATION:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing_keys(va, vb, key)
+        elif va != vb:
+            out.append(".".join(key))
+    return out
+
+
+def claim_run_dir(run: RunDir, cfg: Config) -> None:
+    """Write config.yaml, or check that an existing run was made with the same settings."""
+    if run.config.exists():
+        old = load_config(run.config)
+        diff = differing_keys(old.model_dump(mode="json"), cfg.model_dump(mode="json"))
+        if diff:
+            raise ConfigError(f"{run.root} already holds a run with other settings ({', '.join(diff)}); "
+                              f"use another --out, or the same settings to retrain folds")
+    atomic_write_text(run.config, dump_config(cfg))
+
+
+def load_images(cfg: Config, table: ImageTable, progress=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The decoded train and test caches (built on first use). An image that cannot be decoded is
+    reported with the table line it came from, all of them at once."""
+    size = tuple(cfg.data.img_size)
+
+    def images(frame, what: str) -> np.ndarray:
+        paths = frame["path"].tolist()
+        tid = progress.add_task(f"decoding {what} images", total=len(paths)) if progress else None
+        try:
+            arr = cached_images(paths, size, cfg.data.cache_dir, cfg.data.decode_workers,
+                                on_progress=(lambda n: progress.update(tid, advance=n)) if progress else None)
+        except ImageDecodeError as e:
+            if not e.bad:
+                raise
+            where = frame["where"].tolist() if "where" in frame else None
+            raise undecodable_error(paths, e.bad, where) from None
+        finally:
+            if progress:
+                progress.remove_task(tid)
+        return arr
+
+    return images(table.train, "train"), images(table.test, "test") if table.test is not None else None
+
+
+def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | None = None,
+                 images: tuple | None = None, with_images: bool = True) -> Context:
+    """Read the data, make or reuse folds, and build (or find) the decoded caches."""
+    task, heads = build_task(cfg)
+    table = table or read_data(cfg, task)
+    if run.folds.exists():
+        folds_table = read_folds(run.folds)
+    else:
+        folds_table = make_folds(table.train, task, cfg.train.folds, cfg.train.seed)
+        atomic_write_text(run.folds, folds_table.to_csv(index=False))
+    folds = assign_folds(table.train, folds_table)
+    if images is None:
+        images = load_images(cfg, table, progress) if with_images else (None, None)
+    return Context(run, cfg, task, heads, table, images[0], images[1], folds)
+
+
+def reopen_context(run_dir: str | Path, overrides: list[str] = (), progress=None,
+                   with_images: bool = True) -> Context:
+    """The context of an existing run, from its run directory alone. Overrides may change only the
+    per-invocation settings: anything else would make the run differ from its config.yaml."""
+    run = RunDir(run_dir)
+    cfg = load_run_config(run, overrides)
+    return open_context(run, cfg, progress, with_images=with_images)
+
+
+def load_run_config(run: RunDir, overrides: list[str] = ()) -> Config:
+    if not run.config.exists():
+        raise FileNotFoundError(f"{run.config}: not found; is {run.root} a run directory made by `mt train`?")
+    cfg = load_config(run.config, overrides)
+    changed = differing_keys(load_config(run.config).model_dump(mode="json"), cfg.model_dump(mode="json"))
+    if changed:
+        raise ConfigError(f"{run.config}: {', '.join(changed)} cannot change in an existing run (only "
+                          f"{', '.join(sorted('.'.join(k) for k in PER_INVOCATION))} can); start another run with `mt train`")
+    return cfg

@@ -1,0 +1,172 @@
+"""The image table every stage reads, and the reader of table tasks (a CSV or parquet file with one
+row per training image, its factors described in the config).
+
+Train rows carry `group` (rows of a group never split across folds), `path`, `where` (the file and
+line they came from, for error messages), one integer column per factor (its class index) and, for a
+binned numeric factor, `<factor>_value` with the number itself. Test rows carry `image_id` and `path`.
+The competition reader (`layout.py`) returns the same table, so one path leads from either to folds,
+cache, heads, voting, pseudo-labels and predictions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from multitask.config import TableTaskCfg
+from multitask.labels import Task
+
+MAX_LISTED = 50  # problems listed in one error; the rest are counted
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class ImageTable:
+    train: pd.DataFrame
+    test: pd.DataFrame | None  # None when the task has no test images
+    info_csv: Path | None = None  # the competition's info.csv: its submission follows that file
+
+
+def value_column(factor: str) -> str:
+    return f"{factor}_value"
+
+
+def factor_values(df: pd.DataFrame, task: Task) -> np.ndarray:
+    """The table's factor columns as an (N, F) int64 array in task order."""
+    return df[task.factor_names].to_numpy(dtype=np.int64)
+
+
+def numeric_values(df: pd.DataFrame, task: Task) -> dict[str, np.ndarray]:
+    """The numbers behind each binned factor, float64 (N,)."""
+    return {f.name: df[value_column(f.name)].to_numpy(dtype=np.float64) for f in task.numeric_factors}
+
+
+def problems_error(source: Path | str, problems: list[str]) -> DataError:
+    listed = problems[:MAX_LISTED]
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return DataError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + more)
+
+
+def read_frame(path: Path) -> tuple[pd.DataFrame, str]:
+    """Every cell as a string ('' where missing), and how its rows are named in messages ('line' for
+    a CSV, counting the header; 'row' for parquet)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+            return df.astype(object).where(df.notna(), "").astype(str), "row"
+        return pd.read_csv(path, dtype=str, keep_default_na=False), "line"
+    except ImportError as e:
+        raise DataError(f"{path}: reading parquet needs pyarrow ({e}); `pip install pyarrow`, or use CSV") from None
+    except Exception as e:  # pandas raises many kinds for a broken file
+        raise DataError(f"{path}: cannot be read as a table ({e})") from None
+
+
+def row_names(kind: str, n: int) -> list[str]:
+    return [f"line {i + 2}" for i in range(n)] if kind == "line" else [f"row {i + 1}" for i in range(n)]
+
+
+def image_path(root: Path, rel: str) -> tuple[Path | None, str | None]:
+    """The image's path under `root`, or why it is refused: missing, absolute, escaping the root (by
+    '..' or a link), or not a file."""
+    if not rel.strip():
+        return None, "empty path"
+    if Path(rel).is_absolute():
+        return None, f"path {rel!r} is absolute; paths are relative to {root}"
+    p = root / rel
+    try:
+        p.resolve().relative_to(root.resolve())
+    except ValueError:
+        return None, f"path {rel!r} leads out of {root}"
+    if not p.is_file():
+        return None, f"image {p} not found"
+    return p, None
+
+
+def check_paths(df: pd.DataFrame, col: str, root: Path, where: list[str], problems: list[str]) -> list[str | None]:
+    paths = []
+    seen: dict[str, str] = {}
+    for rel, w in zip(df[col], where):
+        p, why = image_path(root, rel)
+        if why:
+            problems.append(f"{w}: {why}")
+        elif rel in seen:
+            problems.append(f"{w}: duplicate path {rel!r} (first at {seen[rel]})")
+            p = None
+        else:
+            seen[rel] = w
+        paths.append(str(p) if p else None)
+    return paths
+
+
+def read_table(cfg: TableTaskCfg, task: Task) -> ImageTable:
+    """Read and check a table task; every problem is listed at once, by file and line."""
+    table = Path(cfg.table)
+    images = Path(cfg.images) if cfg.images else table.parent
+    df, kind = read_frame(table)
+    columns = [cfg.path_col] + ([cfg.group_col] if cfg.group_col else []) + [f.column or f.name for f in cfg.factors]
+    missing = [c for c in dict.fromkeys(columns) if c not in df.columns]
+    if missing:
+        raise DataError(f"{table}: missing column(s) {missing}; found {list(df.columns)}")
+    if df.empty:
+        raise DataError(f"{table}: the table has no rows")
+    where = row_names(kind, len(df))
+    problems: list[str] = []
+    paths = check_paths(df, cfg.path_col, images, where, problems)
+    out = pd.DataFrame({"path": paths, "where": [f"{table} {w}" for w in where]})
+    out["group"] = df[cfg.group_col].str.strip().to_numpy() if cfg.group_col else df[cfg.path_col].to_numpy()
+    if cfg.group_col:
+        problems += [f"{w}: empty group ({cfg.group_col!r})" for w, g in zip(where, out["group"]) if not g]
+    for fc, factor in zip(cfg.factors, task.factors):
+        col = df[fc.column or fc.name].str.strip()
+        if factor.numeric:
+            values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
+            bad = ~np.isfinite(values)
+            problems += [f"{w}: {fc.name} {v!r} is not a number" for w, v, b in zip(where, col, bad) if b]
+            out[value_column(fc.name)] = values
+            out[fc.name] = np.where(bad, -1, factor.bin(np.nan_to_num(values)))
+        else:
+            index = {c: i for i, c in enumerate(factor.classes)}
+            codes = col.map(index)
+            problems += [f"{w}: {fc.name} {v!r} is not one of {list(factor.classes)}"
+                         for w, v, c in zip(where, col, codes) if pd.isna(c)]
+            out[fc.name] = codes.fillna(-1).to_numpy(dtype=np.int64)
+    for fc in cfg.factors:
+        if fc.per_group:
+            problems += group_disagreements(out, fc.name)
+    if problems:
+        raise problems_error(table, problems)
+    return ImageTable(out, read_test_table(cfg, images))
+
+
+def group_disagreements(df: pd.DataFrame, factor: str) -> list[str]:
+    valid = df[df[factor] >= 0]
+    counts = valid.groupby("group")[factor].nunique()
+    out = []
+    for g in counts[counts > 1].index:
+        rows = valid[valid["group"] == g]
+        lines = ", ".join(rows["where"].str.rsplit(" ", n=2).str[-2:].str.join(" ").head(4))
+        out.append(f"group {g!r}: rows disagree on {factor} ({lines}), which is set per group")
+    return out
+
+
+def read_test_table(cfg: TableTaskCfg, images: Path) -> pd.DataFrame | None:
+    if not cfg.test:
+        return None
+    path = Path(cfg.test)
+    df, kind = read_frame(path)
+    if cfg.path_col not in df.columns:
+        raise DataError(f"{path}: missing column {cfg.path_col!r}; found {list(df.columns)}")
+    if df.empty:
+        raise DataError(f"{path}: the table has no rows")
+    problems: list[str] = []
+    paths = check_paths(df, cfg.path_col, images, row_names(kind, len(df)), problems)
+    if problems:
+        raise problems_error(path, problems)
+    return pd.DataFrame({"image_id": df[cfg.path_col].to_numpy(), "path": paths})

@@ -1,0 +1,38 @@
+"""Device helpers shared by training and prediction: which device, its fast kernels, autocast and
+memory format. bf16 autocast and channels_last on CUDA; plain fp32 on the CPU."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from multitask.config import Config
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def tune_for(device: torch.device) -> None:
+    """Fast kernels on CUDA: inputs keep one size, so cuDNN's one-off search for the fastest
+    convolution algorithms pays back at once; TF32 for the fp32 work outside autocast. (Both give up
+    bitwise reproducibility, which only the CPU promises.)"""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 on CUDA; the CPU stays fp32 (bf16 autocast is slower than fp32 on most CPUs)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare_input(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
+    if cfg.train.channels_last and device.type == "cuda":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x

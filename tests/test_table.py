@@ -1,0 +1,301 @@
+"""Table tasks: any product label from a CSV (or parquet) table, read, checked, trained, pseudo-labelled,
+submitted and predicted, with shapes other than the mask competition's three factors."""
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from multitask.cli import app
+from multitask.config import ConfigError, load_config
+from multitask.context import build_task, task_of
+from multitask.data.cache import ImageDecodeError
+from multitask.data.synthetic import make_table_dataset
+from multitask.data.table import DataError, read_table
+from multitask.kfold import train_run
+from multitask.predict import predict_images
+from multitask.pseudo import pseudo_label
+from multitask.run import RunDir, load_npz
+from multitask.submit import make_submission
+
+SHAPE = {"name": "shape", "classes": ["circle", "square"], "per_group": True}
+COLOUR = {"name": "colour", "classes": ["red", "green", "blue", "yellow"]}
+SIZE = {"name": "size", "bins": [20, 30]}
+
+
+def table_task(root, *factors, test=True, **extra) -> dict:
+    task = {"table": str(root / "train.csv"), "group_col": "group", "factors": list(factors), **extra}
+    if test:
+        task["test"] = "test.csv"
+    return task
+
+
+def table_config(root, *factors, overrides=(), **extra):
+    return tiny_config(None, f"task={yaml.safe_dump(table_task(root, *factors, **extra), default_flow_style=True)}",
+                       *overrides)
+
+
+@pytest.fixture(scope="module")
+def table_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("table")
+    make_table_dataset(root, n_train_groups=12, n_test_groups=3, per_group=3, image_size=(32, 32), seed=0)
+    return root
+
+
+def test_read_table_gives_the_common_image_table(table_root):
+    cfg = table_config(table_root, SIZE, SHAPE, COLOUR)
+    task = task_of(cfg)
+    assert task.factor_names == ["size", "shape", "colour"] and task.sizes == (3, 2, 4)
+    assert task.factors[0].classes == ("<20", "20-29", ">=30")
+    table = read_table(cfg.task, task)
+    raw = pd.read_csv(table_root / "train.csv")
+    assert len(table.train) == 36 and table.train["group"].tolist() == raw["group"].tolist()
+    assert table.train["colour"].tolist() == [COLOUR["classes"].index(c) for c in raw["colour"]]
+    np.testing.assert_allclose(table.train["size_value"], raw["size"])  # the numbers are kept beside the bins
+    assert table.train["size"].tolist() == np.searchsorted([20, 30], raw["size"], side="right").tolist()
+    assert table.train["where"].iloc[0].endswith("train.csv line 2")
+    assert len(table.test) == 9 and table.test["image_id"].tolist() == pd.read_csv(table_root / "test.csv")["path"].tolist()
+    assert table.info_csv is None
+
+
+def test_without_a_group_column_every_row_is_its_own_group(table_root):
+    cfg = tiny_config(None, f"task={yaml.safe_dump(table_task(table_root, COLOUR, group_col=None), default_flow_style=True)}")
+    table = read_table(cfg.task, task_of(cfg))
+    assert table.train["group"].is_unique
+
+
+def test_relative_paths_follow_the_config_file_and_the_table(table_root, tmp_path):
+    conf = tmp_path / "task.yaml"
+    conf.write_text(yaml.safe_dump({"task": {"table": str(table_root / "train.csv"), "factors": [COLOUR],
+                                             "test": "test.csv"}}))
+    cfg = load_config(conf)
+    assert cfg.task.images == str(table_root) and cfg.task.test == str(table_root / "test.csv")
+    # a table named relative to the config file's folder
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.csv").write_text("path,colour\n")
+    conf.write_text(yaml.safe_dump({"task": {"table": "sub/t.csv", "factors": [COLOUR]}}))
+    assert load_config(conf).task.table == str(tmp_path / "sub" / "t.csv")
+    # --data names the table and wins over the file's
+    assert load_config(conf, data=table_root / "train.csv").task.table == str(table_root / "train.csv")
+
+
+def write_bad_table(root):
+    rows = pd.read_csv(root / "train.csv", dtype=str)
+    rows.loc[0, "colour"] = "purple"                    # line 2: not a class
+    rows.loc[1, "size"] = "big"                         # line 3: not a number
+    rows.loc[2, "size"] = ""                            # line 4: missing number
+    rows.loc[3, "path"] = "images/nobody/0.jpg"         # line 5: no such image
+    rows.loc[4, "path"] = rows.loc[5, "path"]           # line 6 or 7: duplicate path
+    rows.loc[6, "path"] = "../outside.jpg"              # line 8: leads out of the root
+    rows.loc[9, "shape"] = "circle" if rows.loc[10, "shape"] == "square" else "square"  # a group that disagrees
+    path = root / "bad.csv"
+    rows.to_csv(path, index=False)
+    return path
+
+
+def test_a_bad_table_lists_every_problem_at_once(table_root):
+    bad = write_bad_table(table_root)
+    cfg = table_config(table_root, SIZE, SHAPE, COLOUR)
+    cfg.task.table = str(bad)
+    with pytest.raises(DataError) as e:
+        read_table(cfg.task, task_of(cfg))
+    msg = str(e.value)
+    assert "bad.csv: 7 problem(s)" in msg, msg
+    for expected in ("line 2: colour 'purple' is not one of", "line 3: size 'big' is not a number",
+                     "line 4: size '' is not a number", "line 5: image", "nobody/0.jpg not found",
+                     "duplicate path", "line 8: path '../outside.jpg' leads out of",
+                     "rows disagree on shape", "which is set per group"):
+        assert expected in msg, expected
+
+
+@pytest.mark.parametrize("content, message", [
+    ("path,group,shape\n", "missing column(s) ['colour']"),
+    ("path,group,colour\n", "the table has no rows"),
+    ("path,group,colour\n/etc/passwd,a,red\n", "is absolute"),
+])
+def test_table_level_errors(table_root, tmp_path, content, message):
+    (tmp_path / "t.csv").write_text(content)
+    cfg = table_config(table_root, COLOUR)
+    cfg.task.table, cfg.task.images = str(tmp_path / "t.csv"), str(table_root)
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        read_table(cfg.task, task_of(cfg))
+
+
+@pytest.mark.parametrize("factor, message", [
+    ({"name": "x"}, "exactly one of classes"),
+    ({"name": "x", "classes": ["a"]}, "at least two"),
+    ({"name": "x", "bins": [3, 1]}, "increasing"),
+    ({"name": "class", "classes": ["a", "b"]}, "not allowed"),
+])
+def test_bad_factor_specs_are_config_errors(table_root, factor, message):
+    with pytest.raises(ConfigError, match=message):
+        table_config(table_root, factor)
+
+
+def test_undecodable_images_are_refused_by_table_line_before_the_run_is_written(table_root, tmp_path):
+    data = tmp_path / "data"
+    make_table_dataset(data, n_train_groups=6, n_test_groups=0, per_group=2, image_size=(32, 32))
+    rows = pd.read_csv(data / "train.csv")
+    (data / rows.loc[1, "path"]).write_bytes(b"")                      # zero bytes
+    (data / rows.loc[4, "path"]).write_text("this png is really text")  # not an image
+    cfg = table_config(data, COLOUR, test=False)
+    with pytest.raises(ImageDecodeError) as e:
+        train_run(cfg, tmp_path / "run")
+    msg = str(e.value)
+    assert "2 image(s) cannot be decoded" in msg and "train.csv line 3" in msg and "train.csv line 6" in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_parquet_tables_read_like_csv(table_root, tmp_path):
+    pytest.importorskip("pyarrow")
+    df = pd.read_csv(table_root / "train.csv")
+    df.to_parquet(table_root / "train.parquet")
+    cfg = table_config(table_root, SIZE, SHAPE, COLOUR)
+    a = read_table(cfg.task, task_of(cfg)).train
+    cfg.task.table = str(table_root / "train.parquet")
+    b = read_table(cfg.task, task_of(cfg)).train
+    pd.testing.assert_frame_equal(a.drop(columns="where"), b.drop(columns="where"))
+    assert b["where"].iloc[0].endswith("train.parquet row 1")
+
+
+@pytest.fixture(scope="module")
+def table_run(table_root, tmp_path_factory):
+    """2 x 4 categorical, shape per group: a third task shape, trained for real."""
+    out = tmp_path_factory.mktemp("table_run") / "run"
+    cfg = table_config(table_root, SHAPE, COLOUR, overrides=[f"data.cache_dir={out.parent / 'cache'}",
+                                                            "train.epochs=3", "train.lr=3e-3"])
+    summary = train_run(cfg, out)
+    return out, summary
+
+
+def test_a_table_task_trains_pseudo_labels_and_submits(table_run, table_root):
+    out, summary = table_run
+    run = RunDir(out)
+    assert {"f1", "f1_shape", "f1_colour"} <= set(summary["oof"])
+    folds = pd.read_csv(run.folds)
+    assert set(folds["group"]) == set(pd.read_csv(table_root / "train.csv")["group"])  # folds by group
+    oof = load_npz(run.round_dir(0) / "oof.npz")
+    assert sorted(oof["rows"].tolist()) == list(range(36)) and oof["p_colour"].shape == (36, 4)
+
+    reports = pseudo_label(out, threshold=0.0, rounds=1)
+    assert reports[0]["added"] == 9
+    pseudo = pd.read_csv(run.round_dir(1) / "pseudo.csv")
+    assert set(pseudo["ImageID"]) == set(pd.read_csv(table_root / "test.csv")["path"])
+
+    sub = pd.read_csv(make_submission(out))
+    assert list(sub.columns) == ["path", "shape", "colour", "class", "prob"]
+    assert sub["path"].tolist() == pd.read_csv(table_root / "test.csv")["path"].tolist()
+    assert set(sub["colour"]) <= set(COLOUR["classes"]) and sub["class"].between(0, 7).all()
+    assert (sub["class"] == sub["shape"].map({"circle": 0, "square": 1}) * 4
+            + sub["colour"].map({c: i for i, c in enumerate(COLOUR["classes"])})).all()
+    assert sub["prob"].between(0, 1).all()
+
+
+def test_predict_on_a_folder_a_csv_and_one_file_matches_the_submission(table_run, table_root, tmp_path):
+    out, _ = table_run
+    sub = pd.read_csv(make_submission(out, tmp_path / "sub.csv")).set_index("path")
+    # a CSV with a path column: the same images as the task's test set give the same predictions
+    by_csv = tmp_path / "by_csv.csv"
+    predict_images(out, table_root / "test.csv", by_csv, batch_size=4)
+    got = pd.read_csv(by_csv).set_index("path").loc[sub.index]
+    assert (got["class"] == sub["class"]).all()
+    np.testing.assert_allclose(got["prob"], sub["prob"], rtol=1e-4)
+    # a folder: recursive, images only, hidden files skipped, paths relative to the folder
+    folder = tmp_path / "imgs"
+    (folder / "deep").mkdir(parents=True)
+    first = sub.index[0]
+    (folder / "deep" / "a.png").write_bytes((table_root / first).read_bytes())
+    (folder / "b.jpg").write_bytes((table_root / sub.index[1]).read_bytes())
+    (folder / "._b.jpg").write_bytes(b"junk")
+    (folder / "notes.txt").write_text("not an image")
+    predict_images(out, folder, tmp_path / "by_dir.csv", with_probs=True)
+    by_dir = pd.read_csv(tmp_path / "by_dir.csv")
+    assert by_dir["path"].tolist() == ["b.jpg", "deep/a.png"]
+    assert by_dir.loc[1, "class"] == sub.loc[first, "class"]
+    cols = [f"p_colour_{c}" for c in COLOUR["classes"]]
+    np.testing.assert_allclose(by_dir[cols].sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(by_dir[["p_shape_circle", "p_shape_square"]].sum(axis=1), 1, rtol=1e-5)
+    # one file
+    predict_images(out, table_root / first, tmp_path / "one.csv")
+    one = pd.read_csv(tmp_path / "one.csv")
+    assert len(one) == 1 and one.loc[0, "class"] == sub.loc[first, "class"]
+
+
+def test_predict_lists_bad_images_or_skips_them(table_run, table_root, tmp_path):
+    out, _ = table_run
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes((table_root / pd.read_csv(table_root / "test.csv")["path"][0]).read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("hello")
+    preds = tmp_path / "preds.csv"
+    preds.write_text("old predictions\n")
+    with pytest.raises(ImageDecodeError) as e:
+        predict_images(out, folder, preds)
+    assert "2 image(s) cannot be decoded" in str(e.value) and "empty.jpg" in str(e.value) and "text.png" in str(e.value)
+    assert preds.read_text() == "old predictions\n"  # nothing written is lost
+    result = predict_images(out, folder, preds, skip_bad=True)
+    assert result["predicted"] == 1 and result["skipped"] == 2
+    assert pd.read_csv(preds)["path"].tolist() == ["good.jpg"]
+    skipped = pd.read_csv(tmp_path / "preds.skipped.csv")
+    assert sorted(skipped["path"]) == ["empty.jpg", "text.png"] and skipped["reason"].str.contains("cannot decode").all()
+
+
+def test_a_numeric_factor_with_a_flat_head_and_joins(table_root, tmp_path):
+    """Three factors, one binned: the flat head and a join train and keep the numbers in the OOF."""
+    for heads in ("class", "size_shape,colour"):
+        cfg = table_config(table_root, SIZE, SHAPE, COLOUR, overrides=[f"heads={heads}", "train.fold=[0]"])
+        assert [h.n for h in build_task(cfg)[1]] == ([24] if heads == "class" else [6, 4])
+        summary = train_run(cfg, tmp_path / heads)
+        assert {"f1_size_combined", "f1_shape_combined", "f1_colour_combined"} <= set(summary["oof"])
+        oof = load_npz(RunDir(tmp_path / heads).round_dir(0) / "oof.npz")
+        raw = pd.read_csv(table_root / "train.csv")["size"].to_numpy()
+        np.testing.assert_allclose(oof["value_size"], raw[oof["rows"]])
+
+
+runner = CliRunner()
+
+
+def test_cli_trains_a_table_task_from_its_config_alone_and_predicts(table_root, tmp_path):
+    conf = tmp_path / "shapes.yaml"
+    conf.write_text(yaml.safe_dump({
+        "task": table_task(table_root, SHAPE, COLOUR),
+        "model": {"backbone": "test_efficientnet"}, "data": {"img_size": [32, 32]},
+        "train": {"folds": 2, "fold": [0], "epochs": 1, "batch_size": 16, "device": "cpu"}}))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(conf), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["submit", "--run", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(out / "submission.csv")) == 9
+    result = runner.invoke(app, ["predict", "--run", str(out), "--images", str(table_root / "images" / "g0013"),
+                                 "--out", str(tmp_path / "p.csv"), "--probs"])
+    assert result.exit_code == 0, result.output
+    assert "3 images" in result.output and len(pd.read_csv(tmp_path / "p.csv")) == 3
+    # --data names the table; a missing one is a one-line error
+    result = runner.invoke(app, ["train", "--config", str(conf), "--data", str(tmp_path / "none.csv"),
+                                 "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "none.csv: file not found" in result.output
+
+
+def test_predict_works_for_the_mask_preset(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, "train.fold=[0]")
+    train_run(cfg, tmp_path / "run")
+    sub = pd.read_csv(make_submission(tmp_path / "run"))
+    info = pd.read_csv(demo_root / "eval" / "info.csv")
+    predict_images(tmp_path / "run", demo_root / "eval" / "images", tmp_path / "p.csv", with_probs=True)
+    preds = pd.read_csv(tmp_path / "p.csv").set_index("path")
+    assert len(preds) == len(info)
+    assert (preds.loc[sub["ImageID"], "class"].to_numpy() == sub["ans"].to_numpy()).all()
+    assert set(preds["mask"]) <= {"worn", "incorrect", "not_worn"} and set(preds["age"]) <= {"<30", "30-59", ">=60"}
+    assert {"p_age_<30", "p_gender_female"} <= set(preds.columns)
+    single = demo_root / "eval" / "images" / info["ImageID"][0]
+    predict_images(tmp_path / "run", single, tmp_path / "one.csv")
+    assert pd.read_csv(tmp_path / "one.csv")["class"][0] == sub["ans"][0]
+    (tmp_path / "list.csv").write_text("path\n" + "\n".join(str(demo_root / "eval" / "images" / i) for i in info["ImageID"][:3]))
+    predict_images(tmp_path / "run", tmp_path / "list.csv", tmp_path / "three.csv")
+    assert pd.read_csv(tmp_path / "three.csv")["class"].tolist() == sub["ans"][:3].tolist()
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        predict_images(tmp_path / "run", tmp_path / "run" / "round0" / "fold0", tmp_path / "x.csv")
