@@ -166,6 +166,31 @@ class TrainCfg(_Strict):
         return self
 
 
+class NumericCfg(_Strict):
+    """What a binned numeric factor adds (under `numeric.<factor>`): an auxiliary head on its number
+    whose output is read at prediction (blended into the factor's bin probabilities, weight fitted
+    on OOF), and handling of the bin edges in training."""
+    aux: Literal["none", "regression", "ordinal"] = "none"  # regression on the number, or a logit per bin edge
+    aux_weight: float = Field(1.0, ge=0)  # its loss weight
+    train_bins: list[float] | None = None  # edges the training targets use (same count as the factor's bins)
+    soft_edge: float = Field(0.0, ge=0)  # within this distance of an edge, targets spread to the neighbouring bin
+    drop_near_edge: float = Field(0.0, ge=0)  # training rows within this distance of an edge are left out
+
+    @field_validator("train_bins")
+    @classmethod
+    def _increasing(cls, v):
+        if v is not None and (not v or any(b <= a for a, b in zip(v, v[1:]))):
+            raise ValueError("train_bins must be a non-empty increasing list")
+        return v
+
+
+class DecideCfg(_Strict):
+    """How the final class is chosen from the voted probabilities; everything here is fitted on the
+    round's OOF probabilities, stored in roundN/decision.json, and applied by submit and predict."""
+    offsets: Literal["none", "factor", "class"] = "none"  # additive log-prior offsets per factor class or per final class
+    blend_aux: bool = True  # blend each auxiliary numeric head into its factor (weight fitted on OOF)
+
+
 class PseudoCfg(_Strict):
     threshold: float = Field(0.9, ge=0, le=1)  # 0 takes every test image
     rounds: int = Field(1, ge=1)
@@ -180,6 +205,8 @@ class Config(_Strict):
     data: DataCfg = DataCfg()
     aug: AugCfg = AugCfg()
     train: TrainCfg = TrainCfg()
+    numeric: dict[str, NumericCfg] = Field(default_factory=dict)  # by numeric factor name
+    decide: DecideCfg = DecideCfg()
     pseudo: PseudoCfg = PseudoCfg()
 
     def loss_for(self, head: str) -> LossCfg:

@@ -20,11 +20,12 @@ from timm.utils import ModelEmaV3
 
 from multitask.config import Config
 from multitask.data.dataset import RowImages, TrainBatches
+from multitask.device import autocast, prepare_input, tune_for
 from multitask.labels import Head, Task
 from multitask.losses import MultiHeadLoss
 from multitask.metrics import score_probs
 from multitask.model import build_model, param_groups
-from multitask.device import autocast, prepare_input, tune_for
+from multitask.numeric import Targets, aux_losses, aux_outputs
 from multitask.predict import predict_probs
 from multitask.run import atomic_write_text, save_torch
 
@@ -33,8 +34,13 @@ from multitask.run import atomic_write_text, save_torch
 class FoldData:
     train_images: RowImages
     train_factors: np.ndarray  # (N, F) true (or pseudo) factor values
+    train_values: np.ndarray  # (N, V) the numbers behind the numeric factors (NaN where unknown)
     val_images: RowImages
     val_factors: np.ndarray
+
+    def train_targets(self) -> np.ndarray:
+        """(N, F + V) float32: what a training batch carries (see numeric.py)."""
+        return np.concatenate([self.train_factors, self.train_values], axis=1).astype(np.float32)
 
 
 def seed_everything(seed: int) -> None:
@@ -67,15 +73,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train_one_epoch(step_model, model, batches, heads: list[Head], criterion: MultiHeadLoss, optimizer,
+def train_one_epoch(step_model, model, batches, make_targets: Targets, criterion: MultiHeadLoss, optimizer,
                     scheduler, ema, cfg: Config, device: torch.device, step: int, on_step=None):
     """One pass over `batches`; returns (summed losses weighted by batch size, images seen, step).
     `step_model` is `model` or its torch.compile wrapper; clipping and EMA act on `model`."""
     model.train()
     seen = 0
-    sums = {h.name: torch.zeros((), device=device) for h in heads} | {"loss": torch.zeros((), device=device)}
+    sums = {name: torch.zeros((), device=device) for name in criterion.fns} | {"loss": torch.zeros((), device=device)}
     for x, y in batches:
-        targets = {h.name: h.targets(y) for h in heads}
+        targets = make_targets(y)
         with autocast(device, cfg.train.amp):
             outputs = step_model(prepare_input(x, cfg, device))
         loss, parts = criterion(outputs, targets)
@@ -108,12 +114,13 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     criterion: MultiHeadLoss
+    targets: Targets
 
 
-def build_training(cfg: Config, heads: list[Head], device: torch.device, steps_per_epoch: int) -> Training:
+def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.device, steps_per_epoch: int) -> Training:
     tc = cfg.train
     tune_for(device)
-    model = build_model(cfg.model, heads).to(device)
+    model = build_model(cfg.model, heads, aux_outputs(task, cfg, heads)).to(device)
     if tc.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None
@@ -121,9 +128,9 @@ def build_training(cfg: Config, heads: list[Head], device: torch.device, steps_p
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(tc.warmup_epochs * steps_per_epoch), tc.epochs * steps_per_epoch))
-    criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads})
+    criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads}, aux_losses(task, cfg))
     step_model = torch.compile(model) if tc.compile else model
-    return Training(model, step_model, ema, optimizer, scheduler, criterion)
+    return Training(model, step_model, ema, optimizer, scheduler, criterion, Targets(task, heads, cfg))
 
 
 def resume_from(path: Path, t: Training) -> tuple[int, int, dict, list[dict]]:
@@ -148,8 +155,8 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     seed_everything(seed)
-    batches = TrainBatches(cfg, data.train_images, data.train_factors, device, seed)
-    t = build_training(cfg, heads, device, len(batches))
+    batches = TrainBatches(cfg, data.train_images, data.train_targets(), device, seed)
+    t = build_training(cfg, task, heads, device, len(batches))
     model, ema, optimizer, scheduler, criterion = t.model, t.ema, t.optimizer, t.scheduler, t.criterion
 
     start, step, best, rows = 0, 0, {"f1": -1.0}, []
@@ -163,7 +170,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
             if progress:
                 progress.update(task_id, advance=1, description=f"{label} epoch {epoch + 1}/{tc.epochs}")
 
-        loss_sums, seen, step = train_one_epoch(t.step_model, model, batches.epoch(epoch), heads, criterion,
+        loss_sums, seen, step = train_one_epoch(t.step_model, model, batches.epoch(epoch), t.targets, criterion,
                                                 optimizer, scheduler, ema, cfg, device, step, on_step)
         train_s = time.perf_counter() - t0
 

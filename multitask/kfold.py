@@ -16,8 +16,10 @@ from multitask.config import Config
 from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_data, reopen_context
 from multitask.data.dataset import RowImages
 from multitask.data.table import factor_values, numeric_values
+from multitask.decide import decide_round, is_active
 from multitask.device import resolve_device
 from multitask.engine import FoldData, train_fold
+from multitask.numeric import training_rows
 from multitask.metrics import score_probs
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, soft_vote
@@ -40,6 +42,12 @@ def pseudo_labelled(ctx: Context, r: int) -> tuple[RowImages, np.ndarray] | None
     return RowImages.of(ctx.test_images, rows), ctx.task.decode(table["class"].to_numpy())
 
 
+def value_matrix(ctx: Context) -> np.ndarray:
+    """(N, V) the numbers behind the task's numeric factors, in task order."""
+    values = numeric_values(ctx.table.train, ctx.task)
+    return np.stack([values[f.name] for f in ctx.task.numeric_factors], 1) if values else np.zeros((len(ctx.table.train), 0))
+
+
 def fold_finished(ctx: Context, r: int, k: int) -> bool:
     fold_dir = ctx.run.fold_dir(r, k)
     return (fold_dir / "oof.npz").exists() and (ctx.test_images is None or (fold_dir / "test.npz").exists())
@@ -52,17 +60,21 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     on from the fold's last.pt where there is one."""
     cfg = ctx.cfg
     factors = factor_values(ctx.table.train, ctx.task)
-    tr, va = np.flatnonzero(ctx.folds != k), np.flatnonzero(ctx.folds == k)
-    train_images, train_factors = RowImages.of(ctx.train_images, tr), factors[tr]
+    values = value_matrix(ctx)
+    va = np.flatnonzero(ctx.folds == k)
+    tr = np.flatnonzero((ctx.folds != k) & training_rows(ctx.task, cfg, values))
+    train_images, train_factors, train_values = RowImages.of(ctx.train_images, tr), factors[tr], values[tr]
     pseudo = pseudo_labelled(ctx, r)
     if pseudo is not None:
         train_images = train_images.concat(pseudo[0])
         train_factors = np.concatenate([train_factors, pseudo[1]])
-    data = FoldData(train_images, train_factors, RowImages.of(ctx.train_images, va), factors[va])
+        # a pseudo label is a class, not a number
+        train_values = np.concatenate([train_values, np.full((len(pseudo[1]), values.shape[1]), np.nan)])
+    data = FoldData(train_images, train_factors, train_values, RowImages.of(ctx.train_images, va), factors[va])
     fold_dir = ctx.run.fold_dir(r, k)
     train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
                device=device, progress=progress, label=f"round {r} fold {k}", resume=resume)
-    model = load_model(fold_dir / "best.pt", cfg, ctx.heads, device)
+    model = load_model(fold_dir / "best.pt", cfg, ctx.task, ctx.heads, device)
     oof = predict_probs(model, data.val_images, cfg, device)
     save_npz(fold_dir / "oof.npz", rows=va, **{f"p_{h}": p for h, p in oof.items()})
     if ctx.test_images is not None:
@@ -114,23 +126,28 @@ def aggregate_round(ctx: Context, r: int) -> dict:
     oofs = [load_npz(run.fold_dir(r, k) / "oof.npz") for k in done]
     rows = np.concatenate([o["rows"] for o in oofs])
     order = np.argsort(rows)
-    oof = {h.name: np.concatenate([o[f"p_{h.name}"] for o in oofs])[order] for h in heads}
+    # every output the models have: the heads, and auxiliary outputs where configured
+    oof = {key[2:]: np.concatenate([o[key] for o in oofs])[order] for key in oofs[0] if key.startswith("p_")}
     rows = rows[order]
     oof_scores = score_probs(task, heads, oof, factors[rows])
+    numbers = {f: v[rows] for f, v in numeric_values(ctx.table.train, task).items()}
     save_npz(run.round_dir(r) / "oof.npz", rows=rows, group=ctx.table.train["group"].to_numpy().astype(str)[rows],
              factors=factors[rows], fold=ctx.folds[rows], **{f"p_{h}": p for h, p in oof.items()},
-             **{f"value_{f}": v[rows] for f, v in numeric_values(ctx.table.train, task).items()})
+             **{f"value_{f}": v for f, v in numbers.items()})
     fold_scores = {}
     for k in done:
         metrics = pd.read_csv(run.fold_dir(r, k) / "metrics.csv")
         best = metrics.loc[metrics["val_f1"].idxmax()]
         fold_scores[str(k)] = {"best_epoch": int(best["epoch"]), "val_f1": float(best["val_f1"])}
     if ctx.test_images is not None:
-        test = soft_vote([{h.name: load_npz(run.fold_dir(r, k) / "test.npz")[f"p_{h.name}"] for h in heads}
+        test = soft_vote([{key[2:]: v for key, v in load_npz(run.fold_dir(r, k) / "test.npz").items()}
                           for k in done])
         save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str),
                  **{f"p_{h}": p for h, p in test.items()})
     summary = {"round": r, "folds_done": done, "oof": oof_scores, "folds": fold_scores}
+    if is_active(task, ctx.cfg):
+        summary["decision"] = decide_round(run.round_dir(r), task, heads, oof, factors[rows], numbers,
+                                           ctx.folds[rows], ctx.cfg)
     pseudo_file = run.round_dir(r) / "pseudo.csv"
     if pseudo_file.exists():
         summary["pseudo_added"] = int(len(pd.read_csv(pseudo_file)))
@@ -151,7 +168,7 @@ def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, n
         raise FileNotFoundError(f"{path}: no test probabilities (the task has no test images: "
                                 f"a competition root without eval/, or a table task without task.test)")
     z = load_npz(path)
-    return z["image_id"], {h.name: z[f"p_{h.name}"] for h in ctx.heads}
+    return z["image_id"], {key[2:]: v for key, v in z.items() if key.startswith("p_")}
 
 
 def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) -> dict:

@@ -57,11 +57,14 @@ def make_loss(cfg: LossCfg) -> LossFn:
 
 
 class MultiHeadLoss:
-    """Σ_h w_h · L_h(logits_h, target_h); also returns each head's unweighted loss."""
+    """Σ_h w_h · L_h(logits_h, target_h); also returns each head's unweighted loss. `extra` adds
+    outputs with their own loss function and weight (name -> (fn, weight)), e.g. auxiliary heads."""
 
-    def __init__(self, cfgs: dict[str, LossCfg]):
+    def __init__(self, cfgs: dict[str, LossCfg], extra: dict[str, tuple[LossFn, float]] | None = None):
         self.fns = {name: make_loss(c) for name, c in cfgs.items()}
         self.weights = {name: c.weight for name, c in cfgs.items()}
+        for name, (fn, weight) in (extra or {}).items():
+            self.fns[name], self.weights[name] = fn, weight
 
     def __call__(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
         parts = {}

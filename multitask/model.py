@@ -39,14 +39,20 @@ def create_backbone(cfg: ModelCfg) -> nn.Module:
 
 
 class MultiHeadNet(nn.Module):
-    def __init__(self, cfg: ModelCfg, heads: list[Head]):
+    """`aux` adds outputs beside the heads, name -> (size, head): each reads the features the named
+    head reads (the auxiliary numeric outputs of `numeric.py`)."""
+
+    def __init__(self, cfg: ModelCfg, heads: list[Head], aux: dict[str, tuple[int, str]] | None = None):
         super().__init__()
         self.sharing = cfg.sharing
         self.head_names = [h.name for h in heads]
         n_backbones = 1 if cfg.sharing == "shared" else len(heads)
         self.backbones = nn.ModuleList([create_backbone(cfg) for _ in range(n_backbones)])
         dim = self.backbones[0].num_features
-        self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.n) for h in heads})
+        aux = aux or {}
+        self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.n) for h in heads}
+                                   | {name: nn.Linear(dim, size) for name, (size, _) in aux.items()})
+        self.reads = {name: name for name in self.head_names} | {name: head for name, (_, head) in aux.items()}
         pcfg = self.backbones[0].pretrained_cfg
         self.register_buffer("mean", torch.tensor(pcfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(pcfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
@@ -55,12 +61,13 @@ class MultiHeadNet(nn.Module):
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         if self.sharing == "shared":
             feats = self.backbones[0](x)
-            return {name: self.heads[name](feats) for name in self.head_names}
-        return {name: self.heads[name](bb(x)) for name, bb in zip(self.head_names, self.backbones)}
+            return {name: self.heads[name](feats) for name in self.reads}
+        feats = {name: bb(x) for name, bb in zip(self.head_names, self.backbones)}
+        return {name: self.heads[name](feats[head]) for name, head in self.reads.items()}
 
 
-def build_model(cfg: ModelCfg, heads: list[Head]) -> MultiHeadNet:
-    return MultiHeadNet(cfg, heads)
+def build_model(cfg: ModelCfg, heads: list[Head], aux: dict[str, tuple[int, str]] | None = None) -> MultiHeadNet:
+    return MultiHeadNet(cfg, heads, aux)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

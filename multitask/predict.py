@@ -19,16 +19,19 @@ from multitask.data.augment import tta_view
 from multitask.data.cache import ImageDecodeError, decode_into, undecodable_error
 from multitask.data.dataset import RowImages, eval_batches
 from multitask.data.table import DataError, read_frame
+from multitask.decide import load_decision, predict_classes
 from multitask.device import autocast, prepare_input, resolve_device, tune_for
 from multitask.labels import Head, Task
 from multitask.model import MultiHeadNet, build_model
+from multitask.numeric import aux_activation, aux_outputs, is_aux
 from multitask.run import RunDir, atomic_write_text, read_json
 
 
 @torch.no_grad()
 def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: torch.device,
                   views: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Softmax probabilities per head (N, n_h), averaged over the TTA views. They stay on the device
+    """Softmax probabilities per head (N, n_h), averaged over the TTA views (and each auxiliary
+    output's reading, see numeric.aux_activation). They stay on the device
     until the end: a copy to the host per batch would wait for the GPU every batch.
 
     With `train.compile` the forward is compiled too. Dynamo treats the weights as inputs, so every
@@ -46,7 +49,7 @@ def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: t
             with autocast(device, cfg.train.amp):
                 out = forward(prepare_input(tta_view(x, view), cfg, device))
             for name, logits in out.items():
-                p = logits.float().softmax(1)
+                p = aux_activation(logits, logits.shape[1]) if is_aux(name) else logits.float().softmax(1)
                 batch = probs[name][start:start + len(x)]
                 if i == 0:
                     batch.copy_(p)
@@ -63,11 +66,11 @@ def soft_vote(prob_sets: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.mean([p[name] for p in prob_sets], axis=0) for name in prob_sets[0]}
 
 
-def load_model(path: Path, cfg: Config, heads: list[Head], device: torch.device) -> MultiHeadNet:
+def load_model(path: Path, cfg: Config, task: Task, heads: list[Head], device: torch.device) -> MultiHeadNet:
     """A fold's model from its checkpoint; the backbone is built without fetching pretrained weights,
     since the checkpoint already holds every weight."""
     model_cfg = cfg.model.model_copy(update={"pretrained": False, "checkpoint": None})
-    model = build_model(model_cfg, heads)
+    model = build_model(model_cfg, heads, aux_outputs(task, cfg, heads))
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.to(device)
@@ -82,16 +85,11 @@ def load_model(path: Path, cfg: Config, heads: list[Head], device: torch.device)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-def final_classes(combined: np.ndarray) -> np.ndarray:
-    """The predicted final class of each row of final-class probabilities."""
-    return combined.argmax(1)
-
-
-def predictions_frame(task: Task, ids, combined: np.ndarray, with_probs: bool = False) -> pd.DataFrame:
+def predictions_frame(task: Task, ids, combined: np.ndarray, classes: np.ndarray,
+                      with_probs: bool = False) -> pd.DataFrame:
     """path, each factor's class name, the final class (mixed radix over the factors' class indices)
     and its probability; with `with_probs`, every factor's probabilities (summed out of the final
     class's, so they hold for any head layout) as p_<factor>_<class>."""
-    classes = final_classes(combined)
     out = pd.DataFrame({"path": list(ids)})
     names = task.class_names(classes)
     for i, f in enumerate(task.factors):
@@ -136,13 +134,13 @@ def round_models(run: RunDir, r: int) -> list[Path]:
     return [run.fold_dir(r, k) / "best.pt" for k in done]
 
 
-def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, heads: list[Head],
+def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, task: Task, heads: list[Head],
                    device: torch.device, progress=None) -> dict[str, np.ndarray]:
     """Every fold model with the run's TTA views, soft-voted: what the round's test_probs.npz holds."""
     tid = progress.add_task("predicting", total=len(checkpoints)) if progress else None
     sets = []
     for path in checkpoints:
-        sets.append(predict_probs(load_model(path, cfg, heads, device), images, cfg, device))
+        sets.append(predict_probs(load_model(path, cfg, task, heads, device), images, cfg, device))
         if progress:
             progress.update(tid, advance=1)
     if progress:
@@ -152,8 +150,8 @@ def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, head
 
 def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, batch_size: int | None = None,
                    with_probs: bool = False, skip_bad: bool = False, progress=None) -> dict:
-    """`mt predict`: the run's latest round (its fold ensemble and TTA views, as `submit` uses them)
-    on any images. Undecodable images stop it, all listed; with `skip_bad` they are left out and
+    """`mt predict`: the run's latest round (its fold ensemble, TTA views and fitted decision, as
+    `submit` uses them) on any images. Undecodable images stop it, all listed; with `skip_bad` they are left out and
     listed in <out>.skipped.csv."""
     run = RunDir(run_dir)
     cfg = load_run_config(run, [f"train.eval_batch_size={batch_size}"] if batch_size else [])
@@ -172,9 +170,10 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
                                                       "reason": [why for _, why in bad]}).to_csv(index=False))
     if not len(keep):
         raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
-    probs = ensemble_probs(round_models(run, r), RowImages.of(arr[keep]), cfg, heads,
+    probs = ensemble_probs(round_models(run, r), RowImages.of(arr[keep]), cfg, task, heads,
                            resolve_device(cfg.train.device), progress)
-    frame = predictions_frame(task, [ids[i] for i in keep], task.combine(heads, probs), with_probs)
+    combined, classes = predict_classes(task, heads, probs, cfg, load_decision(run.round_dir(r)))
+    frame = predictions_frame(task, [ids[i] for i in keep], combined, classes, with_probs)
     atomic_write_text(out, frame.to_csv(index=False))
     return {"out": str(out), "round": r, "predicted": int(len(keep)), "skipped": len(bad),
             "skipped_file": str(skipped_file) if bad else None}

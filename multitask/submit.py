@@ -11,7 +11,8 @@ import pandas as pd
 
 from multitask.data.layout import read_csv
 from multitask.kfold import load_round_test_probs, reopen_context
-from multitask.predict import final_classes, predictions_frame
+from multitask.decide import load_decision, predict_classes
+from multitask.predict import predictions_frame
 from multitask.run import atomic_write_text
 
 
@@ -46,12 +47,12 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     ctx = reopen_context(run_dir, progress=progress, with_images=False)
     r = ctx.run.latest_round()
     image_ids, probs = load_round_test_probs(ctx, r)
-    combined = ctx.task.combine(ctx.heads, probs)
+    combined, classes = predict_classes(ctx.task, ctx.heads, probs, ctx.cfg, load_decision(ctx.run.round_dir(r)))
     out = Path(out) if out else ctx.run.submission
     if ctx.table.info_csv is None:
-        atomic_write_text(out, predictions_frame(ctx.task, image_ids, combined).to_csv(index=False))
+        atomic_write_text(out, predictions_frame(ctx.task, image_ids, combined, classes).to_csv(index=False))
         return out
-    pred = dict(zip(image_ids, final_classes(combined)))
+    pred = dict(zip(image_ids, classes))
     info_ids = read_csv(ctx.table.info_csv, ["ImageID", "ans"])["ImageID"].to_numpy()
     missing = [i for i in info_ids if i not in pred]
     if missing:

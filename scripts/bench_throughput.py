@@ -50,7 +50,7 @@ def sync(device: torch.device) -> None:
 def make_training(cfg, heads, device):
     """A fresh model, optimizer, schedule and loss exactly as engine.train_fold builds them."""
     torch.manual_seed(0)
-    return build_training(cfg, heads, device, steps_per_epoch=10**4)
+    return build_training(cfg, mask_task(cfg.data.age_bins), heads, device, steps_per_epoch=10**4)
 
 
 def timed_epoch(cfg, heads, device, batches, warmup_batches, measure_batches) -> float:
@@ -59,7 +59,7 @@ def timed_epoch(cfg, heads, device, batches, warmup_batches, measure_batches) ->
     it = iter(batches)
 
     def run(n: int) -> int:
-        return train_one_epoch(t.step_model, t.model, (next(it) for _ in range(n)), heads, t.criterion,
+        return train_one_epoch(t.step_model, t.model, (next(it) for _ in range(n)), t.targets, t.criterion,
                                t.optimizer, t.scheduler, t.ema, cfg, device, 0)[1]
 
     run(warmup_batches)

@@ -63,14 +63,14 @@ def test_gpu_predictions_agree_with_the_cpu(demo_root, tmp_path):
     cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", *GPU, "train.amp=false", "train.fold=[0]")
     out = tmp_path / "run"
     train_run(cfg, out)
-    _, heads = build_task(cfg)
+    task, heads = build_task(cfg)
     images = RowImages.of(np.random.default_rng(1).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
     ckpt = RunDir(out).fold_dir(0, 0) / "best.pt"
-    cpu = predict_probs(load_model(ckpt, cfg, heads, torch.device("cpu")), images, cfg, torch.device("cpu"))
-    gpu = predict_probs(load_model(ckpt, cfg, heads, torch.device("cuda")), images, cfg, torch.device("cuda"))
+    cpu = predict_probs(load_model(ckpt, cfg, task, heads, torch.device("cpu")), images, cfg, torch.device("cpu"))
+    gpu = predict_probs(load_model(ckpt, cfg, task, heads, torch.device("cuda")), images, cfg, torch.device("cuda"))
     for name in cpu:  # fp32 on both (TF32 may round the GPU's convolutions)
         np.testing.assert_allclose(cpu[name], gpu[name], atol=2e-2)
     bf16 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": True})})
-    gpu16 = predict_probs(load_model(ckpt, bf16, heads, torch.device("cuda")), images, bf16, torch.device("cuda"))
+    gpu16 = predict_probs(load_model(ckpt, bf16, task, heads, torch.device("cuda")), images, bf16, torch.device("cuda"))
     for name in cpu:
         assert (cpu[name].argmax(1) == gpu16[name].argmax(1)).mean() >= 0.8

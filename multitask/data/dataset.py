@@ -1,8 +1,9 @@
 """Batches for training and inference, from the uint8 cache.
 
 Images travel as uint8 NCHW (a quarter of float32's bytes) and become floats on the device, where
-the model normalises them. Labels travel as the task's factor values (N, F); each head's target is
-derived from them on the fly, so one loader serves every head, shared or separate backbones alike.
+the model normalises them. Labels travel as the task's factor values and numbers (N, F + V) in
+float32; each head's target is derived from them on the fly (numeric.Targets), so one loader serves
+every head, shared or separate backbones alike.
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class AugmentedImages(Dataset):
     does not depend on the number of workers."""
 
     def __init__(self, images: RowImages, targets: np.ndarray, specs: list[dict], seed: int):
-        self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.long)
+        self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.float32)
         self.transform = build_albumentations(specs)
         self.seed, self.epoch = seed, 0
 
@@ -140,7 +141,7 @@ class TrainBatches:
             self.images = images
             # on the CPU this is one torch copy of the cache in RAM: harmless, and the same code path
             self.device_images = DeviceImages(images, device) if cfg.data.cache_on_device else None
-            self.targets = torch.as_tensor(targets, dtype=torch.long)
+            self.targets = torch.as_tensor(targets, dtype=torch.float32)
         else:
             self.dataset = AugmentedImages(images, targets, cfg.aug.train, seed)
 

@@ -1,0 +1,170 @@
+"""The final decision, fitted on the round's OOF probabilities for macro F1, and its honest estimate.
+
+Two steps, each switchable in `decide:` of the config:
+1. Each auxiliary numeric output is read as bin probabilities and blended into its factor:
+   q = (1 - w)·p_factor + w·p_aux, the final-class probabilities rescaled so the factor's marginal
+   becomes q (any head layout: the factor's marginal is summed out of the final class).
+2. Additive log-prior offsets, per factor class (b_class = Σ_f b_f[class_f]) or per final class:
+   argmax(log p + b). Argmax is the decision that maximises accuracy; macro F1 rewards the rare classes
+   more, and offsets move the boundaries towards them.
+
+Everything fitted here is fitted on OOF rows, so its OOF score is optimistic. `honest_scores` refits
+it on every fold's complement and scores it on that fold alone: the figure to believe. The fitted
+decision goes to roundN/decision.json; submit and predict apply it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from multitask.config import Config
+from multitask.labels import Head, Task
+from multitask.metrics import macro_f1
+from multitask.numeric import aux_bins, aux_name, numerics, regression_sigma
+from multitask.run import read_json, write_json
+
+OFFSET_GRID = np.linspace(-2, 2, 17)
+BLEND_GRID = np.linspace(0, 1, 11)
+EPS = 1e-12
+
+
+@dataclass
+class Decision:
+    blend: dict[str, float] = field(default_factory=dict)  # numeric factor -> weight of its auxiliary output
+    sigma: dict[str, float] = field(default_factory=dict)  # regression factor -> spread of its number
+    offsets: list[float] | None = None  # per final class, added to the log-probabilities
+
+
+def aux_kinds(task: Task, cfg: Config) -> dict[str, str]:
+    return {n.factor.name: n.cfg.aux for n in numerics(task, cfg) if n.cfg.aux != "none"}
+
+
+def final_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], kinds: dict[str, str],
+                decision: Decision) -> np.ndarray:
+    """Final-class probabilities: the heads' product, with each auxiliary output blended in."""
+    combined = task.combine(heads, probs)
+    codes = task.decode(np.arange(task.n_classes))
+    for name, w in decision.blend.items():
+        if w <= 0:
+            continue
+        i = task.factor_names.index(name)
+        factor = task.factors[i]
+        q_aux = aux_bins(factor, kinds[name], probs[aux_name(name)], decision.sigma.get(name))
+        p_f = task.marginal(combined, i)
+        q = (1 - w) * p_f + w * q_aux
+        combined = combined * (q / np.maximum(p_f, EPS))[:, codes[:, i]]
+    return combined
+
+
+def decide_classes(combined: np.ndarray, offsets) -> np.ndarray:
+    if offsets is None:
+        return combined.argmax(1)
+    return (np.log(combined + EPS) + np.asarray(offsets)[None, :]).argmax(1)
+
+
+def offset_design(task: Task, mode: str) -> np.ndarray:
+    """(parameters, classes): which final classes each offset parameter adds to."""
+    if mode == "class":
+        return np.eye(task.n_classes)
+    codes = task.decode(np.arange(task.n_classes))
+    return np.concatenate([(codes[:, i][None, :] == np.arange(f.n)[:, None]).astype(float)
+                           for i, f in enumerate(task.factors)])
+
+
+def fit_offsets(task: Task, combined: np.ndarray, y: np.ndarray, mode: str, passes: int = 3) -> np.ndarray:
+    """Coordinate ascent over a grid of each offset parameter, for macro F1 of the final class."""
+    design = offset_design(task, mode)
+    logp = np.log(combined + EPS)
+    theta = np.zeros(len(design))
+    score = lambda t: macro_f1(y, (logp + t @ design).argmax(1), task.n_classes)  # noqa: E731
+    best = score(theta)
+    for _ in range(passes):
+        improved = False
+        for j in range(len(theta)):
+            keep = theta[j]
+            for g in OFFSET_GRID:
+                theta[j] = g
+                s = score(theta)
+                if s > best + 1e-9:
+                    best, keep, improved = s, g, True
+            theta[j] = keep
+        if not improved:
+            break
+    return theta @ design
+
+
+def fit_decision(task: Task, heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray,
+                 values: dict[str, np.ndarray], cfg: Config) -> Decision:
+    """Spread of each regression, blend weights, then offsets, all on the rows given."""
+    kinds = aux_kinds(task, cfg) if cfg.decide.blend_aux else {}
+    y = task.encode(factors)
+    d = Decision()
+    for name, kind in kinds.items():
+        if kind == "regression":
+            d.sigma[name] = regression_sigma(task.factors[task.factor_names.index(name)], probs[aux_name(name)],
+                                             values[name])
+    for name in kinds:
+        scores = []
+        for w in BLEND_GRID:
+            trial = Decision(d.blend | {name: float(w)}, d.sigma)
+            scores.append(macro_f1(y, final_probs(task, heads, probs, kinds, trial).argmax(1), task.n_classes))
+        d.blend[name] = float(BLEND_GRID[int(np.argmax(scores))])  # the first best: the smallest weight
+    if cfg.decide.offsets != "none":
+        d.offsets = fit_offsets(task, final_probs(task, heads, probs, kinds, d), y, cfg.decide.offsets).tolist()
+    return d
+
+
+def predict_classes(task: Task, heads: list[Head], probs: dict[str, np.ndarray], cfg: Config,
+                    decision: Decision | None) -> tuple[np.ndarray, np.ndarray]:
+    """(final-class probabilities, final classes) under a decision (None: the heads' product, argmax)."""
+    d = decision or Decision()
+    combined = final_probs(task, heads, probs, aux_kinds(task, cfg), d)
+    return combined, decide_classes(combined, d.offsets)
+
+
+def scores_of(task: Task, classes: np.ndarray, factors: np.ndarray) -> dict:
+    decoded = task.decode(classes)
+    out = {"f1": macro_f1(task.encode(factors), classes, task.n_classes)}
+    for i, f in enumerate(task.factors):
+        out[f"f1_{f.name}"] = macro_f1(factors[:, i], decoded[:, i], f.n)
+    return out
+
+
+def take(d: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[rows] for k, v in d.items()}
+
+
+def honest_scores(task: Task, heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray,
+                  values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config) -> dict:
+    """The decision refitted without each fold and applied to that fold only; scored over all rows."""
+    classes = np.zeros(len(factors), np.int64)
+    for k in np.unique(folds):
+        fit_rows, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        d = fit_decision(task, heads, take(probs, fit_rows), factors[fit_rows], take(values, fit_rows), cfg)
+        classes[held] = predict_classes(task, heads, take(probs, held), cfg, d)[1]
+    return scores_of(task, classes, factors)
+
+
+def is_active(task: Task, cfg: Config) -> bool:
+    return cfg.decide.offsets != "none" or (cfg.decide.blend_aux and bool(aux_kinds(task, cfg)))
+
+
+def decide_round(round_dir: Path, task: Task, heads: list[Head], probs: dict[str, np.ndarray],
+                 factors: np.ndarray, values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config) -> dict:
+    """Fit the decision on the round's OOF, write decision.json, and report OOF macro F1 three ways:
+    plain argmax, the decision in-sample (optimistic), and fold-honest."""
+    d = fit_decision(task, heads, probs, factors, values, cfg)
+    report = {
+        "argmax": scores_of(task, task.combine(heads, probs).argmax(1), factors),
+        "in_sample": scores_of(task, predict_classes(task, heads, probs, cfg, d)[1], factors),
+        "honest": honest_scores(task, heads, probs, factors, values, folds, cfg),
+    }
+    write_json(round_dir / "decision.json", {"decision": asdict(d), "oof": report})
+    return report
+
+
+def load_decision(round_dir: Path) -> Decision | None:
+    path = round_dir / "decision.json"
+    return Decision(**read_json(path)["decision"]) if path.exists() else None

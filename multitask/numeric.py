@@ -1,0 +1,210 @@
+"""What a binned numeric factor adds beyond its bins: training targets that know where the number
+sits (other training edges, soft targets near an edge, rows too close to an edge left out), and an
+auxiliary output on the number that is read at prediction, not only trained.
+
+Written for any factor with `bins` (the competition's age is one): the settings live under
+`numeric.<factor>` in the config. The auxiliary output `aux_<factor>` is either a regression on the
+number (standardised by the bin edges, so no statistic of the data is needed to read it back) or
+ordinal, one logit per bin edge (P(number >= edge)). Either is turned into bin probabilities
+(`aux_bins`) and blended into the factor by `decide.py`.
+
+Training batches carry (N, F + V) float targets: the F factor class indices, then the V numbers of
+the task's numeric factors (NaN where unknown, e.g. pseudo-labelled rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.special import ndtr
+
+from multitask.config import Config, ConfigError, NumericCfg
+from multitask.labels import Factor, Head, Task
+
+AUX_PREFIX = "aux_"
+
+
+def aux_name(factor: str) -> str:
+    return AUX_PREFIX + factor
+
+
+def is_aux(name: str) -> bool:
+    return name.startswith(AUX_PREFIX)
+
+
+@dataclass(frozen=True)
+class Numeric:
+    index: int  # the factor's position in the task
+    column: int  # the number's column in the value block of a batch
+    factor: Factor
+    cfg: NumericCfg
+
+    @property
+    def train_edges(self) -> np.ndarray:
+        return np.asarray(self.cfg.train_bins if self.cfg.train_bins is not None else self.factor.bins, float)
+
+    @property
+    def reshapes_targets(self) -> bool:
+        return self.cfg.train_bins is not None or self.cfg.soft_edge > 0
+
+
+def numerics(task: Task, cfg: Config) -> list[Numeric]:
+    """The task's numeric factors with their settings; settings for anything else are an error."""
+    names = [f.name for f in task.numeric_factors]
+    unknown = sorted(set(cfg.numeric) - set(names))
+    if unknown:
+        raise ConfigError(f"numeric settings for {unknown}, which are not binned numeric factors of the task "
+                          f"(those are {names})")
+    out = []
+    for col, f in enumerate(task.numeric_factors):
+        c = cfg.numeric.get(f.name, NumericCfg())
+        if c.train_bins is not None and len(c.train_bins) != len(f.bins):
+            raise ConfigError(f"numeric.{f.name}.train_bins {c.train_bins} must have as many edges as its bins {list(f.bins)}")
+        out.append(Numeric(task.factor_names.index(f.name), col, f, c))
+    return out
+
+
+def aux_outputs(task: Task, cfg: Config, heads: list[Head]) -> dict[str, tuple[int, str]]:
+    """Auxiliary outputs: name -> (size, the head whose features it reads: the one covering the factor)."""
+    out = {}
+    for n in numerics(task, cfg):
+        if n.cfg.aux != "none":
+            head = next(h for h in heads if n.index in h.factor_idx)
+            out[aux_name(n.factor.name)] = (1 if n.cfg.aux == "regression" else len(n.factor.bins), head.name)
+    return out
+
+
+def standardise(factor: Factor, values):
+    """The number on a scale set by the bin edges alone (centre 0, edges span 1)."""
+    edges = np.asarray(factor.bins, float)
+    centre = float(edges.mean())
+    scale = float(edges[-1] - edges[0]) if len(edges) > 1 else max(abs(float(edges[0])), 1.0)
+    return (values - centre) / scale, centre, scale
+
+
+def edge_distribution(values: torch.Tensor, classes: torch.Tensor, edges: np.ndarray, n: int,
+                      soft: float) -> torch.Tensor:
+    """(N, n) targets of a numeric factor: one-hot at the bin of the number under `edges` (the class
+    where the number is unknown); within `soft` of an edge, mass moves linearly to the neighbouring
+    bin, half of it at the edge itself."""
+    known = torch.isfinite(values)
+    v = torch.where(known, values, torch.zeros_like(values))
+    e = torch.as_tensor(edges, dtype=v.dtype, device=v.device)
+    bins = torch.where(known, torch.searchsorted(e, v.contiguous(), right=True), classes)
+    out = F.one_hot(bins, n).to(v.dtype)
+    if soft > 0:
+        for j, edge in enumerate(e):  # edge j separates bin j and bin j + 1
+            share = (0.5 * (1 - (v - edge).abs() / soft)).clamp(min=0) * known
+            lower = bins == j  # below the edge: give to bin j + 1
+            upper = bins == j + 1
+            for side, to in ((lower, j + 1), (upper, j)):
+                s = share * side
+                out[:, to] += s
+                out[torch.arange(len(v)), bins] -= s
+    return out
+
+
+class Targets:
+    """Every head's and auxiliary output's training targets from a batch's (N, F + V) targets."""
+
+    def __init__(self, task: Task, heads: list[Head], cfg: Config):
+        self.task, self.heads = task, heads
+        self.numerics = numerics(task, cfg)
+        self.aux = [n for n in self.numerics if n.cfg.aux != "none"]
+
+    def factor_distributions(self, factors: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
+        dists = [F.one_hot(factors[:, i], f.n).float() for i, f in enumerate(self.task.factors)]
+        for n in self.numerics:
+            if n.reshapes_targets:
+                dists[n.index] = edge_distribution(values[:, n.column], factors[:, n.index], n.train_edges,
+                                                   n.factor.n, n.cfg.soft_edge)
+        return dists
+
+    def __call__(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        n_f = len(self.task.factors)
+        factors, values = y[:, :n_f].long(), y[:, n_f:].float()
+        out = {}
+        if any(n.reshapes_targets for n in self.numerics):
+            dists = self.factor_distributions(factors, values)
+            for h in self.heads:
+                t = dists[h.factor_idx[0]]
+                for i in h.factor_idx[1:]:  # outer product in mixed-radix order, first factor most significant
+                    t = (t[:, :, None] * dists[i][:, None, :]).reshape(len(t), -1)
+                out[h.name] = t
+        else:
+            out = {h.name: h.targets(factors) for h in self.heads}
+        for n in self.aux:
+            v = values[:, n.column]
+            if n.cfg.aux == "regression":
+                out[aux_name(n.factor.name)] = standardise(n.factor, v)[0][:, None]
+            else:
+                edges = torch.as_tensor(n.factor.bins, dtype=v.dtype, device=v.device)
+                from_class = (factors[:, n.index, None] > torch.arange(len(edges), device=v.device)).to(v.dtype)
+                from_value = (v[:, None] >= edges).to(v.dtype)
+                out[aux_name(n.factor.name)] = torch.where(torch.isfinite(v)[:, None], from_value, from_class)
+        return out
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 on the standardised number, over the rows where it is known."""
+    known = torch.isfinite(target)
+    if not known.any():
+        return pred.sum() * 0
+    return F.smooth_l1_loss(pred.float()[known], target[known], beta=0.1)
+
+
+def ordinal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+def aux_losses(task: Task, cfg: Config) -> dict[str, tuple]:
+    """name -> (loss function, weight) of every auxiliary output."""
+    return {aux_name(n.factor.name): (regression_loss if n.cfg.aux == "regression" else ordinal_loss, n.cfg.aux_weight)
+            for n in numerics(task, cfg) if n.cfg.aux != "none"}
+
+
+def aux_activation(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """What prediction stores of an auxiliary output: the standardised number (regression, size 1)
+    or P(number >= edge) per edge (ordinal)."""
+    return logits.float() if size == 1 else logits.float().sigmoid()
+
+
+def aux_bins(factor: Factor, kind: str, out: np.ndarray, sigma: float | None = None) -> np.ndarray:
+    """Bin probabilities (N, n) from an auxiliary output: ordinal exceedance probabilities made
+    monotone and differenced; a regression's number read as a normal with spread `sigma` (in the
+    number's units, fitted on OOF residuals)."""
+    if kind == "ordinal":
+        s = np.minimum.accumulate(np.clip(out, 0, 1), axis=1)
+    else:
+        _, centre, scale = standardise(factor, np.zeros(1))
+        mu = out[:, 0] * scale + centre
+        s = 1 - ndtr((np.asarray(factor.bins)[None, :] - mu[:, None]) / max(sigma or 1.0, 1e-6))
+    p = -np.diff(np.concatenate([np.ones((len(s), 1)), s, np.zeros((len(s), 1))], axis=1), axis=1)
+    p = np.clip(p, 1e-9, None)
+    return p / p.sum(1, keepdims=True)
+
+
+def regression_sigma(factor: Factor, out: np.ndarray, values: np.ndarray) -> float:
+    """Robust spread (1.4826 × MAD) of the regression's residuals, in the number's units."""
+    _, centre, scale = standardise(factor, np.zeros(1))
+    resid = out[:, 0] * scale + centre - values
+    resid = resid[np.isfinite(resid)]
+    return float(1.4826 * np.median(np.abs(resid - np.median(resid)))) if len(resid) else 1.0
+
+
+def near_edge(values: np.ndarray, edges, distance: float) -> np.ndarray:
+    """Rows whose number lies within `distance` of an edge (strictly closer than it)."""
+    if distance <= 0:
+        return np.zeros(len(values), bool)
+    return (np.abs(values[:, None] - np.asarray(edges, float)[None, :]) < distance).any(1)
+
+
+def training_rows(task: Task, cfg: Config, values: np.ndarray) -> np.ndarray:
+    """Which training rows to keep: those not within `drop_near_edge` of a training edge. Only
+    training rows are dropped; validation and OOF keep every row."""
+    keep = np.ones(len(values), bool)
+    for n in numerics(task, cfg):
+        keep &= ~near_edge(values[:, n.column], n.train_edges, n.cfg.drop_near_edge)
+    return keep

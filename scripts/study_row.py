@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""One row of the accuracy study (docs/RESULTS.md): train a run on a competition-layout build, submit,
+and score the submission with the competition's own metric against the build's answer key.
+
+  python scripts/study_row.py --data /tmp/mask600 --out /tmp/study/base [--config demo] [--set k=v ...]
+
+Prints one JSON line: the OOF macro F1 (final class and per factor) as argmax, and where the run fits
+a decision (decide: / numeric aux), in-sample and fold-honest; the held-out macro F1 from
+../shared/tools/score.py of the submission (with the run's decision) and of the plain argmax of the
+same voted probabilities; wall time of `mt train` and the hardware.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+SCORE = ROOT.parent / "shared" / "tools" / "score.py"
+
+
+def score(answers: Path, submission: Path) -> dict:
+    out = subprocess.run([sys.executable, str(SCORE), str(answers), str(submission)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, type=Path, help="a build_maskset.py build (train/, eval/, answers.csv)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--config", default="demo")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--heads", default=None)
+    a = ap.parse_args()
+    mt = str(Path(sys.executable).parent / "mt")
+    cmd = [mt, "train", "--data", str(a.data), "--out", str(a.out), "--config", a.config]
+    cmd += ["--heads", a.heads] if a.heads else []
+    for o in a.overrides:
+        cmd += ["--set", o]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    train_s = time.perf_counter() - t0
+    subprocess.run([mt, "submit", "--run", str(a.out)], check=True, stdout=subprocess.DEVNULL)
+
+    from multitask.kfold import load_round_test_probs, reopen_context
+    from multitask.run import read_json
+
+    summary = read_json(a.out / "round0" / "summary.json")
+    ctx = reopen_context(a.out, with_images=False)
+    ids, probs = load_round_test_probs(ctx, 0)
+    plain = pd.DataFrame({"ImageID": ids, "ans": ctx.task.combine(ctx.heads, probs).argmax(1)})
+    info = pd.read_csv(a.data / "eval" / "info.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "plain.csv"
+        plain.set_index("ImageID").loc[info["ImageID"]].reset_index().to_csv(path, index=False)
+        held_plain = score(a.data / "answers.csv", path)
+    row = {
+        "name": a.out.name, "command": " ".join(cmd[1:]),
+        "oof": {k: round(v, 4) for k, v in summary["oof"].items() if k.startswith("f1")},
+        "held_out": score(a.data / "answers.csv", a.out / "submission.csv"),
+        "held_out_argmax": held_plain,
+        "train_s": round(train_s, 1), "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
+    }
+    if "decision" in summary:
+        row["oof_decision"] = {k: {m: round(v, 4) for m, v in s.items()} for k, s in summary["decision"].items()}
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
