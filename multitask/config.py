@@ -25,6 +25,9 @@ class _Strict(BaseModel):
 class LossCfg(_Strict):
     name: Literal["ce", "focal", "label_smoothing", "soft_f1"] = "ce"
     weight: float = Field(1.0, ge=0)
+    # per-class weights from the fold's training rows: (mean count / class count) ** class_weight_power
+    class_weights: bool = False
+    class_weight_power: float = Field(0.5, gt=0, le=1)
     smoothing: float = Field(0.1, ge=0, lt=1)  # label_smoothing only
     gamma: float = Field(2.0, ge=0)  # focal only
 
@@ -116,8 +119,18 @@ DEFAULT_ALBUMENTATIONS = [
 ]
 
 
+class MixCfg(_Strict):
+    """Batch MixUp and CutMix: one λ per batch mixes the images and every head's targets alike."""
+    mixup_alpha: float = Field(0.0, ge=0)  # Beta(α, α) for MixUp; 0 disables it
+    cutmix_alpha: float = Field(0.0, ge=0)  # Beta(α, α) for CutMix; 0 disables it
+    prob: float = Field(1.0, ge=0, le=1)  # chance that a batch is mixed at all
+    switch_prob: float = Field(0.5, ge=0, le=1)  # with both on: chance of CutMix rather than MixUp
+    stop_epoch: int | None = Field(None, ge=0)  # mix in the first this many epochs only (None: all)
+
+
 class AugCfg(_Strict):
     backend: Literal["albumentations", "torch"] = "albumentations"
+    mix: MixCfg = MixCfg()
     train: list[dict[str, Any]] = Field(default_factory=lambda: [dict(t) for t in DEFAULT_ALBUMENTATIONS])
     torch: TorchAugCfg = TorchAugCfg()
     tta: list[Literal["none", "hflip"]] = ["none", "hflip"]
@@ -158,6 +171,10 @@ class TrainCfg(_Strict):
     # every visible GPU (whether two on one GPU pay is for scripts/bench_kfold.py to say)
     jobs: int = Field(1, ge=1)
     seed: int = 0
+    # draw training rows with weights (1 / count of their class) ** sampler_power: by the final class,
+    # or by one head's class (a head name); none keeps the plain shuffle
+    sampler: str = "none"
+    sampler_power: float = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _folds_in_range(self):

@@ -16,7 +16,8 @@ from multitask.data.cache import ImageDecodeError, cached_images, undecodable_er
 from multitask.data.folds import assign_folds, make_folds, read_folds
 from multitask.data.layout import read_layout
 from multitask.data.table import ImageTable, read_table
-from multitask.labels import Factor, Head, Task, mask_task
+from multitask.labels import FLAT_HEAD, Factor, Head, Task, mask_task
+from multitask.numeric import numerics
 from multitask.run import RunDir, atomic_write_text
 
 # Settings that may differ between invocations on one run directory without changing what it holds.
@@ -47,10 +48,17 @@ def task_of(cfg: Config) -> Task:
 def build_task(cfg: Config) -> tuple[Task, list[Head]]:
     task = task_of(cfg)
     heads = task.heads(cfg.heads)
-    unknown = sorted(set(cfg.losses) - {h.name for h in heads})
+    names = [h.name for h in heads]
+    unknown = sorted(set(cfg.losses) - set(names))
     if unknown:
-        raise ConfigError(f"losses given for {unknown}, which are not among the heads "
-                          f"{','.join(h.name for h in heads)!r}")
+        raise ConfigError(f"losses given for {unknown}, which are not among the heads {','.join(names)!r}")
+    if cfg.train.sampler not in ("none", FLAT_HEAD, *names):
+        raise ConfigError(f"train.sampler {cfg.train.sampler!r} is neither 'none', {FLAT_HEAD!r} (the final class) "
+                          f"nor one of the heads {names}")
+    soft_f1_weighted = [n for n in names if cfg.loss_for(n).class_weights and cfg.loss_for(n).name == "soft_f1"]
+    if soft_f1_weighted:
+        raise ConfigError(f"losses {soft_f1_weighted}: soft_f1 weighs every class alike; class_weights do not apply")
+    numerics(task, cfg)  # numeric settings name numeric factors of this task
     return task, heads
 
 

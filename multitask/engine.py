@@ -11,6 +11,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ import torch
 from timm.utils import ModelEmaV3
 
 from multitask.config import Config
+from multitask.data.augment import BatchMixer
 from multitask.data.dataset import RowImages, TrainBatches
+from multitask.data.sampling import class_weights, sample_weights
 from multitask.device import autocast, prepare_input, tune_for
 from multitask.labels import Head, Task
 from multitask.losses import MultiHeadLoss
@@ -74,14 +77,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def train_one_epoch(step_model, model, batches, make_targets: Targets, criterion: MultiHeadLoss, optimizer,
-                    scheduler, ema, cfg: Config, device: torch.device, step: int, on_step=None):
+                    scheduler, ema, cfg: Config, device: torch.device, step: int, on_step=None, mix=None):
     """One pass over `batches`; returns (summed losses weighted by batch size, images seen, step).
-    `step_model` is `model` or its torch.compile wrapper; clipping and EMA act on `model`."""
+    `step_model` is `model` or its torch.compile wrapper; clipping and EMA act on `model`; `mix`
+    (x, targets) -> (x, targets) mixes each batch (MixUp / CutMix)."""
     model.train()
     seen = 0
     sums = {name: torch.zeros((), device=device) for name in criterion.fns} | {"loss": torch.zeros((), device=device)}
     for x, y in batches:
         targets = make_targets(y)
+        if mix is not None:
+            x, targets = mix(x, targets)
         with autocast(device, cfg.train.amp):
             outputs = step_model(prepare_input(x, cfg, device))
         loss, parts = criterion(outputs, targets)
@@ -117,7 +123,10 @@ class Training:
     targets: Targets
 
 
-def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.device, steps_per_epoch: int) -> Training:
+def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.device, steps_per_epoch: int,
+                   class_counts: dict[str, np.ndarray] | None = None, partial: bool = False) -> Training:
+    """`class_counts` (per head, from the fold's training rows) feed the heads whose loss has class_weights;
+    `partial`: some training rows lack some factors (partial pseudo labels)."""
     tc = cfg.train
     tune_for(device)
     model = build_model(cfg.model, heads, aux_outputs(task, cfg, heads)).to(device)
@@ -128,7 +137,10 @@ def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.dev
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(tc.warmup_epochs * steps_per_epoch), tc.epochs * steps_per_epoch))
-    criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads}, aux_losses(task, cfg))
+    weights = {h.name: torch.as_tensor(class_weights(class_counts[h.name], cfg.loss_for(h.name).class_weight_power),
+                                       dtype=torch.float32)
+               for h in heads if cfg.loss_for(h.name).class_weights and class_counts is not None}
+    criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads}, aux_losses(task, cfg), weights, partial)
     step_model = torch.compile(model) if tc.compile else model
     return Training(model, step_model, ema, optimizer, scheduler, criterion, Targets(task, heads, cfg))
 
@@ -155,10 +167,15 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     seed_everything(seed)
-    batches = TrainBatches(cfg, data.train_images, data.train_targets(), device, seed)
-    t = build_training(cfg, task, heads, device, len(batches))
+    labelled = (data.train_factors >= 0).all(1)  # rows a partial pseudo label leaves out don't count
+    weights = (sample_weights(task, heads, data.train_factors, tc.sampler, tc.sampler_power, labelled)
+               if tc.sampler != "none" else None)
+    batches = TrainBatches(cfg, data.train_images, data.train_targets(), device, seed, weights)
+    counts = {h.name: np.bincount(h.targets(data.train_factors[labelled]), minlength=h.n) for h in heads}
+    t = build_training(cfg, task, heads, device, len(batches), counts, partial=not labelled.all())
     model, ema, optimizer, scheduler, criterion = t.model, t.ema, t.optimizer, t.scheduler, t.criterion
 
+    mixer = BatchMixer(cfg.aug.mix, {h.name: h.n for h in heads})
     start, step, best, rows = 0, 0, {"f1": -1.0}, []
     if resume and (out_dir / "last.pt").exists():
         start, step, best, rows = resume_from(out_dir / "last.pt", t)
@@ -170,8 +187,11 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
             if progress:
                 progress.update(task_id, advance=1, description=f"{label} epoch {epoch + 1}/{tc.epochs}")
 
+        mix = None
+        if mixer.active(epoch):
+            mix = partial(mixer, gen=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 17))
         loss_sums, seen, step = train_one_epoch(t.step_model, model, batches.epoch(epoch), t.targets, criterion,
-                                                optimizer, scheduler, ema, cfg, device, step, on_step)
+                                                optimizer, scheduler, ema, cfg, device, step, on_step, mix)
         train_s = time.perf_counter() - t0
 
         eval_model = ema.module if ema is not None else model

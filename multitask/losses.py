@@ -44,14 +44,18 @@ def soft_f1(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> to
     return 1 - (2 * tp / (2 * tp + fp + fn + eps)).mean()
 
 
-def make_loss(cfg: LossCfg) -> LossFn:
+def make_loss(cfg: LossCfg, class_weights: torch.Tensor | None = None) -> LossFn:
+    """The head's loss; `class_weights` (n,) scale each class's term (ce, label_smoothing, focal)."""
+    w = (lambda t: t * class_weights.to(t.device)) if class_weights is not None else (lambda t: t)  # noqa: E731
     if cfg.name == "ce":
-        return cross_entropy
+        return lambda logits, t: cross_entropy(logits, w(t))
     if cfg.name == "label_smoothing":
-        return lambda logits, t: cross_entropy(logits, smooth(t, cfg.smoothing))
+        return lambda logits, t: cross_entropy(logits, w(smooth(t, cfg.smoothing)))
     if cfg.name == "focal":
-        return lambda logits, t: focal(logits, t, cfg.gamma)
+        return lambda logits, t: focal(logits, w(t), cfg.gamma)
     if cfg.name == "soft_f1":
+        if class_weights is not None:
+            raise ValueError("soft_f1 already weighs every class alike; class_weights do not apply to it")
         return soft_f1
     raise ValueError(f"unknown loss {cfg.name!r}")
 
@@ -60,8 +64,13 @@ class MultiHeadLoss:
     """Σ_h w_h · L_h(logits_h, target_h); also returns each head's unweighted loss. `extra` adds
     outputs with their own loss function and weight (name -> (fn, weight)), e.g. auxiliary heads."""
 
-    def __init__(self, cfgs: dict[str, LossCfg], extra: dict[str, tuple[LossFn, float]] | None = None):
-        self.fns = {name: make_loss(c) for name, c in cfgs.items()}
+    def __init__(self, cfgs: dict[str, LossCfg], extra: dict[str, tuple[LossFn, float]] | None = None,
+                 class_weights: dict[str, torch.Tensor] | None = None, partial: bool = False):
+        """`partial`: some rows lack some heads' labels (partial pseudo labels); only then are rows
+        checked, since the check waits for the device every batch."""
+        class_weights = class_weights or {}
+        self.heads = set(cfgs) if partial else set()
+        self.fns = {name: make_loss(c, class_weights.get(name)) for name, c in cfgs.items()}
         self.weights = {name: c.weight for name, c in cfgs.items()}
         for name, (fn, weight) in (extra or {}).items():
             self.fns[name], self.weights[name] = fn, weight
@@ -70,7 +79,13 @@ class MultiHeadLoss:
         parts = {}
         total = 0.0
         for name, fn in self.fns.items():
-            logits = outputs[name]
-            parts[name] = fn(logits, as_soft(targets[name], logits.shape[1]))
+            logits, target = outputs[name], targets[name]
+            if name in self.heads:
+                # a row without this head's label (a partial pseudo label: -1, or an all-zero soft row)
+                # adds nothing to it
+                labelled = target >= 0 if target.ndim == 1 else target.sum(1) > 0
+                if not labelled.all():
+                    logits, target = logits[labelled], target[labelled]
+            parts[name] = fn(logits, as_soft(target, logits.shape[1])) if len(target) else logits.sum() * 0
             total = total + self.weights[name] * parts[name]
         return total, parts

@@ -115,12 +115,15 @@ class Targets:
         self.aux = [n for n in self.numerics if n.cfg.aux != "none"]
 
     def factor_distributions(self, factors: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
-        dists = [F.one_hot(factors[:, i], f.n).float() for i, f in enumerate(self.task.factors)]
+        """(N, n_f) per factor; a row whose factor is unknown (-1, a partial pseudo label) is all zeros."""
+        known = factors >= 0
+        safe = factors.clamp(min=0)
+        dists = [F.one_hot(safe[:, i], f.n).float() for i, f in enumerate(self.task.factors)]
         for n in self.numerics:
             if n.reshapes_targets:
-                dists[n.index] = edge_distribution(values[:, n.column], factors[:, n.index], n.train_edges,
+                dists[n.index] = edge_distribution(values[:, n.column], safe[:, n.index], n.train_edges,
                                                    n.factor.n, n.cfg.soft_edge)
-        return dists
+        return [d * known[:, i, None] for i, d in enumerate(dists)]
 
     def __call__(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
         n_f = len(self.task.factors)
@@ -134,7 +137,9 @@ class Targets:
                     t = (t[:, :, None] * dists[i][:, None, :]).reshape(len(t), -1)
                 out[h.name] = t
         else:
-            out = {h.name: h.targets(factors) for h in self.heads}
+            # -1 where a factor of the head is unknown: the loss leaves the row out of that head
+            out = {h.name: torch.where((factors[:, list(h.factor_idx)] >= 0).all(1), h.targets(factors), -1)
+                   for h in self.heads}
         for n in self.aux:
             v = values[:, n.column]
             if n.cfg.aux == "regression":
@@ -143,7 +148,9 @@ class Targets:
                 edges = torch.as_tensor(n.factor.bins, dtype=v.dtype, device=v.device)
                 from_class = (factors[:, n.index, None] > torch.arange(len(edges), device=v.device)).to(v.dtype)
                 from_value = (v[:, None] >= edges).to(v.dtype)
-                out[aux_name(n.factor.name)] = torch.where(torch.isfinite(v)[:, None], from_value, from_class)
+                target = torch.where(torch.isfinite(v)[:, None], from_value, from_class)
+                unknown = ~torch.isfinite(v) & (factors[:, n.index] < 0)  # neither number nor class
+                out[aux_name(n.factor.name)] = torch.where(unknown[:, None], float("nan"), target)
         return out
 
 
@@ -156,7 +163,11 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def ordinal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits.float(), target)
+    """Binary cross-entropy per edge, over the rows whose bin is known."""
+    known = torch.isfinite(target[:, 0])
+    if not known.any():
+        return logits.sum() * 0
+    return F.binary_cross_entropy_with_logits(logits.float()[known], target[known])
 
 
 def aux_losses(task: Task, cfg: Config) -> dict[str, tuple]:

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from multitask.config import ConfigError, TorchAugCfg
+from multitask.config import ConfigError, MixCfg, TorchAugCfg
+from multitask.losses import as_soft
 
 
 def build_albumentations(specs: list[dict], where: str = "aug.train"):
@@ -69,3 +70,43 @@ def tta_view(x: torch.Tensor, view: str) -> torch.Tensor:
     if view == "hflip":
         return x.flip(-1)
     raise ValueError(f"unknown TTA view {view!r}")
+
+
+class BatchMixer:
+    """MixUp / CutMix of a training batch and of every head's targets with the same λ (heads' hard
+    labels become one-hot first; numbers of auxiliary outputs mix linearly). Draws come from the
+    epoch's generator, so a seeded run mixes the same way on any device."""
+
+    def __init__(self, cfg: MixCfg, head_sizes: dict[str, int]):
+        self.cfg, self.head_sizes = cfg, head_sizes
+
+    def active(self, epoch: int) -> bool:
+        c = self.cfg
+        return (c.mixup_alpha > 0 or c.cutmix_alpha > 0) and (c.stop_epoch is None or epoch < c.stop_epoch)
+
+    def __call__(self, x: torch.Tensor, targets: dict[str, torch.Tensor], gen: torch.Generator):
+        c = self.cfg
+        if torch.rand(1, generator=gen).item() >= c.prob:
+            return x, targets
+        cutmix = c.cutmix_alpha > 0 and (c.mixup_alpha <= 0 or torch.rand(1, generator=gen).item() < c.switch_prob)
+        alpha = c.cutmix_alpha if cutmix else c.mixup_alpha
+        # a Beta draw from two Gammas, from the epoch's generator (torch's Beta takes no generator)
+        g = torch._standard_gamma(torch.full((2,), float(alpha)), generator=gen)
+        lam = float(g[0] / g.sum())
+        perm = torch.randperm(len(x), generator=gen).to(x.device)
+        if cutmix:
+            h, w = x.shape[-2:]
+            ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+            cy, cx = (int(v) for v in torch.randint(0, 10**9, (2,), generator=gen) % torch.tensor([h, w]))
+            y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the share of the picture that is really the row's own
+        else:
+            x = lam * x + (1 - lam) * x[perm]
+        mixed = {}
+        for name, t in targets.items():
+            if name in self.head_sizes:
+                t = as_soft(t.clamp(min=0), self.head_sizes[name]) * (t >= 0)[:, None] if t.ndim == 1 else t
+            mixed[name] = lam * t + (1 - lam) * t[perm]
+        return x, mixed

@@ -131,8 +131,11 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device):
 class TrainBatches:
     """Shuffled, augmented training batches on `device`; `epoch(e)` yields (x float [0,1], y factors)."""
 
-    def __init__(self, cfg: Config, images: RowImages, targets: np.ndarray, device: torch.device, seed: int):
+    def __init__(self, cfg: Config, images: RowImages, targets: np.ndarray, device: torch.device, seed: int,
+                 weights: np.ndarray | None = None):
+        """`weights`: draw rows with these probabilities (with replacement, N a epoch) instead of a shuffle."""
         self.cfg, self.device, self.seed = cfg, device, seed
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.batch_size = min(cfg.train.batch_size, len(images))
         # BatchNorm cannot train on a batch of one; drop the ragged tail when there is a tail to drop
         self.drop_last = len(images) > cfg.train.batch_size
@@ -155,13 +158,21 @@ class TrainBatches:
             return
         self.dataset.set_epoch(epoch)
         workers = self.cfg.data.num_workers
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen,
+        # the plain shuffle stays DataLoader's own, so an unweighted run draws what it always drew
+        order = dict(shuffle=True) if self.weights is None else dict(sampler=self._order(gen).tolist())
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, generator=gen, **order,
                             drop_last=self.drop_last, num_workers=workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if workers else None)
         for x, y in loader:
             x, y = _to_device(x, y, self.device)
             yield x.float().div_(255), y
+
+    def _order(self, gen: torch.Generator) -> torch.Tensor:
+        """The epoch's rows: a permutation, or N weighted draws with replacement."""
+        if self.weights is None:
+            return torch.randperm(self.n, generator=gen)
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         if self.device_images is not None:
@@ -170,7 +181,7 @@ class TrainBatches:
         return x.pin_memory() if self.device.type == "cuda" else x
 
     def _torch_epoch(self, gen: torch.Generator):
-        order = torch.randperm(self.n, generator=gen)
+        order = self._order(gen)
         for b in range(len(self)):
             rows = order[b * self.batch_size:(b + 1) * self.batch_size]
             x, y = _to_device(self._gather(rows), self.targets[rows], self.device)

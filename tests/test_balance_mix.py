@@ -1,0 +1,126 @@
+"""Class balance (weighted sampler, per-class loss weights) and batch MixUp / CutMix."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from multitask.config import ConfigError, LossCfg, MixCfg
+from multitask.context import build_task
+from multitask.data.augment import BatchMixer
+from multitask.data.dataset import RowImages, TrainBatches
+from multitask.data.sampling import class_weights, sample_weights
+from multitask.kfold import train_run
+from multitask.labels import mask_task
+from multitask.losses import MultiHeadLoss, cross_entropy, make_loss
+
+TASK = mask_task()
+HEADS = TASK.heads("mask,gender,age")
+
+
+def skewed_factors(n=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.choice(3, n, p=[0.7, 0.15, 0.15]), rng.integers(0, 2, n),
+                     rng.choice(3, n, p=[0.6, 0.35, 0.05])], 1)
+
+
+@pytest.mark.parametrize("by", ["class", "age"])
+def test_sampler_weights_balance_the_chosen_classes(by):
+    f = skewed_factors()
+    w = sample_weights(TASK, HEADS, f, by, power=1.0)
+    assert w.shape == (1000,) and np.isclose(w.sum(), 1)
+    cls = TASK.encode(f) if by == "class" else f[:, 2]
+    mass = np.bincount(cls, weights=w)
+    present = mass[mass > 0]
+    np.testing.assert_allclose(present, present.mean(), rtol=1e-9)  # power 1: every class drawn alike
+    half = np.bincount(cls, weights=sample_weights(TASK, HEADS, f, by, power=0.5))
+    counts = np.bincount(cls)
+    assert half[counts.argmin()] < mass[counts.argmin()] and half[counts.argmin()] > counts.min() / 1000
+
+
+def test_a_weighted_epoch_draws_rare_rows_more_often_and_is_seeded():
+    f = skewed_factors(400)
+    cfg = tiny_config(None, "aug.backend=torch", "train.batch_size=50")
+    images = RowImages.of(np.zeros((400, 8, 8, 3), np.uint8))
+    w = sample_weights(TASK, HEADS, f, "age", power=1.0)
+    draws = lambda: torch.cat([y[:, 2] for _, y in TrainBatches(cfg, images, f.astype(np.float32), torch.device("cpu"),  # noqa: E731
+                                                                     seed=3, weights=w).epoch(0)])
+    ages = draws()
+    assert (ages == 2).float().mean() > 0.2  # 5% of rows, a third of the draws
+    assert torch.equal(ages, draws())
+
+
+def test_class_weights_are_inverse_frequency_with_mean_one():
+    w = class_weights(np.array([100, 50, 10, 0]), power=1.0)
+    present = w[:3]
+    assert np.isclose(present.mean(), 1) and present[2] > present[1] > present[0]
+    np.testing.assert_allclose(present[2] / present[0], 10)
+    assert w[3] == present.max()
+
+
+def test_class_weights_scale_each_class_term_of_the_loss():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weights = torch.tensor([1.0, 3.0])
+    plain = make_loss(LossCfg(name="ce"))(logits, target)
+    weighted = make_loss(LossCfg(name="ce"), weights)(logits, target)
+    logp = torch.log_softmax(logits, 1)
+    assert weighted.item() == pytest.approx(-(logp[0, 0] + 3 * logp[1, 1]).item() / 2)
+    assert plain.item() == pytest.approx(cross_entropy(logits, target).item())
+
+
+def test_rows_without_a_heads_label_add_nothing_to_it():
+    crit = MultiHeadLoss({"a": LossCfg(name="ce")}, partial=True)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, -5.0, 0.0]])
+    total, _ = crit({"a": logits}, {"a": torch.tensor([0, 2, -1])})
+    expected = cross_entropy(logits[:2], torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float())
+    assert total.item() == pytest.approx(expected.item())
+
+
+def test_sampler_and_class_weight_settings_are_checked(demo_root):
+    with pytest.raises(ConfigError, match="train.sampler 'hair'"):
+        build_task(tiny_config(demo_root, "train.sampler=hair"))
+    with pytest.raises(ConfigError, match="soft_f1"):
+        build_task(tiny_config(demo_root, "losses.age.name=soft_f1", "losses.age.class_weights=true"))
+
+
+def mix_inputs(n=8):
+    x = torch.rand(n, 3, 16, 16)
+    targets = {"mask": torch.randint(0, 3, (n,)), "age": torch.randint(0, 3, (n,)),
+               "aux_age": torch.rand(n, 1)}
+    return x, targets
+
+
+@pytest.mark.parametrize("cfg", [MixCfg(mixup_alpha=0.4), MixCfg(cutmix_alpha=1.0), MixCfg(mixup_alpha=0.4, cutmix_alpha=1.0)])
+def test_mixed_targets_sum_to_one_per_head_and_follow_the_images(cfg):
+    mixer = BatchMixer(cfg, {"mask": 3, "age": 3})
+    for seed in range(5):
+        x, t = mix_inputs()
+        mx, mt = mixer(x, t, torch.Generator().manual_seed(seed))
+        for head in ("mask", "age"):
+            torch.testing.assert_close(mt[head].sum(1), torch.ones(8))
+        # the share of each row's own label equals the share of its own picture (own label weight = λ,
+        # other row's = 1 − λ, or a row mixed with itself)
+        own = mt["mask"][torch.arange(8), t["mask"]]
+        assert ((own >= 0) & (own <= 1 + 1e-6)).all()
+        if cfg.cutmix_alpha and not cfg.mixup_alpha:
+            same = (mx == x).all(1).float().mean((1, 2))  # share of unchanged pixels
+            changed = (own < 1 - 1e-6) & (mt["mask"].max(1).values < 1)
+            assert torch.allclose(same[changed], own[changed], atol=0.1)
+        assert mt["aux_age"].shape == (8, 1)
+
+
+def test_mixing_stops_after_its_epoch_and_is_seeded():
+    mixer = BatchMixer(MixCfg(mixup_alpha=0.4, stop_epoch=2), {"mask": 3})
+    assert mixer.active(0) and mixer.active(1) and not mixer.active(2)
+    assert not BatchMixer(MixCfg(), {"mask": 3}).active(0)
+    x, t = mix_inputs()
+    a = mixer(x, {"mask": t["mask"]}, torch.Generator().manual_seed(1))
+    b = mixer(x, {"mask": t["mask"]}, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["mask"], b[1]["mask"])
+
+
+def test_a_run_with_balance_and_mixing_trains(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, "train.fold=[0]", "train.sampler=class", "losses.age.class_weights=true",
+                      "aug.mix.mixup_alpha=0.4", "aug.mix.cutmix_alpha=1.0")
+    summary = train_run(cfg, tmp_path / "run")
+    assert 0 <= summary["oof"]["f1"] <= 1
