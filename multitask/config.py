@@ -82,6 +82,9 @@ class ModelCfg(_Strict):
     checkpoint: str | None = None  # local timm-compatible state dict for the backbone(s)
     sharing: Literal["shared", "separate"] = "shared"
     drop_rate: float = Field(0.0, ge=0, lt=1)
+    # train the heads only, on the backbone's features as they are (for a pretrained checkpoint); its
+    # BatchNorm statistics stay as loaded
+    freeze_backbone: bool = False
 
 
 class DataCfg(_Strict):
@@ -133,7 +136,8 @@ class AugCfg(_Strict):
     mix: MixCfg = MixCfg()
     train: list[dict[str, Any]] = Field(default_factory=lambda: [dict(t) for t in DEFAULT_ALBUMENTATIONS])
     torch: TorchAugCfg = TorchAugCfg()
-    tta: list[Literal["none", "hflip"]] = ["none", "hflip"]
+    # zoom: the central 90% scaled back to full size (a small scale and shift of the face)
+    tta: list[Literal["none", "hflip", "zoom", "zoom_hflip"]] = ["none", "hflip"]
 
     @field_validator("train")
     @classmethod
@@ -171,6 +175,9 @@ class TrainCfg(_Strict):
     # every visible GPU (whether two on one GPU pay is for scripts/bench_kfold.py to say)
     jobs: int = Field(1, ge=1)
     seed: int = 0
+    # average the weights of the fold's k best epochs (by validation macro F1) into avg.pt, which then
+    # makes the fold's OOF and test predictions; 0 keeps the single best epoch
+    avg_top_k: int = Field(0, ge=0)
     # draw training rows with weights (1 / count of their class) ** sampler_power: by the final class,
     # or by one head's class (a head name); none keeps the plain shuffle
     sampler: str = "none"
@@ -205,6 +212,7 @@ class DecideCfg(_Strict):
     """How the final class is chosen from the voted probabilities; everything here is fitted on the
     round's OOF probabilities, stored in roundN/decision.json, and applied by submit and predict."""
     offsets: Literal["none", "factor", "class"] = "none"  # additive log-prior offsets per factor class or per final class
+    vote: Literal["soft", "hard"] = "soft"  # folds' head probabilities averaged, or their argmaxes counted
     blend_aux: bool = True  # blend each auxiliary numeric head into its factor (weight fitted on OOF)
 
 

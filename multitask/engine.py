@@ -2,8 +2,9 @@
 torch.compile, gradient clipping; validate every epoch and keep the checkpoint with the best combined
 macro F1 (the competition metric, not accuracy).
 
-Writes FOLD/metrics.csv (a row per epoch), FOLD/best.pt (weights) and FOLD/last.pt (everything a
-resume needs: model, EMA, optimizer, scheduler, epoch, RNG states).
+Writes FOLD/metrics.csv (a row per epoch), FOLD/best.pt (weights), FOLD/last.pt (everything a
+resume needs: model, EMA, optimizer, scheduler, epoch, RNG states), and with `train.avg_top_k` the
+kept epochs' weights and their average FOLD/avg.pt.
 """
 from __future__ import annotations
 
@@ -159,6 +160,37 @@ def resume_from(path: Path, t: Training) -> tuple[int, int, dict, list[dict]]:
     return state["epoch"] + 1, state["step"], state["best"], rows
 
 
+class TopEpochs:
+    """The weights of the fold's k best epochs by validation macro F1, one file each (top_e<epoch>.pt,
+    so a resumed fold still has them), and their average (avg.pt): a cheap ensemble along the
+    trajectory, next to EMA."""
+
+    def __init__(self, out_dir: Path, k: int, rows: list[dict]):
+        self.out_dir, self.k = out_dir, k
+        # a resumed fold: the kept epochs are the best of those already run whose file is there
+        ranked = sorted(rows, key=lambda r: (-r["val_f1"], r["epoch"]))
+        self.kept = [(r["val_f1"], int(r["epoch"])) for r in ranked if self.path(int(r["epoch"])).exists()][:k]
+
+    def path(self, epoch: int) -> Path:
+        return self.out_dir / f"top_e{epoch}.pt"
+
+    def offer(self, epoch: int, score: float, model: torch.nn.Module) -> None:
+        if self.k <= 0:
+            return
+        ranked = sorted(self.kept + [(score, epoch)], key=lambda s: (-s[0], s[1]))
+        if (score, epoch) not in ranked[:self.k]:
+            return
+        save_torch(self.path(epoch), {"model": model.state_dict(), "epoch": epoch})
+        for _, dropped in ranked[self.k:]:
+            self.path(dropped).unlink(missing_ok=True)
+        self.kept = ranked[:self.k]
+
+    def write_average(self) -> None:
+        states = [torch.load(self.path(e), map_location="cpu", weights_only=True)["model"] for _, e in self.kept]
+        avg = {key: torch.stack([s[key].float() for s in states]).mean(0).to(states[0][key].dtype) for key in states[0]}
+        save_torch(self.out_dir / "avg.pt", {"model": avg, "epochs": [e for _, e in self.kept]})
+
+
 def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_dir: Path, seed: int,
                device: torch.device, progress=None, label: str = "fold", resume: bool = False) -> dict:
     """Train, validate each epoch, checkpoint; return the best epoch's validation scores. With
@@ -179,6 +211,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     start, step, best, rows = 0, 0, {"f1": -1.0}, []
     if resume and (out_dir / "last.pt").exists():
         start, step, best, rows = resume_from(out_dir / "last.pt", t)
+    top = TopEpochs(out_dir, tc.avg_top_k, rows)
     task_id = progress.add_task(label, total=(tc.epochs - start) * len(batches)) if progress else None
     for epoch in range(start, tc.epochs):
         t0 = time.perf_counter()
@@ -206,6 +239,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
         if scores["f1"] > best["f1"]:
             best = scores | {"epoch": epoch}
             save_torch(out_dir / "best.pt", {"model": eval_model.state_dict(), "epoch": epoch, "scores": scores})
+        top.offer(epoch, scores["f1"], eval_model)
         save_torch(out_dir / "last.pt", {
             "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -215,6 +249,8 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
                 f"  {label} epoch {epoch + 1}/{tc.epochs}  loss {row['train_loss']:.3f}  "
                 + "  ".join(f"{h.name} {scores[f'f1_{h.name}']:.3f}" for h in heads)
                 + f"  F1 {scores['f1']:.3f}  ({row['train_img_s']:.0f} img/s)", soft_wrap=True)
+    if tc.avg_top_k > 0:
+        top.write_average()
     if progress:
         progress.remove_task(task_id)
     return best

@@ -22,9 +22,9 @@ from multitask.engine import FoldData, train_fold
 from multitask.numeric import training_rows
 from multitask.metrics import score_probs
 from multitask.parallel import run_in_workers
-from multitask.predict import load_model, predict_probs, soft_vote
+from multitask.predict import load_model, predict_probs, vote
 from multitask.report import plot_round
-from multitask.run import RunDir, load_npz, read_json, save_npz, write_json
+from multitask.run import RunDir, fold_checkpoint, load_npz, read_json, save_npz, write_json
 
 
 def pseudo_labelled(ctx: Context, r: int) -> tuple[RowImages, np.ndarray] | None:
@@ -74,7 +74,7 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     fold_dir = ctx.run.fold_dir(r, k)
     train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
                device=device, progress=progress, label=f"round {r} fold {k}", resume=resume)
-    model = load_model(fold_dir / "best.pt", cfg, ctx.task, ctx.heads, device)
+    model = load_model(fold_dir / fold_checkpoint(cfg), cfg, ctx.task, ctx.heads, device)
     oof = predict_probs(model, data.val_images, cfg, device)
     save_npz(fold_dir / "oof.npz", rows=va, **{f"p_{h}": p for h, p in oof.items()})
     if ctx.test_images is not None:
@@ -140,8 +140,8 @@ def aggregate_round(ctx: Context, r: int) -> dict:
         best = metrics.loc[metrics["val_f1"].idxmax()]
         fold_scores[str(k)] = {"best_epoch": int(best["epoch"]), "val_f1": float(best["val_f1"])}
     if ctx.test_images is not None:
-        test = soft_vote([{key[2:]: v for key, v in load_npz(run.fold_dir(r, k) / "test.npz").items()}
-                          for k in done])
+        test = vote([{key[2:]: v for key, v in load_npz(run.fold_dir(r, k) / "test.npz").items()}
+                     for k in done], ctx.cfg.decide.vote)
         save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str),
                  **{f"p_{h}": p for h, p in test.items()})
     summary = {"round": r, "folds_done": done, "oof": oof_scores, "folds": fold_scores}

@@ -53,9 +53,18 @@ class MultiHeadNet(nn.Module):
         self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.n) for h in heads}
                                    | {name: nn.Linear(dim, size) for name, (size, _) in aux.items()})
         self.reads = {name: name for name in self.head_names} | {name: head for name, (_, head) in aux.items()}
+        self.frozen = cfg.freeze_backbone
+        if self.frozen:
+            self.backbones.requires_grad_(False)
         pcfg = self.backbones[0].pretrained_cfg
         self.register_buffer("mean", torch.tensor(pcfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(pcfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.backbones.eval()  # a frozen backbone keeps its BatchNorm statistics and no dropout
+        return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)

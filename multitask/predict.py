@@ -24,7 +24,7 @@ from multitask.device import autocast, prepare_input, resolve_device, tune_for
 from multitask.labels import Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_outputs, is_aux
-from multitask.run import RunDir, atomic_write_text, read_json
+from multitask.run import RunDir, atomic_write_text, fold_checkpoint, read_json
 
 
 @torch.no_grad()
@@ -64,6 +64,27 @@ def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: t
 
 def soft_vote(prob_sets: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.mean([p[name] for p in prob_sets], axis=0) for name in prob_sets[0]}
+
+
+HARD_TIE_BREAK = 1e-3  # the soft vote's share in a hard vote: it only decides ties
+
+
+def vote(prob_sets: list[dict[str, np.ndarray]], kind: str = "soft") -> dict[str, np.ndarray]:
+    """Combine the folds' outputs. soft: average each head's probabilities. hard: each fold votes its
+    argmax per head; the vote shares (ties broken by the soft vote) stand in for probabilities.
+    Auxiliary outputs are numbers, always averaged."""
+    soft = soft_vote(prob_sets)
+    if kind == "soft":
+        return soft
+    out = dict(soft)
+    for name in soft:
+        if is_aux(name):
+            continue
+        n = soft[name].shape[1]
+        votes = np.mean([np.eye(n)[p[name].argmax(1)] for p in prob_sets], axis=0)
+        mixed = votes + HARD_TIE_BREAK * soft[name]
+        out[name] = mixed / mixed.sum(1, keepdims=True)
+    return out
 
 
 def load_model(path: Path, cfg: Config, task: Task, heads: list[Head], device: torch.device) -> MultiHeadNet:
@@ -128,10 +149,10 @@ def list_images(source: str | Path) -> tuple[list[str], list[str]]:
     raise FileNotFoundError(f"{src}: not found (expected a folder, a CSV with a path column, or an image file)")
 
 
-def round_models(run: RunDir, r: int) -> list[Path]:
-    """best.pt of every fold the round's aggregate voted over."""
+def round_models(run: RunDir, r: int, cfg: Config) -> list[Path]:
+    """The checkpoint that made the predictions of every fold the round's aggregate voted over."""
     done = read_json(run.round_dir(r) / "summary.json")["folds_done"]
-    return [run.fold_dir(r, k) / "best.pt" for k in done]
+    return [run.fold_dir(r, k) / fold_checkpoint(cfg) for k in done]
 
 
 def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, task: Task, heads: list[Head],
@@ -145,7 +166,7 @@ def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, task
             progress.update(tid, advance=1)
     if progress:
         progress.remove_task(tid)
-    return soft_vote(sets)
+    return vote(sets, cfg.decide.vote)
 
 
 def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, batch_size: int | None = None,
@@ -170,7 +191,7 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
                                                       "reason": [why for _, why in bad]}).to_csv(index=False))
     if not len(keep):
         raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
-    probs = ensemble_probs(round_models(run, r), RowImages.of(arr[keep]), cfg, task, heads,
+    probs = ensemble_probs(round_models(run, r, cfg), RowImages.of(arr[keep]), cfg, task, heads,
                            resolve_device(cfg.train.device), progress)
     combined, classes = predict_classes(task, heads, probs, cfg, load_decision(run.round_dir(r)))
     frame = predictions_frame(task, [ids[i] for i in keep], combined, classes, with_probs)

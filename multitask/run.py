@@ -61,6 +61,12 @@ def save_torch(path: Path, obj) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def fold_checkpoint(cfg) -> str:
+    """The fold checkpoint that makes its OOF and test predictions: the single best epoch, or the
+    average of the best `train.avg_top_k` epochs."""
+    return "avg.pt" if cfg.train.avg_top_k > 0 else "best.pt"
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -64,11 +64,19 @@ def augment_batch(x: torch.Tensor, cfg: TorchAugCfg, gen: torch.Generator) -> to
     return x.clamp_(0, 1)
 
 
+ZOOM = 0.9  # the share of each side a zoom view keeps
+
+
 def tta_view(x: torch.Tensor, view: str) -> torch.Tensor:
     if view == "none":
         return x
     if view == "hflip":
         return x.flip(-1)
+    if view in ("zoom", "zoom_hflip"):
+        h, w = x.shape[-2:]
+        dh, dw = round(h * (1 - ZOOM) / 2), round(w * (1 - ZOOM) / 2)
+        z = F.interpolate(x[..., dh:h - dh, dw:w - dw], size=(h, w), mode="bilinear", align_corners=False)
+        return z.flip(-1) if view == "zoom_hflip" else z
     raise ValueError(f"unknown TTA view {view!r}")
 
 

@@ -1,0 +1,100 @@
+"""Voting (soft vs hard), TTA views beyond flip, top-k checkpoint averaging and a frozen backbone."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from multitask.config import ModelCfg
+from multitask.data.augment import tta_view
+from multitask.engine import TopEpochs
+from multitask.kfold import train_run
+from multitask.labels import mask_task
+from multitask.model import build_model
+from multitask.predict import vote
+from multitask.run import RunDir, load_npz, read_json
+
+
+def test_hard_vote_counts_argmaxes_and_soft_vote_averages():
+    folds = [{"h": np.array([[0.6, 0.4]]), "aux_n": np.array([[1.0]])},
+             {"h": np.array([[0.55, 0.45]]), "aux_n": np.array([[2.0]])},
+             {"h": np.array([[0.0, 1.0]]), "aux_n": np.array([[3.0]])}]
+    soft = vote(folds, "soft")
+    hard = vote(folds, "hard")
+    np.testing.assert_allclose(soft["h"], [[0.3833333, 0.6166667]], rtol=1e-5)
+    assert soft["h"].argmax() == 1 and hard["h"].argmax() == 0  # two folds of three say class 0
+    np.testing.assert_allclose(hard["h"].sum(1), 1)
+    assert abs(hard["h"][0, 0] - 2 / 3) < 0.01
+    assert soft["aux_n"][0, 0] == hard["aux_n"][0, 0] == 2.0  # numbers are averaged either way
+    tie = vote([{"h": np.array([[0.9, 0.1]])}, {"h": np.array([[0.45, 0.55]])}], "hard")
+    assert tie["h"].argmax() == 0  # a tie goes to the soft vote
+
+
+def test_zoom_views_keep_the_shape_and_zoom_in():
+    x = torch.zeros(1, 3, 20, 20)
+    x[..., 0, :] = 1.0  # a bright top row that the zoom crops away
+    for view in ("zoom", "zoom_hflip"):
+        z = tta_view(x, view)
+        assert z.shape == x.shape and z[..., 0, :].max() < 0.5
+    ramp = torch.arange(20.0).view(1, 1, 1, 20).expand(1, 3, 20, 20)
+    assert torch.allclose(tta_view(ramp, "zoom_hflip"), tta_view(ramp, "zoom").flip(-1))
+
+
+def test_top_epochs_keeps_the_k_best_files_and_averages_them(tmp_path):
+    top = TopEpochs(tmp_path, 2, [])
+    model = torch.nn.Linear(2, 1)
+    weights = {}
+    for epoch, score in enumerate([0.3, 0.5, 0.4, 0.2]):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        weights[epoch] = model.weight.clone()
+        top.offer(epoch, score, model)
+    assert sorted(p.name for p in tmp_path.glob("top_e*.pt")) == ["top_e1.pt", "top_e2.pt"]
+    top.write_average()
+    avg = torch.load(tmp_path / "avg.pt", weights_only=True)
+    assert avg["epochs"] == [1, 2] and torch.allclose(avg["model"]["weight"], (weights[1] + weights[2]) / 2)
+    # a resumed fold finds its kept epochs again from the metrics rows and the files
+    again = TopEpochs(tmp_path, 2, [{"epoch": e, "val_f1": s} for e, s in enumerate([0.3, 0.5, 0.4, 0.2])])
+    assert again.kept == [(0.5, 1), (0.4, 2)]
+
+
+def test_a_run_with_hard_votes_zoom_tta_and_averaged_epochs(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, "train.epochs=3", "train.avg_top_k=2", "decide.vote=hard",
+                      "aug.tta=[none, hflip, zoom, zoom_hflip]")
+    train_run(cfg, tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    for k in (0, 1):
+        avg = torch.load(run.fold_dir(0, k) / "avg.pt", weights_only=True)
+        assert len(avg["epochs"]) == 2 and len(list(run.fold_dir(0, k).glob("top_e*.pt"))) == 2
+    test = load_npz(run.round_dir(0) / "test_probs.npz")
+    np.testing.assert_allclose(test["p_age"].sum(1), 1, rtol=1e-6)
+    assert read_json(run.summary)["latest_round"] == 0
+
+
+def test_a_frozen_backbone_trains_only_its_heads(tmp_path):
+    heads = mask_task().heads("mask,gender,age")
+    model = build_model(ModelCfg(backbone="resnet10t", freeze_backbone=True), heads)
+    before = {k: v.clone() for k, v in model.backbones.state_dict().items()}
+    head_before = model.heads["age"].weight.clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    assert not model.backbones[0].training and model.heads.training
+    out = model(torch.rand(4, 3, 32, 32))
+    sum(o.sum() for o in out.values()).backward()
+    opt.step()
+    for k, v in model.backbones.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights and BatchNorm statistics alike
+    assert not torch.equal(model.heads["age"].weight, head_before)
+
+
+def test_a_frozen_pretrained_checkpoint_run(demo_root, tmp_path):
+    """Frozen features from a local checkpoint that the test writes itself."""
+    import timm
+
+    ckpt = tmp_path / "backbone.pth"
+    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), ckpt)
+    cfg = tiny_config(demo_root, "train.fold=[0]", "model.freeze_backbone=true", f"model.checkpoint={ckpt}")
+    train_run(cfg, tmp_path / "run")
+    trained = torch.load(RunDir(tmp_path / "run").fold_dir(0, 0) / "best.pt", weights_only=True)["model"]
+    loaded = torch.load(ckpt, weights_only=True)
+    key = next(k for k in loaded if k.startswith("conv_stem"))
+    assert torch.equal(trained[f"backbones.0.{key}"], loaded[key])
