@@ -81,22 +81,25 @@ def train(
 @app.command("pseudo-label")
 def pseudo_label_cmd(
     run: Path = typer.Option(..., "--run", help="run directory made by `mt train`"),
-    threshold: Optional[float] = typer.Option(None, help="least combined probability to keep a test image [config: 0.9]"),
+    precision: Optional[float] = typer.Option(None, help="precision each factor's pseudo labels must reach on OOF (config pseudo.precision, 0.95)"),
     rounds: Optional[int] = typer.Option(None, help="pseudo-label rounds to add [config: 1]"),
     jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override (repeatable)"),
 ):
-    """Add rounds trained on train + confidently pseudo-labelled test images."""
+    """Add rounds trained on train + pseudo-labelled test images: each fold's from its own previous model,
+    each factor where it clears a threshold fitted on OOF to the target precision."""
     from multitask.pseudo import pseudo_label
 
     with progress_and_errors() as progress:
         extra = [f"train.jobs={jobs}"] if jobs is not None else []
-        reports = pseudo_label(run, threshold, rounds, extra + list(set_ or []), progress)
-    table = Table(title="pseudo-label rounds")
-    for col in ("round", "threshold", "added", "OOF macro F1"):
+        reports = pseudo_label(run, precision, rounds, extra + list(set_ or []), progress)
+    table = Table(title="pseudo-label rounds (images per fold)")
+    for col in ("round", "precision", "added", "labelled per factor", "OOF macro F1"):
         table.add_column(col, justify="right")
     for rep in reports:
-        table.add_row(str(rep["round"]), f"{rep['threshold']:.2f}", f"{rep['added']}/{rep['of']}", f"{rep['oof_f1']:.4f}")
+        labelled = ", ".join(f"{f} {n}" for f, n in rep["labelled"].items())
+        table.add_row(str(rep["round"]), f"{rep['precision']:.2f}", f"{rep['added']}/{rep['of']}", labelled,
+                      f"{rep['oof_f1']:.4f}")
     console.print(table)
 
 

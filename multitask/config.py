@@ -217,7 +217,9 @@ class DecideCfg(_Strict):
 
 
 class PseudoCfg(_Strict):
-    threshold: float = Field(0.9, ge=0, le=1)  # 0 takes every test image
+    # each factor's confidence threshold is the lowest at which the previous round's OOF predictions
+    # of that factor are right this often; 0 takes every test image with every factor
+    precision: float = Field(0.95, ge=0, le=1)
     rounds: int = Field(1, ge=1)
 
 

@@ -21,7 +21,7 @@ from multitask.numeric import numerics
 from multitask.run import RunDir, atomic_write_text
 
 # Settings that may differ between invocations on one run directory without changing what it holds.
-PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("pseudo", "threshold"), ("pseudo", "rounds"),
+PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("pseudo", "precision"), ("pseudo", "rounds"),
                   ("data", "cache_dir"), ("data", "decode_workers"), ("data", "num_workers"),
                   ("train", "eval_batch_size")}
 

@@ -38,7 +38,7 @@ def run_demo(out: str | Path, n_train_persons: int = 80, n_eval_persons: int = 1
     summary = train_run(cfg, out / "run", progress)
     log(f"round 0: OOF macro F1 {summary['oof']['f1']:.3f}")
     for rep in pseudo_label(out / "run", progress=progress):
-        log(f"round {rep['round']}: {rep['added']}/{rep['of']} pseudo-labelled test images added, "
+        log(f"round {rep['round']}: {rep['added']}/{rep['of']} pseudo-labelled test images added per fold, "
             f"OOF macro F1 {rep['oof_f1']:.3f}")
     sub = make_submission(out / "run", out / "submission.csv")
     score = score_submission(Path(data["answers"]), sub, cfg.data.age_bins)

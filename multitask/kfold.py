@@ -27,19 +27,21 @@ from multitask.report import plot_round
 from multitask.run import RunDir, fold_checkpoint, load_npz, read_json, save_npz, write_json
 
 
-def pseudo_labelled(ctx: Context, r: int) -> tuple[RowImages, np.ndarray] | None:
-    """The test images round r adds to every training fold, with their pseudo factor values, read
-    from the round's pseudo.csv (so a worker process rebuilds them from the run directory alone)."""
+def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray] | None:
+    """The test images round r adds to fold k's training set, with their pseudo factor values (-1
+    where a factor was not confident enough), read from the round's pseudo.csv (so a worker process
+    rebuilds them from the run directory alone)."""
     path = ctx.run.round_dir(r) / "pseudo.csv"
     if not path.exists():
         return None
     table = pd.read_csv(path, dtype={"ImageID": str})
+    table = table[table["fold"] == k]
     row_of = {image_id: i for i, image_id in enumerate(ctx.table.test["image_id"].astype(str))}
     missing = sorted(set(table["ImageID"]) - set(row_of))
     if missing:
         raise ValueError(f"{path}: images not among the task's test images: {missing[:5]}")
     rows = np.array([row_of[i] for i in table["ImageID"]], dtype=np.int64)
-    return RowImages.of(ctx.test_images, rows), ctx.task.decode(table["class"].to_numpy())
+    return RowImages.of(ctx.test_images, rows), table[ctx.task.factor_names].to_numpy(dtype=np.int64)
 
 
 def value_matrix(ctx: Context) -> np.ndarray:
@@ -64,7 +66,7 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     va = np.flatnonzero(ctx.folds == k)
     tr = np.flatnonzero((ctx.folds != k) & training_rows(ctx.task, cfg, values))
     train_images, train_factors, train_values = RowImages.of(ctx.train_images, tr), factors[tr], values[tr]
-    pseudo = pseudo_labelled(ctx, r)
+    pseudo = pseudo_labelled(ctx, r, k)
     if pseudo is not None:
         train_images = train_images.concat(pseudo[0])
         train_factors = np.concatenate([train_factors, pseudo[1]])
@@ -150,7 +152,7 @@ def aggregate_round(ctx: Context, r: int) -> dict:
                                            ctx.folds[rows], ctx.cfg)
     pseudo_file = run.round_dir(r) / "pseudo.csv"
     if pseudo_file.exists():
-        summary["pseudo_added"] = int(len(pd.read_csv(pseudo_file)))
+        summary["pseudo_added"] = {str(k): int(n) for k, n in pd.read_csv(pseudo_file).groupby("fold").size().items()}
     write_json(run.round_dir(r) / "summary.json", summary)
     plot_round(run, r)
     update_run_summary(run)

@@ -1,5 +1,16 @@
-"""Pseudo-labelling rounds: confident test images, with the label the soft vote gives them, join
-the training folds of a new round (never a validation fold, so OOF scores stay honest)."""
+"""Pseudo-labelling rounds, honest and per factor.
+
+Honest: fold k of round r trains on test images labelled by fold k's own model of round r-1, which
+never saw fold k's groups (it validated on them). A vote of all folds would not do: four of five
+trained on fold k's groups, so a test image that resembles (or copies) one of them would carry its
+true label into the model that is scored on it, and round r's OOF would flatter.
+
+Per factor: each factor gets its own confidence threshold, the lowest at which the previous round's
+OOF predictions of that factor reach `pseudo.precision`. A test image joins with the factors that
+clear their threshold; the others stay unknown (-1) and its rows add nothing to the heads that need
+them. One threshold on the final class selects almost nothing where one factor (age) stays uncertain.
+Pseudo images only ever train: never a validation fold, so OOF scores stay honest.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,23 +18,74 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.kfold import load_round_test_probs, reopen_context, train_round
-from multitask.run import atomic_write_text
+from multitask.decide import load_decision, predict_classes
+from multitask.kfold import reopen_context, train_round
+from multitask.run import atomic_write_text, load_npz, read_json
+
+UNKNOWN = -1
 
 
-def select_pseudo(combined: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows whose best final-class probability is at least `threshold`: (rows, classes, confidence)."""
-    best = combined.max(1)
-    rows = np.flatnonzero(best >= threshold)
-    return rows, combined[rows].argmax(1), best[rows]
+def precision_threshold(conf: np.ndarray, correct: np.ndarray, target: float) -> float:
+    """The lowest confidence t such that the rows with conf >= t are right at least `target` of the
+    time (inf where no t reaches it; 0 for a target of 0, which takes everything)."""
+    if target <= 0:
+        return 0.0
+    order = np.argsort(-conf, kind="stable")
+    precision = np.cumsum(correct[order]) / np.arange(1, len(conf) + 1)
+    ok = np.flatnonzero(precision >= target - 1e-12)
+    return float(conf[order][ok[-1]]) if len(ok) else float("inf")
 
 
-def pseudo_label(run_dir: str | Path, threshold: float | None = None, rounds: int | None = None,
+def factor_thresholds(task, combined_oof: np.ndarray, factors: np.ndarray, target: float) -> dict[str, float]:
+    """Per factor, the threshold on its marginal confidence that meets `target` precision on OOF."""
+    out = {}
+    for i, f in enumerate(task.factors):
+        marginal = task.marginal(combined_oof, i)
+        out[f.name] = precision_threshold(marginal.max(1), marginal.argmax(1) == factors[:, i], target)
+    return out
+
+
+def select_factors(task, combined: np.ndarray, thresholds: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(factor labels (N, F) with -1 where not confident enough, each factor's confidence (N, F))."""
+    labels = np.full((len(combined), len(task.factors)), UNKNOWN, np.int64)
+    conf = np.zeros(labels.shape)
+    for i, f in enumerate(task.factors):
+        marginal = task.marginal(combined, i)
+        conf[:, i] = marginal.max(1)
+        keep = conf[:, i] >= thresholds[f.name]
+        labels[keep, i] = marginal.argmax(1)[keep]
+    return labels, conf
+
+
+def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Round prev+1's pseudo labels: for each fold, its own round-prev model's test predictions under
+    the round's decision, kept per factor where they clear the OOF-calibrated thresholds."""
+    task, heads, cfg, run = ctx.task, ctx.heads, ctx.cfg, ctx.run
+    decision = load_decision(run.round_dir(prev))
+    oof = load_npz(run.round_dir(prev) / "oof.npz")
+    oof_probs = {k[2:]: v for k, v in oof.items() if k.startswith("p_")}
+    combined_oof, _ = predict_classes(task, heads, oof_probs, cfg, decision)
+    thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision)
+    image_ids = ctx.table.test["image_id"].to_numpy().astype(str)
+    frames = []
+    for k in read_json(run.round_dir(prev) / "summary.json")["folds_done"]:
+        probs = {key[2:]: v for key, v in load_npz(run.fold_dir(prev, k) / "test.npz").items()}
+        labels, conf = select_factors(task, predict_classes(task, heads, probs, cfg, decision)[0], thresholds)
+        rows = np.flatnonzero((labels != UNKNOWN).any(1))
+        frame = pd.DataFrame({"ImageID": image_ids[rows], "fold": k})
+        for i, f in enumerate(task.factors):
+            frame[f.name] = labels[rows, i]
+            frame[f"conf_{f.name}"] = conf[rows, i].round(4)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True), thresholds
+
+
+def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: int | None = None,
                  overrides: list[str] = (), progress=None) -> list[dict]:
     """Run `rounds` new rounds after the latest one; return each round's report."""
     extra = list(overrides)
-    if threshold is not None:
-        extra.append(f"pseudo.threshold={threshold}")
+    if precision is not None:
+        extra.append(f"pseudo.precision={precision}")
     if rounds is not None:
         extra.append(f"pseudo.rounds={rounds}")
     ctx = reopen_context(run_dir, extra, progress)
@@ -33,13 +95,15 @@ def pseudo_label(run_dir: str | Path, threshold: float | None = None, rounds: in
     reports = []
     for _ in range(ctx.cfg.pseudo.rounds):
         prev = ctx.run.latest_round()
-        image_ids, probs = load_round_test_probs(ctx, prev)
-        rows, classes, conf = select_pseudo(ctx.task.combine(ctx.heads, probs), ctx.cfg.pseudo.threshold)
+        table, thresholds = pseudo_table(ctx, prev)
         r = prev + 1
-        atomic_write_text(ctx.run.round_dir(r) / "pseudo.csv", pd.DataFrame(
-            {"ImageID": image_ids[rows], "class": classes, "confidence": conf}).to_csv(index=False))
-        summary = train_round(ctx, r, progress)  # reads the round's pseudo.csv
-        reports.append({"round": r, "from_round": prev, "threshold": ctx.cfg.pseudo.threshold,
-                        "added": int(len(rows)), "of": int(len(image_ids)), "oof_f1": summary["oof"]["f1"],
-                        "oof": summary["oof"]})
+        atomic_write_text(ctx.run.round_dir(r) / "pseudo.csv", table.to_csv(index=False))
+        summary = train_round(ctx, r, progress)  # each fold reads its own rows of the round's pseudo.csv
+        per_fold = table.groupby("fold").size()
+        reports.append({"round": r, "from_round": prev, "precision": ctx.cfg.pseudo.precision,
+                        "thresholds": thresholds, "added": int(round(per_fold.mean())) if len(per_fold) else 0,
+                        "of": int(len(ctx.table.test)),
+                        "labelled": {f.name: int((table[f.name] != UNKNOWN).sum() / max(len(per_fold), 1))
+                                     for f in ctx.task.factors},
+                        "oof_f1": summary["oof"]["f1"], "oof": summary["oof"]})
     return reports

@@ -34,7 +34,7 @@ def test_two_jobs_give_what_one_gives(demo_root, tmp_path):
     np.testing.assert_allclose(ta["p_age"], tb["p_age"], atol=1e-4)
 
     # a pseudo-label round in workers rebuilds the pseudo-labelled images from the round's pseudo.csv
-    reports = pseudo_label(two, threshold=0.0, rounds=1, overrides=["train.jobs=2"])
+    reports = pseudo_label(two, precision=0.0, rounds=1, overrides=["train.jobs=2"])
     assert reports[0]["added"] == 4 * 7
     for k in range(3):
         metrics = _metrics(two, 1, k)

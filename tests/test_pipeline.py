@@ -9,7 +9,7 @@ from conftest import tiny_config
 from multitask.cli import app
 from multitask.config import ConfigError
 from multitask.kfold import train_run
-from multitask.pseudo import pseudo_label, select_pseudo
+from multitask.pseudo import factor_thresholds, precision_threshold, pseudo_label, select_factors
 from multitask.run import RunDir, load_npz, read_json
 from multitask.submit import SubmissionError, check_submission, make_submission, write_submission
 
@@ -62,19 +62,20 @@ def test_train_is_deterministic_on_cpu(trained, demo_root, tmp_path):
         pd.testing.assert_frame_equal(a, b)
 
 
-def test_select_pseudo_by_threshold():
-    combined = np.array([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9]])
-    rows, classes, conf = select_pseudo(combined, 0.9)
-    assert rows.tolist() == [0, 2] and classes.tolist() == [0, 1] and conf.tolist() == [0.95, 0.9]
-
-
 def test_pseudo_round_then_submit(trained, demo_root):
     out, _ = trained
-    reports = pseudo_label(out, threshold=0.0, rounds=1)  # threshold 0 adds every test image
+    reports = pseudo_label(out, precision=0.0, rounds=1)  # precision 0 takes every test image, every factor
     run = RunDir(out)
     assert reports[0]["round"] == 1 and reports[0]["added"] == 4 * 7
     pseudo = pd.read_csv(run.round_dir(1) / "pseudo.csv")
-    assert len(pseudo) == 28 and pseudo["class"].between(0, 17).all()
+    assert len(pseudo) == 2 * 28 and set(pseudo["fold"]) == {0, 1}
+    assert (pseudo[["mask", "gender", "age"]] >= 0).all().all()
+    # each fold's labels are its own round-0 model's test predictions, never the vote of all folds
+    for k in (0, 1):
+        own = load_npz(run.fold_dir(0, k) / "test.npz")
+        rows = pseudo[pseudo["fold"] == k].set_index("ImageID").loc[load_npz(run.round_dir(0) / "test_probs.npz")["image_id"]]
+        assert (rows["age"].to_numpy() == own["p_age"].argmax(1)).all()
+        assert (rows["mask"].to_numpy() == own["p_mask"].argmax(1)).all()
     # pseudo images only ever train: validation rows of round 1 are exactly the train images
     oof = load_npz(run.round_dir(1) / "oof.npz")
     assert sorted(oof["rows"].tolist()) == list(range(12 * 7))
@@ -91,6 +92,62 @@ def test_pseudo_round_then_submit(trained, demo_root):
     task = mask_task()
     expected = task.combine(task.heads("mask,gender,age"), {h: test[f"p_{h}"] for h in ("mask", "gender", "age")})
     assert sub["ans"].tolist() == expected.argmax(1).tolist()
+
+
+def test_precision_thresholds_keep_their_promise_on_oof():
+    rng = np.random.default_rng(0)
+    conf = rng.random(2000)
+    correct = rng.random(2000) < conf  # confidence is calibrated: right with probability conf
+    for target in (0.8, 0.9, 0.95):
+        t = precision_threshold(conf, correct, target)
+        kept = conf >= t
+        assert correct[kept].mean() >= target and kept.sum() > 20
+        assert correct[conf >= t - 0.02].mean() < target + 0.02  # and not much stricter than needed
+    assert precision_threshold(conf, np.zeros(2000, bool), 0.5) == float("inf")
+    assert precision_threshold(conf, correct, 0.0) == 0.0
+
+
+def test_factor_thresholds_and_partial_labels():
+    from multitask.labels import mask_task
+    task = mask_task()
+    rng = np.random.default_rng(1)
+    factors = task.decode(rng.integers(0, 18, 3000))
+    # mask is easy (confident and right), age a coin flip between two bins
+    probs = {"mask": np.eye(3)[factors[:, 0]] * 0.9 + 0.1 / 3, "gender": np.eye(2)[factors[:, 1]] * 0.8 + 0.1,
+             "age": np.full((3000, 3), 1 / 3)}
+    combined = task.combine(task.heads("mask,gender,age"), probs)
+    thresholds = factor_thresholds(task, combined, factors, 0.95)
+    assert thresholds["mask"] <= 0.94 and thresholds["age"] == float("inf")
+    labels, conf = select_factors(task, combined, thresholds)
+    assert (labels[:, 0] == factors[:, 0]).all() and (labels[:, 2] == -1).all()
+    for i, f in enumerate(task.factors):
+        kept = labels[:, i] >= 0
+        if kept.any():
+            assert (labels[kept, i] == factors[kept, i]).mean() >= 0.95
+
+
+def test_copied_training_images_in_the_test_set_do_not_lift_oof(tmp_path):
+    """The review's case: test images that copy training images. Pseudo labels from each fold's own
+    model carry no truth about its validation persons, so round 1's OOF does not jump. Measured on
+    this very setting: round 0 OOF 0.41; round 1 0.49 with honest labels (self-training on the same
+    pictures), 0.68 with labels voted by all folds (the leak)."""
+    import shutil
+
+    from multitask.data.synthetic import make_demo_dataset
+    root = tmp_path / "data"
+    make_demo_dataset(root, n_train_persons=30, n_eval_persons=0, image_size=(64, 48), seed=1)
+    (root / "eval" / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, p in enumerate(sorted((root / "train" / "images").rglob("*.*"))):
+        shutil.copy(p, root / "eval" / "images" / f"copy{i}{p.suffix}")
+        rows.append(f"copy{i}{p.suffix},0")
+    (root / "eval" / "info.csv").write_text("ImageID,ans\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    r0 = train_run(tiny_config(root, "train.epochs=10", "data.img_size=[48, 48]", "train.folds=3", "train.lr=3e-3"), out)
+    r1 = pseudo_label(out, precision=0.0, rounds=1)[0]
+    assert r1["added"] == 30 * 7
+    assert r0["oof"]["f1"] > 0.3  # the models learned enough for a leak to show
+    assert r1["oof"]["f1"] <= r0["oof"]["f1"] + 0.15, (r0["oof"]["f1"], r1["oof"]["f1"])
 
 
 def test_broken_submission_is_refused_and_nothing_is_lost(tmp_path):

@@ -88,9 +88,9 @@ def test_resume_finishes_a_killed_pseudo_label_round(demo_root, tmp_path, monkey
     train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
     restore = _kill_at_epoch_call(monkeypatch, 2)  # round 1: fold 0 done, fold 1 killed before training
     with pytest.raises(KeyboardInterrupt):
-        pseudo_label(out, threshold=0.0, rounds=1)
+        pseudo_label(out, precision=0.0, rounds=1)
     restore()
     assert RunDir(out).rounds() == [0]  # round 1 has no aggregate yet
     summary = resume_run(out)
-    assert summary["round"] == 1 and summary["folds_done"] == [0, 1] and summary["pseudo_added"] == 4 * 7
+    assert summary["round"] == 1 and summary["folds_done"] == [0, 1] and summary["pseudo_added"] == {"0": 28, "1": 28}
     assert RunDir(out).rounds() == [0, 1]

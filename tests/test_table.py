@@ -179,7 +179,7 @@ def test_a_table_task_trains_pseudo_labels_and_submits(table_run, table_root):
     oof = load_npz(run.round_dir(0) / "oof.npz")
     assert sorted(oof["rows"].tolist()) == list(range(36)) and oof["p_colour"].shape == (36, 4)
 
-    reports = pseudo_label(out, threshold=0.0, rounds=1)
+    reports = pseudo_label(out, precision=0.0, rounds=1)
     assert reports[0]["added"] == 9
     pseudo = pd.read_csv(run.round_dir(1) / "pseudo.csv")
     assert set(pseudo["ImageID"]) == set(pd.read_csv(table_root / "test.csv")["path"])
