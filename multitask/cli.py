@@ -152,6 +152,26 @@ def predict(
 
 
 @app.command()
+def ensemble(
+    runs: list[Path] = typer.Option(..., "--runs", help="finished runs that share folds.csv (repeat --runs, or list them after it)"),
+    out: Path = typer.Option(..., "--out", help="run directory to write"),
+    weights: Optional[str] = typer.Option(None, help="comma list of weights, one per run (default: fitted on OOF)"),
+):
+    """A weighted soft vote of finished runs, written as a run that submit and predict accept."""
+    from multitask.ensemble import make_ensemble
+
+    with progress_and_errors():
+        w = [float(x) for x in weights.split(",")] if weights else None
+        summary = make_ensemble(runs, out, w)
+    for m in summary["members"]:
+        console.print(f"  {m['run']}: weight {m['weight']:.2f}, OOF macro F1 {m['oof']['f1']:.4f}")
+    print_scores("ensemble out-of-fold", summary["oof"])
+    if summary["oof_weights_honest"]:
+        console.print(f"with the weights refitted without each fold: OOF macro F1 {summary['oof_weights_honest']['f1']:.4f}")
+    console.print(f"run: {out}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="folder for the data set, run and submission"),
     train_persons: int = typer.Option(80, help="synthetic train persons (7 images each)"),

@@ -216,6 +216,13 @@ class DecideCfg(_Strict):
     blend_aux: bool = True  # blend each auxiliary numeric head into its factor (weight fitted on OOF)
 
 
+class EnsembleCfg(_Strict):
+    """Written by `mt ensemble`: the member runs (their rounds) and their vote weights."""
+    runs: list[str]
+    rounds: list[int]
+    weights: list[float]
+
+
 class PseudoCfg(_Strict):
     # each factor's confidence threshold is the lowest at which the previous round's OOF predictions
     # of that factor are right this often; 0 takes every test image with every factor
@@ -235,6 +242,7 @@ class Config(_Strict):
     numeric: dict[str, NumericCfg] = Field(default_factory=dict)  # by numeric factor name
     decide: DecideCfg = DecideCfg()
     pseudo: PseudoCfg = PseudoCfg()
+    ensemble: EnsembleCfg | None = None  # set by `mt ensemble` only
 
     def loss_for(self, head: str) -> LossCfg:
         return self.losses.get(head, LossCfg())

@@ -165,6 +165,11 @@ def decide_round(round_dir: Path, task: Task, heads: list[Head], probs: dict[str
     return report
 
 
+def blend_only(decision: Decision | None) -> Decision | None:
+    """A decision's auxiliary blend without its offsets: what a run contributes to a vote of runs."""
+    return Decision(decision.blend, decision.sigma) if decision else None
+
+
 def load_decision(round_dir: Path) -> Decision | None:
     path = round_dir / "decision.json"
     return Decision(**read_json(path)["decision"]) if path.exists() else None

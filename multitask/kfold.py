@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from multitask.config import Config
+from multitask.config import Config, ConfigError
 from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_data, reopen_context
 from multitask.data.dataset import RowImages
 from multitask.data.table import factor_values, numeric_values
@@ -100,10 +100,17 @@ def worker_devices(name: str) -> list[str]:
     return [str(resolve_device(name))]
 
 
+def refuse_ensemble(ctx: Context) -> None:
+    if ctx.cfg.ensemble is not None:
+        raise ConfigError(f"{ctx.run.root} is an ensemble of runs, with no models of its own to train: "
+                          f"pseudo-label or resume its member runs, then run `mt ensemble` again")
+
+
 def train_round(ctx: Context, r: int, progress=None, resume: bool = False) -> dict:
     """Train the selected folds of round r, one after another or `train.jobs` at once in worker
     processes, and rebuild the round's aggregate."""
     cfg = ctx.cfg
+    refuse_ensemble(ctx)
     folds = cfg.train.fold if cfg.train.fold is not None else list(range(cfg.train.folds))
     if resume:
         folds = [k for k in folds if not fold_finished(ctx, r, k)]

@@ -19,9 +19,9 @@ from multitask.data.augment import tta_view
 from multitask.data.cache import ImageDecodeError, decode_into, undecodable_error
 from multitask.data.dataset import RowImages, eval_batches
 from multitask.data.table import DataError, read_frame
-from multitask.decide import load_decision, predict_classes
+from multitask.decide import blend_only, load_decision, predict_classes
 from multitask.device import autocast, prepare_input, resolve_device, tune_for
-from multitask.labels import Head, Task
+from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_outputs, is_aux
 from multitask.run import RunDir, atomic_write_text, fold_checkpoint, read_json
@@ -169,18 +169,56 @@ def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, task
     return vote(sets, cfg.decide.vote)
 
 
+class DecodedImages:
+    """The images decoded once per size (the runs of an ensemble may differ in size)."""
+
+    def __init__(self, paths: list[str], workers: int):
+        self.paths, self.workers, self.arrays, self.failed = paths, workers, {}, {}
+
+    def at(self, size: tuple[int, int]) -> np.ndarray:
+        if size not in self.arrays:
+            self.arrays[size] = np.empty((len(self.paths), *size, 3), dtype=np.uint8)
+            self.failed[size] = decode_into(self.arrays[size], self.paths, size, self.workers)
+        return self.arrays[size]
+
+    def bad(self, size: tuple[int, int]) -> list[tuple[int, str]]:
+        self.at(size)
+        return self.failed[size]
+
+
+def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImages, keep: np.ndarray,
+                progress=None) -> dict[str, np.ndarray]:
+    """Round r's voted outputs on the kept images; for an ensemble run, its members' final-class
+    probabilities (each with its own auxiliary blend), weighted as `mt ensemble` fitted them."""
+    cfg = load_run_config(run, overrides)
+    task, heads = build_task(cfg)
+    if cfg.ensemble is not None:
+        total = 0
+        for member, mr, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
+            m_run = RunDir(member)
+            m_cfg = load_run_config(m_run, overrides)
+            m_task, m_heads = build_task(m_cfg)
+            m_probs = run_outputs(m_run, mr, overrides, decoded, keep, progress)
+            total = total + w * predict_classes(m_task, m_heads, m_probs, m_cfg,
+                                                blend_only(load_decision(m_run.round_dir(mr))))[0]
+        return {FLAT_HEAD: total}
+    images = RowImages.of(decoded.at(tuple(cfg.data.img_size))[keep])
+    return ensemble_probs(round_models(run, r, cfg), images, cfg, task, heads, resolve_device(cfg.train.device), progress)
+
+
 def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, batch_size: int | None = None,
                    with_probs: bool = False, skip_bad: bool = False, progress=None) -> dict:
     """`mt predict`: the run's latest round (its fold ensemble, TTA views and fitted decision, as
     `submit` uses them) on any images. Undecodable images stop it, all listed; with `skip_bad` they are left out and
     listed in <out>.skipped.csv."""
     run = RunDir(run_dir)
-    cfg = load_run_config(run, [f"train.eval_batch_size={batch_size}"] if batch_size else [])
+    overrides = [f"train.eval_batch_size={batch_size}"] if batch_size else []
+    cfg = load_run_config(run, overrides)
     task, heads = build_task(cfg)
     r = run.latest_round()
     ids, paths = list_images(source)
-    arr = np.empty((len(paths), *cfg.data.img_size, 3), dtype=np.uint8)
-    bad = decode_into(arr, paths, tuple(cfg.data.img_size), cfg.data.decode_workers)
+    decoded = DecodedImages(paths, cfg.data.decode_workers)
+    bad = decoded.bad(tuple(cfg.data.img_size))
     out = Path(out)
     skipped_file = out.with_name(out.stem + ".skipped.csv")
     if bad and not skip_bad:
@@ -191,8 +229,7 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
                                                       "reason": [why for _, why in bad]}).to_csv(index=False))
     if not len(keep):
         raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
-    probs = ensemble_probs(round_models(run, r, cfg), RowImages.of(arr[keep]), cfg, task, heads,
-                           resolve_device(cfg.train.device), progress)
+    probs = run_outputs(run, r, overrides, decoded, keep, progress)
     combined, classes = predict_classes(task, heads, probs, cfg, load_decision(run.round_dir(r)))
     frame = predictions_frame(task, [ids[i] for i in keep], combined, classes, with_probs)
     atomic_write_text(out, frame.to_csv(index=False))

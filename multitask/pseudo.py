@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from multitask.decide import load_decision, predict_classes
-from multitask.kfold import reopen_context, train_round
+from multitask.kfold import refuse_ensemble, reopen_context, train_round
 from multitask.run import atomic_write_text, load_npz, read_json
 
 UNKNOWN = -1
@@ -89,6 +89,7 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
     if rounds is not None:
         extra.append(f"pseudo.rounds={rounds}")
     ctx = reopen_context(run_dir, extra, progress)
+    refuse_ensemble(ctx)
     if ctx.test_images is None:
         raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no "
                                 "task.test in a table task): nothing to pseudo-label")

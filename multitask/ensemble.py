@@ -1,0 +1,135 @@
+"""`mt ensemble`: a weighted soft vote across finished runs (other backbones, seeds, head layouts),
+written as a run directory of its own that `submit` and `predict` accept.
+
+Each member's latest round gives final-class probabilities (its heads' product with its own
+auxiliary blend); the ensemble averages them with weights fitted on the members' OOF for macro F1.
+That only means something when every member's OOF row was predicted by a model that did not see it
+under the same split, so the runs must share folds.csv. The weights are fitted on OOF, so their
+gain is reported fold-honestly too (refitted without each fold, scored on it).
+
+The ensemble run holds config.yaml (the first member's, with `heads: class` and `ensemble:` naming
+the members and their weights), folds.csv, round0/{oof.npz, test_probs.npz, summary.json} and the
+decision fitted on its own OOF (decide: in the config).
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from multitask.config import ConfigError, EnsembleCfg, dump_config
+from multitask.context import build_task, load_run_config
+from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes, scores_of
+from multitask.labels import FLAT_HEAD
+from multitask.metrics import macro_f1
+from multitask.run import RunDir, atomic_write_text, load_npz, read_json, save_npz, write_json
+
+WEIGHT_STEP = 0.05
+
+
+def member_probs(run_dir: Path) -> dict:
+    """A finished run's latest round: OOF and test final-class probabilities, with its blend."""
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    task, heads = build_task(cfg)
+    r = run.latest_round()
+    blend = blend_only(load_decision(run.round_dir(r)))
+    oof = load_npz(run.round_dir(r) / "oof.npz")
+    test_path = run.round_dir(r) / "test_probs.npz"
+    test = load_npz(test_path) if test_path.exists() else None
+    probs = lambda z: predict_classes(task, heads, {k[2:]: v for k, v in z.items() if k.startswith("p_")}, cfg,  # noqa: E731
+                                      blend)[0]
+    return {"cfg": cfg, "task": task, "round": r, "oof": oof, "oof_probs": probs(oof),
+            "test_ids": test["image_id"] if test is not None else None,
+            "test_probs": probs(test) if test is not None else None}
+
+
+def check_members(runs: list[Path], members: list[dict]) -> None:
+    first = pd.read_csv(RunDir(runs[0]).folds, dtype=str)
+    for path, m in zip(runs[1:], members[1:]):
+        folds = pd.read_csv(RunDir(path).folds, dtype=str)
+        if not folds.equals(first):
+            raise ConfigError(f"{RunDir(path).folds} differs from {RunDir(runs[0]).folds}: an ensemble's weights are "
+                              f"fitted on OOF, which needs every run to share one split (same data, folds and seed)")
+        if m["task"].factors != members[0]["task"].factors:
+            raise ConfigError(f"{path} predicts other factors than {runs[0]}: {m['task'].factor_names} vs "
+                              f"{members[0]['task'].factor_names}")
+        if not np.array_equal(m["oof"]["rows"], members[0]["oof"]["rows"]):
+            raise ConfigError(f"{path}'s OOF rows differ from {runs[0]}'s (a fold missing in one of them?)")
+        ids, first_ids = m["test_ids"], members[0]["test_ids"]
+        if (ids is None) != (first_ids is None) or (ids is not None and not np.array_equal(ids, first_ids)):
+            raise ConfigError(f"{path}'s test images differ from {runs[0]}'s")
+
+
+def weighted(probs: list[np.ndarray], w) -> np.ndarray:
+    return sum(wi * p for wi, p in zip(w, probs))
+
+
+def fit_weights(probs: list[np.ndarray], y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Weights on a grid over the simplex (step 0.05) for the best OOF macro F1 of the weighted vote;
+    among equals, the most even."""
+    steps = round(1 / WEIGHT_STEP)
+    best, best_w = -1.0, None
+    for combo in itertools.product(range(steps + 1), repeat=len(probs) - 1):
+        if sum(combo) > steps:
+            continue
+        w = np.array([*combo, steps - sum(combo)]) / steps
+        s = macro_f1(y, weighted(probs, w).argmax(1), n_classes)
+        if s > best + 1e-9 or (abs(s - best) <= 1e-9 and np.ptp(w) < np.ptp(best_w)):
+            best, best_w = s, w
+    return best_w
+
+
+def honest_weights_score(probs: list[np.ndarray], factors: np.ndarray, folds: np.ndarray, task) -> dict:
+    classes = np.zeros(len(factors), np.int64)
+    y = task.encode(factors)
+    for k in np.unique(folds):
+        fit, held = folds != k, folds == k
+        w = fit_weights([p[fit] for p in probs], y[fit], task.n_classes)
+        classes[held] = weighted([p[held] for p in probs], w).argmax(1)
+    return scores_of(task, classes, factors)
+
+
+def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] | None = None) -> dict:
+    """Vote `runs` into the run directory `out`; weights fitted on OOF unless given."""
+    runs = [Path(r) for r in runs]
+    if len(runs) < 2:
+        raise ConfigError("an ensemble needs at least two runs")
+    members = [member_probs(r) for r in runs]
+    check_members(runs, members)
+    task, oof = members[0]["task"], members[0]["oof"]
+    factors, folds = oof["factors"], oof["fold"]
+    oof_probs = [m["oof_probs"] for m in members]
+    if weights is None:
+        w = fit_weights(oof_probs, task.encode(factors), task.n_classes)
+    else:
+        if len(weights) != len(runs) or min(weights) < 0 or sum(weights) <= 0:
+            raise ConfigError(f"weights {weights}: one non-negative weight per run, not all zero")
+        w = np.asarray(weights, float) / sum(weights)
+    cfg = members[0]["cfg"].model_copy(update={
+        "heads": FLAT_HEAD, "numeric": {}, "losses": {},
+        "ensemble": EnsembleCfg(runs=[str(r.resolve()) for r in runs], rounds=[m["round"] for m in members],
+                                weights=[float(x) for x in w])})
+    task, heads = build_task(cfg)
+    run = RunDir(out)
+    if run.config.exists():
+        raise ConfigError(f"{run.root} already holds a run; choose another --out")
+    atomic_write_text(run.config, dump_config(cfg))
+    atomic_write_text(run.folds, RunDir(runs[0]).folds.read_text())
+    voted = weighted(oof_probs, w)
+    save_npz(run.round_dir(0) / "oof.npz", **{k: v for k, v in oof.items() if not k.startswith("p_")}, p_class=voted)
+    if members[0]["test_probs"] is not None:
+        save_npz(run.round_dir(0) / "test_probs.npz", image_id=members[0]["test_ids"],
+                 p_class=weighted([m["test_probs"] for m in members], w))
+    summary = {"round": 0, "folds_done": read_json(RunDir(runs[0]).round_dir(members[0]["round"]) / "summary.json")["folds_done"],
+               "members": [{"run": str(r), "round": m["round"], "weight": float(x), "oof": scores_of(task, m["oof_probs"].argmax(1), factors)}
+                           for r, m, x in zip(runs, members, w)],
+               "oof": scores_of(task, voted.argmax(1), factors),
+               "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task) if weights is None else None}
+    if is_active(task, cfg):
+        summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg)
+    write_json(run.round_dir(0) / "summary.json", summary)
+    write_json(run.summary, {"latest_round": 0, "rounds": [summary]})
+    return summary
