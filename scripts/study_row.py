@@ -7,7 +7,8 @@ and score the submission with the competition's own metric against the build's a
 Prints one JSON line: the OOF macro F1 (final class and per factor) as argmax, and where the run fits
 a decision (decide: / numeric aux), in-sample and fold-honest; the held-out macro F1 from
 ../shared/tools/score.py of the submission (with the run's decision) and of the plain argmax of the
-same voted probabilities; wall time of `mt train` and the hardware.
+same voted probabilities, and of a hard vote of the folds (same models, same TTA); wall time of
+`mt train` and the hardware. `--score-only` re-scores a finished run without training it.
 """
 import argparse
 import json
@@ -26,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCORE = ROOT.parent / "shared" / "tools" / "score.py"
 
 
-def score(answers: Path, submission: Path) -> dict:
-    out = subprocess.run([sys.executable, str(SCORE), str(answers), str(submission)], check=True,
+def score(answers: Path, submission: Path, metric: Path = SCORE) -> dict:
+    out = subprocess.run([sys.executable, str(metric), str(answers), str(submission)], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -39,35 +40,45 @@ def main() -> None:
     ap.add_argument("--config", default="demo")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--heads", default=None)
+    ap.add_argument("--score-only", action="store_true", help="score the finished run in --out; train nothing")
+    ap.add_argument("--score", type=Path, default=SCORE, help=f"the competition metric [{SCORE}]")
     a = ap.parse_args()
     mt = str(Path(sys.executable).parent / "mt")
     cmd = [mt, "train", "--data", str(a.data), "--out", str(a.out), "--config", a.config]
     cmd += ["--heads", a.heads] if a.heads else []
     for o in a.overrides:
         cmd += ["--set", o]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    train_s = time.perf_counter() - t0
-    subprocess.run([mt, "submit", "--run", str(a.out)], check=True, stdout=subprocess.DEVNULL)
+    train_s = None
+    if not a.score_only:
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        train_s = round(time.perf_counter() - t0, 1)
+        subprocess.run([mt, "submit", "--run", str(a.out)], check=True, stdout=subprocess.DEVNULL)
 
     from multitask.kfold import load_round_test_probs, reopen_context
-    from multitask.run import read_json
+    from multitask.predict import vote
+    from multitask.run import load_npz, read_json
 
     summary = read_json(a.out / "round0" / "summary.json")
     ctx = reopen_context(a.out, with_images=False)
     ids, probs = load_round_test_probs(ctx, 0)
-    plain = pd.DataFrame({"ImageID": ids, "ans": ctx.task.combine(ctx.heads, probs).argmax(1)})
+    folds = [{k[2:]: v for k, v in load_npz(ctx.run.fold_dir(0, k) / "test.npz").items()} for k in summary["folds_done"]]
     info = pd.read_csv(a.data / "eval" / "info.csv")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "plain.csv"
-        plain.set_index("ImageID").loc[info["ImageID"]].reset_index().to_csv(path, index=False)
-        held_plain = score(a.data / "answers.csv", path)
+
+    def held_out(p) -> dict:
+        frame = pd.DataFrame({"ImageID": ids, "ans": ctx.task.combine(ctx.heads, p).argmax(1)})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "sub.csv"
+            frame.set_index("ImageID").loc[info["ImageID"]].reset_index().to_csv(path, index=False)
+            return score(a.data / "answers.csv", path, a.score)
+
     row = {
         "name": a.out.name, "command": " ".join(cmd[1:]),
         "oof": {k: round(v, 4) for k, v in summary["oof"].items() if k.startswith("f1")},
-        "held_out": score(a.data / "answers.csv", a.out / "submission.csv"),
-        "held_out_argmax": held_plain,
-        "train_s": round(train_s, 1), "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
+        "held_out": score(a.data / "answers.csv", a.out / "submission.csv", a.score),
+        "held_out_argmax": held_out(probs),
+        "held_out_hard_vote": held_out(vote(folds, "hard")),
+        "train_s": train_s, "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
     }
     if "decision" in summary:
         row["oof_decision"] = {k: {m: round(v, 4) for m, v in s.items()} for k, s in summary["decision"].items()}
