@@ -56,3 +56,16 @@ def test_bad_image_names_the_file_and_leaves_no_partial_cache(tmp_path):
     with pytest.raises(ImageDecodeError, match="broken.jpg"):
         cached_images(paths + [str(bad)], (20, 16), tmp_path / "c")
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    """mkstemp makes 0600 files; results and caches must read like any file the user writes."""
+    from multitask.run import atomic_write_text
+
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "b.csv", "y\n")
+    assert (tmp_path / "b.csv").stat().st_mode & 0o777 == 0o666 & ~mask
+    paths = make_images(tmp_path / "img")
+    cached_images(paths, (20, 16), tmp_path / "c")
+    assert next((tmp_path / "c").glob("*.npy")).stat().st_mode & 0o777 == 0o666 & ~mask

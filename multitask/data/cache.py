@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from multitask.run import FILE_MODE
+
 CACHE_VERSION = 1  # bump when decoding or resizing changes
 DECODE_CHUNK = 64  # images per task: large enough to amortise scheduling, small enough to balance threads
 
@@ -116,6 +118,7 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
             raise undecodable_error(paths, bad)
         arr.flush()
         del arr  # close the map before the rename
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
