@@ -50,16 +50,19 @@ class Numeric:
         return self.cfg.train_bins is not None or self.cfg.soft_edge > 0
 
 
+EVERY = "*"  # settings under numeric."*" hold for every numeric factor without settings of its own
+
+
 def numerics(task: Task, cfg: Config) -> list[Numeric]:
     """The task's numeric factors with their settings; settings for anything else are an error."""
     names = [f.name for f in task.numeric_factors]
-    unknown = sorted(set(cfg.numeric) - set(names))
+    unknown = sorted(set(cfg.numeric) - set(names) - {EVERY})
     if unknown:
         raise ConfigError(f"numeric settings for {unknown}, which are not binned numeric factors of the task "
                           f"(those are {names})")
     out = []
     for col, f in enumerate(task.numeric_factors):
-        c = cfg.numeric.get(f.name, NumericCfg())
+        c = cfg.numeric.get(f.name, cfg.numeric.get(EVERY, NumericCfg()))
         if c.train_bins is not None and len(c.train_bins) != len(f.bins):
             raise ConfigError(f"numeric.{f.name}.train_bins {c.train_bins} must have as many edges as its bins {list(f.bins)}")
         out.append(Numeric(task.factor_names.index(f.name), col, f, c))

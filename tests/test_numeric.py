@@ -125,3 +125,10 @@ def test_the_auxiliary_head_is_trained_decided_and_applied(aux_run):
     preds = out / "preds.csv"
     predict_images(out, root / "test.csv", preds)
     assert pd.read_csv(preds)["class"].tolist() == sub["class"].tolist()  # submit and predict decide alike
+
+
+def test_settings_for_every_numeric_factor_and_their_override():
+    two = Task("t", (Factor.binned("age", [30, 60]), Factor.binned("height", [150, 180])))
+    got = {n.factor.name: n.cfg.aux for n in numerics(two, cfg_with("numeric.*.aux=ordinal", "numeric.height.aux=regression"))}
+    assert got == {"age": "ordinal", "height": "regression"}
+    assert numerics(Task("c", (Factor("g", ("m", "f")),)), cfg_with("numeric.*.aux=ordinal")) == []
