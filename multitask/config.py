@@ -180,7 +180,7 @@ class TrainCfg(_Strict):
     avg_top_k: int = Field(0, ge=0)
     # draw training rows with weights (1 / count of their class) ** sampler_power: by the final class,
     # or by one head's class (a head name); none keeps the plain shuffle
-    sampler: str = "none"
+    sampler: str = "class"  # on by default: +0.04 OOF and held-out macro F1 on real faces (docs/RESULTS.md)
     sampler_power: float = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -239,7 +239,9 @@ class Config(_Strict):
     data: DataCfg = DataCfg()
     aug: AugCfg = AugCfg()
     train: TrainCfg = TrainCfg()
-    numeric: dict[str, NumericCfg] = Field(default_factory=dict)  # by numeric factor name
+    # by numeric factor name, or "*" for every one; by default every binned factor gets an auxiliary
+    # regression head (+0.045 OOF, +0.025 held-out macro F1 on real faces, docs/RESULTS.md)
+    numeric: dict[str, NumericCfg] = Field(default_factory=lambda: {"*": NumericCfg(aux="regression")})
     decide: DecideCfg = DecideCfg()
     pseudo: PseudoCfg = PseudoCfg()
     ensemble: EnsembleCfg | None = None  # set by `mt ensemble` only

@@ -59,7 +59,7 @@ def test_the_honest_estimate_fits_on_other_folds_only(monkeypatch):
         return real_fit(task, heads, p, f, v, cfg)
 
     monkeypatch.setattr(decide_mod, "fit_decision", spy)
-    cfg = tiny_config(None, "decide.offsets=factor")
+    cfg = tiny_config(None, "decide.offsets=factor", "numeric={}")  # no auxiliary head to blend
     honest = honest_scores(TASK, TASK.heads("kind,num"), probs, factors, {}, folds, cfg)
     assert len(fitted_on) == 3
     for k, rows in enumerate(fitted_on):
