@@ -4,9 +4,14 @@ held-out score of the submission it would make.
 
   python scripts/blend_only.py RUN DATA    # DATA: the build_maskset.py build the run trained on
 """
-import json, subprocess, sys, tempfile
+import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
-import numpy as np, pandas as pd
+
+import pandas as pd
+
 from multitask.context import build_task, load_run_config
 from multitask.decide import blend_only, honest_scores, load_decision, predict_classes
 from multitask.run import RunDir, load_npz

@@ -1,6 +1,5 @@
 """Decision tuning for macro F1: offsets, the auxiliary blend, and the fold-honest estimate."""
 import numpy as np
-import pytest
 
 import multitask.decide as decide_mod
 from conftest import tiny_config

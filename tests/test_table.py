@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import tiny_config

@@ -1,6 +1,5 @@
 """Voting (soft vs hard), TTA views beyond flip, top-k checkpoint averaging and a frozen backbone."""
 import numpy as np
-import pytest
 import torch
 
 from conftest import tiny_config
