@@ -15,7 +15,7 @@ import torch
 from multitask.config import Config, ConfigError
 from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_data, reopen_context
 from multitask.data.dataset import RowImages
-from multitask.data.table import factor_values, numeric_values
+from multitask.data.table import factor_values, numeric_matrix, numeric_values
 from multitask.decide import decide_round, is_active
 from multitask.device import resolve_device
 from multitask.engine import FoldData, train_fold
@@ -44,12 +44,6 @@ def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray
     return RowImages.of(ctx.test_images, rows), table[ctx.task.factor_names].to_numpy(dtype=np.int64)
 
 
-def value_matrix(ctx: Context) -> np.ndarray:
-    """(N, V) the numbers behind the task's numeric factors, in task order."""
-    values = numeric_values(ctx.table.train, ctx.task)
-    return np.stack([values[f.name] for f in ctx.task.numeric_factors], 1) if values else np.zeros((len(ctx.table.train), 0))
-
-
 def fold_finished(ctx: Context, r: int, k: int) -> bool:
     fold_dir = ctx.run.fold_dir(r, k)
     return (fold_dir / "oof.npz").exists() and (ctx.test_images is None or (fold_dir / "test.npz").exists())
@@ -62,7 +56,7 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     on from the fold's last.pt where there is one."""
     cfg = ctx.cfg
     factors = factor_values(ctx.table.train, ctx.task)
-    values = value_matrix(ctx)
+    values = numeric_matrix(ctx.table.train, ctx.task)
     va = np.flatnonzero(ctx.folds == k)
     tr = np.flatnonzero((ctx.folds != k) & training_rows(ctx.task, cfg, values))
     train_images, train_factors, train_values = RowImages.of(ctx.train_images, tr), factors[tr], values[tr]

@@ -34,7 +34,7 @@ from multitask.config import load_config
 from multitask.data.cache import cached_images
 from multitask.data.dataset import RowImages, TrainBatches
 from multitask.data.layout import read_layout
-from multitask.data.table import factor_values, numeric_values
+from multitask.data.table import factor_values, numeric_matrix
 from multitask.data.synthetic import make_demo_dataset
 from multitask.engine import build_training, train_one_epoch
 from multitask.labels import mask_task
@@ -138,8 +138,7 @@ def main() -> None:
     layout = read_layout(data_root, cfg.data.age_bins)
     paths = layout.train["path"].tolist()
     # what a training batch carries: factor classes, then the numbers behind numeric factors (numeric.py)
-    numbers = numeric_values(layout.train, task)
-    factors = np.column_stack([factor_values(layout.train, task), *numbers.values()]).astype(np.float32)
+    factors = np.column_stack([factor_values(layout.train, task), numeric_matrix(layout.train, task)]).astype(np.float32)
 
     # (a) the model alone on tensors already on the device
     x = torch.rand(batch, 3, h, w, device=device)

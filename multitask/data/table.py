@@ -46,6 +46,11 @@ def numeric_values(df: pd.DataFrame, task: Task) -> dict[str, np.ndarray]:
     return {f.name: df[value_column(f.name)].to_numpy(dtype=np.float64) for f in task.numeric_factors}
 
 
+def numeric_matrix(df: pd.DataFrame, task: Task) -> np.ndarray:
+    """(N, V) the numbers behind the task's numeric factors, in task order (V may be 0)."""
+    return np.column_stack([np.zeros((len(df), 0)), *numeric_values(df, task).values()])
+
+
 def problems_error(source: Path | str, problems: list[str]) -> DataError:
     listed = problems[:MAX_LISTED]
     more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
