@@ -59,6 +59,7 @@ def train(
     epochs: Optional[int] = typer.Option(None),
     jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process [config: 1]"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override, e.g. train.lr=3e-4 (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="start over in a run directory that already holds a run (every round is removed)"),
 ):
     """Train every fold (round 0); write checkpoints, OOF and test probabilities into the run directory."""
     from multitask.config import load_config
@@ -73,7 +74,7 @@ def train(
         overrides.append(f"train.fold={json.dumps(list(fold))}")
     with progress_and_errors() as progress:
         cfg = load_config(config, overrides + list(set_ or []), data=data)
-        summary = train_run(cfg, out, progress)
+        summary = train_run(cfg, out, progress, force)
     print_scores(f"round 0 out-of-fold (folds {summary['folds_done']})", summary["oof"])
     console.print(f"run: {out}  (config.yaml, folds.csv, round0/, summary.json)")
 
@@ -99,8 +100,12 @@ def pseudo_label_cmd(
     for rep in reports:
         labelled = ", ".join(f"{f} {n}" for f, n in rep["labelled"].items())
         table.add_row(str(rep["round"]), f"{rep['precision']:.2f}", f"{rep['added']}/{rep['of']}", labelled,
-                      f"{rep['oof_f1']:.4f}")
+                      f"{rep['oof_f1']:.4f}" if rep["trained"] else "not trained")
     console.print(table)
+    for rep in reports:
+        if not rep["trained"]:
+            console.print(f"round {rep['round']}: no test image reaches precision {rep['precision']:.2f} on any "
+                          f"factor, so it was not trained; a lower --precision selects more")
 
 
 @app.command()
@@ -122,13 +127,14 @@ def resume(
 def submit(
     run: Path = typer.Option(..., "--run", help="run directory"),
     out: Optional[Path] = typer.Option(None, help="submission file [RUN/submission.csv]"),
+    round_: Optional[int] = typer.Option(None, "--round", help="round to submit (default: the finished round with the best OOF macro F1)"),
 ):
-    """Write the latest round's soft-voted test predictions: ImageID,ans in info.csv order for the
+    """Write a round's soft-voted test predictions (the best round by OOF macro F1 unless --round): ImageID,ans in info.csv order for the
     competition, the predictions file of `mt predict` for a table task."""
     from multitask.submit import make_submission
 
     with progress_and_errors() as progress:
-        path = make_submission(run, out, progress)
+        path = make_submission(run, out, progress, round_, log=console.print)
     console.print(f"submission: {path}")
 
 
@@ -140,14 +146,16 @@ def predict(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per forward pass (default: the run's train.eval_batch_size)"),
     probs: bool = typer.Option(False, "--probs", help="add every factor's probabilities (p_<factor>_<class>)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out undecodable images and list them in <out>.skipped.csv"),
+    round_: Optional[int] = typer.Option(None, "--round", help="round to use (default: the one submit uses, the best OOF macro F1)"),
 ):
     """The run's fold ensemble with its TTA views (what submit uses) on any images: path, each factor's
     class, class, prob."""
     from multitask.predict import predict_images
 
     with progress_and_errors() as progress:
-        result = predict_images(run, images, out, batch_size, probs, skip_bad, progress)
+        result = predict_images(run, images, out, batch_size, probs, skip_bad, progress, round_)
     skipped = f", {result['skipped']} skipped (listed in {result['skipped_file']})" if result["skipped"] else ""
+    console.print(f"using {result['why']}")
     console.print(f"predictions: {result['out']}  ({result['predicted']} images, round {result['round']}{skipped})")
 
 

@@ -5,6 +5,7 @@ typo in a competition config silently training the wrong thing costs a day.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -311,7 +312,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
             raw["task"]["table"] = str(Path(data).resolve())
         else:
             raw["data_root"] = str(Path(data).resolve())
-    cfg = validate(raw, source)
+    cfg = validate(raw, source, list(overrides))
     if isinstance(cfg.task, TableTaskCfg):
         cfg.task = absolute_paths(cfg.task)
     return cfg
@@ -330,12 +331,49 @@ def absolute_paths(t: TableTaskCfg) -> TableTaskCfg:
                                 "test": under(t.test) if t.test else None})
 
 
-def validate(raw: dict, source: str) -> Config:
+def dotted_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every settable dotted key of the schema (train.lr, aug.mix.prob, ...)."""
+    model = model or Config
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += dotted_keys(sub, f"{key}.")
+    return keys
+
+
+def override_for(loc: tuple, overrides: list[str]) -> str | None:
+    """The last --set whose key is the error's location or a section holding it (the one that won)."""
+    where = [str(x) for x in loc]
+    found = None
+    for item in overrides:
+        keys = item.split("=", 1)[0].strip().split(".")
+        if where[:len(keys)] == keys or keys[:len(where)] == where:
+            found = item
+    return found
+
+
+def validate(raw: dict, source: str, overrides: list[str] = ()) -> Config:
+    """The schema's verdict, one line per problem, each naming the --set that caused it (if one did)
+    and, for an unknown key, the closest known one."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"invalid config ({source}):\n" + "\n".join(lines)) from None
+        lines = []
+        for err in e.errors():
+            # a union (task: mask | table) puts the member's type name in the location
+            loc = tuple(x for x in err["loc"] if x not in ("TableTaskCfg", "literal['mask']"))
+            line = f"  {'.'.join(str(x) for x in loc)}: {err['msg']}"
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(".".join(str(x) for x in loc), dotted_keys(), n=1, cutoff=0.6)
+                line += f" (did you mean {close[0]}?)" if close else ""
+            cause = override_for(loc, list(overrides))
+            line += f"  [from --set {cause}]" if cause else ""
+            lines.append(line)
+        raise ConfigError(f"invalid config ({source}{' with --set overrides' if overrides else ''}):\n"
+                          + "\n".join(lines)) from None
 
 
 def dump_config(cfg: Config) -> str:

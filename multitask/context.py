@@ -6,6 +6,7 @@ a table task its table; both give the same image table, and nothing after this m
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,14 +85,36 @@ def differing_keys(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
     return out
 
 
-def claim_run_dir(run: RunDir, cfg: Config) -> None:
-    """Write config.yaml, or check that an existing run was made with the same settings."""
+def clear_run(run: RunDir) -> None:
+    """`--force`: remove everything `mt` wrote into a run directory (every round, the folds, the
+    config, the summaries and the submission); other files stay."""
+    for r in run.started_rounds():
+        shutil.rmtree(run.round_dir(r))
+    for path in (run.summary, run.submission, run.folds, run.config):
+        path.unlink(missing_ok=True)
+
+
+def claim_run_dir(run: RunDir, cfg: Config, force: bool = False) -> None:
+    """Write config.yaml. An existing run is refused unless `force` starts it over: other settings
+    would mix two runs in one directory, and the same settings would silently retrain folds and keep
+    pseudo-label rounds made from the old models. Folds of round 0 that were never started may be
+    added (`--fold K` from another shell or machine)."""
+    if force:
+        clear_run(run)
     if run.config.exists():
         old = load_config(run.config)
         diff = differing_keys(old.model_dump(mode="json"), cfg.model_dump(mode="json"))
         if diff:
             raise ConfigError(f"{run.root} already holds a run with other settings ({', '.join(diff)}); "
-                              f"use another --out, or the same settings to retrain folds")
+                              f"choose another --out, or --force to start it over with these settings")
+        selected = cfg.train.fold if cfg.train.fold is not None else range(cfg.train.folds)
+        started = [k for k in selected if run.fold_dir(0, k).is_dir() and any(run.fold_dir(0, k).iterdir())]
+        later = [r for r in run.started_rounds() if r > 0]
+        if started or later:
+            held = f"round 0 fold(s) {started} already trained or started" if started else "round 0"
+            held += f", and pseudo-label round(s) {later}" if later else ""
+            raise ConfigError(f"{run.root} already holds a run ({held}): `mt resume --run {run.root}` finishes an "
+                              f"interrupted round; --force starts it over (every round is removed)")
     atomic_write_text(run.config, dump_config(cfg))
 
 

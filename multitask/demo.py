@@ -35,12 +35,15 @@ def run_demo(out: str | Path, n_train_persons: int = 80, n_eval_persons: int = 1
     data = make_demo_dataset(out / "data", n_train_persons, n_eval_persons, seed=0)
     log(f"data set: {data['n_train_images']} train images, {data['n_eval_images']} test images -> {out / 'data'}")
     cfg = load_config("demo", [f"data_root={out / 'data'}", f"data.cache_dir={out / 'cache'}", *overrides])
-    summary = train_run(cfg, out / "run", progress)
+    summary = train_run(cfg, out / "run", progress, force=True)  # a demo starts over
     log(f"round 0: OOF macro F1 {summary['oof']['f1']:.3f}")
     for rep in pseudo_label(out / "run", progress=progress):
+        if not rep["trained"]:
+            log(f"round {rep['round']}: no pseudo-labelled test image, not trained")
+            continue
         log(f"round {rep['round']}: {rep['added']}/{rep['of']} pseudo-labelled test images added per fold, "
             f"OOF macro F1 {rep['oof_f1']:.3f}")
-    sub = make_submission(out / "run", out / "submission.csv")
+    sub = make_submission(out / "run", out / "submission.csv", log=log)
     score = score_submission(Path(data["answers"]), sub, cfg.data.age_bins)
     write_json(out / "score.json", score)
     return {"data": str(data["root"]), "run": str(out / "run"), "submission": str(sub), "score": score,

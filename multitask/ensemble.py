@@ -1,7 +1,7 @@
 """`mt ensemble`: a weighted soft vote across finished runs (other backbones, seeds, head layouts),
 written as a run directory of its own that `submit` and `predict` accept.
 
-Each member's latest round gives final-class probabilities (its heads' product with its own
+Each member's round that `submit` would use (its best OOF) gives final-class probabilities (its heads' product with its own
 auxiliary blend); the ensemble averages them with weights fitted on the members' OOF for macro F1.
 That only means something when every member's OOF row was predicted by a model that did not see it
 under the same split, so the runs must share folds.csv. The weights are fitted on OOF, so their
@@ -30,11 +30,11 @@ WEIGHT_STEP = 0.05
 
 
 def member_probs(run_dir: Path) -> dict:
-    """A finished run's latest round: OOF and test final-class probabilities, with its blend."""
+    """A finished run's chosen round (the one `submit` uses): OOF and test final-class probabilities, with its blend."""
     run = RunDir(run_dir)
     cfg = load_run_config(run)
     task, heads = build_task(cfg)
-    r = run.latest_round()
+    r, _ = run.choose_round(cfg.train.folds)
     blend = blend_only(load_decision(run.round_dir(r)))
     oof = load_npz(run.round_dir(r) / "oof.npz")
     test_path = run.round_dir(r) / "test_probs.npz"

@@ -14,13 +14,15 @@ import torch
 
 from multitask.config import Config, ConfigError
 from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_data, reopen_context
+from multitask.data.augment import build_albumentations
 from multitask.data.dataset import RowImages
 from multitask.data.table import factor_values, numeric_matrix, numeric_values
 from multitask.decide import decide_round, is_active
 from multitask.device import resolve_device
 from multitask.engine import FoldData, train_fold
-from multitask.numeric import training_rows
 from multitask.metrics import score_probs
+from multitask.model import check_model
+from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, vote
 from multitask.report import plot_round
@@ -182,14 +184,17 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     return train_round(ctx, started[-1] if started else 0, progress, resume=True)
 
 
-def train_run(cfg: Config, out: str | Path, progress=None) -> dict:
-    """`mt train`: round 0 of a run."""
+def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False) -> dict:
+    """`mt train`: round 0 of a run; `force` clears an existing run in `out` first."""
     run = RunDir(out)
     task, _ = build_task(cfg)
-    # read and decode everything before touching the run directory: bad heads, a bad table or an
-    # undecodable image stop here, with nothing written
+    # check, read and decode everything before touching the run directory: a bad backbone, heads,
+    # augmentation, table or an undecodable image stop here, with nothing written
+    check_model(cfg.model)
+    if cfg.aug.backend == "albumentations":
+        build_albumentations(cfg.aug.train)
     table = read_data(cfg, task)
     images = load_images(cfg, table, progress)
-    claim_run_dir(run, cfg)
+    claim_run_dir(run, cfg, force)
     ctx = open_context(run, cfg, progress, table, images)
     return train_round(ctx, 0, progress=progress)

@@ -8,18 +8,30 @@ needs no preprocessing beside it.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-from multitask.config import ModelCfg
+from multitask.config import ConfigError, ModelCfg
 from multitask.labels import Head
 
 
 class CheckpointError(ValueError):
     pass
+
+
+def check_model(cfg: ModelCfg) -> None:
+    """What can be known about the model before a run directory is touched: the backbone is a timm
+    architecture (a typo gets the closest names) and a local checkpoint file exists."""
+    if not timm.is_model(cfg.backbone):
+        close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=3, cutoff=0.6)
+        raise ConfigError(f"model.backbone {cfg.backbone!r} is not a timm model"
+                          + (f"; close: {', '.join(close)}" if close else "; `timm.list_models()` lists them"))
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise CheckpointError(f"{cfg.checkpoint}: checkpoint file not found (model.checkpoint)")
 
 
 def create_backbone(cfg: ModelCfg) -> nn.Module:

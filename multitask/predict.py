@@ -207,15 +207,15 @@ def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImage
 
 
 def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, batch_size: int | None = None,
-                   with_probs: bool = False, skip_bad: bool = False, progress=None) -> dict:
-    """`mt predict`: the run's latest round (its fold ensemble, TTA views and fitted decision, as
+                   with_probs: bool = False, skip_bad: bool = False, progress=None, round: int | None = None) -> dict:
+    """`mt predict`: round `round` of the run, by default the one `submit` uses (its fold ensemble, TTA views and fitted decision, as
     `submit` uses them) on any images. Undecodable images stop it, all listed; with `skip_bad` they are left out and
     listed in <out>.skipped.csv."""
     run = RunDir(run_dir)
     overrides = [f"train.eval_batch_size={batch_size}"] if batch_size else []
     cfg = load_run_config(run, overrides)
     task, heads = build_task(cfg)
-    r = run.latest_round()
+    r, why = run.choose_round(cfg.train.folds, round)
     ids, paths = list_images(source)
     decoded = DecodedImages(paths, cfg.data.decode_workers)
     bad = decoded.bad(tuple(cfg.data.img_size))
@@ -233,5 +233,5 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
     combined, classes = predict_classes(task, heads, probs, cfg, load_decision(run.round_dir(r)))
     frame = predictions_frame(task, [ids[i] for i in keep], combined, classes, with_probs)
     atomic_write_text(out, frame.to_csv(index=False))
-    return {"out": str(out), "round": r, "predicted": int(len(keep)), "skipped": len(bad),
+    return {"out": str(out), "round": r, "why": why, "predicted": int(len(keep)), "skipped": len(bad),
             "skipped_file": str(skipped_file) if bad else None}

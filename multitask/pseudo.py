@@ -82,7 +82,9 @@ def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
 
 def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: int | None = None,
                  overrides: list[str] = (), progress=None) -> list[dict]:
-    """Run `rounds` new rounds after the latest one; return each round's report."""
+    """Run `rounds` new rounds after the latest one; return each round's report. A round whose
+    thresholds select no test image is not trained (its report says `trained: False`), and no
+    round follows it."""
     extra = list(overrides)
     if precision is not None:
         extra.append(f"pseudo.precision={precision}")
@@ -98,6 +100,13 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
         prev = ctx.run.latest_round()
         table, thresholds = pseudo_table(ctx, prev)
         r = prev + 1
+        if table.empty:
+            # a round with nothing to add would only retrain round prev with other seeds and become
+            # a round to choose from; the next one would select nothing either
+            reports.append({"round": r, "from_round": prev, "precision": ctx.cfg.pseudo.precision,
+                            "thresholds": thresholds, "added": 0, "of": int(len(ctx.table.test)),
+                            "labelled": {f.name: 0 for f in ctx.task.factors}, "trained": False})
+            break
         atomic_write_text(ctx.run.round_dir(r) / "pseudo.csv", table.to_csv(index=False))
         summary = train_round(ctx, r, progress)  # each fold reads its own rows of the round's pseudo.csv
         per_fold = table.groupby("fold").size()
@@ -106,5 +115,5 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
                         "of": int(len(ctx.table.test)),
                         "labelled": {f.name: int((table[f.name] != UNKNOWN).sum() / max(len(per_fold), 1))
                                      for f in ctx.task.factors},
-                        "oof_f1": summary["oof"]["f1"], "oof": summary["oof"]})
+                        "oof_f1": summary["oof"]["f1"], "oof": summary["oof"], "trained": True})
     return reports

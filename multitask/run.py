@@ -104,5 +104,38 @@ class RunDir:
     def latest_round(self) -> int:
         rounds = self.rounds()
         if not rounds:
-            raise FileNotFoundError(f"{self.root}: no trained round found (run `mt train` first)")
+            raise FileNotFoundError(self.unfinished(None))
         return rounds[-1]
+
+    def unfinished(self, n_folds: int | None) -> str:
+        """What a reader of a run without a finished round is told: which folds are done, and how to
+        finish them."""
+        started = self.started_rounds()
+        if not started and not self.config.exists():
+            return f"{self.root}: no trained round found (is it a run directory? `mt train` makes one)"
+        r = started[-1] if started else 0
+        done = [k for k in range(n_folds or 0) if (self.fold_dir(r, k) / "oof.npz").exists()]
+        missing = [k for k in range(n_folds or 0) if k not in done]
+        return (f"{self.root}: round {r} is not finished (folds done: {done or 'none'}; not done: {missing}); "
+                f"`mt resume --run {self.root}` finishes it")
+
+    def choose_round(self, n_folds: int, r: int | None = None) -> tuple[int, str]:
+        """Round r, or by default the finished round with the best OOF macro F1 (rounds are comparable:
+        the same groups in the same folds, and pseudo labels only ever train). Returns the round and a
+        line that says why it was chosen, and which later rounds are unfinished."""
+        rounds = self.rounds()
+        if not rounds:
+            raise FileNotFoundError(self.unfinished(n_folds))
+        if r is not None:
+            if r not in rounds:
+                raise FileNotFoundError(f"{self.root}: round {r} is not a finished round (finished: {rounds})")
+            why = f"round {r} (asked for)"
+        else:
+            f1 = {q: read_json(self.round_dir(q) / "summary.json")["oof"]["f1"] for q in rounds}
+            r = max(rounds, key=lambda q: (f1[q], -q))  # a tie goes to the earlier round
+            why = (f"round {r}: the best OOF macro F1 of the finished rounds ("
+                   + ", ".join(f"round {q} {f1[q]:.4f}" for q in rounds) + ")")
+        later = [q for q in self.started_rounds() if q > rounds[-1]]
+        if later:
+            why += f"; round {later[-1]} is not finished (`mt resume --run {self.root}` finishes it)"
+        return r, why

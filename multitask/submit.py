@@ -1,4 +1,4 @@
-"""The submission: the latest round's soft-voted predictions of the task's test images, written
+"""The submission: a finished round's soft-voted predictions of the task's test images, written
 atomically (a refused file leaves the old one intact). For the competition, ImageID,ans in
 info.csv's order, checked against a fresh read of info.csv; for a table task, the predictions file
 `mt predict` writes (path, each factor's class, class, prob)."""
@@ -37,15 +37,22 @@ def check_submission(sub: pd.DataFrame, info_ids: np.ndarray, n_classes: int) ->
         raise SubmissionError(f"ans outside 0..{n_classes - 1}, e.g. {bad.iloc[0]}")
 
 
-def write_submission(sub: pd.DataFrame, info_ids: np.ndarray, n_classes: int, out: Path) -> Path:
-    check_submission(sub, info_ids, n_classes)
+def write_submission(sub: pd.DataFrame, info_csv: Path, n_classes: int, out: Path) -> Path:
+    """Check `sub` against info.csv read afresh from disk (not the list it was built from, which
+    would agree with it whatever happened), then write it atomically."""
+    check_submission(sub, read_csv(Path(info_csv), ["ImageID", "ans"])["ImageID"].to_numpy(), n_classes)
     atomic_write_text(out, sub.to_csv(index=False))
     return out
 
 
-def make_submission(run_dir: str | Path, out: str | Path | None = None, progress=None) -> Path:
+def make_submission(run_dir: str | Path, out: str | Path | None = None, progress=None, round: int | None = None,
+                    log=None) -> Path:
+    """The submission of round `round`, by default the finished round with the best OOF macro F1;
+    `log` is told which round was used and why."""
     ctx = reopen_context(run_dir, progress=progress, with_images=False)
-    r = ctx.run.latest_round()
+    r, why = ctx.run.choose_round(ctx.cfg.train.folds, round)
+    if log:
+        log(f"using {why}")
     image_ids, probs = load_round_test_probs(ctx, r)
     combined, classes = predict_classes(ctx.task, ctx.heads, probs, ctx.cfg, load_decision(ctx.run.round_dir(r)))
     out = Path(out) if out else ctx.run.submission
@@ -58,4 +65,4 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     if missing:
         raise SubmissionError(f"round {r} has no prediction for {len(missing)} info.csv image(s), e.g. {missing[0]}")
     sub = pd.DataFrame({"ImageID": info_ids, "ans": np.array([pred[i] for i in info_ids], dtype=np.int64)})
-    return write_submission(sub, info_ids, ctx.task.n_classes, out)
+    return write_submission(sub, ctx.table.info_csv, ctx.task.n_classes, out)

@@ -42,9 +42,10 @@ def test_two_jobs_give_what_one_gives(demo_root, tmp_path):
 
 
 def test_a_failing_worker_raises_in_the_parent(demo_root, tmp_path):
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")  # exists, so only loading it fails
     cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.jobs=2",
-                      f"model.checkpoint={tmp_path / 'missing.pth'}")
-    with pytest.raises(CheckpointError, match="missing.pth") as info:
+                      f"model.checkpoint={tmp_path / 'broken.pth'}")
+    with pytest.raises(CheckpointError, match="broken.pth") as info:
         train_run(cfg, tmp_path / "run")
     assert any("fold worker" in note for note in getattr(info.value, "__notes__", []))
 

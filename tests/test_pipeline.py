@@ -81,12 +81,12 @@ def test_pseudo_round_then_submit(trained, demo_root):
     assert sorted(oof["rows"].tolist()) == list(range(12 * 7))
     assert read_json(run.summary)["latest_round"] == 1
 
-    path = make_submission(out)
+    path = make_submission(out, round=1)
     sub = pd.read_csv(path)
     info = pd.read_csv(demo_root / "eval" / "info.csv")
     assert sub["ImageID"].tolist() == info["ImageID"].tolist()
     assert sub["ans"].between(0, 17).all() and sub["ans"].dtype.kind == "i"
-    # it is the latest round's soft vote
+    # it is round 1's soft vote
     test = load_npz(run.round_dir(1) / "test_probs.npz")
     from multitask.labels import mask_task
     task = mask_task()
@@ -152,6 +152,8 @@ def test_copied_training_images_in_the_test_set_do_not_lift_oof(tmp_path):
 
 def test_broken_submission_is_refused_and_nothing_is_lost(tmp_path):
     info = np.array(["a.jpg", "b.jpg", "c.jpg"])
+    info_csv = tmp_path / "info.csv"
+    info_csv.write_text("ImageID,ans\na.jpg,0\nb.jpg,0\nc.jpg,0\n")
     out = tmp_path / "submission.csv"
     out.write_text("ImageID,ans\na.jpg,1\nb.jpg,2\nc.jpg,3\n")
     before = out.read_text()
@@ -164,9 +166,15 @@ def test_broken_submission_is_refused_and_nothing_is_lost(tmp_path):
     ]
     for sub, message in cases:
         with pytest.raises(SubmissionError, match=message):
-            write_submission(sub, info, 18, out)
+            write_submission(sub, info_csv, 18, out)
         assert out.read_text() == before
     check_submission(pd.DataFrame({"ImageID": info, "ans": [0, 17, 5]}), info, 18)
+    # the check reads info.csv afresh: a frame built from an older list is refused
+    sub = pd.DataFrame({"ImageID": info, "ans": [0, 17, 5]})
+    info_csv.write_text("ImageID,ans\nb.jpg,0\na.jpg,0\nc.jpg,0\n")
+    with pytest.raises(SubmissionError, match="differs from info.csv at row 1"):
+        write_submission(sub, info_csv, 18, out)
+    assert out.read_text() == before
 
 
 def test_separate_backbones_and_joined_heads(demo_root, tmp_path):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,10 @@ def build_albumentations(specs: list[dict], where: str = "aug.train"):
         if cls is None or not isinstance(cls, type):
             raise ConfigError(f"{where}: {spec['name']!r} is not an albumentations transform")
         try:
-            transforms.append(cls(**params))
+            with warnings.catch_warnings():
+                # an unknown argument is only warned about, and ignored: here it is a typo to report
+                warnings.filterwarnings("error", message=".*not valid", category=UserWarning)
+                transforms.append(cls(**params))
         except Exception as e:  # albumentations validates its params with pydantic and raises various errors
             raise ConfigError(f"{where}: {spec['name']}({params}) is invalid: {e}") from None
     return A.Compose(transforms)

@@ -1,0 +1,125 @@
+"""The run directory's rules: one run per directory (`--force` starts over), a finished round to read
+from (which one, and why), and no round trained for nothing."""
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import multitask.pseudo as pseudo
+from conftest import tiny_config
+from multitask.cli import app
+from multitask.config import ConfigError
+from multitask.kfold import train_run
+from multitask.pseudo import pseudo_label
+from multitask.run import RunDir, read_json, write_json
+from multitask.submit import make_submission
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def run(demo_root, tmp_path):
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
+    return out
+
+
+def test_train_into_a_run_is_refused_and_force_starts_over(run, demo_root, tmp_path):
+    cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}")
+    pseudo_label(run, precision=0.0)
+    make_submission(run)
+    with pytest.raises(ConfigError, match=r"round 0 fold\(s\) \[0, 1\] already trained.*round\(s\) \[1\].*mt resume"):
+        train_run(cfg, run)
+    assert RunDir(run).rounds() == [0, 1]  # nothing was touched
+
+    summary = train_run(cfg, run, force=True)
+    assert summary["folds_done"] == [0, 1]
+    assert RunDir(run).rounds() == [0] and not RunDir(run).submission.exists()
+    assert read_json(RunDir(run).summary)["latest_round"] == 0
+
+    # other settings are refused before anything else, and --force is the way out
+    result = runner.invoke(app, ["train", "--data", str(demo_root), "--out", str(run), "--folds", "2",
+                                 "--epochs", "2", "--set", "model.backbone=test_efficientnet",
+                                 "--set", "data.img_size=[32,32]", "--set", "train.device=cpu",
+                                 "--set", "train.batch_size=16", "--set", "train.eval_batch_size=64",
+                                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 2 and "other settings (train.epochs)" in result.output and "--force" in result.output
+
+
+def test_folds_never_started_may_be_added(demo_root, tmp_path):
+    out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
+    train_run(tiny_config(demo_root, cache, "train.fold=[0]"), out)
+    assert train_run(tiny_config(demo_root, cache, "train.fold=[1]"), out)["folds_done"] == [0, 1]
+    with pytest.raises(ConfigError, match=r"fold\(s\) \[1\] already trained"):
+        train_run(tiny_config(demo_root, cache, "train.fold=[1]"), out)
+
+
+def test_a_round_that_is_not_finished_is_named_with_its_folds(run, tmp_path):
+    # as after a SIGKILL in round 0's last fold: fold 0 finished, fold 1 has no outputs, no aggregate
+    r = RunDir(run)
+    for name in ("oof.npz", "summary.json", "test_probs.npz"):
+        (r.round_dir(0) / name).unlink()
+    (r.fold_dir(0, 1) / "oof.npz").unlink()
+    result = runner.invoke(app, ["submit", "--run", str(run)])
+    assert result.exit_code == 2
+    assert "round 0 is not finished" in result.output and "folds done: [0]" in result.output
+    assert "not done: [1]" in result.output and "mt resume" in result.output
+
+
+def test_submit_uses_the_best_round_by_oof_and_says_so(run, demo_root, tmp_path):
+    pseudo_label(run, precision=0.0)
+    r = RunDir(run)
+
+    def set_f1(q, f1):
+        s = read_json(r.round_dir(q) / "summary.json")
+        s["oof"]["f1"] = f1
+        write_json(r.round_dir(q) / "summary.json", s)
+
+    set_f1(0, 0.6)
+    set_f1(1, 0.5)
+    result = runner.invoke(app, ["submit", "--run", str(run), "--out", str(tmp_path / "a.csv")])
+    assert result.exit_code == 0, result.output
+    assert "round 0: the best OOF macro F1" in result.output and "round 1 0.5000" in result.output
+    result = runner.invoke(app, ["submit", "--run", str(run), "--round", "1", "--out", str(tmp_path / "b.csv")])
+    assert "round 1 (asked for)" in result.output
+    assert r.choose_round(2) == (0, r.choose_round(2)[1])
+    set_f1(1, 0.7)
+    assert r.choose_round(2)[0] == 1
+    # predict uses the same round as submit
+    result = runner.invoke(app, ["predict", "--run", str(run), "--images", str(demo_root / "eval" / "images"),
+                                 "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    assert "round 1" in result.output
+    # an unfinished later round is not chosen, and the line says how to finish it
+    (r.round_dir(2) / "fold0").mkdir(parents=True)
+    q, why = r.choose_round(2)
+    assert q == 1 and "round 2 is not finished" in why and "mt resume" in why
+    with pytest.raises(FileNotFoundError, match="round 2 is not a finished round"):
+        r.choose_round(2, 2)
+
+
+def test_a_pseudo_round_with_nothing_to_add_is_not_trained(run, monkeypatch):
+    monkeypatch.setattr(pseudo, "factor_thresholds", lambda task, *a: {f.name: float("inf") for f in task.factors})
+    reports = pseudo_label(run, rounds=2)
+    assert len(reports) == 1 and reports[0]["round"] == 1 and not reports[0]["trained"] and reports[0]["added"] == 0
+    assert RunDir(run).started_rounds() == [0]
+    sub = pd.read_csv(make_submission(run))
+    assert len(sub) == 4 * 7
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.backbone=resnet9000", "model.backbone 'resnet9000' is not a timm model; close: resnet200"),
+    ("aug.train=[{name: Flipz}]", "'Flipz' is not an albumentations transform"),
+    ("aug.train=[{name: HorizontalFlip, q: 2}]", "HorizontalFlip"),
+    ("train.lrr=0.1", "train.lrr: Extra inputs are not permitted (did you mean train.lr?)  [from --set train.lrr=0.1]"),
+    ("losses.agee.name=ce", "losses given for ['agee']"),
+    ("model.checkpoint=/nonexistent/w.pth", "/nonexistent/w.pth: checkpoint file not found"),
+])
+def test_a_failed_start_writes_nothing_and_says_why_in_one_block(demo_root, tmp_path, setting, message):
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["train", "--data", str(demo_root), "--out", str(out), "--folds", "2", "--epochs", "1",
+                                 "--set", "model.backbone=test_efficientnet", "--set", "data.img_size=[32,32]",
+                                 "--set", setting])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()).replace("( ", "(") or message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()  # the corrected command starts cleanly
