@@ -78,8 +78,17 @@ def test_age_bins_come_from_config(root):
      "mask9.png: unexpected picture name"),
     (lambda r: Image.new("RGB", (8, 8)).save(r / "train" / "images" / "000003_male_Black_22" / "normal.jpg"),
      "two pictures named 'normal'"),
-    (lambda r: (r / "eval" / "images" / "a.jpg").unlink(), "info.csv: 1 image.*a.jpg"),
+    (lambda r: (r / "eval" / "images" / "a.jpg").unlink(), "(?s)info.csv: 1 problem.*line 3: image .*a.jpg not found"),
     (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\na.jpg,0\na.jpg,0\n"), "duplicate ImageID"),
+    # a test image must not be a training image, or any file outside eval/images
+    (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\n../../train/images/000003_male_Black_22/normal.jpg,0\n"),
+     "line 2: path '../../train/images/000003_male_Black_22/normal.jpg' leads out of"),
+    (lambda r: (r / "eval" / "info.csv").write_text(f"ImageID,ans\n{r / 'train' / 'images' / '000003_male_Black_22' / 'normal.jpg'},0\n"),
+     "is absolute"),
+    (lambda r: (r / "eval" / "images" / "link.jpg").symlink_to(r / "train" / "images" / "000003_male_Black_22" / "normal.jpg")
+     or (r / "eval" / "info.csv").write_text("ImageID,ans\nlink.jpg,0\n"), "'link.jpg' leads out of"),
+    (lambda r: (r / "train" / "train.csv").write_text(
+        "id,gender,race,age,path\n000009,female,Asian,45,../../eval\n"), "'../../eval' leads out of"),
 ])
 def test_bad_input_is_a_clear_error_naming_the_file(root, mutate, message):
     mutate(root)
@@ -92,3 +101,19 @@ def test_missing_root_and_missing_eval(root, tmp_path):
         read_layout(tmp_path / "nope", [30, 60])
     shutil.rmtree(root / "eval")
     assert read_layout(root, [30, 60]).test is None
+
+
+def test_every_problem_of_the_layout_is_reported_at_once(root):
+    (root / "train" / "train.csv").write_text(
+        "id,gender,race,age,path\n"
+        "000001,woman,Asian,45,000001_female_Asian_45\n"
+        "000002,male,White,old,000002_male_White_61\n"
+        "000009,female,Asian,45,nobody\n"
+        "000003,male,Black,22,000003_male_Black_22\n")
+    Image.new("RGB", (8, 8)).save(root / "train" / "images" / "000003_male_Black_22" / "mask9.png")
+    with pytest.raises(LayoutError) as info:
+        read_layout(root, [30, 60])
+    message = str(info.value)
+    assert "4 problem(s)" in message
+    for part in ("line 2: gender 'woman'", "line 3: age 'old'", "line 4: image folder", "mask9.png: unexpected picture"):
+        assert part in message

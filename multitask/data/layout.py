@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from multitask.data.table import DataError, ImageTable, value_column
+from multitask.data.table import DataError, ImageTable, image_path, problems_error, value_column
 from multitask.labels import mask_task
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
@@ -43,68 +43,85 @@ def is_image_file(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
 
 
-def person_images(folder: Path) -> dict[str, Path]:
+def person_images(folder: Path, problems: list[str]) -> dict[str, Path]:
     """The person's pictures by stem; hidden files (`._mask1.jpg`) and non-images are not pictures."""
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if not is_image_file(p):
             continue
         if p.stem not in MASK_STEMS:
-            raise LayoutError(f"{p}: unexpected picture name {p.stem!r}; expected one of {sorted(MASK_STEMS)}")
-        if p.stem in found:
-            raise LayoutError(f"{p}: two pictures named {p.stem!r} in {folder} ({found[p.stem].name}, {p.name})")
-        found[p.stem] = p
+            problems.append(f"{p}: unexpected picture name {p.stem!r}; expected one of {sorted(MASK_STEMS)}")
+        elif p.stem in found:
+            problems.append(f"{p}: two pictures named {p.stem!r} in {folder} ({found[p.stem].name}, {p.name})")
+        else:
+            found[p.stem] = p
     return found
 
 
 def read_train(root: Path, age_bins: list[int]) -> pd.DataFrame:
+    """Every person of train.csv with their pictures; every problem is collected, then all are
+    reported at once, each with its file and line."""
     csv_path = root / "train" / "train.csv"
     people = read_csv(csv_path, TRAIN_COLUMNS)
     if people.empty:
         raise LayoutError(f"{csv_path}: no persons")
-    twice = people["path"][people["path"].duplicated()]
-    if len(twice):
-        raise LayoutError(f"{csv_path}: person folder {twice.iloc[0]!r} is listed twice")
     images_dir = root / "train" / "images"
-    rows = []
+    problems, rows, seen = [], [], {}
     for line, rec in enumerate(people.itertuples(index=False), start=2):
         where = f"{csv_path} line {line}"
+        before = len(problems)
         gender = GENDERS.get(rec.gender.strip().lower())
         if gender is None:
-            raise LayoutError(f"{where}: gender {rec.gender!r} is not one of {list(GENDERS)}")
+            problems.append(f"{where}: gender {rec.gender!r} is not one of {list(GENDERS)}")
         try:
             age = int(rec.age)
+            if age < 0:
+                problems.append(f"{where}: negative age {age}")
         except ValueError:
-            raise LayoutError(f"{where}: age {rec.age!r} is not an integer") from None
-        if age < 0:
-            raise LayoutError(f"{where}: negative age {age}")
-        folder = images_dir / rec.path
-        if not rec.path or not folder.is_dir():
-            raise LayoutError(f"{where}: image folder {folder} not found")
-        pics = person_images(folder)
+            problems.append(f"{where}: age {rec.age!r} is not an integer")
+        folder, why = image_path(images_dir, rec.path, folder=True)
+        if why:
+            problems.append(f"{where}: {why}")
+        elif rec.path in seen:
+            problems.append(f"{where}: person folder {rec.path!r} is listed twice (first at line {seen[rec.path]})")
+            folder = None
+        seen.setdefault(rec.path, line)
+        if folder is None:
+            continue
+        pics = person_images(folder, problems)
         if not pics:
-            raise LayoutError(f"{folder}: no pictures (expected {sorted(MASK_STEMS)})")
+            problems.append(f"{where}: {folder} has no pictures (expected {sorted(MASK_STEMS)})")
+        if len(problems) > before:
+            continue
         for stem, p in pics.items():
             rows.append((rec.path, str(p), f"{where} ({p.name})", stem, MASK_STEMS[stem], gender, age))
+    if problems:
+        raise problems_error(csv_path, problems, LayoutError)
     df = pd.DataFrame(rows, columns=["group", "path", "where", "stem", "mask", "gender", value_column("age")])
     df["age"] = mask_task(age_bins).factors[2].bin(df[value_column("age")].to_numpy())
     return df
 
 
 def read_test(root: Path) -> pd.DataFrame | None:
+    """eval/info.csv's images; an ImageID must name a file under eval/images (no absolute path, no
+    '..' and no link leading out: a training image must not become a test image)."""
     eval_dir = root / "eval"
     if not eval_dir.exists():
         return None
     info_path = eval_dir / "info.csv"
     info = read_csv(info_path, ["ImageID", "ans"])
-    dupes = info["ImageID"][info["ImageID"].duplicated()]
-    if len(dupes):
-        raise LayoutError(f"{info_path}: duplicate ImageID {dupes.iloc[0]!r}")
-    paths = [eval_dir / "images" / i for i in info["ImageID"]]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise LayoutError(f"{info_path}: {len(missing)} image(s) not found, e.g. {missing[0]}")
-    return pd.DataFrame({"image_id": info["ImageID"].to_numpy(), "path": [str(p) for p in paths]})
+    problems, paths, seen = [], [], {}
+    for line, image_id in enumerate(info["ImageID"], start=2):
+        path, why = image_path(eval_dir / "images", image_id)
+        if why:
+            problems.append(f"line {line}: {why}")
+        elif image_id in seen:
+            problems.append(f"line {line}: duplicate ImageID {image_id!r} (first at line {seen[image_id]})")
+        seen.setdefault(image_id, line)
+        paths.append(str(path))
+    if problems:
+        raise problems_error(info_path, problems, LayoutError)
+    return pd.DataFrame({"image_id": info["ImageID"].to_numpy(), "path": paths})
 
 
 def read_layout(root: str | Path, age_bins: list[int]) -> ImageTable:

@@ -51,10 +51,10 @@ def numeric_matrix(df: pd.DataFrame, task: Task) -> np.ndarray:
     return np.column_stack([np.zeros((len(df), 0)), *numeric_values(df, task).values()])
 
 
-def problems_error(source: Path | str, problems: list[str]) -> DataError:
+def problems_error(source: Path | str, problems: list[str], kind: type[DataError] = DataError) -> DataError:
     listed = problems[:MAX_LISTED]
     more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    return DataError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + more)
+    return kind(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + more)
 
 
 def read_frame(path: Path) -> tuple[pd.DataFrame, str]:
@@ -77,9 +77,9 @@ def row_names(kind: str, n: int) -> list[str]:
     return [f"line {i + 2}" for i in range(n)] if kind == "line" else [f"row {i + 1}" for i in range(n)]
 
 
-def image_path(root: Path, rel: str) -> tuple[Path | None, str | None]:
-    """The image's path under `root`, or why it is refused: missing, absolute, escaping the root (by
-    '..' or a link), or not a file."""
+def image_path(root: Path, rel: str, folder: bool = False) -> tuple[Path | None, str | None]:
+    """The image's path under `root` (a folder's with `folder`), or why it is refused: missing,
+    absolute, escaping the root (by '..' or a link), or not a file."""
     if not rel.strip():
         return None, "empty path"
     if Path(rel).is_absolute():
@@ -89,8 +89,8 @@ def image_path(root: Path, rel: str) -> tuple[Path | None, str | None]:
         p.resolve().relative_to(root.resolve())
     except ValueError:
         return None, f"path {rel!r} leads out of {root}"
-    if not p.is_file():
-        return None, f"image {p} not found"
+    if not (p.is_dir() if folder else p.is_file()):
+        return None, f"{'image folder' if folder else 'image'} {p} not found"
     return p, None
 
 
