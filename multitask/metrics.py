@@ -1,7 +1,10 @@
-"""Macro F1 per head and combined, exactly as the competition's score.py counts it.
+"""Macro F1 per head and combined, exactly as the competition's score.py (scikit-learn's
+`f1_score(average="macro")`) counts it.
 
-A class with no true positive scores 0, absent or not, and every class counts in the mean: a model
-that never predicts a rare class pays for it.
+The mean runs over the classes that occur in the truth or the prediction: a class the model never
+predicts but that is there scores 0 and counts (a model that ignores a rare class pays for it); a
+class absent from both is not averaged in, so a fold without some class is scored as the
+competition would score it.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> float:
     fp = cm.sum(0) - tp
     fn = cm.sum(1) - tp
     denom = 2 * tp + fp + fn
-    f1 = np.where(tp > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    return float(f1.mean())
+    present = denom > 0  # in the truth or the prediction
+    if not present.any():
+        return 0.0
+    return float((2 * tp[present] / denom[present]).mean())
 
 
 def score_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray) -> dict:

@@ -20,15 +20,30 @@ def test_macro_f1_by_hand():
     p = np.array([0, 1, 1, 1])
     # class 0: tp1 fp0 fn1 -> 2/3; class 1: tp1 fp2 fn0 -> 2/4; class 2: tp0 -> 0
     assert macro_f1(y, p, 3) == pytest.approx((2 / 3 + 0.5 + 0) / 3)
-    assert macro_f1(np.array([0, 0]), np.array([0, 0]), 3) == pytest.approx(1 / 3)  # absent classes count 0
+    # a class absent from truth and prediction is not averaged in; one that is there and never hit counts 0
+    assert macro_f1(np.array([0, 0]), np.array([0, 0]), 3) == 1.0
+    assert macro_f1(np.array([0, 2]), np.array([0, 0]), 3) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_macro_f1_is_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 19))
+        size = int(rng.integers(1, 40))
+        # few rows over many classes: most trials leave some classes out of the truth, the prediction or both
+        y, p = rng.integers(0, n, size), rng.integers(0, n, size)
+        assert macro_f1(y, p, n) == pytest.approx(f1_score(y, p, average="macro", zero_division=0)), trial
 
 
 @pytest.mark.skipif(not SCORE_PY.exists(), reason="../shared/tools/score.py not beside the checkout")
-def test_agrees_with_competition_score_py(tmp_path):
+@pytest.mark.parametrize("classes", [18, 5])  # 5: most of the 18 classes absent from both files
+def test_agrees_with_competition_score_py(tmp_path, classes):
     rng = np.random.default_rng(0)
     ids = [f"{i:04d}.jpg" for i in range(300)]
-    y = rng.integers(0, 18, 300)
-    p = np.where(rng.random(300) < 0.6, y, rng.integers(0, 18, 300))
+    y = rng.integers(0, classes, 300)
+    p = np.where(rng.random(300) < 0.6, y, rng.integers(0, classes, 300))
     pd.DataFrame({"ImageID": ids, "ans": y}).to_csv(tmp_path / "answers.csv", index=False)
     pd.DataFrame({"ImageID": ids, "ans": p}).to_csv(tmp_path / "sub.csv", index=False)
     theirs = json.loads(subprocess.run([sys.executable, str(SCORE_PY), str(tmp_path / "answers.csv"),
