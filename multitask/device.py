@@ -15,6 +15,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bind(device: str | torch.device) -> None:
+    """Make a worker's CUDA device the process's current one: pinned memory, the caching allocator
+    and library handles then open their context there, not on GPU 0 (one context per worker on GPU 0
+    costs every worker's memory on one card)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def tune_for(device: torch.device) -> None:
     """Fast kernels on CUDA: inputs keep one size, so cuDNN's one-off search for the fastest
     convolution algorithms pays back at once; TF32 for the fp32 work outside autocast. (Both give up

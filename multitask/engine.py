@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -62,19 +63,27 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def rng_state() -> dict:
-    # numpy's global generator is not used in training, and its state would not load with weights_only
+def rng_state(device: torch.device) -> dict:
+    # numpy's global generator is not used in training, and its state would not load with weights_only;
+    # CUDA: the training device's generator only, so a fold resumes on a machine with fewer GPUs
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # older runs saved one state per visible GPU
+        index = device.index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def train_one_epoch(step_model, model, batches, make_targets: Targets, criterion: MultiHeadLoss, optimizer,
@@ -146,18 +155,19 @@ def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.dev
     return Training(model, step_model, ema, optimizer, scheduler, criterion, Targets(task, heads, cfg))
 
 
-def resume_from(path: Path, t: Training) -> tuple[int, int, dict, list[dict]]:
-    """Load a fold's last.pt into `t`; return (next epoch, step, best scores, metrics rows so far)."""
+def resume_from(path: Path, t: Training, device: torch.device) -> tuple[int, int, dict, list[dict], str]:
+    """Load a fold's last.pt into `t`; return (next epoch, step, best scores, metrics rows so far,
+    the training's id)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     t.model.load_state_dict(state["model"])
     if t.ema is not None:
         t.ema.module.load_state_dict(state["ema"])
     t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], device)
     # metrics.csv is written before last.pt: a kill between the two leaves a row to drop
-    rows = pd.read_csv(path.parent / "metrics.csv").iloc[:state["epoch"] + 1].to_dict("records")
-    return state["epoch"] + 1, state["step"], state["best"], rows
+    rows = pd.read_csv(path.parent / "metrics.csv", dtype={"train_id": str}).iloc[:state["epoch"] + 1].to_dict("records")
+    return state["epoch"] + 1, state["step"], state["best"], rows, state.get("train_id") or new_train_id()
 
 
 class TopEpochs:
@@ -185,17 +195,25 @@ class TopEpochs:
             self.path(dropped).unlink(missing_ok=True)
         self.kept = ranked[:self.k]
 
-    def write_average(self) -> None:
+    def write_average(self, train_id: str) -> None:
         states = [torch.load(self.path(e), map_location="cpu", weights_only=True)["model"] for _, e in self.kept]
         avg = {key: torch.stack([s[key].float() for s in states]).mean(0).to(states[0][key].dtype) for key in states[0]}
-        save_torch(self.out_dir / "avg.pt", {"model": avg, "epochs": [e for _, e in self.kept]})
+        save_torch(self.out_dir / "avg.pt", {"model": avg, "epochs": [e for _, e in self.kept], "train_id": train_id})
+
+
+def new_train_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_dir: Path, seed: int,
                device: torch.device, progress=None, label: str = "fold", resume: bool = False) -> dict:
-    """Train, validate each epoch, checkpoint; return the best epoch's validation scores. With
-    `resume`, carry on from out_dir/last.pt where there is one: on the CPU the result is the one an
-    uninterrupted run gives (batch order and augmentation are seeded per epoch, RNG states restored)."""
+    """Train, validate each epoch, checkpoint; return the best epoch's validation scores and the
+    training's id. With `resume`, carry on from out_dir/last.pt where there is one: on the CPU the
+    result is the one an uninterrupted run gives (batch order and augmentation are seeded per epoch,
+    RNG states restored).
+
+    Every metrics row and checkpoint carries the training's id (a fresh one unless resumed), and so
+    do the predictions made from it: outputs of two trainings of one fold never pass for one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     seed_everything(seed)
@@ -208,9 +226,9 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     model, ema, optimizer, scheduler, criterion = t.model, t.ema, t.optimizer, t.scheduler, t.criterion
 
     mixer = BatchMixer(cfg.aug.mix, {h.name: h.n for h in heads})
-    start, step, best, rows = 0, 0, {"f1": -1.0}, []
+    start, step, best, rows, train_id = 0, 0, {"f1": -1.0}, [], new_train_id()
     if resume and (out_dir / "last.pt").exists():
-        start, step, best, rows = resume_from(out_dir / "last.pt", t)
+        start, step, best, rows, train_id = resume_from(out_dir / "last.pt", t, device)
     top = TopEpochs(out_dir, tc.avg_top_k, rows)
     task_id = progress.add_task(label, total=(tc.epochs - start) * len(batches)) if progress else None
     for epoch in range(start, tc.epochs):
@@ -233,24 +251,25 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
         row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "train_loss": loss_sums["loss"] / seen}
         row |= {f"loss_{name}": loss_sums[name] / seen for name in criterion.fns}
         row |= {f"val_{k}": v for k, v in scores.items()}
-        row |= {"train_img_s": seen / train_s}
+        row |= {"train_img_s": seen / train_s, "train_id": train_id}
         rows.append(row)
         atomic_write_text(out_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
         if scores["f1"] > best["f1"]:
             best = scores | {"epoch": epoch}
-            save_torch(out_dir / "best.pt", {"model": eval_model.state_dict(), "epoch": epoch, "scores": scores})
+            save_torch(out_dir / "best.pt", {"model": eval_model.state_dict(), "epoch": epoch, "scores": scores,
+                                             "train_id": train_id})
         top.offer(epoch, scores["f1"], eval_model)
         save_torch(out_dir / "last.pt", {
             "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "step": step, "best": best, "rng": rng_state()})
+            "epoch": epoch, "step": step, "best": best, "rng": rng_state(device), "train_id": train_id})
         if progress:
             progress.console.print(
                 f"  {label} epoch {epoch + 1}/{tc.epochs}  loss {row['train_loss']:.3f}  "
                 + "  ".join(f"{h.name} {scores[f'f1_{h.name}']:.3f}" for h in heads)
                 + f"  F1 {scores['f1']:.3f}  ({row['train_img_s']:.0f} img/s)", soft_wrap=True)
     if tc.avg_top_k > 0:
-        top.write_average()
+        top.write_average(train_id)
     if progress:
         progress.remove_task(task_id)
-    return best
+    return best | {"train_id": train_id}

@@ -24,7 +24,7 @@ from multitask.context import build_task, load_run_config
 from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes, scores_of
 from multitask.labels import FLAT_HEAD
 from multitask.metrics import macro_f1
-from multitask.run import RunDir, atomic_write_text, load_npz, read_json, save_npz, write_json
+from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
 
 WEIGHT_STEP = 0.05
 
@@ -39,7 +39,7 @@ def member_probs(run_dir: Path) -> dict:
     oof = load_npz(run.round_dir(r) / "oof.npz")
     test_path = run.round_dir(r) / "test_probs.npz"
     test = load_npz(test_path) if test_path.exists() else None
-    probs = lambda z: predict_classes(task, heads, {k[2:]: v for k, v in z.items() if k.startswith("p_")}, cfg,  # noqa: E731
+    probs = lambda z: predict_classes(task, heads, head_probs(z), cfg,  # noqa: E731
                                       blend)[0]
     return {"cfg": cfg, "task": task, "round": r, "oof": oof, "oof_probs": probs(oof),
             "test_ids": test["image_id"] if test is not None else None,

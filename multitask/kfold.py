@@ -6,6 +6,7 @@ so folds can be trained one at a time (`--fold K`), or by different processes in
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, vote
 from multitask.report import plot_round
-from multitask.run import RunDir, fold_checkpoint, load_npz, read_json, save_npz, write_json
+from multitask.run import (RunDir, RunError, as_id, fold_checkpoint, fold_train_id, head_probs, load_npz, npz_item, read_json,
+                          save_npz, write_json)
 
 
 def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray] | None:
@@ -46,9 +48,42 @@ def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray
     return RowImages.of(ctx.test_images, rows), table[ctx.task.factor_names].to_numpy(dtype=np.int64)
 
 
-def fold_finished(ctx: Context, r: int, k: int) -> bool:
+def fold_outputs(ctx: Context, r: int, k: int) -> list[Path]:
     fold_dir = ctx.run.fold_dir(r, k)
-    return (fold_dir / "oof.npz").exists() and (ctx.test_images is None or (fold_dir / "test.npz").exists())
+    return [fold_dir / "oof.npz"] + ([fold_dir / "test.npz"] if ctx.table.test is not None else [])
+
+
+def fold_finished(ctx: Context, r: int, k: int) -> bool:
+    """Its OOF (and test) predictions are there, and were made by the fold's latest training: a fold
+    retrained since (new metrics and checkpoints, old predictions) is not done."""
+    outputs = fold_outputs(ctx, r, k)
+    if not all(p.exists() for p in outputs):
+        return False
+    made_by = fold_train_id(ctx.run.fold_dir(r, k))
+    return all(as_id(npz_item(p, "train_id")) == made_by for p in outputs)
+
+
+def train_ids(ctx: Context) -> np.ndarray:
+    """Each training image's path below the folder that holds them all: the same wherever the data
+    set is moved, and different when the table lists other images."""
+    paths = ctx.table.train["path"].astype(str).tolist()
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    return np.array([os.path.relpath(p, root) for p in paths])
+
+
+def check_identities(ctx: Context, r: int, k: int, oof: dict, test: dict | None) -> None:
+    """A fold's predictions name the images they were made for; the task's tables must still list
+    those images in those places (an edited train table or a reordered test list is an error here,
+    not a silent misalignment)."""
+    fold_dir = ctx.run.fold_dir(r, k)
+    if "ids" in oof and not np.array_equal(oof["ids"], train_ids(ctx)[oof["rows"]]):
+        raise RunError(f"{fold_dir / 'oof.npz'}: predicted for other training images than the task's table now "
+                        f"lists in those rows (was the table edited?); retrain with `mt train --force`")
+    if test is not None and "image_id" in test:
+        ids = ctx.table.test["image_id"].to_numpy().astype(str)
+        if not np.array_equal(test["image_id"], ids):
+            raise RunError(f"{fold_dir / 'test.npz'}: predicted for other test images, or in another order, than "
+                            f"the task's test list now holds; retrain with `mt train --force`")
 
 
 def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None,
@@ -70,14 +105,17 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
         train_values = np.concatenate([train_values, np.full((len(pseudo[1]), values.shape[1]), np.nan)])
     data = FoldData(train_images, train_factors, train_values, RowImages.of(ctx.train_images, va), factors[va])
     fold_dir = ctx.run.fold_dir(r, k)
-    train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
-               device=device, progress=progress, label=f"round {r} fold {k}", resume=resume)
+    best = train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
+                      device=device, progress=progress, label=f"round {r} fold {k}", resume=resume)
+    made_by = np.array(best["train_id"])
     model = load_model(fold_dir / fold_checkpoint(cfg), cfg, ctx.task, ctx.heads, device)
     oof = predict_probs(model, data.val_images, cfg, device)
-    save_npz(fold_dir / "oof.npz", rows=va, **{f"p_{h}": p for h, p in oof.items()})
+    # rows are positions in the train table; ids say which images they were, to be checked
+    save_npz(fold_dir / "oof.npz", rows=va, ids=train_ids(ctx)[va], train_id=made_by, **{f"p_{h}": p for h, p in oof.items()})
     if ctx.test_images is not None:
         test = predict_probs(model, RowImages.of(ctx.test_images), cfg, device)
-        save_npz(fold_dir / "test.npz", **{f"p_{h}": p for h, p in test.items()})
+        save_npz(fold_dir / "test.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str), train_id=made_by,
+                 **{f"p_{h}": p for h, p in test.items()})
 
 
 def _fold_worker(payload: dict, folds, device: str, progress) -> None:
@@ -129,6 +167,9 @@ def aggregate_round(ctx: Context, r: int) -> dict:
         raise FileNotFoundError(f"{run.round_dir(r)}: no finished fold")
     factors = factor_values(ctx.table.train, task)
     oofs = [load_npz(run.fold_dir(r, k) / "oof.npz") for k in done]
+    tests = [load_npz(run.fold_dir(r, k) / "test.npz") for k in done] if ctx.table.test is not None else None
+    for i, k in enumerate(done):
+        check_identities(ctx, r, k, oofs[i], tests[i] if tests else None)
     rows = np.concatenate([o["rows"] for o in oofs])
     order = np.argsort(rows)
     # every output the models have: the heads, and auxiliary outputs where configured
@@ -139,17 +180,21 @@ def aggregate_round(ctx: Context, r: int) -> dict:
     save_npz(run.round_dir(r) / "oof.npz", rows=rows, group=ctx.table.train["group"].to_numpy().astype(str)[rows],
              factors=factors[rows], fold=ctx.folds[rows], **{f"p_{h}": p for h, p in oof.items()},
              **{f"value_{f}": v for f, v in numbers.items()})
+    # two figures per fold, named for how they were made: the epoch was picked by its validation F1
+    # on the plain images; the fold's OOF predictions average the TTA views
     fold_scores = {}
-    for k in done:
+    for k, o in zip(done, oofs):
         metrics = pd.read_csv(run.fold_dir(r, k) / "metrics.csv")
         best = metrics.loc[metrics["val_f1"].idxmax()]
-        fold_scores[str(k)] = {"best_epoch": int(best["epoch"]), "val_f1": float(best["val_f1"])}
-    if ctx.test_images is not None:
-        test = vote([{key[2:]: v for key, v in load_npz(run.fold_dir(r, k) / "test.npz").items()}
-                     for k in done], ctx.cfg.decide.vote)
+        fold_oof = score_probs(task, heads, head_probs(o), factors[o["rows"]])
+        fold_scores[str(k)] = {"best_epoch": int(best["epoch"]), "val_f1_no_tta": float(best["val_f1"]),
+                               "oof_f1_tta": fold_oof["f1"]}
+    if tests is not None:
+        test = vote([head_probs(t) for t in tests], ctx.cfg.decide.vote)
         save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str),
                  **{f"p_{h}": p for h, p in test.items()})
-    summary = {"round": r, "folds_done": done, "oof": oof_scores, "folds": fold_scores}
+    summary = {"round": r, "folds_done": done, "oof": oof_scores, "oof_tta": list(ctx.cfg.aug.tta), "folds": fold_scores,
+               "train_ids": {str(k): as_id(o.get("train_id")) for k, o in zip(done, oofs)}}
     if is_active(task, ctx.cfg):
         summary["decision"] = decide_round(run.round_dir(r), task, heads, oof, factors[rows], numbers,
                                            ctx.folds[rows], ctx.cfg)
@@ -173,7 +218,7 @@ def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, n
         raise FileNotFoundError(f"{path}: no test probabilities (the task has no test images: "
                                 f"a competition root without eval/, or a table task without task.test)")
     z = load_npz(path)
-    return z["image_id"], {key[2:]: v for key, v in z.items() if key.startswith("p_")}
+    return z["image_id"], head_probs(z)
 
 
 def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) -> dict:

@@ -56,8 +56,11 @@ def _portable(e: BaseException) -> BaseException:
 def _worker(target: Callable, payload: Any, todo, events, worker: int, device: str, threads: int) -> None:
     import torch
 
+    from multitask.device import bind
+
     torch.set_num_threads(threads)
     try:
+        bind(device)
         target(payload, _pull(todo), device, RelayProgress(events, worker))
     except BaseException as e:  # noqa: BLE001 - every failure must reach the parent, which raises it
         events.put(("error", worker, _portable(e), traceback.format_exc()))

@@ -216,6 +216,7 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
     cfg = load_run_config(run, overrides)
     task, heads = build_task(cfg)
     r, why = run.choose_round(cfg.train.folds, round)
+    run.check_round_current(r, cfg.train.folds)
     ids, paths = list_images(source)
     decoded = DecodedImages(paths, cfg.data.decode_workers)
     bad = decoded.bad(tuple(cfg.data.img_size))

@@ -20,7 +20,7 @@ import pandas as pd
 
 from multitask.decide import load_decision, predict_classes
 from multitask.kfold import refuse_ensemble, reopen_context, train_round
-from multitask.run import atomic_write_text, load_npz, read_json
+from multitask.run import RunError, atomic_write_text, head_probs, load_npz, read_json
 
 UNKNOWN = -1
 
@@ -61,15 +61,20 @@ def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
     """Round prev+1's pseudo labels: for each fold, its own round-prev model's test predictions under
     the round's decision, kept per factor where they clear the OOF-calibrated thresholds."""
     task, heads, cfg, run = ctx.task, ctx.heads, ctx.cfg, ctx.run
+    run.check_round_current(prev, cfg.train.folds)
     decision = load_decision(run.round_dir(prev))
     oof = load_npz(run.round_dir(prev) / "oof.npz")
-    oof_probs = {k[2:]: v for k, v in oof.items() if k.startswith("p_")}
+    oof_probs = head_probs(oof)
     combined_oof, _ = predict_classes(task, heads, oof_probs, cfg, decision)
     thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision)
     image_ids = ctx.table.test["image_id"].to_numpy().astype(str)
     frames = []
     for k in read_json(run.round_dir(prev) / "summary.json")["folds_done"]:
-        probs = {key[2:]: v for key, v in load_npz(run.fold_dir(prev, k) / "test.npz").items()}
+        test = load_npz(run.fold_dir(prev, k) / "test.npz")
+        if "image_id" in test and not np.array_equal(test["image_id"], image_ids):
+            raise RunError(f"{run.fold_dir(prev, k) / 'test.npz'}: predicted for other test images, or in another "
+                           f"order, than the task's test list now holds; retrain with `mt train --force`")
+        probs = head_probs(test)
         labels, conf = select_factors(task, predict_classes(task, heads, probs, cfg, decision)[0], thresholds)
         rows = np.flatnonzero((labels != UNKNOWN).any(1))
         frame = pd.DataFrame({"ImageID": image_ids[rows], "fold": k})

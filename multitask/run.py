@@ -63,6 +63,32 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def npz_item(path: Path, key: str, default=None):
+    """One array of an npz file, without reading the others."""
+    with np.load(path, allow_pickle=False) as z:
+        return z[key] if key in z.files else default
+
+
+def head_probs(z: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The probabilities in a loaded npz (saved as p_<head>), by head or output name."""
+    return {k[2:]: v for k, v in z.items() if k.startswith("p_")}
+
+
+def as_id(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def fold_train_id(fold_dir: Path) -> str | None:
+    """The id of the training that wrote the fold's latest metrics row (None for runs made before ids)."""
+    import pandas as pd
+
+    path = fold_dir / "metrics.csv"
+    if not path.exists():
+        return None
+    ids = pd.read_csv(path, dtype={"train_id": str}).get("train_id")
+    return str(ids.iloc[-1]) if ids is not None and len(ids) else None
+
+
 def save_torch(path: Path, obj) -> None:
     import torch
 
@@ -75,6 +101,10 @@ def fold_checkpoint(cfg) -> str:
     """The fold checkpoint that makes its OOF and test predictions: the single best epoch, or the
     average of the best `train.avg_top_k` epochs."""
     return "avg.pt" if cfg.train.avg_top_k > 0 else "best.pt"
+
+
+class RunError(ValueError):
+    """A run directory whose parts do not belong together."""
 
 
 class RunDir:
@@ -118,6 +148,22 @@ class RunDir:
         missing = [k for k in range(n_folds or 0) if k not in done]
         return (f"{self.root}: round {r} is not finished (folds done: {done or 'none'}; not done: {missing}); "
                 f"`mt resume --run {self.root}` finishes it")
+
+    def check_round_current(self, r: int, n_folds: int) -> None:
+        """Round r's results (OOF, voted test probabilities, decision) were built from the fold
+        outputs that are there now: `submit`, `predict` and `pseudo-label` read them only then."""
+        made = read_json(self.round_dir(r) / "summary.json").get("train_ids")
+        if made is None:  # a run made before training ids
+            return
+        current = {}
+        for k in range(n_folds):
+            oof = self.fold_dir(r, k) / "oof.npz"
+            if oof.exists() and as_id(npz_item(oof, "train_id")) == fold_train_id(self.fold_dir(r, k)):
+                current[str(k)] = as_id(npz_item(oof, "train_id"))
+        if current != made:
+            changed = sorted(set(current) ^ set(made) | {k for k in set(current) & set(made) if current[k] != made[k]})
+            raise RunError(f"{self.round_dir(r)}: the round's results were built from other outputs of fold(s) "
+                           f"{', '.join(changed)} than the run holds now; `mt resume --run {self.root}` rebuilds them")
 
     def choose_round(self, n_folds: int, r: int | None = None) -> tuple[int, str]:
         """Round r, or by default the finished round with the best OOF macro F1 (rounds are comparable:

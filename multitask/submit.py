@@ -51,6 +51,7 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     `log` is told which round was used and why."""
     ctx = reopen_context(run_dir, progress=progress, with_images=False)
     r, why = ctx.run.choose_round(ctx.cfg.train.folds, round)
+    ctx.run.check_round_current(r, ctx.cfg.train.folds)
     if log:
         log(f"using {why}")
     image_ids, probs = load_round_test_probs(ctx, r)

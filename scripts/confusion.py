@@ -16,7 +16,7 @@ import numpy as np
 from multitask.context import build_task, load_run_config
 from multitask.decide import load_decision, predict_classes
 from multitask.metrics import confusion
-from multitask.run import RunDir, atomic_write_bytes, load_npz
+from multitask.run import RunDir, atomic_write_bytes, head_probs, load_npz
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     cfg = load_run_config(run)
     task, heads = build_task(cfg)
     oof = load_npz(run.round_dir(a.round) / "oof.npz")
-    probs = {k[2:]: v for k, v in oof.items() if k.startswith("p_")}
+    probs = head_probs(oof)
     _, classes = predict_classes(task, heads, probs, cfg, load_decision(run.round_dir(a.round)))
     pred, truth = task.decode(classes), oof["factors"]
 

@@ -56,12 +56,12 @@ def main() -> None:
 
     from multitask.kfold import load_round_test_probs, reopen_context
     from multitask.predict import vote
-    from multitask.run import load_npz, read_json
+    from multitask.run import head_probs, load_npz, read_json
 
     summary = read_json(a.out / "round0" / "summary.json")
     ctx = reopen_context(a.out, with_images=False)
     ids, probs = load_round_test_probs(ctx, 0)
-    folds = [{k[2:]: v for k, v in load_npz(ctx.run.fold_dir(0, k) / "test.npz").items()} for k in summary["folds_done"]]
+    folds = [head_probs(load_npz(ctx.run.fold_dir(0, k) / "test.npz")) for k in summary["folds_done"]]
     info = pd.read_csv(a.data / "eval" / "info.csv")
 
     def held_out(p) -> dict:

@@ -13,7 +13,7 @@ from multitask.run import RunDir, load_npz
 
 
 def _metrics(out, r, k):
-    return pd.read_csv(RunDir(out).fold_dir(r, k) / "metrics.csv").drop(columns="train_img_s")
+    return pd.read_csv(RunDir(out).fold_dir(r, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
 
 
 def test_two_jobs_give_what_one_gives(demo_root, tmp_path):
@@ -112,3 +112,42 @@ def test_worker_failures_reach_the_parent():
         run_in_workers(_raises, None, [0, 1, 2, 3], jobs=2, devices=["cpu"])
     with pytest.raises(RuntimeError, match="died .exit code 3"):
         run_in_workers(_dies, None, [0, 1], jobs=2, devices=["cpu"])
+
+
+def test_a_worker_binds_its_cuda_device_before_any_work(monkeypatch):
+    """Without set_device, a worker on cuda:1 opens a context on GPU 0 (pinned memory, allocator)."""
+    import queue
+
+    import torch
+
+    from multitask.parallel import _worker
+
+    bound, seen = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append(str(d)))
+    todo, events = queue.Queue(), queue.Queue()
+    todo.put(None)
+    _worker(lambda payload, items, device, progress: seen.append((list(bound), device)), None, todo, events, 0,
+            "cuda:1", torch.get_num_threads())
+    assert seen == [(["cuda:1"], "cuda:1")]
+    assert events.get_nowait() == ("exit", 0)
+    _worker(lambda *a: None, None, todo, events, 0, "cpu", torch.get_num_threads())
+    assert bound == ["cuda:1"]  # the CPU binds nothing
+
+
+def test_resume_restores_the_training_devices_cuda_rng_with_fewer_gpus(monkeypatch):
+    """A last.pt from a machine with four GPUs, resumed where fewer are visible: the training
+    device's own generator state is restored, and the others are not asked for."""
+    import torch
+
+    from multitask.engine import rng_state, set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: restored.append((s.tolist(), str(d))))
+    state = rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    old_style = state | {"cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(4)]}
+    set_rng_state(old_style, torch.device("cuda:2"))
+    set_rng_state(old_style, torch.device("cuda:7"))  # beyond what was saved: left as it is
+    set_rng_state(state | {"cuda": torch.tensor([9], dtype=torch.uint8)}, torch.device("cuda:0"))
+    set_rng_state(old_style, torch.device("cpu"))
+    assert restored == [([2], "cuda:2"), ([9], "cuda:0")]

@@ -37,6 +37,11 @@ def test_train_writes_the_run_directory(trained, demo_root):
         assert best["epoch"] == int(metrics["val_f1"].idxmax())
         last = torch.load(run.fold_dir(0, k) / "last.pt", weights_only=False)
         assert last["epoch"] == 2 and {"optimizer", "scheduler", "rng", "model"} <= set(last)
+        # the figure that picked the epoch (no TTA) and the fold's OOF (TTA views averaged), each named so
+        fold = summary["folds"][str(k)]
+        assert fold["val_f1_no_tta"] == pytest.approx(metrics["val_f1"].max())
+        assert 0 <= fold["oof_f1_tta"] <= 1
+    assert summary["oof_tta"] == ["none", "hflip"]
     assert (run.round_dir(0) / "curves.png").stat().st_size > 1000
     oof = load_npz(run.round_dir(0) / "oof.npz")
     n_train = 12 * 7
@@ -57,8 +62,8 @@ def test_train_is_deterministic_on_cpu(trained, demo_root, tmp_path):
     again = tmp_path / "again"
     train_run(tiny_config(demo_root, f"data.cache_dir={out.parent / 'cache'}", "train.epochs=3"), again)
     for k in (0, 1):
-        a = pd.read_csv(RunDir(out).fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
-        b = pd.read_csv(RunDir(again).fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
+        a = pd.read_csv(RunDir(out).fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
+        b = pd.read_csv(RunDir(again).fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
         pd.testing.assert_frame_equal(a, b)
 
 

@@ -46,9 +46,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(demo_root, tmp_path, mo
     assert summary["folds_done"] == [0, 1]
     assert (run.fold_dir(0, 0) / "oof.npz").stat().st_mtime_ns == kept  # the finished fold is not retrained
     for k in (0, 1):
-        a = pd.read_csv(RunDir(full).fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
-        b = pd.read_csv(run.fold_dir(0, k) / "metrics.csv").drop(columns="train_img_s")
+        a = pd.read_csv(RunDir(full).fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
+        b = pd.read_csv(run.fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
         pd.testing.assert_frame_equal(a, b)
+        assert pd.read_csv(run.fold_dir(0, k) / "metrics.csv")["train_id"].nunique() == 1  # one training, resumed
         wa = torch.load(RunDir(full).fold_dir(0, k) / "best.pt", weights_only=True)["model"]
         wb = torch.load(run.fold_dir(0, k) / "best.pt", weights_only=True)["model"]
         assert all(torch.equal(wa[n], wb[n]) for n in wa)

@@ -123,3 +123,69 @@ def test_a_failed_start_writes_nothing_and_says_why_in_one_block(demo_root, tmp_
     assert message in " ".join(result.output.split()).replace("( ", "(") or message in result.output, result.output
     assert "Traceback" not in result.output
     assert not out.exists()  # the corrected command starts cleanly
+
+
+def test_a_fold_retrained_since_is_not_done_until_its_predictions_are_new(run, monkeypatch):
+    """The review's case: a finished fold retrained into the same folder and killed leaves new
+    metrics and checkpoints beside old predictions. The fold is not done, the round's results are
+    refused as stale, and `mt resume` makes them whole again."""
+    import torch
+
+    import multitask.engine as engine
+    from multitask.kfold import fold_finished, reopen_context, resume_run, train_round_fold
+
+    ctx = reopen_context(run)
+    old_id = read_json(RunDir(run).round_dir(0) / "summary.json")["train_ids"]["1"]
+    assert old_id and fold_finished(ctx, 0, 1)
+    calls = {"n": 0}
+
+    def dying_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    real_epoch = engine.train_one_epoch
+    ctx2 = reopen_context(run, ["train.fold=[1]"])
+    ctx2.cfg.train.epochs = 2  # the retraining runs two epochs and dies in the second
+    monkeypatch.setattr(engine, "train_one_epoch", dying_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_round_fold(ctx2, 0, 1, torch.device("cpu"))
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    fold = RunDir(run).fold_dir(0, 1)
+    new_id = pd.read_csv(fold / "metrics.csv", dtype={"train_id": str})["train_id"].iloc[-1]
+    assert new_id != old_id and (fold / "oof.npz").exists()  # new metrics beside old predictions
+    assert not fold_finished(ctx, 0, 1)
+    with pytest.raises(ValueError, match=r"fold\(s\) 1 than the run holds now.*mt resume"):
+        make_submission(run)
+    summary = resume_run(run)  # fold 1 carries on from its last.pt: the new training, finished
+    assert summary["folds_done"] == [0, 1] and summary["train_ids"]["1"] == new_id
+    assert fold_finished(ctx, 0, 1)
+    make_submission(run)
+
+
+def test_an_edited_train_table_or_reordered_test_list_is_an_error(run, demo_root, tmp_path):
+    import shutil
+
+    from multitask.kfold import aggregate_round, reopen_context
+
+    data = tmp_path / "data_copy"
+    shutil.copytree(demo_root, data)
+    cfg_text = (RunDir(run).config).read_text().replace(str(demo_root), str(data))
+    (RunDir(run).config).write_text(cfg_text)
+    aggregate_round(reopen_context(run, with_images=False), 0)  # the same data elsewhere: fine
+
+    info = data / "eval" / "info.csv"
+    lines = info.read_text().splitlines()
+    info.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    with pytest.raises(ValueError, match="test.npz: predicted for other test images, or in another order"):
+        aggregate_round(reopen_context(run, with_images=False), 0)
+    with pytest.raises(ValueError, match="test.npz: predicted for other test images"):
+        pseudo_label(run, precision=0.0)
+    info.write_text("\n".join(lines) + "\n")
+
+    csv = data / "train" / "train.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    with pytest.raises(ValueError, match="oof.npz: predicted for other training images"):
+        aggregate_round(reopen_context(run, with_images=False), 0)

@@ -48,7 +48,7 @@ def test_top_epochs_keeps_the_k_best_files_and_averages_them(tmp_path):
         weights[epoch] = model.weight.clone()
         top.offer(epoch, score, model)
     assert sorted(p.name for p in tmp_path.glob("top_e*.pt")) == ["top_e1.pt", "top_e2.pt"]
-    top.write_average()
+    top.write_average("test")
     avg = torch.load(tmp_path / "avg.pt", weights_only=True)
     assert avg["epochs"] == [1, 2] and torch.allclose(avg["model"]["weight"], (weights[1] + weights[2]) / 2)
     # a resumed fold finds its kept epochs again from the metrics rows and the files
