@@ -27,8 +27,8 @@ from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, vote
 from multitask.report import plot_round
-from multitask.run import (RunDir, RunError, as_id, fold_checkpoint, fold_train_id, head_probs, load_npz, npz_item, read_json,
-                          save_npz, write_json)
+from multitask.run import (RunDir, RunError, as_id, check_writable, fold_checkpoint, fold_train_id, head_probs,
+                          load_npz, npz_item, read_json, save_npz, write_json)
 
 
 def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray] | None:
@@ -225,6 +225,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     """`mt resume`: finish the latest round a killed `mt train` or `mt pseudo-label` left, from the run
     directory alone. Finished folds are kept; interrupted ones carry on from their last.pt."""
     ctx = reopen_context(run_dir, overrides, progress)
+    ctx.run.sweep_killed_writes()
     started = ctx.run.started_rounds()
     return train_round(ctx, started[-1] if started else 0, progress, resume=True)
 
@@ -239,6 +240,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False) 
     if cfg.aug.backend == "albumentations":
         build_albumentations(cfg.aug.train)
     table = read_data(cfg, task)
+    check_writable(run.root)  # before the cache build, which may take long
     images = load_images(cfg, table, progress)
     claim_run_dir(run, cfg, force)
     ctx = open_context(run, cfg, progress, table, images)

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,29 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's own 0600 would hide results from other users
+
+
+class StorageError(ValueError):
+    """The disk cannot take what is about to be written: no space, or no permission."""
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work when the folder `path` (made later, if missing) could not be written."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise StorageError(f"{path}: cannot be made a folder ({p} is a file)")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise StorageError(f"{path}: cannot write into {p} (permission denied)")
+
+
+def check_space(folder: Path, need: int, what: str) -> None:
+    """Fail before writing `need` bytes into `folder` when its disk has less room."""
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise StorageError(f"{folder}: {what} needs {need / 2**20:,.0f} MiB, the disk has {free / 2**20:,.0f} MiB free; "
+                           f"free some space or choose another folder (data.cache_dir for the cache)")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -121,6 +145,11 @@ class RunDir:
 
     def fold_dir(self, r: int, k: int) -> Path:
         return self.round_dir(r) / f"fold{k}"
+
+    def sweep_killed_writes(self) -> None:
+        """Remove the temp files of writes a kill interrupted (atomic writes leave nothing else)."""
+        for p in self.root.rglob(".*.tmp"):
+            p.unlink(missing_ok=True)
 
     def started_rounds(self) -> list[int]:
         """Rounds with a folder, finished or not, in order."""

@@ -151,3 +151,22 @@ def test_resume_restores_the_training_devices_cuda_rng_with_fewer_gpus(monkeypat
     set_rng_state(state | {"cuda": torch.tensor([9], dtype=torch.uint8)}, torch.device("cuda:0"))
     set_rng_state(old_style, torch.device("cpu"))
     assert restored == [([2], "cuda:2"), ([9], "cuda:0")]
+
+
+def test_the_same_seed_twice_with_two_jobs_is_identical(demo_root, tmp_path):
+    """Bit for bit, metrics, probabilities and submission: each worker's thread count is fixed, so
+    two runs with the same jobs add in the same order."""
+    from multitask.submit import make_submission
+
+    common = (f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2", "train.folds=2", "train.jobs=2")
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        train_run(tiny_config(demo_root, *common), out)
+        make_submission(out)
+    for k in range(2):
+        pd.testing.assert_frame_equal(_metrics(runs[0], 0, k), _metrics(runs[1], 0, k), check_exact=True)
+    for name in ("oof.npz", "test_probs.npz"):
+        a, b = load_npz(RunDir(runs[0]).round_dir(0) / name), load_npz(RunDir(runs[1]).round_dir(0) / name)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {key}")
+    assert RunDir(runs[0]).submission.read_text() == RunDir(runs[1]).submission.read_text()

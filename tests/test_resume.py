@@ -95,3 +95,94 @@ def test_resume_finishes_a_killed_pseudo_label_round(demo_root, tmp_path, monkey
     summary = resume_run(out)
     assert summary["round"] == 1 and summary["folds_done"] == [0, 1] and summary["pseudo_added"] == {"0": 28, "1": 28}
     assert RunDir(out).rounds() == [0, 1]
+
+
+def _readable(run_dir) -> int:
+    """Every file the run holds reads whole (atomic writes: a reader sees the old file or the new one);
+    leftover temp files of a killed write are not files of the run. Returns how many were read."""
+    import json
+
+    import yaml
+
+    n = 0
+    for p in run_dir.rglob("*"):
+        if not p.is_file() or p.name.endswith(".tmp"):
+            continue
+        if p.suffix == ".npz":
+            load_npz(p)
+        elif p.suffix == ".pt":
+            torch.load(p, map_location="cpu", weights_only=True)
+        elif p.suffix == ".csv":
+            pd.read_csv(p)
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".yaml":
+            yaml.safe_load(p.read_text())
+        n += 1
+    return n
+
+
+def test_sigkill_at_several_points_then_resume_ends_where_an_uninterrupted_run_ends(demo_root, tmp_path):
+    """A real `mt` process killed with SIGKILL (no handler runs, no finally) inside fold 0, as fold 0
+    ends (its OOF being written), inside fold 1 and inside a pseudo-label round: every file is whole
+    after each kill, and `mt resume` finishes with the numbers of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = ["--set", "model.backbone=test_efficientnet", "--set", "data.img_size=[32,32]", "--set",
+                "train.batch_size=16", "--set", "train.eval_batch_size=64", "--set", "train.device=cpu",
+                "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+
+    def mt(*args):
+        return subprocess.Popen([sys.executable, "-m", "multitask.cli", *map(str, args)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {"COLUMNS": "200"})
+
+    def train(out):
+        return mt("train", "--data", demo_root, "--out", out, "--folds", "2", "--epochs", "4", *settings)
+
+    def finish(proc):
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    finish(train(full))
+    finish(mt("pseudo-label", "--run", full, "--precision", "0"))
+
+    fold = lambda r, k, name: RunDir(killed).fold_dir(r, k) / name  # noqa: E731
+    rows = lambda path: len(pd.read_csv(path)) if path.exists() else 0  # noqa: E731
+    points = [  # (where, launch, reached)
+        ("inside fold 0", lambda: train(killed), lambda: rows(fold(0, 0, "metrics.csv")) >= 2),
+        ("fold 0 ending", lambda: mt("resume", "--run", killed), lambda: fold(0, 0, "oof.npz").exists()),
+        ("inside fold 1", lambda: mt("resume", "--run", killed), lambda: rows(fold(0, 1, "metrics.csv")) >= 2),
+        ("round 1", lambda: mt("pseudo-label", "--run", killed, "--precision", "0"),
+         lambda: rows(fold(1, 0, "metrics.csv")) >= 1),
+        ("round 1, fold 1", lambda: mt("resume", "--run", killed), lambda: rows(fold(1, 1, "metrics.csv")) >= 1),
+    ]
+    kills = 0
+    for where, launch, reached in points:
+        if reached():
+            continue  # an earlier kill landed past this point
+        if where == "round 1" and not (RunDir(killed).round_dir(0) / "summary.json").exists():
+            finish(mt("resume", "--run", killed))  # round 0 must be finished before pseudo-labelling
+        proc = launch()
+        while proc.poll() is None and not reached():
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        assert _readable(killed) > 0, where
+    assert kills >= 3
+    finish(mt("resume", "--run", killed))
+    assert RunDir(killed).rounds() == [0, 1] and not list(killed.rglob("*.tmp"))  # resume sweeps killed writes
+
+    for r in (0, 1):
+        for k in (0, 1):
+            a = pd.read_csv(RunDir(full).fold_dir(r, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
+            b = pd.read_csv(RunDir(killed).fold_dir(r, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
+            pd.testing.assert_frame_equal(a, b)
+        oa, ob = load_npz(RunDir(full).round_dir(r) / "oof.npz"), load_npz(RunDir(killed).round_dir(r) / "oof.npz")
+        for name in ("p_mask", "p_gender", "p_age"):
+            np.testing.assert_array_equal(oa[name], ob[name])

@@ -189,3 +189,31 @@ def test_an_edited_train_table_or_reordered_test_list_is_an_error(run, demo_root
     csv.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
     with pytest.raises(ValueError, match="oof.npz: predicted for other training images"):
         aggregate_round(reopen_context(run, with_images=False), 0)
+
+
+def test_no_room_or_no_permission_fails_before_any_work(demo_root, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import multitask.run as run_mod
+    from multitask.run import StorageError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    with pytest.raises(StorageError, match="a_file is a file"):
+        train_run(tiny_config(demo_root, cache), blocker / "run")
+    assert not (tmp_path / "cache").exists()  # refused before the cache was built
+
+    monkeypatch.setattr(run_mod.os, "access", lambda *a: False)  # as a non-root user on a read-only folder
+    with pytest.raises(StorageError, match="permission denied"):
+        train_run(tiny_config(demo_root, cache), tmp_path / "run")
+    monkeypatch.undo()
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    result = runner.invoke(app, ["train", "--data", str(demo_root), "--out", str(tmp_path / "run"), "--folds", "2",
+                                 "--set", "model.backbone=test_efficientnet", "--set", cache])
+    assert result.exit_code == 2 and "the decoded cache of 84 images at 64x64 needs" in result.output
+    assert "MiB free" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("*.npy*"))

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from multitask.run import FILE_MODE
+from multitask.run import FILE_MODE, check_space, check_writable
 
 CACHE_VERSION = 1  # bump when decoding or resizing changes
 DECODE_CHUNK = 64  # images per task: large enough to amortise scheduling, small enough to balance threads
@@ -108,7 +108,9 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
     """Decode `paths` in parallel into the .npy file `out`, written atomically; every image that
     cannot be decoded is listed in one ImageDecodeError, and no cache file is left."""
     h, w = size
+    check_writable(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_space(out.parent, len(paths) * h * w * 3 + 4096, f"the decoded cache of {len(paths)} images at {h}x{w}")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".npy.tmp", dir=out.parent)
     os.close(fd)
     try:
