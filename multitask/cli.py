@@ -47,6 +47,12 @@ def print_scores(title: str, scores: dict) -> None:
     console.print(table)
 
 
+def print_missing(summary: dict) -> None:
+    """A round that lacks folds says which and why; submit waits for them unless given --round."""
+    for k, why in summary.get("folds_missing", {}).items():
+        console.print(f"round {summary['round']} fold {k}: {why}")
+
+
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="run directory"),
@@ -76,6 +82,7 @@ def train(
         cfg = load_config(config, overrides + list(set_ or []), data=data)
         summary = train_run(cfg, out, progress, force)
     print_scores(f"round 0 out-of-fold (folds {summary['folds_done']})", summary["oof"])
+    print_missing(summary)
     console.print(f"run: {out}  (config.yaml, folds.csv, round0/, summary.json)")
 
 
@@ -121,6 +128,7 @@ def resume(
     with progress_and_errors() as progress:
         summary = resume_run(run, extra + list(set_ or []), progress)
     print_scores(f"round {summary['round']} out-of-fold (folds {summary['folds_done']})", summary["oof"])
+    print_missing(summary)
 
 
 @app.command()

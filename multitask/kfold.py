@@ -118,13 +118,27 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
                  **{f"p_{h}": p for h, p in test.items()})
 
 
+def train_claimed_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None) -> None:
+    """Fold k of round r under its lock: skipped (and said) when another process holds it or has
+    finished it since this one looked. A held fold that has a last.pt was left by a process that died
+    holding it (a fresh `mt train` refuses started folds), so training carries on from there."""
+    with ctx.run.fold_lock(r, k) as holder:
+        if holder is None and fold_finished(ctx, r, k):
+            holder = "finished by another process"
+        if holder is not None:
+            if progress:
+                progress.console.print(f"  round {r} fold {k}: {holder}; skipped here")
+            return
+        train_round_fold(ctx, r, k, device, progress, resume=True)
+
+
 def _fold_worker(payload: dict, folds, device: str, progress) -> None:
     """One worker process of a parallel round: open the run (the caches are already built), then
     train the folds handed to it."""
     cfg = Config.model_validate(payload["cfg"])
     ctx = open_context(RunDir(payload["run"]), cfg, progress)
     for k in folds:
-        train_round_fold(ctx, payload["round"], k, torch.device(device), progress, payload["resume"])
+        train_claimed_fold(ctx, payload["round"], k, torch.device(device), progress)
 
 
 def worker_devices(name: str) -> list[str]:
@@ -149,18 +163,24 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False) -> di
     if resume:
         folds = [k for k in folds if not fold_finished(ctx, r, k)]
     if cfg.train.jobs > 1 and len(folds) > 1:
-        payload = {"cfg": cfg.model_dump(mode="json"), "run": str(ctx.run.root), "round": r, "resume": resume}
+        payload = {"cfg": cfg.model_dump(mode="json"), "run": str(ctx.run.root), "round": r}
         run_in_workers(_fold_worker, payload, folds, cfg.train.jobs, worker_devices(cfg.train.device), progress)
     else:
         device = resolve_device(cfg.train.device)
         for k in folds:
-            train_round_fold(ctx, r, k, device, progress, resume)
+            train_claimed_fold(ctx, r, k, device, progress)
     return aggregate_round(ctx, r)
 
 
 def aggregate_round(ctx: Context, r: int) -> dict:
     """OOF probabilities and scores, soft-voted test probabilities, and the round summary, from the
-    folds of round r that have finished."""
+    folds of round r that have finished. One process at a time: with folds trained by several, the
+    last to write has seen every fold the others finished."""
+    with ctx.run.round_lock(r):
+        return _aggregate_round(ctx, r)
+
+
+def _aggregate_round(ctx: Context, r: int) -> dict:
     run, task, heads = ctx.run, ctx.task, ctx.heads
     done = [k for k in range(ctx.cfg.train.folds) if fold_finished(ctx, r, k)]
     if not done:
@@ -193,7 +213,10 @@ def aggregate_round(ctx: Context, r: int) -> dict:
         test = vote([head_probs(t) for t in tests], ctx.cfg.decide.vote)
         save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str),
                  **{f"p_{h}": p for h, p in test.items()})
-    summary = {"round": r, "folds_done": done, "oof": oof_scores, "oof_tta": list(ctx.cfg.aug.tta), "folds": fold_scores,
+    # folds trained elsewhere (other shells or machines, `--fold K`) join when they are done: the
+    # last process to finish one rebuilds this aggregate with every fold
+    missing = {str(k): run.why_missing(r, k) for k in range(ctx.cfg.train.folds) if k not in done}
+    summary = {"round": r, "folds_done": done, "folds_missing": missing, "complete": not missing, "oof": oof_scores, "oof_tta": list(ctx.cfg.aug.tta), "folds": fold_scores,
                "train_ids": {str(k): as_id(o.get("train_id")) for k, o in zip(done, oofs)}}
     if is_active(task, ctx.cfg):
         summary["decision"] = decide_round(run.round_dir(r), task, heads, oof, factors[rows], numbers,
@@ -223,7 +246,10 @@ def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, n
 
 def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) -> dict:
     """`mt resume`: finish the latest round a killed `mt train` or `mt pseudo-label` left, from the run
-    directory alone. Finished folds are kept; interrupted ones carry on from their last.pt."""
+    directory alone: every fold not done and not held by another process. Finished folds are kept;
+    interrupted ones carry on from their last.pt."""
+    if not any(o.split("=", 1)[0].strip() == "train.fold" for o in overrides):
+        overrides = [*overrides, "train.fold=null"]  # every fold of the round, not only those `--fold` once named
     ctx = reopen_context(run_dir, overrides, progress)
     ctx.run.sweep_killed_writes()
     started = ctx.run.started_rounds()

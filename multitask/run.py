@@ -1,7 +1,7 @@
 """The run directory: where one stage hands its result to the next, and atomic writes.
 
 RUN/config.yaml  folds.csv  summary.json  submission.csv
-RUN/round0/fold0/{best.pt,last.pt,metrics.csv,oof.npz,test.npz}
+RUN/round0/fold0/{best.pt,last.pt,metrics.csv,oof.npz,test.npz}   (+ lock.json while a process trains it)
 RUN/round0/{oof.npz,test_probs.npz,summary.json}     RUN/round1/... (pseudo-label rounds)
 """
 from __future__ import annotations
@@ -11,8 +11,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -127,6 +131,81 @@ def fold_checkpoint(cfg) -> str:
     return "avg.pt" if cfg.train.avg_top_k > 0 else "best.pt"
 
 
+LOCK = "lock.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_holder(path: Path) -> dict | None:
+    """Who holds a fold's lock: {host, pid, since}, or None when nobody does (no lock, or one left by
+    a dead process on this host). A lock being written this instant reads as held."""
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+        return None
+    return holder
+
+
+def describe_holder(holder: dict) -> str:
+    if not holder:
+        return "being claimed by another process"
+    return f"being trained by {holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}"
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[str | None]:
+    """Create `path` exclusively and hold it for the block: yields None when held, else who holds it.
+    A lock left by a dead process on this host is taken over; one from another host stays until its
+    file is removed by hand (this host cannot tell whether that machine is gone)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder is None:  # stale: its process is gone
+                path.unlink(missing_ok=True)
+                continue
+            yield describe_holder(holder) + (f" (remove {path} if that machine is gone)"
+                                             if holder.get("host") != me["host"] else "")
+            return
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        try:
+            yield None
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield "claimed and released by other processes over and over"
+
+
+@contextmanager
+def waiting_lock(path: Path, timeout_s: float = 600) -> Iterator[None]:
+    """`file_lock`, waited for."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with file_lock(path) as holder:
+            if holder is None:
+                yield
+                return
+        if time.monotonic() > deadline:
+            raise RunError(f"{path}: {holder} for more than {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
 class RunError(ValueError):
     """A run directory whose parts do not belong together."""
 
@@ -145,6 +224,26 @@ class RunDir:
 
     def fold_dir(self, r: int, k: int) -> Path:
         return self.round_dir(r) / f"fold{k}"
+
+    def fold_lock(self, r: int, k: int):
+        """Held while a process trains fold k of round r, so that two processes (or machines sharing
+        the run directory) never train the same fold: see `file_lock`."""
+        return file_lock(self.fold_dir(r, k) / LOCK)
+
+    def round_lock(self, r: int):
+        """Held while a process writes round r's results from its folds, so that the last writer is
+        the one that saw the most folds."""
+        return waiting_lock(self.round_dir(r) / LOCK)
+
+    def why_missing(self, r: int, k: int) -> str:
+        """Why fold k of round r has no outputs: being trained elsewhere, started and stopped, or never started."""
+        holder = lock_holder(self.fold_dir(r, k) / LOCK)
+        if holder is not None:
+            return describe_holder(holder)
+        fold_dir = self.fold_dir(r, k)
+        if fold_dir.is_dir() and any(p.name != LOCK for p in fold_dir.iterdir()):
+            return "started, not finished"
+        return "not started"
 
     def sweep_killed_writes(self) -> None:
         """Remove the temp files of writes a kill interrupted (atomic writes leave nothing else)."""
@@ -195,21 +294,34 @@ class RunDir:
                            f"{', '.join(changed)} than the run holds now; `mt resume --run {self.root}` rebuilds them")
 
     def choose_round(self, n_folds: int, r: int | None = None) -> tuple[int, str]:
-        """Round r, or by default the finished round with the best OOF macro F1 (rounds are comparable:
-        the same groups in the same folds, and pseudo labels only ever train). Returns the round and a
-        line that says why it was chosen, and which later rounds are unfinished."""
+        """Round r, or by default the complete round (every fold done) with the best OOF macro F1
+        (rounds are comparable: the same groups in the same folds, and pseudo labels only ever
+        train). Returns the round and a line that says why it was chosen, what it lacks, and which
+        later rounds are unfinished."""
         rounds = self.rounds()
         if not rounds:
             raise FileNotFoundError(self.unfinished(n_folds))
+        summaries = {q: read_json(self.round_dir(q) / "summary.json") for q in rounds}
+        missing = {q: s.get("folds_missing", {}) for q, s in summaries.items()}
         if r is not None:
             if r not in rounds:
                 raise FileNotFoundError(f"{self.root}: round {r} is not a finished round (finished: {rounds})")
             why = f"round {r} (asked for)"
         else:
-            f1 = {q: read_json(self.round_dir(q) / "summary.json")["oof"]["f1"] for q in rounds}
-            r = max(rounds, key=lambda q: (f1[q], -q))  # a tie goes to the earlier round
-            why = (f"round {r}: the best OOF macro F1 of the finished rounds ("
-                   + ", ".join(f"round {q} {f1[q]:.4f}" for q in rounds) + ")")
+            complete = [q for q in rounds if not missing[q]]
+            if not complete:
+                q = rounds[-1]
+                raise FileNotFoundError(
+                    f"{self.root}: no round has every fold done; round {q} lacks "
+                    + "; ".join(f"fold {k} ({why})" for k, why in missing[q].items())
+                    + f". Finish them (`mt resume --run {self.root}`, or `mt train --fold K` where they are trained), "
+                    f"or pass --round {q} to use the folds that are done")
+            f1 = {q: summaries[q]["oof"]["f1"] for q in complete}
+            r = max(complete, key=lambda q: (f1[q], -q))  # a tie goes to the earlier round
+            why = (f"round {r}: the best OOF macro F1 of the complete rounds ("
+                   + ", ".join(f"round {q} {f1[q]:.4f}" for q in complete) + ")")
+        if missing[r]:
+            why += f"; only folds {summaries[r]['folds_done']} (missing {', '.join(missing[r])})"
         later = [q for q in self.started_rounds() if q > rounds[-1]]
         if later:
             why += f"; round {later[-1]} is not finished (`mt resume --run {self.root}` finishes it)"

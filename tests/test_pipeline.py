@@ -223,9 +223,12 @@ def test_cli_train_and_submit(demo_root, tmp_path):
                                  "--folds", "2", "--fold", "0", "--epochs", "1",
                                  "--set", "model.backbone=test_efficientnet", "--set", "data.img_size=[32,32]"])
     assert result.exit_code == 0, result.output
-    assert "round 0 out-of-fold" in result.output
+    assert "round 0 out-of-fold" in result.output and "round 0 fold 1: not started" in result.output
+    # a round with a fold missing is submitted only when asked for by number
     result = runner.invoke(app, ["submit", "--run", str(out), "--out", str(tmp_path / "sub.csv")])
+    assert result.exit_code == 2 and "lacks fold 1 (not started)" in " ".join(result.output.split())
+    result = runner.invoke(app, ["submit", "--run", str(out), "--out", str(tmp_path / "sub.csv"), "--round", "0"])
     assert result.exit_code == 0, result.output
-    assert len(pd.read_csv(tmp_path / "sub.csv")) == 28
+    assert "only folds [0]" in result.output and len(pd.read_csv(tmp_path / "sub.csv")) == 28
     result = runner.invoke(app, ["submit", "--run", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "config.yaml: not found" in result.output

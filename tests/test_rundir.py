@@ -217,3 +217,75 @@ def test_no_room_or_no_permission_fails_before_any_work(demo_root, tmp_path, mon
     assert result.exit_code == 2 and "the decoded cache of 84 images at 64x64 needs" in result.output
     assert "MiB free" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").glob("*.npy*"))
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_folds_are_claimed_by_lock_and_the_vote_waits_for_every_fold(demo_root, tmp_path):
+    """Folds trained by several processes or machines into one run: a fold held by another is
+    skipped and named, the round says what it lacks, submit waits (or takes --round), and a lock
+    left by a dead process on this host is taken over."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from multitask.kfold import resume_run
+
+    out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
+    summary = train_run(tiny_config(demo_root, cache, "train.fold=[0]"), out)
+    assert summary["folds_missing"] == {"1": "not started"} and not summary["complete"]
+    with pytest.raises(FileNotFoundError, match=r"no round has every fold done; round 0 lacks fold 1 \(not started\)"):
+        make_submission(out)
+    said = []
+    assert len(pd.read_csv(make_submission(out, round=0, log=said.append))) == 4 * 7
+    assert "round 0 (asked for); only folds [0] (missing 1)" in said[0]
+
+    lock = RunDir(out).fold_dir(0, 1) / "lock.json"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.parent.mkdir(parents=True)
+        lock.write_text(json.dumps({"host": "elsewhere", "pid": sleeper.pid, "since": "2026-11-26 00:00:00"}))
+        summary = resume_run(out)
+        assert summary["folds_done"] == [0]
+        assert summary["folds_missing"]["1"].startswith("being trained by elsewhere pid")
+        assert lock.exists()  # another machine's lock is never taken
+
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x"}))
+        assert resume_run(out)["folds_done"] == [0]  # alive on this host: held
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "since": "x"}))
+    summary = resume_run(out)  # dead on this host: taken over
+    assert summary["folds_done"] == [0, 1] and summary["complete"] and not lock.exists()
+    assert RunDir(out).choose_round(2)[0] == 0
+
+
+def test_two_processes_share_the_folds_of_one_round(demo_root, tmp_path):
+    """Two `mt resume` processes started together on one run: every fold is trained exactly once,
+    and the round's results (written by the last to finish) hold every fold."""
+    import os
+    import subprocess
+    import sys
+
+    out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
+    train_run(tiny_config(demo_root, cache, "train.folds=4", "train.fold=[0]"), out)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "multitask.cli", "resume", "--run", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    for k in range(4):
+        metrics = pd.read_csv(RunDir(out).fold_dir(0, k) / "metrics.csv")
+        assert len(metrics) == 1 and metrics["train_id"].nunique() == 1, k  # one training, never two
+    summary = read_json(RunDir(out).round_dir(0) / "summary.json")
+    assert summary["folds_done"] == [0, 1, 2, 3] and summary["complete"]
+    assert not list(out.rglob("lock.json"))

@@ -266,11 +266,11 @@ def test_cli_trains_a_table_task_from_its_config_alone_and_predicts(table_root, 
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--config", str(conf), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["submit", "--run", str(out)])
+    result = runner.invoke(app, ["submit", "--run", str(out), "--round", "0"])  # fold 0 alone: asked for
     assert result.exit_code == 0, result.output
     assert len(pd.read_csv(out / "submission.csv")) == 9
     result = runner.invoke(app, ["predict", "--run", str(out), "--images", str(table_root / "images" / "g0013"),
-                                 "--out", str(tmp_path / "p.csv"), "--probs"])
+                                 "--out", str(tmp_path / "p.csv"), "--probs", "--round", "0"])
     assert result.exit_code == 0, result.output
     assert "3 images" in result.output and len(pd.read_csv(tmp_path / "p.csv")) == 3
     # --data names the table; a missing one is a one-line error
@@ -280,7 +280,7 @@ def test_cli_trains_a_table_task_from_its_config_alone_and_predicts(table_root, 
 
 
 def test_predict_works_for_the_mask_preset(demo_root, tmp_path):
-    cfg = tiny_config(demo_root, "train.fold=[0]")
+    cfg = tiny_config(demo_root)
     train_run(cfg, tmp_path / "run")
     sub = pd.read_csv(make_submission(tmp_path / "run"))
     info = pd.read_csv(demo_root / "eval" / "info.csv")
