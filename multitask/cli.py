@@ -66,6 +66,7 @@ def train(
     jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process [config: 1]"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override, e.g. train.lr=3e-4 (repeatable)"),
     force: bool = typer.Option(False, "--force", help="start over in a run directory that already holds a run (every round is removed)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out training items with a problem instead of stopping (listed in RUN/skipped.csv)"),
 ):
     """Train every fold (round 0); write checkpoints, OOF and test probabilities into the run directory."""
     from multitask.config import load_config
@@ -78,11 +79,15 @@ def train(
             overrides.append(f"{key}={value}")
     if fold:
         overrides.append(f"train.fold={json.dumps(list(fold))}")
+    if skip_bad:
+        overrides.append("data.skip_bad=true")
     with progress_and_errors() as progress:
         cfg = load_config(config, overrides + list(set_ or []), data=data)
         summary = train_run(cfg, out, progress, force)
     print_scores(f"round 0 out-of-fold (folds {summary['folds_done']})", summary["oof"])
     print_missing(summary)
+    if summary["skipped"]:
+        console.print(f"[yellow]{summary['skipped']} training item(s) left out, each with its reason: {out / 'skipped.csv'}[/]")
     console.print(f"run: {out}  (config.yaml, folds.csv, round0/, summary.json)")
 
 

@@ -97,6 +97,9 @@ class DataCfg(_Strict):
     # hold the uint8 caches in accelerator memory: the torch backend's training batches and every
     # evaluation and prediction are gathered there
     cache_on_device: bool = False
+    # leave out training items with a problem (a bad table row, a person whose pictures or labels are
+    # wrong, an undecodable image) instead of stopping; RUN/skipped.csv lists them and why
+    skip_bad: bool = False
 
     @field_validator("age_bins")
     @classmethod

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from multitask.config import Config, ConfigError, TableTaskCfg, dump_config, load_config
 from multitask.data.cache import ImageDecodeError, cached_images, undecodable_error
@@ -65,10 +66,10 @@ def build_task(cfg: Config) -> tuple[Task, list[Head]]:
 
 def read_data(cfg: Config, task: Task) -> ImageTable:
     if isinstance(cfg.task, TableTaskCfg):
-        return read_table(cfg.task, task)
+        return read_table(cfg.task, task, cfg.data.skip_bad)
     if not cfg.data_root:
         raise ConfigError("no data root: pass --data DATA (or set data_root in the config)")
-    return read_layout(cfg.data_root, cfg.data.age_bins)
+    return read_layout(cfg.data_root, cfg.data.age_bins, cfg.data.skip_bad)
 
 
 def differing_keys(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
@@ -90,7 +91,7 @@ def clear_run(run: RunDir) -> None:
     config, the summaries and the submission); other files stay."""
     for r in run.started_rounds():
         shutil.rmtree(run.round_dir(r))
-    for path in (run.summary, run.submission, run.folds, run.config):
+    for path in (run.summary, run.submission, run.folds, run.config, run.skipped):
         path.unlink(missing_ok=True)
 
 
@@ -120,7 +121,9 @@ def claim_run_dir(run: RunDir, cfg: Config, force: bool = False) -> None:
 
 def load_images(cfg: Config, table: ImageTable, progress=None) -> tuple[np.ndarray, np.ndarray | None]:
     """The decoded train and test caches (built on first use). An image that cannot be decoded is
-    reported with the table line it came from, all of them at once."""
+    reported with the table line it came from, all of them at once; with `data.skip_bad`, training
+    images that cannot be decoded are left out of `table` instead (test images never are: each
+    needs a prediction)."""
     size = tuple(cfg.data.img_size)
 
     def images(frame, what: str) -> np.ndarray:
@@ -139,7 +142,14 @@ def load_images(cfg: Config, table: ImageTable, progress=None) -> tuple[np.ndarr
                 progress.remove_task(tid)
         return arr
 
-    return images(table.train, "train"), images(table.test, "test") if table.test is not None else None
+    try:
+        train = images(table.train, "train")
+    except ImageDecodeError as e:
+        if not (cfg.data.skip_bad and e.bad):
+            raise
+        table.skip([i for i, _ in e.bad], [f"cannot be decoded ({why})" for _, why in e.bad])
+        train = images(table.train, "train")
+    return train, images(table.test, "test") if table.test is not None else None
 
 
 def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | None = None,
@@ -147,6 +157,12 @@ def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | No
     """Read the data, make or reuse folds, and build (or find) the decoded caches."""
     task, heads = build_task(cfg)
     table = table or read_data(cfg, task)
+    if cfg.data.skip_bad and run.skipped.exists() and images is None:
+        # what the run's first read found undecodable, left out again without decoding it again
+        listed = pd.read_csv(run.skipped, dtype=str, keep_default_na=False)
+        reason = dict(zip(listed["path"], listed["reason"]))
+        rows = [i for i, p in enumerate(table.train["path"]) if p in reason]
+        table.skip(rows, [reason[table.train["path"].iloc[i]] for i in rows])
     if run.folds.exists():
         folds_table = read_folds(run.folds)
     else:

@@ -27,8 +27,8 @@ from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, vote
 from multitask.report import plot_round
-from multitask.run import (RunDir, RunError, as_id, check_writable, fold_checkpoint, fold_train_id, head_probs,
-                          load_npz, npz_item, read_json, save_npz, write_json)
+from multitask.run import (RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint, fold_train_id,
+                          head_probs, load_npz, npz_item, read_json, save_npz, write_json)
 
 
 def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray] | None:
@@ -232,7 +232,8 @@ def _aggregate_round(ctx: Context, r: int) -> dict:
 
 def update_run_summary(run: RunDir) -> None:
     rounds = [read_json(run.round_dir(r) / "summary.json") for r in run.rounds()]
-    write_json(run.summary, {"latest_round": rounds[-1]["round"], "rounds": rounds})
+    skipped = len(pd.read_csv(run.skipped)) if run.skipped.exists() else 0
+    write_json(run.summary, {"latest_round": rounds[-1]["round"], "skipped": skipped, "rounds": rounds})
 
 
 def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -269,5 +270,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False) 
     check_writable(run.root)  # before the cache build, which may take long
     images = load_images(cfg, table, progress)
     claim_run_dir(run, cfg, force)
+    if not table.skipped.empty:
+        atomic_write_text(run.skipped, table.skipped.to_csv(index=False))
     ctx = open_context(run, cfg, progress, table, images)
-    return train_round(ctx, 0, progress=progress)
+    return train_round(ctx, 0, progress=progress) | {"skipped": len(table.skipped)}

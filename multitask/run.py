@@ -1,6 +1,6 @@
 """The run directory: where one stage hands its result to the next, and atomic writes.
 
-RUN/config.yaml  folds.csv  summary.json  submission.csv
+RUN/config.yaml  folds.csv  summary.json  submission.csv  (skipped.csv: what --skip-bad left out)
 RUN/round0/fold0/{best.pt,last.pt,metrics.csv,oof.npz,test.npz}   (+ lock.json while a process trains it)
 RUN/round0/{oof.npz,test_probs.npz,summary.json}     RUN/round1/... (pseudo-label rounds)
 """
@@ -218,6 +218,7 @@ class RunDir:
     folds = property(lambda self: self.root / "folds.csv")
     summary = property(lambda self: self.root / "summary.json")
     submission = property(lambda self: self.root / "submission.csv")
+    skipped = property(lambda self: self.root / "skipped.csv")  # training items `--skip-bad` left out
 
     def round_dir(self, r: int) -> Path:
         return self.root / f"round{r}"

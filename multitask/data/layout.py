@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from multitask.data.table import DataError, ImageTable, image_path, problems_error, value_column
+from multitask.data.table import SKIPPED_COLUMNS, DataError, ImageTable, image_path, problems_error, value_column
 from multitask.labels import mask_task
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
@@ -58,9 +58,10 @@ def person_images(folder: Path, problems: list[str]) -> dict[str, Path]:
     return found
 
 
-def read_train(root: Path, age_bins: list[int]) -> pd.DataFrame:
+def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, str]] | None = None) -> pd.DataFrame:
     """Every person of train.csv with their pictures; every problem is collected, then all are
-    reported at once, each with its file and line."""
+    reported at once, each with its file and line. Given a `skipped` list, a person with a problem is
+    left out instead, with all their pictures, and listed there as (where, path, reason)."""
     csv_path = root / "train" / "train.csv"
     people = read_csv(csv_path, TRAIN_COLUMNS)
     if people.empty:
@@ -86,16 +87,18 @@ def read_train(root: Path, age_bins: list[int]) -> pd.DataFrame:
             problems.append(f"{where}: person folder {rec.path!r} is listed twice (first at line {seen[rec.path]})")
             folder = None
         seen.setdefault(rec.path, line)
-        if folder is None:
-            continue
-        pics = person_images(folder, problems)
-        if not pics:
+        pics = person_images(folder, problems) if folder is not None else {}
+        if folder is not None and not pics:
             problems.append(f"{where}: {folder} has no pictures (expected {sorted(MASK_STEMS)})")
         if len(problems) > before:
+            if skipped is not None:  # the person is left out with every picture, and said why
+                skipped.append((where, str(images_dir / rec.path),
+                                "; ".join(p.split(": ", 1)[-1] for p in problems[before:])))
+                del problems[before:]
             continue
         for stem, p in pics.items():
             rows.append((rec.path, str(p), f"{where} ({p.name})", stem, MASK_STEMS[stem], gender, age))
-    if problems:
+    if problems and skipped is None:
         raise problems_error(csv_path, problems, LayoutError)
     df = pd.DataFrame(rows, columns=["group", "path", "where", "stem", "mask", "gender", value_column("age")])
     df["age"] = mask_task(age_bins).factors[2].bin(df[value_column("age")].to_numpy())
@@ -124,9 +127,18 @@ def read_test(root: Path) -> pd.DataFrame | None:
     return pd.DataFrame({"image_id": info["ImageID"].to_numpy(), "path": paths})
 
 
-def read_layout(root: str | Path, age_bins: list[int]) -> ImageTable:
+def read_layout(root: str | Path, age_bins: list[int], skip_bad: bool = False) -> ImageTable:
+    """The competition root as an image table. With `skip_bad`, persons with a problem are left out
+    (and listed in the table's `skipped`); a test image never is: the submission needs every one."""
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root}: data root not found")
     test = read_test(root)
-    return ImageTable(read_train(root, age_bins), test, root / "eval" / "info.csv" if test is not None else None)
+    skipped: list[tuple[str, str, str]] | None = [] if skip_bad else None
+    table = ImageTable(read_train(root, age_bins, skipped), test, root / "eval" / "info.csv" if test is not None else None)
+    if skipped:
+        table.skipped = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+    if table.train.empty:
+        raise LayoutError(f"{root / 'train' / 'train.csv'}: no person is left to train on; "
+                          + "; ".join(f"{w}: {r}" for w, _, r in (skipped or [])[:10]))
+    return table

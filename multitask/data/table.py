@@ -9,7 +9,7 @@ cache, heads, voting, pseudo-labels and predictions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +25,29 @@ class DataError(ValueError):
     pass
 
 
+SKIPPED_COLUMNS = ["where", "path", "reason"]
+
+
 @dataclass
 class ImageTable:
     train: pd.DataFrame
     test: pd.DataFrame | None  # None when the task has no test images
     info_csv: Path | None = None  # the competition's info.csv: its submission follows that file
+    # training items left out by `data.skip_bad`, and why
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
+
+    def skip(self, rows, reasons: list[str]) -> None:
+        """Leave out train rows (positions in `train`), recording why."""
+        rows = np.asarray(rows, dtype=np.int64)
+        gone = self.train.iloc[rows]
+        self.skipped = pd.concat([self.skipped, pd.DataFrame({
+            "where": gone["where"].to_numpy() if "where" in gone else gone["path"].to_numpy(),
+            "path": gone["path"].to_numpy(), "reason": list(reasons)})], ignore_index=True)
+        self.train = self.train.drop(index=self.train.index[rows]).reset_index(drop=True)
+        if self.train.empty:
+            raise DataError("every training item has a problem; nothing is left to train on:\n  "
+                            + "\n  ".join(f"{w}: {r}" for w, r in zip(self.skipped["where"].head(MAX_LISTED),
+                                                                     self.skipped["reason"])))
 
 
 def value_column(factor: str) -> str:
@@ -110,8 +128,10 @@ def check_paths(df: pd.DataFrame, col: str, root: Path, where: list[str], proble
     return paths
 
 
-def read_table(cfg: TableTaskCfg, task: Task) -> ImageTable:
-    """Read and check a table task; every problem is listed at once, by file and line."""
+def read_table(cfg: TableTaskCfg, task: Task, skip_bad: bool = False) -> ImageTable:
+    """Read and check a table task; every problem is listed at once, by file and line. With
+    `skip_bad`, rows with a problem are left out instead (a group's problem leaves out the group),
+    and the table says which and why."""
     table = Path(cfg.table)
     images = Path(cfg.images) if cfg.images else table.parent
     df, kind = read_frame(table)
@@ -145,9 +165,33 @@ def read_table(cfg: TableTaskCfg, task: Task) -> ImageTable:
     for fc in cfg.factors:
         if fc.per_group:
             problems += group_disagreements(out, fc.name)
-    if problems:
+    reasons, unplaced = problems_by_row(problems, where, out["group"].tolist())
+    if problems and (not skip_bad or unplaced):
         raise problems_error(table, problems)
-    return ImageTable(out, read_test_table(cfg, images))
+    result = ImageTable(out, read_test_table(cfg, images))
+    if problems:
+        rows = [i for i, r in enumerate(reasons) if r]
+        result.skip(rows, [reasons[i] for i in rows])
+    return result
+
+
+def problems_by_row(problems: list[str], where: list[str], groups: list[str]) -> tuple[list[str], list[str]]:
+    """Each row's problems ('' for none), from messages that start with the row's name or with its
+    group (`group 'g': ...`); and the problems that name neither."""
+    index = {w: i for i, w in enumerate(where)}
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(repr(g), []).append(i)
+    out: list[list[str]] = [[] for _ in where]
+    unplaced = []
+    for text in problems:
+        head, _, rest = text.partition(": ")
+        rows = [index[head]] if head in index else members.get(head[len("group "):], []) if head.startswith("group ") else []
+        for i in rows:
+            out[i].append(rest)
+        if not rows:
+            unplaced.append(text)
+    return ["; ".join(x) for x in out], unplaced
 
 
 def group_disagreements(df: pd.DataFrame, factor: str) -> list[str]:

@@ -1,0 +1,84 @@
+"""`--skip-bad`: training goes on without the items that have a problem, and says which and why
+(RUN/skipped.csv); every later command on the run leaves out the same items."""
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from multitask.cli import app
+from multitask.context import reopen_context
+from multitask.data.layout import LayoutError
+from multitask.data.synthetic import make_table_dataset
+from multitask.data.table import DataError
+from multitask.kfold import resume_run, train_run
+from multitask.run import RunDir, read_json
+from multitask.submit import make_submission
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def broken_root(demo_root, tmp_path):
+    """The demo set with three problems: a person with a bad gender, a zero-byte picture and a text
+    file posing as a JPEG in two other persons."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    csv = root / "train" / "train.csv"
+    people = pd.read_csv(csv, dtype=str)
+    people.loc[0, "gender"] = "robot"
+    people.to_csv(csv, index=False)
+    folders = people["path"].tolist()
+    (root / "train" / "images" / folders[1] / "normal.jpg").write_bytes(b"")
+    (root / "train" / "images" / folders[2] / "mask1.jpg").write_text("not a picture")
+    return root, folders
+
+
+def test_skip_bad_trains_without_the_bad_items_and_lists_them(broken_root, tmp_path):
+    root, folders = broken_root
+    out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
+    with pytest.raises(LayoutError, match="gender 'robot'"):
+        train_run(tiny_config(root, cache), out)
+    assert not out.exists()
+
+    result = runner.invoke(app, ["train", "--data", str(root), "--out", str(out), "--skip-bad", "--folds", "2",
+                                 "--epochs", "1", "--set", "model.backbone=test_efficientnet",
+                                 "--set", "data.img_size=[32,32]", "--set", "train.device=cpu", "--set", cache])
+    assert result.exit_code == 0, result.output
+    assert "3 training item(s) left out" in result.output
+    skipped = pd.read_csv(RunDir(out).skipped)
+    assert len(skipped) == 3 and list(skipped.columns) == ["where", "path", "reason"]
+    assert "gender 'robot'" in skipped["reason"].iloc[0] and skipped["path"].iloc[0].endswith(folders[0])
+    reasons = dict(zip(skipped["path"].str.rsplit("/", n=2).str[-2:].str.join("/"), skipped["reason"]))
+    assert reasons[f"{folders[1]}/normal.jpg"].startswith("cannot be decoded")
+    assert reasons[f"{folders[2]}/mask1.jpg"].startswith("cannot be decoded")
+    assert read_json(RunDir(out).summary)["skipped"] == 3
+
+    # the person is gone from the folds; later commands leave out the same items
+    assert folders[0] not in set(pd.read_csv(RunDir(out).folds)["group"])
+    ctx = reopen_context(out)
+    assert len(ctx.table.train) == 12 * 7 - 7 - 2 and len(ctx.train_images) == len(ctx.table.train)
+    assert resume_run(out)["folds_done"] == [0, 1]
+    assert len(pd.read_csv(make_submission(out))) == 4 * 7
+
+
+def test_skip_bad_leaves_out_table_rows_and_whole_groups(tmp_path):
+    make_table_dataset(tmp_path, n_train_groups=8, n_test_groups=2, per_group=3, image_size=(32, 32), seed=0)
+    df = pd.read_csv(tmp_path / "train.csv", dtype=str)
+    df.loc[0, "colour"] = "purple"                          # one bad row
+    g = df["group"].iloc[3]
+    df.loc[df["group"] == g, "shape"] = ["circle", "square", "circle"]  # a group that disagrees
+    df.to_csv(tmp_path / "train.csv", index=False)
+    task = {"table": str(tmp_path / "train.csv"), "group_col": "group", "test": "test.csv", "factors": [
+        {"name": "shape", "classes": ["circle", "square"], "per_group": True},
+        {"name": "colour", "classes": ["red", "green", "blue", "yellow"]}]}
+    overrides = [f"task={yaml.safe_dump(task, default_flow_style=True)}", f"data.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(DataError, match="purple"):
+        train_run(tiny_config(None, *overrides), tmp_path / "run")
+    summary = train_run(tiny_config(None, *overrides, "data.skip_bad=true"), tmp_path / "run")
+    skipped = pd.read_csv(RunDir(tmp_path / "run").skipped)
+    assert summary["skipped"] == 4 and len(skipped) == 4  # the row, and the group's three rows
+    assert "purple" in skipped["reason"].iloc[0]
+    assert (skipped["reason"].iloc[1:].str.contains("disagree on shape")).all()
