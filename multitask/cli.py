@@ -160,13 +160,14 @@ def predict(
     probs: bool = typer.Option(False, "--probs", help="add every factor's probabilities (p_<factor>_<class>)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out undecodable images and list them in <out>.skipped.csv"),
     round_: Optional[int] = typer.Option(None, "--round", help="round to use (default: the one submit uses, the best OOF macro F1)"),
+    chunk: int = typer.Option(2048, "--chunk", help="images decoded and predicted at a time: memory stays bounded for any number of images"),
 ):
     """The run's fold ensemble with its TTA views (what submit uses) on any images: path, each factor's
     class, class, prob."""
     from multitask.predict import predict_images
 
     with progress_and_errors() as progress:
-        result = predict_images(run, images, out, batch_size, probs, skip_bad, progress, round_)
+        result = predict_images(run, images, out, batch_size, probs, skip_bad, progress, round_, chunk)
     skipped = f", {result['skipped']} skipped (listed in {result['skipped_file']})" if result["skipped"] else ""
     console.print(f"using {result['why']}")
     console.print(f"predictions: {result['out']}  ({result['predicted']} images, round {result['round']}{skipped})")

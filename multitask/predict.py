@@ -24,7 +24,7 @@ from multitask.device import autocast, prepare_input, resolve_device, tune_for
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_outputs, is_aux
-from multitask.run import RunDir, atomic_write_text, fold_checkpoint, read_json
+from multitask.run import RunDir, atomic_write_text, atomic_writer, fold_checkpoint, read_json
 
 
 @torch.no_grad()
@@ -206,33 +206,52 @@ def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImage
     return ensemble_probs(round_models(run, r, cfg), images, cfg, task, heads, resolve_device(cfg.train.device), progress)
 
 
+PREDICT_CHUNK = 2048  # images decoded at a time: memory stays bounded, whatever the number of images
+
+
 def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, batch_size: int | None = None,
-                   with_probs: bool = False, skip_bad: bool = False, progress=None, round: int | None = None) -> dict:
-    """`mt predict`: round `round` of the run, by default the one `submit` uses (its fold ensemble, TTA views and fitted decision, as
-    `submit` uses them) on any images. Undecodable images stop it, all listed; with `skip_bad` they are left out and
-    listed in <out>.skipped.csv."""
+                   with_probs: bool = False, skip_bad: bool = False, progress=None, round: int | None = None,
+                   chunk: int = PREDICT_CHUNK) -> dict:
+    """`mt predict`: round `round` of the run, by default the one `submit` uses (its fold ensemble,
+    TTA views and fitted decision) on any images. The images stream through `chunk` at a time and
+    the predictions are written as they come (into a temp file, renamed at the end), so a test set
+    larger than memory is predicted in bounded memory. Undecodable images stop it, all listed; with
+    `skip_bad` they are left out and listed in <out>.skipped.csv."""
     run = RunDir(run_dir)
     overrides = [f"train.eval_batch_size={batch_size}"] if batch_size else []
     cfg = load_run_config(run, overrides)
     task, heads = build_task(cfg)
     r, why = run.choose_round(cfg.train.folds, round)
     run.check_round_current(r, cfg.train.folds)
+    decision = load_decision(run.round_dir(r))
     ids, paths = list_images(source)
-    decoded = DecodedImages(paths, cfg.data.decode_workers)
-    bad = decoded.bad(tuple(cfg.data.img_size))
     out = Path(out)
     skipped_file = out.with_name(out.stem + ".skipped.csv")
-    if bad and not skip_bad:
-        raise undecodable_error(paths, bad)
-    keep = np.setdiff1d(np.arange(len(paths)), [i for i, _ in bad])
-    if bad:
-        atomic_write_text(skipped_file, pd.DataFrame({"path": [ids[i] for i, _ in bad],
-                                                      "reason": [why for _, why in bad]}).to_csv(index=False))
-    if not len(keep):
-        raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
-    probs = run_outputs(run, r, overrides, decoded, keep, progress)
-    combined, classes = predict_classes(task, heads, probs, cfg, load_decision(run.round_dir(r)))
-    frame = predictions_frame(task, [ids[i] for i in keep], combined, classes, with_probs)
-    atomic_write_text(out, frame.to_csv(index=False))
-    return {"out": str(out), "round": r, "why": why, "predicted": int(len(keep)), "skipped": len(bad),
+    bad, written = [], 0
+    tid = progress.add_task("predicting images", total=len(paths)) if progress else None
+    with atomic_writer(out, "w") as fh:
+        for start in range(0, len(paths), chunk):
+            decoded = DecodedImages(paths[start:start + chunk], cfg.data.decode_workers)
+            chunk_bad = decoded.bad(tuple(cfg.data.img_size))
+            bad += [(start + i, why_bad) for i, why_bad in chunk_bad]
+            keep = np.setdiff1d(np.arange(len(decoded.paths)), [i for i, _ in chunk_bad])
+            if (bad and not skip_bad) or not len(keep):
+                continue  # go on decoding only to list every bad image at once
+            probs = run_outputs(run, r, overrides, decoded, keep, progress)
+            combined, classes = predict_classes(task, heads, probs, cfg, decision)
+            frame = predictions_frame(task, [ids[start + i] for i in keep], combined, classes, with_probs)
+            frame.to_csv(fh, index=False, header=written == 0)
+            written += len(keep)
+            if progress:
+                progress.update(tid, advance=len(decoded.paths))
+        if bad and not skip_bad:
+            raise undecodable_error(paths, bad)
+        if bad:
+            atomic_write_text(skipped_file, pd.DataFrame({"path": [ids[i] for i, _ in bad],
+                                                          "reason": [w for _, w in bad]}).to_csv(index=False))
+        if not written:
+            raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
+    if progress:
+        progress.remove_task(tid)
+    return {"out": str(out), "round": r, "why": why, "predicted": written, "skipped": len(bad),
             "skipped_file": str(skipped_file) if bad else None}

@@ -53,19 +53,27 @@ def check_space(folder: Path, need: int, what: str) -> None:
                            f"free some space or choose another folder (data.cache_dir for the cache)")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and rename, so a crash never leaves half a file."""
+@contextmanager
+def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
+    """A file handle on a temp file in the same folder, renamed to `path` when the block ends well
+    (and removed when it does not), so a crash never leaves half a file; a long output can be
+    written as it is made."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, mode) as fh:
+            yield fh
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,6 +1,7 @@
 """Prediction: the same probabilities whether batches come from the memory map or from the device's
 copy of the caches; TTA views averaged; soft voting."""
 import numpy as np
+import pandas as pd
 import torch
 
 from conftest import tiny_config
@@ -39,3 +40,38 @@ def test_device_copy_and_memory_map_give_the_same_probabilities():
 def test_soft_vote_averages_each_head_over_folds():
     folds = [{"h": np.array([[0.9, 0.1]])}, {"h": np.array([[0.3, 0.7]])}]
     np.testing.assert_allclose(soft_vote(folds)["h"], [[0.6, 0.4]])
+
+
+def test_prediction_streams_in_bounded_memory(demo_root, tmp_path):
+    """1,500 images predicted at 192x192 (166 MB decoded at once): streamed 128 at a time, the peak
+    memory of the process stays well below the all-at-once figure, and the predictions are the same."""
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import tiny_config
+    from multitask.kfold import train_run
+
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, "data.img_size=[192, 192]", "train.fold=[0]", "aug.tta=[none]",
+                          f"data.cache_dir={tmp_path / 'cache'}"), out)
+    images = tmp_path / "many"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1500):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
+    code = ("import json, resource, sys; from multitask.predict import predict_images; "
+            "predict_images(sys.argv[1], sys.argv[2], sys.argv[3], round=0, chunk=int(sys.argv[4])); "
+            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")
+    peak = {}
+    for chunk in (128, 100_000):
+        done = subprocess.run([sys.executable, "-c", code, str(out), str(images), str(tmp_path / f"p{chunk}.csv"),
+                               str(chunk)], capture_output=True, text=True, check=True)
+        peak[chunk] = json.loads(done.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    decoded = 1500 * 192 * 192 * 3
+    assert peak[100_000] - peak[128] > 0.6 * decoded, (peak, decoded)
+    a, b = pd.read_csv(tmp_path / "p128.csv"), pd.read_csv(tmp_path / "p100000.csv")
+    assert len(a) == 1500
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
