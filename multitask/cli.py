@@ -37,6 +37,17 @@ def progress_and_errors():
         raise typer.Exit(2)
 
 
+def from_config(key: str, whose: str = "the --config file's") -> str:
+    """Where an option's value comes from when it is not given. No square brackets: the help is
+    rich markup, and `[...]` would vanish."""
+    from multitask.config import Config
+
+    node = Config().model_dump(mode="json")
+    for part in key.split("."):
+        node = node[part]
+    return f"(default: {whose} {key}; built in: {node})"
+
+
 def print_scores(title: str, scores: dict) -> None:
     table = Table(title=title)
     table.add_column("metric")
@@ -59,11 +70,11 @@ def train(
     data: Optional[Path] = typer.Option(None, "--data", help="competition root (train/, eval/), or a table task's table"),
     heads: Optional[str] = typer.Option(None, help="comma list covering each factor once: mask,gender,age | mask,gender_age | class (default: one head per factor)"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file, or a name under configs/ (demo, competition)"),
-    sharing: Optional[str] = typer.Option(None, help="shared | separate backbones"),
-    folds: Optional[int] = typer.Option(None, help="number of folds"),
-    fold: Optional[list[int]] = typer.Option(None, help="train only this fold (repeatable)"),
-    epochs: Optional[int] = typer.Option(None),
-    jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process [config: 1]"),
+    sharing: Optional[str] = typer.Option(None, help="shared | separate backbones " + from_config("model.sharing")),
+    folds: Optional[int] = typer.Option(None, help="number of person-grouped folds " + from_config("train.folds")),
+    fold: Optional[list[int]] = typer.Option(None, help="train only this fold (repeatable; default: every fold)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs per fold " + from_config("train.epochs")),
+    jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process " + from_config("train.jobs")),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override, e.g. train.lr=3e-4 (repeatable)"),
     force: bool = typer.Option(False, "--force", help="start over in a run directory that already holds a run (every round is removed)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out training items with a problem instead of stopping (listed in RUN/skipped.csv)"),
@@ -94,9 +105,9 @@ def train(
 @app.command("pseudo-label")
 def pseudo_label_cmd(
     run: Path = typer.Option(..., "--run", help="run directory made by `mt train`"),
-    precision: Optional[float] = typer.Option(None, help="precision each factor's pseudo labels must reach on OOF (config pseudo.precision, 0.95)"),
-    rounds: Optional[int] = typer.Option(None, help="pseudo-label rounds to add [config: 1]"),
-    jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process"),
+    precision: Optional[float] = typer.Option(None, help="precision each factor's pseudo labels must reach on OOF " + from_config("pseudo.precision", "the run's")),
+    rounds: Optional[int] = typer.Option(None, help="pseudo-label rounds to add " + from_config("pseudo.rounds", "the run's")),
+    jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process " + from_config("train.jobs", "the run's")),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override (repeatable)"),
 ):
     """Add rounds trained on train + pseudo-labelled test images: each fold's from its own previous model,
@@ -123,7 +134,7 @@ def pseudo_label_cmd(
 @app.command()
 def resume(
     run: Path = typer.Option(..., "--run", help="run directory of a killed `mt train` or `mt pseudo-label`"),
-    jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process"),
+    jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process " + from_config("train.jobs", "the run's")),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override of a per-invocation key, e.g. train.device=cuda:1"),
 ):
     """Finish the latest round: finished folds are kept, interrupted ones carry on from their last.pt."""
@@ -139,7 +150,7 @@ def resume(
 @app.command()
 def submit(
     run: Path = typer.Option(..., "--run", help="run directory"),
-    out: Optional[Path] = typer.Option(None, help="submission file [RUN/submission.csv]"),
+    out: Optional[Path] = typer.Option(None, help="submission file (default: RUN/submission.csv)"),
     round_: Optional[int] = typer.Option(None, "--round", help="round to submit (default: the finished round with the best OOF macro F1)"),
 ):
     """Write a round's soft-voted test predictions (the best round by OOF macro F1 unless --round): ImageID,ans in info.csv order for the
@@ -156,7 +167,7 @@ def predict(
     run: Path = typer.Option(..., "--run", help="run directory"),
     images: Path = typer.Option(..., "--images", help="a folder (recursive), a CSV with a path column, or one image"),
     out: Path = typer.Option(..., "--out", help="predictions CSV to write"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per forward pass (default: the run's train.eval_batch_size)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per forward pass " + from_config("train.eval_batch_size", "the run's")),
     probs: bool = typer.Option(False, "--probs", help="add every factor's probabilities (p_<factor>_<class>)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out undecodable images and list them in <out>.skipped.csv"),
     round_: Optional[int] = typer.Option(None, "--round", help="round to use (default: the one submit uses, the best OOF macro F1)"),

@@ -2,9 +2,10 @@
 torch.compile, gradient clipping; validate every epoch and keep the checkpoint with the best combined
 macro F1 (the competition metric, not accuracy).
 
-Writes FOLD/metrics.csv (a row per epoch), FOLD/best.pt (weights), FOLD/last.pt (everything a
-resume needs: model, EMA, optimizer, scheduler, epoch, RNG states), and with `train.avg_top_k` the
-kept epochs' weights and their average FOLD/avg.pt.
+Writes FOLD/metrics.csv (a row per epoch, counted from 1: training losses, validation macro F1 and
+negative log-likelihood per head), FOLD/best.pt (weights), FOLD/last.pt (everything a resume needs:
+model, EMA, optimizer, scheduler, epochs done, RNG states), and with `train.avg_top_k` the kept
+epochs' weights and their average FOLD/avg.pt.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from multitask.data.sampling import class_weights, sample_weights
 from multitask.device import autocast, prepare_input, tune_for
 from multitask.labels import Head, Task
 from multitask.losses import MultiHeadLoss
-from multitask.metrics import score_probs
+from multitask.metrics import heads_nll, score_probs
 from multitask.model import build_model, param_groups
 from multitask.numeric import Targets, aux_losses, aux_outputs
 from multitask.predict import predict_probs
@@ -166,8 +167,9 @@ def resume_from(path: Path, t: Training, device: torch.device) -> tuple[int, int
     t.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"], device)
     # metrics.csv is written before last.pt: a kill between the two leaves a row to drop
-    rows = pd.read_csv(path.parent / "metrics.csv", dtype={"train_id": str}).iloc[:state["epoch"] + 1].to_dict("records")
-    return state["epoch"] + 1, state["step"], state["best"], rows, state.get("train_id") or new_train_id()
+    done = state["epochs_done"] if "epochs_done" in state else state["epoch"] + 1  # older last.pt counted from 0
+    rows = pd.read_csv(path.parent / "metrics.csv", dtype={"train_id": str}).iloc[:done].to_dict("records")
+    return done, state["step"], state["best"], rows, state.get("train_id") or new_train_id()
 
 
 class TopEpochs:
@@ -248,24 +250,26 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
         eval_model = ema.module if ema is not None else model
         probs = predict_probs(eval_model, data.val_images, cfg, device, views=["none"])
         scores = score_probs(task, heads, probs, data.val_factors)
-        row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "train_loss": loss_sums["loss"] / seen}
+        number = epoch + 1  # epochs are counted from 1 everywhere a person reads them
+        row = {"epoch": number, "lr": scheduler.get_last_lr()[0], "train_loss": loss_sums["loss"] / seen}
         row |= {f"loss_{name}": loss_sums[name] / seen for name in criterion.fns}
         row |= {f"val_{k}": v for k, v in scores.items()}
+        row |= {f"val_nll_{k}": v for k, v in heads_nll(heads, probs, data.val_factors).items()}
         row |= {"train_img_s": seen / train_s, "train_id": train_id}
         rows.append(row)
         atomic_write_text(out_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
         if scores["f1"] > best["f1"]:
-            best = scores | {"epoch": epoch}
-            save_torch(out_dir / "best.pt", {"model": eval_model.state_dict(), "epoch": epoch, "scores": scores,
+            best = scores | {"epoch": number}
+            save_torch(out_dir / "best.pt", {"model": eval_model.state_dict(), "epoch": number, "scores": scores,
                                              "train_id": train_id})
-        top.offer(epoch, scores["f1"], eval_model)
+        top.offer(number, scores["f1"], eval_model)
         save_torch(out_dir / "last.pt", {
             "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "step": step, "best": best, "rng": rng_state(device), "train_id": train_id})
+            "epochs_done": number, "step": step, "best": best, "rng": rng_state(device), "train_id": train_id})
         if progress:
             progress.console.print(
-                f"  {label} epoch {epoch + 1}/{tc.epochs}  loss {row['train_loss']:.3f}  "
+                f"  {label} epoch {number}/{tc.epochs}  loss {row['train_loss']:.3f}  "
                 + "  ".join(f"{h.name} {scores[f'f1_{h.name}']:.3f}" for h in heads)
                 + f"  F1 {scores['f1']:.3f}  ({row['train_img_s']:.0f} img/s)", soft_wrap=True)
     if tc.avg_top_k > 0:

@@ -42,3 +42,14 @@ def score_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], fac
     out["f1"] = macro_f1(task.encode(factors), combined, task.n_classes)
     out["acc"] = float((task.encode(factors) == combined).mean())
     return out
+
+
+def heads_nll(heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray) -> dict[str, float]:
+    """Each head's mean negative log-likelihood of the true class (the validation loss, read from
+    probabilities), and their sum (`total`)."""
+    out = {}
+    for h in heads:
+        p = probs[h.name][np.arange(len(factors)), h.targets(factors)]
+        out[h.name] = float(-np.log(np.clip(p, 1e-7, 1.0)).mean())
+    out["total"] = float(sum(out.values()))
+    return out

@@ -34,9 +34,12 @@ def test_train_writes_the_run_directory(trained, demo_root):
         assert len(metrics) == 3
         # best.pt is the first epoch with the highest combined macro F1, not the best accuracy or loss
         best = torch.load(run.fold_dir(0, k) / "best.pt", weights_only=True)
-        assert best["epoch"] == int(metrics["val_f1"].idxmax())
+        # epochs count from 1 in metrics.csv, the checkpoints, the summary and the console alike
+        assert metrics["epoch"].tolist() == [1, 2, 3]
+        assert best["epoch"] == int(metrics["val_f1"].idxmax()) + 1 == summary["folds"][str(k)]["best_epoch"]
         last = torch.load(run.fold_dir(0, k) / "last.pt", weights_only=False)
-        assert last["epoch"] == 2 and {"optimizer", "scheduler", "rng", "model"} <= set(last)
+        assert last["epochs_done"] == 3 and {"optimizer", "scheduler", "rng", "model"} <= set(last)
+        assert {"val_nll_mask", "val_nll_age", "val_nll_total"} <= set(metrics.columns)
         # the figure that picked the epoch (no TTA) and the fold's OOF (TTA views averaged), each named so
         fold = summary["folds"][str(k)]
         assert fold["val_f1_no_tta"] == pytest.approx(metrics["val_f1"].max())
@@ -232,3 +235,18 @@ def test_cli_train_and_submit(demo_root, tmp_path):
     assert "only folds [0]" in result.output and len(pd.read_csv(tmp_path / "sub.csv")) == 28
     result = runner.invoke(app, ["submit", "--run", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "config.yaml: not found" in result.output
+
+
+def test_every_option_has_help_and_config_defaults_are_shown():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for param in command.params:
+            if param.name != "help":
+                assert getattr(param, "help", None), f"mt {name} {param.opts}: no help line"
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    for shown in ("train.folds; built in: 5", "train.epochs; built in:", "train.jobs; built in: 1"):
+        assert shown in result.output, shown
+    result = runner.invoke(app, ["pseudo-label", "--help"], env={"COLUMNS": "200"})
+    assert "pseudo.rounds; built in: 1" in result.output and "pseudo.precision; built in: 0.95" in result.output

@@ -39,7 +39,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(demo_root, tmp_path, mo
     restore()
     run = RunDir(killed)
     assert (run.fold_dir(0, 0) / "oof.npz").exists() and not (run.fold_dir(0, 1) / "oof.npz").exists()
-    assert torch.load(run.fold_dir(0, 1) / "last.pt", weights_only=True)["epoch"] == 0
+    assert torch.load(run.fold_dir(0, 1) / "last.pt", weights_only=True)["epochs_done"] == 1
     kept = (run.fold_dir(0, 0) / "oof.npz").stat().st_mtime_ns
 
     summary = resume_run(killed)
