@@ -205,6 +205,35 @@ def ensemble(
 
 
 @app.command()
+def runs(
+    dirs: Optional[list[Path]] = typer.Argument(None, help="run directories, or folders holding them (default: the current folder)"),
+    answers: Optional[Path] = typer.Option(None, "--answers", help="an answer key (ImageID,ans, or a table task's answers): adds each submission's held-out macro F1"),
+    csv: bool = typer.Option(False, "--csv", help="print CSV instead of a table"),
+):
+    """The leaderboard of your runs: what each is and how it scores, best first."""
+    from multitask.runs import runs_table
+
+    with progress_and_errors():
+        table = runs_table(list(dirs or [Path(".")]), answers)
+    if csv:
+        print(table.to_csv(index=False), end="")
+        return
+    view = Table(title=f"{len(table)} finished run(s), best first")
+    for col in table.columns:
+        view.add_column(col, justify="right" if table[col].dtype.kind in "if" else "left")
+    def cell(column: str, v) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        if isinstance(v, float):
+            return f"{v:.0f}" if column == "wall_s" else f"{v:.4f}"
+        return str(v)
+
+    for rec in table.itertuples(index=False):
+        view.add_row(*[cell(k, v) for k, v in zip(table.columns, rec)])
+    console.print(view)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="folder for the data set, run and submission"),
     train_persons: int = typer.Option(80, help="synthetic train persons (7 images each)"),

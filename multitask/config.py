@@ -310,6 +310,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
         raw, source = read_yaml(p), str(p)
         _anchor_table(raw, p.parent)
     raw = apply_overrides(raw, list(overrides))
+    _migrate(raw)
     if data is not None:
         if isinstance(raw.get("task"), dict):
             raw["task"]["table"] = str(Path(data).resolve())
@@ -319,6 +320,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     if isinstance(cfg.task, TableTaskCfg):
         cfg.task = absolute_paths(cfg.task)
     return cfg
+
+
+def _migrate(raw: dict) -> None:
+    """Keys of earlier versions that a saved run may hold: pseudo.threshold (one threshold on the
+    final class) gave way to pseudo.precision, a per-invocation setting, so it is dropped."""
+    pseudo = raw.get("pseudo")
+    if isinstance(pseudo, dict):
+        pseudo.pop("threshold", None)
 
 
 def _anchor_table(raw: dict, folder: Path) -> None:

@@ -7,6 +7,7 @@ so folds can be trained one at a time (`--fold K`), or by different processes in
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,7 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False) -> di
     processes, and rebuild the round's aggregate."""
     cfg = ctx.cfg
     refuse_ensemble(ctx)
+    t0 = time.perf_counter()
     folds = cfg.train.fold if cfg.train.fold is not None else list(range(cfg.train.folds))
     if resume:
         folds = [k for k in folds if not fold_finished(ctx, r, k)]
@@ -169,18 +171,18 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False) -> di
         device = resolve_device(cfg.train.device)
         for k in folds:
             train_claimed_fold(ctx, r, k, device, progress)
-    return aggregate_round(ctx, r)
+    return aggregate_round(ctx, r, wall_s=time.perf_counter() - t0)
 
 
-def aggregate_round(ctx: Context, r: int) -> dict:
+def aggregate_round(ctx: Context, r: int, wall_s: float | None = None) -> dict:
     """OOF probabilities and scores, soft-voted test probabilities, and the round summary, from the
     folds of round r that have finished. One process at a time: with folds trained by several, the
     last to write has seen every fold the others finished."""
     with ctx.run.round_lock(r):
-        return _aggregate_round(ctx, r)
+        return _aggregate_round(ctx, r, wall_s)
 
 
-def _aggregate_round(ctx: Context, r: int) -> dict:
+def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
     run, task, heads = ctx.run, ctx.task, ctx.heads
     done = [k for k in range(ctx.cfg.train.folds) if fold_finished(ctx, r, k)]
     if not done:
@@ -217,7 +219,8 @@ def _aggregate_round(ctx: Context, r: int) -> dict:
     # last process to finish one rebuilds this aggregate with every fold
     missing = {str(k): run.why_missing(r, k) for k in range(ctx.cfg.train.folds) if k not in done}
     summary = {"round": r, "folds_done": done, "folds_missing": missing, "complete": not missing, "oof": oof_scores, "oof_tta": list(ctx.cfg.aug.tta), "folds": fold_scores,
-               "train_ids": {str(k): as_id(o.get("train_id")) for k, o in zip(done, oofs)}}
+               "train_ids": {str(k): as_id(o.get("train_id")) for k, o in zip(done, oofs)},
+               "wall_s": round(wall_s, 1) if wall_s is not None else None}  # of the invocation that wrote this
     if is_active(task, ctx.cfg):
         summary["decision"] = decide_round(run.round_dir(r), task, heads, oof, factors[rows], numbers,
                                            ctx.folds[rows], ctx.cfg)

@@ -289,3 +289,31 @@ def test_two_processes_share_the_folds_of_one_round(demo_root, tmp_path):
     summary = read_json(RunDir(out).round_dir(0) / "summary.json")
     assert summary["folds_done"] == [0, 1, 2, 3] and summary["complete"]
     assert not list(out.rglob("lock.json"))
+
+
+def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
+    from multitask.runs import runs_table
+
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    train_run(tiny_config(demo_root, cache), tmp_path / "runs" / "three_heads")
+    train_run(tiny_config(demo_root, cache, "heads=class", "train.epochs=2"), tmp_path / "runs" / "flat")
+    (tmp_path / "runs" / "not_a_run").mkdir()
+    for name in ("three_heads", "flat"):
+        make_submission(tmp_path / "runs" / name)
+    table = runs_table([tmp_path / "runs"])
+    assert [p.rsplit("/", 1)[-1] for p in table["run"]] == sorted(["three_heads", "flat"],
+                                                                  key=lambda n: -read_json(tmp_path / "runs" / n / "summary.json")["rounds"][0]["oof"]["f1"])
+    assert table["oof_f1"].is_monotonic_decreasing
+    row = table.set_index(table["run"].str.rsplit("/", n=1).str[-1]).loc["three_heads"]
+    assert row["heads"] == "mask,gender,age" and row["backbone"] == "test_efficientnet" and row["img"] == "32x32"
+    assert row["folds"] == "2/2" and row["epochs"] == 1 and row["wall_s"] > 0 and 0 <= row["oof_mask"] <= 1
+
+    result = runner.invoke(app, ["runs", str(tmp_path / "runs"), "--answers", str(demo_root / "answers.csv"), "--csv"])
+    assert result.exit_code == 0, result.output
+    from io import StringIO
+    csv = pd.read_csv(StringIO(result.output))
+    assert len(csv) == 2 and csv["held_out_f1"].between(0, 1).all() and csv["held_out_f1"].is_monotonic_decreasing
+    result = runner.invoke(app, ["runs", str(tmp_path / "runs")], env={"COLUMNS": "250"})
+    assert result.exit_code == 0 and "2 finished run(s), best first" in result.output
+    result = runner.invoke(app, ["runs", str(tmp_path / "runs" / "not_a_run")])
+    assert result.exit_code == 2 and "no finished run" in result.output
