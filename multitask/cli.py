@@ -48,6 +48,15 @@ def from_config(key: str, whose: str = "the --config file's") -> str:
     return f"(default: {whose} {key}; built in: {node})"
 
 
+def join_torchrun(device: str = "auto") -> None:
+    """Under torchrun, join the process group; every rank but 0 trains silently."""
+    from multitask import dist
+
+    dist.init_from_env(device)
+    if not dist.is_main():
+        console.quiet = True
+
+
 def print_scores(title: str, scores: dict) -> None:
     table = Table(title=title)
     table.add_column("metric")
@@ -94,6 +103,7 @@ def train(
         overrides.append("data.skip_bad=true")
     with progress_and_errors() as progress:
         cfg = load_config(config, overrides + list(set_ or []), data=data)
+        join_torchrun(cfg.train.device)
         summary = train_run(cfg, out, progress, force)
     print_scores(f"round 0 out-of-fold (folds {summary['folds_done']})", summary["oof"])
     print_missing(summary)
@@ -142,6 +152,7 @@ def resume(
 
     extra = [f"train.jobs={jobs}"] if jobs is not None else []
     with progress_and_errors() as progress:
+        join_torchrun()
         summary = resume_run(run, extra + list(set_ or []), progress)
     print_scores(f"round {summary['round']} out-of-fold (folds {summary['folds_done']})", summary["oof"])
     print_missing(summary)

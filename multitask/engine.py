@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
 
-from multitask.config import Config
+from multitask import dist
+from multitask.config import Config, ConfigError
 from multitask.data.augment import BatchMixer
 from multitask.data.dataset import RowImages, TrainBatches
 from multitask.data.sampling import class_weights, sample_weights
@@ -222,10 +223,16 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     labelled = (data.train_factors >= 0).all(1)  # rows a partial pseudo label leaves out don't count
     weights = (sample_weights(task, heads, data.train_factors, tc.sampler, tc.sampler_power, labelled)
                if tc.sampler != "none" else None)
-    batches = TrainBatches(cfg, data.train_images, data.train_targets(), device, seed, weights)
+    shard = (dist.rank(), dist.world()) if dist.world() > 1 else None
+    if shard and tc.batch_size % shard[1]:
+        raise ConfigError(f"train.batch_size {tc.batch_size} does not split evenly over {shard[1]} processes")
+    batches = TrainBatches(cfg, data.train_images, data.train_targets(), device, seed, weights, shard)
     counts = {h.name: np.bincount(h.targets(data.train_factors[labelled]), minlength=h.n) for h in heads}
     t = build_training(cfg, task, heads, device, len(batches), counts, partial=not labelled.all())
     model, ema, optimizer, scheduler, criterion = t.model, t.ema, t.optimizer, t.scheduler, t.criterion
+    step_model = dist.wrap(t.step_model, device)
+    main = dist.is_main()  # under torchrun, rank 0 alone validates and writes
+    progress = progress if main else None
 
     mixer = BatchMixer(cfg.aug.mix, {h.name: h.n for h in heads})
     start, step, best, rows, train_id = 0, 0, {"f1": -1.0}, [], new_train_id()
@@ -243,9 +250,13 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
         mix = None
         if mixer.active(epoch):
             mix = partial(mixer, gen=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 17))
-        loss_sums, seen, step = train_one_epoch(t.step_model, model, batches.epoch(epoch), t.targets, criterion,
+        loss_sums, seen, step = train_one_epoch(step_model, model, batches.epoch(epoch), t.targets, criterion,
                                                 optimizer, scheduler, ema, cfg, device, step, on_step, mix)
+        loss_sums = dist.sum_over_ranks(loss_sums | {"seen": seen})
+        seen = loss_sums.pop("seen")
         train_s = time.perf_counter() - t0
+        if not main:
+            continue
 
         eval_model = ema.module if ema is not None else model
         probs = predict_probs(eval_model, data.val_images, cfg, device, views=["none"])
@@ -272,8 +283,9 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
                 f"  {label} epoch {number}/{tc.epochs}  loss {row['train_loss']:.3f}  "
                 + "  ".join(f"{h.name} {scores[f'f1_{h.name}']:.3f}" for h in heads)
                 + f"  F1 {scores['f1']:.3f}  ({row['train_img_s']:.0f} img/s)", soft_wrap=True)
-    if tc.avg_top_k > 0:
+    if tc.avg_top_k > 0 and main:
         top.write_average(train_id)
     if progress:
         progress.remove_task(task_id)
-    return best | {"train_id": train_id}
+    dist.barrier()  # the other ranks read what rank 0 wrote only after this
+    return dist.broadcast(best | {"train_id": train_id})

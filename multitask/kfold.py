@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from multitask import dist
 from multitask.config import Config, ConfigError
 from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_data, reopen_context
 from multitask.data.augment import build_albumentations
@@ -108,7 +109,14 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     fold_dir = ctx.run.fold_dir(r, k)
     best = train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
                       device=device, progress=progress, label=f"round {r} fold {k}", resume=resume)
-    made_by = np.array(best["train_id"])
+    dist.on_main(save_predictions, ctx, r, k, best["train_id"], data, va, device)
+
+
+def save_predictions(ctx: Context, r: int, k: int, train_id: str, data: FoldData, va: np.ndarray,
+                     device: torch.device) -> None:
+    """The fold's OOF and test probabilities from the checkpoint that training kept."""
+    cfg, fold_dir = ctx.cfg, ctx.run.fold_dir(r, k)
+    made_by = np.array(train_id)
     model = load_model(fold_dir / fold_checkpoint(cfg), cfg, ctx.task, ctx.heads, device)
     oof = predict_probs(model, data.val_images, cfg, device)
     # rows are positions in the train table; ids say which images they were, to be checked
@@ -123,9 +131,10 @@ def train_claimed_fold(ctx: Context, r: int, k: int, device: torch.device, progr
     """Fold k of round r under its lock: skipped (and said) when another process holds it or has
     finished it since this one looked. A held fold that has a last.pt was left by a process that died
     holding it (a fresh `mt train` refuses started folds), so training carries on from there."""
-    with ctx.run.fold_lock(r, k) as holder:
-        if holder is None and fold_finished(ctx, r, k):
+    with dist.main_only(ctx.run.fold_lock(r, k)) as holder:  # under torchrun: rank 0 holds, all decide alike
+        if dist.is_main() and holder is None and fold_finished(ctx, r, k):
             holder = "finished by another process"
+        holder = dist.broadcast(holder)
         if holder is not None:
             if progress:
                 progress.console.print(f"  round {r} fold {k}: {holder}; skipped here")
@@ -160,6 +169,8 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False) -> di
     processes, and rebuild the round's aggregate."""
     cfg = ctx.cfg
     refuse_ensemble(ctx)
+    if dist.world() > 1 and cfg.train.jobs > 1:
+        raise ConfigError("train.jobs > 1 and torchrun do not mix: under torchrun every process trains each fold together")
     t0 = time.perf_counter()
     folds = cfg.train.fold if cfg.train.fold is not None else list(range(cfg.train.folds))
     if resume:
@@ -168,10 +179,10 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False) -> di
         payload = {"cfg": cfg.model_dump(mode="json"), "run": str(ctx.run.root), "round": r}
         run_in_workers(_fold_worker, payload, folds, cfg.train.jobs, worker_devices(cfg.train.device), progress)
     else:
-        device = resolve_device(cfg.train.device)
+        device = dist.device_for(resolve_device(cfg.train.device))
         for k in folds:
-            train_claimed_fold(ctx, r, k, device, progress)
-    return aggregate_round(ctx, r, wall_s=time.perf_counter() - t0)
+            train_claimed_fold(ctx, r, k, device, progress if dist.is_main() else None)
+    return dist.on_main(aggregate_round, ctx, r, wall_s=time.perf_counter() - t0)
 
 
 def aggregate_round(ctx: Context, r: int, wall_s: float | None = None) -> dict:
@@ -255,7 +266,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     if not any(o.split("=", 1)[0].strip() == "train.fold" for o in overrides):
         overrides = [*overrides, "train.fold=null"]  # every fold of the round, not only those `--fold` once named
     ctx = reopen_context(run_dir, overrides, progress)
-    ctx.run.sweep_killed_writes()
+    dist.on_main(ctx.run.sweep_killed_writes)
     started = ctx.run.started_rounds()
     return train_round(ctx, started[-1] if started else 0, progress, resume=True)
 
@@ -271,9 +282,17 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False) 
         build_albumentations(cfg.aug.train)
     table = read_data(cfg, task)
     check_writable(run.root)  # before the cache build, which may take long
-    images = load_images(cfg, table, progress)
+    if dist.world() > 1:  # rank 0 decodes into the cache first; the others then find it there
+        dist.on_main(lambda: load_images(cfg, table, progress) and None)
+    images = load_images(cfg, table, progress if dist.is_main() else None)
+    dist.on_main(claim_and_open, run, cfg, force, table, images)
+    ctx = open_context(run, cfg, progress, table, images)
+    return train_round(ctx, 0, progress=progress) | {"skipped": len(table.skipped)}
+
+
+def claim_and_open(run: RunDir, cfg: Config, force: bool, table, images) -> None:
+    """What `mt train` writes before the first fold: config.yaml, skipped.csv and folds.csv."""
     claim_run_dir(run, cfg, force)
     if not table.skipped.empty:
         atomic_write_text(run.skipped, table.skipped.to_csv(index=False))
-    ctx = open_context(run, cfg, progress, table, images)
-    return train_round(ctx, 0, progress=progress) | {"skipped": len(table.skipped)}
+    open_context(run, cfg, None, table, images)

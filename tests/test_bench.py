@@ -13,11 +13,12 @@ def test_bench_throughput_quick_prints_one_json_line(tmp_path):
                           "--folds", "2", "--img-size", "64x48", "--batch-size", "4"],
                          capture_output=True, text=True, check=True, timeout=300)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("model_bound_img_s", "pipeline_img_s", "naive_img_s", "cache_build_s", "infer_img_s",
-                "peak_rss_mb", "device", "model", "img_size"):
+    for key in ("model_bound_img_s", "pipeline_img_s", "naive_img_s", "cache_build_s", "infer_img_s", "run_img_s",
+                "run_vs_model_bound", "peak_rss_mb", "device", "model", "img_size"):
         assert key in result, key
     assert result["n_images"] == 14 and result["img_size"] == [64, 48]
-    assert all(result[k] > 0 for k in ("model_bound_img_s", "pipeline_img_s", "naive_img_s", "infer_img_s"))
+    assert all(result[k] > 0 for k in ("model_bound_img_s", "pipeline_img_s", "naive_img_s", "infer_img_s", "run_img_s"))
+    assert result["run_train_images"] + result["run_val_images"] == 14
 
 
 def test_bench_kfold_quick_prints_one_json_line(tmp_path):

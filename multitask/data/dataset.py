@@ -132,9 +132,11 @@ class TrainBatches:
     """Shuffled, augmented training batches on `device`; `epoch(e)` yields (x float [0,1], y factors)."""
 
     def __init__(self, cfg: Config, images: RowImages, targets: np.ndarray, device: torch.device, seed: int,
-                 weights: np.ndarray | None = None):
-        """`weights`: draw rows with these probabilities (with replacement, N a epoch) instead of a shuffle."""
-        self.cfg, self.device, self.seed = cfg, device, seed
+                 weights: np.ndarray | None = None, shard: tuple[int, int] | None = None):
+        """`weights`: draw rows with these probabilities (with replacement, N a epoch) instead of a shuffle.
+        `shard` (rank, world): this process's share of every batch under data-parallel training; the
+        ranks draw the same order, so together they see exactly the batches one process would."""
+        self.cfg, self.device, self.seed, self.shard = cfg, device, seed, shard
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.batch_size = min(cfg.train.batch_size, len(images))
         # BatchNorm cannot train on a batch of one; drop the ragged tail when there is a tail to drop
@@ -158,10 +160,16 @@ class TrainBatches:
             return
         self.dataset.set_epoch(epoch)
         workers = self.cfg.data.num_workers
-        # the plain shuffle stays DataLoader's own, so an unweighted run draws what it always drew
-        order = dict(shuffle=True) if self.weights is None else dict(sampler=self._order(gen).tolist())
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, generator=gen, **order,
-                            drop_last=self.drop_last, num_workers=workers,
+        if self.shard is not None:
+            order = dict(batch_sampler=[self._share(rows).tolist() for rows in self._batches(self._order(gen))],
+                         generator=gen)
+        elif self.weights is None:
+            # the plain shuffle stays DataLoader's own, so an unweighted run draws what it always drew
+            order = dict(batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, generator=gen)
+        else:
+            order = dict(batch_size=self.batch_size, sampler=self._order(gen).tolist(), drop_last=self.drop_last,
+                         generator=gen)
+        loader = DataLoader(self.dataset, **order, num_workers=workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if workers else None)
         for x, y in loader:
@@ -174,6 +182,12 @@ class TrainBatches:
             return torch.randperm(self.n, generator=gen)
         return torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
 
+    def _batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+
+    def _share(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.shard is None else rows[self.shard[0]::self.shard[1]]
+
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         if self.device_images is not None:
             return self.device_images.take(rows)
@@ -181,9 +195,8 @@ class TrainBatches:
         return x.pin_memory() if self.device.type == "cuda" else x
 
     def _torch_epoch(self, gen: torch.Generator):
-        order = self._order(gen)
-        for b in range(len(self)):
-            rows = order[b * self.batch_size:(b + 1) * self.batch_size]
+        for rows in self._batches(self._order(gen)):
+            rows = self._share(rows)
             x, y = _to_device(self._gather(rows), self.targets[rows], self.device)
             yield augment_batch(x.float().div_(255), self.cfg.aug.torch, gen), y
 
