@@ -58,12 +58,23 @@ def join_torchrun(device: str = "auto") -> None:
 
 
 def print_scores(title: str, scores: dict) -> None:
+    """One row per macro F1, each saying what it measures: a head's own argmax, a factor read off
+    the final class's argmax (equal to the head's own when the factor has a head of its own), or the
+    final class itself."""
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("macro F1", justify="right")
+    table.add_column("of")
     for k, v in scores.items():
-        if k.startswith("f1"):
-            table.add_row(k, f"{v:.4f}")
+        if not k.startswith("f1"):
+            continue
+        if k == "f1":
+            what = "the final class (the competition's metric)"
+        elif k.endswith("_combined"):
+            what = f"{k[3:-len('_combined')]} read off the final class"
+        else:
+            what = f"head {k[3:]}'s own argmax"
+        table.add_row(k, f"{v:.4f}", what)
     console.print(table)
 
 
