@@ -179,6 +179,8 @@ class TrainCfg(_Strict):
     # every visible GPU (whether two on one GPU pay is for scripts/bench_kfold.py to say)
     jobs: int = Field(1, ge=1)
     seed: int = 0
+    # every metrics.csv figure also as TensorBoard scalars under each fold's tb/ (`tensorboard --logdir RUN`)
+    tensorboard: bool = False
     # average the weights of the fold's k best epochs (by validation macro F1) into avg.pt, which then
     # makes the fold's OOF and test predictions; 0 keeps the single best epoch
     avg_top_k: int = Field(0, ge=0)

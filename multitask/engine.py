@@ -204,6 +204,23 @@ class TopEpochs:
         save_torch(self.out_dir / "avg.pt", {"model": avg, "epochs": [e for _, e in self.kept], "train_id": train_id})
 
 
+def scalar_writer(out_dir: Path):
+    """TensorBoard's writer into FOLD/tb (the package is the `tensorboard` extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError(f"train.tensorboard needs the tensorboard package ({e}): pip install 'mt[tensorboard]'") from None
+    return SummaryWriter(str(out_dir / "tb"))
+
+
+def board_tag(key: str) -> str:
+    """metrics.csv's column as a TensorBoard tag, grouped: val_f1_age -> val_f1/age, loss_mask -> loss/mask."""
+    for group in ("val_f1_", "val_nll_", "loss_"):
+        if key.startswith(group):
+            return f"{group[:-1]}/{key[len(group):]}"
+    return key
+
+
 def new_train_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -239,6 +256,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     if resume and (out_dir / "last.pt").exists():
         start, step, best, rows, train_id = resume_from(out_dir / "last.pt", t, device)
     top = TopEpochs(out_dir, tc.avg_top_k, rows)
+    board = scalar_writer(out_dir) if tc.tensorboard and main else None
     task_id = progress.add_task(label, total=(tc.epochs - start) * len(batches)) if progress else None
     for epoch in range(start, tc.epochs):
         t0 = time.perf_counter()
@@ -269,6 +287,11 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
         row |= {"train_img_s": seen / train_s, "train_id": train_id}
         rows.append(row)
         atomic_write_text(out_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
+        if board is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "train_id"):
+                    board.add_scalar(board_tag(key), value, number)
+            board.flush()
         if scores["f1"] > best["f1"]:
             best = scores | {"epoch": number}
             save_torch(out_dir / "best.pt", {"model": eval_model.state_dict(), "epoch": number, "scores": scores,
@@ -285,6 +308,8 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
                 + f"  F1 {scores['f1']:.3f}  ({row['train_img_s']:.0f} img/s)", soft_wrap=True)
     if tc.avg_top_k > 0 and main:
         top.write_average(train_id)
+    if board is not None:
+        board.close()
     if progress:
         progress.remove_task(task_id)
     dist.barrier()  # the other ranks read what rank 0 wrote only after this

@@ -1,5 +1,8 @@
-"""Voting (soft vs hard), TTA views beyond flip, top-k checkpoint averaging and a frozen backbone."""
+"""Voting (soft vs hard), TTA views beyond flip, top-k checkpoint averaging, a frozen backbone, and
+TensorBoard scalars."""
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -97,3 +100,17 @@ def test_a_frozen_pretrained_checkpoint_run(demo_root, tmp_path):
     loaded = torch.load(ckpt, weights_only=True)
     key = next(k for k in loaded if k.startswith("conv_stem"))
     assert torch.equal(trained[f"backbones.0.{key}"], loaded[key])
+
+
+def test_tensorboard_scalars_per_fold_and_head(demo_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_run(tiny_config(demo_root, "train.epochs=2", "train.tensorboard=true"), tmp_path / "run")
+    for k in (0, 1):
+        events = EventAccumulator(str(RunDir(tmp_path / "run").fold_dir(0, k) / "tb"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train_loss", "val_f1", "val_f1/mask", "val_f1/gender", "val_f1/age", "loss/age", "val_nll/total", "lr"} <= tags
+        assert [e.step for e in events.Scalars("val_f1/age")] == [1, 2]
+        metrics = pd.read_csv(RunDir(tmp_path / "run").fold_dir(0, k) / "metrics.csv")
+        assert [e.value for e in events.Scalars("val_f1")] == pytest.approx(metrics["val_f1"].tolist())
