@@ -181,6 +181,8 @@ class TrainCfg(_Strict):
     seed: int = 0
     # every metrics.csv figure also as TensorBoard scalars under each fold's tb/ (`tensorboard --logdir RUN`)
     tensorboard: bool = False
+    # fit the epochs to this many seconds for the whole round (measured on one epoch; only ever fewer)
+    time_limit_s: float | None = Field(None, gt=0)
     # average the weights of the fold's k best epochs (by validation macro F1) into avg.pt, which then
     # makes the fold's OOF and test predictions; 0 keeps the single best epoch
     avg_top_k: int = Field(0, ge=0)

@@ -17,6 +17,7 @@ import torch
 from multitask import dist
 from multitask.config import Config, ConfigError
 from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_data, reopen_context
+from multitask.budget import fit_epochs
 from multitask.data.augment import build_albumentations
 from multitask.data.dataset import RowImages
 from multitask.data.table import factor_values, numeric_matrix, numeric_values
@@ -285,6 +286,10 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False) 
     if dist.world() > 1:  # rank 0 decodes into the cache first; the others then find it there
         dist.on_main(lambda: load_images(cfg, table, progress) and None)
     images = load_images(cfg, table, progress if dist.is_main() else None)
+    if cfg.train.time_limit_s:
+        say = progress.console.print if progress else print
+        cfg = fit_epochs(cfg, table, images, dist.device_for(resolve_device(cfg.train.device)), progress,
+                         say if dist.is_main() else (lambda _: None))
     dist.on_main(claim_and_open, run, cfg, force, table, images)
     ctx = open_context(run, cfg, progress, table, images)
     return train_round(ctx, 0, progress=progress) | {"skipped": len(table.skipped)}

@@ -317,3 +317,27 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     assert result.exit_code == 0 and "2 finished run(s), best first" in result.output
     result = runner.invoke(app, ["runs", str(tmp_path / "runs" / "not_a_run")])
     assert result.exit_code == 2 and "no finished run" in result.output
+
+
+def test_time_limit_fits_the_epochs_and_says_so(demo_root, tmp_path):
+    from multitask.budget import parse_duration
+    from multitask.config import load_config
+
+    assert parse_duration("90s") == 90 and parse_duration("20m") == 1200 and parse_duration("1h30m") == 5400
+    assert parse_duration("45") == 45
+    with pytest.raises(ConfigError, match="expected e.g."):
+        parse_duration("soon")
+    common = ["--data", str(demo_root), "--folds", "2", "--epochs", "3", "--set", "model.backbone=test_efficientnet",
+              "--set", "data.img_size=[32,32]", "--set", "train.device=cpu", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "short"), "--time-limit", "1s", *common],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "training 1 epochs per fold instead of 3" in result.output
+    assert load_config(RunDir(tmp_path / "short").config).train.epochs == 1  # the run says what it did
+    assert len(pd.read_csv(RunDir(tmp_path / "short").fold_dir(0, 1) / "metrics.csv")) == 1
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "long"), "--time-limit", "2h", *common],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 0 and "all 3 epochs per fold fit" in result.output
+    assert load_config(RunDir(tmp_path / "long").config).train.epochs == 3
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "bad"), "--time-limit", "soon", *common])
+    assert result.exit_code == 2 and "expected e.g. 90s" in result.output and not (tmp_path / "bad").exists()

@@ -1,0 +1,60 @@
+"""`mt train --time-limit`: fit the epochs to a time budget, so that a user with a deadline gets a
+finished run rather than a killed one.
+
+One real epoch of the first fold (the same data, model, validation, checkpoints and OOF/test
+prediction) runs in a scratch folder and is timed; the epochs per fold are then the most that fit
+what is left of the budget, never more than configured. The estimate counts the per-fold prediction
+in every epoch, so it errs on the short side.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tempfile
+import time
+
+from multitask import dist
+from multitask.config import Config, ConfigError
+from multitask.run import RunDir
+
+UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90s', '20m', '2h', '1h30m' or a plain number of seconds."""
+    text = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smh])", text)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s", "", text):
+        raise ConfigError(f"time limit {text!r}: expected e.g. 90s, 20m, 2h or 1h30m")
+    return sum(float(n) * UNITS[u] for n, u in parts)
+
+
+def fit_epochs(cfg: Config, table, images, device, progress=None, say=print) -> Config:
+    """`cfg` with train.epochs lowered to what fits train.time_limit_s (measured), and a line saying so."""
+    from multitask.context import open_context
+    from multitask.kfold import train_round_fold
+
+    budget = cfg.train.time_limit_s
+    t0 = time.perf_counter()
+    probe = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    with tempfile.TemporaryDirectory(prefix="mt-probe-") as scratch:
+        ctx = open_context(RunDir(scratch), probe, progress, table, images)
+        first = cfg.train.fold[0] if cfg.train.fold else 0
+        train_round_fold(dataclasses.replace(ctx, cfg=probe), 0, first, device, progress)
+    epoch_s = dist.broadcast(time.perf_counter() - t0)
+    folds = len(cfg.train.fold) if cfg.train.fold is not None else cfg.train.folds
+    per_worker = math.ceil(folds / max(1, cfg.train.jobs))
+    fits = int((budget - epoch_s) // (per_worker * epoch_s)) if budget > epoch_s else 0
+    epochs = max(1, min(cfg.train.epochs, fits))
+    line = (f"time limit {budget:.0f} s: one epoch with its validation and prediction takes {epoch_s:.1f} s, "
+            f"{per_worker} fold(s) per process: ")
+    if epochs < cfg.train.epochs:
+        line += f"training {epochs} epochs per fold instead of {cfg.train.epochs}"
+        line += "" if fits >= 1 else " (the least there is: the budget is shorter than one epoch per fold)"
+    else:
+        line += f"all {cfg.train.epochs} epochs per fold fit"
+    say(line)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
