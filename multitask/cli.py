@@ -233,6 +233,37 @@ def ensemble(
 
 
 @app.command()
+def eda(
+    data: Optional[Path] = typer.Option(None, "--data", help="competition root (train/, eval/), or a table task's table"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file, or a name under configs/ (a table task's config names its table)"),
+    out: Path = typer.Option(Path("eda"), "--out", help="folder for eda.json and the plots"),
+):
+    """Look at the data: counts per factor, class and group, numeric histograms with their bin edges,
+    image sizes and types, sample pictures per class, and anomalies with their file names."""
+    from multitask.config import load_config
+    from multitask.eda import run_eda
+
+    with progress_and_errors():
+        result = run_eda(load_config(config, [], data=data), out)
+    c = result["counts"]
+    console.print(f"[bold]{result['task']}[/]: {c['images']} training images in {c['groups']} groups, "
+                  f"{c['test_images']} test images; pictures per group: {c['pictures_per_group']}")
+    for factor, per in c["per_factor"].items():
+        console.print(f"  {factor}: " + ", ".join(f"{k} {v}" for k, v in per.items()))
+    per_class = c["per_class"]
+    rare = sorted(per_class.items(), key=lambda kv: kv[1])[:3]
+    console.print(f"  final classes: {len(per_class)}, from {min(per_class.values())} to {max(per_class.values())} images; "
+                  "rarest: " + ", ".join(f"{escape(k)} ({v})" for k, v in rare))
+    console.print(f"  image types: {result['images']['formats']}; most common sizes: "
+                  + ", ".join(list(result["images"]["sizes"])[:3]))
+    for kind, found in result["anomalies"].items():
+        if found:
+            console.print(f"[yellow]  {kind.replace('_', ' ')}: {len(found)}[/]  e.g. {escape(json.dumps(found[0]))}",
+                          soft_wrap=True)
+    console.print(f"plots and eda.json: {out}  ({', '.join(result['plots'])})")
+
+
+@app.command()
 def runs(
     dirs: Optional[list[Path]] = typer.Argument(None, help="run directories, or folders holding them (default: the current folder)"),
     answers: Optional[Path] = typer.Option(None, "--answers", help="an answer key (ImageID,ans, or a table task's answers): adds each submission's held-out macro F1"),

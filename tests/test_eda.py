@@ -1,0 +1,63 @@
+"""`mt eda`: counts, histograms, samples and anomalies with their file names, for the mask preset and
+a table task alike."""
+import json
+import shutil
+
+import pandas as pd
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from multitask.cli import app
+from multitask.data.synthetic import make_table_dataset
+from multitask.eda import run_eda
+
+runner = CliRunner()
+
+
+def test_eda_of_the_mask_layout_finds_the_anomalies(demo_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    people = pd.read_csv(root / "train" / "train.csv", dtype=str)
+    folders = [root / "train" / "images" / p for p in people["path"]]
+    pic = lambda folder, stem: next(folder.glob(f"{stem}.*"))  # noqa: E731 - the generator mixes extensions
+    duplicate = [pic(folders[0], "mask1"), pic(folders[1], "mask2")]
+    shutil.copy(*duplicate)                                  # the same picture twice
+    pic(folders[2], "mask3").unlink()                        # a person with six pictures
+    broken = pic(folders[3], "mask4")
+    broken.write_text("not a picture")                       # a file that cannot be decoded
+    people.loc[4, "gender"] = "robot"                        # a label the reader refuses
+    people.to_csv(root / "train" / "train.csv", index=False)
+
+    result = runner.invoke(app, ["eda", "--data", str(root), "--out", str(tmp_path / "eda")], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "duplicate images: 1" in result.output and "unreadable: 1" in result.output
+    eda = json.loads((tmp_path / "eda" / "eda.json").read_text())
+    found = eda["anomalies"]
+    assert set(map(str, duplicate)) == set(found["duplicate_images"][0]["paths"])
+    assert found["groups_with_fewer_pictures"] == [{"group": people["path"][2], "pictures": 6, "usual": 7}]
+    assert found["unreadable"][0]["path"] == str(broken)
+    assert "gender 'robot'" in found["reader_problems"][0]["reason"]
+    c = eda["counts"]
+    assert c["images"] == 11 * 7 - 1 and c["groups"] == 11 and c["test_images"] == 28
+    assert sum(c["per_factor"]["mask"].values()) == c["images"] and len(c["per_class"]) == 18
+    assert eda["numeric"]["age"]["bins"] == [30, 60]
+    for plot in eda["plots"]:
+        assert (tmp_path / "eda" / plot).stat().st_size > 2000, plot
+    assert set(eda["plots"]) == {"counts.png", "samples.png", "numeric_age.png"}
+
+
+def test_eda_of_a_table_task_flags_groups_that_disagree(tmp_path):
+    make_table_dataset(tmp_path, n_train_groups=6, n_test_groups=1, per_group=3, image_size=(32, 32), seed=0)
+    df = pd.read_csv(tmp_path / "train.csv", dtype=str)
+    g = df["group"].iloc[0]
+    df.loc[df["group"] == g, "shape"] = ["circle", "square", "circle"]
+    df.to_csv(tmp_path / "train.csv", index=False)
+    task = {"table": str(tmp_path / "train.csv"), "group_col": "group", "factors": [
+        {"name": "shape", "classes": ["circle", "square"], "per_group": True},
+        {"name": "size", "bins": [20, 30]}]}
+    eda = run_eda(tiny_config(None, f"task={yaml.safe_dump(task, default_flow_style=True)}"), tmp_path / "eda")
+    # the reader refuses the group (per_group), and the finding names it
+    assert any("disagree on shape" in p["reason"] for p in eda["anomalies"]["reader_problems"])
+    assert eda["counts"]["images"] == 5 * 3 and eda["numeric"]["size"]["bins"] == [20, 30]
+    assert (tmp_path / "eda" / "numeric_size.png").exists()
