@@ -264,6 +264,18 @@ def eda(
 
 
 @app.command()
+def report(run: Path = typer.Option(..., "--run", help="run directory")):
+    """One self-contained HTML page of the run (RUN/report.html): scores per round, curves, confusion
+    matrices, per-class figures, the most confident OOF mistakes with their pictures, pseudo-label
+    statistics and the resolved config."""
+    from multitask.report import write_report
+
+    with progress_and_errors():
+        path = write_report(run)
+    console.print(f"report: {path}")
+
+
+@app.command()
 def runs(
     dirs: Optional[list[Path]] = typer.Argument(None, help="run directories, or folders holding them (default: the current folder)"),
     answers: Optional[Path] = typer.Option(None, "--answers", help="an answer key (ImageID,ans, or a table task's answers): adds each submission's held-out macro F1"),

@@ -20,7 +20,7 @@ import pandas as pd
 
 from multitask.decide import load_decision, predict_classes
 from multitask.kfold import refuse_ensemble, reopen_context, train_round
-from multitask.run import RunError, atomic_write_text, head_probs, load_npz, read_json
+from multitask.run import RunError, atomic_write_text, head_probs, load_npz, read_json, write_json
 
 UNKNOWN = -1
 
@@ -42,6 +42,19 @@ def factor_thresholds(task, combined_oof: np.ndarray, factors: np.ndarray, targe
     for i, f in enumerate(task.factors):
         marginal = task.marginal(combined_oof, i)
         out[f.name] = precision_threshold(marginal.max(1), marginal.argmax(1) == factors[:, i], target)
+    return out
+
+
+def oof_precision(task, combined_oof: np.ndarray, factors: np.ndarray, thresholds: dict[str, float]) -> dict:
+    """Per factor, what its threshold keeps of the OOF predictions and how often those are right: the
+    promise the pseudo labels are made under."""
+    out = {}
+    for i, f in enumerate(task.factors):
+        marginal = task.marginal(combined_oof, i)
+        kept = marginal.max(1) >= thresholds[f.name]
+        right = marginal.argmax(1)[kept] == factors[kept, i]
+        out[f.name] = {"threshold": None if np.isinf(thresholds[f.name]) else thresholds[f.name],
+                       "kept_share": float(kept.mean()), "precision": float(right.mean()) if kept.any() else None}
     return out
 
 
@@ -82,7 +95,7 @@ def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
             frame[f.name] = labels[rows, i]
             frame[f"conf_{f.name}"] = conf[rows, i].round(4)
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True), thresholds
+    return pd.concat(frames, ignore_index=True), thresholds, oof_precision(task, combined_oof, oof["factors"], thresholds)
 
 
 def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: int | None = None,
@@ -103,7 +116,7 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
     reports = []
     for _ in range(ctx.cfg.pseudo.rounds):
         prev = ctx.run.latest_round()
-        table, thresholds = pseudo_table(ctx, prev)
+        table, thresholds, promise = pseudo_table(ctx, prev)
         r = prev + 1
         if table.empty:
             # a round with nothing to add would only retrain round prev with other seeds and become
@@ -112,6 +125,8 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
                             "thresholds": thresholds, "added": 0, "of": int(len(ctx.table.test)),
                             "labelled": {f.name: 0 for f in ctx.task.factors}, "trained": False})
             break
+        write_json(ctx.run.round_dir(r) / "pseudo.json", {"from_round": prev, "precision": ctx.cfg.pseudo.precision,
+                                                          "factors": promise})
         atomic_write_text(ctx.run.round_dir(r) / "pseudo.csv", table.to_csv(index=False))
         summary = train_round(ctx, r, progress)  # each fold reads its own rows of the round's pseudo.csv
         per_fold = table.groupby("fold").size()

@@ -1,12 +1,17 @@
-"""Plots of a round: each fold's validation macro F1 with its best epoch marked, each head's
-validation F1, and the training loss beside the validation loss (negative log-likelihood)."""
+"""What a run looks like: the plots of a round (each fold's validation macro F1 with its kept epoch,
+each head's validation F1, the training loss beside the validation loss), and `mt report`, one
+self-contained HTML page of the whole run."""
 from __future__ import annotations
 
+import base64
+import html
 import io
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from multitask.run import RunDir, atomic_write_bytes
+from multitask.run import RunDir, atomic_write_bytes, atomic_write_text
 
 
 def plot_round(run: RunDir, r: int) -> None:
@@ -46,3 +51,194 @@ def plot_round(run: RunDir, r: int) -> None:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     atomic_write_bytes(run.round_dir(r) / "curves.png", buf.getvalue())
+
+
+# ---- `mt report`: one self-contained HTML page of a run ----
+
+GALLERY = 12  # the most confident OOF mistakes shown
+
+
+def png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def confusion_figure(task, truth: np.ndarray, classes: np.ndarray, title: str):
+    """Per factor and for the final class: rows the true class, columns the predicted one, each row
+    shaded by its share, the counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from multitask.metrics import confusion
+
+    pred = task.decode(classes)
+    panels = [(f.name, f.classes, truth[:, i], pred[:, i]) for i, f in enumerate(task.factors)]
+    names = [" / ".join(map(str, n)) for n in task.class_names(np.arange(task.n_classes))]
+    panels.append(("final class", names, task.encode(truth), classes))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * (len(panels) - 1) + 7, 6),
+                             gridspec_kw={"width_ratios": [1] * (len(panels) - 1) + [2.2]})
+    for ax, (name, labels, t, p) in zip(np.atleast_1d(axes), panels):
+        n = len(labels)
+        cm = confusion(t, p, n)
+        share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for r in range(n):
+            for c in range(n):
+                if cm[r, c]:
+                    ax.text(c, r, f"{cm[r, c]}", ha="center", va="center", fontsize=7 if n < 10 else 5,
+                            color="white" if share[r, c] > 0.6 else "black")
+        ax.set(title=name, xlabel="predicted", ylabel="true", xticks=range(n), yticks=range(n))
+        ax.set_xticklabels(labels, rotation=90 if n > 6 else 30, fontsize=6)
+        ax.set_yticklabels(labels, fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_rows(y: np.ndarray, p: np.ndarray, names: list[str]) -> list[tuple]:
+    """(class, support, precision, recall, F1) for every class in the truth or the prediction."""
+    out = []
+    for c, name in enumerate(names):
+        tp, support, predicted = int(((y == c) & (p == c)).sum()), int((y == c).sum()), int((p == c).sum())
+        if not support and not predicted:
+            continue
+        prec, rec = tp / max(predicted, 1), tp / max(support, 1)
+        out.append((name, support, prec, rec, 2 * tp / max(support + predicted, 1)))
+    return out
+
+
+def thumbnail(path: str, size: int = 96) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    except OSError:
+        return ""
+
+
+def write_report(run_dir) -> Path:
+    """RUN/report.html: scores per round, curves, confusion matrices, per-class figures, the most
+    confident OOF mistakes with their pictures, pseudo-label statistics, and the resolved config;
+    every picture embedded, nothing fetched."""
+    from multitask.context import reopen_context
+    from multitask.decide import load_decision, predict_classes
+    from multitask.run import head_probs, load_npz, read_json
+
+    ctx = reopen_context(run_dir, with_images=False)
+    run, task, heads, cfg = ctx.run, ctx.task, ctx.heads, ctx.cfg
+    rounds = run.rounds()
+    if not rounds:
+        raise FileNotFoundError(run.unfinished(cfg.train.folds))
+    try:
+        r, why = run.choose_round(cfg.train.folds)
+    except FileNotFoundError:
+        r, why = rounds[-1], f"round {rounds[-1]} (the latest; no round has every fold)"
+    summaries = {q: read_json(run.round_dir(q) / "summary.json") for q in rounds}
+    oof = load_npz(run.round_dir(r) / "oof.npz")
+    combined, classes = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(r)))
+    truth = oof["factors"]
+    y = task.encode(truth)
+    names = [" / ".join(map(str, n)) for n in task.class_names(np.arange(task.n_classes))]
+
+    parts = [f"<h1>{html.escape(run.root.name)}</h1><p>task <b>{html.escape(task.name)}</b>, heads "
+             f"<b>{html.escape(','.join(h.name for h in heads))}</b>, backbone <b>{html.escape(cfg.model.backbone)}</b>, "
+             f"{cfg.data.img_size[0]}×{cfg.data.img_size[1]} px, {cfg.train.folds} folds × {cfg.train.epochs} epochs. "
+             f"The figures below are of {html.escape(why)}.</p>"]
+
+    keys = [k for k in summaries[rounds[0]]["oof"] if k.startswith("f1")]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join(f"<tr><td>{q}</td><td>{len(s['folds_done'])}/{cfg.train.folds}</td>"
+                   + "".join(f"<td>{s['oof'].get(k, float('nan')):.4f}</td>" for k in keys) + "</tr>"
+                   for q, s in summaries.items())
+    parts.append(f'<h2 id="scores">OOF macro F1 per round</h2><table><tr><th>round</th><th>folds</th>{head}</tr>{body}</table>'
+                 "<p>f1_&lt;head&gt;: the head's own argmax; f1_&lt;factor&gt;_combined: the factor read off the final class; "
+                 "f1: the final class, the competition's metric.</p>")
+
+    parts.append('<h2 id="curves">Training curves</h2>')
+    for q in rounds:
+        curves = run.round_dir(q) / "curves.png"
+        if curves.exists():
+            parts.append(f"<h3>round {q}</h3>" + img(curves.read_bytes(), f"training curves of round {q}"))
+
+    parts.append('<h2 id="confusion">Confusion matrices (OOF)</h2>'
+                 + img(png(confusion_figure(task, truth, classes, f"OOF, round {r}, under the run's decision")), "confusion"))
+
+    rows = per_class_rows(y, classes, names)
+    parts.append('<h2 id="per-class">Per class (OOF)</h2><table><tr><th>class</th><th>support</th><th>precision</th>'
+                 "<th>recall</th><th>F1</th></tr>"
+                 + "".join(f"<tr><td>{html.escape(n)}</td><td>{s}</td><td>{pr:.3f}</td><td>{rc:.3f}</td><td>{f:.3f}</td></tr>"
+                           for n, s, pr, rc, f in rows) + "</table>")
+
+    wrong = np.flatnonzero(classes != y)
+    conf = combined[np.arange(len(classes)), classes]
+    worst = wrong[np.argsort(-conf[wrong])][:GALLERY]
+    paths = ctx.table.train["path"].to_numpy()[oof["rows"]]
+    cards = "".join(f'<figure><img src="{thumbnail(paths[i])}" alt="{html.escape(str(paths[i]))}">'
+                    f"<figcaption>true {html.escape(names[y[i]])}<br>predicted <b>{html.escape(names[classes[i]])}</b> "
+                    f"({conf[i]:.2f})<br><small>{html.escape(Path(paths[i]).name)}</small></figcaption></figure>"
+                    for i in worst)
+    parts.append(f'<h2 id="mistakes">The most confident OOF mistakes</h2><div class="gallery">{cards or "none"}</div>')
+
+    pseudo = []
+    for q in rounds:
+        table_path, promise_path = run.round_dir(q) / "pseudo.csv", run.round_dir(q) / "pseudo.json"
+        if not table_path.exists():
+            continue
+        chosen = pd.read_csv(table_path)
+        promise = read_json(promise_path)["factors"] if promise_path.exists() else {}
+        folds = max(chosen["fold"].nunique(), 1)
+        for i, f in enumerate(task.factors):
+            counts = chosen[f.name][chosen[f.name] >= 0].value_counts()
+            per_class = ", ".join(f"{f.classes[int(c)]} {n / folds:.0f}" for c, n in sorted(counts.items()))
+            p = promise.get(f.name, {})
+            prec = f"{p['precision']:.3f}" if p.get("precision") is not None else "—"
+            thr = f"{p['threshold']:.3f}" if p.get("threshold") is not None else "none reaches it"
+            pseudo.append(f"<tr><td>{q}</td><td>{html.escape(f.name)}</td><td>{html.escape(per_class) or '—'}</td>"
+                          f"<td>{thr}</td><td>{prec}</td></tr>")
+    parts.append('<h2 id="pseudo">Pseudo labels</h2>' + (
+        "<table><tr><th>round</th><th>factor</th><th>selected per class (per fold)</th><th>threshold</th>"
+        "<th>precision on OOF at that threshold</th></tr>" + "".join(pseudo) + "</table>" if pseudo else
+        "<p>No pseudo-label round (<code>mt pseudo-label</code> adds one).</p>"))
+
+    parts.append(f'<h2 id="config">Resolved config</h2><pre>{html.escape(run.config.read_text())}</pre>')
+    out = run.root / "report.html"
+    atomic_write_text(out, PAGE.format(title=html.escape(f"mt report: {run.root.name}"), body="\n".join(parts)))
+    return out
+
+
+def img(data: bytes, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" alt="{html.escape(alt)}">'
+
+
+# the script marks how many pictures loaded, so a headless browser (the test) can tell
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; max-width: 1400px; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }} img {{ max-width: 100%; }}
+.gallery {{ display: flex; flex-wrap: wrap; gap: 10px; }} figure {{ margin: 0; width: 150px; font-size: 12px; }}
+figure img {{ width: 96px; height: 96px; object-fit: cover; }} pre {{ background: #f6f6f6; padding: 1em; overflow: auto; }}
+</style></head>
+<body>
+{body}
+<script>
+window.addEventListener("load", () => {{
+  const all = Array.from(document.images);
+  const ok = all.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + all.length);
+}});
+</script>
+</body></html>
+"""
