@@ -276,6 +276,29 @@ def report(run: Path = typer.Option(..., "--run", help="run directory")):
 
 
 @app.command()
+def tune(
+    out: Path = typer.Option(..., "--out", help="study directory: study.db, a run per trial, best.yaml"),
+    trials: int = typer.Option(20, "--trials", help="finished trials (complete or pruned) the study should hold"),
+    config: Optional[str] = typer.Option(None, "--config", help="the base config (YAML file, or a name under configs/)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="competition root, or a table task's table"),
+    time_limit: Optional[str] = typer.Option(None, "--time-limit", help="e.g. 2h: no trial is started that would not fit"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override of the base config (repeatable)"),
+):
+    """An Optuna study (lr, weight decay, per-head losses and weights, augmentation strength, image
+    size, sampler, numeric auxiliary heads, soft edges, MixUp), pruned per fold on OOF macro F1,
+    resumable; the best trial's settings become best.yaml for `mt train --config`."""
+    from multitask.budget import parse_duration
+    from multitask.tune import tune as run_tune
+
+    with progress_and_errors():
+        limit = parse_duration(time_limit) if time_limit else None
+        result = run_tune(config, out, trials, data, list(set_ or []), limit, say=console.print)
+    console.print(f"best: trial {result['best_trial']}, OOF macro F1 {result['best_value']:.4f}  "
+                  f"({result['complete']} complete of {result['finished']} finished)  run: {result['best_run']}")
+    console.print(f"settings: {result['best_config']}  (mt train --config {result['best_config']} --out RUN)")
+
+
+@app.command()
 def runs(
     dirs: Optional[list[Path]] = typer.Argument(None, help="run directories, or folders holding them (default: the current folder)"),
     answers: Optional[Path] = typer.Option(None, "--answers", help="an answer key (ImageID,ans, or a table task's answers): adds each submission's held-out macro F1"),

@@ -1,0 +1,133 @@
+"""`mt tune`: an Optuna study over the settings that move macro F1, stored in SQLite so that a killed
+study resumes where it stopped. Each trial is a run directory of its own (STUDY/trial_NNN); the best
+trial's settings are written as STUDY/best.yaml, which `mt train --config` takes.
+
+Pruning is per fold: a trial trains fold 0 first and reports its OOF macro F1, then fold 1 and the
+OOF of both, and so on; the median pruner stops a trial whose running OOF falls behind the median of
+earlier trials at the same fold, so a poor setting costs one fold, not five.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from multitask.config import Config, ConfigError, DEFAULT_ALBUMENTATIONS, dump_config, load_config
+from multitask.context import task_of
+from multitask.run import atomic_write_text
+
+STUDY_NAME = "mt"
+
+
+def suggest(trial, cfg: Config) -> list[str]:
+    """The trial's settings as --set overrides: learning rate, weight decay, each head's loss, the
+    augmentation strength, the image size, and the accuracy switches (sampler, the auxiliary head of
+    numeric factors, soft edges, MixUp)."""
+    task = task_of(cfg)
+    heads = task.heads(cfg.heads)
+    out = [f"train.lr={trial.suggest_float('lr', 3e-4, 1e-2, log=True)}",
+           f"train.weight_decay={trial.suggest_float('weight_decay', 1e-5, 0.1, log=True)}",
+           f"train.sampler={trial.suggest_categorical('sampler', ['none', 'class'])}"]
+    for h in heads:
+        loss = trial.suggest_categorical(f"loss_{h.name}", ["ce", "label_smoothing", "focal"])
+        out.append(f"losses.{h.name}.name={loss}")
+        out.append(f"losses.{h.name}.weight={trial.suggest_float(f'weight_{h.name}', 0.5, 2.0)}")
+    strength = trial.suggest_float("aug_strength", 0.5, 1.5)
+    out.append("aug.train=" + _flow(scaled_augmentation(strength)))
+    h, w = cfg.data.img_size
+    scale = trial.suggest_categorical("img_scale", [1.0, 1.25])
+    out.append(f"data.img_size=[{_multiple_of_8(h * scale)}, {_multiple_of_8(w * scale)}]")
+    numeric = {}
+    for f in task.factors:
+        if f.numeric:
+            aux = trial.suggest_categorical(f"aux_{f.name}", ["none", "regression", "ordinal"])
+            soft = trial.suggest_float(f"soft_edge_{f.name}", 0.0, 5.0)
+            numeric[f.name] = {"aux": aux, "soft_edge": round(soft, 2)}
+    out.append("numeric=" + _flow(numeric))
+    mix = trial.suggest_float("mix_prob", 0.0, 0.5)
+    out.append("aug.mix=" + _flow({"mixup_alpha": 0.2 if mix > 0 else 0.0, "cutmix_alpha": 1.0 if mix > 0 else 0.0,
+                                    "prob": round(mix, 3)}))
+    return out
+
+
+def scaled_augmentation(strength: float) -> list[dict]:
+    """The default albumentations with their ranges scaled by `strength` (1: as they are)."""
+    aug = [dict(t) for t in DEFAULT_ALBUMENTATIONS]
+    for t in aug:
+        if t["name"] == "Affine":
+            t["scale"] = [1 - 0.1 * strength, 1 + 0.1 * strength]
+            t["translate_percent"] = [-0.06 * strength, 0.06 * strength]
+            t["rotate"] = [-10 * strength, 10 * strength]
+        elif t["name"] == "RandomBrightnessContrast":
+            t["brightness_limit"] = t["contrast_limit"] = round(0.2 * strength, 3)
+    return aug
+
+
+def _multiple_of_8(x: float) -> int:
+    return max(8, int(round(x / 8)) * 8)
+
+
+def _flow(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, default_flow_style=True, width=10**6).strip()
+
+
+def tune(config: str | None, out: str | Path, trials: int, data: str | Path | None = None,
+         overrides: list[str] = (), time_limit_s: float | None = None, say=print) -> dict:
+    """Run trials until the study holds `trials` finished ones (complete or pruned), or until the
+    next trial would not fit `time_limit_s`; return the best trial's value, settings and run."""
+    try:
+        import optuna
+    except ImportError as e:
+        raise ConfigError(f"mt tune needs optuna ({e}): pip install 'mt[tune]'") from None
+    from multitask.kfold import train_run
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_config(config, list(overrides), data=data)  # a bad config stops here, before any trial
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}", direction="maximize",
+                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=base.train.seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # a trial the killed study left running
+        say(f"trial {t.number} was interrupted: counted as failed, its folder kept")
+
+    def objective(trial) -> float:
+        sets = suggest(trial, base)
+        trial.set_user_attr("overrides", sets)
+        run = out / f"trial_{trial.number:03d}"
+        cfg = load_config(config, [*overrides, *sets], data=data)
+        summary = None
+        for k in range(cfg.train.folds):
+            fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fold": [k]})})
+            summary = train_run(fold_cfg, run)
+            trial.report(summary["oof"]["f1"], step=k)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return summary["oof"]["f1"]
+
+    finished = lambda: [t for t in study.get_trials(deepcopy=False)  # noqa: E731
+                        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    t0, took, failed = time.perf_counter(), [], 0
+    while len(finished()) < trials and failed < trials:
+        if time_limit_s and took and time.perf_counter() - t0 + sum(took) / len(took) > time_limit_s:
+            say(f"time limit: {time.perf_counter() - t0:.0f} s spent, a trial takes about {sum(took) / len(took):.0f} s; "
+                f"no new trial started ({len(finished())} of {trials} finished)")
+            break
+        start = time.perf_counter()
+        study.optimize(objective, n_trials=1, catch=(ValueError, RuntimeError))
+        took.append(time.perf_counter() - start)
+        last = study.trials[-1]
+        failed += last.state == optuna.trial.TrialState.FAIL
+        say(f"trial {last.number}: {last.state.name.lower()}"
+            + (f", OOF macro F1 {last.value:.4f}" if last.value is not None else ""))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        raise ConfigError(f"{out}: no trial completed yet")
+    best = study.best_trial
+    best_cfg = load_config(config, [*overrides, *best.user_attrs["overrides"]], data=data)
+    atomic_write_text(out / "best.yaml", f"# mt tune: trial {best.number}, OOF macro F1 {best.value:.4f}\n"
+                      + dump_config(best_cfg))
+    return {"best_trial": best.number, "best_value": best.value, "best_run": str(out / f"trial_{best.number:03d}"),
+            "best_config": str(out / "best.yaml"), "finished": len(finished()), "complete": len(done)}
