@@ -226,14 +226,17 @@ def new_train_id() -> str:
 
 
 def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_dir: Path, seed: int,
-               device: torch.device, progress=None, label: str = "fold", resume: bool = False) -> dict:
+               device: torch.device, progress=None, label: str = "fold", resume: bool = False,
+               on_epoch=None) -> dict:
     """Train, validate each epoch, checkpoint; return the best epoch's validation scores and the
     training's id. With `resume`, carry on from out_dir/last.pt where there is one: on the CPU the
     result is the one an uninterrupted run gives (batch order and augmentation are seeded per epoch,
     RNG states restored).
 
     Every metrics row and checkpoint carries the training's id (a fresh one unless resumed), and so
-    do the predictions made from it: outputs of two trainings of one fold never pass for one."""
+    do the predictions made from it: outputs of two trainings of one fold never pass for one.
+    `on_epoch(number, row)` sees each epoch's metrics row as it is written (the tuner reports it to
+    its pruner, which may stop the trial by raising)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     seed_everything(seed)
@@ -287,6 +290,8 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
         row |= {"train_img_s": seen / train_s, "train_id": train_id}
         rows.append(row)
         atomic_write_text(out_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
+        if on_epoch is not None:
+            on_epoch(number, row)
         if board is not None:
             for key, value in row.items():
                 if key not in ("epoch", "train_id"):

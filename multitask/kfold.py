@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ def check_identities(ctx: Context, r: int, k: int, oof: dict, test: dict | None)
 
 
 def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None,
-                     resume: bool = False) -> None:
+                     resume: bool = False, on_epoch=None) -> None:
     """Fold k of round r: train (pseudo-labelled images join the training set, never the validation
     set), then write the best checkpoint's OOF and test probabilities. With `resume`, training carries
     on from the fold's last.pt where there is one."""
@@ -109,7 +110,8 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     data = FoldData(train_images, train_factors, train_values, RowImages.of(ctx.train_images, va), factors[va])
     fold_dir = ctx.run.fold_dir(r, k)
     best = train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
-                      device=device, progress=progress, label=f"round {r} fold {k}", resume=resume)
+                      device=device, progress=progress, label=f"round {r} fold {k}", resume=resume,
+                      on_epoch=on_epoch)
     dist.on_main(save_predictions, ctx, r, k, best["train_id"], data, va, device)
 
 
@@ -128,7 +130,7 @@ def save_predictions(ctx: Context, r: int, k: int, train_id: str, data: FoldData
                  **{f"p_{h}": p for h, p in test.items()})
 
 
-def train_claimed_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None) -> None:
+def train_claimed_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None, on_epoch=None) -> None:
     """Fold k of round r under its lock: skipped (and said) when another process holds it or has
     finished it since this one looked. A held fold that has a last.pt was left by a process that died
     holding it (a fresh `mt train` refuses started folds), so training carries on from there."""
@@ -140,7 +142,7 @@ def train_claimed_fold(ctx: Context, r: int, k: int, device: torch.device, progr
             if progress:
                 progress.console.print(f"  round {r} fold {k}: {holder}; skipped here")
             return
-        train_round_fold(ctx, r, k, device, progress, resume=True)
+        train_round_fold(ctx, r, k, device, progress, resume=True, on_epoch=on_epoch)
 
 
 def _fold_worker(payload: dict, folds, device: str, progress) -> None:
@@ -165,7 +167,7 @@ def refuse_ensemble(ctx: Context) -> None:
                           f"pseudo-label or resume its member runs, then run `mt ensemble` again")
 
 
-def train_round(ctx: Context, r: int, progress=None, resume: bool = False) -> dict:
+def train_round(ctx: Context, r: int, progress=None, resume: bool = False, on_epoch=None) -> dict:
     """Train the selected folds of round r, one after another or `train.jobs` at once in worker
     processes, and rebuild the round's aggregate."""
     cfg = ctx.cfg
@@ -182,7 +184,8 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False) -> di
     else:
         device = dist.device_for(resolve_device(cfg.train.device))
         for k in folds:
-            train_claimed_fold(ctx, r, k, device, progress if dist.is_main() else None)
+            train_claimed_fold(ctx, r, k, device, progress if dist.is_main() else None,
+                               None if on_epoch is None else partial(on_epoch, k))
     return dist.on_main(aggregate_round, ctx, r, wall_s=time.perf_counter() - t0)
 
 
@@ -272,8 +275,9 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     return train_round(ctx, started[-1] if started else 0, progress, resume=True)
 
 
-def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False) -> dict:
-    """`mt train`: round 0 of a run; `force` clears an existing run in `out` first."""
+def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, on_epoch=None) -> dict:
+    """`mt train`: round 0 of a run; `force` clears an existing run in `out` first. `on_epoch(fold,
+    epoch, row)` sees every epoch's metrics row (folds trained one after another only)."""
     run = RunDir(out)
     task, _ = build_task(cfg)
     # check, read and decode everything before touching the run directory: a bad backbone, heads,
@@ -292,7 +296,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False) 
                          say if dist.is_main() else (lambda _: None))
     dist.on_main(claim_and_open, run, cfg, force, table, images)
     ctx = open_context(run, cfg, progress, table, images)
-    return train_round(ctx, 0, progress=progress) | {"skipped": len(table.skipped)}
+    return train_round(ctx, 0, progress=progress, on_epoch=on_epoch) | {"skipped": len(table.skipped)}
 
 
 def claim_and_open(run: RunDir, cfg: Config, force: bool, table, images) -> None:

@@ -2,9 +2,9 @@
 study resumes where it stopped. Each trial is a run directory of its own (STUDY/trial_NNN); the best
 trial's settings are written as STUDY/best.yaml, which `mt train --config` takes.
 
-Pruning is per fold: a trial trains fold 0 first and reports its OOF macro F1, then fold 1 and the
-OOF of both, and so on; the median pruner stops a trial whose running OOF falls behind the median of
-earlier trials at the same fold, so a poor setting costs one fold, not five.
+Pruning is on early epochs: every epoch's validation macro F1 is reported (step = fold × epochs +
+epoch, folds trained one after another), and the median pruner stops a trial that falls behind the
+median of earlier trials at the same step, so a poor setting costs a few epochs, not five folds.
 """
 from __future__ import annotations
 
@@ -97,15 +97,14 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
         sets = suggest(trial, base)
         trial.set_user_attr("overrides", sets)
         run = out / f"trial_{trial.number:03d}"
-        cfg = load_config(config, [*overrides, *sets], data=data)
-        summary = None
-        for k in range(cfg.train.folds):
-            fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fold": [k]})})
-            summary = train_run(fold_cfg, run)
-            trial.report(summary["oof"]["f1"], step=k)
+        cfg = load_config(config, [*overrides, *sets, "train.jobs=1"], data=data)
+
+        def report(fold: int, epoch: int, row: dict) -> None:
+            trial.report(row["val_f1"], step=fold * cfg.train.epochs + epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()
-        return summary["oof"]["f1"]
+
+        return train_run(cfg, run, on_epoch=report)["oof"]["f1"]
 
     finished = lambda: [t for t in study.get_trials(deepcopy=False)  # noqa: E731
                         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
