@@ -17,7 +17,7 @@ from multitask.config import Config, ConfigError, TableTaskCfg, dump_config, loa
 from multitask.data.cache import ImageDecodeError, cached_images, undecodable_error
 from multitask.data.folds import assign_folds, make_folds, read_folds
 from multitask.data.layout import read_layout
-from multitask.data.table import ImageTable, read_table
+from multitask.data.table import DataError, ImageTable, read_table
 from multitask.labels import FLAT_HEAD, Factor, Head, Task, mask_task
 from multitask.numeric import numerics
 from multitask.run import RunDir, atomic_write_text
@@ -70,6 +70,30 @@ def read_data(cfg: Config, task: Task) -> ImageTable:
     if not cfg.data_root:
         raise ConfigError("no data root: pass --data DATA (or set data_root in the config)")
     return read_layout(cfg.data_root, cfg.data.age_bins, cfg.data.skip_bad)
+
+
+def read_checked(cfg: Config, task: Task, progress=None) -> ImageTable:
+    """`read_data` for a new run, with every problem at once: when the reader refuses rows, the
+    images of the rows it accepted are decoded too, and the files that cannot be decoded join the
+    same error, so one pass over the data finds everything to fix."""
+    try:
+        return read_data(cfg, task)
+    except DataError as refused:
+        if cfg.data.skip_bad:
+            raise
+        loose = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_bad": True})})
+        try:
+            table = read_data(loose, task)
+            accepted = len(table.skipped)
+            load_images(loose, table, progress)
+        except (DataError, ImageDecodeError):
+            raise refused from None
+        undecodable = table.skipped.iloc[accepted:]
+        if len(undecodable):
+            refused.args = (f"{refused}\nand {len(undecodable)} image(s) of the rows it accepted cannot be decoded:\n  "
+                            + "\n  ".join(f"{w}: {path}: {why}" for w, path, why in
+                                           undecodable[["where", "path", "reason"]].head(50).itertuples(index=False)),)
+        raise refused from None
 
 
 def differing_keys(a: dict, b: dict, prefix: tuple = ()) -> list[str]:

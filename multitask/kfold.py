@@ -17,7 +17,7 @@ import torch
 
 from multitask import dist
 from multitask.config import Config, ConfigError
-from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_data, reopen_context
+from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_checked, reopen_context
 from multitask.budget import fit_epochs
 from multitask.data.augment import build_albumentations
 from multitask.data.dataset import RowImages
@@ -285,7 +285,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     check_model(cfg.model)
     if cfg.aug.backend == "albumentations":
         build_albumentations(cfg.aug.train)
-    table = read_data(cfg, task)
+    table = read_checked(cfg, task, progress)
     check_writable(run.root)  # before the cache build, which may take long
     if dist.world() > 1:  # rank 0 decodes into the cache first; the others then find it there
         dist.on_main(lambda: load_images(cfg, table, progress) and None)

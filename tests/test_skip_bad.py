@@ -82,3 +82,16 @@ def test_skip_bad_leaves_out_table_rows_and_whole_groups(tmp_path):
     assert summary["skipped"] == 4 and len(skipped) == 4  # the row, and the group's three rows
     assert "purple" in skipped["reason"].iloc[0]
     assert (skipped["reason"].iloc[1:].str.contains("disagree on shape")).all()
+
+
+def test_without_skip_bad_every_problem_is_in_one_error(broken_root, tmp_path):
+    """The reader's problems and the undecodable files of the rows it accepted, in one error, before
+    anything is written: one pass finds everything to fix."""
+    root, folders = broken_root
+    with pytest.raises(LayoutError) as info:
+        train_run(tiny_config(root, f"data.cache_dir={tmp_path / 'cache'}"), tmp_path / "run")
+    message = str(info.value)
+    assert "gender 'robot'" in message
+    assert "2 image(s) of the rows it accepted cannot be decoded" in message
+    assert f"{folders[1]}/normal.jpg" in message and f"{folders[2]}/mask1.jpg" in message
+    assert not (tmp_path / "run").exists()
