@@ -57,10 +57,11 @@ def join_torchrun(device: str = "auto") -> None:
         console.quiet = True
 
 
-def print_scores(title: str, scores: dict) -> None:
+def print_scores(title: str, scores: dict, submitted: bool = False) -> None:
     """One row per macro F1, each saying what it measures: a head's own argmax, a factor read off
     the final class's argmax (equal to the head's own when the factor has a head of its own), or the
-    final class itself."""
+    final class itself. `submitted`: scores of a submission, where every factor is read off the
+    submitted class."""
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("macro F1", justify="right")
@@ -68,8 +69,10 @@ def print_scores(title: str, scores: dict) -> None:
     for k, v in scores.items():
         if not k.startswith("f1"):
             continue
-        if k == "f1":
+        if k in ("f1", "f1_18"):
             what = "the final class (the competition's metric)"
+        elif submitted:
+            what = f"{k[3:]} read off the submitted class"
         elif k.endswith("_combined"):
             what = f"{k[3:-len('_combined')]} read off the final class"
         else:
@@ -342,7 +345,7 @@ def demo(
     t0 = time.perf_counter()
     with progress_and_errors() as progress:
         result = run_demo(out, train_persons, eval_persons, list(set_ or []), progress, log=progress.console.print)
-    print_scores("submission vs the generated answer key", result["score"])
+    print_scores("submission vs the generated answer key", result["score"], submitted=True)
     console.print(f"submission: {result['submission']}  run: {result['run']}  "
                   f"({time.perf_counter() - t0:.0f} s)")
 

@@ -250,3 +250,15 @@ def test_every_option_has_help_and_config_defaults_are_shown():
         assert shown in result.output, shown
     result = runner.invoke(app, ["pseudo-label", "--help"], env={"COLUMNS": "200"})
     assert "pseudo.rounds; built in: 1" in result.output and "pseudo.precision; built in: 0.95" in result.output
+
+
+def test_score_tables_say_what_each_f1_measures(capsys):
+    from multitask.cli import console, print_scores
+
+    with console.capture() as cap:
+        print_scores("oof", {"f1_mask": 0.9, "f1_gender_age": 0.5, "f1_mask_combined": 0.9, "f1": 0.4, "acc": 0.5})
+        print_scores("submission", {"f1_18": 0.4, "f1_mask": 0.9}, submitted=True)
+    text = cap.get()
+    assert "head mask's own argmax" in text and "mask read off the final class" in text
+    assert text.count("the final class (the competition's metric)") == 2
+    assert "mask read off the submitted class" in text and "head 18" not in text
