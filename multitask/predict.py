@@ -156,12 +156,18 @@ def round_models(run: RunDir, r: int, cfg: Config) -> list[Path]:
 
 
 def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, task: Task, heads: list[Head],
-                   device: torch.device, progress=None) -> dict[str, np.ndarray]:
-    """Every fold model with the run's TTA views, soft-voted: what the round's test_probs.npz holds."""
+                   device: torch.device, progress=None, models: dict | None = None) -> dict[str, np.ndarray]:
+    """Every fold model with the run's TTA views, soft-voted: what the round's test_probs.npz holds.
+    `models` keeps the loaded models across calls (prediction in chunks loads each fold once)."""
     tid = progress.add_task("predicting", total=len(checkpoints)) if progress else None
     sets = []
     for path in checkpoints:
-        sets.append(predict_probs(load_model(path, cfg, task, heads, device), images, cfg, device))
+        model = models.get(path) if models is not None else None
+        if model is None:
+            model = load_model(path, cfg, task, heads, device)
+            if models is not None:
+                models[path] = model
+        sets.append(predict_probs(model, images, cfg, device))
         if progress:
             progress.update(tid, advance=1)
     if progress:
@@ -187,7 +193,7 @@ class DecodedImages:
 
 
 def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImages, keep: np.ndarray,
-                progress=None) -> dict[str, np.ndarray]:
+                progress=None, models: dict | None = None) -> dict[str, np.ndarray]:
     """Round r's voted outputs on the kept images; for an ensemble run, its members' final-class
     probabilities (each with its own auxiliary blend), weighted as `mt ensemble` fitted them."""
     cfg = load_run_config(run, overrides)
@@ -198,12 +204,13 @@ def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImage
             m_run = RunDir(member)
             m_cfg = load_run_config(m_run, overrides)
             m_task, m_heads = build_task(m_cfg)
-            m_probs = run_outputs(m_run, mr, overrides, decoded, keep, progress)
+            m_probs = run_outputs(m_run, mr, overrides, decoded, keep, progress, models)
             total = total + w * predict_classes(m_task, m_heads, m_probs, m_cfg,
                                                 blend_only(load_decision(m_run.round_dir(mr))))[0]
         return {FLAT_HEAD: total}
-    images = RowImages.of(decoded.at(tuple(cfg.data.img_size))[keep])
-    return ensemble_probs(round_models(run, r, cfg), images, cfg, task, heads, resolve_device(cfg.train.device), progress)
+    images = RowImages.of(decoded.at(tuple(cfg.data.img_size)), keep)  # rows of the decoded array, not a copy
+    return ensemble_probs(round_models(run, r, cfg), images, cfg, task, heads, resolve_device(cfg.train.device), progress,
+                          models)
 
 
 PREDICT_CHUNK = 2048  # images decoded at a time: memory stays bounded, whatever the number of images
@@ -227,7 +234,7 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
     ids, paths = list_images(source)
     out = Path(out)
     skipped_file = out.with_name(out.stem + ".skipped.csv")
-    bad, written = [], 0
+    bad, written, models = [], 0, {}  # each fold model is loaded once, for every chunk
     tid = progress.add_task("predicting images", total=len(paths)) if progress else None
     with atomic_writer(out, "w") as fh:
         for start in range(0, len(paths), chunk):
@@ -237,7 +244,7 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
             keep = np.setdiff1d(np.arange(len(decoded.paths)), [i for i, _ in chunk_bad])
             if (bad and not skip_bad) or not len(keep):
                 continue  # go on decoding only to list every bad image at once
-            probs = run_outputs(run, r, overrides, decoded, keep, progress)
+            probs = run_outputs(run, r, overrides, decoded, keep, progress, models)
             combined, classes = predict_classes(task, heads, probs, cfg, decision)
             frame = predictions_frame(task, [ids[start + i] for i in keep], combined, classes, with_probs)
             frame.to_csv(fh, index=False, header=written == 0)
