@@ -84,11 +84,11 @@ def read_checked(cfg: Config, task: Task, progress=None) -> ImageTable:
         loose = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_bad": True})})
         try:
             table = read_data(loose, task)
-            accepted = len(table.skipped)
+            refused_by_reader = len(table.skipped)  # the decoder's findings are appended after these
             load_images(loose, table, progress)
         except (DataError, ImageDecodeError):
             raise refused from None
-        undecodable = table.skipped.iloc[accepted:]
+        undecodable = table.skipped.iloc[refused_by_reader:]
         if len(undecodable):
             refused.args = (f"{refused}\nand {len(undecodable)} image(s) of the rows it accepted cannot be decoded:\n  "
                             + "\n  ".join(f"{w}: {path}: {why}" for w, path, why in

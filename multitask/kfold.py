@@ -31,8 +31,8 @@ from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, vote
 from multitask.report import plot_round
-from multitask.run import (RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint, fold_train_id,
-                          head_probs, load_npz, npz_item, read_json, save_npz, write_json)
+from multitask.run import (RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint, head_probs,
+                          load_npz, read_json, save_npz, write_json)
 
 
 def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray] | None:
@@ -52,19 +52,8 @@ def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray
     return RowImages.of(ctx.test_images, rows), table[ctx.task.factor_names].to_numpy(dtype=np.int64)
 
 
-def fold_outputs(ctx: Context, r: int, k: int) -> list[Path]:
-    fold_dir = ctx.run.fold_dir(r, k)
-    return [fold_dir / "oof.npz"] + ([fold_dir / "test.npz"] if ctx.table.test is not None else [])
-
-
 def fold_finished(ctx: Context, r: int, k: int) -> bool:
-    """Its OOF (and test) predictions are there, and were made by the fold's latest training: a fold
-    retrained since (new metrics and checkpoints, old predictions) is not done."""
-    outputs = fold_outputs(ctx, r, k)
-    if not all(p.exists() for p in outputs):
-        return False
-    made_by = fold_train_id(ctx.run.fold_dir(r, k))
-    return all(as_id(npz_item(p, "train_id")) == made_by for p in outputs)
+    return ctx.run.fold_done(r, k, with_test=ctx.table.test is not None)
 
 
 def train_ids(ctx: Context) -> np.ndarray:
@@ -75,12 +64,12 @@ def train_ids(ctx: Context) -> np.ndarray:
     return np.array([os.path.relpath(p, root) for p in paths])
 
 
-def check_identities(ctx: Context, r: int, k: int, oof: dict, test: dict | None) -> None:
+def check_identities(ctx: Context, r: int, k: int, oof: dict | None, test: dict | None) -> None:
     """A fold's predictions name the images they were made for; the task's tables must still list
     those images in those places (an edited train table or a reordered test list is an error here,
     not a silent misalignment)."""
     fold_dir = ctx.run.fold_dir(r, k)
-    if "ids" in oof and not np.array_equal(oof["ids"], train_ids(ctx)[oof["rows"]]):
+    if oof is not None and "ids" in oof and not np.array_equal(oof["ids"], train_ids(ctx)[oof["rows"]]):
         raise RunError(f"{fold_dir / 'oof.npz'}: predicted for other training images than the task's table now "
                         f"lists in those rows (was the table edited?); retrain with `mt train --force`")
     if test is not None and "image_id" in test:

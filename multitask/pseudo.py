@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from multitask.decide import load_decision, predict_classes
-from multitask.kfold import refuse_ensemble, reopen_context, train_round
-from multitask.run import RunError, atomic_write_text, head_probs, load_npz, read_json, write_json
+from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
+from multitask.run import atomic_write_text, head_probs, load_npz, read_json, write_json
 
 UNKNOWN = -1
 
@@ -84,9 +84,7 @@ def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
     frames = []
     for k in read_json(run.round_dir(prev) / "summary.json")["folds_done"]:
         test = load_npz(run.fold_dir(prev, k) / "test.npz")
-        if "image_id" in test and not np.array_equal(test["image_id"], image_ids):
-            raise RunError(f"{run.fold_dir(prev, k) / 'test.npz'}: predicted for other test images, or in another "
-                           f"order, than the task's test list now holds; retrain with `mt train --force`")
+        check_identities(ctx, prev, k, None, test)
         probs = head_probs(test)
         labels, conf = select_factors(task, predict_classes(task, heads, probs, cfg, decision)[0], thresholds)
         rows = np.flatnonzero((labels != UNKNOWN).any(1))

@@ -137,13 +137,8 @@ def write_report(run_dir) -> Path:
 
     ctx = reopen_context(run_dir, with_images=False)
     run, task, heads, cfg = ctx.run, ctx.task, ctx.heads, ctx.cfg
+    r, why = run.shown_round(cfg.train.folds)
     rounds = run.rounds()
-    if not rounds:
-        raise FileNotFoundError(run.unfinished(cfg.train.folds))
-    try:
-        r, why = run.choose_round(cfg.train.folds)
-    except FileNotFoundError:
-        r, why = rounds[-1], f"round {rounds[-1]} (the latest; no round has every fold)"
     summaries = {q: read_json(run.round_dir(q) / "summary.json") for q in rounds}
     oof = load_npz(run.round_dir(r) / "oof.npz")
     combined, classes = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(r)))

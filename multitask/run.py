@@ -169,6 +169,17 @@ class RunDir:
         the one that saw the most folds."""
         return waiting_lock(self.round_dir(r) / LOCK)
 
+    def fold_done(self, r: int, k: int, with_test: bool) -> bool:
+        """Fold k of round r has its OOF (and, `with_test`, test) predictions, made by the fold's
+        latest training: a fold retrained since (new metrics and checkpoints, old predictions) is not
+        done. Runs made before training ids have none on either side, and count as done."""
+        fold_dir = self.fold_dir(r, k)
+        outputs = [fold_dir / "oof.npz"] + ([fold_dir / "test.npz"] if with_test else [])
+        if not all(p.exists() for p in outputs):
+            return False
+        made_by = fold_train_id(fold_dir)
+        return all(as_id(npz_item(p, "train_id")) == made_by for p in outputs)
+
     def why_missing(self, r: int, k: int) -> str:
         """Why fold k of round r has no outputs: being trained elsewhere, started and stopped, or never started."""
         holder = lock_holder(self.fold_dir(r, k) / LOCK)
@@ -206,7 +217,7 @@ class RunDir:
         if not started and not self.config.exists():
             return f"{self.root}: no trained round found (is it a run directory? `mt train` makes one)"
         r = started[-1] if started else 0
-        done = [k for k in range(n_folds or 0) if (self.fold_dir(r, k) / "oof.npz").exists()]
+        done = [k for k in range(n_folds or 0) if self.fold_done(r, k, with_test=False)]
         missing = [k for k in range(n_folds or 0) if k not in done]
         return (f"{self.root}: round {r} is not finished (folds done: {done or 'none'}; not done: {missing}); "
                 f"`mt resume --run {self.root}` finishes it")
@@ -217,11 +228,9 @@ class RunDir:
         made = read_json(self.round_dir(r) / "summary.json").get("train_ids")
         if made is None:  # a run made before training ids
             return
-        current = {}
-        for k in range(n_folds):
-            oof = self.fold_dir(r, k) / "oof.npz"
-            if oof.exists() and as_id(npz_item(oof, "train_id")) == fold_train_id(self.fold_dir(r, k)):
-                current[str(k)] = as_id(npz_item(oof, "train_id"))
+        with_test = (self.round_dir(r) / "test_probs.npz").exists()
+        current = {str(k): as_id(npz_item(self.fold_dir(r, k) / "oof.npz", "train_id"))
+                   for k in range(n_folds) if self.fold_done(r, k, with_test)}
         if current != made:
             changed = sorted(set(current) ^ set(made) | {k for k in set(current) & set(made) if current[k] != made[k]})
             raise RunError(f"{self.round_dir(r)}: the round's results were built from other outputs of fold(s) "
@@ -260,3 +269,14 @@ class RunDir:
         if later:
             why += f"; round {later[-1]} is not finished (`mt resume --run {self.root}` finishes it)"
         return r, why
+
+    def shown_round(self, n_folds: int) -> tuple[int, str]:
+        """The round to show (report, leaderboard): the one `submit` uses, or where no round has
+        every fold, the latest partial one, said so."""
+        try:
+            return self.choose_round(n_folds)
+        except FileNotFoundError:
+            rounds = self.rounds()
+            if not rounds:
+                raise
+            return rounds[-1], f"round {rounds[-1]} (the latest; no round has every fold)"

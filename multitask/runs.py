@@ -50,10 +50,7 @@ def held_out(run: RunDir, answers: Path) -> float | None:
 
 def run_row(run: RunDir, answers: Path | None = None) -> dict:
     cfg = load_config(run.config)
-    try:
-        r, _ = run.choose_round(cfg.train.folds)
-    except FileNotFoundError:  # no round has every fold: the latest, partial one ("folds" says so)
-        r = run.rounds()[-1]
+    r, _ = run.shown_round(cfg.train.folds)  # a partial round's "folds" column says so
     summary = read_json(run.round_dir(r) / "summary.json")
     task = cfg.task.table if isinstance(cfg.task, TableTaskCfg) else cfg.task
     name = f"{Path(task).parent.name}/{Path(task).stem}" if isinstance(cfg.task, TableTaskCfg) else task
