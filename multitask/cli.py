@@ -183,19 +183,26 @@ def submit(
     run: Path = typer.Option(..., "--run", help="run directory"),
     out: Optional[Path] = typer.Option(None, help="submission file (default: RUN/submission.csv)"),
     round_: Optional[int] = typer.Option(None, "--round", help="round to submit (default: the finished round with the best OOF macro F1)"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="predict the run's test images with this file from `mt export` (onnxruntime, CPU)"),
 ):
     """Write a round's soft-voted test predictions (the best round by OOF macro F1 unless --round): ImageID,ans in info.csv order for the
     competition, the predictions file of `mt predict` for a table task."""
-    from multitask.submit import make_submission
+    from multitask.submit import make_submission, make_submission_onnx
 
     with progress_and_errors() as progress:
-        path = make_submission(run, out, progress, round_, log=console.print)
+        if onnx is not None:
+            if round_ is not None:
+                raise ValueError("--round and --onnx: the exported file holds one round already; export another to change it")
+            path = make_submission_onnx(run, onnx, out, log=console.print)
+        else:
+            path = make_submission(run, out, progress, round_, log=console.print)
     console.print(f"submission: {path}")
 
 
 @app.command()
 def predict(
-    run: Path = typer.Option(..., "--run", help="run directory"),
+    run: Optional[Path] = typer.Option(None, "--run", help="run directory (or --onnx)"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="a file from `mt export` instead of a run: onnxruntime on the CPU, without torch"),
     images: Path = typer.Option(..., "--images", help="a folder (recursive), a CSV with a path column, or one image"),
     out: Path = typer.Option(..., "--out", help="predictions CSV to write"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per forward pass " + from_config("train.eval_batch_size", "the run's")),
@@ -204,15 +211,77 @@ def predict(
     round_: Optional[int] = typer.Option(None, "--round", help="round to use (default: the one submit uses, the best OOF macro F1)"),
     chunk: int = typer.Option(2048, "--chunk", help="images decoded and predicted at a time: memory stays bounded for any number of images"),
 ):
-    """The run's fold ensemble with its TTA views (what submit uses) on any images: path, each factor's
-    class, class, prob."""
-    from multitask.predict import predict_images
+    """The run's fold ensemble with its TTA views (what submit uses), or an exported file, on any
+    images: path, each factor's class, class, prob."""
+    if (run is None) == (onnx is None):
+        console.print("[bold red]error:[/] give --run or --onnx (one of them)")
+        raise typer.Exit(2)
+    if onnx is not None:
+        from multitask import serve
 
-    with progress_and_errors() as progress:
-        result = predict_images(run, images, out, batch_size, probs, skip_bad, progress, round_, chunk)
+        with progress_and_errors():
+            if round_ is not None:
+                raise ValueError("--round and --onnx: the exported file holds one round already")
+            result = serve.predict_images(onnx, images, out, batch_size or 256, probs, skip_bad, chunk)
+        result |= {"why": f"{onnx} (run {result['model']})", "round": "exported"}
+    else:
+        from multitask.predict import predict_images
+
+        with progress_and_errors() as progress:
+            result = predict_images(run, images, out, batch_size, probs, skip_bad, progress, round_, chunk)
     skipped = f", {result['skipped']} skipped (listed in {result['skipped_file']})" if result["skipped"] else ""
     console.print(f"using {result['why']}")
     console.print(f"predictions: {result['out']}  ({result['predicted']} images, round {result['round']}{skipped})")
+
+
+@app.command()
+def distill(
+    run: Path = typer.Option(..., "--run", help="the teacher: a finished run (its round that submit uses) or an ensemble run"),
+    out: Path = typer.Option(..., "--out", help="the student's run directory"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="the student's timm backbone (default: the teacher's)"),
+    img_size: Optional[tuple[int, int]] = typer.Option(None, "--img-size", help="H W (default: the teacher's)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="default: the teacher's"),
+    heads: Optional[str] = typer.Option(None, "--heads", help="the student's heads (default: the teacher's)"),
+    true_weight: float = typer.Option(0.5, "--true-weight", help="weight of the true label mixed into the teacher's probabilities"),
+    unlabeled: bool = typer.Option(True, "--unlabeled/--no-unlabeled", help="the teacher's test images join the training set"),
+    val_fold: int = typer.Option(0, "--val-fold", help="teacher fold whose groups the student keeps out to validate on"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override of the student's settings (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="start --out over if it holds a run"),
+):
+    """One student model trained on the teacher's TTA-voted probabilities (training and test images),
+    with the true labels mixed in: a run that submit, predict and export accept."""
+    from multitask.distill import distill as distill_run
+
+    with progress_and_errors() as progress:
+        summary = distill_run(run, out, backbone, img_size, epochs, heads, true_weight, unlabeled, val_fold,
+                              set_ or [], progress, force)
+    console.print(f"teacher: {summary['teacher_why']}")
+    console.print(f"student validation: the groups of the teacher's fold {val_fold}, kept out of the student's training "
+                  f"(not an OOF figure: the teacher models that labelled its images were trained on them)", soft_wrap=True)
+    print_scores("student validation", summary["oof"])
+    console.print(f"student run: {out}")
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Option(..., "--run", help="run directory (a k-fold run, a student, or an ensemble)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="ONNX file (default: RUN/model.onnx, RUN/model.int8.onnx)"),
+    int8: bool = typer.Option(False, "--int8", help="static int8 quantisation, calibrated on training images"),
+    round_: Optional[int] = typer.Option(None, "--round", help="round to export (default: the one submit uses)"),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="largest difference from PyTorch allowed (fp32)"),
+):
+    """The run's whole inference (fold models, TTA views, vote, head product, auxiliary blend) as one
+    ONNX file on uint8 images, checked against PyTorch with onnxruntime."""
+    from multitask.export import export_run
+
+    with progress_and_errors():
+        check = export_run(run, out, int8, round_, tolerance, log=console.print)
+    console.print(f"checked on {check['images']} training images: largest difference from PyTorch {check['max_abs_diff']:.2g} "
+                  f"(tolerance {check['tolerance']:g})")
+    if int8:
+        console.print(f"int8: argmax agrees with fp32 on {check['int8_agreement']:.1%}; "
+                      f"{check['fp32_mb']:.2f} MB fp32 -> {check['int8_mb']:.2f} MB")
+    console.print(f"onnx: {check['out']}  ({check['mb']:.2f} MB, round {check['round']})")
 
 
 @app.command()

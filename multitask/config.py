@@ -160,7 +160,7 @@ class AugCfg(_Strict):
 
 
 class TrainCfg(_Strict):
-    folds: int = Field(5, ge=2)
+    folds: int = Field(5, ge=1)  # 1 only for a distilled student (one model: validate on one fold, train on the rest)
     fold: list[int] | None = None  # train only these folds (None: all)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -231,6 +231,16 @@ class EnsembleCfg(_Strict):
     weights: list[float]
 
 
+class DistillCfg(_Strict):
+    """Written by `mt distill`: the teacher run (its round) whose probabilities the student learns,
+    and the weight of the true labels mixed into them."""
+    teacher: str
+    round: int
+    true_weight: float = Field(0.5, ge=0, le=1)
+    unlabeled: bool = True  # the teacher's test images join the student's training set
+    val_fold: int = 0  # the teacher's fold whose persons the student keeps out, to validate on
+
+
 class PseudoCfg(_Strict):
     # each factor's confidence threshold is the lowest at which the previous round's OOF predictions
     # of that factor are right this often; 0 takes every test image with every factor
@@ -253,9 +263,16 @@ class Config(_Strict):
     decide: DecideCfg = DecideCfg()
     pseudo: PseudoCfg = PseudoCfg()
     ensemble: EnsembleCfg | None = None  # set by `mt ensemble` only
+    distill: DistillCfg | None = None  # set by `mt distill` only
 
     def loss_for(self, head: str) -> LossCfg:
         return self.losses.get(head, LossCfg())
+
+    @model_validator(mode="after")
+    def _folds(self):
+        if self.train.folds < 2 and self.distill is None:
+            raise ValueError("train.folds must be at least 2 (k-fold training)")
+        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

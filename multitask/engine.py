@@ -44,10 +44,14 @@ class FoldData:
     train_values: np.ndarray  # (N, V) the numbers behind the numeric factors (NaN where unknown)
     val_images: RowImages
     val_factors: np.ndarray
+    train_teacher: np.ndarray | None = None  # (N, n_classes) a teacher's final-class probabilities (distill.py)
 
     def train_targets(self) -> np.ndarray:
-        """(N, F + V) float32: what a training batch carries (see numeric.py)."""
-        return np.concatenate([self.train_factors, self.train_values], axis=1).astype(np.float32)
+        """(N, F + V [+ n_classes]) float32: what a training batch carries (see numeric.py)."""
+        parts = [self.train_factors, self.train_values]
+        if self.train_teacher is not None:
+            parts.append(self.train_teacher)
+        return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 def seed_everything(seed: int) -> None:

@@ -52,6 +52,23 @@ def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray
     return RowImages.of(ctx.test_images, rows), table[ctx.task.factor_names].to_numpy(dtype=np.int64)
 
 
+def taught(ctx: Context) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A distilled student's teacher probabilities (final class) for its training and test rows,
+    from RUN/teacher.npz, checked against the images the task lists now."""
+    if ctx.cfg.distill is None:
+        return None
+    z = load_npz(ctx.run.teacher)
+    if not np.array_equal(z["train_ids"], train_ids(ctx)):
+        raise RunError(f"{ctx.run.teacher}: made for other training images than the task's table now lists; "
+                       f"distil again with `mt distill`")
+    test = None
+    if ctx.cfg.distill.unlabeled and ctx.table.test is not None:
+        if not np.array_equal(z["test_ids"], ctx.table.test["image_id"].to_numpy().astype(str)):
+            raise RunError(f"{ctx.run.teacher}: made for other test images than the task lists now")
+        test = z["test"]
+    return z["train"], test
+
+
 def fold_finished(ctx: Context, r: int, k: int) -> bool:
     return ctx.run.fold_done(r, k, with_test=ctx.table.test is not None)
 
@@ -96,7 +113,16 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
         train_factors = np.concatenate([train_factors, pseudo[1]])
         # a pseudo label is a class, not a number
         train_values = np.concatenate([train_values, np.full((len(pseudo[1]), values.shape[1]), np.nan)])
-    data = FoldData(train_images, train_factors, train_values, RowImages.of(ctx.train_images, va), factors[va])
+    teacher, train_teacher = taught(ctx), None
+    if teacher is not None:
+        train_teacher = teacher[0][tr]
+        if teacher[1] is not None:  # the unlabelled test images learn from the teacher alone
+            train_images = train_images.concat(RowImages.of(ctx.test_images))
+            train_factors = np.concatenate([train_factors, np.full((len(teacher[1]), factors.shape[1]), -1)])
+            train_values = np.concatenate([train_values, np.full((len(teacher[1]), values.shape[1]), np.nan)])
+            train_teacher = np.concatenate([train_teacher, teacher[1]])
+    data = FoldData(train_images, train_factors, train_values, RowImages.of(ctx.train_images, va), factors[va],
+                    train_teacher)
     fold_dir = ctx.run.fold_dir(r, k)
     best = train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
                       device=device, progress=progress, label=f"round {r} fold {k}", resume=resume,

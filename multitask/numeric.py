@@ -9,7 +9,8 @@ ordinal, one logit per bin edge (P(number >= edge)). Either is turned into bin p
 (`aux_bins`) and blended into the factor by `decide.py`.
 
 Training batches carry (N, F + V) float targets: the F factor class indices, then the V numbers of
-the task's numeric factors (NaN where unknown, e.g. pseudo-labelled rows).
+the task's numeric factors (NaN where unknown, e.g. pseudo-labelled rows); a distilled student's
+batches carry the teacher's final-class probabilities after them (see distill.py).
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ class Targets:
         self.task, self.heads = task, heads
         self.numerics = numerics(task, cfg)
         self.aux = [n for n in self.numerics if n.cfg.aux != "none"]
+        self.true_weight = cfg.distill.true_weight if cfg.distill is not None else None
 
     def factor_distributions(self, factors: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
         """(N, n_f) per factor; a row whose factor is unknown (-1, a partial pseudo label) is all zeros."""
@@ -129,8 +131,33 @@ class Targets:
         return [d * known[:, i, None] for i, d in enumerate(dists)]
 
     def __call__(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        n_f = len(self.task.factors)
-        factors, values = y[:, :n_f].long(), y[:, n_f:].float()
+        n_f, n_v = len(self.task.factors), len(self.numerics)
+        factors, values = y[:, :n_f].long(), y[:, n_f:n_f + n_v].float()
+        out = self.label_targets(factors, values)
+        if self.true_weight is not None:
+            out |= self.taught(out, y[:, n_f + n_v:].float())
+        return out
+
+    def taught(self, hard: dict[str, torch.Tensor], teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each head's target as the teacher's probabilities (summed out of its final-class ones)
+        with the true label mixed in at `true_weight` where the row has one."""
+        out = {}
+        sizes = self.task.sizes
+        full = teacher.reshape(len(teacher), *sizes)
+        for h in self.heads:
+            others = tuple(i + 1 for i in range(len(sizes)) if i not in h.factor_idx)
+            soft = (full.sum(others) if others else full).reshape(len(teacher), h.n)
+            t = hard[h.name]
+            if t.ndim == 1:
+                known = t >= 0
+                t = F.one_hot(t.clamp(min=0), h.n).to(soft.dtype)
+            else:
+                known = t.sum(1) > 0
+            w = self.true_weight * known.to(soft.dtype)[:, None]
+            out[h.name] = w * t + (1 - w) * soft
+        return out
+
+    def label_targets(self, factors: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         if any(n.reshapes_targets for n in self.numerics):
             dists = self.factor_distributions(factors, values)

@@ -18,12 +18,12 @@ from multitask.context import build_task, load_run_config
 from multitask.data.augment import tta_view
 from multitask.data.cache import ImageDecodeError, decode_into, undecodable_error
 from multitask.data.dataset import RowImages, eval_batches
-from multitask.data.table import DataError, read_frame
 from multitask.decide import blend_only, load_decision, predict_classes
 from multitask.device import autocast, prepare_input, resolve_device, tune_for
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_outputs, is_aux
+from multitask.outputs import list_images, prediction_table
 from multitask.run import RunDir, atomic_write_text, atomic_writer, fold_checkpoint, read_json
 
 
@@ -103,50 +103,11 @@ def load_model(path: Path, cfg: Config, task: Task, heads: list[Head], device: t
 
 # ---- a finished run applied to images: `mt predict`, and the predictions file of `mt submit` ----
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
-
 def predictions_frame(task: Task, ids, combined: np.ndarray, classes: np.ndarray,
                       with_probs: bool = False) -> pd.DataFrame:
-    """path, each factor's class name, the final class (mixed radix over the factors' class indices)
-    and its probability; with `with_probs`, every factor's probabilities (summed out of the final
-    class's, so they hold for any head layout) as p_<factor>_<class>."""
-    out = pd.DataFrame({"path": list(ids)})
-    names = task.class_names(classes)
-    for i, f in enumerate(task.factors):
-        out[f.name] = names[:, i]
-    out["class"] = classes.astype(np.int64)
-    out["prob"] = combined[np.arange(len(classes)), classes]
-    if with_probs:
-        for i, f in enumerate(task.factors):
-            marginal = task.marginal(combined, i)
-            for j, c in enumerate(f.classes):
-                out[f"p_{f.name}_{c}"] = marginal[:, j]
-    return out
-
-
-def list_images(source: str | Path) -> tuple[list[str], list[str]]:
-    """(ids, paths) of what `mt predict --images` names: a folder (recursively, image files only,
-    hidden files and folders skipped; ids relative to it), a CSV with a `path` column (relative to
-    the CSV's folder unless absolute; ids as listed), or one image file."""
-    src = Path(source)
-    if src.is_dir():
-        found = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(src).parts))
-        if not found:
-            raise FileNotFoundError(f"{src}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-        return [p.relative_to(src).as_posix() for p in found], [str(p) for p in found]
-    if src.suffix.lower() == ".csv":
-        df, _ = read_frame(src)
-        if "path" not in df.columns:
-            raise DataError(f"{src}: missing column 'path'; found {list(df.columns)}")
-        if df.empty:
-            raise DataError(f"{src}: no rows")
-        ids = df["path"].tolist()
-        return ids, [p if Path(p).is_absolute() else str(src.parent / p) for p in ids]
-    if src.is_file():
-        return [str(source)], [str(src)]
-    raise FileNotFoundError(f"{src}: not found (expected a folder, a CSV with a path column, or an image file)")
+    """The predictions file's table (outputs.prediction_table) as a frame."""
+    columns, rows = prediction_table(task, ids, combined, classes, with_probs)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def round_models(run: RunDir, r: int, cfg: Config) -> list[Path]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from multitask.config import ConfigError
 from multitask.decide import load_decision, predict_classes
 from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
 from multitask.run import atomic_write_text, head_probs, load_npz, read_json, write_json
@@ -108,6 +109,9 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
         extra.append(f"pseudo.rounds={rounds}")
     ctx = reopen_context(run_dir, extra, progress)
     refuse_ensemble(ctx)
+    if ctx.cfg.distill is not None:
+        raise ConfigError(f"{ctx.run.root} is a distilled student: it already learns the test images from its teacher's "
+                          f"probabilities; pseudo-label the teacher ({ctx.cfg.distill.teacher}) and distil again")
     if ctx.test_images is None:
         raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no "
                                 "task.test in a table task): nothing to pseudo-label")

@@ -152,6 +152,7 @@ class RunDir:
     summary = property(lambda self: self.root / "summary.json")
     submission = property(lambda self: self.root / "submission.csv")
     skipped = property(lambda self: self.root / "skipped.csv")  # training items `--skip-bad` left out
+    teacher = property(lambda self: self.root / "teacher.npz")  # a student's targets (`mt distill`)
 
     def round_dir(self, r: int) -> Path:
         return self.root / f"round{r}"

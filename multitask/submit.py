@@ -56,7 +56,31 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
         log(f"using {why}")
     image_ids, probs = load_round_test_probs(ctx, r)
     combined, classes = predict_classes(ctx.task, ctx.heads, probs, ctx.cfg, load_decision(ctx.run.round_dir(r)))
-    out = Path(out) if out else ctx.run.submission
+    return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, f"round {r}")
+
+
+def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path | None = None, log=None) -> Path:
+    """The submission of the run's test images predicted by an exported file (`mt export`) with
+    onnxruntime instead of the round's stored probabilities."""
+    from multitask.serve import ServedModel
+
+    ctx = reopen_context(run_dir, with_images=False)
+    served = ServedModel(onnx)
+    if served.task.factors != ctx.task.factors:
+        raise SubmissionError(f"{onnx} predicts factors {served.task.factor_names}, the run's task has "
+                              f"{ctx.task.factor_names}")
+    if ctx.table.test is None:
+        raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no task.test)")
+    if log:
+        log(f"predicting {len(ctx.table.test)} test images with {onnx} (run {served.meta['run']}, round {served.meta['round']})")
+    combined, classes = served.predict_paths(ctx.table.test["path"].tolist())
+    image_ids = ctx.table.test["image_id"].to_numpy().astype(str)
+    return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, str(onnx))
+
+
+def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray, out: Path, source: str) -> Path:
+    """The competition's ImageID,ans in info.csv's order, or a table task's predictions file; `source`
+    names what predicted them in errors."""
     if ctx.table.info_csv is None:
         atomic_write_text(out, predictions_frame(ctx.task, image_ids, combined, classes).to_csv(index=False))
         return out
@@ -64,6 +88,6 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     info_ids = read_csv(ctx.table.info_csv, ["ImageID", "ans"])["ImageID"].to_numpy()
     missing = [i for i in info_ids if i not in pred]
     if missing:
-        raise SubmissionError(f"round {r} has no prediction for {len(missing)} info.csv image(s), e.g. {missing[0]}")
+        raise SubmissionError(f"{source} has no prediction for {len(missing)} info.csv image(s), e.g. {missing[0]}")
     sub = pd.DataFrame({"ImageID": info_ids, "ans": np.array([pred[i] for i in info_ids], dtype=np.int64)})
     return write_submission(sub, ctx.table.info_csv, ctx.task.n_classes, out)

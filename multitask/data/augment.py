@@ -77,7 +77,7 @@ def tta_view(x: torch.Tensor, view: str) -> torch.Tensor:
     if view == "hflip":
         return x.flip(-1)
     if view in ("zoom", "zoom_hflip"):
-        h, w = x.shape[-2:]
+        h, w = (int(n) for n in x.shape[-2:])  # ints: an ONNX export fixes the image size
         dh, dw = round(h * (1 - ZOOM) / 2), round(w * (1 - ZOOM) / 2)
         z = F.interpolate(x[..., dh:h - dh, dw:w - dw], size=(h, w), mode="bilinear", align_corners=False)
         return z.flip(-1) if view == "zoom_hflip" else z

@@ -1,0 +1,116 @@
+"""`mt distill`: one student model that learns what a finished run predicts, so that the run's
+many forward passes (folds × TTA views, or several runs) become one.
+
+The teacher is the round `submit` uses: its fold ensemble with its TTA views and its auxiliary
+blend (or an `mt ensemble` run), read as final-class probabilities on every training image and,
+by default, every test image: the unlabelled images are where a student catches up with its
+teachers. Each student head learns the teacher's probabilities summed out to its factors, with the
+true label mixed in at `true_weight` where there is one (numeric.Targets does the mixing).
+
+The student is a run directory of its own (train.folds = 1): it trains on every group but those of
+one teacher fold (`val_fold`), which it keeps out to pick its epoch and to report on. Those figures
+are the student's own validation, not an OOF estimate of the run: the teacher's models that
+labelled the other images saw these groups. RUN/teacher.npz holds the teacher's probabilities, so
+`mt resume` needs nothing but the student's directory; the student takes the teacher's decision
+offsets (its probabilities imitate the teacher's, blend included).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from multitask.config import Config, ConfigError, DistillCfg, apply_overrides, validate
+from multitask.context import build_task, claim_run_dir, load_run_config, open_context, reopen_context
+from multitask.decide import Decision, blend_only, load_decision, predict_classes
+from multitask.kfold import train_ids, train_round
+from multitask.model import check_model
+from multitask.predict import PREDICT_CHUNK, DecodedImages, run_outputs
+from multitask.run import RunDir, atomic_write_text, save_npz, write_json
+
+
+def teacher_probs(run: RunDir, r: int, paths: list[str], progress=None, chunk: int = PREDICT_CHUNK) -> np.ndarray:
+    """Round r's final-class probabilities (its auxiliary blend in, its offsets out) on `paths`."""
+    cfg = load_run_config(run)
+    task, heads = build_task(cfg)
+    blend = blend_only(load_decision(run.round_dir(r)))
+    models, out = {}, []
+    tid = progress.add_task("teacher predictions", total=len(paths)) if progress else None
+    for start in range(0, len(paths), chunk):
+        decoded = DecodedImages(paths[start:start + chunk], cfg.data.decode_workers)
+        probs = run_outputs(run, r, [], decoded, np.arange(len(decoded.paths)), None, models)
+        out.append(predict_classes(task, heads, probs, cfg, blend)[0].astype(np.float32))
+        if progress:
+            progress.update(tid, advance=len(decoded.paths))
+    if progress:
+        progress.remove_task(tid)
+    return np.concatenate(out)
+
+
+def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | None, img_size: tuple[int, int] | None,
+                   epochs: int | None, heads: str | None, true_weight: float, unlabeled: bool, val_fold: int,
+                   overrides: list[str]) -> Config:
+    """The teacher's settings with the student's model, size, epochs and heads; no auxiliary outputs
+    and no decision of its own (the teacher's probabilities already hold both)."""
+    if heads is None:
+        heads = teacher.heads if teacher.ensemble is None else None  # an ensemble votes final classes: a head per factor
+    model = teacher.model
+    if backbone:
+        model = model.model_copy(update={"backbone": backbone, "checkpoint": None})
+    numeric = {name: c.model_copy(update={"aux": "none"}) for name, c in teacher.numeric.items()}
+    raw = teacher.model_copy(update={
+        "heads": heads, "model": model, "numeric": numeric, "ensemble": None,
+        "data": teacher.data.model_copy(update={"img_size": list(img_size)} if img_size else {}),
+        "train": teacher.train.model_copy(update={"folds": 1, "fold": None} | ({"epochs": epochs} if epochs else {})),
+        "decide": teacher.decide.model_copy(update={"offsets": "none", "blend_aux": False}),
+        "distill": DistillCfg(teacher=str(teacher_dir.resolve()), round=r, true_weight=true_weight,
+                              unlabeled=unlabeled, val_fold=val_fold),
+    }).model_dump(mode="json")
+    student = validate(apply_overrides(raw, list(overrides)), "the student's settings", list(overrides))
+    names = [h.name for h in build_task(student.model_copy(update={"losses": {}}))[1]]
+    student.losses = {h: c for h, c in student.losses.items() if h in names}  # the teacher's losses of heads kept
+    if student.train.sampler not in ("none", "class", *names):
+        student.train.sampler = "none"
+    build_task(student)
+    return student
+
+
+def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, img_size: tuple[int, int] | None = None,
+            epochs: int | None = None, heads: str | None = None, true_weight: float = 0.5, unlabeled: bool = True,
+            val_fold: int = 0, overrides: list[str] = (), progress=None, force: bool = False) -> dict:
+    """Train a student of run `run_dir` into `out`; returns the student's round summary."""
+    teacher = RunDir(run_dir)
+    t_cfg = load_run_config(teacher)
+    r, why = teacher.choose_round(t_cfg.train.folds)
+    teacher.check_round_current(r, t_cfg.train.folds)
+    if not 0 <= val_fold < t_cfg.train.folds:
+        raise ConfigError(f"--val-fold {val_fold}: the teacher has folds 0..{t_cfg.train.folds - 1}")
+    cfg = student_config(t_cfg, teacher.root, r, backbone, img_size, epochs, heads, true_weight, unlabeled, val_fold,
+                         list(overrides))
+    check_model(cfg.model)
+    t_ctx = reopen_context(teacher.root, with_images=False)
+    run = RunDir(out)
+    if run.root.resolve() == teacher.root.resolve():
+        raise ConfigError(f"--out {out} is the teacher's own directory; choose another")
+    if run.config.exists() and not force:
+        raise ConfigError(f"{run.root} already holds a run; choose another --out, or --force to start it over")
+    # the teacher's work first: a failure here leaves no student directory behind
+    train_paths = t_ctx.table.train["path"].tolist()
+    test_paths = t_ctx.table.test["path"].tolist() if unlabeled and t_ctx.table.test is not None else []
+    probs = teacher_probs(teacher, r, train_paths + test_paths, progress)
+    claim_run_dir(run, cfg, force)
+    # fold 0 is the teacher's validation fold, fold 1 every other group: the student trains fold 0
+    folds = t_ctx.table.train[["group"]].drop_duplicates().assign(
+        fold=lambda d: (d["group"].map(dict(zip(t_ctx.table.train["group"], t_ctx.folds))) != val_fold).astype(int))
+    atomic_write_text(run.folds, folds.to_csv(index=False))
+    save_npz(run.teacher, train_ids=train_ids(t_ctx), train=probs[:len(train_paths)],
+             test_ids=t_ctx.table.test["image_id"].to_numpy().astype(str) if test_paths else np.array([], dtype=str),
+             test=probs[len(train_paths):])
+    teacher_decision = load_decision(teacher.round_dir(r))
+    if teacher_decision is not None and teacher_decision.offsets is not None:
+        offsets = Decision(offsets=teacher_decision.offsets)
+        write_json(run.round_dir(0) / "decision.json", {"decision": asdict(offsets), "from_teacher": str(teacher.root)})
+    ctx = open_context(run, cfg, progress)
+    summary = train_round(ctx, 0, progress)
+    return summary | {"teacher_round": r, "teacher_why": why}

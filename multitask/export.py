@@ -1,0 +1,272 @@
+"""`mt export`: a run's whole inference as one ONNX file, fp32 or int8.
+
+The graph takes a batch of uint8 images (N, H, W, 3), as the decoder gives them, and returns the
+final-class probabilities (`final`) and every voted head and auxiliary output (`p_<name>`): every
+fold model with every TTA view, the vote, the head product and the auxiliary blend, all inside, so
+serving needs no code of ours beyond the argmax with the run's decision offsets (stored with the
+task in the file's metadata, see serve.py). A student (`mt distill`) is the same with one model; an
+`mt ensemble` run nests its members (which must share an image size) with their weights.
+
+The export is checked against the PyTorch path that `mt predict` runs, on training images, with
+onnxruntime: the largest difference is reported, and above `tolerance` nothing is written. `int8`
+quantises the convolutions and matrix products statically (onnxruntime, QDQ, per channel), calibrated
+on training images, and reports how often its argmax agrees with the fp32 file on other images.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from multitask.context import build_task, load_run_config, reopen_context
+from multitask.data.augment import tta_view
+from multitask.decide import aux_kinds, blend_only, load_decision, predict_classes
+from multitask.labels import Head, Task
+from multitask.numeric import aux_activation, is_aux, standardise
+from multitask.predict import DecodedImages, HARD_TIE_BREAK, load_model, round_models, run_outputs
+from multitask.run import RunDir, atomic_write_bytes
+from multitask.serve import META_KEY, task_meta
+
+FORMAT = 1
+TOLERANCE = 1e-4
+EPS = 1e-12
+OPSET = 17
+
+
+class ExportError(ValueError):
+    pass
+
+
+def factor_marginal(combined: torch.Tensor, sizes: tuple[int, ...], i: int) -> torch.Tensor:
+    other = tuple(a + 1 for a in range(len(sizes)) if a != i)
+    full = combined.reshape(-1, *sizes)  # -1, not len(): the batch stays dynamic in the graph
+    return full.sum(other) if other else full
+
+
+def aux_bin_probs(kind: str, out: torch.Tensor, bins: list[float], centre: float, scale: float,
+                  sigma: float) -> torch.Tensor:
+    """numeric.aux_bins in torch ops that ONNX has (Erf; a running minimum unrolled)."""
+    if kind == "ordinal":
+        cols = [out[:, :1].clamp(0, 1)]
+        for j in range(1, out.shape[1]):
+            cols.append(torch.minimum(cols[-1], out[:, j:j + 1].clamp(0, 1)))
+        s = torch.cat(cols, 1)
+    else:
+        mu = out[:, :1] * scale + centre
+        edges = torch.tensor(bins, dtype=out.dtype)[None, :]
+        s = 1 - 0.5 * (1 + torch.erf((edges - mu) / (max(sigma, 1e-6) * math.sqrt(2))))
+    p = torch.cat([1 - s[:, :1], s[:, :-1] - s[:, 1:], s[:, -1:]], 1).clamp(min=1e-9)
+    return p / p.sum(1, keepdim=True)
+
+
+class RunGraph(nn.Module):
+    """One run's round: fold models × TTA views → vote → head product → auxiliary blend."""
+
+    def __init__(self, models: list[nn.Module], views: list[str], vote: str, task: Task, heads: list[Head],
+                 outputs: list[str], blend: list[dict]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.views, self.hard, self.sizes, self.outputs, self.blend = list(views), vote == "hard", task.sizes, outputs, blend
+        self.head_names = [h.name for h in heads]
+        for h in heads:
+            self.register_buffer(f"index_{h.name}", torch.as_tensor(task.class_to_head_index(h)), persistent=False)
+        for b in blend:
+            self.register_buffer(f"codes_{b['factor']}", torch.as_tensor(b["codes"]), persistent=False)
+
+    def one_model(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        total = {}
+        for view in self.views:
+            for name, logits in model(tta_view(x, view)).items():
+                p = aux_activation(logits, logits.shape[1]) if is_aux(name) else logits.float().softmax(1)
+                total[name] = total[name] + p if name in total else p
+        return {name: p / len(self.views) for name, p in total.items()}
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).float() / 255
+        sets = [self.one_model(m, x) for m in self.models]
+        voted = {name: torch.stack([s[name] for s in sets]).mean(0) for name in self.outputs}
+        if self.hard:
+            for name in self.head_names:
+                votes = torch.stack([(s[name] == s[name].amax(1, keepdim=True)).float() for s in sets]).mean(0)
+                mixed = votes + HARD_TIE_BREAK * voted[name]
+                voted[name] = mixed / mixed.sum(1, keepdim=True)
+        combined = None
+        for name in self.head_names:
+            p = voted[name].index_select(1, getattr(self, f"index_{name}"))
+            combined = p if combined is None else combined * p
+        for b in self.blend:
+            p_f = factor_marginal(combined, self.sizes, b["index"])
+            q_aux = aux_bin_probs(b["kind"], voted[b["aux"]], b["bins"], b["centre"], b["scale"], b["sigma"])
+            q = (1 - b["weight"]) * p_f + b["weight"] * q_aux
+            combined = combined * (q / p_f.clamp(min=EPS)).index_select(1, getattr(self, f"codes_{b['factor']}"))
+        return [combined, *[voted[name] for name in self.outputs]]
+
+
+class EnsembleGraph(nn.Module):
+    """An `mt ensemble` run: its members' final-class probabilities, weighted."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float]):
+        super().__init__()
+        self.members, self.weights = nn.ModuleList(members), list(weights)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        total = sum(w * m(images)[0] for m, w in zip(self.members, self.weights))
+        return [total, total]
+
+
+def build_graph(run: RunDir, r: int) -> tuple[nn.Module, dict]:
+    """The run's round as a module (on the CPU, eval mode) and what serve.py needs to know of it."""
+    cfg = load_run_config(run)
+    task, heads = build_task(cfg)
+    size = list(cfg.data.img_size)
+    if cfg.ensemble is not None:
+        members = [build_graph(RunDir(m), mr) for m, mr in zip(cfg.ensemble.runs, cfg.ensemble.rounds)]
+        sizes = {tuple(info["img_size"]) for _, info in members}
+        if len(sizes) > 1:
+            raise ExportError(f"{run.root}: the ensemble's members take different image sizes {sorted(sizes)}; one ONNX "
+                              f"file takes one size: distil the ensemble (`mt distill`) and export the student")
+        graph = EnsembleGraph([g for g, _ in members], cfg.ensemble.weights).eval()
+        return graph, {"img_size": members[0][1]["img_size"], "outputs": ["p_class"], "folds": sum(i["folds"] for _, i in members),
+                       "views": members[0][1]["views"]}
+    device = torch.device("cpu")
+    models = [load_model(p, cfg, task, heads, device) for p in round_models(run, r, cfg)]
+    names = list(models[0].reads)  # heads, then auxiliary outputs
+    decision = blend_only(load_decision(run.round_dir(r)))
+    kinds = aux_kinds(task, cfg)
+    blend = []
+    for factor, w in (decision.blend.items() if decision else []):
+        if w <= 0:
+            continue
+        i = task.factor_names.index(factor)
+        f = task.factors[i]
+        _, centre, scale = standardise(f, np.zeros(1))
+        blend.append({"factor": factor, "index": i, "weight": float(w), "kind": kinds[factor], "aux": f"aux_{factor}",
+                      "bins": [float(b) for b in f.bins], "centre": centre, "scale": scale,
+                      "sigma": float(decision.sigma.get(factor) or 1.0),
+                      "codes": task.decode(np.arange(task.n_classes))[:, i]})
+    graph = RunGraph(models, cfg.aug.tta, cfg.decide.vote, task, heads, names, blend).eval()
+    return graph, {"img_size": size, "outputs": [f"p_{n}" for n in names], "folds": len(models), "views": list(cfg.aug.tta)}
+
+
+def sample_rows(n: int, k: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    rows = np.arange(n) if exclude is None else np.setdiff1d(np.arange(n), exclude)
+    return np.sort(np.random.default_rng(seed).permutation(rows)[:k])
+
+
+def reference(run: RunDir, r: int, decoded: DecodedImages) -> dict[str, np.ndarray]:
+    """What `mt predict` computes on the images: the voted outputs, and the final-class probabilities
+    before the offsets."""
+    cfg = load_run_config(run)
+    task, heads = build_task(cfg)
+    keep = np.arange(len(decoded.paths))
+    probs = run_outputs(run, r, [], decoded, keep)
+    final = predict_classes(task, heads, probs, cfg, blend_only(load_decision(run.round_dir(r))))[0]
+    return {"final": final} | {f"p_{k}": v for k, v in probs.items()}
+
+
+def run_onnx(path: Path, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outs = [session.run(None, {"images": images[i:i + batch]}) for i in range(0, len(images), batch)]
+    return {n: np.concatenate([o[j] for o in outs]) for j, n in enumerate(names)}
+
+
+def metadata(task: Task, info: dict, offsets, run: RunDir, r: int, check: dict) -> str:
+    return json.dumps({
+        "format": FORMAT, "input": "images", "img_size": info["img_size"], "outputs": ["final", *info["outputs"]],
+        "task": task_meta(task),
+        "offsets": offsets, "run": str(run.root.resolve()), "round": r, "folds": info["folds"], "views": info["views"],
+        "check": check})
+
+
+def with_metadata(src: Path, meta: str) -> bytes:
+    import onnx
+
+    model = onnx.load(str(src))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, meta
+    return model.SerializeToString()
+
+
+class Calibration:
+    """onnxruntime's calibration reader over a uint8 image array, a batch at a time."""
+
+    def __init__(self, images: np.ndarray, batch: int = 32):
+        self.batches = iter([{"images": images[i:i + batch]} for i in range(0, len(images), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+    def rewind(self):  # onnxruntime may ask for the data again
+        pass
+
+
+def quantize(fp32: Path, out: Path, calibration: np.ndarray) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader = type("Reader", (Calibration, CalibrationDataReader), {})(calibration)
+    pre = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    # convolutions and matrix products only: the vote, the head product and the blend stay fp32
+    quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["Conv", "Gemm", "MatMul"])
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = False, round: int | None = None,
+               tolerance: float = TOLERANCE, check_images: int = 32, calibration_images: int = 128,
+               log=None) -> dict:
+    """Write the run's round (by default the one `submit` uses) as one ONNX file; returns the check's
+    figures. Nothing is written when the ONNX outputs differ from PyTorch's by more than `tolerance`."""
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    task, _ = build_task(cfg)
+    r, why = run.choose_round(cfg.train.folds, round)
+    run.check_round_current(r, cfg.train.folds)
+    if log:
+        log(f"exporting {why}")
+    out = Path(out) if out else run.root / ("model.int8.onnx" if int8 else "model.onnx")
+    graph, info = build_graph(run, r)
+    ctx = reopen_context(run.root, with_images=False)
+    paths = ctx.table.train["path"].tolist()
+    rows = sample_rows(len(paths), check_images, seed=0)
+    decoded = DecodedImages([paths[i] for i in rows], cfg.data.decode_workers)
+    images = decoded.at(tuple(info["img_size"]))
+    expected = reference(run, r, decoded)
+    decision = load_decision(run.round_dir(r))
+    offsets = decision.offsets if decision is not None else None
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        names = ["final", *info["outputs"]]
+        with torch.no_grad():
+            torch.onnx.export(graph, (torch.from_numpy(images[:2]),), str(fp32), input_names=["images"],
+                              output_names=names, dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
+                              opset_version=OPSET, dynamo=False)
+        got = run_onnx(fp32, images)
+        diff = max(float(np.abs(got[n] - expected[n]).max()) for n in names if n in expected)
+        check = {"images": len(images), "max_abs_diff": diff, "tolerance": tolerance,
+                 "fp32_mb": fp32.stat().st_size / 2**20}
+        if not diff <= tolerance:
+            raise ExportError(f"the ONNX graph differs from PyTorch by up to {diff:.3g} on {len(images)} training "
+                              f"images (tolerance {tolerance:g}); nothing written")
+        final = fp32
+        if int8:
+            cal_rows = sample_rows(len(paths), calibration_images, seed=1, exclude=rows)
+            calibration = DecodedImages([paths[i] for i in cal_rows], cfg.data.decode_workers).at(tuple(info["img_size"]))
+            final = Path(tmp) / "int8.onnx"
+            quantize(fp32, final, calibration)
+            q = run_onnx(final, images)
+            check |= {"int8": True, "int8_agreement": float((q["final"].argmax(1) == got["final"].argmax(1)).mean()),
+                      "int8_max_abs_diff": float(np.abs(q["final"] - got["final"]).max()),
+                      "calibration_images": len(calibration), "int8_mb": final.stat().st_size / 2**20}
+        atomic_write_bytes(out, with_metadata(final, metadata(task, info, offsets, run, r, check)))
+    return check | {"out": str(out), "round": r, "mb": out.stat().st_size / 2**20}

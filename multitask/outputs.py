@@ -1,0 +1,75 @@
+"""What a prediction reads and writes, in plain Python and numpy (no torch, no pandas): the images
+`mt predict` names, and the predictions file. The torch path (`predict.py`) and the ONNX path
+(`serve.py`) share it, so both list the same images and write the same columns."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from multitask.labels import Task
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class ImageListError(ValueError):
+    pass
+
+
+def list_images(source: str | Path) -> tuple[list[str], list[str]]:
+    """(ids, paths) of what `mt predict --images` names: a folder (recursively, image files only,
+    hidden files and folders skipped; ids relative to it), a CSV with a `path` column (relative to
+    the CSV's folder unless absolute; ids as listed), or one image file."""
+    src = Path(source)
+    if src.is_dir():
+        found = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(src).parts))
+        if not found:
+            raise FileNotFoundError(f"{src}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+        return [p.relative_to(src).as_posix() for p in found], [str(p) for p in found]
+    if src.suffix.lower() == ".csv":
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: file not found")
+        try:
+            with open(src, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                columns = reader.fieldnames or []
+                if "path" not in columns:
+                    raise ImageListError(f"{src}: missing column 'path'; found {list(columns)}")
+                ids = [row["path"] or "" for row in reader]
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ImageListError(f"{src}: cannot be read as a CSV file ({e})") from None
+        if not ids:
+            raise ImageListError(f"{src}: no rows")
+        return ids, [p if Path(p).is_absolute() else str(src.parent / p) for p in ids]
+    if src.is_file():
+        return [str(source)], [str(src)]
+    raise FileNotFoundError(f"{src}: not found (expected a folder, a CSV with a path column, or an image file)")
+
+
+def prediction_table(task: Task, ids, combined: np.ndarray, classes: np.ndarray,
+                     with_probs: bool = False) -> tuple[list[str], list[list]]:
+    """(columns, rows): path, each factor's class name, the final class (mixed radix over the
+    factors' class indices) and its probability; with `with_probs`, every factor's probabilities
+    (summed out of the final class's, so they hold for any head layout) as p_<factor>_<class>."""
+    classes = np.asarray(classes, dtype=np.int64)
+    names = task.class_names(classes)
+    prob = np.asarray(combined, dtype=np.float64)[np.arange(len(classes)), classes]
+    columns = ["path", *task.factor_names, "class", "prob"]
+    blocks = [np.asarray(list(ids), dtype=object)[:, None], names, classes[:, None].astype(object),
+              prob[:, None].astype(object)]
+    if with_probs:
+        for i, f in enumerate(task.factors):
+            columns += [f"p_{f.name}_{c}" for c in f.classes]
+            blocks.append(task.marginal(np.asarray(combined, dtype=np.float64), i).astype(object))
+    table = np.concatenate(blocks, axis=1) if len(classes) else np.empty((0, len(columns)), dtype=object)
+    return columns, table.tolist()
+
+
+def write_rows(fh, columns: list[str], rows: list[list], header: bool = True) -> None:
+    """CSV as pandas writes it (minimal quoting, '\\n' line ends)."""
+    writer = csv.writer(fh, lineterminator="\n")
+    if header:
+        writer.writerow(columns)
+    writer.writerows(rows)

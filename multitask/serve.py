@@ -1,0 +1,145 @@
+"""Prediction with an exported run (`mt export`): numpy, Pillow and onnxruntime only.
+
+Nothing here imports torch, timm or pandas: a service needs numpy, Pillow and onnxruntime beside this
+package (`pip install --no-deps` it), and predicts with the file alone: the task, the image size and
+the decision offsets travel in the file's metadata. Images are decoded and resized exactly as training decoded them
+(data/cache.py), and the files written are those of the torch path (outputs.py).
+
+    python -m multitask.serve MODEL.onnx IMAGES OUT.csv [--probs]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from multitask.data.cache import ImageDecodeError, decode_into, undecodable_error
+from multitask.labels import Factor, Task
+from multitask.outputs import list_images, prediction_table, write_rows
+from multitask.run import atomic_write_text, atomic_writer
+
+CHUNK = 2048  # images decoded at a time
+META_KEY = "mt"  # the ONNX metadata entry `mt export` writes: the task, image size, decision offsets
+
+
+def task_meta(task: Task) -> dict:
+    return {"name": task.name, "factors": [{"name": f.name, "classes": list(f.classes),
+                                            "bins": list(f.bins) if f.bins is not None else None}
+                                           for f in task.factors]}
+
+
+def task_from_meta(meta: dict) -> Task:
+    return Task(meta["task"]["name"], tuple(Factor(f["name"], tuple(f["classes"]),
+                                                   tuple(f["bins"]) if f["bins"] is not None else None)
+                                            for f in meta["task"]["factors"]))
+
+
+class ServeError(ValueError):
+    pass
+
+
+class ServedModel:
+    """An exported run in an onnxruntime session, with what its metadata says about it."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: ONNX file not found")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own kinds for a file it cannot load
+            raise ServeError(f"{self.path}: onnxruntime cannot load it ({e})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        if raw is None:
+            raise ServeError(f"{self.path}: no '{META_KEY}' metadata; export the run with `mt export`")
+        self.meta = json.loads(raw)
+        self.task = task_from_meta(self.meta)
+        self.img_size = tuple(self.meta["img_size"])
+        self.offsets = None if self.meta["offsets"] is None else np.asarray(self.meta["offsets"], np.float64)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def probs(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Every output (final-class and head probabilities) for uint8 images (N, H, W, 3)."""
+        runs = [self.session.run(None, {"images": np.ascontiguousarray(images[i:i + batch_size])})
+                for i in range(0, len(images), batch_size)]
+        return {name: np.concatenate([r[j] for r in runs]) for j, name in enumerate(self.outputs)}
+
+    def classes(self, final: np.ndarray) -> np.ndarray:
+        """The run's decision: argmax, after its offsets where it has them."""
+        if self.offsets is None:
+            return final.argmax(1)
+        return (np.log(final.astype(np.float64) + 1e-12) + self.offsets[None, :]).argmax(1)
+
+    def decode(self, paths: list[str], workers: int = 0) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        arr = np.empty((len(paths), *self.img_size, 3), dtype=np.uint8)
+        return arr, decode_into(arr, paths, self.img_size, workers)
+
+    def predict_paths(self, paths: list[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(final-class probabilities, classes) of image files; an undecodable one stops it, all listed."""
+        finals = []
+        for start in range(0, len(paths), CHUNK):
+            images, bad = self.decode(paths[start:start + CHUNK])
+            if bad:
+                raise undecodable_error(paths, [(start + i, why) for i, why in bad])
+            finals.append(self.probs(images, batch_size)["final"])
+        final = np.concatenate(finals) if finals else np.empty((0, self.task.n_classes), np.float32)
+        return final, self.classes(final)
+
+
+def predict_images(model: str | Path | ServedModel, source: str | Path, out: str | Path, batch_size: int = 256,
+                   with_probs: bool = False, skip_bad: bool = False, chunk: int = CHUNK) -> dict:
+    """`mt predict --onnx`: the predictions file of `mt predict`, streamed `chunk` images at a time.
+    Undecodable images stop it, all listed; with `skip_bad` they are left out and listed in
+    <out>.skipped.csv."""
+    served = model if isinstance(model, ServedModel) else ServedModel(model)
+    ids, paths = list_images(source)
+    out = Path(out)
+    skipped_file = out.with_name(out.stem + ".skipped.csv")
+    bad, written = [], 0
+    with atomic_writer(out, "w") as fh:
+        for start in range(0, len(paths), chunk):
+            images, chunk_bad = served.decode(paths[start:start + chunk])
+            bad += [(start + i, why) for i, why in chunk_bad]
+            keep = np.setdiff1d(np.arange(len(images)), [i for i, _ in chunk_bad])
+            if (bad and not skip_bad) or not len(keep):
+                continue  # go on decoding only to list every bad image at once
+            final = served.probs(images[keep], batch_size)["final"]
+            columns, rows = prediction_table(served.task, [ids[start + i] for i in keep], final, served.classes(final),
+                                             with_probs)
+            write_rows(fh, columns, rows, header=written == 0)
+            written += len(keep)
+        if bad and not skip_bad:
+            raise undecodable_error(paths, bad)
+        if bad:
+            listing = io.StringIO()
+            write_rows(listing, ["path", "reason"], [[ids[i], why] for i, why in bad])
+            atomic_write_text(skipped_file, listing.getvalue())
+        if not written:
+            raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
+    return {"out": str(out), "predicted": written, "skipped": len(bad), "skipped_file": str(skipped_file) if bad else None,
+            "model": str(served.path)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Predict with an ONNX file from `mt export` (numpy, Pillow, onnxruntime).")
+    ap.add_argument("model")
+    ap.add_argument("images", help="a folder (recursive), a CSV with a path column, or one image")
+    ap.add_argument("out", help="predictions CSV to write")
+    ap.add_argument("--probs", action="store_true", help="add every factor's probabilities")
+    ap.add_argument("--skip-bad", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=256)
+    a = ap.parse_args(argv)
+    result = predict_images(a.model, a.images, a.out, a.batch_size, a.probs, a.skip_bad)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

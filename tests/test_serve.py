@@ -1,0 +1,261 @@
+"""The servable ensemble: `mt export` (fp32 and int8 ONNX, checked against PyTorch), prediction with
+onnxruntime and without torch (serve.py), and `mt distill` (one student of a run or an ensemble)."""
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from multitask import export as export_mod
+from multitask import serve
+from multitask.cli import app
+from multitask.config import ConfigError, load_config
+from multitask.context import build_task
+from multitask.data.synthetic import make_table_dataset
+from multitask.distill import distill
+from multitask.ensemble import make_ensemble
+from multitask.export import ExportError, export_run
+from multitask.kfold import train_run
+from multitask.numeric import Targets
+from multitask.predict import predict_images
+from multitask.pseudo import pseudo_label
+from multitask.run import RunDir, load_npz, read_json
+from multitask.submit import make_submission, make_submission_onnx
+
+LAYOUTS = {
+    # every view, the auxiliary regression blended in, offsets per factor class
+    "shared": ["aug.tta=[none, hflip, zoom]", "decide.offsets=factor"],
+    # one backbone per head, an ordinal auxiliary output, a hard vote
+    "separate": ["model.sharing=separate", "numeric.age.aux=ordinal", "decide.vote=hard", "aug.tta=[none, hflip]"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(demo_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("served")
+    out = {}
+    for name, overrides in LAYOUTS.items():
+        train_run(tiny_config(demo_root, "train.epochs=2", f"data.cache_dir={base / 'cache'}", *overrides), base / name)
+        out[name] = base / name
+    return out
+
+
+def read_pair(a, b):
+    return pd.read_csv(a), pd.read_csv(b)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_exported_run_predicts_what_torch_predicts(runs, demo_root, tmp_path, layout):
+    run = runs[layout]
+    check = export_run(run, tmp_path / "m.onnx")
+    assert check["max_abs_diff"] <= 1e-4 and check["images"] > 0
+    summary = read_json(RunDir(run).round_dir(0) / "summary.json")
+    meta = serve.ServedModel(tmp_path / "m.onnx").meta
+    assert meta["folds"] == len(summary["folds_done"]) == 2
+    assert meta["views"] == load_config(RunDir(run).config).aug.tta
+    predict_images(run, demo_root / "eval" / "images", tmp_path / "torch.csv", with_probs=True)
+    result = serve.predict_images(tmp_path / "m.onnx", demo_root / "eval" / "images", tmp_path / "onnx.csv", with_probs=True)
+    a, b = read_pair(tmp_path / "torch.csv", tmp_path / "onnx.csv")
+    assert result["predicted"] == len(a) > 0
+    assert list(a.columns) == list(b.columns)
+    assert a["path"].tolist() == b["path"].tolist()
+    assert (a["class"] == b["class"]).all()
+    probs = [c for c in a.columns if c == "prob" or c.startswith("p_")]
+    assert np.abs(a[probs].to_numpy() - b[probs].to_numpy()).max() < 1e-4
+
+
+def test_batch_size_is_dynamic_and_the_decision_offsets_travel_in_the_file(runs, tmp_path):
+    export_run(runs["shared"], tmp_path / "m.onnx")
+    served = serve.ServedModel(tmp_path / "m.onnx")
+    decision = read_json(RunDir(runs["shared"]).round_dir(0) / "decision.json")["decision"]
+    assert served.offsets is not None and np.allclose(served.offsets, decision["offsets"])
+    images = np.random.default_rng(0).integers(0, 256, (5, *served.img_size, 3), dtype=np.uint8)
+    one_by_one = np.concatenate([served.probs(images[i:i + 1])["final"] for i in range(5)])
+    together = served.probs(images, batch_size=5)["final"]
+    assert np.abs(one_by_one - together).max() < 1e-5
+    assert np.allclose(together.sum(1), 1, atol=1e-5)
+
+
+def test_an_export_that_differs_from_torch_writes_nothing(runs, tmp_path, monkeypatch):
+    real = export_mod.reference
+    monkeypatch.setattr(export_mod, "reference", lambda *a: {k: v + 1e-3 for k, v in real(*a).items()})
+    with pytest.raises(ExportError, match="differs from PyTorch by up to 0.001"):
+        export_run(runs["shared"], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_export_loads_predicts_and_reports_its_agreement(runs, demo_root, tmp_path):
+    check = export_run(runs["shared"], tmp_path / "m8.onnx", int8=True)
+    assert 0 <= check["int8_agreement"] <= 1 and check["calibration_images"] > 0
+    assert check["int8_mb"] < check["fp32_mb"]
+    served = serve.ServedModel(tmp_path / "m8.onnx")
+    assert served.meta["check"]["int8"] is True
+    ops = {n.op_type for n in __import__("onnx").load(str(tmp_path / "m8.onnx")).graph.node}
+    assert "DequantizeLinear" in ops
+    result = serve.predict_images(served, demo_root / "eval" / "images", tmp_path / "p.csv")
+    assert result["predicted"] == len(pd.read_csv(tmp_path / "p.csv")) > 0
+
+
+def test_the_onnx_path_runs_without_torch(runs, demo_root, tmp_path):
+    export_run(runs["shared"], tmp_path / "m.onnx")
+    code = f"""
+import sys
+for name in ("torch", "timm", "pandas", "torchvision", "albumentations"):
+    sys.modules[name] = None  # any import of them fails
+from multitask import serve
+r = serve.predict_images({str(tmp_path / 'm.onnx')!r}, {str(demo_root / 'eval' / 'images')!r}, {str(tmp_path / 'p.csv')!r})
+assert not any(m == "torch" or m.startswith(("torch.", "timm")) for m, v in sys.modules.items() if v is not None)
+print(r["predicted"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) == len(pd.read_csv(tmp_path / "p.csv")) > 0
+
+
+def test_cli_export_predict_and_submit_with_onnx(runs, demo_root, tmp_path):
+    run = runs["shared"]
+    r = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "largest difference from PyTorch" in r.output
+    r = CliRunner().invoke(app, ["predict", "--onnx", str(tmp_path / "m.onnx"), "--images",
+                                 str(demo_root / "eval" / "images"), "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["submit", "--run", str(run), "--onnx", str(tmp_path / "m.onnx"),
+                                 "--out", str(tmp_path / "sub_onnx.csv")])
+    assert r.exit_code == 0, r.output
+    make_submission(run, tmp_path / "sub.csv")
+    a, b = read_pair(tmp_path / "sub.csv", tmp_path / "sub_onnx.csv")
+    assert a.equals(b)
+    r = CliRunner().invoke(app, ["predict", "--images", str(demo_root / "eval" / "images"), "--out", str(tmp_path / "x.csv")])
+    assert r.exit_code == 2 and "--run or --onnx" in r.output
+    r = CliRunner().invoke(app, ["predict", "--onnx", str(tmp_path / "nope.onnx"), "--images",
+                                 str(demo_root / "eval" / "images"), "--out", str(tmp_path / "x.csv")])
+    assert r.exit_code == 2 and "nope.onnx: ONNX file not found" in r.output
+
+
+def test_a_file_without_mt_metadata_is_refused(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "plain.onnx"))
+    with pytest.raises(serve.ServeError, match="plain.onnx: no 'mt' metadata"):
+        serve.ServedModel(tmp_path / "plain.onnx")
+
+
+def test_an_ensemble_run_exports_as_one_file(demo_root, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_run(tiny_config(demo_root, "aug.tta=[none]"), a)
+    train_run(tiny_config(demo_root, "heads=mask,gender_age", "model.backbone=resnet10t", "aug.tta=[none]"), b)
+    make_ensemble([a, b], tmp_path / "ens")
+    check = export_run(tmp_path / "ens", tmp_path / "e.onnx")
+    assert check["max_abs_diff"] <= 1e-4
+    assert serve.ServedModel(tmp_path / "e.onnx").meta["folds"] == 4
+
+
+def test_a_table_task_with_a_numeric_factor_exports(tmp_path):
+    root = tmp_path / "table"
+    make_table_dataset(root, n_train_groups=10, n_test_groups=2, per_group=3, image_size=(32, 32), seed=0)
+    task = {"table": str(root / "train.csv"), "group_col": "group", "test": "test.csv",
+            "factors": [{"name": "colour", "classes": ["red", "green", "blue", "yellow"]},
+                        {"name": "size", "bins": [20, 30]}]}
+    cfg = tiny_config(None, f"task={yaml.safe_dump(task, default_flow_style=True)}", "aug.tta=[none, hflip]")
+    train_run(cfg, tmp_path / "run")
+    check = export_run(tmp_path / "run", tmp_path / "t.onnx")
+    assert check["max_abs_diff"] <= 1e-4
+    served = serve.ServedModel(tmp_path / "t.onnx")
+    assert served.task.factor_names == ["colour", "size"] and served.task.factors[1].bins == (20, 30)
+    predict_images(tmp_path / "run", root / "images", tmp_path / "torch.csv")
+    serve.predict_images(served, root / "images", tmp_path / "onnx.csv")
+    a, b = read_pair(tmp_path / "torch.csv", tmp_path / "onnx.csv")
+    assert (a["class"] == b["class"]).all() and len(a) > 0
+
+
+# ---- mt distill ----
+
+def test_teacher_targets_are_marginals_with_the_true_label_mixed_in(demo_root):
+    cfg = tiny_config(demo_root, "heads=mask,gender_age")
+    cfg = cfg.model_copy(update={"distill": __import__("multitask.config", fromlist=["DistillCfg"]).DistillCfg(
+        teacher="t", round=0, true_weight=0.25), "numeric": {}})
+    task, heads = build_task(cfg)
+    teacher = torch.softmax(torch.randn(2, task.n_classes), 1)
+    # a labelled row and an unlabelled one: factor classes, the age behind the age class, the teacher
+    factors = torch.tensor([[2, 1, 0, 25], [-1, -1, -1, float("nan")]], dtype=torch.float32)
+    out = Targets(task, heads, cfg)(torch.cat([factors, teacher], 1))
+    full = teacher.reshape(2, 3, 2, 3)
+    mask_t, ga_t = full.sum((2, 3)), full.sum(1).reshape(2, 6)
+    assert torch.allclose(out["mask"][0], 0.25 * torch.eye(3)[2] + 0.75 * mask_t[0])
+    assert torch.allclose(out["gender_age"][0], 0.25 * torch.eye(6)[3] + 0.75 * ga_t[0])
+    assert torch.allclose(out["mask"][1], mask_t[1]) and torch.allclose(out["gender_age"][1], ga_t[1])
+
+
+def test_a_student_is_a_run_that_submit_predict_and_export_accept(runs, demo_root, tmp_path):
+    teacher = runs["shared"]
+    student = tmp_path / "student"
+    summary = distill(teacher, student, backbone="resnet10t", img_size=(32, 32), epochs=1)
+    assert summary["complete"] and summary["folds_done"] == [0]
+    cfg = load_config(RunDir(student).config)
+    assert cfg.distill.teacher == str(teacher.resolve()) and cfg.train.folds == 1 and cfg.model.backbone == "resnet10t"
+    assert all(c.aux == "none" for c in cfg.numeric.values())
+    # the student validates on the teacher's fold 0 and trains on the rest
+    t_folds = pd.read_csv(RunDir(teacher).folds, dtype={"group": str})
+    s_folds = pd.read_csv(RunDir(student).folds, dtype={"group": str})
+    assert (s_folds.set_index("group")["fold"] == (t_folds.set_index("group")["fold"] != 0).astype(int)).all()
+    t = load_npz(RunDir(student).teacher)
+    assert np.allclose(t["train"].sum(1), 1, atol=1e-5) and len(t["test"]) == len(t["test_ids"]) > 0
+    # the teacher's offsets travel with it
+    offsets = read_json(RunDir(teacher).round_dir(0) / "decision.json")["decision"]["offsets"]
+    assert read_json(RunDir(student).round_dir(0) / "decision.json")["decision"]["offsets"] == offsets
+    make_submission(student, tmp_path / "sub.csv")
+    assert len(pd.read_csv(tmp_path / "sub.csv")) == len(t["test"])
+    predict_images(student, demo_root / "eval" / "images", tmp_path / "p.csv")
+    assert export_run(student, tmp_path / "s.onnx")["max_abs_diff"] <= 1e-4
+    make_submission_onnx(student, tmp_path / "s.onnx", tmp_path / "sub_onnx.csv")
+    assert pd.read_csv(tmp_path / "sub.csv").equals(pd.read_csv(tmp_path / "sub_onnx.csv"))
+    with pytest.raises(ConfigError, match="distilled student"):
+        pseudo_label(student)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        distill(teacher, student, epochs=1)
+
+
+def test_a_student_of_an_ensemble_gets_a_head_per_factor(demo_root, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_run(tiny_config(demo_root, "aug.tta=[none]"), a)
+    train_run(tiny_config(demo_root, "heads=mask,gender_age", "aug.tta=[none]"), b)
+    make_ensemble([a, b], tmp_path / "ens")
+    r = CliRunner().invoke(app, ["distill", "--run", str(tmp_path / "ens"), "--out", str(tmp_path / "st"),
+                                 "--epochs", "1", "--no-unlabeled", "--val-fold", "1"])
+    assert r.exit_code == 0, r.output
+    assert "not an OOF figure" in r.output
+    cfg = load_config(RunDir(tmp_path / "st").config)
+    assert cfg.heads is None and cfg.ensemble is None and cfg.distill.val_fold == 1 and not cfg.distill.unlabeled
+    assert len(load_npz(RunDir(tmp_path / "st").teacher)["test"]) == 0
+    r = CliRunner().invoke(app, ["distill", "--run", str(tmp_path / "ens"), "--out", str(tmp_path / "st2"),
+                                 "--val-fold", "7"])
+    assert r.exit_code == 2 and "--val-fold 7" in r.output and not (tmp_path / "st2").exists()
+
+
+def test_a_student_finishes_from_its_directory_alone(runs, tmp_path):
+    """The teacher's probabilities live in the student's teacher.npz: with the teacher gone, `mt
+    resume` still finishes a student whose fold lost its outputs."""
+    import shutil
+
+    from multitask.kfold import resume_run
+
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    shutil.copytree(runs["shared"], teacher)
+    distill(teacher, student, epochs=1)
+    shutil.rmtree(teacher)
+    fold = RunDir(student).fold_dir(0, 0)
+    oof = load_npz(fold / "oof.npz")
+    (fold / "oof.npz").unlink()
+    (fold / "test.npz").unlink()
+    resume_run(student)
+    assert np.array_equal(load_npz(fold / "oof.npz")["p_mask"], oof["p_mask"])
+    assert read_json(RunDir(student).round_dir(0) / "summary.json")["complete"]
