@@ -186,10 +186,38 @@ def metadata(task: Task, info: dict, offsets, run: RunDir, r: int, check: dict) 
         "check": check})
 
 
+def compact(path: Path) -> None:
+    """Short tensor and node names, in place: the exporter's names spell every module's path, which
+    in a small model weighs more than its int8 weights."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return  # names in subgraphs may refer to the outer graph's: leave them as they are
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    names = {}
+    for i, init in enumerate(g.initializer):
+        names[init.name] = init.name if init.name in keep else f"w{i}"
+        init.name = names[init.name]
+    for i, node in enumerate(g.node):
+        node.name = f"n{i}"
+        for j, out in enumerate(node.output):
+            if out and out not in keep:
+                names[out] = names.get(out, f"t{i}_{j}")
+                node.output[j] = names[out]
+    for node in g.node:
+        for j, inp in enumerate(node.input):
+            node.input[j] = names.get(inp, inp)
+    del g.value_info[:]  # shapes onnxruntime infers again
+    onnx.save(model, str(path))
+
+
 def with_metadata(src: Path, meta: str) -> bytes:
     import onnx
 
     model = onnx.load(str(src))
+    del model.graph.value_info[:]
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, meta
@@ -251,6 +279,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
             torch.onnx.export(graph, (torch.from_numpy(images[:2]),), str(fp32), input_names=["images"],
                               output_names=names, dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
                               opset_version=OPSET, dynamo=False)
+        compact(fp32)
         got = run_onnx(fp32, images)
         diff = max(float(np.abs(got[n] - expected[n]).max()) for n in names if n in expected)
         check = {"images": len(images), "max_abs_diff": diff, "tolerance": tolerance,

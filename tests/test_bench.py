@@ -30,3 +30,18 @@ def test_bench_kfold_quick_prints_one_json_line(tmp_path):
     assert result["folds"] == 2 and result["epochs"] == 1
     assert result["total_s"] >= result["train_run_s"] > 0
     assert 0 <= result["submission_f1"] <= 1 and 0 <= result["oof_f1"] <= 1
+
+
+def test_bench_serve_quick_prints_one_json_line():
+    script = SCRIPT.parent / "bench_serve.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    variants = ("ensemble_torch", "ensemble_onnx", "student_torch", "student_onnx", "student_int8")
+    for v in variants:
+        assert result[f"{v}_img_s"] > 0 and 0 <= result[f"{v}_f1"] <= 1
+        assert result[f"{v}_mb"] > 0 and result[f"{v}_peak_mb"] > 0
+    assert result["n_images"] == 4 * 7
+    assert result["int8_student_speedup"] == round(result["student_int8_img_s"] / result["ensemble_torch_img_s"], 2)
+    assert result["ensemble_onnx_max_abs_diff"] <= 1e-4
+    # the same ensemble, as torch and as ONNX, predicts the same classes
+    assert result["ensemble_onnx_f1"] == result["ensemble_torch_f1"]
