@@ -144,6 +144,7 @@ def pseudo_label_cmd(
     each factor where it clears a threshold fitted on OOF to the target precision."""
     from multitask.pseudo import pseudo_label
 
+    join_torchrun()
     with progress_and_errors() as progress:
         extra = [f"train.jobs={jobs}"] if jobs is not None else []
         reports = pseudo_label(run, precision, rounds, extra + list(set_ or []), progress)

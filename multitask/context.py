@@ -6,6 +6,8 @@ a table task its table; both give the same image table, and nothing after this m
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,25 @@ from multitask.run import RunDir, atomic_write_text
 PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("pseudo", "precision"), ("pseudo", "rounds"),
                   ("data", "cache_dir"), ("data", "decode_workers"), ("data", "num_workers"),
                   ("train", "eval_batch_size"), ("train", "tensorboard")}
+
+
+# Where things are, not what they are: a data set (or a teacher run) may move, and the run with it.
+LOCATIONS = {("data_root",), ("task", "table"), ("task", "images"), ("task", "test"), ("distill", "teacher")}
+
+
+def settings_hash(cfg: Config) -> str:
+    """The run's settings, the per-invocation ones and locations left out: every fold's outputs carry
+    it, so a fold trained under other settings than config.yaml now holds is found, not voted (the
+    images themselves are checked by their identities, kfold.check_identities)."""
+    def kept(node: dict, prefix: tuple = ()) -> dict:
+        return {k: kept(v, prefix + (k,)) if isinstance(v, dict) else v
+                for k, v in node.items() if prefix + (k,) not in PER_INVOCATION | LOCATIONS}
+    return hashlib.sha1(json.dumps(kept(cfg.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_round(run: RunDir, r: int, cfg: Config) -> None:
+    """Round r may be read: its results come from the fold outputs there now, made under these settings."""
+    run.check_round_current(r, cfg.train.folds, settings_hash(cfg))
 
 
 @dataclass
@@ -196,6 +217,14 @@ def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | No
     if images is None:
         images = load_images(cfg, table, progress) if with_images else (None, None)
     return Context(run, cfg, task, heads, table, images[0], images[1], folds)
+
+
+def every_fold(overrides: list[str]) -> list[str]:
+    """Overrides for a later command on a run: every fold of its round unless `train.fold` is given
+    (config.yaml keeps the folds a `--fold` once named)."""
+    if any(o.split("=", 1)[0].strip() == "train.fold" for o in overrides):
+        return list(overrides)
+    return [*overrides, "train.fold=null"]
 
 
 def reopen_context(run_dir: str | Path, overrides: list[str] = (), progress=None,

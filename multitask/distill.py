@@ -22,9 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from multitask.config import Config, ConfigError, DistillCfg, apply_overrides, validate
-from multitask.context import build_task, claim_run_dir, load_run_config, open_context, reopen_context
+from multitask.context import (build_task, check_round, claim_run_dir, load_run_config, open_context, reopen_context,
+                               task_of)
+from multitask.data.cache import undecodable_error
 from multitask.decide import Decision, blend_only, load_decision, predict_classes
 from multitask.kfold import train_ids, train_round
+from multitask.labels import FLAT_HEAD
 from multitask.model import check_model
 from multitask.predict import PREDICT_CHUNK, DecodedImages, run_outputs
 from multitask.run import RunDir, atomic_write_text, save_npz, write_json
@@ -39,6 +42,9 @@ def teacher_probs(run: RunDir, r: int, paths: list[str], progress=None, chunk: i
     tid = progress.add_task("teacher predictions", total=len(paths)) if progress else None
     for start in range(0, len(paths), chunk):
         decoded = DecodedImages(paths[start:start + chunk], cfg.data.decode_workers)
+        bad = decoded.bad(tuple(cfg.data.img_size))
+        if bad:
+            raise undecodable_error(paths, [(start + i, why) for i, why in bad])
         probs = run_outputs(run, r, [], decoded, np.arange(len(decoded.paths)), None, models)
         out.append(predict_classes(task, heads, probs, cfg, blend)[0].astype(np.float32))
         if progress:
@@ -67,11 +73,11 @@ def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | N
         "distill": DistillCfg(teacher=str(teacher_dir.resolve()), round=r, true_weight=true_weight,
                               unlabeled=unlabeled, val_fold=val_fold),
     }).model_dump(mode="json")
+    names = [h.name for h in task_of(teacher).heads(heads)]
+    raw["losses"] = {h: c for h, c in raw["losses"].items() if h in names}  # the teacher's losses of heads kept
+    if raw["train"]["sampler"] not in ("none", FLAT_HEAD, *names):
+        raw["train"]["sampler"] = "none"  # it named a head the student does not have
     student = validate(apply_overrides(raw, list(overrides)), "the student's settings", list(overrides))
-    names = [h.name for h in build_task(student.model_copy(update={"losses": {}}))[1]]
-    student.losses = {h: c for h, c in student.losses.items() if h in names}  # the teacher's losses of heads kept
-    if student.train.sampler not in ("none", "class", *names):
-        student.train.sampler = "none"
     build_task(student)
     return student
 
@@ -83,7 +89,7 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     teacher = RunDir(run_dir)
     t_cfg = load_run_config(teacher)
     r, why = teacher.choose_round(t_cfg.train.folds)
-    teacher.check_round_current(r, t_cfg.train.folds)
+    check_round(teacher, r, t_cfg)
     if not 0 <= val_fold < t_cfg.train.folds:
         raise ConfigError(f"--val-fold {val_fold}: the teacher has folds 0..{t_cfg.train.folds - 1}")
     cfg = student_config(t_cfg, teacher.root, r, backbone, img_size, epochs, heads, true_weight, unlabeled, val_fold,

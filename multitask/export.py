@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from multitask.context import build_task, load_run_config, reopen_context
+from multitask.context import build_task, check_round, load_run_config, reopen_context
 from multitask.data.augment import tta_view
 from multitask.decide import aux_kinds, blend_only, load_decision, predict_classes
 from multitask.labels import Head, Task
 from multitask.numeric import aux_activation, is_aux, standardise
 from multitask.predict import DecodedImages, HARD_TIE_BREAK, load_model, round_models, run_outputs
 from multitask.run import RunDir, atomic_write_bytes
-from multitask.serve import META_KEY, task_meta
+from multitask.serve import META_KEY, need_serve_extra, task_meta
 
 FORMAT = 1
 TOLERANCE = 1e-4
@@ -224,24 +224,25 @@ def with_metadata(src: Path, meta: str) -> bytes:
     return model.SerializeToString()
 
 
-class Calibration:
+def calibration_reader(images: np.ndarray, batch: int = 32):
     """onnxruntime's calibration reader over a uint8 image array, a batch at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def __init__(self, images: np.ndarray, batch: int = 32):
-        self.batches = iter([{"images": images[i:i + batch]} for i in range(0, len(images), batch)])
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": images[i:i + batch]} for i in range(0, len(images), batch)])
 
-    def get_next(self):
-        return next(self.batches, None)
+        def get_next(self):
+            return next(self.batches, None)
 
-    def rewind(self):  # onnxruntime may ask for the data again
-        pass
+    return Reader()
 
 
 def quantize(fp32: Path, out: Path, calibration: np.ndarray) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    reader = type("Reader", (Calibration, CalibrationDataReader), {})(calibration)
+    reader = calibration_reader(calibration)
     pre = out.with_name(out.stem + ".pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     # convolutions and matrix products only: the vote, the head product and the blend stay fp32
@@ -255,11 +256,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
                log=None) -> dict:
     """Write the run's round (by default the one `submit` uses) as one ONNX file; returns the check's
     figures. Nothing is written when the ONNX outputs differ from PyTorch's by more than `tolerance`."""
+    need_serve_extra()
     run = RunDir(run_dir)
     cfg = load_run_config(run)
     task, _ = build_task(cfg)
     r, why = run.choose_round(cfg.train.folds, round)
-    run.check_round_current(r, cfg.train.folds)
+    check_round(run, r, cfg)
     if log:
         log(f"exporting {why}")
     out = Path(out) if out else run.root / ("model.int8.onnx" if int8 else "model.onnx")

@@ -17,7 +17,8 @@ import torch
 
 from multitask import dist
 from multitask.config import Config, ConfigError
-from multitask.context import Context, build_task, claim_run_dir, load_images, open_context, read_checked, reopen_context
+from multitask.context import (Context, build_task, claim_run_dir, every_fold, load_images, open_context, read_checked,
+                               reopen_context, settings_hash)
 from multitask.budget import fit_epochs
 from multitask.data.augment import build_albumentations
 from multitask.data.dataset import RowImages
@@ -134,15 +135,16 @@ def save_predictions(ctx: Context, r: int, k: int, train_id: str, data: FoldData
                      device: torch.device) -> None:
     """The fold's OOF and test probabilities from the checkpoint that training kept."""
     cfg, fold_dir = ctx.cfg, ctx.run.fold_dir(r, k)
-    made_by = np.array(train_id)
+    made_by, settings = np.array(train_id), np.array(settings_hash(cfg))
     model = load_model(fold_dir / fold_checkpoint(cfg), cfg, ctx.task, ctx.heads, device)
     oof = predict_probs(model, data.val_images, cfg, device)
     # rows are positions in the train table; ids say which images they were, to be checked
-    save_npz(fold_dir / "oof.npz", rows=va, ids=train_ids(ctx)[va], train_id=made_by, **{f"p_{h}": p for h, p in oof.items()})
+    save_npz(fold_dir / "oof.npz", rows=va, ids=train_ids(ctx)[va], train_id=made_by, settings=settings,
+             **{f"p_{h}": p for h, p in oof.items()})
     if ctx.test_images is not None:
         test = predict_probs(model, RowImages.of(ctx.test_images), cfg, device)
         save_npz(fold_dir / "test.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str), train_id=made_by,
-                 **{f"p_{h}": p for h, p in test.items()})
+                 settings=settings, **{f"p_{h}": p for h, p in test.items()})
 
 
 def train_claimed_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None, on_epoch=None) -> None:
@@ -282,9 +284,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     """`mt resume`: finish the latest round a killed `mt train` or `mt pseudo-label` left, from the run
     directory alone: every fold not done and not held by another process. Finished folds are kept;
     interrupted ones carry on from their last.pt."""
-    if not any(o.split("=", 1)[0].strip() == "train.fold" for o in overrides):
-        overrides = [*overrides, "train.fold=null"]  # every fold of the round, not only those `--fold` once named
-    ctx = reopen_context(run_dir, overrides, progress)
+    ctx = reopen_context(run_dir, every_fold(overrides), progress)
     dist.on_main(ctx.run.sweep_killed_writes)
     started = ctx.run.started_rounds()
     return train_round(ctx, started[-1] if started else 0, progress, resume=True)

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from multitask.config import Config
-from multitask.context import build_task, load_run_config
+from multitask.context import build_task, check_round, load_run_config
 from multitask.data.augment import tta_view
 from multitask.data.cache import ImageDecodeError, decode_into, undecodable_error
 from multitask.data.dataset import RowImages, eval_batches
@@ -190,7 +190,7 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
     cfg = load_run_config(run, overrides)
     task, heads = build_task(cfg)
     r, why = run.choose_round(cfg.train.folds, round)
-    run.check_round_current(r, cfg.train.folds)
+    check_round(run, r, cfg)
     decision = load_decision(run.round_dir(r))
     ids, paths = list_images(source)
     out = Path(out)

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from multitask import dist
 from multitask.config import ConfigError
 from multitask.decide import load_decision, predict_classes
+from multitask.context import check_round, every_fold
 from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
-from multitask.run import atomic_write_text, head_probs, load_npz, read_json, write_json
+from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_json, write_json
 
 UNKNOWN = -1
 
@@ -75,7 +77,7 @@ def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
     """Round prev+1's pseudo labels: for each fold, its own round-prev model's test predictions under
     the round's decision, kept per factor where they clear the OOF-calibrated thresholds."""
     task, heads, cfg, run = ctx.task, ctx.heads, ctx.cfg, ctx.run
-    run.check_round_current(prev, cfg.train.folds)
+    check_round(run, prev, cfg)
     decision = load_decision(run.round_dir(prev))
     oof = load_npz(run.round_dir(prev) / "oof.npz")
     oof_probs = head_probs(oof)
@@ -97,12 +99,17 @@ def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
     return pd.concat(frames, ignore_index=True), thresholds, oof_precision(task, combined_oof, oof["factors"], thresholds)
 
 
+def write_labels(run: RunDir, r: int, info: dict, table: pd.DataFrame) -> None:
+    write_json(run.round_dir(r) / "pseudo.json", info)
+    atomic_write_text(run.round_dir(r) / "pseudo.csv", table.to_csv(index=False))
+
+
 def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: int | None = None,
                  overrides: list[str] = (), progress=None) -> list[dict]:
     """Run `rounds` new rounds after the latest one; return each round's report. A round whose
     thresholds select no test image is not trained (its report says `trained: False`), and no
     round follows it."""
-    extra = list(overrides)
+    extra = every_fold(overrides)
     if precision is not None:
         extra.append(f"pseudo.precision={precision}")
     if rounds is not None:
@@ -127,9 +134,10 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
                             "thresholds": thresholds, "added": 0, "of": int(len(ctx.table.test)),
                             "labelled": {f.name: 0 for f in ctx.task.factors}, "trained": False})
             break
-        write_json(ctx.run.round_dir(r) / "pseudo.json", {"from_round": prev, "precision": ctx.cfg.pseudo.precision,
-                                                          "factors": promise})
-        atomic_write_text(ctx.run.round_dir(r) / "pseudo.csv", table.to_csv(index=False))
+        # every rank of a torchrun has made the same table from the same files; rank 0 writes it,
+        # and the others go on once it has (on_main waits for it)
+        dist.on_main(write_labels, ctx.run, r, {"from_round": prev, "precision": ctx.cfg.pseudo.precision,
+                                                "factors": promise}, table)
         summary = train_round(ctx, r, progress)  # each fold reads its own rows of the round's pseudo.csv
         per_fold = table.groupby("fold").size()
         reports.append({"round": r, "from_round": prev, "precision": ctx.cfg.pseudo.precision,

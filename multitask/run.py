@@ -223,19 +223,28 @@ class RunDir:
         return (f"{self.root}: round {r} is not finished (folds done: {done or 'none'}; not done: {missing}); "
                 f"`mt resume --run {self.root}` finishes it")
 
-    def check_round_current(self, r: int, n_folds: int) -> None:
+    def check_round_current(self, r: int, n_folds: int, settings: str | None = None) -> None:
         """Round r's results (OOF, voted test probabilities, decision) were built from the fold
-        outputs that are there now: `submit`, `predict` and `pseudo-label` read them only then."""
+        outputs that are there now, and (given `settings`, context.settings_hash) every fold was
+        trained under the settings config.yaml holds: `submit`, `predict`, `export`, `distill` and
+        `pseudo-label` read them only then."""
         made = read_json(self.round_dir(r) / "summary.json").get("train_ids")
         if made is None:  # a run made before training ids
             return
         with_test = (self.round_dir(r) / "test_probs.npz").exists()
-        current = {str(k): as_id(npz_item(self.fold_dir(r, k) / "oof.npz", "train_id"))
-                   for k in range(n_folds) if self.fold_done(r, k, with_test)}
+        done = [k for k in range(n_folds) if self.fold_done(r, k, with_test)]
+        current = {str(k): as_id(npz_item(self.fold_dir(r, k) / "oof.npz", "train_id")) for k in done}
         if current != made:
             changed = sorted(set(current) ^ set(made) | {k for k in set(current) & set(made) if current[k] != made[k]})
             raise RunError(f"{self.round_dir(r)}: the round's results were built from other outputs of fold(s) "
                            f"{', '.join(changed)} than the run holds now; `mt resume --run {self.root}` rebuilds them")
+        if settings is not None:
+            trained = {k: as_id(npz_item(self.fold_dir(r, k) / "oof.npz", "settings")) for k in done}
+            other = [str(k) for k, h in trained.items() if h is not None and h != settings]  # None: made before hashes
+            if other:
+                raise RunError(f"{self.round_dir(r)}: fold(s) {', '.join(other)} were trained under other settings than "
+                               f"{self.config} holds now (was it edited?); a run's settings cannot change: put them "
+                               f"back, or start a run with these settings (`mt train --out NEW`)")
 
     def choose_round(self, n_folds: int, r: int | None = None) -> tuple[int, str]:
         """Round r, or by default the complete round (every fold done) with the best OOF macro F1

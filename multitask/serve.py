@@ -41,11 +41,23 @@ class ServeError(ValueError):
     pass
 
 
+def need_serve_extra() -> None:
+    """onnx and onnxruntime are the `serve` extra: say so, rather than fail deep inside."""
+    import importlib.util
+
+    missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ServeError(f"{' and '.join(missing)} not installed: pip install 'mt[serve]' (or onnx onnxruntime)")
+
+
 class ServedModel:
     """An exported run in an onnxruntime session, with what its metadata says about it."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ServeError("onnxruntime is not installed: pip install onnxruntime (or 'mt[serve]')") from None
 
         self.path = Path(path)
         if not self.path.is_file():

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from multitask.data.layout import read_csv
+from multitask.context import check_round
 from multitask.kfold import load_round_test_probs, reopen_context
 from multitask.decide import load_decision, predict_classes
 from multitask.predict import predictions_frame
@@ -51,7 +52,7 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     `log` is told which round was used and why."""
     ctx = reopen_context(run_dir, progress=progress, with_images=False)
     r, why = ctx.run.choose_round(ctx.cfg.train.folds, round)
-    ctx.run.check_round_current(r, ctx.cfg.train.folds)
+    check_round(ctx.run, r, ctx.cfg)
     if log:
         log(f"using {why}")
     image_ids, probs = load_round_test_probs(ctx, r)

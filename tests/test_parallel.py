@@ -208,3 +208,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process(demo_root, tmp_path):
         np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=0.06)
         np.testing.assert_allclose(b["val_nll_total"], a["val_nll_total"], rtol=0.02)
     assert not list((tmp_path / "two").rglob("lock.json")) and not list((tmp_path / "two").rglob("*.tmp"))
+    # a pseudo-label round under torchrun: rank 0 writes the labels, both ranks train every fold
+    out = mt("pseudo-label", "--run", tmp_path / "two", "--precision", "0", ranks=2)
+    assert out.count("pseudo-label rounds") == 1
+    summary = pd.read_json(tmp_path / "two" / "round1" / "summary.json", typ="series")
+    assert summary["folds_done"] == [0, 1] and summary["complete"] and summary["pseudo_added"] == {"0": 28, "1": 28}
+    assert all(len(_metrics(tmp_path / "two", 1, k)) == 2 for k in range(2))

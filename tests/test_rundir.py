@@ -164,6 +164,28 @@ def test_a_fold_retrained_since_is_not_done_until_its_predictions_are_new(run, m
     make_submission(run)
 
 
+def test_folds_trained_under_other_settings_than_config_yaml_are_refused(run, tmp_path):
+    """Every fold's outputs carry a hash of the settings they were trained under (per-invocation
+    ones left out): a config.yaml edited by hand no longer describes them, and readers say so."""
+    from multitask.export import export_run
+    from multitask.predict import predict_images
+    from multitask.run import npz_item
+
+    r = RunDir(run)
+    hashes = {str(npz_item(r.fold_dir(0, k) / name, "settings")) for k in (0, 1) for name in ("oof.npz", "test.npz")}
+    assert len(hashes) == 1 and len(hashes.pop()) == 16
+    make_submission(run, tmp_path / "ok.csv")  # as trained: fine, and per-invocation overrides do not count
+    text = r.config.read_text()
+    r.config.write_text(text.replace("lr: 0.001", "lr: 0.002"))
+    for read in (lambda: make_submission(run, tmp_path / "sub.csv"), lambda: pseudo_label(run),
+                 lambda: predict_images(run, tmp_path, tmp_path / "p.csv"), lambda: export_run(run, tmp_path / "m.onnx")):
+        with pytest.raises(ValueError, match=r"fold\(s\) 0, 1 were trained under other settings than .*config.yaml"):
+            read()
+    assert not (tmp_path / "sub.csv").exists()
+    r.config.write_text(text)
+    make_submission(run, tmp_path / "sub.csv")
+
+
 def test_an_edited_train_table_or_reordered_test_list_is_an_error(run, demo_root, tmp_path):
     import shutil
 
