@@ -138,22 +138,26 @@ def pseudo_label_cmd(
     precision: Optional[float] = typer.Option(None, help="precision each factor's pseudo labels must reach on OOF " + from_config("pseudo.precision", "the run's")),
     rounds: Optional[int] = typer.Option(None, help="pseudo-label rounds to add " + from_config("pseudo.rounds", "the run's")),
     jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process " + from_config("train.jobs", "the run's")),
+    soft: bool = typer.Option(False, "--soft", help="every test image, with its fold's previous probabilities as soft targets (no threshold)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override (repeatable)"),
 ):
     """Add rounds trained on train + pseudo-labelled test images: each fold's from its own previous model,
-    each factor where it clears a threshold fitted on OOF to the target precision."""
+    each factor where it clears a threshold fitted on OOF to the target precision (or, --soft, every
+    test image with that model's probabilities)."""
     from multitask.pseudo import pseudo_label
 
     join_torchrun()
     with progress_and_errors() as progress:
         extra = [f"train.jobs={jobs}"] if jobs is not None else []
+        extra += ["pseudo.soft=true"] if soft else []
         reports = pseudo_label(run, precision, rounds, extra + list(set_ or []), progress)
     table = Table(title="pseudo-label rounds (images per fold)")
     for col in ("round", "precision", "added", "labelled per factor", "OOF macro F1"):
         table.add_column(col, justify="right")
     for rep in reports:
         labelled = ", ".join(f"{f} {n}" for f, n in rep["labelled"].items())
-        table.add_row(str(rep["round"]), f"{rep['precision']:.2f}", f"{rep['added']}/{rep['of']}", labelled,
+        table.add_row(str(rep["round"]), "soft" if rep.get("soft") else f"{rep['precision']:.2f}",
+                      f"{rep['added']}/{rep['of']}", labelled,
                       f"{rep['oof_f1']:.4f}" if rep["trained"] else "not trained")
     console.print(table)
     for rep in reports:

@@ -246,6 +246,9 @@ class PseudoCfg(_Strict):
     # of that factor are right this often; 0 takes every test image with every factor
     precision: float = Field(0.95, ge=0, le=1)
     rounds: int = Field(1, ge=1)
+    # every test image joins, with its fold's previous-round final-class probabilities as soft
+    # targets, instead of the confident factors as hard labels (precision then does not apply)
+    soft: bool = False
 
 
 class Config(_Strict):

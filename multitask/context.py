@@ -26,6 +26,7 @@ from multitask.run import RunDir, atomic_write_text
 
 # Settings that may differ between invocations on one run directory without changing what it holds.
 PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("pseudo", "precision"), ("pseudo", "rounds"),
+                  ("pseudo", "soft"),
                   ("data", "cache_dir"), ("data", "decode_workers"), ("data", "num_workers"),
                   ("train", "eval_batch_size"), ("train", "tensorboard")}
 

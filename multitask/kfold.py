@@ -32,7 +32,7 @@ from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, vote
 from multitask.report import plot_round
-from multitask.run import (RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint, head_probs,
+from multitask.run import (SOFT_FILE, RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint, head_probs,
                           load_npz, read_json, save_npz, write_json)
 
 
@@ -51,6 +51,18 @@ def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray
         raise ValueError(f"{path}: images not among the task's test images: {missing[:5]}")
     rows = np.array([row_of[i] for i in table["ImageID"]], dtype=np.int64)
     return RowImages.of(ctx.test_images, rows), table[ctx.task.factor_names].to_numpy(dtype=np.int64)
+
+
+def soft_pseudo(ctx: Context, r: int, k: int) -> np.ndarray | None:
+    """Round r's soft pseudo labels for fold k: its own previous model's final-class probabilities of
+    every test image (None when the round has none)."""
+    path = ctx.run.round_dir(r) / SOFT_FILE
+    if not path.exists():
+        return None
+    z = load_npz(path)
+    if not np.array_equal(z["image_id"], ctx.table.test["image_id"].to_numpy().astype(str)):
+        raise RunError(f"{path}: made for other test images, or in another order, than the task lists now")
+    return z[f"fold{k}"]
 
 
 def taught(ctx: Context) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -114,14 +126,19 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
         train_factors = np.concatenate([train_factors, pseudo[1]])
         # a pseudo label is a class, not a number
         train_values = np.concatenate([train_values, np.full((len(pseudo[1]), values.shape[1]), np.nan)])
-    teacher, train_teacher = taught(ctx), None
+    # a teacher's probabilities: a student's for every row (distill.py), or soft pseudo labels for the
+    # test images alone; the test images then join, unlabelled, and learn from them
+    teacher, soft = taught(ctx), soft_pseudo(ctx, r, k)
+    train_teacher, test_taught = None, None
     if teacher is not None:
-        train_teacher = teacher[0][tr]
-        if teacher[1] is not None:  # the unlabelled test images learn from the teacher alone
-            train_images = train_images.concat(RowImages.of(ctx.test_images))
-            train_factors = np.concatenate([train_factors, np.full((len(teacher[1]), factors.shape[1]), -1)])
-            train_values = np.concatenate([train_values, np.full((len(teacher[1]), values.shape[1]), np.nan)])
-            train_teacher = np.concatenate([train_teacher, teacher[1]])
+        train_teacher, test_taught = teacher[0][tr], teacher[1]
+    elif soft is not None:
+        train_teacher, test_taught = np.zeros((len(train_factors), soft.shape[1]), np.float32), soft
+    if test_taught is not None:
+        train_images = train_images.concat(RowImages.of(ctx.test_images))
+        train_factors = np.concatenate([train_factors, np.full((len(test_taught), factors.shape[1]), -1)])
+        train_values = np.concatenate([train_values, np.full((len(test_taught), values.shape[1]), np.nan)])
+        train_teacher = np.concatenate([train_teacher, test_taught])
     data = FoldData(train_images, train_factors, train_values, RowImages.of(ctx.train_images, va), factors[va],
                     train_teacher)
     fold_dir = ctx.run.fold_dir(r, k)
@@ -259,6 +276,9 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
     pseudo_file = run.round_dir(r) / "pseudo.csv"
     if pseudo_file.exists():
         summary["pseudo_added"] = {str(k): int(n) for k, n in pd.read_csv(pseudo_file).groupby("fold").size().items()}
+    if (run.round_dir(r) / SOFT_FILE).exists():
+        summary["pseudo_added"] = {str(k): len(ctx.table.test) for k in done}
+        summary["pseudo_soft"] = True
     write_json(run.round_dir(r) / "summary.json", summary)
     plot_round(run, r)
     update_run_summary(run)

@@ -9,8 +9,8 @@ ordinal, one logit per bin edge (P(number >= edge)). Either is turned into bin p
 (`aux_bins`) and blended into the factor by `decide.py`.
 
 Training batches carry (N, F + V) float targets: the F factor class indices, then the V numbers of
-the task's numeric factors (NaN where unknown, e.g. pseudo-labelled rows); a distilled student's
-batches carry the teacher's final-class probabilities after them (see distill.py).
+the task's numeric factors (NaN where unknown, e.g. pseudo-labelled rows); a distilled student's batches,
+and those of a soft pseudo-label round, carry a teacher's final-class probabilities after them.
 """
 from __future__ import annotations
 
@@ -117,7 +117,9 @@ class Targets:
         self.task, self.heads = task, heads
         self.numerics = numerics(task, cfg)
         self.aux = [n for n in self.numerics if n.cfg.aux != "none"]
-        self.true_weight = cfg.distill.true_weight if cfg.distill is not None else None
+        # rows that carry a teacher's probabilities (a student's, soft pseudo labels): the true label's
+        # share where the row has one
+        self.true_weight = cfg.distill.true_weight if cfg.distill is not None else 1.0
 
     def factor_distributions(self, factors: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
         """(N, n_f) per factor; a row whose factor is unknown (-1, a partial pseudo label) is all zeros."""
@@ -134,7 +136,7 @@ class Targets:
         n_f, n_v = len(self.task.factors), len(self.numerics)
         factors, values = y[:, :n_f].long(), y[:, n_f:n_f + n_v].float()
         out = self.label_targets(factors, values)
-        if self.true_weight is not None:
+        if y.shape[1] > n_f + n_v:
             out |= self.taught(out, y[:, n_f + n_v:].float())
         return out
 

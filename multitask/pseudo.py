@@ -20,10 +20,10 @@ import pandas as pd
 
 from multitask import dist
 from multitask.config import ConfigError
-from multitask.decide import load_decision, predict_classes
+from multitask.decide import blend_only, load_decision, predict_classes
 from multitask.context import check_round, every_fold
 from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
-from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_json, write_json
+from multitask.run import SOFT_FILE, RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
 
 UNKNOWN = -1
 
@@ -99,9 +99,26 @@ def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
     return pd.concat(frames, ignore_index=True), thresholds, oof_precision(task, combined_oof, oof["factors"], thresholds)
 
 
-def write_labels(run: RunDir, r: int, info: dict, table: pd.DataFrame) -> None:
+def soft_table(ctx, prev: int) -> dict[str, np.ndarray]:
+    """Round prev+1's soft pseudo labels: for each fold, its own round-prev model's final-class
+    probabilities of every test image (the auxiliary blend in, the offsets out)."""
+    task, heads, cfg, run = ctx.task, ctx.heads, ctx.cfg, ctx.run
+    check_round(run, prev, cfg)
+    blend = blend_only(load_decision(run.round_dir(prev)))
+    out = {"image_id": ctx.table.test["image_id"].to_numpy().astype(str)}
+    for k in read_json(run.round_dir(prev) / "summary.json")["folds_done"]:
+        test = load_npz(run.fold_dir(prev, k) / "test.npz")
+        check_identities(ctx, prev, k, None, test)
+        out[f"fold{k}"] = predict_classes(task, heads, head_probs(test), cfg, blend)[0].astype(np.float32)
+    return out
+
+
+def write_labels(run: RunDir, r: int, info: dict, table: pd.DataFrame | dict) -> None:
     write_json(run.round_dir(r) / "pseudo.json", info)
-    atomic_write_text(run.round_dir(r) / "pseudo.csv", table.to_csv(index=False))
+    if isinstance(table, dict):
+        save_npz(run.round_dir(r) / SOFT_FILE, **table)
+    else:
+        atomic_write_text(run.round_dir(r) / "pseudo.csv", table.to_csv(index=False))
 
 
 def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: int | None = None,
@@ -125,8 +142,16 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
     reports = []
     for _ in range(ctx.cfg.pseudo.rounds):
         prev = ctx.run.latest_round()
-        table, thresholds, promise = pseudo_table(ctx, prev)
         r = prev + 1
+        if ctx.cfg.pseudo.soft:
+            dist.on_main(write_labels, ctx.run, r, {"from_round": prev, "soft": True}, soft_table(ctx, prev))
+            summary = train_round(ctx, r, progress)  # each fold reads its own probabilities of every test image
+            n = len(ctx.table.test)
+            reports.append({"round": r, "from_round": prev, "soft": True, "precision": None, "thresholds": None,
+                            "added": n, "of": n, "labelled": {f.name: n for f in ctx.task.factors},
+                            "oof_f1": summary["oof"]["f1"], "oof": summary["oof"], "trained": True})
+            continue
+        table, thresholds, promise = pseudo_table(ctx, prev)
         if table.empty:
             # a round with nothing to add would only retrain round prev with other seeds and become
             # a round to choose from; the next one would select nothing either

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.run import RunDir, atomic_write_bytes, atomic_write_text
+from multitask.run import SOFT_FILE, RunDir, atomic_write_bytes, atomic_write_text
 
 
 def plot_round(run: RunDir, r: int) -> None:
@@ -188,6 +188,10 @@ def write_report(run_dir) -> Path:
     pseudo = []
     for q in rounds:
         table_path, promise_path = run.round_dir(q) / "pseudo.csv", run.round_dir(q) / "pseudo.json"
+        if (run.round_dir(q) / SOFT_FILE).exists():
+            pseudo.append(f"<tr><td>{q}</td><td>every factor</td><td>soft: every test image, with its fold's "
+                          f"previous probabilities</td><td>—</td><td>—</td></tr>")
+            continue
         if not table_path.exists():
             continue
         chosen = pd.read_csv(table_path)

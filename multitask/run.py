@@ -139,6 +139,9 @@ def fold_checkpoint(cfg) -> str:
     return "avg.pt" if cfg.train.avg_top_k > 0 else "best.pt"
 
 
+SOFT_FILE = "pseudo_soft.npz"  # a soft pseudo-label round's labels: image_id, and fold<k> final-class probabilities
+
+
 class RunError(ValueError):
     """A run directory whose parts do not belong together."""
 
