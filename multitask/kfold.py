@@ -32,8 +32,8 @@ from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, vote
 from multitask.report import plot_round
-from multitask.run import (SOFT_FILE, RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint, head_probs,
-                          load_npz, read_json, save_npz, write_json)
+from multitask.run import (SOFT_FILE, RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint,
+                           head_probs, load_npz, read_json, save_npz, write_json)
 
 
 def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray] | None:
@@ -65,7 +65,7 @@ def soft_pseudo(ctx: Context, r: int, k: int) -> np.ndarray | None:
     return z[f"fold{k}"]
 
 
-def taught(ctx: Context) -> tuple[np.ndarray, np.ndarray | None] | None:
+def distilled(ctx: Context) -> tuple[np.ndarray, np.ndarray | None] | None:
     """A distilled student's teacher probabilities (final class) for its training and test rows,
     from RUN/teacher.npz, checked against the images the task lists now."""
     if ctx.cfg.distill is None:
@@ -128,7 +128,7 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
         train_values = np.concatenate([train_values, np.full((len(pseudo[1]), values.shape[1]), np.nan)])
     # a teacher's probabilities: a student's for every row (distill.py), or soft pseudo labels for the
     # test images alone; the test images then join, unlabelled, and learn from them
-    teacher, soft = taught(ctx), soft_pseudo(ctx, r, k)
+    teacher, soft = distilled(ctx), soft_pseudo(ctx, r, k)
     train_teacher, test_taught = None, None
     if teacher is not None:
         train_teacher, test_taught = teacher[0][tr], teacher[1]

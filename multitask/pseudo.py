@@ -20,8 +20,8 @@ import pandas as pd
 
 from multitask import dist
 from multitask.config import ConfigError
-from multitask.decide import blend_only, load_decision, predict_classes
 from multitask.context import check_round, every_fold
+from multitask.decide import blend_only, load_decision, predict_classes
 from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
 from multitask.run import SOFT_FILE, RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
 
@@ -73,6 +73,15 @@ def select_factors(task, combined: np.ndarray, thresholds: dict[str, float]) -> 
     return labels, conf
 
 
+def own_test_probs(ctx, prev: int):
+    """(fold, its own round-prev head probabilities of the test images), for every fold done: the
+    only predictions a fold's next pseudo labels may come from."""
+    for k in read_json(ctx.run.round_dir(prev) / "summary.json")["folds_done"]:
+        test = load_npz(ctx.run.fold_dir(prev, k) / "test.npz")
+        check_identities(ctx, prev, k, None, test)
+        yield k, head_probs(test)
+
+
 def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
     """Round prev+1's pseudo labels: for each fold, its own round-prev model's test predictions under
     the round's decision, kept per factor where they clear the OOF-calibrated thresholds."""
@@ -85,10 +94,7 @@ def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
     thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision)
     image_ids = ctx.table.test["image_id"].to_numpy().astype(str)
     frames = []
-    for k in read_json(run.round_dir(prev) / "summary.json")["folds_done"]:
-        test = load_npz(run.fold_dir(prev, k) / "test.npz")
-        check_identities(ctx, prev, k, None, test)
-        probs = head_probs(test)
+    for k, probs in own_test_probs(ctx, prev):
         labels, conf = select_factors(task, predict_classes(task, heads, probs, cfg, decision)[0], thresholds)
         rows = np.flatnonzero((labels != UNKNOWN).any(1))
         frame = pd.DataFrame({"ImageID": image_ids[rows], "fold": k})
@@ -106,10 +112,8 @@ def soft_table(ctx, prev: int) -> dict[str, np.ndarray]:
     check_round(run, prev, cfg)
     blend = blend_only(load_decision(run.round_dir(prev)))
     out = {"image_id": ctx.table.test["image_id"].to_numpy().astype(str)}
-    for k in read_json(run.round_dir(prev) / "summary.json")["folds_done"]:
-        test = load_npz(run.fold_dir(prev, k) / "test.npz")
-        check_identities(ctx, prev, k, None, test)
-        out[f"fold{k}"] = predict_classes(task, heads, head_probs(test), cfg, blend)[0].astype(np.float32)
+    for k, probs in own_test_probs(ctx, prev):
+        out[f"fold{k}"] = predict_classes(task, heads, probs, cfg, blend)[0].astype(np.float32)
     return out
 
 
