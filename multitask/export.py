@@ -158,14 +158,12 @@ def sample_rows(n: int, k: int, seed: int, exclude: np.ndarray | None = None) ->
     return np.sort(np.random.default_rng(seed).permutation(rows)[:k])
 
 
-def reference(run: RunDir, r: int, decoded: DecodedImages) -> dict[str, np.ndarray]:
+def reference(run: RunDir, r: int, decoded: DecodedImages, cfg, task: Task, heads: list[Head],
+              decision) -> dict[str, np.ndarray]:
     """What `mt predict` computes on the images: the voted outputs, and the final-class probabilities
     before the offsets."""
-    cfg = load_run_config(run)
-    task, heads = build_task(cfg)
-    keep = np.arange(len(decoded.paths))
-    probs = run_outputs(run, r, [], decoded, keep)
-    final = predict_classes(task, heads, probs, cfg, blend_only(load_decision(run.round_dir(r))))[0]
+    probs = run_outputs(run, r, [], decoded, np.arange(len(decoded.paths)))
+    final = predict_classes(task, heads, probs, cfg, blend_only(decision))[0]
     return {"final": final} | {f"p_{k}": v for k, v in probs.items()}
 
 
@@ -259,7 +257,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
     need_serve_extra()
     run = RunDir(run_dir)
     cfg = load_run_config(run)
-    task, _ = build_task(cfg)
+    task, heads = build_task(cfg)
     r, why = run.choose_round(cfg.train.folds, round)
     check_round(run, r, cfg)
     if log:
@@ -271,8 +269,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
     rows = sample_rows(len(paths), check_images, seed=0)
     decoded = DecodedImages([paths[i] for i in rows], cfg.data.decode_workers)
     images = decoded.at(tuple(info["img_size"]))
-    expected = reference(run, r, decoded)
     decision = load_decision(run.round_dir(r))
+    expected = reference(run, r, decoded, cfg, task, heads, decision)
     offsets = decision.offsets if decision is not None else None
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
