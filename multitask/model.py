@@ -50,6 +50,12 @@ def create_backbone(cfg: ModelCfg) -> nn.Module:
     return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
 
 
+def feature_size(backbone: nn.Module) -> int:
+    """The width of what the classifier-less backbone returns: timm models with a conv head after the
+    pooling (mobilenetv3, lcnet, ghostnet) return `head_hidden_size`, wider than `num_features`."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
 class MultiHeadNet(nn.Module):
     """`aux` adds outputs beside the heads, name -> (size, head): each reads the features the named
     head reads (the auxiliary numeric outputs of `numeric.py`)."""
@@ -60,7 +66,7 @@ class MultiHeadNet(nn.Module):
         self.head_names = [h.name for h in heads]
         n_backbones = 1 if cfg.sharing == "shared" else len(heads)
         self.backbones = nn.ModuleList([create_backbone(cfg) for _ in range(n_backbones)])
-        dim = self.backbones[0].num_features
+        dim = feature_size(self.backbones[0])
         aux = aux or {}
         self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.n) for h in heads}
                                    | {name: nn.Linear(dim, size) for name, (size, _) in aux.items()})

@@ -17,6 +17,14 @@ def test_heads_and_backbones(sharing, n_backbones):
     assert {k: tuple(v.shape) for k, v in out.items()} == {"mask": (2, 3), "gender": (2, 2), "age": (2, 3)}
 
 
+def test_backbone_with_a_conv_head_after_pooling():
+    # lcnet and mobilenetv3 widen the pooled features (num_features 256) to head_hidden_size (1280)
+    heads = mask_task().heads("mask,gender,age")
+    model = build_model(ModelCfg(backbone="lcnet_050"), heads)
+    out = model(torch.rand(2, 3, 32, 32))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"mask": (2, 3), "gender": (2, 2), "age": (2, 3)}
+
+
 def test_separate_backbones_are_independent():
     heads = mask_task().heads("mask,gender_age")
     model = build_model(ModelCfg(backbone="test_efficientnet", sharing="separate"), heads)
