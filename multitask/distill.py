@@ -33,11 +33,12 @@ from multitask.predict import PREDICT_CHUNK, DecodedImages, run_outputs
 from multitask.run import RunDir, atomic_write_text, save_npz, write_json
 
 
-def teacher_probs(run: RunDir, r: int, paths: list[str], progress=None, chunk: int = PREDICT_CHUNK) -> np.ndarray:
-    """Round r's final-class probabilities (its auxiliary blend in, its offsets out) on `paths`."""
-    cfg = load_run_config(run)
+def teacher_probs(run: RunDir, r: int, cfg: Config, decision: Decision | None, paths: list[str], progress=None,
+                  chunk: int = PREDICT_CHUNK) -> np.ndarray:
+    """Round r's final-class probabilities on `paths`: its auxiliary blend in, its offsets out (the
+    student takes them over as its own decision)."""
     task, heads = build_task(cfg)
-    blend = blend_only(load_decision(run.round_dir(r)))
+    blend = blend_only(decision)
     models, out = {}, []
     tid = progress.add_task("teacher predictions", total=len(paths)) if progress else None
     for start in range(0, len(paths), chunk):
@@ -104,7 +105,8 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     # the teacher's work first: a failure here leaves no student directory behind
     train_paths = t_ctx.table.train["path"].tolist()
     test_paths = t_ctx.table.test["path"].tolist() if unlabeled and t_ctx.table.test is not None else []
-    probs = teacher_probs(teacher, r, train_paths + test_paths, progress)
+    teacher_decision = load_decision(teacher.round_dir(r))
+    probs = teacher_probs(teacher, r, t_cfg, teacher_decision, train_paths + test_paths, progress)
     claim_run_dir(run, cfg, force)
     # fold 0 is the teacher's validation fold, fold 1 every other group: the student trains fold 0
     folds = t_ctx.table.train[["group"]].drop_duplicates().assign(
@@ -113,7 +115,6 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     save_npz(run.teacher, train_ids=train_ids(t_ctx), train=probs[:len(train_paths)],
              test_ids=t_ctx.table.test["image_id"].to_numpy().astype(str) if test_paths else np.array([], dtype=str),
              test=probs[len(train_paths):])
-    teacher_decision = load_decision(teacher.round_dir(r))
     if teacher_decision is not None and teacher_decision.offsets is not None:
         offsets = Decision(offsets=teacher_decision.offsets)
         write_json(run.round_dir(0) / "decision.json", {"decision": asdict(offsets), "from_teacher": str(teacher.root)})

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from multitask.data.cache import ImageDecodeError, undecodable_error
 from multitask.labels import Task
+from multitask.run import atomic_write_text, atomic_writer
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -73,3 +77,39 @@ def write_rows(fh, columns: list[str], rows: list[list], header: bool = True) ->
     if header:
         writer.writerow(columns)
     writer.writerows(rows)
+
+
+def stream_predictions(task: Task, ids: list[str], paths: list[str], out: str | Path, chunk: int,
+                       decode: Callable, predict: Callable, with_probs: bool = False, skip_bad: bool = False,
+                       advance: Callable[[int], None] | None = None) -> dict:
+    """Write the predictions file `chunk` images at a time (into a temp file, renamed at the end), so
+    a test set larger than memory is predicted in bounded memory. `decode(paths)` gives (decoded,
+    [(index, why), ...] of the images that failed); `predict(decoded, keep)` gives (final-class
+    probabilities, classes) of the kept rows. Undecodable images stop it, all listed at once; with
+    `skip_bad` they are left out and listed in <out>.skipped.csv."""
+    out = Path(out)
+    skipped_file = out.with_name(out.stem + ".skipped.csv")
+    bad, written = [], 0
+    with atomic_writer(out, "w") as fh:
+        for start in range(0, len(paths), chunk):
+            part = paths[start:start + chunk]
+            decoded, chunk_bad = decode(part)
+            bad += [(start + i, why) for i, why in chunk_bad]
+            keep = np.setdiff1d(np.arange(len(part)), [i for i, _ in chunk_bad])
+            if (bad and not skip_bad) or not len(keep):
+                continue  # go on decoding only to list every bad image at once
+            combined, classes = predict(decoded, keep)
+            columns, rows = prediction_table(task, [ids[start + i] for i in keep], combined, classes, with_probs)
+            write_rows(fh, columns, rows, header=written == 0)
+            written += len(keep)
+            if advance:
+                advance(len(part))
+        if bad and not skip_bad:
+            raise undecodable_error(paths, bad)
+        if bad:
+            listing = io.StringIO()
+            write_rows(listing, ["path", "reason"], [[ids[i], why] for i, why in bad])
+            atomic_write_text(skipped_file, listing.getvalue())
+        if not written:
+            raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
+    return {"out": str(out), "predicted": written, "skipped": len(bad), "skipped_file": str(skipped_file) if bad else None}

@@ -16,15 +16,15 @@ import torch
 from multitask.config import Config
 from multitask.context import build_task, check_round, load_run_config
 from multitask.data.augment import tta_view
-from multitask.data.cache import ImageDecodeError, decode_into, undecodable_error
+from multitask.data.cache import decode_into
 from multitask.data.dataset import RowImages, eval_batches
 from multitask.decide import blend_only, load_decision, predict_classes
 from multitask.device import autocast, prepare_input, resolve_device, tune_for
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_outputs, is_aux
-from multitask.outputs import list_images, prediction_table
-from multitask.run import RunDir, atomic_write_text, atomic_writer, fold_checkpoint, read_json
+from multitask.outputs import list_images, prediction_table, stream_predictions
+from multitask.run import RunDir, fold_checkpoint, read_json
 
 
 @torch.no_grad()
@@ -181,10 +181,9 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
                    with_probs: bool = False, skip_bad: bool = False, progress=None, round: int | None = None,
                    chunk: int = PREDICT_CHUNK) -> dict:
     """`mt predict`: round `round` of the run, by default the one `submit` uses (its fold ensemble,
-    TTA views and fitted decision) on any images. The images stream through `chunk` at a time and
-    the predictions are written as they come (into a temp file, renamed at the end), so a test set
-    larger than memory is predicted in bounded memory. Undecodable images stop it, all listed; with
-    `skip_bad` they are left out and listed in <out>.skipped.csv."""
+    TTA views and fitted decision) on any images, streamed `chunk` at a time into the predictions file
+    (outputs.stream_predictions: bounded memory; undecodable images stop it, all listed, or with
+    `skip_bad` are left out and listed in <out>.skipped.csv)."""
     run = RunDir(run_dir)
     overrides = [f"train.eval_batch_size={batch_size}"] if batch_size else []
     cfg = load_run_config(run, overrides)
@@ -193,33 +192,19 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
     check_round(run, r, cfg)
     decision = load_decision(run.round_dir(r))
     ids, paths = list_images(source)
-    out = Path(out)
-    skipped_file = out.with_name(out.stem + ".skipped.csv")
-    bad, written, models = [], 0, {}  # each fold model is loaded once, for every chunk
+    models = {}  # each fold model is loaded once, for every chunk
     tid = progress.add_task("predicting images", total=len(paths)) if progress else None
-    with atomic_writer(out, "w") as fh:
-        for start in range(0, len(paths), chunk):
-            decoded = DecodedImages(paths[start:start + chunk], cfg.data.decode_workers)
-            chunk_bad = decoded.bad(tuple(cfg.data.img_size))
-            bad += [(start + i, why_bad) for i, why_bad in chunk_bad]
-            keep = np.setdiff1d(np.arange(len(decoded.paths)), [i for i, _ in chunk_bad])
-            if (bad and not skip_bad) or not len(keep):
-                continue  # go on decoding only to list every bad image at once
-            probs = run_outputs(run, r, overrides, decoded, keep, progress, models)
-            combined, classes = predict_classes(task, heads, probs, cfg, decision)
-            frame = predictions_frame(task, [ids[start + i] for i in keep], combined, classes, with_probs)
-            frame.to_csv(fh, index=False, header=written == 0)
-            written += len(keep)
-            if progress:
-                progress.update(tid, advance=len(decoded.paths))
-        if bad and not skip_bad:
-            raise undecodable_error(paths, bad)
-        if bad:
-            atomic_write_text(skipped_file, pd.DataFrame({"path": [ids[i] for i, _ in bad],
-                                                          "reason": [w for _, w in bad]}).to_csv(index=False))
-        if not written:
-            raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
+
+    def decode(part: list[str]) -> tuple[DecodedImages, list[tuple[int, str]]]:
+        decoded = DecodedImages(part, cfg.data.decode_workers)
+        return decoded, decoded.bad(tuple(cfg.data.img_size))
+
+    def predict(decoded: DecodedImages, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return predict_classes(task, heads, run_outputs(run, r, overrides, decoded, keep, progress, models), cfg,
+                               decision)
+
+    result = stream_predictions(task, ids, paths, out, chunk, decode, predict, with_probs, skip_bad,
+                                advance=(lambda n: progress.update(tid, advance=n)) if progress else None)
     if progress:
         progress.remove_task(tid)
-    return {"out": str(out), "round": r, "why": why, "predicted": written, "skipped": len(bad),
-            "skipped_file": str(skipped_file) if bad else None}
+    return result | {"round": r, "why": why}

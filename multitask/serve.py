@@ -10,16 +10,14 @@ the decision offsets travel in the file's metadata. Images are decoded and resiz
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from multitask.data.cache import ImageDecodeError, decode_into, undecodable_error
+from multitask.data.cache import decode_into, undecodable_error
 from multitask.labels import Factor, Task
-from multitask.outputs import list_images, prediction_table, write_rows
-from multitask.run import atomic_write_text, atomic_writer
+from multitask.outputs import list_images, stream_predictions
 
 CHUNK = 2048  # images decoded at a time
 META_KEY = "mt"  # the ONNX metadata entry `mt export` writes: the task, image size, decision offsets
@@ -108,36 +106,16 @@ class ServedModel:
 
 def predict_images(model: str | Path | ServedModel, source: str | Path, out: str | Path, batch_size: int = 256,
                    with_probs: bool = False, skip_bad: bool = False, chunk: int = CHUNK) -> dict:
-    """`mt predict --onnx`: the predictions file of `mt predict`, streamed `chunk` images at a time.
-    Undecodable images stop it, all listed; with `skip_bad` they are left out and listed in
-    <out>.skipped.csv."""
+    """`mt predict --onnx`: the predictions file of `mt predict` (outputs.stream_predictions)."""
     served = model if isinstance(model, ServedModel) else ServedModel(model)
     ids, paths = list_images(source)
-    out = Path(out)
-    skipped_file = out.with_name(out.stem + ".skipped.csv")
-    bad, written = [], 0
-    with atomic_writer(out, "w") as fh:
-        for start in range(0, len(paths), chunk):
-            images, chunk_bad = served.decode(paths[start:start + chunk])
-            bad += [(start + i, why) for i, why in chunk_bad]
-            keep = np.setdiff1d(np.arange(len(images)), [i for i, _ in chunk_bad])
-            if (bad and not skip_bad) or not len(keep):
-                continue  # go on decoding only to list every bad image at once
-            final = served.probs(images[keep], batch_size)["final"]
-            columns, rows = prediction_table(served.task, [ids[start + i] for i in keep], final, served.classes(final),
-                                             with_probs)
-            write_rows(fh, columns, rows, header=written == 0)
-            written += len(keep)
-        if bad and not skip_bad:
-            raise undecodable_error(paths, bad)
-        if bad:
-            listing = io.StringIO()
-            write_rows(listing, ["path", "reason"], [[ids[i], why] for i, why in bad])
-            atomic_write_text(skipped_file, listing.getvalue())
-        if not written:
-            raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
-    return {"out": str(out), "predicted": written, "skipped": len(bad), "skipped_file": str(skipped_file) if bad else None,
-            "model": str(served.path)}
+
+    def predict(images: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        final = served.probs(images[keep], batch_size)["final"]
+        return final, served.classes(final)
+
+    result = stream_predictions(served.task, ids, paths, out, chunk, served.decode, predict, with_probs, skip_bad)
+    return result | {"model": str(served.path)}
 
 
 def main(argv: list[str] | None = None) -> None:
