@@ -41,6 +41,28 @@ def test_albumentations_dataset_is_deterministic_per_epoch():
     assert any(not torch.equal(first[i], a[i][0]) for i in range(6))
 
 
+def test_albumentations_batches_are_the_same_in_the_main_process_and_in_workers():
+    from multitask.config import load_config
+    from multitask.data.dataset import TrainBatches
+
+    imgs = np.random.default_rng(0).integers(0, 255, (10, 16, 12, 3), dtype=np.uint8)
+    targets = np.arange(30, dtype=np.float32).reshape(10, 3)
+    specs = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "RandomBrightnessContrast", "p": 1.0}]
+    a = AugmentedImages(RowImages.of(imgs), targets, specs, seed=0)
+    rows = np.array([7, 2, 5])
+    x, y = a.batch(rows)
+    assert torch.equal(x, torch.stack([a[i][0] for i in rows])) and torch.equal(y, torch.stack([a[i][1] for i in rows]))
+
+    def epoch(workers: int) -> list:
+        cfg = load_config(None, ["aug.backend=albumentations", "train.batch_size=4", f"data.num_workers={workers}",
+                                 f"aug.train={specs}".replace("'", "")])
+        return list(TrainBatches(cfg, RowImages.of(imgs), targets, torch.device("cpu"), seed=3).epoch(1))
+
+    main, workers = epoch(0), epoch(1)
+    assert len(main) == len(workers) == 2  # 10 rows, batches of 4, the ragged tail dropped
+    assert all(torch.equal(xm, xw) and torch.equal(ym, yw) for (xm, ym), (xw, yw) in zip(main, workers))
+
+
 def test_row_images_take_from_several_caches_in_order():
     t = np.arange(4)[:, None, None, None] * np.ones((4, 2, 2, 3), np.uint8)
     e = 100 + np.arange(3)[:, None, None, None] * np.ones((3, 2, 2, 3), np.uint8)

@@ -139,7 +139,10 @@ def test_copied_training_images_in_the_test_set_do_not_lift_oof(tmp_path, soft):
     """The review's case: test images that copy training images. Pseudo labels from each fold's own
     model carry no truth about its validation persons, so round 1's OOF does not jump. Measured on
     this very setting: round 0 OOF 0.41; round 1 0.49 with honest labels (self-training on the same
-    pictures), 0.68 with labels voted by all folds (the leak). Soft labels come from the same models."""
+    pictures), 0.68 with labels voted by all folds (the leak). Soft labels come from the same models.
+    Re-measured over train.seed 0, 1, 2 once the augmentation draws changed: round 1's OOF rises by
+    0.06-0.16 with honest hard or soft labels and by 0.36-0.53 with the all-fold vote, so a rise of
+    0.25 separates the two."""
     import shutil
 
     from multitask.data.synthetic import make_demo_dataset
@@ -156,7 +159,7 @@ def test_copied_training_images_in_the_test_set_do_not_lift_oof(tmp_path, soft):
     r1 = pseudo_label(out, precision=0.0, rounds=1, overrides=["pseudo.soft=true"] if soft else [])[0]
     assert r1["added"] == 30 * 7
     assert r0["oof"]["f1"] > 0.3  # the models learned enough for a leak to show
-    assert r1["oof"]["f1"] <= r0["oof"]["f1"] + 0.15, (r0["oof"]["f1"], r1["oof"]["f1"])
+    assert r1["oof"]["f1"] <= r0["oof"]["f1"] + 0.25, (r0["oof"]["f1"], r1["oof"]["f1"])
 
 
 def test_a_soft_round_learns_every_test_image_from_its_own_folds_model(demo_root, tmp_path):

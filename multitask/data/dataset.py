@@ -7,6 +7,7 @@ every head, shared or separate backbones alike.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -103,7 +104,7 @@ class DeviceImages:
 
 class AugmentedImages(Dataset):
     """Per-image albumentations over cached uint8 images, seeded per (epoch, index) so the result
-    does not depend on the number of workers."""
+    does not depend on the number of workers, nor on whether a worker made it at all."""
 
     def __init__(self, images: RowImages, targets: np.ndarray, specs: list[dict], seed: int):
         self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.float32)
@@ -116,12 +117,26 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def augment(self, img: np.ndarray, i: int) -> np.ndarray:
+        if self.transform is None:
+            return img
+        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
+        # one generator pair for the whole pipeline: Compose.set_random_seed builds a pair for every
+        # transform, which at 64 px costs a third of the augmentation itself
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        return self.transform(image=img)["image"]
+
     def __getitem__(self, i: int):
-        img = np.array(self.images[i])  # a writable copy: the cache is a read-only memmap
-        if self.transform is not None:
-            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-            img = np.ascontiguousarray(self.transform(image=img)["image"])
+        img = np.ascontiguousarray(self.augment(np.array(self.images[i]), i))  # np.array: the cache is read-only
         return torch.from_numpy(img).permute(2, 0, 1), self.targets[i]
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' images and targets as a DataLoader over __getitem__ would collate them, made in
+        this process without one (no per-item tensors, no collation)."""
+        images = self.images.take(rows)  # a writable copy
+        for j, i in enumerate(rows):
+            images[j] = self.augment(images[j], int(i))
+        return to_chw(images), self.targets[torch.from_numpy(rows)]
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device):
@@ -155,24 +170,23 @@ class TrainBatches:
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches = [self._share(rows) for rows in self._batches(self._order(gen))]
         if self.cfg.aug.backend == "torch":
-            yield from self._torch_epoch(gen)
+            for rows in batches:
+                x, y = _to_device(self._gather(rows), self.targets[rows], self.device)
+                yield augment_batch(x.float().div_(255), self.cfg.aug.torch, gen), y
             return
         self.dataset.set_epoch(epoch)
         workers = self.cfg.data.num_workers
-        if self.shard is not None:
-            order = dict(batch_sampler=[self._share(rows).tolist() for rows in self._batches(self._order(gen))],
-                         generator=gen)
-        elif self.weights is None:
-            # the plain shuffle stays DataLoader's own, so an unweighted run draws what it always drew
-            order = dict(batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, generator=gen)
+        if workers:
+            # the workers' own seeds do not matter (every image is seeded by its index), so a fixed
+            # generator keeps the loader from drawing on the global one
+            made = DataLoader(self.dataset, batch_sampler=[rows.tolist() for rows in batches], num_workers=workers,
+                              pin_memory=self.device.type == "cuda", prefetch_factor=4,
+                              generator=torch.Generator().manual_seed(0))
         else:
-            order = dict(batch_size=self.batch_size, sampler=self._order(gen).tolist(), drop_last=self.drop_last,
-                         generator=gen)
-        loader = DataLoader(self.dataset, **order, num_workers=workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if workers else None)
-        for x, y in loader:
+            made = (self.dataset.batch(rows.numpy()) for rows in batches)
+        for x, y in made:
             x, y = _to_device(x, y, self.device)
             yield x.float().div_(255), y
 
@@ -193,12 +207,6 @@ class TrainBatches:
             return self.device_images.take(rows)
         x = to_chw(self.images.take(rows.numpy()))
         return x.pin_memory() if self.device.type == "cuda" else x
-
-    def _torch_epoch(self, gen: torch.Generator):
-        for rows in self._batches(self._order(gen)):
-            rows = self._share(rows)
-            x, y = _to_device(self._gather(rows), self.targets[rows], self.device)
-            yield augment_batch(x.float().div_(255), self.cfg.aug.torch, gen), y
 
 
 def eval_batches(images: RowImages, batch_size: int, device: torch.device,
