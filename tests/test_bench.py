@@ -45,3 +45,12 @@ def test_bench_serve_quick_prints_one_json_line():
     assert result["ensemble_onnx_max_abs_diff"] <= 1e-4
     # the same ensemble, as torch and as ONNX, predicts the same classes
     assert result["ensemble_onnx_f1"] == result["ensemble_torch_f1"]
+
+
+def test_bench_backbones_prints_a_json_line_per_backbone():
+    script = SCRIPT.parent / "bench_backbones.py"
+    out = subprocess.run([sys.executable, str(script), "test_efficientnet", "lcnet_050", "--size", "32", "--batch-size", "4",
+                          "--seconds", "0.2"], capture_output=True, text=True, check=True, timeout=300)
+    rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["backbone"] for r in rows] == ["test_efficientnet", "lcnet_050"]
+    assert all(r["train_img_s"] > 0 and r["params_m"] > 0 and r["img_size"] == 32 for r in rows)
