@@ -59,7 +59,9 @@ def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | N
                    epochs: int | None, heads: str | None, true_weight: float, unlabeled: bool, val_fold: int,
                    overrides: list[str]) -> Config:
     """The teacher's settings with the student's model, size, epochs and heads; no auxiliary outputs
-    and no decision of its own (the teacher's probabilities already hold both)."""
+    and no decision of its own (the teacher's probabilities already hold both), and one view at
+    prediction: the teacher's TTA views are in the targets already, and a second view would halve
+    the speed the student is for (measured in docs/PERFORMANCE.md). `overrides` come last."""
     if heads is None:
         heads = teacher.heads if teacher.ensemble is None else None  # an ensemble votes final classes: a head per factor
     model = teacher.model
@@ -68,7 +70,8 @@ def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | N
     numeric = {name: c.model_copy(update={"aux": "none"}) for name, c in teacher.numeric.items()}
     raw = teacher.model_copy(update={
         "heads": heads, "model": model, "numeric": numeric, "ensemble": None,
-        "data": teacher.data.model_copy(update={"img_size": list(img_size)} if img_size else {}),
+        "aug": teacher.aug.model_copy(update={"tta": ["none"]}),
+        "data": teacher.data.model_copy(update={"img_size": tuple(img_size)} if img_size else {}),
         "train": teacher.train.model_copy(update={"folds": 1, "fold": None} | ({"epochs": epochs} if epochs else {})),
         "decide": teacher.decide.model_copy(update={"offsets": "none", "blend_aux": False}),
         "distill": DistillCfg(teacher=str(teacher_dir.resolve()), round=r, true_weight=true_weight,

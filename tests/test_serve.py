@@ -17,7 +17,7 @@ from multitask.cli import app
 from multitask.config import ConfigError, load_config
 from multitask.context import build_task
 from multitask.data.synthetic import make_table_dataset
-from multitask.distill import distill
+from multitask.distill import distill, student_config
 from multitask.ensemble import make_ensemble
 from multitask.export import ExportError, export_run
 from multitask.kfold import train_run
@@ -203,6 +203,7 @@ def test_a_student_is_a_run_that_submit_predict_and_export_accept(runs, demo_roo
     cfg = load_config(RunDir(student).config)
     assert cfg.distill.teacher == str(teacher.resolve()) and cfg.train.folds == 1 and cfg.model.backbone == "resnet10t"
     assert all(c.aux == "none" for c in cfg.numeric.values())
+    assert len(load_config(RunDir(teacher).config).aug.tta) > 1 and cfg.aug.tta == ["none"]
     # the student validates on the teacher's fold 0 and trains on the rest
     t_folds = pd.read_csv(RunDir(teacher).folds, dtype={"group": str})
     s_folds = pd.read_csv(RunDir(student).folds, dtype={"group": str})
@@ -222,6 +223,14 @@ def test_a_student_is_a_run_that_submit_predict_and_export_accept(runs, demo_roo
         pseudo_label(student)
     with pytest.raises(ConfigError, match="already holds a run"):
         distill(teacher, student, epochs=1)
+
+
+def test_a_student_predicts_with_one_view_unless_told_otherwise(runs):
+    teacher = RunDir(runs["shared"])
+    t_cfg = load_config(teacher.config)
+    args = (t_cfg, teacher.root, 0, None, None, None, None, 0.5, True, 0)
+    assert student_config(*args, []).aug.tta == ["none"]
+    assert student_config(*args, ["aug.tta=[none, hflip]"]).aug.tta == ["none", "hflip"]
 
 
 def test_a_student_of_an_ensemble_gets_a_head_per_factor(demo_root, tmp_path):
