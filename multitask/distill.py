@@ -29,12 +29,13 @@ from multitask.decide import Decision, blend_only, load_decision, predict_classe
 from multitask.kfold import train_ids, train_round
 from multitask.labels import FLAT_HEAD
 from multitask.model import check_model
-from multitask.predict import PREDICT_CHUNK, DecodedImages, run_outputs
+from multitask.outputs import CHUNK
+from multitask.predict import DecodedImages, run_outputs
 from multitask.run import RunDir, atomic_write_text, save_npz, write_json
 
 
 def teacher_probs(run: RunDir, r: int, cfg: Config, decision: Decision | None, paths: list[str], progress=None,
-                  chunk: int = PREDICT_CHUNK) -> np.ndarray:
+                  chunk: int = CHUNK) -> np.ndarray:
     """Round r's final-class probabilities on `paths`: its auxiliary blend in, its offsets out (the
     student takes them over as its own decision)."""
     task, heads = build_task(cfg)

@@ -14,6 +14,7 @@ from multitask.data.cache import ImageDecodeError, undecodable_error
 from multitask.labels import Task
 from multitask.run import atomic_write_text, atomic_writer
 
+CHUNK = 2048  # images decoded at a time when predicting: memory stays bounded, whatever the number of images
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 

@@ -23,7 +23,7 @@ from multitask.device import autocast, prepare_input, resolve_device, tune_for
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_outputs, is_aux
-from multitask.outputs import list_images, prediction_table, stream_predictions
+from multitask.outputs import CHUNK, list_images, prediction_table, stream_predictions
 from multitask.run import RunDir, fold_checkpoint, read_json
 
 
@@ -174,12 +174,9 @@ def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImage
                           models)
 
 
-PREDICT_CHUNK = 2048  # images decoded at a time: memory stays bounded, whatever the number of images
-
-
 def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, batch_size: int | None = None,
                    with_probs: bool = False, skip_bad: bool = False, progress=None, round: int | None = None,
-                   chunk: int = PREDICT_CHUNK) -> dict:
+                   chunk: int = CHUNK) -> dict:
     """`mt predict`: round `round` of the run, by default the one `submit` uses (its fold ensemble,
     TTA views and fitted decision) on any images, streamed `chunk` at a time into the predictions file
     (outputs.stream_predictions: bounded memory; undecodable images stop it, all listed, or with

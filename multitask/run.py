@@ -101,8 +101,13 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def npz_item(path: Path, key: str, default=None):
     """One array of an npz file, without reading the others."""
+    return npz_items(path, (key,), default)[key]
+
+
+def npz_items(path: Path, keys, default=None) -> dict:
+    """Some arrays of an npz file, in one open, without reading the others."""
     with np.load(path, allow_pickle=False) as z:
-        return z[key] if key in z.files else default
+        return {key: z[key] if key in z.files else default for key in keys}
 
 
 def head_probs(z: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -236,13 +241,14 @@ class RunDir:
             return
         with_test = (self.round_dir(r) / "test_probs.npz").exists()
         done = [k for k in range(n_folds) if self.fold_done(r, k, with_test)]
-        current = {str(k): as_id(npz_item(self.fold_dir(r, k) / "oof.npz", "train_id")) for k in done}
+        stamps = {k: npz_items(self.fold_dir(r, k) / "oof.npz", ("train_id", "settings")) for k in done}
+        current = {str(k): as_id(s["train_id"]) for k, s in stamps.items()}
         if current != made:
             changed = sorted(set(current) ^ set(made) | {k for k in set(current) & set(made) if current[k] != made[k]})
             raise RunError(f"{self.round_dir(r)}: the round's results were built from other outputs of fold(s) "
                            f"{', '.join(changed)} than the run holds now; `mt resume --run {self.root}` rebuilds them")
         if settings is not None:
-            trained = {k: as_id(npz_item(self.fold_dir(r, k) / "oof.npz", "settings")) for k in done}
+            trained = {k: as_id(s["settings"]) for k, s in stamps.items()}
             other = [str(k) for k, h in trained.items() if h is not None and h != settings]  # None: made before hashes
             if other:
                 raise RunError(f"{self.round_dir(r)}: fold(s) {', '.join(other)} were trained under other settings than "

@@ -17,9 +17,8 @@ import numpy as np
 
 from multitask.data.cache import decode_into, undecodable_error
 from multitask.labels import Factor, Task
-from multitask.outputs import list_images, stream_predictions
+from multitask.outputs import CHUNK, list_images, stream_predictions
 
-CHUNK = 2048  # images decoded at a time
 META_KEY = "mt"  # the ONNX metadata entry `mt export` writes: the task, image size, decision offsets
 
 
