@@ -11,14 +11,19 @@
 #     pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
 # and, for the real-photo cache benchmark, copy some faces into an ignored folder:
 #   echo /.faces/ >> .git/info/exclude; mkdir -p .faces; ls ../shared/data/utkface/*.jpg | head -1400 | xargs cp -t .faces
+# and, for the accuracy run, the faces, mask templates and tools of ../shared (32 MB, never committed):
+#   echo /.utk/ >> .git/info/exclude; mkdir -p .utk/data; cp -r ../shared/tools .utk/
+#   cp -r ../shared/data/utkface ../shared/data/mask_templates .utk/data/
 # Then, on the device (carry: [".whl", ".faces"]):
 #   bash scripts/gpu_session.sh check        # CUDA tests + the whole suite
 #   bash scripts/gpu_session.sh throughput   # bench_throughput at batch 128, and bench_cache
 #   bash scripts/gpu_session.sh compile      # bench_throughput at batch 256 with torch.compile
 #   bash scripts/gpu_session.sh kfold 1      # 5 folds x 10 epochs, competition size, one fold at a time
 #   bash scripts/gpu_session.sh kfold 2      # the same, two folds at once
+#   bash scripts/gpu_session.sh accuracy     # issue 14's GPU target (carry: [".whl", ".utk"]): the full
+#       real-face build, configs/competition.yaml from scratch with 8 minutes for all folds, held-out F1
 set -euo pipefail
-stage=${1:?usage: scripts/gpu_session.sh check|throughput|compile|kfold JOBS [extra --set overrides]}
+stage=${1:?usage: scripts/gpu_session.sh check|throughput|compile|kfold JOBS|accuracy [extra --set overrides]}
 shift
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -49,6 +54,16 @@ kfold)
     jobs=${1:?kfold needs the number of folds at once}
     shift
     python3 scripts/bench_kfold.py --data "$data" --jobs "$jobs" "$@" | tee "$out/kfold_jobs$jobs.json"
+    ;;
+accuracy)
+    # LIMIT=N builds from the first N faces only (a dry run on a CPU); TRAIN_LIMIT is mt train's budget,
+    # which leaves the build and the submission inside one 10-minute call
+    utk=${UTK:-.utk}
+    python3 "$utk/tools/build_maskset.py" --faces "$utk/data/utkface" --out /tmp/utkmask --eval-frac 0.2 --seed 0 \
+        ${LIMIT:+--limit "$LIMIT"} | tee "$out/build.txt"
+    python3 scripts/study_row.py --data /tmp/utkmask --out /tmp/acc_run --config competition \
+        --score "$utk/tools/score.py" --set "train.time_limit_s=${TRAIN_LIMIT:-480}" "$@" | tee "$out/accuracy.json"
+    cp /tmp/acc_run/round0/summary.json "$out/accuracy_summary.json"
     ;;
 *)
     echo "unknown stage: $stage" >&2

@@ -32,6 +32,13 @@ def score(answers: Path, submission: Path, metric: Path = SCORE) -> dict:
     return json.loads(out)
 
 
+def hardware() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", CPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, type=Path, help="a build_maskset.py build (train/, eval/, answers.csv)")
@@ -42,17 +49,18 @@ def main() -> None:
     ap.add_argument("--score-only", action="store_true", help="score the finished run in --out; train nothing")
     ap.add_argument("--score", type=Path, default=SCORE, help=f"the competition metric [{SCORE}]")
     a = ap.parse_args()
-    mt = str(Path(sys.executable).parent / "mt")
-    cmd = [mt, "train", "--data", str(a.data), "--out", str(a.out), "--config", a.config]
+    # `python -m multitask.cli`, not the `mt` script: a device with the package on PYTHONPATH has no script
+    mt = [sys.executable, "-m", "multitask.cli"]
+    cmd = ["train", "--data", str(a.data), "--out", str(a.out), "--config", a.config]
     cmd += ["--heads", a.heads] if a.heads else []
     for o in a.overrides:
         cmd += ["--set", o]
     train_s = None
     if not a.score_only:
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(mt + cmd, check=True, stdout=subprocess.DEVNULL)
         train_s = round(time.perf_counter() - t0, 1)
-        subprocess.run([mt, "submit", "--run", str(a.out)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(mt + ["submit", "--run", str(a.out)], check=True, stdout=subprocess.DEVNULL)
 
     from multitask.kfold import load_round_test_probs, reopen_context
     from multitask.predict import vote
@@ -72,12 +80,12 @@ def main() -> None:
             return score(a.data / "answers.csv", path, a.score)
 
     row = {
-        "name": a.out.name, "command": " ".join(cmd[1:]),
+        "name": a.out.name, "command": "mt " + " ".join(cmd),
         "oof": {k: round(v, 4) for k, v in summary["oof"].items() if k.startswith("f1")},
         "held_out": score(a.data / "answers.csv", a.out / "submission.csv", a.score),
         "held_out_argmax": held_out(probs),
         "held_out_hard_vote": held_out(vote(folds, "hard")),
-        "train_s": train_s, "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU",
+        "train_s": train_s, "hardware": hardware(),
     }
     if "decision" in summary:
         row["oof_decision"] = {k: {m: round(v, 4) for m, v in s.items()} for k, s in summary["decision"].items()}
