@@ -212,7 +212,7 @@ def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | No
     if run.folds.exists():
         folds_table = read_folds(run.folds)
     else:
-        folds_table = make_folds(table.train, task, cfg.train.folds, cfg.train.seed)
+        folds_table = make_folds(table.train, task, cfg.train.folds, cfg.train.fold_seed)
         atomic_write_text(run.folds, folds_table.to_csv(index=False))
     folds = assign_folds(table.train, folds_table)
     if images is None:

@@ -52,7 +52,7 @@ def check_members(runs: list[Path], members: list[dict]) -> None:
         folds = pd.read_csv(RunDir(path).folds, dtype=str)
         if not folds.equals(first):
             raise ConfigError(f"{RunDir(path).folds} differs from {RunDir(runs[0]).folds}: an ensemble's weights are "
-                              f"fitted on OOF, which needs every run to share one split (same data, folds and seed)")
+                              f"fitted on OOF, which needs every run to share one split (same data, train.folds and train.fold_seed)")
         if m["task"].factors != members[0]["task"].factors:
             raise ConfigError(f"{path} predicts other factors than {runs[0]}: {m['task'].factor_names} vs "
                               f"{members[0]['task'].factor_names}")

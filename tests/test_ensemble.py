@@ -43,10 +43,20 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     assert [m["weight"] for m in fixed["members"]] == [0.75, 0.25]
 
 
+def test_runs_of_another_seed_share_the_split(members, demo_root, tmp_path):
+    a, _ = members
+    other = tmp_path / "seed1"
+    train_run(tiny_config(demo_root, "train.epochs=2", "train.seed=1"), other)
+    assert RunDir(other).folds.read_text() == RunDir(a).folds.read_text()
+    oof_a, oof_b = (load_npz(RunDir(r).round_dir(0) / "oof.npz") for r in (a, other))
+    assert not np.allclose(oof_a["p_mask"], oof_b["p_mask"])  # the seed still changes the models
+    assert len(make_ensemble([a, other], tmp_path / "ens")["members"]) == 2
+
+
 def test_an_ensemble_refuses_runs_with_other_folds(members, demo_root, tmp_path):
     a, _ = members
     other = tmp_path / "other"
-    train_run(tiny_config(demo_root, "train.seed=1"), other)
+    train_run(tiny_config(demo_root, "train.fold_seed=1"), other)
     with pytest.raises(ConfigError, match="folds.csv differs"):
         make_ensemble([a, other], tmp_path / "ens")
     assert not (tmp_path / "ens").exists()
