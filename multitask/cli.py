@@ -139,18 +139,19 @@ def pseudo_label_cmd(
     rounds: Optional[int] = typer.Option(None, help="pseudo-label rounds to add " + from_config("pseudo.rounds", "the run's")),
     jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process " + from_config("train.jobs", "the run's")),
     soft: bool = typer.Option(False, "--soft", help="every test image, with its fold's previous probabilities as soft targets (no threshold)"),
+    labels_from: Optional[Path] = typer.Option(None, "--labels-from", help="the first new round learns this run's labels: a run under the same split, e.g. an `mt ensemble` of this run and others"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override (repeatable)"),
 ):
-    """Add rounds trained on train + pseudo-labelled test images: each fold's from its own previous model,
-    each factor where it clears a threshold fitted on OOF to the target precision (or, --soft, every
-    test image with that model's probabilities)."""
+    """Add rounds trained on train + pseudo-labelled test images: each fold's from its own previous model
+    (or --labels-from another run's fold-k models), each factor where it clears a threshold fitted on
+    OOF to the target precision (or, --soft, every test image with that model's probabilities)."""
     from multitask.pseudo import pseudo_label
 
     join_torchrun()
     with progress_and_errors() as progress:
         extra = [f"train.jobs={jobs}"] if jobs is not None else []
         extra += ["pseudo.soft=true"] if soft else []
-        reports = pseudo_label(run, precision, rounds, extra + list(set_ or []), progress)
+        reports = pseudo_label(run, precision, rounds, extra + list(set_ or []), progress, labels_from)
     table = Table(title="pseudo-label rounds (images per fold)")
     for col in ("round", "precision", "added", "labelled per factor", "OOF macro F1"):
         table.add_column(col, justify="right")

@@ -46,13 +46,15 @@ def member_probs(run_dir: Path) -> dict:
             "test_probs": probs(test) if test is not None else None}
 
 
+def check_same_split(run: Path, other: Path, why: str) -> None:
+    if not pd.read_csv(RunDir(run).folds, dtype=str).equals(pd.read_csv(RunDir(other).folds, dtype=str)):
+        raise ConfigError(f"{RunDir(run).folds} differs from {RunDir(other).folds}: {why}, which needs both runs to "
+                          f"share one split (same data, train.folds and train.fold_seed)")
+
+
 def check_members(runs: list[Path], members: list[dict]) -> None:
-    first = pd.read_csv(RunDir(runs[0]).folds, dtype=str)
     for path, m in zip(runs[1:], members[1:]):
-        folds = pd.read_csv(RunDir(path).folds, dtype=str)
-        if not folds.equals(first):
-            raise ConfigError(f"{RunDir(path).folds} differs from {RunDir(runs[0]).folds}: an ensemble's weights are "
-                              f"fitted on OOF, which needs every run to share one split (same data, train.folds and train.fold_seed)")
+        check_same_split(path, runs[0], "an ensemble's weights are fitted on OOF")
         if m["task"].factors != members[0]["task"].factors:
             raise ConfigError(f"{path} predicts other factors than {runs[0]}: {m['task'].factor_names} vs "
                               f"{members[0]['task'].factor_names}")
@@ -61,6 +63,27 @@ def check_members(runs: list[Path], members: list[dict]) -> None:
         ids, first_ids = m["test_ids"], members[0]["test_ids"]
         if (ids is None) != (first_ids is None) or (ids is not None and not np.array_equal(ids, first_ids)):
             raise ConfigError(f"{path}'s test images differ from {runs[0]}'s")
+
+
+def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """Per fold k, the ensemble's weighted vote of its members' fold-k models on the test images (each
+    member's auxiliary blend in, offsets out). Fold k of every member validated on fold k's groups
+    and never trained on them, so fold k of a run under the same split may learn from this vote."""
+    cfg = load_run_config(RunDir(run_dir))
+    votes: dict[int, np.ndarray] = {}
+    total: dict[int, float] = {}
+    for path, r, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
+        run = RunDir(path)
+        member = load_run_config(run)
+        task, heads = build_task(member)
+        blend = blend_only(load_decision(run.round_dir(r)))
+        for k in read_json(run.round_dir(r) / "summary.json")["folds_done"]:
+            test = load_npz(run.fold_dir(r, k) / "test.npz")
+            if not np.array_equal(test["image_id"], test_ids):
+                raise ConfigError(f"{run.fold_dir(r, k) / 'test.npz'}: predicted for other test images than this run's")
+            votes[k] = votes.get(k, 0) + w * predict_classes(task, heads, head_probs(test), member, blend)[0]
+            total[k] = total.get(k, 0) + w
+    return {k: v / total[k] for k, v in votes.items() if total[k] > 0}
 
 
 def weighted(probs: list[np.ndarray], w) -> np.ndarray:

@@ -198,7 +198,8 @@ def worker_devices(name: str) -> list[str]:
 def refuse_ensemble(ctx: Context) -> None:
     if ctx.cfg.ensemble is not None:
         raise ConfigError(f"{ctx.run.root} is an ensemble of runs, with no models of its own to train: "
-                          f"pseudo-label or resume its member runs, then run `mt ensemble` again")
+                          f"pseudo-label or resume its member runs (`mt pseudo-label --run MEMBER --labels-from "
+                          f"{ctx.run.root}` teaches them the ensemble's votes), then run `mt ensemble` again")
 
 
 def train_round(ctx: Context, r: int, progress=None, resume: bool = False, on_epoch=None) -> dict:

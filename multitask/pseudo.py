@@ -10,19 +10,26 @@ OOF predictions of that factor reach `pseudo.precision`. A test image joins with
 clear their threshold; the others stay unknown (-1) and its rows add nothing to the heads that need
 them. One threshold on the final class selects almost nothing where one factor (age) stays uncertain.
 Pseudo images only ever train: never a validation fold, so OOF scores stay honest.
+
+Another teacher (`--labels-from RUN`, the first new round only): a run under the same split, such
+as an `mt ensemble` of this run and others, or a stronger backbone. Fold k then learns from that
+run's fold-k models (an ensemble's: the weighted vote of its members' fold-k models), which never
+saw fold k's groups either; its thresholds come from that run's OOF.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from multitask import dist
-from multitask.config import ConfigError
-from multitask.context import check_round, every_fold
+from multitask.config import Config, ConfigError
+from multitask.context import build_task, check_round, every_fold, load_run_config
 from multitask.decide import blend_only, load_decision, predict_classes
 from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
+from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.run import SOFT_FILE, RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
 
 UNKNOWN = -1
@@ -73,29 +80,80 @@ def select_factors(task, combined: np.ndarray, thresholds: dict[str, float]) -> 
     return labels, conf
 
 
-def own_test_probs(ctx, prev: int):
-    """(fold, its own round-prev head probabilities of the test images), for every fold done: the
-    only predictions a fold's next pseudo labels may come from."""
+@dataclass
+class Teacher:
+    """Where a round's pseudo labels come from: a round of a run under the same split (its OOF sets the
+    thresholds, its decision reads its heads), and per fold the head probabilities of the test images
+    from models that never saw that fold's groups."""
+    task: Task
+    heads: list[Head]
+    cfg: Config
+    round_dir: Path
+    test: dict[int, dict[str, np.ndarray]]  # fold -> head probabilities of the test images
+    source: str | None = None  # the other run the labels come from (None: the run's own previous round)
+
+
+def teacher_of(ctx, prev: int, labels_from: str | Path | None) -> Teacher:
+    teacher = other_teacher(ctx, labels_from) if labels_from else own_teacher(ctx, prev)
+    wanted = ctx.cfg.train.fold if ctx.cfg.train.fold is not None else range(ctx.cfg.train.folds)
+    missing = sorted(set(wanted) - set(teacher.test))
+    if missing:  # such a fold would train without a single pseudo label
+        raise ConfigError(f"{teacher.round_dir}: no test predictions of fold(s) {missing}, which this round trains")
+    return teacher
+
+
+def own_teacher(ctx, prev: int) -> Teacher:
+    """The run's own round prev: fold k's labels from fold k's own model."""
+    check_round(ctx.run, prev, ctx.cfg)
+    test = {}
     for k in read_json(ctx.run.round_dir(prev) / "summary.json")["folds_done"]:
-        test = load_npz(ctx.run.fold_dir(prev, k) / "test.npz")
-        check_identities(ctx, prev, k, None, test)
-        yield k, head_probs(test)
+        z = load_npz(ctx.run.fold_dir(prev, k) / "test.npz")
+        check_identities(ctx, prev, k, None, z)
+        test[k] = head_probs(z)
+    return Teacher(ctx.task, ctx.heads, ctx.cfg, ctx.run.round_dir(prev), test)
 
 
-def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Round prev+1's pseudo labels: for each fold, its own round-prev model's test predictions under
-    the round's decision, kept per factor where they clear the OOF-calibrated thresholds."""
-    task, heads, cfg, run = ctx.task, ctx.heads, ctx.cfg, ctx.run
-    check_round(run, prev, cfg)
-    decision = load_decision(run.round_dir(prev))
-    oof = load_npz(run.round_dir(prev) / "oof.npz")
-    oof_probs = head_probs(oof)
-    combined_oof, _ = predict_classes(task, heads, oof_probs, cfg, decision)
+def other_teacher(ctx, path: str | Path) -> Teacher:
+    """Another run under the same split (its round that `submit` uses), or an `mt ensemble` run."""
+    from multitask.ensemble import check_same_split, fold_votes
+
+    other = RunDir(path)
+    cfg = load_run_config(other)
+    if cfg.distill is not None:
+        raise ConfigError(f"{other.root} is a distilled student: it learned every training image from its teacher, "
+                          f"so its labels would carry fold k's groups into fold k; take the teacher's labels instead")
+    check_same_split(other.root, ctx.run.root, "fold k's labels must come from models that never saw fold k's groups")
+    task, heads = build_task(cfg)
+    if task.factors != ctx.task.factors:
+        raise ConfigError(f"{other.root} predicts other factors than {ctx.run.root}: {task.factor_names} vs "
+                          f"{ctx.task.factor_names}")
+    r, _ = other.choose_round(cfg.train.folds)
+    test_ids = ctx.table.test["image_id"].to_numpy().astype(str)
+    if cfg.ensemble is not None:
+        test = {k: {FLAT_HEAD: p} for k, p in fold_votes(other.root, test_ids).items()}
+        return Teacher(task, heads, cfg, other.round_dir(r), test, str(other.root))
+    test = {}
+    for k in read_json(other.round_dir(r) / "summary.json")["folds_done"]:
+        z = load_npz(other.fold_dir(r, k) / "test.npz")
+        if not np.array_equal(z["image_id"], test_ids):
+            raise ConfigError(f"{other.fold_dir(r, k) / 'test.npz'}: predicted for other test images than {ctx.run.root}'s")
+        test[k] = head_probs(z)
+    return Teacher(task, heads, cfg, other.round_dir(r), test, str(other.root))
+
+
+def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float], dict]:
+    """The next round's pseudo labels: for each fold, the teacher's fold-k test predictions under its
+    decision, kept per factor where they clear the thresholds calibrated on the teacher's OOF."""
+    task, cfg = ctx.task, ctx.cfg
+    decision = load_decision(teacher.round_dir)
+    oof = load_npz(teacher.round_dir / "oof.npz")
+    combined_oof, _ = predict_classes(teacher.task, teacher.heads, head_probs(oof), teacher.cfg, decision)
     thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision)
     image_ids = ctx.table.test["image_id"].to_numpy().astype(str)
     frames = []
-    for k, probs in own_test_probs(ctx, prev):
-        labels, conf = select_factors(task, predict_classes(task, heads, probs, cfg, decision)[0], thresholds)
+    for k, probs in sorted(teacher.test.items()):
+        combined = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision)[0]
+        labels, conf = select_factors(task, combined, thresholds)
         rows = np.flatnonzero((labels != UNKNOWN).any(1))
         frame = pd.DataFrame({"ImageID": image_ids[rows], "fold": k})
         for i, f in enumerate(task.factors):
@@ -105,15 +163,13 @@ def pseudo_table(ctx, prev: int) -> tuple[pd.DataFrame, dict[str, float]]:
     return pd.concat(frames, ignore_index=True), thresholds, oof_precision(task, combined_oof, oof["factors"], thresholds)
 
 
-def soft_table(ctx, prev: int) -> dict[str, np.ndarray]:
-    """Round prev+1's soft pseudo labels: for each fold, its own round-prev model's final-class
+def soft_table(ctx, teacher: Teacher) -> dict[str, np.ndarray]:
+    """The next round's soft pseudo labels: for each fold, the teacher's fold-k final-class
     probabilities of every test image (the auxiliary blend in, the offsets out)."""
-    task, heads, cfg, run = ctx.task, ctx.heads, ctx.cfg, ctx.run
-    check_round(run, prev, cfg)
-    blend = blend_only(load_decision(run.round_dir(prev)))
+    blend = blend_only(load_decision(teacher.round_dir))
     out = {"image_id": ctx.table.test["image_id"].to_numpy().astype(str)}
-    for k, probs in own_test_probs(ctx, prev):
-        out[f"fold{k}"] = predict_classes(task, heads, probs, cfg, blend)[0].astype(np.float32)
+    for k, probs in sorted(teacher.test.items()):
+        out[f"fold{k}"] = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, blend)[0].astype(np.float32)
     return out
 
 
@@ -126,10 +182,11 @@ def write_labels(run: RunDir, r: int, info: dict, table: pd.DataFrame | dict) ->
 
 
 def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: int | None = None,
-                 overrides: list[str] = (), progress=None) -> list[dict]:
+                 overrides: list[str] = (), progress=None, labels_from: str | Path | None = None) -> list[dict]:
     """Run `rounds` new rounds after the latest one; return each round's report. A round whose
     thresholds select no test image is not trained (its report says `trained: False`), and no
-    round follows it."""
+    round follows it. With `labels_from`, the first new round learns that run's labels instead of
+    this run's own (see Teacher)."""
     extra = every_fold(overrides)
     if precision is not None:
         extra.append(f"pseudo.precision={precision}")
@@ -144,18 +201,20 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
         raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no "
                                 "task.test in a table task): nothing to pseudo-label")
     reports = []
-    for _ in range(ctx.cfg.pseudo.rounds):
+    for i in range(ctx.cfg.pseudo.rounds):
         prev = ctx.run.latest_round()
         r = prev + 1
+        teacher = teacher_of(ctx, prev, labels_from if i == 0 else None)
+        source = {"labels_from": teacher.source} if teacher.source else {}
         if ctx.cfg.pseudo.soft:
-            dist.on_main(write_labels, ctx.run, r, {"from_round": prev, "soft": True}, soft_table(ctx, prev))
+            dist.on_main(write_labels, ctx.run, r, {"from_round": prev, "soft": True} | source, soft_table(ctx, teacher))
             summary = train_round(ctx, r, progress)  # each fold reads its own probabilities of every test image
             n = len(ctx.table.test)
             reports.append({"round": r, "from_round": prev, "soft": True, "precision": None, "thresholds": None,
                             "added": n, "of": n, "labelled": {f.name: n for f in ctx.task.factors},
                             "oof_f1": summary["oof"]["f1"], "oof": summary["oof"], "trained": True})
             continue
-        table, thresholds, promise = pseudo_table(ctx, prev)
+        table, thresholds, promise = pseudo_table(ctx, teacher)
         if table.empty:
             # a round with nothing to add would only retrain round prev with other seeds and become
             # a round to choose from; the next one would select nothing either
@@ -166,7 +225,7 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
         # every rank of a torchrun has made the same table from the same files; rank 0 writes it,
         # and the others go on once it has (on_main waits for it)
         dist.on_main(write_labels, ctx.run, r, {"from_round": prev, "precision": ctx.cfg.pseudo.precision,
-                                                "factors": promise}, table)
+                                                "factors": promise} | source, table)
         summary = train_round(ctx, r, progress)  # each fold reads its own rows of the round's pseudo.csv
         per_fold = table.groupby("fold").size()
         reports.append({"round": r, "from_round": prev, "precision": ctx.cfg.pseudo.precision,

@@ -1,4 +1,7 @@
 """`mt ensemble`: a weighted vote of finished runs that share their folds, as a run of its own."""
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,11 +10,13 @@ from typer.testing import CliRunner
 from conftest import tiny_config
 from multitask.cli import app
 from multitask.config import ConfigError
-from multitask.ensemble import fit_weights, make_ensemble
+from multitask.context import build_task, load_run_config
+from multitask.decide import blend_only, load_decision, predict_classes
+from multitask.ensemble import fit_weights, fold_votes, make_ensemble
 from multitask.kfold import train_run
 from multitask.predict import predict_images
 from multitask.pseudo import pseudo_label
-from multitask.run import RunDir, load_npz, read_json
+from multitask.run import SOFT_FILE, RunDir, head_probs, load_npz, read_json
 from multitask.submit import make_submission
 
 
@@ -60,6 +65,12 @@ def test_an_ensemble_refuses_runs_with_other_folds(members, demo_root, tmp_path)
     with pytest.raises(ConfigError, match="folds.csv differs"):
         make_ensemble([a, other], tmp_path / "ens")
     assert not (tmp_path / "ens").exists()
+    # nor may a run of another split teach one: its fold k saw some of this run's fold-k groups
+    run = tmp_path / "a"
+    shutil.copytree(a, run)
+    with pytest.raises(ConfigError, match="folds.csv differs"):
+        pseudo_label(run, precision=0.0, labels_from=other)
+    assert RunDir(run).rounds() == [0] and not RunDir(run).round_dir(1).exists()
     with pytest.raises(ConfigError, match="at least two runs"):
         make_ensemble([a], tmp_path / "ens")
 
@@ -69,6 +80,51 @@ def test_an_ensemble_run_cannot_be_trained_further(members, tmp_path):
     make_ensemble(list(members), out)
     with pytest.raises(ConfigError, match="no models of its own"):
         pseudo_label(out, precision=0.0)
+
+
+def fold_probs(run, k):
+    """A run's fold-k final-class probabilities of the test images (its blend in), from its files."""
+    cfg = load_run_config(RunDir(run))
+    task, heads = build_task(cfg)
+    test = load_npz(RunDir(run).fold_dir(0, k) / "test.npz")
+    return predict_classes(task, heads, head_probs(test), cfg, blend_only(load_decision(RunDir(run).round_dir(0))))[0]
+
+
+def test_pseudo_labels_from_an_ensemble_come_from_its_members_fold_k_models(members, tmp_path):
+    a, b = members
+    ens = tmp_path / "ens"
+    weights = [m["weight"] for m in make_ensemble([a, b], ens)["members"]]
+    ids = load_npz(RunDir(a).fold_dir(0, 0) / "test.npz")["image_id"]
+    votes = fold_votes(ens, ids)
+    for k in (0, 1):
+        assert np.allclose(votes[k], sum(w * fold_probs(m, k) for w, m in zip(weights, (a, b))), atol=1e-6)
+    assert not np.allclose(votes[0], votes[1])  # each fold its own models
+
+    run = tmp_path / "a"
+    shutil.copytree(a, run)
+    report = pseudo_label(run, precision=0.0, rounds=1, labels_from=ens)[0]
+    assert report["trained"] and report["added"] == len(ids)
+    assert Path(read_json(RunDir(run).round_dir(1) / "pseudo.json")["labels_from"]).resolve() == ens.resolve()
+    labels = pd.read_csv(RunDir(run).round_dir(1) / "pseudo.csv")
+    cfg = load_run_config(RunDir(ens))
+    task, heads = build_task(cfg)
+    for k in (0, 1):
+        combined = predict_classes(task, heads, {"class": votes[k]}, cfg, load_decision(RunDir(ens).round_dir(0)))[0]
+        rows = labels[labels["fold"] == k]
+        assert rows["ImageID"].tolist() == ids.tolist()
+        for i, f in enumerate(task.factors):
+            assert (rows[f.name].to_numpy() == task.marginal(combined, i).argmax(1)).all()
+
+
+def test_cli_soft_labels_from_another_run(members, tmp_path):
+    a, b = members
+    run = tmp_path / "b"
+    shutil.copytree(b, run)
+    result = CliRunner().invoke(app, ["pseudo-label", "--run", str(run), "--soft", "--labels-from", str(a)])
+    assert result.exit_code == 0, result.output
+    soft = load_npz(RunDir(run).round_dir(1) / SOFT_FILE)
+    for k in (0, 1):  # fold k of the joined-head run learns run a's fold-k probabilities
+        assert np.allclose(soft[f"fold{k}"], fold_probs(a, k), atol=1e-6)
 
 
 def test_fit_weights_prefers_the_better_run():
