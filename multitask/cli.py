@@ -363,7 +363,7 @@ def tune(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override of the base config (repeatable)"),
 ):
     """An Optuna study (lr, weight decay, per-head losses and weights, augmentation strength, image
-    size, sampler, numeric auxiliary heads, soft edges, MixUp), pruned on early-epoch validation F1,
+    size, sampler, numeric auxiliary heads, soft edges, MixUp), pruned from the end of the first fold,
     resumable; the best trial's settings become best.yaml for `mt train --config`."""
     from multitask.budget import parse_duration
     from multitask.tune import tune as run_tune

@@ -38,9 +38,9 @@ def test_a_study_resumes_and_its_best_config_trains(demo_root, tmp_path):
     assert len(list(study.glob("trial_*"))) == 4
 
 
-def test_trials_behind_the_median_are_pruned_on_early_epochs(demo_root, tmp_path, monkeypatch):
-    """The pruner sees every epoch: a trial whose early epochs trail earlier trials stops there,
-    with the epochs it ran and no more."""
+def test_trials_behind_the_median_are_pruned_at_the_end_of_their_first_fold(demo_root, tmp_path, monkeypatch):
+    """The pruner sees every epoch but judges none before the first fold's last: a trial that then
+    trails earlier trials stops there, with the epochs it ran and no more."""
     import optuna
     import pandas as pd
 
@@ -48,17 +48,19 @@ def test_trials_behind_the_median_are_pruned_on_early_epochs(demo_root, tmp_path
 
     base = ["model.backbone=test_efficientnet", "data.img_size=[32, 32]", "train.folds=2", "train.epochs=3",
             "train.batch_size=16", "train.device=cpu", f"data.cache_dir={tmp_path / 'cache'}"]
-    # trial 0 and 1 learn (lr 3e-3); trial 2 cannot (lr 1e-9): behind the median from its first epoch
+    # trial 0 and 1 learn (lr 3e-3); trial 2 cannot (lr 1e-9): behind the median from its first epoch on
     lrs = iter([3e-3, 3e-3, 1e-9])
     real = tuning.suggest
     monkeypatch.setattr(tuning, "suggest", lambda trial, cfg: [*real(trial, cfg), f"train.lr={next(lrs)}",
                                                                "aug.mix={prob: 0.0}", "data.img_size=[32, 32]"])
-    result = tuning.tune(None, tmp_path / "study", trials=3, data=demo_root, overrides=base, say=lambda _: None)
+    said = []
+    result = tuning.tune(None, tmp_path / "study", trials=3, data=demo_root, overrides=base, say=said.append)
     study = optuna.load_study(study_name="mt", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
     states = [t.state for t in study.trials]
     assert states[:2] == [optuna.trial.TrialState.COMPLETE] * 2 and result["finished"] == 3
-    # seeded on the CPU, so the same every time: behind the median at its first epoch, stopped there
-    assert states[2] == optuna.trial.TrialState.PRUNED and list(study.trials[2].intermediate_values) == [1]
+    # seeded on the CPU, so the same every time: judged at fold 0's last epoch, stopped there
+    assert states[2] == optuna.trial.TrialState.PRUNED and list(study.trials[2].intermediate_values) == [1, 2, 3]
     metrics = pd.read_csv(tmp_path / "study" / "trial_002" / "round0" / "fold0" / "metrics.csv")
-    assert len(metrics) == 1 and not (tmp_path / "study" / "trial_002" / "round0" / "fold1").exists()
+    assert len(metrics) == 3 and not (tmp_path / "study" / "trial_002" / "round0" / "fold1").exists()
+    assert said[2].startswith("trial 2: pruned after fold 0 epoch 3, its validation macro F1 then")
     assert sorted(study.trials[0].intermediate_values) == list(range(1, 7))  # every epoch of both folds
