@@ -35,19 +35,31 @@ PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("p
 LOCATIONS = {("data_root",), ("task", "table"), ("task", "images"), ("task", "test"), ("distill", "teacher")}
 
 
-def settings_hash(cfg: Config) -> str:
+def settings_hash(cfg: Config, written: dict | None = None) -> str:
     """The run's settings, the per-invocation ones and locations left out: every fold's outputs carry
     it, so a fold trained under other settings than config.yaml now holds is found, not voted (the
-    images themselves are checked by their identities, kfold.check_identities)."""
-    def kept(node: dict, prefix: tuple = ()) -> dict:
-        return {k: kept(v, prefix + (k,)) if isinstance(v, dict) else v
-                for k, v in node.items() if prefix + (k,) not in PER_INVOCATION | LOCATIONS}
-    return hashlib.sha1(json.dumps(kept(cfg.model_dump(mode="json")), sort_keys=True).encode()).hexdigest()[:16]
+    images themselves are checked by their identities, kfold.check_identities). `written` is the
+    run's config.yaml as it was written: a setting it does not name was added to mt after the run
+    was made, is at its default (what the run did), and is left out, so that a newer mt still reads
+    the run's folds."""
+    def kept(node: dict, like, prefix: tuple = ()) -> dict:
+        return {k: kept(v, like.get(k) if isinstance(like, dict) else None, prefix + (k,)) if isinstance(v, dict) else v
+                for k, v in node.items()
+                if prefix + (k,) not in PER_INVOCATION | LOCATIONS and (like is None or k in like)}
+    return hashlib.sha1(json.dumps(kept(cfg.model_dump(mode="json"), written), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_settings_hash(run: RunDir, cfg: Config) -> str:
+    """settings_hash of a run's settings, against the settings its config.yaml names (all of them in
+    a folder without one: the time-limit probe's scratch run)."""
+    import yaml
+
+    return settings_hash(cfg, yaml.safe_load(run.config.read_text()) if run.config.exists() else None)
 
 
 def check_round(run: RunDir, r: int, cfg: Config) -> None:
     """Round r may be read: its results come from the fold outputs there now, made under these settings."""
-    run.check_round_current(r, cfg.train.folds, settings_hash(cfg))
+    run.check_round_current(r, cfg.train.folds, run_settings_hash(run, cfg))
 
 
 @dataclass

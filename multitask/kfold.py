@@ -18,7 +18,7 @@ import torch
 from multitask import dist
 from multitask.config import Config, ConfigError
 from multitask.context import (Context, build_task, claim_run_dir, every_fold, load_images, open_context, read_checked,
-                               reopen_context, settings_hash)
+                               reopen_context, run_settings_hash)
 from multitask.budget import fit_epochs
 from multitask.data.augment import build_albumentations
 from multitask.data.dataset import RowImages
@@ -152,7 +152,7 @@ def save_predictions(ctx: Context, r: int, k: int, train_id: str, data: FoldData
                      device: torch.device) -> None:
     """The fold's OOF and test probabilities from the checkpoint that training kept."""
     cfg, fold_dir = ctx.cfg, ctx.run.fold_dir(r, k)
-    made_by, settings = np.array(train_id), np.array(settings_hash(cfg))
+    made_by, settings = np.array(train_id), np.array(run_settings_hash(ctx.run, cfg))
     model = load_model(fold_dir / fold_checkpoint(cfg), cfg, ctx.task, ctx.heads, device)
     oof = predict_probs(model, data.val_images, cfg, device)
     # rows are positions in the train table; ids say which images they were, to be checked

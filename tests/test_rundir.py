@@ -186,6 +186,26 @@ def test_folds_trained_under_other_settings_than_config_yaml_are_refused(run, tm
     make_submission(run, tmp_path / "sub.csv")
 
 
+def test_a_setting_added_to_mt_after_a_run_was_made_does_not_orphan_its_folds(demo_root):
+    """A run's config.yaml names every setting mt had when it was written; the hash its folds carry
+    covers those. A newer mt's settings (at their defaults there) are left out of the hash, so the
+    run stays readable; every setting the run names still counts."""
+    import yaml
+
+    from multitask.config import dump_config
+    from multitask.context import settings_hash
+
+    cfg = tiny_config(demo_root)
+    written = yaml.safe_load(dump_config(cfg))
+    assert settings_hash(cfg, written) == settings_hash(cfg)
+    del written["train"]["fold_seed"], written["numeric"]  # as an mt without those settings wrote it
+    older = settings_hash(cfg, written)
+    assert older != settings_hash(cfg)
+    train = lambda **kw: cfg.model_copy(update={"train": cfg.train.model_copy(update=kw)})  # noqa: E731
+    assert settings_hash(train(fold_seed=3), written) == older
+    assert settings_hash(train(lr=0.5), written) != older
+
+
 def test_an_edited_train_table_or_reordered_test_list_is_an_error(run, demo_root, tmp_path):
     import shutil
 
