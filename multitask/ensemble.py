@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from multitask.config import ConfigError, EnsembleCfg, dump_config
-from multitask.context import build_task, load_run_config
+from multitask.context import build_task, check_round, load_run_config
 from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes, scores_of
 from multitask.labels import FLAT_HEAD
 from multitask.metrics import macro_f1
@@ -75,6 +75,7 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
     for path, r, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
         run = RunDir(path)
         member = load_run_config(run)
+        check_round(run, r, member)
         task, heads = build_task(member)
         blend = blend_only(load_decision(run.round_dir(r)))
         for k in read_json(run.round_dir(r) / "summary.json")["folds_done"]:

@@ -129,9 +129,10 @@ def other_teacher(ctx, path: str | Path) -> Teacher:
                           f"{ctx.task.factor_names}")
     r, _ = other.choose_round(cfg.train.folds)
     test_ids = ctx.table.test["image_id"].to_numpy().astype(str)
-    if cfg.ensemble is not None:
+    if cfg.ensemble is not None:  # its members' rounds are checked as they are read
         test = {k: {FLAT_HEAD: p} for k, p in fold_votes(other.root, test_ids).items()}
         return Teacher(task, heads, cfg, other.round_dir(r), test, str(other.root))
+    check_round(other, r, cfg)
     test = {}
     for k in read_json(other.round_dir(r) / "summary.json")["folds_done"]:
         z = load_npz(other.fold_dir(r, k) / "test.npz")
