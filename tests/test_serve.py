@@ -221,6 +221,10 @@ def test_a_student_is_a_run_that_submit_predict_and_export_accept(runs, demo_roo
     assert pd.read_csv(tmp_path / "sub.csv").equals(pd.read_csv(tmp_path / "sub_onnx.csv"))
     with pytest.raises(ConfigError, match="distilled student"):
         pseudo_label(student)
+    # nor may it teach its teacher: it learned every training image, fold k's groups among them
+    with pytest.raises(ConfigError, match="distilled student"):
+        pseudo_label(teacher, labels_from=student)
+    assert RunDir(teacher).rounds() == [0]
     with pytest.raises(ConfigError, match="already holds a run"):
         distill(teacher, student, epochs=1)
 
