@@ -65,6 +65,19 @@ def check_members(runs: list[Path], members: list[dict]) -> None:
             raise ConfigError(f"{path}'s test images differ from {runs[0]}'s")
 
 
+def fold_test_probs(run: RunDir, r: int, cfg, test_ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+    """Round r of another run, fold by fold: its head probabilities of the test images, checked to be
+    made under the settings its config.yaml holds and for exactly these test images."""
+    check_round(run, r, cfg)
+    out = {}
+    for k in read_json(run.round_dir(r) / "summary.json")["folds_done"]:
+        test = load_npz(run.fold_dir(r, k) / "test.npz")
+        if not np.array_equal(test["image_id"], test_ids):
+            raise ConfigError(f"{run.fold_dir(r, k) / 'test.npz'}: predicted for other test images than this run's")
+        out[k] = head_probs(test)
+    return out
+
+
 def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
     """Per fold k, the ensemble's weighted vote of its members' fold-k models on the test images (each
     member's auxiliary blend in, offsets out). Fold k of every member validated on fold k's groups
@@ -75,14 +88,10 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
     for path, r, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
         run = RunDir(path)
         member = load_run_config(run)
-        check_round(run, r, member)
         task, heads = build_task(member)
         blend = blend_only(load_decision(run.round_dir(r)))
-        for k in read_json(run.round_dir(r) / "summary.json")["folds_done"]:
-            test = load_npz(run.fold_dir(r, k) / "test.npz")
-            if not np.array_equal(test["image_id"], test_ids):
-                raise ConfigError(f"{run.fold_dir(r, k) / 'test.npz'}: predicted for other test images than this run's")
-            votes[k] = votes.get(k, 0) + w * predict_classes(task, heads, head_probs(test), member, blend)[0]
+        for k, probs in fold_test_probs(run, r, member, test_ids).items():
+            votes[k] = votes.get(k, 0) + w * predict_classes(task, heads, probs, member, blend)[0]
             total[k] = total.get(k, 0) + w
     return {k: v / total[k] for k, v in votes.items() if total[k] > 0}
 

@@ -28,6 +28,7 @@ from multitask import dist
 from multitask.config import Config, ConfigError
 from multitask.context import build_task, check_round, every_fold, load_run_config
 from multitask.decide import blend_only, load_decision, predict_classes
+from multitask.ensemble import check_same_split, fold_test_probs, fold_votes
 from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.run import SOFT_FILE, RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
@@ -115,8 +116,6 @@ def own_teacher(ctx, prev: int) -> Teacher:
 
 def other_teacher(ctx, path: str | Path) -> Teacher:
     """Another run under the same split (its round that `submit` uses), or an `mt ensemble` run."""
-    from multitask.ensemble import check_same_split, fold_votes
-
     other = RunDir(path)
     cfg = load_run_config(other)
     if cfg.distill is not None:
@@ -129,16 +128,10 @@ def other_teacher(ctx, path: str | Path) -> Teacher:
                           f"{ctx.task.factor_names}")
     r, _ = other.choose_round(cfg.train.folds)
     test_ids = ctx.table.test["image_id"].to_numpy().astype(str)
-    if cfg.ensemble is not None:  # its members' rounds are checked as they are read
+    if cfg.ensemble is not None:
         test = {k: {FLAT_HEAD: p} for k, p in fold_votes(other.root, test_ids).items()}
-        return Teacher(task, heads, cfg, other.round_dir(r), test, str(other.root))
-    check_round(other, r, cfg)
-    test = {}
-    for k in read_json(other.round_dir(r) / "summary.json")["folds_done"]:
-        z = load_npz(other.fold_dir(r, k) / "test.npz")
-        if not np.array_equal(z["image_id"], test_ids):
-            raise ConfigError(f"{other.fold_dir(r, k) / 'test.npz'}: predicted for other test images than {ctx.run.root}'s")
-        test[k] = head_probs(z)
+    else:
+        test = fold_test_probs(other, r, cfg, test_ids)
     return Teacher(task, heads, cfg, other.round_dir(r), test, str(other.root))
 
 
