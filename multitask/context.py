@@ -23,6 +23,7 @@ from multitask.data.table import DataError, ImageTable, read_table
 from multitask.labels import FLAT_HEAD, Factor, Head, Task, mask_task
 from multitask.numeric import numerics
 from multitask.run import RunDir, atomic_write_text
+from multitask.subjects import subject_spec
 
 # Settings that may differ between invocations on one run directory without changing what it holds.
 PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("pseudo", "precision"), ("pseudo", "rounds"),
@@ -95,6 +96,7 @@ def build_task(cfg: Config) -> tuple[Task, list[Head]]:
     if soft_f1_weighted:
         raise ConfigError(f"losses {soft_f1_weighted}: soft_f1 weighs every class alike; class_weights do not apply")
     numerics(task, cfg)  # numeric settings name numeric factors of this task
+    subject_spec(task, cfg)  # and decide.subjects names its factors and classes
     return task, heads
 
 

@@ -1,10 +1,13 @@
 """The final decision, fitted on the round's OOF probabilities for macro F1, and its honest estimate.
 
-Two steps, each switchable in `decide:` of the config:
+Three steps, each switchable in `decide:` of the config:
 1. Each auxiliary numeric output is read as bin probabilities and blended into its factor:
    q = (1 - w)·p_factor + w·p_aux, the final-class probabilities rescaled so the factor's marginal
    becomes q (any head layout: the factor's marginal is summed out of the final class).
-2. Additive log-prior offsets, per factor class (b_class = Σ_f b_f[class_f]) or per final class:
+2. Where pictures come in subjects (`decide.subjects`), the factors a subject keeps are moved
+   towards those of its clearest picture in the same way (subjects.py); this needs the pictures'
+   likeness, so it applies to a set of pictures (OOF, the test set), not to one.
+3. Additive log-prior offsets, per factor class (b_class = Σ_f b_f[class_f]) or per final class:
    argmax(log p + b). Argmax is the decision that maximises accuracy; macro F1 rewards the rare classes
    more, and offsets move the boundaries towards them.
 
@@ -24,6 +27,7 @@ from multitask.labels import Head, Task
 from multitask.metrics import macro_f1
 from multitask.numeric import aux_bins, aux_name, numerics, regression_sigma
 from multitask.run import read_json, write_json
+from multitask.subjects import Pictures, read_subjects, subject_spec
 
 OFFSET_GRID = np.linspace(-2, 2, 17)
 BLEND_GRID = np.linspace(0, 1, 11)
@@ -35,6 +39,7 @@ class Decision:
     blend: dict[str, float] = field(default_factory=dict)  # numeric factor -> weight of its auxiliary output
     sigma: dict[str, float] = field(default_factory=dict)  # regression factor -> spread of its number
     offsets: list[float] | None = None  # per final class, added to the log-probabilities
+    subjects: float = 0.0  # weight of a subject's clearest picture in the factors it keeps
 
 
 def aux_kinds(task: Task, cfg: Config) -> dict[str, str]:
@@ -42,8 +47,9 @@ def aux_kinds(task: Task, cfg: Config) -> dict[str, str]:
 
 
 def final_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], kinds: dict[str, str],
-                decision: Decision) -> np.ndarray:
-    """Final-class probabilities: the heads' product, with each auxiliary output blended in."""
+                decision: Decision, spec: tuple | None = None, pictures: Pictures | None = None) -> np.ndarray:
+    """Final-class probabilities: the heads' product, with each auxiliary output blended in, then
+    subjects read where `spec` (subjects.subject_spec) and the pictures' likeness are given."""
     combined = task.combine(heads, probs)
     codes = task.decode(np.arange(task.n_classes))
     for name, w in decision.blend.items():
@@ -55,6 +61,8 @@ def final_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], kin
         p_f = task.marginal(combined, i)
         q = (1 - w) * p_f + w * q_aux
         combined = combined * (q / np.maximum(p_f, EPS))[:, codes[:, i]]
+    if decision.subjects > 0 and spec is not None and pictures is not None:
+        combined = read_subjects(task, combined, spec, decision.subjects, pictures)
     return combined
 
 
@@ -96,8 +104,8 @@ def fit_offsets(task: Task, combined: np.ndarray, y: np.ndarray, mode: str, pass
 
 
 def fit_decision(task: Task, heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray,
-                 values: dict[str, np.ndarray], cfg: Config) -> Decision:
-    """Spread of each regression, blend weights, then offsets, all on the rows given."""
+                 values: dict[str, np.ndarray], cfg: Config, pictures: Pictures | None = None) -> Decision:
+    """Spread of each regression, blend weights, the subjects' weight, then offsets, all on the rows given."""
     kinds = aux_kinds(task, cfg) if cfg.decide.blend_aux else {}
     y = task.encode(factors)
     d = Decision()
@@ -111,16 +119,24 @@ def fit_decision(task: Task, heads: list[Head], probs: dict[str, np.ndarray], fa
             trial = Decision(d.blend | {name: float(w)}, d.sigma)
             scores.append(macro_f1(y, final_probs(task, heads, probs, kinds, trial).argmax(1), task.n_classes))
         d.blend[name] = float(BLEND_GRID[int(np.argmax(scores))])  # the first best: the smallest weight
+    spec = subject_spec(task, cfg) if pictures is not None else None
+    if spec is not None:
+        scores = [macro_f1(y, final_probs(task, heads, probs, kinds, Decision(d.blend, d.sigma, subjects=float(w)),
+                                          spec, pictures).argmax(1), task.n_classes) for w in BLEND_GRID]
+        d.subjects = float(BLEND_GRID[int(np.argmax(scores))])
     if cfg.decide.offsets != "none":
-        d.offsets = fit_offsets(task, final_probs(task, heads, probs, kinds, d), y, cfg.decide.offsets).tolist()
+        d.offsets = fit_offsets(task, final_probs(task, heads, probs, kinds, d, spec, pictures), y,
+                                cfg.decide.offsets).tolist()
     return d
 
 
 def predict_classes(task: Task, heads: list[Head], probs: dict[str, np.ndarray], cfg: Config,
-                    decision: Decision | None) -> tuple[np.ndarray, np.ndarray]:
-    """(final-class probabilities, final classes) under a decision (None: the heads' product, argmax)."""
+                    decision: Decision | None, pictures: Pictures | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(final-class probabilities, final classes) under a decision (None: the heads' product, argmax);
+    subjects are read only where the pictures' likeness is given."""
     d = decision or Decision()
-    combined = final_probs(task, heads, probs, aux_kinds(task, cfg), d)
+    spec = subject_spec(task, cfg) if pictures is not None else None
+    combined = final_probs(task, heads, probs, aux_kinds(task, cfg), d, spec, pictures)
     return combined, decide_classes(combined, d.offsets)
 
 
@@ -137,36 +153,44 @@ def take(d: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def honest_scores(task: Task, heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray,
-                  values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config) -> dict:
+                  values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config,
+                  pictures: Pictures | None = None) -> dict:
     """The decision refitted without each fold and applied to that fold only; scored over all rows."""
     classes = np.zeros(len(factors), np.int64)
+    part = lambda rows: pictures.take(rows) if pictures is not None else None  # noqa: E731
     for k in np.unique(folds):
         fit_rows, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        d = fit_decision(task, heads, take(probs, fit_rows), factors[fit_rows], take(values, fit_rows), cfg)
-        classes[held] = predict_classes(task, heads, take(probs, held), cfg, d)[1]
+        d = fit_decision(task, heads, take(probs, fit_rows), factors[fit_rows], take(values, fit_rows), cfg,
+                         part(fit_rows))
+        classes[held] = predict_classes(task, heads, take(probs, held), cfg, d, part(held))[1]
     return scores_of(task, classes, factors)
 
 
 def is_active(task: Task, cfg: Config) -> bool:
-    return cfg.decide.offsets != "none" or (cfg.decide.blend_aux and bool(aux_kinds(task, cfg)))
+    return (cfg.decide.offsets != "none" or cfg.decide.subjects is not None
+            or (cfg.decide.blend_aux and bool(aux_kinds(task, cfg))))
 
 
 def decide_round(round_dir: Path, task: Task, heads: list[Head], probs: dict[str, np.ndarray],
-                 factors: np.ndarray, values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config) -> dict:
+                 factors: np.ndarray, values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config,
+                 look: np.ndarray | None = None) -> dict:
     """Fit the decision on the round's OOF, write decision.json, and report OOF macro F1 three ways:
-    plain argmax, the decision in-sample (optimistic), and fold-honest."""
-    d = fit_decision(task, heads, probs, factors, values, cfg)
+    plain argmax, the decision in-sample (optimistic), and fold-honest. With the pictures' likeness
+    (`look`), subjects are matched within each fold: the pictures one fold model predicted."""
+    pictures = Pictures(look, folds) if look is not None else None
+    d = fit_decision(task, heads, probs, factors, values, cfg, pictures)
     report = {
         "argmax": scores_of(task, task.combine(heads, probs).argmax(1), factors),
-        "in_sample": scores_of(task, predict_classes(task, heads, probs, cfg, d)[1], factors),
-        "honest": honest_scores(task, heads, probs, factors, values, folds, cfg),
+        "in_sample": scores_of(task, predict_classes(task, heads, probs, cfg, d, pictures)[1], factors),
+        "honest": honest_scores(task, heads, probs, factors, values, folds, cfg, pictures),
     }
     write_json(round_dir / "decision.json", {"decision": asdict(d), "oof": report})
     return report
 
 
 def blend_only(decision: Decision | None) -> Decision | None:
-    """A decision's auxiliary blend without its offsets: what a run contributes to a vote of runs."""
+    """A decision's auxiliary blend without its offsets or subjects: what a run contributes to a vote
+    of runs, one picture at a time."""
     return Decision(decision.blend, decision.sigma) if decision else None
 
 

@@ -60,7 +60,8 @@ def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | N
                    epochs: int | None, heads: str | None, true_weight: float, unlabeled: bool, val_fold: int,
                    overrides: list[str]) -> Config:
     """The teacher's settings with the student's model, size, epochs and heads; no auxiliary outputs
-    and no decision of its own (the teacher's probabilities already hold both), and one view at
+    and no decision of its own (the teacher's probabilities already hold both; a student serves
+    pictures one at a time, so it reads no subjects either), and one view at
     prediction: the teacher's TTA views are in the targets already, and a second view would halve
     the speed the student is for (measured in docs/PERFORMANCE.md). `overrides` come last."""
     if heads is None:
@@ -74,7 +75,7 @@ def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | N
         "aug": teacher.aug.model_copy(update={"tta": ["none"]}),
         "data": teacher.data.model_copy(update={"img_size": tuple(img_size)} if img_size else {}),
         "train": teacher.train.model_copy(update={"folds": 1, "fold": None} | ({"epochs": epochs} if epochs else {})),
-        "decide": teacher.decide.model_copy(update={"offsets": "none", "blend_aux": False}),
+        "decide": teacher.decide.model_copy(update={"offsets": "none", "blend_aux": False, "subjects": None}),
         "distill": DistillCfg(teacher=str(teacher_dir.resolve()), round=r, true_weight=true_weight,
                               unlabeled=unlabeled, val_fold=val_fold),
     }).model_dump(mode="json")

@@ -43,6 +43,7 @@ def member_probs(run_dir: Path) -> dict:
                                       blend)[0]
     return {"cfg": cfg, "task": task, "round": r, "oof": oof, "oof_probs": probs(oof),
             "test_ids": test["image_id"] if test is not None else None,
+            "test_likeness": {"likeness": test["likeness"]} if test is not None and "likeness" in test else {},
             "test_probs": probs(test) if test is not None else None}
 
 
@@ -155,14 +156,15 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     save_npz(run.round_dir(0) / "oof.npz", **{k: v for k, v in oof.items() if not k.startswith("p_")}, p_class=voted)
     if members[0]["test_probs"] is not None:
         save_npz(run.round_dir(0) / "test_probs.npz", image_id=members[0]["test_ids"],
-                 p_class=weighted([m["test_probs"] for m in members], w))
+                 p_class=weighted([m["test_probs"] for m in members], w), **members[0]["test_likeness"])
     summary = {"round": 0, "folds_done": read_json(RunDir(runs[0]).round_dir(members[0]["round"]) / "summary.json")["folds_done"],
                "members": [{"run": str(r), "round": m["round"], "weight": float(x), "oof": scores_of(task, m["oof_probs"].argmax(1), factors)}
                            for r, m, x in zip(runs, members, w)],
                "oof": scores_of(task, voted.argmax(1), factors),
                "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task) if weights is None else None}
     if is_active(task, cfg):
-        summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg)
+        summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg,
+                                           oof.get("likeness"))
     write_json(run.round_dir(0) / "summary.json", summary)
     write_json(run.summary, {"latest_round": 0, "rounds": [summary]})
     return summary

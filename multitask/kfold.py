@@ -34,6 +34,7 @@ from multitask.predict import load_model, predict_probs, vote
 from multitask.report import plot_round
 from multitask.run import (SOFT_FILE, RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint,
                            head_probs, load_npz, read_json, save_npz, write_json)
+from multitask.subjects import Pictures, likeness, stored_pictures
 
 
 def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray] | None:
@@ -249,9 +250,10 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
     rows = rows[order]
     oof_scores = score_probs(task, heads, oof, factors[rows])
     numbers = {f: v[rows] for f, v in numeric_values(ctx.table.train, task).items()}
+    looks = pictures_likeness(ctx) if ctx.cfg.decide.subjects is not None else None
     save_npz(run.round_dir(r) / "oof.npz", rows=rows, group=ctx.table.train["group"].to_numpy().astype(str)[rows],
              factors=factors[rows], fold=ctx.folds[rows], **{f"p_{h}": p for h, p in oof.items()},
-             **{f"value_{f}": v for f, v in numbers.items()})
+             **{f"value_{f}": v for f, v in numbers.items()}, **({"likeness": looks[0][rows]} if looks else {}))
     # two figures per fold, named for how they were made: the epoch was picked by its validation F1
     # on the plain images; the fold's OOF predictions average the TTA views
     fold_scores = {}
@@ -264,7 +266,7 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
     if tests is not None:
         test = vote([head_probs(t) for t in tests], ctx.cfg.decide.vote)
         save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str),
-                 **{f"p_{h}": p for h, p in test.items()})
+                 **{f"p_{h}": p for h, p in test.items()}, **({"likeness": looks[1]} if looks else {}))
     # folds trained elsewhere (other shells or machines, `--fold K`) join when they are done: the
     # last process to finish one rebuilds this aggregate with every fold
     missing = {str(k): run.why_missing(r, k) for k in range(ctx.cfg.train.folds) if k not in done}
@@ -273,7 +275,7 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
                "wall_s": round(wall_s, 1) if wall_s is not None else None}  # of the invocation that wrote this
     if is_active(task, ctx.cfg):
         summary["decision"] = decide_round(run.round_dir(r), task, heads, oof, factors[rows], numbers,
-                                           ctx.folds[rows], ctx.cfg)
+                                           ctx.folds[rows], ctx.cfg, looks[0][rows] if looks else None)
     pseudo_file = run.round_dir(r) / "pseudo.csv"
     if pseudo_file.exists():
         summary["pseudo_added"] = {str(k): int(n) for k, n in pd.read_csv(pseudo_file).groupby("fold").size().items()}
@@ -292,13 +294,21 @@ def update_run_summary(run: RunDir) -> None:
     write_json(run.summary, {"latest_round": rounds[-1]["round"], "skipped": skipped, "rounds": rounds})
 
 
-def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def pictures_likeness(ctx: Context) -> tuple[np.ndarray, np.ndarray | None]:
+    """(train, test) pictures' likeness (subjects.likeness), from the decoded images."""
+    train, test = ((ctx.train_images, ctx.test_images) if ctx.train_images is not None
+                   else load_images(ctx.cfg, ctx.table))
+    return likeness(train), likeness(test) if test is not None else None
+
+
+def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, np.ndarray], Pictures | None]:
+    """(image ids, voted probabilities, the pictures' likeness where subjects are read) of round r."""
     path = ctx.run.round_dir(r) / "test_probs.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no test probabilities (the task has no test images: "
                                 f"a competition root without eval/, or a table task without task.test)")
     z = load_npz(path)
-    return z["image_id"], head_probs(z)
+    return z["image_id"], head_probs(z), stored_pictures(z)
 
 
 def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) -> dict:

@@ -134,6 +134,7 @@ def write_report(run_dir) -> Path:
     from multitask.context import reopen_context
     from multitask.decide import load_decision, predict_classes
     from multitask.run import head_probs, load_npz, read_json
+    from multitask.subjects import stored_pictures
 
     ctx = reopen_context(run_dir, with_images=False)
     run, task, heads, cfg = ctx.run, ctx.task, ctx.heads, ctx.cfg
@@ -141,7 +142,8 @@ def write_report(run_dir) -> Path:
     rounds = run.rounds()
     summaries = {q: read_json(run.round_dir(q) / "summary.json") for q in rounds}
     oof = load_npz(run.round_dir(r) / "oof.npz")
-    combined, classes = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(r)))
+    combined, classes = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(r)),
+                                        stored_pictures(oof))
     truth = oof["factors"]
     y = task.encode(truth)
     names = [" / ".join(map(str, n)) for n in task.class_names(np.arange(task.n_classes))]

@@ -55,8 +55,9 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     check_round(ctx.run, r, ctx.cfg)
     if log:
         log(f"using {why}")
-    image_ids, probs = load_round_test_probs(ctx, r)
-    combined, classes = predict_classes(ctx.task, ctx.heads, probs, ctx.cfg, load_decision(ctx.run.round_dir(r)))
+    image_ids, probs, pictures = load_round_test_probs(ctx, r)
+    combined, classes = predict_classes(ctx.task, ctx.heads, probs, ctx.cfg, load_decision(ctx.run.round_dir(r)),
+                                        pictures)
     return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, f"round {r}")
 
 

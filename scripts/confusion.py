@@ -17,6 +17,7 @@ from multitask.context import build_task, load_run_config
 from multitask.decide import load_decision, predict_classes
 from multitask.metrics import confusion
 from multitask.run import RunDir, atomic_write_bytes, head_probs, load_npz
+from multitask.subjects import stored_pictures
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     task, heads = build_task(cfg)
     oof = load_npz(run.round_dir(a.round) / "oof.npz")
     probs = head_probs(oof)
-    _, classes = predict_classes(task, heads, probs, cfg, load_decision(run.round_dir(a.round)))
+    _, classes = predict_classes(task, heads, probs, cfg, load_decision(run.round_dir(a.round)), stored_pictures(oof))
     pred, truth = task.decode(classes), oof["factors"]
 
     import matplotlib

@@ -68,7 +68,7 @@ def main() -> None:
 
     summary = read_json(a.out / "round0" / "summary.json")
     ctx = reopen_context(a.out, with_images=False)
-    ids, probs = load_round_test_probs(ctx, 0)
+    ids, probs, _ = load_round_test_probs(ctx, 0)
     folds = [head_probs(load_npz(ctx.run.fold_dir(0, k) / "test.npz")) for k in summary["folds_done"]]
     info = pd.read_csv(a.data / "eval" / "info.csv")
 

@@ -53,9 +53,9 @@ def test_the_honest_estimate_fits_on_other_folds_only(monkeypatch):
     fitted_on = []
     real_fit = decide_mod.fit_decision
 
-    def spy(task, heads, p, f, v, cfg):
+    def spy(task, heads, p, f, v, cfg, pictures=None):
         fitted_on.append(set(p["row"][:, 0].astype(int)))
-        return real_fit(task, heads, p, f, v, cfg)
+        return real_fit(task, heads, p, f, v, cfg, pictures)
 
     monkeypatch.setattr(decide_mod, "fit_decision", spy)
     cfg = tiny_config(None, "decide.offsets=factor", "numeric={}")  # no auxiliary head to blend

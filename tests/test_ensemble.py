@@ -17,6 +17,7 @@ from multitask.kfold import train_run
 from multitask.predict import predict_images
 from multitask.pseudo import pseudo_label
 from multitask.run import SOFT_FILE, RunDir, head_probs, load_npz, read_json
+from multitask.subjects import Pictures
 from multitask.submit import make_submission
 
 
@@ -40,9 +41,20 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     assert oof["p_class"].shape == (84, 18) and np.allclose(oof["p_class"].sum(1), 1)
     sub = pd.read_csv(make_submission(out))
     assert sub["ImageID"].tolist() == pd.read_csv(demo_root / "eval" / "info.csv")["ImageID"].tolist()
+    # the members' pictures' likeness travels, so the ensemble reads subjects on the test set
+    test = load_npz(RunDir(out).round_dir(0) / "test_probs.npz")
+    assert test["likeness"].shape[0] == len(sub) and "likeness" in oof
+    cfg = load_run_config(RunDir(out))
+    task, heads = build_task(cfg)
+    decision = load_decision(RunDir(out).round_dir(0))
+    voted = {"class": test["p_class"]}
+    order = pd.Index(test["image_id"]).get_indexer(sub["ImageID"])
+    assert (predict_classes(task, heads, voted, cfg, decision, Pictures(test["likeness"]))[1][order] ==
+            sub["ans"].to_numpy()).all()
+    # predict re-runs every member's models, and reads each picture on its own
     predict_images(out, demo_root / "eval" / "images", tmp_path / "p.csv")
     preds = pd.read_csv(tmp_path / "p.csv").set_index("path").loc[sub["ImageID"]]
-    assert (preds["class"].to_numpy() == sub["ans"].to_numpy()).all()  # predict re-runs every member's models
+    assert (preds["class"].to_numpy() == predict_classes(task, heads, voted, cfg, decision)[1][order]).all()
     # given weights are used as given (normalised)
     fixed = make_ensemble([a, b], tmp_path / "fixed", weights=[3, 1])
     assert [m["weight"] for m in fixed["members"]] == [0.75, 0.25]

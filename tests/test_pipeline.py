@@ -10,7 +10,7 @@ from multitask.cli import app
 from multitask.config import ConfigError
 from multitask.kfold import train_run
 from multitask.pseudo import factor_thresholds, precision_threshold, pseudo_label, select_factors
-from multitask.run import RunDir, load_npz, read_json
+from multitask.run import RunDir, load_npz, read_json, save_npz
 from multitask.submit import SubmissionError, check_submission, make_submission, write_submission
 
 
@@ -68,6 +68,44 @@ def test_train_is_deterministic_on_cpu(trained, demo_root, tmp_path):
         a = pd.read_csv(RunDir(out).fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
         b = pd.read_csv(RunDir(again).fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
         pd.testing.assert_frame_equal(a, b)
+
+
+def test_submit_reads_each_persons_gender_and_age_from_their_unmasked_picture(trained, demo_root, tmp_path):
+    import shutil
+
+    from multitask.context import load_images, reopen_context
+    from multitask.decide import load_decision, predict_classes
+    from multitask.run import write_json
+    from multitask.subjects import Pictures, likeness, nearest_anchor
+
+    out, summary = trained
+    run = RunDir(out)
+    oof, test = load_npz(run.round_dir(0) / "oof.npz"), load_npz(run.round_dir(0) / "test_probs.npz")
+    ctx = reopen_context(out)
+    # the likeness stored is that of the decoded pictures, OOF in the order of its rows
+    np.testing.assert_allclose(oof["likeness"], likeness(ctx.train_images)[oof["rows"]], rtol=1e-6)
+    np.testing.assert_allclose(test["likeness"], likeness(load_images(ctx.cfg, ctx.table)[1]), rtol=1e-6)
+    decision = read_json(run.round_dir(0) / "decision.json")
+    assert 0 <= decision["decision"]["subjects"] <= 1 and "honest" in decision["oof"]
+    # with the weight at 1, every test picture takes its anchor's gender and age (a model of three
+    # epochs finds no unmasked picture: every seventh is made one)
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    write_json(RunDir(copy).round_dir(0) / "decision.json",
+               decision | {"decision": decision["decision"] | {"subjects": 1.0, "blend": {}}})
+    p_mask = np.eye(3)[np.where(np.arange(len(test["image_id"])) % 7 == 0, 2, 0)] * 0.9 + 0.1 / 3
+    save_npz(RunDir(copy).round_dir(0) / "test_probs.npz", **(test | {"p_mask": p_mask}))
+    sub = pd.read_csv(make_submission(copy, tmp_path / "sub.csv", round=0)).set_index("ImageID").loc[test["image_id"]]
+    task, heads = ctx.task, ctx.heads
+    probs = {"mask": p_mask, "gender": test["p_gender"], "age": test["p_age"]}
+    own = task.decode(task.combine(heads, probs).argmax(1))
+    anchor = nearest_anchor(test["likeness"], own[:, 0] == 2)
+    assert (anchor != np.arange(len(anchor))).any()
+    got = task.decode(sub["ans"].to_numpy())
+    assert (got[:, 0] == own[:, 0]).all()  # the mask stays each picture's own
+    assert (got[:, 1:] == own[anchor, 1:]).all()
+    assert sub["ans"].tolist() == predict_classes(task, heads, probs, ctx.cfg, load_decision(RunDir(copy).round_dir(0)),
+                                                  Pictures(test["likeness"]))[1].tolist()
 
 
 def test_pseudo_round_then_submit(trained, demo_root):

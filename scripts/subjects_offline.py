@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""`decide.subjects` on a finished run, without training it again (the setting changes only the
+decision, not the models): the round's decision refitted with subjects read, its fold-honest OOF
+macro F1, and the held-out score of the submission it makes, beside the run's own decision.
+
+  python scripts/subjects_offline.py RUN DATA [--anchor mask=not_worn] [--factors gender,age]
+
+DATA is the build_maskset.py build the run trained on (its answers.csv scores the submission).
+Prints one JSON line. The run directory is not written to.
+"""
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from multitask.config import SubjectsCfg
+from multitask.context import reopen_context
+from multitask.decide import decide_round, load_decision, predict_classes
+from multitask.kfold import pictures_likeness
+from multitask.run import head_probs, load_npz
+from multitask.subjects import Pictures, subject_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_row import score  # noqa: E402
+
+
+def held_out(data: Path, ids, classes) -> dict:
+    info = pd.read_csv(data / "eval" / "info.csv")
+    sub = pd.DataFrame({"ImageID": ids, "ans": classes}).set_index("ImageID").loc[info["ImageID"]].reset_index()
+    with tempfile.TemporaryDirectory() as tmp:
+        sub.to_csv(Path(tmp) / "s.csv", index=False)
+        return score(data / "answers.csv", Path(tmp) / "s.csv")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--round", type=int, default=0)
+    ap.add_argument("--anchor", default="mask=not_worn")
+    ap.add_argument("--factors", default="gender,age")
+    a = ap.parse_args()
+    ctx = reopen_context(a.run)  # a finished run takes no new decide settings: the copy below does
+    subjects = SubjectsCfg(anchor=a.anchor, factors=a.factors.split(","))
+    cfg = ctx.cfg.model_copy(update={"decide": ctx.cfg.decide.model_copy(update={"subjects": subjects})})
+    r, task, heads = a.round, ctx.task, ctx.heads
+    subject_spec(task, cfg)
+    train_look, test_look = pictures_likeness(ctx)
+    oof = load_npz(ctx.run.round_dir(r) / "oof.npz")
+    test = load_npz(ctx.run.round_dir(r) / "test_probs.npz")
+    values = {k[6:]: v for k, v in oof.items() if k.startswith("value_")}
+    with tempfile.TemporaryDirectory() as tmp:  # decide_round writes decision.json: not into the run
+        report = decide_round(Path(tmp), task, heads, head_probs(oof), oof["factors"], values, oof["fold"], cfg,
+                              train_look[oof["rows"]])
+        decision = load_decision(Path(tmp))
+    _, with_subjects = predict_classes(task, heads, head_probs(test), cfg, decision, Pictures(test_look))
+    _, own = predict_classes(task, heads, head_probs(test), cfg, load_decision(ctx.run.round_dir(r)))
+    rnd = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
+    print(json.dumps({
+        "run": str(a.run), "subjects_weight": decision.subjects,
+        "oof_argmax": rnd(report["argmax"]), "oof_honest": rnd(report["honest"]),
+        "held_out_own_decision": held_out(a.data, test["image_id"], own),
+        "held_out_with_subjects": held_out(a.data, test["image_id"], with_subjects),
+    }))
+
+
+if __name__ == "__main__":
+    main()
