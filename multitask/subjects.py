@@ -7,7 +7,7 @@ carry no person id, so each picture is matched to the most alike *anchor*: a pic
 predicted class of the anchor factor (`decide.subjects.anchor`, e.g. `mask=not_worn`) marks it as a
 subject's clearest. The likeness compares what a face covering never hides, the top half of the
 picture and its left and right edges (hair, forehead, background, clothes), as the mean colours
-of an 8 x 8 grid. On real faces this finds the right anchor for 96% of training pictures (a fold's
+of an 8 x 8 grid. On the real-face build this finds the right anchor for 96% of training pictures (a fold's
 validation persons, docs/RESULTS.md).
 
 The subject's factors are then (1 - w)·own + w·anchor's, per factor, with w fitted on OOF like

@@ -42,10 +42,12 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=0)
     ap.add_argument("--anchor", default="mask=not_worn")
     ap.add_argument("--factors", default="gender,age")
+    ap.add_argument("--offsets", default=None, help="decide.offsets for the refit (none, factor, class) [the run's]")
     a = ap.parse_args()
     ctx = reopen_context(a.run)  # a finished run takes no new decide settings: the copy below does
     subjects = SubjectsCfg(anchor=a.anchor, factors=a.factors.split(","))
-    cfg = ctx.cfg.model_copy(update={"decide": ctx.cfg.decide.model_copy(update={"subjects": subjects})})
+    decide = {"subjects": subjects} | ({"offsets": a.offsets} if a.offsets else {})
+    cfg = ctx.cfg.model_copy(update={"decide": ctx.cfg.decide.model_copy(update=decide)})
     r, task, heads = a.round, ctx.task, ctx.heads
     subject_spec(task, cfg)
     train_look, test_look = pictures_likeness(ctx)
