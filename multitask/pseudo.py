@@ -15,10 +15,14 @@ Another teacher (`--labels-from RUN`, the first new round only): a run under the
 as an `mt ensemble` of this run and others, or a stronger backbone. Fold k then learns from that
 run's fold-k models (an ensemble's: the weighted vote of its members' fold-k models), which never
 saw fold k's groups either; its thresholds come from that run's OOF.
+
+Subjects: where the teacher's decision reads them (`decide.subjects`), fold k's labels of a
+person's pictures are read from fold k's own prediction of that person's clearest picture (matched
+by pixels alone), and the thresholds come from the OOF read the same way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +31,12 @@ import pandas as pd
 from multitask import dist
 from multitask.config import Config, ConfigError
 from multitask.context import build_task, check_round, every_fold, load_run_config
-from multitask.decide import blend_only, load_decision, predict_classes
+from multitask.decide import Decision, load_decision, predict_classes
 from multitask.ensemble import check_same_split, fold_test_probs, fold_votes
 from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.run import SOFT_FILE, RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
+from multitask.subjects import Pictures, likeness, stored_pictures
 
 UNKNOWN = -1
 
@@ -135,18 +140,28 @@ def other_teacher(ctx, path: str | Path) -> Teacher:
     return Teacher(task, heads, cfg, other.round_dir(r), test, str(other.root))
 
 
+def teacher_pictures(ctx, decision: Decision | None, oof: dict) -> tuple[Pictures | None, Pictures | None]:
+    """(OOF, test) pictures where the teacher's decision reads subjects: fold k's test labels are then
+    read per person from fold k's own predictions, and the thresholds from OOF read the same way."""
+    oof_pictures = stored_pictures(oof)
+    if decision is None or decision.subjects <= 0 or oof_pictures is None:
+        return None, None
+    return oof_pictures, Pictures(likeness(ctx.test_images))
+
+
 def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float], dict]:
     """The next round's pseudo labels: for each fold, the teacher's fold-k test predictions under its
     decision, kept per factor where they clear the thresholds calibrated on the teacher's OOF."""
     task, cfg = ctx.task, ctx.cfg
     decision = load_decision(teacher.round_dir)
     oof = load_npz(teacher.round_dir / "oof.npz")
-    combined_oof, _ = predict_classes(teacher.task, teacher.heads, head_probs(oof), teacher.cfg, decision)
+    oof_pictures, test_pictures = teacher_pictures(ctx, decision, oof)
+    combined_oof, _ = predict_classes(teacher.task, teacher.heads, head_probs(oof), teacher.cfg, decision, oof_pictures)
     thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision)
     image_ids = ctx.table.test["image_id"].to_numpy().astype(str)
     frames = []
     for k, probs in sorted(teacher.test.items()):
-        combined = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision)[0]
+        combined = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision, test_pictures)[0]
         labels, conf = select_factors(task, combined, thresholds)
         rows = np.flatnonzero((labels != UNKNOWN).any(1))
         frame = pd.DataFrame({"ImageID": image_ids[rows], "fold": k})
@@ -159,11 +174,14 @@ def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float],
 
 def soft_table(ctx, teacher: Teacher) -> dict[str, np.ndarray]:
     """The next round's soft pseudo labels: for each fold, the teacher's fold-k final-class
-    probabilities of every test image (the auxiliary blend in, the offsets out)."""
-    blend = blend_only(load_decision(teacher.round_dir))
+    probabilities of every test image (the auxiliary blend and subjects in, the offsets out)."""
+    decision = load_decision(teacher.round_dir)
+    decision = replace(decision, offsets=None) if decision is not None else None
+    _, test_pictures = teacher_pictures(ctx, decision, load_npz(teacher.round_dir / "oof.npz"))
     out = {"image_id": ctx.table.test["image_id"].to_numpy().astype(str)}
     for k, probs in sorted(teacher.test.items()):
-        out[f"fold{k}"] = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, blend)[0].astype(np.float32)
+        out[f"fold{k}"] = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision,
+                                          test_pictures)[0].astype(np.float32)
     return out
 
 

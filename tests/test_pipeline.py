@@ -108,6 +108,44 @@ def test_submit_reads_each_persons_gender_and_age_from_their_unmasked_picture(tr
                                                   Pictures(test["likeness"]))[1].tolist()
 
 
+def test_pseudo_labels_read_each_persons_gender_and_age_from_their_unmasked_picture(trained, tmp_path):
+    import shutil
+
+    from multitask.context import reopen_context
+    from multitask.pseudo import own_teacher, pseudo_table, soft_table
+    from multitask.run import write_json
+    from multitask.subjects import nearest_anchor
+
+    out, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    run = RunDir(copy)
+    decision = read_json(run.round_dir(0) / "decision.json")
+    write_json(run.round_dir(0) / "decision.json",
+               decision | {"decision": decision["decision"] | {"subjects": 1.0, "blend": {}}})
+    look = load_npz(run.round_dir(0) / "test_probs.npz")["likeness"]
+    for k in (0, 1):  # a model of three epochs finds no unmasked picture: every seventh is made one
+        z = load_npz(run.fold_dir(0, k) / "test.npz")
+        z["p_mask"] = np.eye(3)[np.where(np.arange(len(z["p_mask"])) % 7 == k, 2, 0)] * 0.9 + 0.1 / 3
+        save_npz(run.fold_dir(0, k) / "test.npz", **z)
+    ctx = reopen_context(copy)
+    teacher = own_teacher(ctx, 0)
+    ctx.cfg.pseudo.precision = 0.0  # every factor of every test image
+    labels = pseudo_table(ctx, teacher)[0]
+    soft = soft_table(ctx, teacher)
+    task = ctx.task
+    for k in (0, 1):
+        own = task.decode(task.combine(ctx.heads, teacher.test[k]).argmax(1))
+        anchor = nearest_anchor(look, own[:, 0] == 2)
+        assert (anchor != np.arange(len(anchor))).any()
+        rows = labels[labels["fold"] == k]
+        assert (rows["mask"].to_numpy() == own[:, 0]).all()
+        for i, f in ((1, "gender"), (2, "age")):  # fold k's own reading of the person's anchor picture
+            assert (rows[f].to_numpy() == own[anchor, i]).all()
+            np.testing.assert_allclose(task.marginal(soft[f"fold{k}"], i), task.marginal(
+                task.combine(ctx.heads, teacher.test[k]), i)[anchor], rtol=1e-5)
+
+
 def test_pseudo_round_then_submit(trained, demo_root):
     out, _ = trained
     reports = pseudo_label(out, precision=0.0, rounds=1)  # precision 0 takes every test image, every factor
