@@ -250,10 +250,12 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
     rows = rows[order]
     oof_scores = score_probs(task, heads, oof, factors[rows])
     numbers = {f: v[rows] for f, v in numeric_values(ctx.table.train, task).items()}
-    looks = pictures_likeness(ctx) if ctx.cfg.decide.subjects is not None else None
+    train_look, test_look = pictures_likeness(ctx) if ctx.cfg.decide.subjects is not None else (None, None)
+    oof_look = train_look[rows] if train_look is not None else None
     save_npz(run.round_dir(r) / "oof.npz", rows=rows, group=ctx.table.train["group"].to_numpy().astype(str)[rows],
              factors=factors[rows], fold=ctx.folds[rows], **{f"p_{h}": p for h, p in oof.items()},
-             **{f"value_{f}": v for f, v in numbers.items()}, **({"likeness": looks[0][rows]} if looks else {}))
+             **{f"value_{f}": v for f, v in numbers.items()},
+             **({"likeness": oof_look} if oof_look is not None else {}))
     # two figures per fold, named for how they were made: the epoch was picked by its validation F1
     # on the plain images; the fold's OOF predictions average the TTA views
     fold_scores = {}
@@ -266,7 +268,7 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
     if tests is not None:
         test = vote([head_probs(t) for t in tests], ctx.cfg.decide.vote)
         save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str),
-                 **{f"p_{h}": p for h, p in test.items()}, **({"likeness": looks[1]} if looks else {}))
+                 **{f"p_{h}": p for h, p in test.items()}, **({"likeness": test_look} if test_look is not None else {}))
     # folds trained elsewhere (other shells or machines, `--fold K`) join when they are done: the
     # last process to finish one rebuilds this aggregate with every fold
     missing = {str(k): run.why_missing(r, k) for k in range(ctx.cfg.train.folds) if k not in done}
@@ -275,7 +277,7 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
                "wall_s": round(wall_s, 1) if wall_s is not None else None}  # of the invocation that wrote this
     if is_active(task, ctx.cfg):
         summary["decision"] = decide_round(run.round_dir(r), task, heads, oof, factors[rows], numbers,
-                                           ctx.folds[rows], ctx.cfg, looks[0][rows] if looks else None)
+                                           ctx.folds[rows], ctx.cfg, oof_look)
     pseudo_file = run.round_dir(r) / "pseudo.csv"
     if pseudo_file.exists():
         summary["pseudo_added"] = {str(k): int(n) for k, n in pd.read_csv(pseudo_file).groupby("fold").size().items()}

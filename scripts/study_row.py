@@ -32,6 +32,16 @@ def score(answers: Path, submission: Path, metric: Path = SCORE) -> dict:
     return json.loads(out)
 
 
+def score_classes(data: Path, ids, classes, metric: Path = SCORE) -> dict:
+    """The held-out score of final classes for the test images `ids`, written in info.csv's order."""
+    info = pd.read_csv(data / "eval" / "info.csv")
+    frame = pd.DataFrame({"ImageID": ids, "ans": classes}).set_index("ImageID").loc[info["ImageID"]].reset_index()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sub.csv"
+        frame.to_csv(path, index=False)
+        return score(data / "answers.csv", path, metric)
+
+
 def hardware() -> str:
     import torch
 
@@ -70,14 +80,9 @@ def main() -> None:
     ctx = reopen_context(a.out, with_images=False)
     ids, probs, _ = load_round_test_probs(ctx, 0)
     folds = [head_probs(load_npz(ctx.run.fold_dir(0, k) / "test.npz")) for k in summary["folds_done"]]
-    info = pd.read_csv(a.data / "eval" / "info.csv")
 
     def held_out(p) -> dict:
-        frame = pd.DataFrame({"ImageID": ids, "ans": ctx.task.combine(ctx.heads, p).argmax(1)})
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "sub.csv"
-            frame.set_index("ImageID").loc[info["ImageID"]].reset_index().to_csv(path, index=False)
-            return score(a.data / "answers.csv", path, a.score)
+        return score_classes(a.data, ids, ctx.task.combine(ctx.heads, p).argmax(1), a.score)
 
     row = {
         "name": a.out.name, "command": "mt " + " ".join(cmd),

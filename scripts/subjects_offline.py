@@ -14,7 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 
 from multitask.config import SubjectsCfg
 from multitask.context import reopen_context
@@ -24,15 +23,7 @@ from multitask.run import head_probs, load_npz
 from multitask.subjects import Pictures, subject_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_row import score  # noqa: E402
-
-
-def held_out(data: Path, ids, classes) -> dict:
-    info = pd.read_csv(data / "eval" / "info.csv")
-    sub = pd.DataFrame({"ImageID": ids, "ans": classes}).set_index("ImageID").loc[info["ImageID"]].reset_index()
-    with tempfile.TemporaryDirectory() as tmp:
-        sub.to_csv(Path(tmp) / "s.csv", index=False)
-        return score(data / "answers.csv", Path(tmp) / "s.csv")
+from study_row import score_classes  # noqa: E402
 
 
 def main() -> None:
@@ -64,8 +55,8 @@ def main() -> None:
     print(json.dumps({
         "run": str(a.run), "subjects_weight": decision.subjects,
         "oof_argmax": rnd(report["argmax"]), "oof_honest": rnd(report["honest"]),
-        "held_out_own_decision": held_out(a.data, test["image_id"], own),
-        "held_out_with_subjects": held_out(a.data, test["image_id"], with_subjects),
+        "held_out_own_decision": score_classes(a.data, test["image_id"], own),
+        "held_out_with_subjects": score_classes(a.data, test["image_id"], with_subjects),
     }))
 
 

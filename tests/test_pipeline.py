@@ -70,12 +70,28 @@ def test_train_is_deterministic_on_cpu(trained, demo_root, tmp_path):
         pd.testing.assert_frame_equal(a, b)
 
 
-def test_submit_reads_each_persons_gender_and_age_from_their_unmasked_picture(trained, demo_root, tmp_path):
+def copy_reading_subjects_fully(out, tmp_path) -> RunDir:
+    """A copy of the run whose round-0 decision gives a subject's anchor all the weight, and blends
+    no auxiliary output in: each picture's gender and age are then exactly its anchor's."""
     import shutil
 
+    from multitask.run import write_json
+
+    run = RunDir(shutil.copytree(out, tmp_path / "run"))
+    decision = read_json(run.round_dir(0) / "decision.json")
+    write_json(run.round_dir(0) / "decision.json",
+               decision | {"decision": decision["decision"] | {"subjects": 1.0, "blend": {}}})
+    return run
+
+
+def unmasked_every_seventh(n: int, offset: int = 0) -> np.ndarray:
+    """Mask probabilities that call every seventh picture unmasked: a model of three epochs finds none."""
+    return np.eye(3)[np.where(np.arange(n) % 7 == offset, 2, 0)] * 0.9 + 0.1 / 3
+
+
+def test_submit_reads_each_persons_gender_and_age_from_their_unmasked_picture(trained, demo_root, tmp_path):
     from multitask.context import load_images, reopen_context
     from multitask.decide import load_decision, predict_classes
-    from multitask.run import write_json
     from multitask.subjects import Pictures, likeness, nearest_anchor
 
     out, summary = trained
@@ -87,15 +103,12 @@ def test_submit_reads_each_persons_gender_and_age_from_their_unmasked_picture(tr
     np.testing.assert_allclose(test["likeness"], likeness(load_images(ctx.cfg, ctx.table)[1]), rtol=1e-6)
     decision = read_json(run.round_dir(0) / "decision.json")
     assert 0 <= decision["decision"]["subjects"] <= 1 and "honest" in decision["oof"]
-    # with the weight at 1, every test picture takes its anchor's gender and age (a model of three
-    # epochs finds no unmasked picture: every seventh is made one)
-    copy = tmp_path / "run"
-    shutil.copytree(out, copy)
-    write_json(RunDir(copy).round_dir(0) / "decision.json",
-               decision | {"decision": decision["decision"] | {"subjects": 1.0, "blend": {}}})
-    p_mask = np.eye(3)[np.where(np.arange(len(test["image_id"])) % 7 == 0, 2, 0)] * 0.9 + 0.1 / 3
-    save_npz(RunDir(copy).round_dir(0) / "test_probs.npz", **(test | {"p_mask": p_mask}))
-    sub = pd.read_csv(make_submission(copy, tmp_path / "sub.csv", round=0)).set_index("ImageID").loc[test["image_id"]]
+    # with the weight at 1, every test picture takes its anchor's gender and age
+    copy = copy_reading_subjects_fully(out, tmp_path)
+    p_mask = unmasked_every_seventh(len(test["image_id"]))
+    save_npz(copy.round_dir(0) / "test_probs.npz", **(test | {"p_mask": p_mask}))
+    sub = pd.read_csv(make_submission(copy.root, tmp_path / "sub.csv", round=0))
+    sub = sub.set_index("ImageID").loc[test["image_id"]]
     task, heads = ctx.task, ctx.heads
     probs = {"mask": p_mask, "gender": test["p_gender"], "age": test["p_age"]}
     own = task.decode(task.combine(heads, probs).argmax(1))
@@ -104,31 +117,23 @@ def test_submit_reads_each_persons_gender_and_age_from_their_unmasked_picture(tr
     got = task.decode(sub["ans"].to_numpy())
     assert (got[:, 0] == own[:, 0]).all()  # the mask stays each picture's own
     assert (got[:, 1:] == own[anchor, 1:]).all()
-    assert sub["ans"].tolist() == predict_classes(task, heads, probs, ctx.cfg, load_decision(RunDir(copy).round_dir(0)),
+    assert sub["ans"].tolist() == predict_classes(task, heads, probs, ctx.cfg, load_decision(copy.round_dir(0)),
                                                   Pictures(test["likeness"]))[1].tolist()
 
 
 def test_pseudo_labels_read_each_persons_gender_and_age_from_their_unmasked_picture(trained, tmp_path):
-    import shutil
-
     from multitask.context import reopen_context
     from multitask.pseudo import own_teacher, pseudo_table, soft_table
-    from multitask.run import write_json
     from multitask.subjects import nearest_anchor
 
     out, _ = trained
-    copy = tmp_path / "run"
-    shutil.copytree(out, copy)
-    run = RunDir(copy)
-    decision = read_json(run.round_dir(0) / "decision.json")
-    write_json(run.round_dir(0) / "decision.json",
-               decision | {"decision": decision["decision"] | {"subjects": 1.0, "blend": {}}})
+    run = copy_reading_subjects_fully(out, tmp_path)
     look = load_npz(run.round_dir(0) / "test_probs.npz")["likeness"]
-    for k in (0, 1):  # a model of three epochs finds no unmasked picture: every seventh is made one
+    for k in (0, 1):  # each fold its own unmasked pictures
         z = load_npz(run.fold_dir(0, k) / "test.npz")
-        z["p_mask"] = np.eye(3)[np.where(np.arange(len(z["p_mask"])) % 7 == k, 2, 0)] * 0.9 + 0.1 / 3
+        z["p_mask"] = unmasked_every_seventh(len(z["p_mask"]), offset=k)
         save_npz(run.fold_dir(0, k) / "test.npz", **z)
-    ctx = reopen_context(copy)
+    ctx = reopen_context(run.root)
     teacher = own_teacher(ctx, 0)
     ctx.cfg.pseudo.precision = 0.0  # every factor of every test image
     labels = pseudo_table(ctx, teacher)[0]
