@@ -27,7 +27,7 @@ from multitask.labels import Head, Task
 from multitask.metrics import macro_f1
 from multitask.numeric import aux_bins, aux_name, numerics, regression_sigma
 from multitask.run import read_json, write_json
-from multitask.subjects import Pictures, read_subjects, subject_spec
+from multitask.subjects import Pictures, move_to_anchors, read_subjects, subject_anchors, subject_spec
 
 OFFSET_GRID = np.linspace(-2, 2, 17)
 BLEND_GRID = np.linspace(0, 1, 11)
@@ -121,8 +121,10 @@ def fit_decision(task: Task, heads: list[Head], probs: dict[str, np.ndarray], fa
         d.blend[name] = float(BLEND_GRID[int(np.argmax(scores))])  # the first best: the smallest weight
     spec = subject_spec(task, cfg) if pictures is not None else None
     if spec is not None:
-        scores = [macro_f1(y, final_probs(task, heads, probs, kinds, Decision(d.blend, d.sigma, subjects=float(w)),
-                                          spec, pictures).argmax(1), task.n_classes) for w in BLEND_GRID]
+        blended = final_probs(task, heads, probs, kinds, d)
+        anchor_of = subject_anchors(task, blended, spec, pictures)  # the weight moves no anchor: match once
+        scores = [macro_f1(y, move_to_anchors(task, blended, spec, float(w), anchor_of).argmax(1), task.n_classes)
+                  for w in BLEND_GRID]
         d.subjects = float(BLEND_GRID[int(np.argmax(scores))])
     if cfg.decide.offsets != "none":
         d.offsets = fit_offsets(task, final_probs(task, heads, probs, kinds, d, spec, pictures), y,

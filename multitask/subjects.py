@@ -101,17 +101,28 @@ def subject_spec(task: Task, cfg: Config) -> tuple[int, int, list[int]] | None:
     return task.factor_names.index(name), factor.classes.index(cls), [task.factor_names.index(f) for f in s.factors]
 
 
-def read_subjects(task: Task, combined: np.ndarray, spec: tuple[int, int, list[int]], weight: float,
-                  pictures: Pictures) -> np.ndarray:
+def subject_anchors(task: Task, combined: np.ndarray, spec: tuple[int, int, list[int]],
+                    pictures: Pictures) -> np.ndarray:
+    """Each picture's anchor (a row index), anchors being the pictures whose predicted class of the
+    anchor factor is the anchor class."""
+    i_anchor, c_anchor, _ = spec
+    return nearest_anchor(pictures.look, task.marginal(combined, i_anchor).argmax(1) == c_anchor, pictures.galleries)
+
+
+def move_to_anchors(task: Task, combined: np.ndarray, spec: tuple[int, int, list[int]], weight: float,
+                    anchor_of: np.ndarray) -> np.ndarray:
     """Final-class probabilities with each kept factor's marginal moved to (1 - weight)·own +
     weight·its anchor's (the final class rescaled so that the factor's marginal becomes that)."""
-    i_anchor, c_anchor, kept = spec
-    anchor_of = nearest_anchor(pictures.look, task.marginal(combined, i_anchor).argmax(1) == c_anchor,
-                               pictures.galleries)
     codes = task.decode(np.arange(task.n_classes))
     out = combined
-    for i in kept:
+    for i in spec[2]:
         p = task.marginal(combined, i)
         q = (1 - weight) * p + weight * p[anchor_of]
         out = out * (q / np.maximum(p, EPS))[:, codes[:, i]]
     return out
+
+
+def read_subjects(task: Task, combined: np.ndarray, spec: tuple[int, int, list[int]], weight: float,
+                  pictures: Pictures) -> np.ndarray:
+    """The kept factors of each picture moved towards its anchor's, found among `pictures`."""
+    return move_to_anchors(task, combined, spec, weight, subject_anchors(task, combined, spec, pictures))
