@@ -140,13 +140,11 @@ def other_teacher(ctx, path: str | Path) -> Teacher:
     return Teacher(task, heads, cfg, other.round_dir(r), test, str(other.root))
 
 
-def teacher_pictures(ctx, decision: Decision | None, oof: dict) -> tuple[Pictures | None, Pictures | None]:
-    """(OOF, test) pictures where the teacher's decision reads subjects: fold k's test labels are then
-    read per person from fold k's own predictions, and the thresholds from OOF read the same way."""
-    oof_pictures = stored_pictures(oof)
-    if decision is None or decision.subjects <= 0 or oof_pictures is None:
-        return None, None
-    return oof_pictures, Pictures(likeness(ctx.test_images))
+def test_pictures(ctx, decision: Decision | None) -> Pictures | None:
+    """The test pictures' likeness where the teacher's decision reads subjects: fold k's test labels
+    are then read per person from fold k's own predictions (and the thresholds from the OOF the
+    teacher's round stored its likeness with, read the same way)."""
+    return Pictures(likeness(ctx.test_images)) if decision is not None and decision.subjects > 0 else None
 
 
 def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float], dict]:
@@ -155,13 +153,14 @@ def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float],
     task, cfg = ctx.task, ctx.cfg
     decision = load_decision(teacher.round_dir)
     oof = load_npz(teacher.round_dir / "oof.npz")
-    oof_pictures, test_pictures = teacher_pictures(ctx, decision, oof)
-    combined_oof, _ = predict_classes(teacher.task, teacher.heads, head_probs(oof), teacher.cfg, decision, oof_pictures)
+    pictures = test_pictures(ctx, decision)
+    combined_oof, _ = predict_classes(teacher.task, teacher.heads, head_probs(oof), teacher.cfg, decision,
+                                      stored_pictures(oof))
     thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision)
     image_ids = ctx.table.test["image_id"].to_numpy().astype(str)
     frames = []
     for k, probs in sorted(teacher.test.items()):
-        combined = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision, test_pictures)[0]
+        combined = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision, pictures)[0]
         labels, conf = select_factors(task, combined, thresholds)
         rows = np.flatnonzero((labels != UNKNOWN).any(1))
         frame = pd.DataFrame({"ImageID": image_ids[rows], "fold": k})
@@ -177,11 +176,11 @@ def soft_table(ctx, teacher: Teacher) -> dict[str, np.ndarray]:
     probabilities of every test image (the auxiliary blend and subjects in, the offsets out)."""
     decision = load_decision(teacher.round_dir)
     decision = replace(decision, offsets=None) if decision is not None else None
-    _, test_pictures = teacher_pictures(ctx, decision, load_npz(teacher.round_dir / "oof.npz"))
+    pictures = test_pictures(ctx, decision)
     out = {"image_id": ctx.table.test["image_id"].to_numpy().astype(str)}
     for k, probs in sorted(teacher.test.items()):
         out[f"fold{k}"] = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision,
-                                          test_pictures)[0].astype(np.float32)
+                                          pictures)[0].astype(np.float32)
     return out
 
 

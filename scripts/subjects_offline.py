@@ -14,7 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 from multitask.config import SubjectsCfg
 from multitask.context import reopen_context
 from multitask.decide import decide_round, load_decision, predict_classes
