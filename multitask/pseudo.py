@@ -140,7 +140,7 @@ def other_teacher(ctx, path: str | Path) -> Teacher:
     return Teacher(task, heads, cfg, other.round_dir(r), test, str(other.root))
 
 
-def test_pictures(ctx, decision: Decision | None) -> Pictures | None:
+def subject_pictures(ctx, decision: Decision | None) -> Pictures | None:
     """The test pictures' likeness where the teacher's decision reads subjects: fold k's test labels
     are then read per person from fold k's own predictions (and the thresholds from the OOF the
     teacher's round stored its likeness with, read the same way)."""
@@ -153,7 +153,7 @@ def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float],
     task, cfg = ctx.task, ctx.cfg
     decision = load_decision(teacher.round_dir)
     oof = load_npz(teacher.round_dir / "oof.npz")
-    pictures = test_pictures(ctx, decision)
+    pictures = subject_pictures(ctx, decision)
     combined_oof, _ = predict_classes(teacher.task, teacher.heads, head_probs(oof), teacher.cfg, decision,
                                       stored_pictures(oof))
     thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision)
@@ -176,7 +176,7 @@ def soft_table(ctx, teacher: Teacher) -> dict[str, np.ndarray]:
     probabilities of every test image (the auxiliary blend and subjects in, the offsets out)."""
     decision = load_decision(teacher.round_dir)
     decision = replace(decision, offsets=None) if decision is not None else None
-    pictures = test_pictures(ctx, decision)
+    pictures = subject_pictures(ctx, decision)
     out = {"image_id": ctx.table.test["image_id"].to_numpy().astype(str)}
     for k, probs in sorted(teacher.test.items()):
         out[f"fold{k}"] = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision,
