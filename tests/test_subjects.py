@@ -95,6 +95,24 @@ def test_reading_subjects_moves_only_the_kept_factors_to_the_anchors():
     assert (final_probs(TASK, heads, probs, {}, Decision(subjects=0.0), SPEC, Pictures(look)) == combined).all()
 
 
+def test_a_joined_head_keeps_the_final_class_a_distribution_with_every_kept_marginal_on_target():
+    # one head over trait and num correlates them: rescaling one factor moves the other's marginal,
+    # so a single pass of per-factor rescales would leave rows that do not sum to one
+    probs, factors, look, subject = subject_case(seed=2)
+    rng = np.random.default_rng(2)
+    joint = soft(rng.normal(0, 2, (len(subject), 6)))  # (trait, num) in mixed radix
+    heads = TASK.heads("kind,trait_num")
+    combined = TASK.combine(heads, {"kind": probs["kind"], "trait_num": joint})
+    anchor_row = {s: np.flatnonzero((subject == s) & (factors[:, 0] == 1))[0] for s in np.unique(subject)}
+    rows = np.array([anchor_row[s] for s in subject])
+    read = read_subjects(TASK, combined, SPEC, 0.5, Pictures(look))
+    np.testing.assert_allclose(read.sum(1), 1, atol=1e-5)
+    for i in (1, 2):
+        own = TASK.marginal(combined, i)
+        np.testing.assert_allclose(TASK.marginal(read, i), 0.5 * own + 0.5 * own[rows], atol=1e-5)
+    np.testing.assert_allclose(TASK.marginal(read, 0), probs["kind"], atol=1e-6)  # a head of its own
+
+
 def test_the_weight_is_fitted_for_helpful_anchors_and_refused_for_misleading_ones():
     heads = TASK.heads("kind,trait,num")
     cfg = tiny_config(None, "numeric={}", "decide.subjects.anchor=kind=bare", "decide.subjects.factors=[trait,num]")
