@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,9 +34,15 @@ class LossCfg(_Strict):
     gamma: float = Field(2.0, ge=0)  # focal only
 
 
+# the image table's own columns (data/table.py), and those written beside the factors in pseudo.csv
+# and preds.csv: a factor of that name would overwrite them (a factor `group` would make the folds
+# split by its classes instead of by group)
+RESERVED_NAMES = ("group", "path", "where", "stem", "image_id", "fold", "prob", "ImageID")
+
+
 class FactorCfg(_Strict):
     """One factor of a table task: categorical (`classes`, the class index is the position in the
-    list) or a binned number (`bins`, increasing edges: [30, 60] gives <30, 30-59, >=60)."""
+    list) or a binned number (`bins`, increasing edges: [30, 60] gives <30, [30,60), >=60)."""
     name: str
     column: str | None = None  # the table's column (default: the name)
     classes: list[str] | None = None
@@ -52,6 +59,10 @@ class FactorCfg(_Strict):
             raise ValueError(f"factor {self.name!r}: bins must be a non-empty increasing list, e.g. [30, 60]")
         if not self.name or self.name == "class" or "," in self.name:
             raise ValueError(f"factor name {self.name!r} is not allowed (empty, 'class', or with a comma)")
+        if self.name in RESERVED_NAMES:
+            raise ValueError(f"factor name {self.name!r} is reserved for a column of the image table or its "
+                             f"outputs ({', '.join(RESERVED_NAMES)}); give it another name, with "
+                             f"column: {self.column or self.name} to keep reading that column")
         return self
 
 
@@ -74,6 +85,15 @@ class TableTaskCfg(_Strict):
         names = [f.name for f in v]
         if len(set(names)) != len(names):
             raise ValueError(f"factor names must be distinct, got {names}")
+        # a binned factor keeps its numbers in `<name>_value` (and pseudo.csv its confidence in
+        # `conf_<name>`), which another factor of that name would overwrite
+        for f in v:
+            for other in v:
+                taken = [f"conf_{other.name}"] + ([f"{other.name}_value"] if other.bins is not None else [])
+                if f.name in taken:
+                    raise ValueError(f"factor name {f.name!r} is taken by factor {other.name!r}'s "
+                                     f"{'numbers' if f.name.endswith('_value') else 'confidence'}; "
+                                     f"name it otherwise")
         return v
 
 
@@ -249,10 +269,12 @@ class DecideCfg(_Strict):
 
 
 class EnsembleCfg(_Strict):
-    """Written by `mt ensemble`: the member runs (their rounds) and their vote weights."""
+    """Written by `mt ensemble`: the member runs (their rounds) and their vote weights, and each
+    member round's fold training ids (fold -> id), so a member retrained since is refused."""
     runs: list[str]
     rounds: list[int]
     weights: list[float]
+    train_ids: list[dict[str, str | None]] | None = None  # None: an ensemble made before members were pinned
 
 
 class DistillCfg(_Strict):
@@ -413,13 +435,42 @@ def dotted_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
     return keys
 
 
+def _schema_types(annotation) -> list:
+    """The types an annotation may hold, unions and Optional unfolded."""
+    if get_origin(annotation) in (Union, UnionType):
+        return [t for a in get_args(annotation) for t in _schema_types(a)]
+    return [annotation]
+
+
+def _is_section(loc: tuple) -> bool:
+    """Whether a location names a whole section (a model, judged by its own validators over all of its
+    fields at once) rather than one field; the root () is a section."""
+    types: list = [Config]
+    for part in loc:
+        inner = []
+        for t in types:
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                field = t.model_fields.get(str(part))
+                inner += _schema_types(field.annotation) if field else []
+            elif get_origin(t) in (list, tuple) and get_args(t):
+                inner += _schema_types(get_args(t)[0])
+            elif get_origin(t) is dict and get_args(t):
+                inner += _schema_types(get_args(t)[1])
+        types = inner
+    return any(isinstance(t, type) and issubclass(t, BaseModel) for t in types)
+
+
 def override_for(loc: tuple, overrides: list[str]) -> str | None:
-    """The last --set whose key is the error's location or a section holding it (the one that won)."""
+    """The last --set (the one that won) whose key is the error's location or a section holding it,
+    or lies under a field in error (a dict or list set piecewise). An error of a whole section (a
+    model validator weighing several fields) names none: any override inside it may be innocent
+    (`train.fold=[7]` is out of range, not `train.lr=0.01` beside it)."""
     where = [str(x) for x in loc]
+    section = _is_section(loc)
     found = None
     for item in overrides:
         keys = item.split("=", 1)[0].strip().split(".")
-        if where[:len(keys)] == keys or keys[:len(where)] == where:
+        if where[:len(keys)] == keys or (not section and keys[:len(where)] == where):
             found = item
     return found
 

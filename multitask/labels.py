@@ -25,9 +25,10 @@ class Factor:
     bins: tuple[float, ...] | None = None
 
     @classmethod
-    def binned(cls, name: str, bins) -> "Factor":
+    def binned(cls, name: str, bins, integer: bool = False) -> "Factor":
+        """`integer`: the values are known to be whole numbers (names then read 30-59, see bin_names)."""
         bins = tuple(bins)
-        return cls(name, bin_names(bins), bins)
+        return cls(name, bin_names(bins, integer), bins)
 
     @property
     def n(self) -> int:
@@ -46,12 +47,14 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def bin_names(bins) -> tuple[str, ...]:
-    """Readable bin names: whole-number edges [30, 60] give <30, 30-59, >=60; other edges give
-    half-open ranges such as 2.5-7.5."""
+def bin_names(bins, integer: bool = False) -> tuple[str, ...]:
+    """Readable bin names. The edges alone cannot tell whether 29.9 may occur, so a middle bin reads
+    as the half-open range it is, [30,60), unless the values are known to be whole numbers
+    (`integer`, with whole-number edges: the mask preset's ages), where [30, 60] gives 30-59."""
     bins = list(bins)
-    whole = all(float(b).is_integer() for b in bins)
-    middle = [f"{_num(lo)}-{_num(hi - 1) if whole else _num(hi)}" for lo, hi in zip(bins, bins[1:])]
+    if integer and not all(float(b).is_integer() for b in bins):
+        raise ValueError(f"whole-number bin names need whole-number edges, got {bins}")
+    middle = [f"{_num(lo)}-{_num(hi - 1)}" if integer else f"[{_num(lo)},{_num(hi)})" for lo, hi in zip(bins, bins[1:])]
     return (f"<{_num(bins[0])}", *middle, f">={_num(bins[-1])}")
 
 
@@ -194,5 +197,5 @@ def mask_task(age_bins: list[int] = (30, 60)) -> Task:
     return Task("mask", (
         Factor("mask", ("worn", "incorrect", "not_worn")),
         Factor("gender", ("male", "female")),
-        Factor.binned("age", age_bins),
+        Factor.binned("age", age_bins, integer=True),  # the reader takes whole years only
     ))

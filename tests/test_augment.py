@@ -63,6 +63,31 @@ def test_albumentations_batches_are_the_same_in_the_main_process_and_in_workers(
     assert all(torch.equal(xm, xw) and torch.equal(ym, yw) for (xm, ym), (xw, yw) in zip(main, workers))
 
 
+def test_a_row_drawn_twice_in_an_epoch_gets_two_pictures_whatever_the_workers():
+    # the weighted sampler draws with replacement: here it can only draw row 0, at every position
+    from multitask.config import load_config
+    from multitask.data.dataset import TrainBatches
+
+    imgs = np.random.default_rng(0).integers(0, 255, (8, 16, 12, 3), dtype=np.uint8)
+    targets = np.arange(24, dtype=np.float32).reshape(8, 3)
+    weights = np.eye(8)[0]
+    specs = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "RandomBrightnessContrast", "p": 1.0}]
+
+    def epoch(workers: int) -> list:
+        cfg = load_config(None, ["aug.backend=albumentations", "train.batch_size=4", f"data.num_workers={workers}",
+                                 f"aug.train={specs}".replace("'", "")])
+        return list(TrainBatches(cfg, RowImages.of(imgs), targets, torch.device("cpu"), seed=3,
+                                 weights=weights).epoch(1))
+
+    main, workers = epoch(0), epoch(2)
+    x = torch.cat([b[0] for b in main])
+    assert len(x) == 8 and (torch.cat([b[1] for b in main]) == torch.as_tensor(targets[0])).all()
+    assert len({bytes(p.numpy()) for p in x}) == 8  # eight draws of one row, eight different pictures
+    assert all(torch.equal(xm, xw) and torch.equal(ym, yw) for (xm, ym), (xw, yw) in zip(main, workers))
+    a = AugmentedImages(RowImages.of(imgs), targets, specs, seed=0)
+    assert not torch.equal(a[(0, 5)][0], a[(1, 5)][0]) and torch.equal(a[(0, 5)][1], a[(1, 5)][1])
+
+
 def test_row_images_take_from_several_caches_in_order():
     t = np.arange(4)[:, None, None, None] * np.ones((4, 2, 2, 3), np.uint8)
     e = 100 + np.arange(3)[:, None, None, None] * np.ones((3, 2, 2, 3), np.uint8)

@@ -119,8 +119,33 @@ def test_mixing_stops_after_its_epoch_and_is_seeded():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["mask"], b[1]["mask"])
 
 
-def test_a_run_with_balance_and_mixing_trains(demo_root, tmp_path):
+def test_a_run_with_balance_and_mixing_trains(demo_root, tmp_path, monkeypatch):
+    import multitask.engine as engine
+
+    # what the fold's training hands its batches and its loss, to show the settings reach them
+    seen = {}
+    real_batches, real_loss = engine.TrainBatches, engine.MultiHeadLoss
+
+    def batches(cfg, images, targets, device, seed, weights=None, shard=None):
+        seen["draws"], seen["factors"] = weights, targets[:, :len(TASK.factors)].astype(np.int64)
+        return real_batches(cfg, images, targets, device, seed, weights, shard)
+
+    def loss(cfgs, extra=None, class_weights=None, partial=False):
+        seen["class_weights"] = class_weights
+        return real_loss(cfgs, extra, class_weights, partial)
+
+    monkeypatch.setattr(engine, "TrainBatches", batches)
+    monkeypatch.setattr(engine, "MultiHeadLoss", loss)
     cfg = tiny_config(demo_root, "train.fold=[0]", "train.sampler=class", "losses.age.class_weights=true",
                       "aug.mix.mixup_alpha=0.4", "aug.mix.cutmix_alpha=1.0")
     summary = train_run(cfg, tmp_path / "run")
     assert 0 <= summary["oof"]["f1"] <= 1
+    # the epoch is drawn by final class (the fold's own rows), rarer classes more often
+    f = seen["factors"]
+    np.testing.assert_allclose(seen["draws"], sample_weights(TASK, HEADS, f, "class", 0.5))
+    counts = np.bincount(TASK.encode(f))[TASK.encode(f)]
+    assert seen["draws"][counts.argmin()] > seen["draws"][counts.argmax()]
+    # only the age head's loss is class-weighted, by the fold's age counts
+    assert set(seen["class_weights"]) == {"age"}
+    np.testing.assert_allclose(seen["class_weights"]["age"].numpy(),
+                               class_weights(np.bincount(f[:, 2], minlength=3), 0.5), rtol=1e-6)

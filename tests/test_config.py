@@ -47,3 +47,21 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def error_of(overrides) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    return str(e.value)
+
+
+def test_an_error_names_only_the_override_that_caused_it():
+    # a field's error names the --set of that field, or of a section holding it
+    assert "[from --set train.lr=-1]" in error_of(["train.lr=-1", "train.epochs=3"])
+    assert "[from --set train={lr: -1}]" in error_of(["train={lr: -1}"])
+    assert "[from --set train.lrr=1]" in error_of(["train.epochs=3", "train.lrr=1"])
+    # a section's own check (fold against folds) cannot tell which of its fields is wrong: a --set
+    # beside the bad one must not take the blame
+    message = error_of(["train.fold=[7]", "train.lr=0.01"])
+    assert "fold [7] out of range" in message and "[from --set" not in message
+    assert "[from --set" not in error_of(["train.folds=1", "model.sharing=separate"])  # the whole config's check

@@ -25,10 +25,19 @@ def test_no_person_in_two_folds_and_every_person_placed():
     df = fake_table()
     folds = make_folds(df, mask_task(), 5, seed=0)
     assert folds["group"].is_unique and set(folds["group"]) == set(df["group"])
+    assert folds["fold"].value_counts().between(30, 50).all()  # 200 persons, about 40 a fold
     fold = assign_folds(df, folds)
-    per_person = pd.Series(fold).groupby(df["group"].to_numpy()).nunique()
-    assert (per_person == 1).all()
     assert sorted(np.unique(fold)) == [0, 1, 2, 3, 4]
+    per_image = pd.DataFrame({"group": df["group"], "fold": fold})
+    check_no_leak(per_image)
+    # the check is not vacuous: the same rows split without regard to persons leak, and so does one
+    # picture moved to another fold
+    with pytest.raises(FoldLeakError, match="more than one fold"):
+        check_no_leak(per_image.assign(fold=np.arange(len(df)) % 5))
+    moved = per_image.copy()
+    moved.loc[3, "fold"] = (moved.loc[3, "fold"] + 1) % 5
+    with pytest.raises(FoldLeakError, match="1 group"):
+        check_no_leak(moved)
 
 
 def test_folds_are_stratified_on_gender_and_age():

@@ -70,12 +70,17 @@ def test_flat_head_combines_to_itself():
 
 def test_binned_factor_bins_and_names():
     age = Factor.binned("age", [30, 60])
-    assert age.numeric and age.classes == ("<30", "30-59", ">=60")
-    assert age.bin(np.array([18, 29, 30, 59, 60, 90])).tolist() == [0, 0, 1, 1, 2, 2]
+    # the edges do not say the values are whole: 59.9 falls in the middle bin, which must not read 30-59
+    assert age.numeric and age.classes == ("<30", "[30,60)", ">=60")
+    assert age.bin(np.array([18, 29, 30, 59, 59.9, 60, 90])).tolist() == [0, 0, 1, 1, 1, 2, 2]
+    assert Factor.binned("age", [30, 60], integer=True).classes == ("<30", "30-59", ">=60")
+    assert mask_task().factors[2].classes == ("<30", "30-59", ">=60")  # whole years only
     assert Factor.binned("age", [25, 70]).bin(np.array([24, 25, 70])).tolist() == [0, 1, 2]
     assert Factor.binned("age", [29.5, 59.5]).bin(np.array([29.4, 29.5])).tolist() == [0, 1]
-    assert bin_names([2.5, 7.5]) == ("<2.5", "2.5-7.5", ">=7.5")
+    assert bin_names([2.5, 7.5]) == ("<2.5", "[2.5,7.5)", ">=7.5")
     assert bin_names([10]) == ("<10", ">=10")
+    with pytest.raises(ValueError, match="whole-number edges"):
+        bin_names([2.5, 7.5], integer=True)
     assert not Factor("gender", ("m", "f")).numeric
 
 

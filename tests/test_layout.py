@@ -96,6 +96,32 @@ def test_bad_input_is_a_clear_error_naming_the_file(root, mutate, message):
         read_layout(root, [30, 60])
 
 
+def test_a_person_folder_named_two_ways_is_listed_twice(root):
+    # one person as two groups would put their pictures in two folds
+    (root / "train" / "train.csv").write_text(
+        "id,gender,race,age,path\n"
+        "000001,female,Asian,45,000001_female_Asian_45\n"
+        "000002,male,White,61,000002_male_White_61\n"
+        "000001,female,Asian,45,000001_female_Asian_45/\n"
+        "000002,male,White,61,./000002_male_White_61\n")
+    with pytest.raises(LayoutError) as info:
+        read_layout(root, [30, 60])
+    message = str(info.value)
+    assert "2 problem(s)" in message
+    assert ("line 4: person folder '000001_female_Asian_45/' is listed twice (first at line 2, as "
+            "'000001_female_Asian_45')") in message
+    assert "line 5: person folder './000002_male_White_61' is listed twice (first at line 3" in message
+    layout = read_layout(root, [30, 60], skip_bad=True)  # the first stays, the second is left out
+    assert sorted(layout.train["group"].unique()) == ["000001_female_Asian_45", "000002_male_White_61"]
+    assert len(layout.skipped) == 2
+
+
+def test_one_test_image_named_two_ways_is_a_duplicate(root):
+    (root / "eval" / "info.csv").write_text("ImageID,ans\nb.jpg,0\na.jpg,0\n./b.jpg,0\n")
+    with pytest.raises(LayoutError, match=r"line 4: duplicate ImageID './b.jpg' \(first at line 2, as 'b.jpg'\)"):
+        read_layout(root, [30, 60])
+
+
 def test_missing_root_and_missing_eval(root, tmp_path):
     with pytest.raises(LayoutError, match="data root not found"):
         read_layout(tmp_path / "nope", [30, 60])

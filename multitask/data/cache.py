@@ -56,6 +56,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 (H, W, 3) at `size` = (height, width)."""
     h, w = size
     with Image.open(path) as im:
         # JPEG can decode straight at 1/2, 1/4, 1/8 scale: far fewer pixels to decode and resize
@@ -66,14 +67,6 @@ def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
         if im.size != (w, h):
             im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
         return np.asarray(im, dtype=np.uint8)
-
-
-def decode_resized(path: str, size: tuple[int, int]) -> np.ndarray:
-    """RGB uint8 (H, W, 3) at `size` = (height, width)."""
-    try:
-        return _decode(path, size)
-    except DECODE_ERRORS as e:
-        raise ImageDecodeError(f"{path}: cannot decode image ({e})") from None
 
 
 def decode_chunk(arr: np.ndarray, paths: Sequence[str], start: int, size: tuple[int, int]) -> list[tuple[int, str]]:

@@ -103,8 +103,10 @@ class DeviceImages:
 
 
 class AugmentedImages(Dataset):
-    """Per-image albumentations over cached uint8 images, seeded per (epoch, index) so the result
-    does not depend on the number of workers, nor on whether a worker made it at all."""
+    """Per-image albumentations over cached uint8 images, seeded per (epoch, draw): a draw is the
+    position in the epoch's order, so the result does not depend on the number of workers, nor on
+    whether a worker made it at all, and a row the weighted sampler draws twice gets two pictures.
+    Items are (position, row) pairs; a plain index i stands for (i, i)."""
 
     def __init__(self, images: RowImages, targets: np.ndarray, specs: list[dict], seed: int):
         self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.float32)
@@ -117,26 +119,29 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def augment(self, img: np.ndarray, i: int) -> np.ndarray:
+    def augment(self, img: np.ndarray, position: int) -> np.ndarray:
         if self.transform is None:
             return img
-        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
+        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(position)
         # one generator pair for the whole pipeline: Compose.set_random_seed builds a pair for every
         # transform, which at 64 px costs a third of the augmentation itself
         self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         return self.transform(image=img)["image"]
 
-    def __getitem__(self, i: int):
-        img = np.ascontiguousarray(self.augment(np.array(self.images[i]), i))  # np.array: the cache is read-only
+    def __getitem__(self, item: int | tuple[int, int]):
+        position, i = item if isinstance(item, tuple) else (item, item)
+        img = np.ascontiguousarray(self.augment(np.array(self.images[i]), position))  # np.array: the cache is read-only
         return torch.from_numpy(img).permute(2, 0, 1), self.targets[i]
 
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows' images and targets as a DataLoader over __getitem__ would collate them, made in
-        this process without one (no per-item tensors, no collation)."""
+    def batch(self, rows: np.ndarray, positions: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' images and targets as a DataLoader over __getitem__ of (position, row) would
+        collate them, made in this process without one (no per-item tensors, no collation);
+        `positions` default to the rows."""
+        positions = rows if positions is None else positions
         images = self.images.take(rows)  # a writable copy
-        for j, i in enumerate(rows):
-            images[j] = self.augment(images[j], int(i))
-        return to_chw(images), self.targets[torch.from_numpy(rows)]
+        for j, position in enumerate(positions):
+            images[j] = self.augment(images[j], int(position))
+        return to_chw(images), self.targets[torch.from_numpy(np.asarray(rows))]
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device):
@@ -170,22 +175,25 @@ class TrainBatches:
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        batches = [self._share(rows) for rows in self._batches(self._order(gen))]
+        order = self._order(gen)
+        # each batch's positions in the epoch's order: an image is seeded by its draw, not its row
+        batches = [self._share(pos) for pos in self._batches(torch.arange(len(order)))]
         if self.cfg.aug.backend == "torch":
-            for rows in batches:
+            for pos in batches:
+                rows = order[pos]
                 x, y = _to_device(self._gather(rows), self.targets[rows], self.device)
                 yield augment_batch(x.float().div_(255), self.cfg.aug.torch, gen), y
             return
         self.dataset.set_epoch(epoch)
         workers = self.cfg.data.num_workers
         if workers:
-            # the workers' own seeds do not matter (every image is seeded by its index), so a fixed
+            # the workers' own seeds do not matter (every image is seeded by its draw), so a fixed
             # generator keeps the loader from drawing on the global one
-            made = DataLoader(self.dataset, batch_sampler=[rows.tolist() for rows in batches], num_workers=workers,
-                              pin_memory=self.device.type == "cuda", prefetch_factor=4,
+            made = DataLoader(self.dataset, batch_sampler=[list(zip(pos.tolist(), order[pos].tolist())) for pos in batches],
+                              num_workers=workers, pin_memory=self.device.type == "cuda", prefetch_factor=4,
                               generator=torch.Generator().manual_seed(0))
         else:
-            made = (self.dataset.batch(rows.numpy()) for rows in batches)
+            made = (self.dataset.batch(order[pos].numpy(), pos.numpy()) for pos in batches)
         for x, y in made:
             x, y = _to_device(x, y, self.device)
             yield x.float().div_(255), y

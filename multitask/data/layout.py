@@ -81,12 +81,17 @@ def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, st
         except ValueError:
             problems.append(f"{where}: age {rec.age!r} is not an integer")
         folder, why = image_path(images_dir, rec.path, folder=True)
+        # by the folder itself, not the string: `000001_x` and `000001_x/` would otherwise be two
+        # persons (two groups), and one person's pictures could sit in two folds
         if why:
             problems.append(f"{where}: {why}")
-        elif rec.path in seen:
-            problems.append(f"{where}: person folder {rec.path!r} is listed twice (first at line {seen[rec.path]})")
+        elif folder.resolve() in seen:
+            first, first_path = seen[folder.resolve()]
+            same = "" if first_path == rec.path else f", as {first_path!r}"
+            problems.append(f"{where}: person folder {rec.path!r} is listed twice (first at line {first}{same})")
             folder = None
-        seen.setdefault(rec.path, line)
+        else:
+            seen[folder.resolve()] = (line, rec.path)
         pics = person_images(folder, problems) if folder is not None else {}
         if folder is not None and not pics:
             problems.append(f"{where}: {folder} has no pictures (expected {sorted(MASK_STEMS)})")
@@ -118,9 +123,12 @@ def read_test(root: Path) -> pd.DataFrame | None:
         path, why = image_path(eval_dir / "images", image_id)
         if why:
             problems.append(f"line {line}: {why}")
-        elif image_id in seen:
-            problems.append(f"line {line}: duplicate ImageID {image_id!r} (first at line {seen[image_id]})")
-        seen.setdefault(image_id, line)
+        elif path.resolve() in seen:  # by the file, as for the persons
+            first, first_id = seen[path.resolve()]
+            same = "" if first_id == image_id else f", as {first_id!r}"
+            problems.append(f"line {line}: duplicate ImageID {image_id!r} (first at line {first}{same})")
+        else:
+            seen[path.resolve()] = (line, image_id)
         paths.append(str(path))
     if problems:
         raise problems_error(info_path, problems, LayoutError)

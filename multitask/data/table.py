@@ -114,16 +114,20 @@ def image_path(root: Path, rel: str, folder: bool = False) -> tuple[Path | None,
 
 def check_paths(df: pd.DataFrame, col: str, root: Path, where: list[str], problems: list[str]) -> list[str | None]:
     paths = []
-    seen: dict[str, str] = {}
+    # by the file itself, not the string: `a/0.jpg` and `./a/0.jpg` would otherwise be two rows (two
+    # groups without a group column), and one picture could sit in a training and a validation fold
+    seen: dict[Path, tuple[str, str]] = {}
     for rel, w in zip(df[col], where):
         p, why = image_path(root, rel)
         if why:
             problems.append(f"{w}: {why}")
-        elif rel in seen:
-            problems.append(f"{w}: duplicate path {rel!r} (first at {seen[rel]})")
+        elif p.resolve() in seen:
+            first, first_rel = seen[p.resolve()]
+            same = "" if first_rel == rel else f", as {first_rel!r}"
+            problems.append(f"{w}: duplicate path {rel!r} (first at {first}{same})")
             p = None
         else:
-            seen[rel] = w
+            seen[p.resolve()] = (w, rel)
         paths.append(str(p) if p else None)
     return paths
 
