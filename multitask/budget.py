@@ -4,7 +4,11 @@ finished run rather than a killed one.
 One real epoch of the first fold (the same data, model, validation, checkpoints and OOF/test
 prediction) runs in a scratch folder and is timed; the epochs per fold are then the most that fit
 what is left of the budget, never more than configured. The estimate counts the per-fold prediction
-in every epoch, so it errs on the short side.
+in every epoch, and `--jobs` workers that share a device as one after another, so it errs on the
+short side.
+
+A run directory that already holds a run (`--fold K` from another shell) is not measured again: it
+trains the epochs its config.yaml records (kfold.train_run), or it would be refused for other settings.
 """
 from __future__ import annotations
 
@@ -32,10 +36,40 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * UNITS[u] for n, u in parts)
 
 
+def folds_in_turn(folds: int, jobs: int, devices: int) -> int:
+    """How many folds' time the round takes end to end. Only workers on distinct devices count as
+    running side by side: workers that share one (a GPU, or the CPU whose threads parallel.py splits
+    between them) each run at about their share of its speed, so they are counted as one after
+    another (on one GPU two may overlap a little: the estimate stays on the short side)."""
+    return math.ceil(folds / max(1, min(jobs, devices)))
+
+
+def epochs_that_fit(budget_s: float, epoch_s: float, in_turn: int) -> int:
+    """Epochs per fold that fit what is left of the budget after the probe epoch (0: not one)."""
+    return int((budget_s - epoch_s) // (in_turn * epoch_s)) if budget_s > epoch_s else 0
+
+
+def epochs_of_run(run: RunDir, cfg: Config, say=print) -> Config | None:
+    """`cfg` with the epochs the run already in `run` trains, or None where there is no run yet.
+    A second `--fold K --time-limit` into a run must not measure again: another measurement gives
+    other epochs, and the run's settings cannot change. Recorded epochs above the configured ones are
+    not taken: claim_run_dir then refuses the other settings, as without a time limit."""
+    if not run.config.exists():
+        return None
+    from multitask.config import load_config
+
+    recorded = load_config(run.config).train.epochs
+    if recorded <= cfg.train.epochs:
+        say(f"time limit: {run.root} already holds a run; training its {recorded} epochs per fold "
+            f"(its config.yaml), not measured again")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": recorded})})
+    return cfg
+
+
 def fit_epochs(cfg: Config, table, images, device, progress=None, say=print) -> Config:
     """`cfg` with train.epochs lowered to what fits train.time_limit_s (measured), and a line saying so."""
     from multitask.context import open_context
-    from multitask.kfold import train_round_fold
+    from multitask.kfold import train_round_fold, worker_devices
 
     budget = cfg.train.time_limit_s
     t0 = time.perf_counter()
@@ -46,11 +80,11 @@ def fit_epochs(cfg: Config, table, images, device, progress=None, say=print) -> 
         train_round_fold(dataclasses.replace(ctx, cfg=probe), 0, first, device, progress)
     epoch_s = dist.broadcast(time.perf_counter() - t0)
     folds = len(cfg.train.fold) if cfg.train.fold is not None else cfg.train.folds
-    per_worker = math.ceil(folds / max(1, cfg.train.jobs))
-    fits = int((budget - epoch_s) // (per_worker * epoch_s)) if budget > epoch_s else 0
+    in_turn = folds_in_turn(folds, cfg.train.jobs, len(set(worker_devices(cfg.train.device))))
+    fits = epochs_that_fit(budget, epoch_s, in_turn)
     epochs = max(1, min(cfg.train.epochs, fits))
     line = (f"time limit {budget:.0f} s: one epoch with its validation and prediction takes {epoch_s:.1f} s, "
-            f"{per_worker} fold(s) per process: ")
+            f"{in_turn} fold(s) one after another: ")
     if epochs < cfg.train.epochs:
         line += f"training {epochs} epochs per fold instead of {cfg.train.epochs}"
         line += "" if fits >= 1 else " (the least there is: the budget is shorter than one epoch per fold)"

@@ -34,14 +34,20 @@ def is_main() -> bool:
 
 
 def init_from_env(device_name: str = "auto") -> None:
-    """Join the process group torchrun describes in the environment: gloo on the CPU, NCCL on GPUs."""
+    """Join the process group torchrun describes in the environment: gloo on the CPU; on GPUs NCCL for
+    CUDA tensors (DDP's gradients) and gloo beside it for CPU ones (the epoch's loss sums, objects)."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or world() > 1:
         return
     cuda = torch.cuda.is_available() and device_name != "cpu" and not device_name.startswith("cpu")
     if cuda:
         torch.cuda.set_device(local_rank())
-    td.init_process_group("nccl" if cuda else "gloo")
+    td.init_process_group(backend_for(cuda))
     atexit.register(finish)
+
+
+def backend_for(cuda: bool) -> str:
+    # NCCL alone takes only CUDA tensors: a CPU all_reduce under it fails at the first epoch's end
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def finish() -> None:
@@ -98,6 +104,7 @@ def main_only(context):
 
 
 def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over the ranks (on the CPU: float64, so that counts stay exact)."""
     if world() == 1:
         return values
     keys = sorted(values)

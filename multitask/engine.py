@@ -61,12 +61,27 @@ def seed_everything(seed: int) -> None:
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
+    """The LR factor of each step: a linear warmup, then a cosine down to 0 at the last step. The
+    warmup takes at most half the steps: a run no longer than its warmup (one epoch, as
+    `--time-limit` often leaves) would otherwise end at the peak LR and never decay."""
+    warmup_steps = min(warmup_steps, total_steps // 2)
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+MIX_STREAM = 0x6D6978  # "mix": MixUp/CutMix draws, a stream of their own
+
+
+def mix_generator(seed: int, epoch: int) -> torch.Generator:
+    """The MixUp/CutMix draws of one epoch. Their own stream: a seed made by adding to the batch
+    order's (seed * 1_000_003 + epoch, data/dataset.py) would equal that of another epoch's order."""
+    state = np.random.SeedSequence([seed % 2**64, epoch, MIX_STREAM]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
 
 
 def rng_state(device: torch.device) -> dict:
@@ -272,9 +287,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
             if progress:
                 progress.update(task_id, advance=1, description=f"{label} epoch {epoch + 1}/{tc.epochs}")
 
-        mix = None
-        if mixer.active(epoch):
-            mix = partial(mixer, gen=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 17))
+        mix = partial(mixer, gen=mix_generator(seed, epoch)) if mixer.active(epoch) else None
         loss_sums, seen, step = train_one_epoch(step_model, model, batches.epoch(epoch), t.targets, criterion,
                                                 optimizer, scheduler, ema, cfg, device, step, on_step, mix)
         loss_sums = dist.sum_over_ranks(loss_sums | {"seen": seen})

@@ -19,7 +19,7 @@ from multitask import dist
 from multitask.config import Config, ConfigError
 from multitask.context import (Context, build_task, claim_run_dir, every_fold, load_images, open_context, read_checked,
                                reopen_context, run_settings_hash)
-from multitask.budget import fit_epochs
+from multitask.budget import epochs_of_run, fit_epochs
 from multitask.data.augment import build_albumentations
 from multitask.data.dataset import RowImages
 from multitask.data.table import factor_values, numeric_matrix, numeric_values
@@ -320,7 +320,19 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     ctx = reopen_context(run_dir, every_fold(overrides), progress)
     dist.on_main(ctx.run.sweep_killed_writes)
     started = ctx.run.started_rounds()
-    return train_round(ctx, started[-1] if started else 0, progress, resume=True)
+    r = started[-1] if started else 0
+    check_round_labels(ctx, r)
+    return train_round(ctx, r, progress, resume=True)
+
+
+def check_round_labels(ctx: Context, r: int) -> None:
+    """A pseudo-label round has its labels: without them its folds would train as a plain copy of
+    round 0 and pass for a pseudo-label round (a round killed before its labels were written)."""
+    round_dir = ctx.run.round_dir(r)
+    if r > 0 and not (round_dir / "pseudo.csv").exists() and not (round_dir / SOFT_FILE).exists():
+        raise RunError(f"{round_dir}: a pseudo-label round without its labels (neither pseudo.csv nor {SOFT_FILE}): "
+                       f"it was stopped before they were written. `mt pseudo-label --run {ctx.run.root}` makes "
+                       f"round {r} again from round {r - 1}; or remove {round_dir} to leave the run at round {r - 1}")
 
 
 def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, on_epoch=None) -> dict:
@@ -340,8 +352,11 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     images = load_images(cfg, table, progress if dist.is_main() else None)
     if cfg.train.time_limit_s:
         say = progress.console.print if progress else print
-        cfg = fit_epochs(cfg, table, images, dist.device_for(resolve_device(cfg.train.device)), progress,
-                         say if dist.is_main() else (lambda _: None))
+        say = say if dist.is_main() else (lambda _: None)
+        # a run already there (`--fold K` from another shell) keeps its epochs: checked before the probe
+        kept = None if force else dist.on_main(epochs_of_run, run, cfg, say)
+        cfg = kept if kept is not None else fit_epochs(cfg, table, images,
+                                                       dist.device_for(resolve_device(cfg.train.device)), progress, say)
     dist.on_main(claim_and_open, run, cfg, force, table, images)
     ctx = open_context(run, cfg, progress, table, images)
     return train_round(ctx, 0, progress=progress, on_epoch=on_epoch) | {"skipped": len(table.skipped)}

@@ -1,10 +1,12 @@
 """File locks in a shared run directory: a process holds a fold while it trains it (so two processes,
 or machines on one disk, never train the same fold) and a round while it writes its results. A lock
 is a file created exclusively, holding its owner's host, pid and start time, so a lock left by a
-dead process can be told apart from a live one on the same host.
+dead process can be told apart from a live one on the same host; such a stale lock is replaced by one
+process at a time (`_take_over`).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -21,7 +23,13 @@ class LockError(ValueError):
 LOCK = "lock.json"
 
 
-def _alive(pid: int) -> bool:
+# A lock's content is written right after its exclusive create: an empty (or half-written) lock older
+# than this was left by a process killed between the two, not one being written now.
+UNWRITTEN_STALE_S = 10.0
+
+
+def alive(pid: int) -> bool:
+    """A process with this id runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -31,18 +39,70 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def lock_holder(path: Path) -> dict | None:
-    """Who holds a fold's lock: {host, pid, since}, or None when nobody does (no lock, or one left by
-    a dead process on this host). A lock being written this instant reads as held."""
+def _read(path: Path) -> tuple[str, dict | None]:
+    """("missing", None), ("stale", None): left by a dead process on this host, or left unwritten by a
+    process killed as it made it, or ("held", holder): {} for a lock being written this instant."""
     try:
-        holder = json.loads(path.read_text() or "{}")
+        text = path.read_text()
+        age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-        return None
-    return holder
+        return "missing", None
+    except OSError:
+        return "held", {}
+    try:
+        holder = json.loads(text)
+    except json.JSONDecodeError:
+        holder = None
+    if not isinstance(holder, dict):
+        return ("stale", None) if age > UNWRITTEN_STALE_S else ("held", {})
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not alive(holder["pid"]):
+        return "stale", None
+    return "held", holder
+
+
+def lock_holder(path: Path) -> dict | None:
+    """Who holds a fold's lock: {host, pid, since}, or None when nobody does (no lock, or a stale one:
+    see `_read`). A lock being written this instant reads as held ({})."""
+    return _read(path)[1]
+
+
+@contextmanager
+def _takeover_turn(path: Path) -> Iterator[None]:
+    """One process at a time may replace the stale lock `path`: an flock on a file beside it, which
+    the kernel releases when its holder dies (so a killed taker leaves nothing to clean up). The file
+    is removed by its holder before the flock is released; a process that got the flock of a file
+    removed meanwhile tries again on the one now there."""
+    turn = path.with_name(path.name + ".takeover")
+    while True:
+        fd = os.open(turn, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(turn).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        turn.unlink(missing_ok=True)
+        os.close(fd)  # releases the flock
+
+
+def _take_over(path: Path) -> None:
+    """Remove the lock `path` if it is still stale when read again in one's turn. Without the turn,
+    two processes that both read a dead holder would both remove and create it: the second would
+    remove the first's fresh lock, and both would train the fold. In its turn, a process sees the
+    lock the other made, alive, and leaves it. (A stale lock is never removed by anyone else: its
+    owner is gone, and only a process in its turn removes another's.)"""
+    with _takeover_turn(path):
+        # only a lock read stale here: a missing one may be created by its next owner any moment
+        if _read(path)[0] == "stale":
+            path.unlink(missing_ok=True)
 
 
 def describe_holder(holder: dict) -> str:
@@ -62,12 +122,13 @@ def file_lock(path: Path) -> Iterator[str | None]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # less the umask, as open() gives
         except FileExistsError:
-            holder = lock_holder(path)
-            if holder is None:  # stale: its process is gone
-                path.unlink(missing_ok=True)
+            state, holder = _read(path)
+            if state == "stale":
+                _take_over(path)
+            if state != "held":  # stale and now removed, or released since: try again
                 continue
             yield describe_holder(holder) + (f" (remove {path} if that machine is gone)"
-                                             if holder.get("host") != me["host"] else "")
+                                             if holder and holder.get("host") != me["host"] else "")
             return
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)

@@ -47,9 +47,13 @@ def precision_threshold(conf: np.ndarray, correct: np.ndarray, target: float) ->
     if target <= 0:
         return 0.0
     order = np.argsort(-conf, kind="stable")
+    ranked = conf[order]
     precision = np.cumsum(correct[order]) / np.arange(1, len(conf) + 1)
-    ok = np.flatnonzero(precision >= target - 1e-12)
-    return float(conf[order][ok[-1]]) if len(ok) else float("inf")
+    # `conf >= t` keeps every row of a run of equal confidences: a cut inside one is no cut at all,
+    # so only the precision at each run's last row is the precision some t gives
+    run_ends = np.append(ranked[1:] != ranked[:-1], True)
+    ok = np.flatnonzero((precision >= target - 1e-12) & run_ends)
+    return float(ranked[ok[-1]]) if len(ok) else float("inf")
 
 
 def factor_thresholds(task, combined_oof: np.ndarray, factors: np.ndarray, target: float) -> dict[str, float]:
@@ -185,11 +189,14 @@ def soft_table(ctx, teacher: Teacher) -> dict[str, np.ndarray]:
 
 
 def write_labels(run: RunDir, r: int, info: dict, table: pd.DataFrame | dict) -> None:
-    write_json(run.round_dir(r) / "pseudo.json", info)
+    """Round r's labels, then what they were made under. The labels first: the first file makes the
+    round's folder, and a round folder without labels would be trained by `mt resume` as a plain
+    copy of round 0 (kfold.resume_run refuses one)."""
     if isinstance(table, dict):
         save_npz(run.round_dir(r) / SOFT_FILE, **table)
     else:
         atomic_write_text(run.round_dir(r) / "pseudo.csv", table.to_csv(index=False))
+    write_json(run.round_dir(r) / "pseudo.json", info)
 
 
 def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: int | None = None,

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from multitask.lock import LOCK, describe_holder, file_lock, lock_holder, waiting_lock
+from multitask.lock import LOCK, alive, describe_holder, file_lock, lock_holder, waiting_lock
 
 
 def _umask() -> int:
@@ -53,6 +54,30 @@ def check_space(folder: Path, need: int, what: str) -> None:
                            f"free some space or choose another folder (data.cache_dir for the cache)")
 
 
+# A temp file names its writer (.NAME~HOST~PID~RANDOM.tmp), so that `mt resume` removes those of
+# killed writes and leaves those of processes still writing into the same run (folds trained from
+# several shells). "~" is in neither a host name nor mkstemp's random part.
+WRITER_SEP = "~"
+TEMP_NAME = re.compile(r"\.(?P<name>.*)~(?P<host>[^~]*)~(?P<pid>\d+)~[^~]*\.tmp")
+
+
+def temp_writer(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process writing the temp file `name`; None for a name without them."""
+    m = TEMP_NAME.fullmatch(name)
+    return (m.group("host"), int(m.group("pid"))) if m else None
+
+
+def killed_write(name: str) -> bool:
+    """The temp file `name` is left by a write that will never finish: its writer was on this host and
+    is gone, or (a name without its writer) it was made by an mt before writers were named, which
+    no process running now can be."""
+    writer = temp_writer(name)
+    if writer is None:
+        return True
+    host, pid = writer
+    return host == socket.gethostname() and not alive(pid)
+
+
 @contextmanager
 def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
     """A file handle on a temp file in the same folder, renamed to `path` when the block ends well
@@ -60,7 +85,8 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
     written as it is made."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{WRITER_SEP}{socket.gethostname()}{WRITER_SEP}{os.getpid()}"
+                                      f"{WRITER_SEP}", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -200,9 +226,12 @@ class RunDir:
         return "not started"
 
     def sweep_killed_writes(self) -> None:
-        """Remove the temp files of writes a kill interrupted (atomic writes leave nothing else)."""
+        """Remove the temp files of writes a kill interrupted (atomic writes leave nothing else). Those
+        of live writers (other processes training folds of this run) stay, and so do those of another
+        host's, which this host cannot tell alive from dead."""
         for p in self.root.rglob(".*.tmp"):
-            p.unlink(missing_ok=True)
+            if killed_write(p.name):
+                p.unlink(missing_ok=True)
 
     def started_rounds(self) -> list[int]:
         """Rounds with a folder, finished or not, in order."""

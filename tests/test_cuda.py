@@ -1,5 +1,6 @@
 """The CUDA-only code paths: bf16 autocast, channels_last, the cache held in GPU memory with batched
-augmentation there, pinned-memory loading, torch.compile, and two folds sharing one GPU.
+augmentation there, pinned-memory loading, torch.compile, two folds sharing one GPU, and torchrun's
+data-parallel training on two GPUs.
 Skipped where there is no GPU (CI); run them on a lent GPU with `pytest tests/test_cuda.py`."""
 import numpy as np
 import pytest
@@ -74,3 +75,47 @@ def test_gpu_predictions_agree_with_the_cpu(demo_root, tmp_path):
     gpu16 = predict_probs(load_model(ckpt, bf16, task, heads, torch.device("cuda")), images, bf16, torch.device("cuda"))
     for name in cpu:
         assert (cpu[name].argmax(1) == gpu16[name].argmax(1)).mean() >= 0.8
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_ddp_on_two_gpus_matches_one_process(demo_root, tmp_path):
+    """torchrun with 2 GPU processes (NCCL for the gradients, gloo beside it for the CPU sums at each
+    epoch's end and the objects rank 0 hands out): a round, `mt resume` and a pseudo-label round
+    finish, and the numbers stay near one process's (bf16 and half batches per process: loose)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    settings = ["--folds", "2", "--epochs", "2", "--set", "model.backbone=test_efficientnet", "--set",
+                "data.img_size=[32,32]", "--set", "train.batch_size=16", "--set", "train.eval_batch_size=64",
+                "--set", "train.device=cuda", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+
+    def mt(*args, ranks=1):
+        launcher = [str(torchrun), "--standalone", "--nproc_per_node", str(ranks), "-m", "multitask.cli", "--"] \
+            if ranks > 1 else [sys.executable, "-m", "multitask.cli"]
+        done = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    def metrics(out, r, k):
+        return pd.read_csv(RunDir(out).fold_dir(r, k) / "metrics.csv")
+
+    mt("train", "--data", demo_root, "--out", tmp_path / "one", *settings)
+    out = mt("train", "--data", demo_root, "--out", tmp_path / "two", "--fold", "0", *settings, ranks=2)
+    assert out.count("round 0 out-of-fold") == 1  # one rank speaks
+    mt("resume", "--run", tmp_path / "two", ranks=2)
+    summary = pd.read_json(tmp_path / "two" / "round0" / "summary.json", typ="series")
+    assert summary["folds_done"] == [0, 1] and summary["complete"]
+    for k in range(2):
+        a, b = metrics(tmp_path / "one", 0, k), metrics(tmp_path / "two", 0, k)
+        assert len(b) == 2 and np.isfinite(b["train_loss"]).all()
+        np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=0.15)
+    _check_round(tmp_path / "two", 12 * 7, 4 * 7)
+    mt("pseudo-label", "--run", tmp_path / "two", "--precision", "0", ranks=2)
+    summary = pd.read_json(tmp_path / "two" / "round1" / "summary.json", typ="series")
+    assert summary["folds_done"] == [0, 1] and summary["complete"]

@@ -214,3 +214,23 @@ def test_ddp_on_two_cpu_processes_matches_one_process(demo_root, tmp_path):
     summary = pd.read_json(tmp_path / "two" / "round1" / "summary.json", typ="series")
     assert summary["folds_done"] == [0, 1] and summary["complete"] and summary["pseudo_added"] == {"0": 28, "1": 28}
     assert all(len(_metrics(tmp_path / "two", 1, k)) == 2 for k in range(2))
+
+
+def test_torchrun_on_gpus_reduces_cpu_tensors_too(monkeypatch):
+    """NCCL alone takes only CUDA tensors: the epoch's loss sums (a CPU tensor) would stop every
+    multi-GPU run at its first epoch's end. On GPUs the group pairs NCCL with gloo for the CPU."""
+    import torch
+    import torch.distributed as td
+
+    from multitask import dist
+
+    assert dist.backend_for(cuda=True) == "cpu:gloo,cuda:nccl" and dist.backend_for(cuda=False) == "gloo"
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(td, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(dist.atexit, "register", lambda fn: None)
+    dist.init_from_env("auto")
+    dist.init_from_env("cpu")
+    assert joined == ["cpu:gloo,cuda:nccl", "gloo"]

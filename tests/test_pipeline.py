@@ -194,6 +194,14 @@ def test_precision_thresholds_keep_their_promise_on_oof():
         assert correct[conf >= t - 0.02].mean() < target + 0.02  # and not much stricter than needed
     assert precision_threshold(conf, np.zeros(2000, bool), 0.5) == float("inf")
     assert precision_threshold(conf, correct, 0.0) == 0.0
+    # ties: `conf >= t` keeps a whole run of equal confidences, so no cut falls inside one
+    tied, right = np.array([0.9, 0.8, 0.8]), np.array([True, True, False])
+    assert precision_threshold(tied, right, 1.0) == 0.9  # 0.8 would keep 2 right of 3
+    assert precision_threshold(tied, right, 0.6) == 0.8
+    assert precision_threshold(np.array([0.8, 0.8]), np.array([True, False]), 1.0) == float("inf")
+    coarse = np.round(conf, 1)  # many ties, as rounded probabilities give
+    for target in (0.8, 0.9):
+        assert correct[coarse >= precision_threshold(coarse, correct, target)].mean() >= target
 
 
 def test_factor_thresholds_and_partial_labels():

@@ -1,4 +1,6 @@
 """A killed run carries on where it stopped, and ends where an uninterrupted run ends (CPU)."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -186,3 +188,90 @@ def test_sigkill_at_several_points_then_resume_ends_where_an_uninterrupted_run_e
         oa, ob = load_npz(RunDir(full).round_dir(r) / "oof.npz"), load_npz(RunDir(killed).round_dir(r) / "oof.npz")
         for name in ("p_mask", "p_gender", "p_age"):
             np.testing.assert_array_equal(oa[name], ob[name])
+
+
+def test_the_lr_decays_even_when_the_run_is_no_longer_than_its_warmup():
+    from multitask.engine import warmup_cosine
+
+    # one epoch of 100 steps with one epoch of warmup (`--time-limit` often leaves one epoch)
+    f = [warmup_cosine(100, 100)(s) for s in range(100)]
+    assert max(f) == 1.0 and f.index(1.0) == 49  # the warmup takes at most half the steps
+    assert f[-1] < 0.01 and all(a >= b for a, b in zip(f[49:], f[50:]))  # then the cosine runs down
+    # a warmup shorter than half the run is as configured
+    g = [warmup_cosine(10, 100)(s) for s in range(100)]
+    assert g[:10] == [(s + 1) / 10 for s in range(10)] and g[10] == 1.0 and g[-1] < 0.01
+    assert warmup_cosine(0, 100)(0) == 1.0 and warmup_cosine(5, 1)(0) == 1.0
+
+
+def test_mixup_draws_are_a_stream_of_their_own():
+    """The mixer's generator once was seeded seed * 1_000_003 + epoch + 17: epoch e's mixing drew the
+    very numbers of epoch e + 17's batch order (data/dataset.py seeds that with seed * 1_000_003 + epoch)."""
+    from multitask.engine import mix_generator
+
+    for seed in (0, 1, 1203, -5):
+        orders = {torch.Generator().manual_seed(seed * 1_000_003 + e).initial_seed() for e in range(200)}
+        mixes = [mix_generator(seed, e) for e in range(200)]
+        assert not orders & {g.initial_seed() for g in mixes}
+        assert len({g.initial_seed() for g in mixes}) == 200
+    a, b = torch.rand(4, generator=mix_generator(3, 2)), torch.rand(4, generator=mix_generator(3, 2))
+    assert torch.equal(a, b)  # seeded: a resumed epoch mixes as the uninterrupted one did
+
+
+def test_a_round_killed_before_its_labels_is_refused_by_resume(demo_root, tmp_path, monkeypatch):
+    """The labels are written before pseudo.json (which made the round's folder): a kill between the
+    two once left a round that `mt resume` trained as a plain copy of round 0."""
+    import multitask.pseudo as pseudo
+    from multitask.run import RunError, write_json
+
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
+    run = RunDir(out)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pseudo, "write_json", killed)  # killed after the labels, before pseudo.json
+    with pytest.raises(KeyboardInterrupt):
+        pseudo.pseudo_label(out, precision=0.0)
+    monkeypatch.undo()
+    assert (run.round_dir(1) / "pseudo.csv").exists() and not (run.round_dir(1) / "pseudo.json").exists()
+
+    # a round folder without labels (as the old order left it): refused, named, with the way out
+    (run.round_dir(1) / "pseudo.csv").unlink()
+    write_json(run.round_dir(1) / "pseudo.json", {"from_round": 0, "precision": 0.0})
+    with pytest.raises(RunError, match=r"round1: a pseudo-label round without its labels.*mt pseudo-label --run"):
+        resume_run(out)
+    assert not run.fold_dir(1, 0).exists()  # nothing trained
+    reports = pseudo.pseudo_label(out, precision=0.0)  # makes the round again, labels and all
+    assert reports[0]["round"] == 1 and reports[0]["trained"] and (run.round_dir(1) / "pseudo.csv").exists()
+
+
+def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
+    """Folds of one run may be trained from several shells at once: `mt resume` in one of them must not
+    remove another's write in progress. A temp file names its writer's host and pid."""
+    import socket
+    import subprocess
+    import sys
+
+    from multitask.run import atomic_writer, temp_writer
+
+    run = RunDir(tmp_path / "run")
+    fold = run.fold_dir(0, 1)
+    with atomic_writer(fold / "last.pt") as fh:
+        fh.write(b"x")
+        (live,) = list(fold.glob(".*.tmp"))
+        assert temp_writer(live.name) == (socket.gethostname(), os.getpid())
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()
+        host = socket.gethostname()
+        dead = fold / f".metrics.csv~{host}~{proc.pid}~abc123.tmp"
+        elsewhere = fold / f".oof.npz~other-host.example~{proc.pid}~abc123.tmp"
+        unnamed = run.round_dir(0) / ".summary.json.abc123.tmp"  # made before writers were named
+        odd = fold / f".a~b.csv~{host}~{proc.pid}~x_1.tmp"  # a "~" in the file's own name
+        for p in (dead, elsewhere, unnamed, odd):
+            p.write_bytes(b"")
+        assert temp_writer(odd.name) == (host, proc.pid)
+        run.sweep_killed_writes()
+        assert live.exists() and elsewhere.exists()
+        assert not dead.exists() and not unnamed.exists() and not odd.exists()
+    assert (fold / "last.pt").read_bytes() == b"x" and not live.exists()

@@ -384,3 +384,141 @@ def test_time_limit_fits_the_epochs_and_says_so(demo_root, tmp_path):
     assert load_config(RunDir(tmp_path / "long").config).train.epochs == 3
     result = runner.invoke(app, ["train", "--out", str(tmp_path / "bad"), "--time-limit", "soon", *common])
     assert result.exit_code == 2 and "expected e.g. 90s" in result.output and not (tmp_path / "bad").exists()
+
+
+def test_time_limit_counts_workers_that_share_a_device_as_one_after_another():
+    """--jobs 2 on the CPU (threads split between the workers) or on one GPU does not halve the
+    time: the estimate may err short, never long."""
+    from multitask.budget import epochs_that_fit, folds_in_turn
+
+    assert folds_in_turn(5, jobs=1, devices=1) == 5
+    assert folds_in_turn(5, jobs=2, devices=1) == 5  # one CPU or one GPU: once counted as 3
+    assert folds_in_turn(5, jobs=2, devices=4) == 3 and folds_in_turn(5, jobs=4, devices=2) == 3
+    assert folds_in_turn(5, jobs=8, devices=8) == 1 and folds_in_turn(2, jobs=0, devices=1) == 2
+    # a 10-minute budget, 10 s epochs, one probe epoch first: 590 s for 5 folds in turn
+    assert epochs_that_fit(600, 10, folds_in_turn(5, 2, 1)) == 11
+    assert epochs_that_fit(600, 10, folds_in_turn(5, 2, 2)) == 19
+    assert epochs_that_fit(5, 10, 1) == 0
+
+
+def test_time_limit_with_fold_k_into_a_run_keeps_its_epochs(demo_root, tmp_path, monkeypatch):
+    """A second `mt train --fold 1 --time-limit ...` into the run that `--fold 0` started: not measured
+    again (another measurement, other epochs, and the run would be refused for other settings)."""
+    import multitask.kfold as kfold
+    from multitask.config import load_config
+
+    out = tmp_path / "run"
+    common = (f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=3", "train.time_limit_s=0.01", "decide.subjects=null")
+    said = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: said.append(" ".join(map(str, a))))
+    train_run(tiny_config(demo_root, *common, "train.fold=[0]"), out)
+    assert load_config(RunDir(out).config).train.epochs == 1 and "instead of 3" in said[0]
+
+    def probe(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(kfold, "fit_epochs", probe)
+    summary = train_run(tiny_config(demo_root, *common, "train.fold=[1]"), out)
+    assert summary["folds_done"] == [0, 1] and "training its 1 epochs per fold" in said[-1]
+    assert len(pd.read_csv(RunDir(out).fold_dir(0, 1) / "metrics.csv")) == 1
+    # fewer epochs configured than a run trains: not taken (claim_run_dir then refuses the settings)
+    from multitask.budget import epochs_of_run
+    from multitask.config import dump_config
+
+    other = RunDir(tmp_path / "other")
+    assert epochs_of_run(other, tiny_config(demo_root, *common)) is None  # no run yet: measure
+    other.root.mkdir()
+    other.config.write_text(dump_config(tiny_config(demo_root, *common)))
+    assert epochs_of_run(other, tiny_config(demo_root, *common, "train.epochs=2")).train.epochs == 2
+    assert epochs_of_run(other, tiny_config(demo_root, *common, "train.epochs=5")).train.epochs == 3
+
+
+def test_a_stale_lock_is_taken_over_by_one_process_only(tmp_path):
+    """Replays the race: two processes read the same dead holder; the first removes the lock and
+    makes its own; the second, in its turn, reads again, finds the first's live lock and leaves it."""
+    import json
+    import socket
+
+    from multitask.lock import _take_over, file_lock, lock_holder
+
+    lock = tmp_path / "fold0" / "lock.json"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "since": "x"}))
+    assert lock_holder(lock) is None  # both processes read this
+    with file_lock(lock) as first:  # the first takes it over
+        assert first is None
+        mine = lock.read_text()
+        _take_over(lock)  # the second goes on from its stale reading
+        assert lock.read_text() == mine  # the first's lock stands
+        with file_lock(lock) as second:
+            assert second is not None and second.startswith("being trained by")
+    assert not lock.exists() and not list(lock.parent.iterdir())
+
+
+def test_a_lock_left_unwritten_is_stale_after_a_few_seconds(tmp_path):
+    import os
+    import time
+
+    from multitask.lock import UNWRITTEN_STALE_S, file_lock, lock_holder
+
+    lock = tmp_path / "lock.json"
+    lock.write_text("")  # made, then killed before its content
+    assert lock_holder(lock) == {}  # just now: being written
+    with file_lock(lock) as holder:
+        assert holder == "being claimed by another process"
+    old = time.time() - UNWRITTEN_STALE_S - 1
+    os.utime(lock, (old, old))
+    assert lock_holder(lock) is None
+    with file_lock(lock) as holder:
+        assert holder is None and lock_holder(lock)["pid"] == os.getpid()
+    lock.write_text('{"host": "some')  # half written, long ago
+    os.utime(lock, (old, old))
+    with file_lock(lock) as holder:
+        assert holder is None
+
+
+LOCK_RACER = """
+import json, sys, time
+from pathlib import Path
+import multitask.lock as L
+lock, go, done, out = map(Path, sys.argv[1:5])
+read = L._read
+def slow_read(path):  # widens the race: every racer reads the dead holder before any acts on it
+    seen = read(path)
+    time.sleep(0.05)
+    return seen
+L._read = slow_read
+while not go.exists():
+    time.sleep(0.001)
+with L.file_lock(lock) as holder:
+    out.write_text(json.dumps(holder))
+    while holder is None and not done.exists():
+        time.sleep(0.01)
+"""
+
+
+def test_processes_racing_for_a_stale_lock_leave_one_holder(tmp_path):
+    """Six processes released together on one stale lock: exactly one holds it."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    lock, go, done = tmp_path / "lock.json", tmp_path / "go", tmp_path / "done"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "since": "x"}))
+    outs = [tmp_path / f"out{i}" for i in range(6)]
+    procs = [subprocess.Popen([sys.executable, "-c", LOCK_RACER, str(lock), str(go), str(done), str(o)]) for o in outs]
+    try:
+        time.sleep(1.0)  # every one imported and waiting
+        go.touch()
+        deadline = time.monotonic() + 60
+        while not all(o.exists() for o in outs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        holders = [json.loads(o.read_text()) for o in outs]
+    finally:
+        done.touch()
+        for p in procs:
+            p.wait(timeout=60)
+    assert holders.count(None) == 1, holders
+    assert not lock.exists()
