@@ -229,7 +229,7 @@ def predict(
             if round_ is not None:
                 raise ValueError("--round and --onnx: the exported file holds one round already")
             result = serve.predict_images(onnx, images, out, batch_size or 256, probs, skip_bad, chunk)
-        result |= {"why": f"{onnx} (run {result['model']})", "round": "exported"}
+        result |= {"why": f"{onnx} (exported from run {result['run']}, round {result['round']})"}
     else:
         from multitask.predict import predict_images
 

@@ -17,6 +17,7 @@ decision goes to roundN/decision.json; submit and predict apply it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -156,15 +157,19 @@ def take(d: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
 
 def honest_scores(task: Task, heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray,
                   values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config,
-                  pictures: Pictures | None = None) -> dict:
-    """The decision refitted without each fold and applied to that fold only; scored over all rows."""
+                  pictures: Pictures | None = None,
+                  probs_without: Callable[[int], dict[str, np.ndarray]] | None = None) -> dict:
+    """The decision refitted without each fold and applied to that fold only; scored over all rows.
+    `probs_without(k)`: the probabilities as they would be had fold k been left out of what made
+    them (an ensemble's vote with its weights refitted without fold k); `probs` where not given."""
     classes = np.zeros(len(factors), np.int64)
     part = lambda rows: pictures.take(rows) if pictures is not None else None  # noqa: E731
     for k in np.unique(folds):
         fit_rows, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        d = fit_decision(task, heads, take(probs, fit_rows), factors[fit_rows], take(values, fit_rows), cfg,
+        p = probs_without(k) if probs_without is not None else probs
+        d = fit_decision(task, heads, take(p, fit_rows), factors[fit_rows], take(values, fit_rows), cfg,
                          part(fit_rows))
-        classes[held] = predict_classes(task, heads, take(probs, held), cfg, d, part(held))[1]
+        classes[held] = predict_classes(task, heads, take(p, held), cfg, d, part(held))[1]
     return scores_of(task, classes, factors)
 
 
@@ -175,16 +180,18 @@ def is_active(task: Task, cfg: Config) -> bool:
 
 def decide_round(round_dir: Path, task: Task, heads: list[Head], probs: dict[str, np.ndarray],
                  factors: np.ndarray, values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config,
-                 look: np.ndarray | None = None) -> dict:
+                 look: np.ndarray | None = None,
+                 probs_without: Callable[[int], dict[str, np.ndarray]] | None = None) -> dict:
     """Fit the decision on the round's OOF, write decision.json, and report OOF macro F1 three ways:
-    plain argmax, the decision in-sample (optimistic), and fold-honest. With the pictures' likeness
-    (`look`), subjects are matched within each fold: the pictures one fold model predicted."""
+    plain argmax, the decision in-sample (optimistic), and fold-honest (`probs_without`: see
+    honest_scores). With the pictures' likeness (`look`), subjects are matched within each fold:
+    the pictures one fold model predicted."""
     pictures = Pictures(look, folds) if look is not None else None
     d = fit_decision(task, heads, probs, factors, values, cfg, pictures)
     report = {
         "argmax": scores_of(task, task.combine(heads, probs).argmax(1), factors),
         "in_sample": scores_of(task, predict_classes(task, heads, probs, cfg, d, pictures)[1], factors),
-        "honest": honest_scores(task, heads, probs, factors, values, folds, cfg, pictures),
+        "honest": honest_scores(task, heads, probs, factors, values, folds, cfg, pictures, probs_without),
     }
     write_json(round_dir / "decision.json", {"decision": asdict(d), "oof": report})
     return report

@@ -1,9 +1,9 @@
 """`mt eda`: look at the data before training. Counts per factor, per final class and per group; each
 numeric factor's histogram with its bin edges; image sizes and file types; a grid of sample pictures
 per final class; and the anomalies a competitor hunts for by hand, each with its file names:
-problems the reader found (bad labels, missing or misnamed pictures), groups with fewer pictures than
-most, duplicate images by content hash, files that cannot be decoded, labels that disagree within a
-group where a factor is set per group.
+problems the reader found (bad labels, missing or misnamed pictures, a group whose rows disagree on
+a factor set per group), groups with fewer pictures than most, duplicate images by content hash,
+files that cannot be decoded.
 
 Writes eda.json (every figure), counts.png, numeric_<factor>.png, samples.png; returns the same
 dict, which the command summarises in the terminal.
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from multitask.config import Config, TableTaskCfg
+from multitask.config import Config
 from multitask.context import read_data, task_of
 from multitask.data.cache import DECODE_ERRORS
 from multitask.data.table import factor_values, value_column
@@ -49,8 +49,7 @@ def image_facts(paths: list[str]) -> tuple[pd.DataFrame, list[dict]]:
     return pd.DataFrame(rows, columns=["path", "format", "width", "height", "sha1"]), unreadable
 
 
-def anomalies(train: pd.DataFrame, facts: pd.DataFrame, unreadable: list[dict], task: Task, cfg: Config,
-              skipped: pd.DataFrame) -> dict:
+def anomalies(train: pd.DataFrame, facts: pd.DataFrame, unreadable: list[dict], skipped: pd.DataFrame) -> dict:
     out: dict[str, list] = {"reader_problems": skipped.to_dict("records")[:MAX_LISTED], "unreadable": unreadable[:MAX_LISTED]}
     sizes = train.groupby("group").size()
     usual = int(sizes.mode().iloc[0]) if len(sizes) else 0
@@ -58,13 +57,7 @@ def anomalies(train: pd.DataFrame, facts: pd.DataFrame, unreadable: list[dict], 
     out["groups_with_fewer_pictures"] = [{"group": str(g), "pictures": int(n), "usual": usual} for g, n in short.items()][:MAX_LISTED]
     dupes = facts[facts["sha1"].duplicated(keep=False) & facts["format"].notna()].groupby("sha1")["path"].apply(list)
     out["duplicate_images"] = [{"sha1": h, "paths": ps} for h, ps in dupes.items()][:MAX_LISTED]
-    per_group = ([f.name for f in cfg.task.factors if f.per_group] if isinstance(cfg.task, TableTaskCfg)
-                 else [f.name for f in task.factors if f.name != "mask"])  # a person's gender and age are one
-    disagree = []
-    for name in per_group:
-        n = train.groupby("group")[name].nunique()
-        disagree += [{"group": str(g), "factor": name} for g in n[n > 1].index]
-    out["labels_disagree_within_group"] = disagree[:MAX_LISTED]
+    # a group that disagrees on a per-group factor is among reader_problems: the reader leaves it out
     return out
 
 
@@ -169,7 +162,7 @@ def run_eda(cfg: Config, out: str | Path) -> dict:
     plot_counts(counts, task, out / "counts.png")
     plot_samples(train, task, classes, out / "samples.png", cfg.train.seed)
     result = {"task": task.name, "counts": counts, "images": images, "numeric": numeric,
-              "anomalies": anomalies(train, facts, unreadable, task, cfg, table.skipped),
+              "anomalies": anomalies(train, facts, unreadable, table.skipped),
               "plots": ["counts.png", "samples.png", *[v["plot"] for v in numeric.values()]]}
     atomic_write_text(out / "eda.json", json.dumps(result, indent=2) + "\n")
     return result

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.config import ConfigError, EnsembleCfg, dump_config
+from multitask.config import Config, ConfigError, EnsembleCfg, dump_config
 from multitask.context import build_task, check_round, load_run_config
 from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes, scores_of
 from multitask.labels import FLAT_HEAD
 from multitask.metrics import macro_f1
-from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
+from multitask.run import RunDir, RunError, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
 
 WEIGHT_STEP = 0.05
 
@@ -35,16 +35,31 @@ def member_probs(run_dir: Path) -> dict:
     cfg = load_run_config(run)
     task, heads = build_task(cfg)
     r, _ = run.choose_round(cfg.train.folds)
+    check_round(run, r, cfg)
     blend = blend_only(load_decision(run.round_dir(r)))
     oof = load_npz(run.round_dir(r) / "oof.npz")
     test_path = run.round_dir(r) / "test_probs.npz"
     test = load_npz(test_path) if test_path.exists() else None
     probs = lambda z: predict_classes(task, heads, head_probs(z), cfg,  # noqa: E731
                                       blend)[0]
-    return {"cfg": cfg, "task": task, "round": r, "oof": oof, "oof_probs": probs(oof),
+    return {"cfg": cfg, "task": task, "round": r, "train_ids": round_train_ids(run, r), "oof": oof, "oof_probs": probs(oof),
             "test_ids": test["image_id"] if test is not None else None,
             "test_likeness": {"likeness": test["likeness"]} if test is not None and "likeness" in test else {},
             "test_probs": probs(test) if test is not None else None}
+
+
+def round_train_ids(run: RunDir, r: int) -> dict[str, str | None]:
+    """Which training of each fold round r's results were built from (fold -> id)."""
+    return read_json(run.round_dir(r) / "summary.json").get("train_ids") or {}
+
+
+def check_member_current(ens: EnsembleCfg, i: int, member_cfg: Config) -> None:
+    """Member i's round still holds the fold models the ensemble's weights and decision were fitted on."""
+    run, r = RunDir(ens.runs[i]), ens.rounds[i]
+    check_round(run, r, member_cfg)
+    if ens.train_ids is not None and round_train_ids(run, r) != ens.train_ids[i]:
+        raise RunError(f"{run.round_dir(r)}: retrained since the ensemble was made, so its weights and decision "
+                       f"were fitted on other models; make the ensemble again (`mt ensemble`)")
 
 
 def check_same_split(run: Path, other: Path, why: str) -> None:
@@ -86,9 +101,10 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
     cfg = load_run_config(RunDir(run_dir))
     votes: dict[int, np.ndarray] = {}
     total: dict[int, float] = {}
-    for path, r, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
+    for i, (path, r, w) in enumerate(zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights)):
         run = RunDir(path)
         member = load_run_config(run)
+        check_member_current(cfg.ensemble, i, member)
         task, heads = build_task(member)
         blend = blend_only(load_decision(run.round_dir(r)))
         for k, probs in fold_test_probs(run, r, member, test_ids).items():
@@ -116,12 +132,16 @@ def fit_weights(probs: list[np.ndarray], y: np.ndarray, n_classes: int) -> np.nd
     return best_w
 
 
-def honest_weights_score(probs: list[np.ndarray], factors: np.ndarray, folds: np.ndarray, task) -> dict:
+def weights_without(probs: list[np.ndarray], y: np.ndarray, folds: np.ndarray, n_classes: int) -> dict[int, np.ndarray]:
+    """The weights refitted without each fold: fold k is scored by weights that never saw it."""
+    return {k: fit_weights([p[folds != k] for p in probs], y[folds != k], n_classes) for k in np.unique(folds)}
+
+
+def honest_weights_score(probs: list[np.ndarray], factors: np.ndarray, folds: np.ndarray, task,
+                         fold_weights: dict[int, np.ndarray]) -> dict:
     classes = np.zeros(len(factors), np.int64)
-    y = task.encode(factors)
-    for k in np.unique(folds):
-        fit, held = folds != k, folds == k
-        w = fit_weights([p[fit] for p in probs], y[fit], task.n_classes)
+    for k, w in fold_weights.items():
+        held = folds == k
         classes[held] = weighted([p[held] for p in probs], w).argmax(1)
     return scores_of(task, classes, factors)
 
@@ -136,6 +156,7 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     task, oof = members[0]["task"], members[0]["oof"]
     factors, folds = oof["factors"], oof["fold"]
     oof_probs = [m["oof_probs"] for m in members]
+    fold_weights = weights_without(oof_probs, task.encode(factors), folds, task.n_classes) if weights is None else None
     if weights is None:
         w = fit_weights(oof_probs, task.encode(factors), task.n_classes)
     else:
@@ -145,7 +166,7 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     cfg = members[0]["cfg"].model_copy(update={
         "heads": FLAT_HEAD, "numeric": {}, "losses": {},
         "ensemble": EnsembleCfg(runs=[str(r.resolve()) for r in runs], rounds=[m["round"] for m in members],
-                                weights=[float(x) for x in w])})
+                                weights=[float(x) for x in w], train_ids=[m["train_ids"] for m in members])})
     task, heads = build_task(cfg)
     run = RunDir(out)
     if run.config.exists():
@@ -161,10 +182,14 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
                "members": [{"run": str(r), "round": m["round"], "weight": float(x), "oof": scores_of(task, m["oof_probs"].argmax(1), factors)}
                            for r, m, x in zip(runs, members, w)],
                "oof": scores_of(task, voted.argmax(1), factors),
-               "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task) if weights is None else None}
+               "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task, fold_weights)
+               if weights is None else None}
     if is_active(task, cfg):
+        # fold-honest all the way: fold k's decision is fitted on a vote whose weights never saw fold k
+        # (each member's auxiliary blend stays its own, one number fitted on the member's OOF)
+        without = (lambda k: {FLAT_HEAD: weighted(oof_probs, fold_weights[k])}) if fold_weights else None  # noqa: E731
         summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg,
-                                           oof.get("likeness"))
+                                           oof.get("likeness"), without)
     write_json(run.round_dir(0) / "summary.json", summary)
     write_json(run.summary, {"latest_round": 0, "rounds": [summary]})
     return summary

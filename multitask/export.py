@@ -27,7 +27,7 @@ from multitask.context import build_task, check_round, load_run_config, reopen_c
 from multitask.data.augment import tta_view
 from multitask.decide import aux_kinds, blend_only, load_decision, predict_classes
 from multitask.labels import Head, Task
-from multitask.numeric import aux_activation, is_aux, standardise
+from multitask.numeric import aux_activation, aux_name, is_aux, standardise
 from multitask.predict import DecodedImages, HARD_TIE_BREAK, load_model, round_models, run_outputs
 from multitask.run import RunDir, atomic_write_bytes
 from multitask.serve import META_KEY, need_serve_extra, task_meta
@@ -68,10 +68,11 @@ class RunGraph(nn.Module):
     """One run's round: fold models × TTA views → vote → head product → auxiliary blend."""
 
     def __init__(self, models: list[nn.Module], views: list[str], vote: str, task: Task, heads: list[Head],
-                 outputs: list[str], blend: list[dict]):
+                 outputs: list[str], blend: list[dict], aux: dict[str, str]):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.views, self.hard, self.sizes, self.outputs, self.blend = list(views), vote == "hard", task.sizes, outputs, blend
+        self.aux = aux  # auxiliary output name -> its kind (regression or ordinal)
         self.head_names = [h.name for h in heads]
         for h in heads:
             self.register_buffer(f"index_{h.name}", torch.as_tensor(task.class_to_head_index(h)), persistent=False)
@@ -82,7 +83,7 @@ class RunGraph(nn.Module):
         total = {}
         for view in self.views:
             for name, logits in model(tta_view(x, view)).items():
-                p = aux_activation(logits, logits.shape[1]) if is_aux(name) else logits.float().softmax(1)
+                p = aux_activation(logits, self.aux[name]) if is_aux(name) else logits.float().softmax(1)
                 total[name] = total[name] + p if name in total else p
         return {name: p / len(self.views) for name, p in total.items()}
 
@@ -149,7 +150,8 @@ def build_graph(run: RunDir, r: int) -> tuple[nn.Module, dict]:
                       "bins": [float(b) for b in f.bins], "centre": centre, "scale": scale,
                       "sigma": float(decision.sigma.get(factor) or 1.0),
                       "codes": task.decode(np.arange(task.n_classes))[:, i]})
-    graph = RunGraph(models, cfg.aug.tta, cfg.decide.vote, task, heads, names, blend).eval()
+    aux = {aux_name(factor): kind for factor, kind in kinds.items()}
+    graph = RunGraph(models, cfg.aug.tta, cfg.decide.vote, task, heads, names, blend, aux).eval()
     return graph, {"img_size": size, "outputs": [f"p_{n}" for n in names], "folds": len(models), "views": list(cfg.aug.tta)}
 
 
@@ -161,8 +163,9 @@ def sample_rows(n: int, k: int, seed: int, exclude: np.ndarray | None = None) ->
 def reference(run: RunDir, r: int, decoded: DecodedImages, cfg, task: Task, heads: list[Head],
               decision) -> dict[str, np.ndarray]:
     """What `mt predict` computes on the images: the voted outputs, and the final-class probabilities
-    before the offsets."""
-    probs = run_outputs(run, r, [], decoded, np.arange(len(decoded.paths)))
+    before the offsets. On the CPU in fp32 whatever the run's device: the graph is fp32, and on a GPU
+    `mt predict` runs bf16 autocast, whose rounding alone exceeds the tolerance."""
+    probs = run_outputs(run, r, ["train.device=cpu"], decoded, np.arange(len(decoded.paths)))
     final = predict_classes(task, heads, probs, cfg, blend_only(decision))[0]
     return {"final": final} | {f"p_{k}": v for k, v in probs.items()}
 

@@ -208,10 +208,23 @@ def aux_losses(task: Task, cfg: Config) -> dict[str, tuple]:
             for n in numerics(task, cfg) if n.cfg.aux != "none"}
 
 
-def aux_activation(logits: torch.Tensor, size: int) -> torch.Tensor:
-    """What prediction stores of an auxiliary output: the standardised number (regression, size 1)
-    or P(number >= edge) per edge (ordinal)."""
-    return logits.float() if size == 1 else logits.float().sigmoid()
+def aux_kind(cfg: Config, name: str) -> str:
+    """The configured kind ("regression" or "ordinal") of the auxiliary output `name` (aux_<factor>),
+    looked up as `numerics` looks it up."""
+    factor = name[len(AUX_PREFIX):]
+    return cfg.numeric.get(factor, cfg.numeric.get(EVERY, NumericCfg())).aux
+
+
+def aux_activation(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """What prediction stores of an auxiliary output: the standardised number (regression) or
+    P(number >= edge) per edge (ordinal). Told by the configured kind (`aux_kind`), not the width:
+    the ordinal output of a single-edge factor is one wide too, and its raw logits would be read as
+    probabilities."""
+    if kind == "regression":
+        return logits.float()
+    if kind == "ordinal":
+        return logits.float().sigmoid()
+    raise ValueError(f"auxiliary output kind {kind!r} is neither 'regression' nor 'ordinal'")
 
 
 def aux_bins(factor: Factor, kind: str, out: np.ndarray, sigma: float | None = None) -> np.ndarray:

@@ -113,4 +113,6 @@ def stream_predictions(task: Task, ids: list[str], paths: list[str], out: str | 
             atomic_write_text(skipped_file, listing.getvalue())
         if not written:
             raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
+    if not bad:  # a listing left by an earlier run of the same file would name images this one kept
+        skipped_file.unlink(missing_ok=True)
     return {"out": str(out), "predicted": written, "skipped": len(bad), "skipped_file": str(skipped_file) if bad else None}

@@ -19,10 +19,11 @@ from multitask.data.augment import tta_view
 from multitask.data.cache import decode_into
 from multitask.data.dataset import RowImages, eval_batches
 from multitask.decide import blend_only, load_decision, predict_classes
+from multitask.ensemble import check_member_current
 from multitask.device import autocast, prepare_input, resolve_device, tune_for
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
-from multitask.numeric import aux_activation, aux_outputs, is_aux
+from multitask.numeric import aux_activation, aux_kind, aux_outputs, is_aux
 from multitask.outputs import CHUNK, list_images, prediction_table, stream_predictions
 from multitask.run import RunDir, fold_checkpoint, read_json
 
@@ -49,7 +50,7 @@ def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: t
             with autocast(device, cfg.train.amp):
                 out = forward(prepare_input(tta_view(x, view), cfg, device))
             for name, logits in out.items():
-                p = aux_activation(logits, logits.shape[1]) if is_aux(name) else logits.float().softmax(1)
+                p = aux_activation(logits, aux_kind(cfg, name)) if is_aux(name) else logits.float().softmax(1)
                 batch = probs[name][start:start + len(x)]
                 if i == 0:
                     batch.copy_(p)
@@ -161,9 +162,10 @@ def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImage
     task, heads = build_task(cfg)
     if cfg.ensemble is not None:
         total = 0
-        for member, mr, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
+        for i, (member, mr, w) in enumerate(zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights)):
             m_run = RunDir(member)
             m_cfg = load_run_config(m_run, overrides)
+            check_member_current(cfg.ensemble, i, m_cfg)
             m_task, m_heads = build_task(m_cfg)
             m_probs = run_outputs(m_run, mr, overrides, decoded, keep, progress, models)
             total = total + w * predict_classes(m_task, m_heads, m_probs, m_cfg,

@@ -198,7 +198,7 @@ def write_report(run_dir) -> Path:
             continue
         chosen = pd.read_csv(table_path)
         promise = read_json(promise_path)["factors"] if promise_path.exists() else {}
-        folds = max(chosen["fold"].nunique(), 1)
+        folds = cfg.train.folds  # every fold, those that selected nothing among them
         for i, f in enumerate(task.factors):
             counts = chosen[f.name][chosen[f.name] >= 0].value_counts()
             per_class = ", ".join(f"{f.classes[int(c)]} {n / folds:.0f}" for c, n in sorted(counts.items()))

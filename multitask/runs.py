@@ -9,10 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.config import TableTaskCfg, load_config
+from multitask.config import Config, TableTaskCfg, load_config
 from multitask.context import task_of
+from multitask.labels import Factor
 from multitask.metrics import macro_f1
 from multitask.run import RunDir, read_json
+
+
+class AnswerKeyError(ValueError):
+    pass
 
 
 def find_runs(roots: list[Path]) -> list[RunDir]:
@@ -24,9 +29,75 @@ def find_runs(roots: list[Path]) -> list[RunDir]:
     return sorted(set(found), key=lambda run: str(run.root))
 
 
+def _read_str_csv(path: Path, what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise AnswerKeyError(f"{path}: {what} not found")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises many kinds for a broken CSV
+        raise AnswerKeyError(f"{path}: cannot be read as CSV ({e})") from None
+
+
+def _need(df: pd.DataFrame, path: Path, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise AnswerKeyError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+
+
+def _class_index(f: Factor, values: pd.Series, paths: pd.Series, where: Path, column: str, numbers: bool) -> np.ndarray:
+    """Class indices of one factor's column; a value that is none of its classes is an error."""
+    values = values.str.strip().reset_index(drop=True)
+    index = values.map({c: i for i, c in enumerate(f.classes)})
+    if numbers and f.numeric:
+        # the key holds the number, as the task's table does; a bin name (a predictions file used
+        # as the key) is taken as it is: no bin name reads as a number, so the two cannot clash
+        rest = index.isna()
+        num = pd.to_numeric(values[rest], errors="coerce").to_numpy(float)
+        ok = np.isfinite(num)
+        index.loc[rest[rest].index[ok]] = f.bin(num[ok])
+    bad = np.flatnonzero(index.isna().to_numpy())
+    if len(bad):
+        kind = "a number or a bin name" if numbers and f.numeric else f"one of {list(f.classes)}"
+        raise AnswerKeyError(f"{where}: column {column!r} of {paths.iloc[bad[0]]!r} is {values.iloc[bad[0]]!r}, not "
+                             f"{kind} of factor {f.name!r} ({len(bad)} such row(s))")
+    return index.to_numpy(np.int64)
+
+
+def table_codes(cfg: Config, answers: Path, preds: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The factor classes (N, F) of a table task's answer key and of the predictions of its paths,
+    row for row in the key's order: what `mt runs --answers` and scripts/score_table.py score.
+
+    The key is `path` plus each factor's column under the name the task's table gives it (the
+    factor's `column`), holding what that table holds: a number for a binned factor, binned here
+    with the factor's edges, a class name for a categorical one (scripts/utkface_table.py and the
+    synthetic table maker write it so). The predictions are `mt predict`'s file: `path` and one
+    column per factor, by the factor's name, holding class or bin names."""
+    task = task_of(cfg)
+    answers, preds = Path(answers), Path(preds)
+    key, pred = _read_str_csv(answers, "answer key"), _read_str_csv(preds, "predictions")
+    columns = [fc.column or fc.name for fc in cfg.task.factors]
+    _need(key, answers, ["path", *columns])
+    _need(pred, preds, ["path", *task.factor_names])
+    twice = pred["path"][pred["path"].duplicated()]
+    if len(twice):
+        raise AnswerKeyError(f"{preds}: {len(twice)} path(s) predicted more than once, e.g. {twice.iloc[0]!r}")
+    pred = pred.set_index("path")
+    missing = key["path"][~key["path"].isin(pred.index)]
+    if len(missing):
+        raise AnswerKeyError(f"{preds}: no prediction for {len(missing)} of the {len(key)} path(s) of {answers}, "
+                             f"e.g. {missing.iloc[0]!r}")
+    pred = pred.loc[key["path"]]
+    truth = np.stack([_class_index(f, key[c], key["path"], answers, c, numbers=True)
+                      for f, c in zip(task.factors, columns)], 1)
+    guess = np.stack([_class_index(f, pred[f.name], key["path"], preds, f.name, numbers=False)
+                      for f in task.factors], 1)
+    return truth, guess
+
+
 def held_out(run: RunDir, answers: Path) -> float | None:
     """The macro F1 of the run's submission against an answer key: ImageID,ans (the competition) or
-    path plus one column per factor (a table task), as score.py and scripts/score_table.py count it."""
+    a table task's key (see table_codes), as score.py and scripts/score_table.py count it; None
+    where the run has no submission or the key is of the other kind."""
     if not run.submission.exists():
         return None
     sub, truth = pd.read_csv(run.submission), pd.read_csv(answers)
@@ -36,15 +107,11 @@ def held_out(run: RunDir, answers: Path) -> float | None:
             return None
         y, p = merged["ans_true"].to_numpy(np.int64), merged["ans_pred"].to_numpy(np.int64)
         return macro_f1(y, p, int(max(y.max(), p.max())) + 1)
-    if "path" in sub.columns and "class" in sub.columns and "path" in truth.columns:
-        task = task_of(load_config(run.config))
-        merged = truth.merge(sub, on="path", suffixes=("_true", "_pred"), how="inner")
-        if len(merged) != len(truth):
-            return None
-        codes = lambda side: np.stack([merged[f"{f.name}_{side}"].astype(str).map(  # noqa: E731
-            {c: i for i, c in enumerate(f.classes)}).to_numpy() for f in task.factors], 1)
-        y, p = task.encode(codes("true")), task.encode(codes("pred"))
-        return macro_f1(y, p, task.n_classes)
+    cfg = load_config(run.config)
+    if isinstance(cfg.task, TableTaskCfg) and "path" in sub.columns and "path" in truth.columns:
+        task = task_of(cfg)
+        truth_codes, pred_codes = table_codes(cfg, answers, run.submission)
+        return macro_f1(task.encode(truth_codes), task.encode(pred_codes), task.n_classes)
     return None
 
 
@@ -62,7 +129,10 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
            "oof_f1": summary["oof"]["f1"]}
     row |= {k.replace("f1_", "oof_"): v for k, v in summary["oof"].items() if k.startswith("f1_") and not k.endswith("_combined")}
     if answers is not None:
-        row["held_out_f1"] = held_out(run, answers)
+        try:
+            row["held_out_f1"] = held_out(run, answers)
+        except AnswerKeyError as e:  # the run's own figures still count; the note says why it has no score
+            row["held_out_f1"], row["note"] = None, f"no held-out score: {e}"
     row["wall_s"] = summary.get("wall_s")
     return row
 
@@ -70,6 +140,8 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
 def runs_table(roots: list[Path], answers: Path | None = None) -> pd.DataFrame:
     """The leaderboard: one row per finished run, best first (held-out score when an answer key is
     given, else the final OOF macro F1)."""
+    if answers is not None and not Path(answers).is_file():
+        raise FileNotFoundError(f"{answers}: answer key not found")
     rows = []
     for run in find_runs(roots):
         try:
@@ -79,5 +151,8 @@ def runs_table(roots: list[Path], answers: Path | None = None) -> pd.DataFrame:
     if not rows:
         raise FileNotFoundError(f"no finished run under {', '.join(map(str, roots))}")
     table = pd.DataFrame(rows)
-    key = "held_out_f1" if answers is not None and table["held_out_f1"].notna().any() else "oof_f1"
-    return table.sort_values(key, ascending=False, na_position="last").reset_index(drop=True)
+    scored = [k for k in (["held_out_f1"] if answers is not None else []) + ["oof_f1"]
+              if k in table.columns and table[k].notna().any()]
+    if not scored:  # every run unreadable: the rows are their notes, nothing to sort by
+        return table
+    return table.sort_values(scored[0], ascending=False, na_position="last").reset_index(drop=True)

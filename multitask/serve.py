@@ -105,7 +105,8 @@ class ServedModel:
 
 def predict_images(model: str | Path | ServedModel, source: str | Path, out: str | Path, batch_size: int = 256,
                    with_probs: bool = False, skip_bad: bool = False, chunk: int = CHUNK) -> dict:
-    """`mt predict --onnx`: the predictions file of `mt predict` (outputs.stream_predictions)."""
+    """`mt predict --onnx`: the predictions file of `mt predict` (outputs.stream_predictions), with
+    the run and round the file was exported from (its metadata)."""
     served = model if isinstance(model, ServedModel) else ServedModel(model)
     ids, paths = list_images(source)
 
@@ -114,7 +115,7 @@ def predict_images(model: str | Path | ServedModel, source: str | Path, out: str
         return final, served.classes(final)
 
     result = stream_predictions(served.task, ids, paths, out, chunk, served.decode, predict, with_probs, skip_bad)
-    return result | {"model": str(served.path)}
+    return result | {"model": str(served.path), "run": served.meta["run"], "round": served.meta["round"]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from multitask.config import Config, ConfigError, DEFAULT_ALBUMENTATIONS, dump_config, load_config
+from multitask.config import Config, ConfigError, dump_config, load_config
 from multitask.context import task_of
 from multitask.run import atomic_write_text
 
@@ -35,7 +35,11 @@ def suggest(trial, cfg: Config) -> list[str]:
         out.append(f"losses.{h.name}.name={loss}")
         out.append(f"losses.{h.name}.weight={trial.suggest_float(f'weight_{h.name}', 0.5, 2.0)}")
     strength = trial.suggest_float("aug_strength", 0.5, 1.5)
-    out.append("aug.train=" + _flow(scaled_augmentation(strength)))
+    # the augmentation the backend reads, the config's own scaled: the other one would change nothing
+    if cfg.aug.backend == "torch":
+        out.append("aug.torch=" + _flow(scaled_torch_augmentation(cfg.aug.torch.model_dump(mode="json"), strength)))
+    else:
+        out.append("aug.train=" + _flow(scaled_augmentation(cfg.aug.train, strength)))
     h, w = cfg.data.img_size
     scale = trial.suggest_categorical("img_scale", [1.0, 1.25])
     out.append(f"data.img_size=[{_multiple_of_8(h * scale)}, {_multiple_of_8(w * scale)}]")
@@ -62,17 +66,49 @@ def progress_line(trial, epochs: int) -> str:
     return trial.state.name.lower() + (f", OOF macro F1 {trial.value:.4f}" if trial.value is not None else "")
 
 
-def scaled_augmentation(strength: float) -> list[dict]:
-    """The default albumentations with their ranges scaled by `strength` (1: as they are)."""
-    aug = [dict(t) for t in DEFAULT_ALBUMENTATIONS]
-    for t in aug:
-        if t["name"] == "Affine":
-            t["scale"] = [1 - 0.1 * strength, 1 + 0.1 * strength]
-            t["translate_percent"] = [-0.06 * strength, 0.06 * strength]
-            t["rotate"] = [-10 * strength, 10 * strength]
-        elif t["name"] == "RandomBrightnessContrast":
-            t["brightness_limit"] = t["contrast_limit"] = round(0.2 * strength, 3)
-    return aug
+# The magnitude arguments of the albumentations transforms whose strength is tuned, each with the
+# value that means "no change" (a scale factor is 1; a shift, angle or limit is 0). Other transforms
+# and arguments (probabilities, flips, sizes) stay as configured; an argument left out of the
+# config keeps albumentations' default, unscaled.
+ALBUMENTATIONS_MAGNITUDES = {
+    "Affine": {"scale": 1.0, "translate_percent": 0.0, "rotate": 0.0, "shear": 0.0},
+    "ShiftScaleRotate": {"shift_limit": 0.0, "scale_limit": 0.0, "rotate_limit": 0.0},
+    "Rotate": {"limit": 0.0},
+    "RandomBrightnessContrast": {"brightness_limit": 0.0, "contrast_limit": 0.0},
+    "HueSaturationValue": {"hue_shift_limit": 0.0, "sat_shift_limit": 0.0, "val_shift_limit": 0.0},
+}
+
+
+def _scaled(value, neutral: float, strength: float):
+    """A number, a [low, high] range or a per-axis dict, moved away from `neutral` by `strength`."""
+    if isinstance(value, dict):
+        return {k: _scaled(v, neutral, strength) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scaled(v, neutral, strength) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return round(neutral + (value - neutral) * strength, 4)
+    return value
+
+
+def scaled_augmentation(train: list[dict], strength: float) -> list[dict]:
+    """The albumentations list `train` (aug.train) with each transform's magnitudes scaled by
+    `strength` (1: as they are), see ALBUMENTATIONS_MAGNITUDES."""
+    out = []
+    for t in train:
+        magnitudes = ALBUMENTATIONS_MAGNITUDES.get(t.get("name"), {})
+        out.append({k: _scaled(v, magnitudes[k], strength) if k in magnitudes else v for k, v in t.items()})
+    return out
+
+
+def scaled_torch_augmentation(aug: dict, strength: float) -> dict:
+    """The torch backend's settings (aug.torch) with their magnitudes scaled by `strength`, within
+    the bounds the config accepts; the flip's probability is not a strength and stays."""
+    lo, hi = aug["scale"]
+    out = dict(aug)
+    out["scale"] = [round(max(1 - (1 - lo) * strength, 0.05), 4), round(1 + (hi - 1) * strength, 4)]
+    for key, bound in (("translate", 0.5), ("rotate", 180.0), ("brightness", 1.0), ("contrast", 1.0)):
+        out[key] = round(min(aug[key] * strength, bound), 4)
+    return out
 
 
 def _multiple_of_8(x: float) -> int:
@@ -100,9 +136,13 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
     base = load_config(config, list(overrides), data=data)  # a bad config stops here, before any trial
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}", direction="maximize",
-                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=base.train.seed),
+                                load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2,
                                                                    n_warmup_steps=base.train.epochs))
+    # seeded past the trials the study already holds: the sampler's random start is drawn from its
+    # seed alone, so a resumed study seeded as at its start would repeat trial 0's settings; still
+    # deterministic, as the count is the study's own
+    study.sampler = optuna.samplers.TPESampler(seed=base.train.seed + len(study.trials))
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # a trial the killed study left running
         say(f"trial {t.number} was interrupted: counted as failed, its folder kept")

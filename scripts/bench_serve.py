@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What serving a finished run costs and keeps, on the CPU: the torch fold ensemble with TTA as
-`mt submit` runs it, that ensemble as one fp32 ONNX file, a distilled student in torch, as fp32
-ONNX and as int8 ONNX. Prints one JSON line.
+`mt predict` runs it (each picture on its own, so without the subjects reading, `decide.subjects`,
+that `mt submit` applies to a whole test set: what an ONNX file can serve), that ensemble as one
+fp32 ONNX file, a distilled student in torch, as fp32 ONNX and as int8 ONNX. Prints one JSON line.
 
   python scripts/bench_serve.py --run RUN --answers DATA/answers.csv               # distils a student first
   python scripts/bench_serve.py --run RUN --answers DATA/answers.csv --student ST  # a student already trained
@@ -9,7 +10,8 @@ ONNX and as int8 ONNX. Prints one JSON line.
 
 The held-out set is the run's own test images (eval/info.csv), scored against `--answers`
 (ImageID,ans) with the final-class macro F1 of the competition, each variant with the run's
-decision offsets as `submit` applies them. Images are decoded once, before the clock starts; model
+decision offsets as `predict` applies them (so `ensemble_torch_f1` can fall short of the run's
+submission where it reads subjects). Images are decoded once, before the clock starts; model
 loading is not timed either: a full batch warms each variant up, then whole passes over the images
 are timed until 3 s have passed (at least one). Each variant runs in its own
 process, so `<variant>_peak_mb` is that process's peak RSS (interpreter, libraries, decoded images

@@ -12,12 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 from sklearn.metrics import f1_score
 
 from multitask.context import load_run_config, task_of
 from multitask.run import RunDir
+from multitask.runs import table_codes
 
 
 def main() -> None:
@@ -28,18 +27,10 @@ def main() -> None:
     a = ap.parse_args()
     cfg = load_run_config(RunDir(a.run))
     task = task_of(cfg)
-    answers = pd.read_csv(a.answers, dtype=str, keep_default_na=False)
-    preds = pd.read_csv(a.preds or Path(a.run) / "submission.csv", dtype=str, keep_default_na=False).set_index("path")
-    missing = sorted(set(answers["path"]) - set(preds.index))
-    if missing:
-        raise SystemExit(f"{len(missing)} answer path(s) have no prediction, e.g. {missing[0]}")
-    preds = preds.loc[answers["path"]]
-    truth = np.zeros((len(answers), len(task.factors)), np.int64)
-    guess = np.zeros_like(truth)
-    for i, (fc, f) in enumerate(zip(cfg.task.factors, task.factors)):
-        col = answers[fc.column or fc.name]
-        truth[:, i] = f.bin(col.astype(float)) if f.numeric else col.map({c: j for j, c in enumerate(f.classes)})
-        guess[:, i] = preds[f.name].map({c: j for j, c in enumerate(f.classes)}).to_numpy()
+    try:  # the same reading as `mt runs --answers` (multitask/runs.py)
+        truth, guess = table_codes(cfg, Path(a.answers), Path(a.preds or Path(a.run) / "submission.csv"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     y, p = task.encode(truth), task.encode(guess)
     out = {"n": len(y), "f1": round(f1_score(y, p, average="macro"), 4), "acc": round(float((y == p).mean()), 4)}
     for i, f in enumerate(task.factors):

@@ -59,5 +59,6 @@ def test_eda_of_a_table_task_flags_groups_that_disagree(tmp_path):
     eda = run_eda(tiny_config(None, f"task={yaml.safe_dump(task, default_flow_style=True)}"), tmp_path / "eda")
     # the reader refuses the group (per_group), and the finding names it
     assert any("disagree on shape" in p["reason"] for p in eda["anomalies"]["reader_problems"])
+    assert "labels_disagree_within_group" not in eda["anomalies"]  # the reader left the group out: nothing to find
     assert eda["counts"]["images"] == 5 * 3 and eda["numeric"]["size"]["bins"] == [20, 30]
     assert (tmp_path / "eda" / "numeric_size.png").exists()

@@ -11,12 +11,13 @@ from conftest import tiny_config
 from multitask.cli import app
 from multitask.config import ConfigError
 from multitask.context import build_task, load_run_config
-from multitask.decide import blend_only, load_decision, predict_classes
-from multitask.ensemble import fit_weights, fold_votes, make_ensemble
+from multitask.decide import blend_only, fit_decision, load_decision, predict_classes
+from multitask.ensemble import fit_weights, fold_votes, make_ensemble, member_probs, weighted
 from multitask.kfold import train_run
 from multitask.predict import predict_images
 from multitask.pseudo import pseudo_label
-from multitask.run import SOFT_FILE, RunDir, head_probs, load_npz, read_json
+from multitask.metrics import macro_f1
+from multitask.run import SOFT_FILE, RunDir, RunError, head_probs, load_npz, read_json
 from multitask.subjects import Pictures
 from multitask.submit import make_submission
 
@@ -85,6 +86,44 @@ def test_an_ensemble_refuses_runs_with_other_folds(members, demo_root, tmp_path)
     assert RunDir(run).rounds() == [0] and not RunDir(run).round_dir(1).exists()
     with pytest.raises(ConfigError, match="at least two runs"):
         make_ensemble([a], tmp_path / "ens")
+
+
+def test_a_member_retrained_since_the_ensemble_was_made_is_refused(members, demo_root, tmp_path):
+    a, b = members
+    member = tmp_path / "a"
+    shutil.copytree(a, member)
+    out = tmp_path / "ens"
+    make_ensemble([member, b], out)
+    cfg = load_run_config(RunDir(out))
+    assert cfg.ensemble.train_ids[0] == read_json(RunDir(member).round_dir(0) / "summary.json")["train_ids"]
+    test_ids = load_npz(RunDir(out).round_dir(0) / "test_probs.npz")["image_id"]
+    fold_votes(out, test_ids)  # as made: fine
+    train_run(tiny_config(demo_root, "train.epochs=2"), member, force=True)  # same settings, new models
+    preds = tmp_path / "p.csv"
+    with pytest.raises(RunError, match="retrained since the ensemble was made"):
+        predict_images(out, demo_root / "eval" / "images", preds)
+    with pytest.raises(RunError, match="retrained since the ensemble was made"):
+        fold_votes(out, test_ids)
+    assert not preds.exists()
+
+
+def test_the_ensembles_honest_decision_scores_each_fold_with_weights_that_never_saw_it(members, tmp_path):
+    a, b = members
+    out = tmp_path / "ens"
+    summary = make_ensemble([a, b], out)
+    cfg = load_run_config(RunDir(out))
+    task, heads = build_task(cfg)
+    oof = load_npz(RunDir(out).round_dir(0) / "oof.npz")
+    probs = [member_probs(r)["oof_probs"] for r in (a, b)]
+    y, folds = task.encode(oof["factors"]), oof["fold"]
+    pictures = Pictures(oof["likeness"], folds)
+    classes = np.zeros(len(y), np.int64)
+    for k in np.unique(folds):
+        fit, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        voted = weighted(probs, fit_weights([p[fit] for p in probs], y[fit], task.n_classes))
+        d = fit_decision(task, heads, {"class": voted[fit]}, oof["factors"][fit], {}, cfg, pictures.take(fit))
+        classes[held] = predict_classes(task, heads, {"class": voted[held]}, cfg, d, pictures.take(held))[1]
+    assert summary["decision"]["honest"]["f1"] == macro_f1(y, classes, task.n_classes)
 
 
 def test_an_ensemble_run_cannot_be_trained_further(members, tmp_path):

@@ -132,3 +132,34 @@ def test_settings_for_every_numeric_factor_and_their_override():
     got = {n.factor.name: n.cfg.aux for n in numerics(two, cfg_with("numeric.*.aux=ordinal", "numeric.height.aux=regression"))}
     assert got == {"age": "ordinal", "height": "regression"}
     assert numerics(Task("c", (Factor("g", ("m", "f")),)), cfg_with("numeric.*.aux=ordinal")) == []
+
+
+def test_a_single_edge_ordinal_output_is_read_as_a_probability_not_a_number():
+    """One edge gives an ordinal output one wide, as wide as a regression: the kind, not the width,
+    says how to read it (raw logits clipped to [0, 1] would turn -3 into certainty of the low bin
+    and 0.4 into 0.4)."""
+    from torch import nn
+
+    from multitask.export import RunGraph
+    from multitask.numeric import aux_activation, aux_kind
+
+    size = Factor.binned("size", [25])
+    task = Task("t", (size,))
+    cfg = cfg_with("numeric.*.aux=ordinal")
+    assert aux_kind(cfg, "aux_size") == "ordinal"
+    assert aux_kind(cfg_with("numeric.*.aux=ordinal", "numeric.size.aux=regression"), "aux_size") == "regression"
+    logits = torch.tensor([[3.0], [-3.0], [0.4]])
+    read = aux_activation(logits, aux_kind(cfg, "aux_size"))
+    torch.testing.assert_close(read, logits.sigmoid())
+    p = aux_bins(size, "ordinal", read.numpy())
+    assert p.argmax(1).tolist() == [1, 0, 1] and 0.5 < p[2, 1] < 0.7
+    torch.testing.assert_close(aux_activation(logits, "regression"), logits)  # a regression keeps its number
+
+    class Stub(nn.Module):  # a fold model: the head and the single-edge ordinal output
+        def forward(self, x):
+            return {"size": torch.zeros(len(x), 2), "aux_size": torch.full((len(x), 1), 3.0)}
+
+    graph = RunGraph([Stub()], ["none"], "soft", task, task.heads(None), ["size", "aux_size"], [],
+                     {"aux_size": aux_kind(cfg, "aux_size")})
+    _, _, p_aux = graph(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
+    torch.testing.assert_close(p_aux, torch.full((2, 1), 3.0).sigmoid())  # the exported file reads it alike

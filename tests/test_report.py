@@ -42,3 +42,117 @@ def test_report_is_one_page_whose_pictures_load_in_a_browser(demo_root, tmp_path
     shot = tmp_path / "report.png"
     render(page, f"--screenshot={shot}", "--window-size=1400,3000")
     assert shot.stat().st_size > 20_000
+
+
+# ---- mt runs: held-out scores of table tasks, and runs that cannot be read ----
+
+def table_run(tmp_path, factors):
+    """A run directory as far as `mt runs --answers` reads it (config and submission) on the
+    synthetic table set, whose answer key holds the sizes as numbers."""
+    import yaml
+
+    from multitask.config import dump_config
+    from multitask.data.synthetic import make_table_dataset
+
+    data = make_table_dataset(tmp_path / "table", n_train_groups=6, n_test_groups=4, per_group=3,
+                              image_size=(24, 24), seed=0)
+    task = {"table": str(data["table"]), "group_col": "group", "test": "test.csv", "factors": factors}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(tiny_config(None, f"task={yaml.safe_dump(task, default_flow_style=True)}")))
+    return run, data["answers"]
+
+
+def test_a_perfect_table_submission_scores_one_held_out(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from multitask.labels import bin_names
+    from multitask.run import RunDir
+    from multitask.runs import AnswerKeyError, held_out
+
+    # the size factor named apart from its column: the key is read by column, the predictions by name
+    run, answers = table_run(tmp_path, [{"name": "shape", "classes": ["circle", "square"]},
+                                        {"name": "colour", "classes": ["red", "green", "blue", "yellow"]},
+                                        {"name": "bigness", "column": "size", "bins": [20, 30]}])
+    key = pd.read_csv(answers)
+    assert key["size"].dtype.kind in "if" and key["size"].nunique() > 2  # numbers, not bin names
+    names = bin_names([20, 30])
+    perfect = pd.DataFrame({"path": key["path"], "shape": key["shape"], "colour": key["colour"],
+                            "bigness": [names[i] for i in np.searchsorted([20, 30], key["size"], side="right")]})
+    perfect.to_csv(run / "submission.csv", index=False)
+    assert held_out(RunDir(run), answers) == 1.0
+    wrong = perfect.assign(shape=perfect["shape"].map({"circle": "square", "square": "circle"}))
+    wrong.to_csv(run / "submission.csv", index=False)
+    assert held_out(RunDir(run), answers) < 1.0
+    perfect.iloc[1:].to_csv(run / "submission.csv", index=False)
+    with pytest.raises(AnswerKeyError, match=r"submission.csv: no prediction for 1 of the \d+ path"):
+        held_out(RunDir(run), answers)
+    key.assign(size="big").to_csv(tmp_path / "bad.csv", index=False)
+    perfect.to_csv(run / "submission.csv", index=False)
+    with pytest.raises(AnswerKeyError, match="bad.csv: column 'size' of .* is 'big', not a number or a bin name"):
+        held_out(RunDir(run), tmp_path / "bad.csv")
+
+
+def test_score_table_script_reads_the_key_as_mt_runs_does(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from multitask.labels import bin_names
+
+    run, answers = table_run(tmp_path, [{"name": "colour", "classes": ["red", "green", "blue", "yellow"]},
+                                        {"name": "size", "bins": [20, 30]}])
+    key = pd.read_csv(answers)
+    names = bin_names([20, 30])
+    pd.DataFrame({"path": key["path"], "colour": key["colour"],
+                  "size": [names[i] for i in np.searchsorted([20, 30], key["size"], side="right")]}
+                 ).to_csv(run / "submission.csv", index=False)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "score_table.py"
+    out = subprocess.run([sys.executable, str(script), "--run", str(run), "--answers", str(answers)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) | {"n": 0} == {"n": 0, "f1": 1.0, "acc": 1.0, "f1_colour": 1.0, "f1_size": 1.0}
+
+
+def test_mt_runs_lists_runs_it_cannot_read_with_their_reasons(tmp_path):
+    from multitask.config import dump_config
+    from multitask.runs import runs_table
+
+    for name in ("a", "b"):
+        run = tmp_path / "runs" / name
+        (run / "round0").mkdir(parents=True)
+        (run / "config.yaml").write_text(dump_config(tiny_config(tmp_path)))
+        (run / "round0" / "oof.npz").write_bytes(b"")  # a round that looks finished, without its summary
+    for answers in (None, tmp_path / "answers.csv"):
+        if answers:
+            answers.write_text("ImageID,ans\nx,0\n")
+        table = runs_table([tmp_path / "runs"], answers)
+        assert len(table) == 2 and table["note"].str.startswith("unreadable").all()
+    result = runner.invoke(app, ["runs", str(tmp_path / "runs")], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "unreadable" in result.output
+
+
+def test_pseudo_label_counts_per_fold_count_the_folds_that_selected_nothing(demo_root, tmp_path):
+    """Per fold means over every fold: a fold whose model cleared no threshold selected 0."""
+    import shutil
+
+    import pandas as pd
+
+    from multitask.context import task_of
+    from multitask.report import write_report
+
+    out = tmp_path / "run"
+    cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}")
+    train_run(cfg, out)
+    shutil.copytree(out / "round0", out / "round1")  # a second round, as pseudo-labelling would add
+    mask = task_of(cfg).factors[0]
+    pd.DataFrame({"ImageID": [f"i{k}" for k in range(4)], "fold": 0, "mask": 0, "conf_mask": 0.99,
+                  "gender": -1, "conf_gender": 0.0, "age": -1, "conf_age": 0.0}).to_csv(out / "round1" / "pseudo.csv", index=False)
+    text = write_report(out).read_text()
+    assert f"<td>{mask.classes[0]} 2</td>" in text  # 4 selected by fold 0, none by fold 1: 2 per fold

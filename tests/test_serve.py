@@ -28,8 +28,10 @@ from multitask.run import RunDir, load_npz, read_json
 from multitask.submit import make_submission, make_submission_onnx
 
 LAYOUTS = {
-    # every view, the auxiliary regression blended in, offsets per factor class
-    "shared": ["aug.tta=[none, hflip, zoom]", "decide.offsets=factor"],
+    # every view, the auxiliary regression blended in, offsets per factor class; no subjects: an ONNX
+    # file decides each picture on its own, so `mt submit --onnx` equals `mt submit` only without them
+    # (with them, the tiny run's fitted weight decides whether the comparison means anything)
+    "shared": ["aug.tta=[none, hflip, zoom]", "decide.offsets=factor", "decide.subjects=null"],
     # one backbone per head, an ordinal auxiliary output, a hard vote
     "separate": ["model.sharing=separate", "numeric.age.aux=ordinal", "decide.vote=hard", "aug.tta=[none, hflip]"],
 }
@@ -61,12 +63,31 @@ def test_the_exported_run_predicts_what_torch_predicts(runs, demo_root, tmp_path
     predict_images(run, demo_root / "eval" / "images", tmp_path / "torch.csv", with_probs=True)
     result = serve.predict_images(tmp_path / "m.onnx", demo_root / "eval" / "images", tmp_path / "onnx.csv", with_probs=True)
     a, b = read_pair(tmp_path / "torch.csv", tmp_path / "onnx.csv")
-    assert result["predicted"] == len(a) > 0
+    assert result["predicted"] == len(a) > 0 and result["run"] == str(run.resolve()) and result["round"] == 0
     assert list(a.columns) == list(b.columns)
     assert a["path"].tolist() == b["path"].tolist()
     assert (a["class"] == b["class"]).all()
     probs = [c for c in a.columns if c == "prob" or c.startswith("p_")]
     assert np.abs(a[probs].to_numpy() - b[probs].to_numpy()).max() < 1e-4
+
+
+def test_the_reference_runs_on_the_cpu_in_fp32_whatever_the_runs_device(runs, tmp_path, monkeypatch):
+    """The graph is fp32: compared with `mt predict` on a GPU (bf16 autocast) every export would be
+    refused. A run whose config names CUDA exports on a machine without one, so the reference ran
+    on the CPU."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["shared"], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["device"] = "cuda"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    seen = []
+    real = export_mod.run_outputs
+    monkeypatch.setattr(export_mod, "run_outputs", lambda run_, r, overrides, *a, **k: seen.append(overrides)
+                        or real(run_, r, overrides, *a, **k))
+    check = export_run(run, tmp_path / "m.onnx")
+    assert seen == [["train.device=cpu"]] and check["max_abs_diff"] <= 1e-4
 
 
 def test_batch_size_is_dynamic_and_the_decision_offsets_travel_in_the_file(runs, tmp_path):
@@ -123,8 +144,10 @@ def test_cli_export_predict_and_submit_with_onnx(runs, demo_root, tmp_path):
     assert r.exit_code == 0, r.output
     assert "largest difference from PyTorch" in r.output
     r = CliRunner().invoke(app, ["predict", "--onnx", str(tmp_path / "m.onnx"), "--images",
-                                 str(demo_root / "eval" / "images"), "--out", str(tmp_path / "p.csv")])
+                                 str(demo_root / "eval" / "images"), "--out", str(tmp_path / "p.csv")],
+                           env={"COLUMNS": "1000"})
     assert r.exit_code == 0, r.output
+    assert f"m.onnx (exported from run {run.resolve()}, round 0)" in r.output  # the run, not the file again
     r = CliRunner().invoke(app, ["submit", "--run", str(run), "--onnx", str(tmp_path / "m.onnx"),
                                  "--out", str(tmp_path / "sub_onnx.csv")])
     assert r.exit_code == 0, r.output

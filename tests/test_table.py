@@ -47,7 +47,7 @@ def test_read_table_gives_the_common_image_table(table_root):
     cfg = table_config(table_root, SIZE, SHAPE, COLOUR)
     task = task_of(cfg)
     assert task.factor_names == ["size", "shape", "colour"] and task.sizes == (3, 2, 4)
-    assert task.factors[0].classes == ("<20", "20-29", ">=30")
+    assert task.factors[0].classes == ("<20", "[20,30)", ">=30")  # a table's numbers may be fractions
     table = read_table(cfg.task, task)
     raw = pd.read_csv(table_root / "train.csv")
     assert len(table.train) == 36 and table.train["group"].tolist() == raw["group"].tolist()
@@ -127,10 +127,43 @@ def test_table_level_errors(table_root, tmp_path, content, message):
     ({"name": "x", "classes": ["a"]}, "at least two"),
     ({"name": "x", "bins": [3, 1]}, "increasing"),
     ({"name": "class", "classes": ["a", "b"]}, "not allowed"),
+    # the image table's own columns: a factor `group` would make the folds split by its classes
+    ({"name": "group", "classes": ["a", "b"]}, "factor name 'group' is reserved"),
+    ({"name": "path", "column": "shape", "classes": ["circle", "square"]}, "factor name 'path' is reserved"),
+    ({"name": "where", "bins": [1]}, "factor name 'where' is reserved"),
+    ({"name": "image_id", "classes": ["a", "b"]}, "'image_id' is reserved"),
+    ({"name": "fold", "classes": ["a", "b"]}, "'fold' is reserved"),
 ])
 def test_bad_factor_specs_are_config_errors(table_root, factor, message):
     with pytest.raises(ConfigError, match=message):
         table_config(table_root, factor)
+
+
+def test_a_factor_cannot_take_another_factors_numbers_column(table_root):
+    shadow = {"name": "size_value", "column": "colour", "classes": COLOUR["classes"]}
+    with pytest.raises(ConfigError, match="factor name 'size_value' is taken by factor 'size'"):
+        table_config(table_root, SIZE, shadow)
+    with pytest.raises(ConfigError, match="'conf_colour' is taken by factor 'colour'"):
+        table_config(table_root, COLOUR, {**SHAPE, "name": "conf_colour", "column": "shape"})
+    # a categorical factor keeps no numbers: `colour_value` beside it is free
+    cfg = table_config(table_root, COLOUR, {**SHAPE, "name": "colour_value", "column": "shape"})
+    assert task_of(cfg).factor_names == ["colour", "colour_value"]
+
+
+def test_one_file_named_two_ways_is_a_duplicate_row(table_root, tmp_path):
+    rows = pd.read_csv(table_root / "train.csv", dtype=str)
+    rows.loc[4, "path"] = "./" + rows.loc[1, "path"]       # line 6: line 3's file, named another way
+    top, group, name = rows.loc[2, "path"].split("/")
+    rows.loc[7, "path"] = f"{top}/{group}/../{group}/{name}"  # line 9: line 4's
+    rows.to_csv(table_root / "dup.csv", index=False)
+    cfg = table_config(table_root, COLOUR, group_col=None)
+    cfg.task.table = str(table_root / "dup.csv")
+    with pytest.raises(DataError) as e:
+        read_table(cfg.task, task_of(cfg))
+    msg = str(e.value)
+    assert "dup.csv: 2 problem(s)" in msg, msg
+    assert f"line 6: duplicate path {rows.loc[4, 'path']!r} (first at line 3, as {rows.loc[1, 'path']!r})" in msg, msg
+    assert f"line 9: duplicate path {rows.loc[7, 'path']!r} (first at line 4, as {rows.loc[2, 'path']!r})" in msg, msg
 
 
 def test_undecodable_images_are_refused_by_table_line_before_the_run_is_written(table_root, tmp_path):
@@ -240,6 +273,11 @@ def test_predict_lists_bad_images_or_skips_them(table_run, table_root, tmp_path)
     assert pd.read_csv(preds)["path"].tolist() == ["good.jpg"]
     skipped = pd.read_csv(tmp_path / "preds.skipped.csv")
     assert sorted(skipped["path"]) == ["empty.jpg", "text.png"] and skipped["reason"].str.contains("cannot decode").all()
+    # a later clean run of the same file leaves no listing that names images it kept
+    (folder / "empty.jpg").unlink()
+    (folder / "text.png").unlink()
+    assert predict_images(out, folder, preds)["skipped"] == 0
+    assert not (tmp_path / "preds.skipped.csv").exists()
 
 
 def test_a_numeric_factor_with_a_flat_head_and_joins(table_root, tmp_path):

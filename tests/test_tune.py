@@ -1,5 +1,6 @@
 """`mt tune`: an Optuna study whose trials are runs, pruned per fold, resumable from its SQLite file,
 ending in a best.yaml that `mt train --config` accepts."""
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -30,9 +31,10 @@ def test_a_study_resumes_and_its_best_config_trains(demo_root, tmp_path):
                                  "--out", str(tmp_path / "best_run")])
     assert result.exit_code == 0, result.output
 
-    # a time limit shorter than a trial starts no further trial, and says so
+    # a time limit shorter than a trial starts no further trial, and says so (one trial runs, to
+    # learn what a trial takes; a limit shorter than any trial, since a pruned one takes under 1 s)
     result = runner.invoke(app, ["tune", "--out", str(study), "--trials", "10", "--data", str(demo_root),
-                                 "--time-limit", "1s", *sum((["--set", o] for o in base), [])], env={"COLUMNS": "250"})
+                                 "--time-limit", "0.001s", *sum((["--set", o] for o in base), [])], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "no new trial started" in result.output and "best: trial" in result.output
     assert len(list(study.glob("trial_*"))) == 4
@@ -64,3 +66,50 @@ def test_trials_behind_the_median_are_pruned_at_the_end_of_their_first_fold(demo
     assert len(metrics) == 3 and not (tmp_path / "study" / "trial_002" / "round0" / "fold1").exists()
     assert said[2].startswith("trial 2: pruned after fold 0 epoch 3, its validation macro F1 then")
     assert sorted(study.trials[0].intermediate_values) == list(range(1, 7))  # every epoch of both folds
+
+
+def test_a_resumed_study_does_not_repeat_its_first_trial(demo_root, tmp_path, monkeypatch):
+    """The sampler's random start is drawn from its seed: seeded as at the study's start, the first
+    trial after a restart would repeat trial 0's settings."""
+    import optuna
+
+    import multitask.kfold
+
+    monkeypatch.setattr(multitask.kfold, "train_run", lambda cfg, run, on_epoch=None: {"oof": {"f1": 0.5}})
+    for n in (1, 2, 3):  # three invocations, one new trial each
+        tune(None, tmp_path / "study", trials=n, data=demo_root, overrides=["train.device=cpu"], say=lambda _: None)
+    trials = optuna.load_study(study_name="mt", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}").trials
+    assert len(trials) == 3
+    assert trials[1].params != trials[0].params and trials[2].params not in (trials[0].params, trials[1].params)
+
+
+def suggested(*overrides):
+    """A trial's overrides on a config, and the config they make."""
+    import optuna
+
+    from multitask.tune import suggest
+
+    base = load_config(None, list(overrides))
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    sets = suggest(trial, base)
+    return trial.params["aug_strength"], sets, load_config(None, [*overrides, *sets])
+
+
+def test_augmentation_strength_scales_what_the_torch_backend_reads():
+    s, sets, cfg = suggested("aug.backend=torch", "aug.torch.rotate=20")
+    assert not any(o.startswith("aug.train=") for o in sets) and any(o.startswith("aug.torch=") for o in sets)
+    assert cfg.aug.torch.rotate == pytest.approx(20 * s, abs=1e-3)
+    assert cfg.aug.torch.translate == pytest.approx(0.06 * s, abs=1e-3)
+    assert cfg.aug.torch.scale == pytest.approx((1 - 0.1 * s, 1 + 0.1 * s), abs=1e-3)
+    assert cfg.aug.torch.hflip == 0.5  # a probability, not a strength
+
+
+def test_augmentation_strength_scales_the_configs_own_albumentations():
+    own = "aug.train=[{name: Affine, rotate: [-20, 20], scale: [0.8, 1.2], p: 0.5}, {name: GaussNoise, p: 0.2}]"
+    s, sets, cfg = suggested(own)
+    assert not any(o.startswith("aug.torch=") for o in sets)
+    affine, noise = cfg.aug.train
+    assert affine["rotate"] == pytest.approx([-20 * s, 20 * s], abs=1e-3)
+    assert affine["scale"] == pytest.approx([1 - 0.2 * s, 1 + 0.2 * s], abs=1e-3)
+    assert affine["p"] == 0.5 and "translate_percent" not in affine  # nothing added, probabilities kept
+    assert noise == {"name": "GaussNoise", "p": 0.2}

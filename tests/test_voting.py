@@ -12,7 +12,7 @@ from multitask.engine import TopEpochs
 from multitask.kfold import train_run
 from multitask.labels import mask_task
 from multitask.model import build_model
-from multitask.predict import vote
+from multitask.predict import HARD_TIE_BREAK, vote
 from multitask.run import RunDir, load_npz, read_json
 
 
@@ -69,6 +69,10 @@ def test_a_run_with_hard_votes_zoom_tta_and_averaged_epochs(demo_root, tmp_path)
         assert len(avg["epochs"]) == 2 and len(list(run.fold_dir(0, k).glob("top_e*.pt"))) == 2
     test = load_npz(run.round_dir(0) / "test_probs.npz")
     np.testing.assert_allclose(test["p_age"].sum(1), 1, rtol=1e-6)
+    # the test probabilities are the folds' vote shares (a soft vote would give any number)
+    n = len(read_json(run.round_dir(0) / "summary.json")["folds_done"])
+    for h in ("p_mask", "p_gender", "p_age"):
+        assert np.abs(test[h] - np.round(test[h] * n) / n).max() <= HARD_TIE_BREAK
     assert read_json(run.summary)["latest_round"] == 0
 
 
