@@ -28,3 +28,42 @@ def tiny_config(root, *overrides):
     return load_config(None, [
         f"data_root={root}", "train.device=cpu", "model.backbone=test_efficientnet", "data.img_size=[32, 32]",
         "train.folds=2", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=64", *overrides])
+
+
+def torchrun_cli(tmp_path, device: str, timeout: int):
+    """(settings, mt): a two-fold, two-epoch tiny run's settings on `device`, and `mt(*args, ranks=1)`,
+    the CLI in one process or under torchrun with `ranks` processes; it asserts the command exits 0
+    and returns what it printed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    settings = ["--folds", "2", "--epochs", "2", "--set", "model.backbone=test_efficientnet", "--set",
+                "data.img_size=[32,32]", "--set", "train.batch_size=16", "--set", "train.eval_batch_size=64",
+                "--set", f"train.device={device}", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+
+    def mt(*args, ranks=1):
+        # "--": torchrun would take `--run` for an abbreviation of its own --run-path
+        launcher = [str(torchrun), "--standalone", "--nproc_per_node", str(ranks), "-m", "multitask.cli", "--"] \
+            if ranks > 1 else [sys.executable, "-m", "multitask.cli"]
+        done = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    return settings, mt
+
+
+def one_and_two_ranks(mt, settings, demo_root, tmp_path) -> None:
+    """Round 0 trained by one process into `one`, and under torchrun into `two`: two ranks train fold
+    0, `mt resume` with two ranks finishes the round, and one rank speaks."""
+    import pandas as pd
+
+    mt("train", "--data", demo_root, "--out", tmp_path / "one", *settings)
+    out = mt("train", "--data", demo_root, "--out", tmp_path / "two", "--fold", "0", *settings, ranks=2)
+    assert out.count("round 0 out-of-fold") == 1
+    mt("resume", "--run", tmp_path / "two", ranks=2)
+    summary = pd.read_json(tmp_path / "two" / "round0" / "summary.json", typ="series")
+    assert summary["folds_done"] == [0, 1] and summary["complete"]

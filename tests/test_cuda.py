@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import one_and_two_ranks, tiny_config, torchrun_cli
 from multitask.data.dataset import RowImages, TrainBatches
 from multitask.kfold import build_task, train_run
 from multitask.predict import load_model, predict_probs
@@ -82,35 +82,14 @@ def test_ddp_on_two_gpus_matches_one_process(demo_root, tmp_path):
     """torchrun with 2 GPU processes (NCCL for the gradients, gloo beside it for the CPU sums at each
     epoch's end and the objects rank 0 hands out): a round, `mt resume` and a pseudo-label round
     finish, and the numbers stay near one process's (bf16 and half batches per process: loose)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import pandas as pd
 
-    torchrun = Path(sys.executable).parent / "torchrun"
-    settings = ["--folds", "2", "--epochs", "2", "--set", "model.backbone=test_efficientnet", "--set",
-                "data.img_size=[32,32]", "--set", "train.batch_size=16", "--set", "train.eval_batch_size=64",
-                "--set", "train.device=cuda", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-
-    def mt(*args, ranks=1):
-        launcher = [str(torchrun), "--standalone", "--nproc_per_node", str(ranks), "-m", "multitask.cli", "--"] \
-            if ranks > 1 else [sys.executable, "-m", "multitask.cli"]
-        done = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout
+    settings, mt = torchrun_cli(tmp_path, "cuda", timeout=600)
 
     def metrics(out, r, k):
         return pd.read_csv(RunDir(out).fold_dir(r, k) / "metrics.csv")
 
-    mt("train", "--data", demo_root, "--out", tmp_path / "one", *settings)
-    out = mt("train", "--data", demo_root, "--out", tmp_path / "two", "--fold", "0", *settings, ranks=2)
-    assert out.count("round 0 out-of-fold") == 1  # one rank speaks
-    mt("resume", "--run", tmp_path / "two", ranks=2)
-    summary = pd.read_json(tmp_path / "two" / "round0" / "summary.json", typ="series")
-    assert summary["folds_done"] == [0, 1] and summary["complete"]
+    one_and_two_ranks(mt, settings, demo_root, tmp_path)
     for k in range(2):
         a, b = metrics(tmp_path / "one", 0, k), metrics(tmp_path / "two", 0, k)
         assert len(b) == 2 and np.isfinite(b["train_loss"]).all()

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import tiny_config
+from conftest import one_and_two_ranks, tiny_config, torchrun_cli
 from multitask.kfold import train_run
 from multitask.model import CheckpointError
 from multitask.parallel import RelayProgress, _show
@@ -177,31 +177,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process(demo_root, tmp_path):
     rank 0 alone writes. Stated tolerance: per-epoch training loss within 6% and validation NLL within
     2% of one process (BatchNorm sees half batches per process; measured 3.2% and 0.2%). `mt resume`
     under torchrun finishes a round started under it."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    settings, mt = torchrun_cli(tmp_path, "cpu", timeout=300)
 
-    torchrun = Path(sys.executable).parent / "torchrun"
-    settings = ["--folds", "2", "--epochs", "2", "--set", "model.backbone=test_efficientnet", "--set",
-                "data.img_size=[32,32]", "--set", "train.batch_size=16", "--set", "train.eval_batch_size=64",
-                "--set", "train.device=cpu", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-
-    def mt(*args, ranks=1):
-        # "--": torchrun would take `--run` for an abbreviation of its own --run-path
-        launcher = [str(torchrun), "--standalone", "--nproc_per_node", str(ranks), "-m", "multitask.cli", "--"] \
-            if ranks > 1 else [sys.executable, "-m", "multitask.cli"]
-        done = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout
-
-    mt("train", "--data", demo_root, "--out", tmp_path / "one", *settings)
-    out = mt("train", "--data", demo_root, "--out", tmp_path / "two", "--fold", "0", *settings, ranks=2)
-    assert out.count("round 0 out-of-fold") == 1  # one rank speaks
-    mt("resume", "--run", tmp_path / "two", ranks=2)
-    summary = pd.read_json(tmp_path / "two" / "round0" / "summary.json", typ="series")
-    assert summary["folds_done"] == [0, 1] and summary["complete"]
+    one_and_two_ranks(mt, settings, demo_root, tmp_path)
     for k in range(2):
         a, b = _metrics(tmp_path / "one", 0, k), _metrics(tmp_path / "two", 0, k)
         assert len(b) == 2
