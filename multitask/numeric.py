@@ -54,6 +54,11 @@ class Numeric:
 EVERY = "*"  # settings under numeric."*" hold for every numeric factor without settings of its own
 
 
+def settings_of(cfg: Config, factor: str) -> NumericCfg:
+    """A numeric factor's settings: its own, else those under "*", else the defaults."""
+    return cfg.numeric.get(factor, cfg.numeric.get(EVERY, NumericCfg()))
+
+
 def numerics(task: Task, cfg: Config) -> list[Numeric]:
     """The task's numeric factors with their settings; settings for anything else are an error."""
     names = [f.name for f in task.numeric_factors]
@@ -63,7 +68,7 @@ def numerics(task: Task, cfg: Config) -> list[Numeric]:
                           f"(those are {names})")
     out = []
     for col, f in enumerate(task.numeric_factors):
-        c = cfg.numeric.get(f.name, cfg.numeric.get(EVERY, NumericCfg()))
+        c = settings_of(cfg, f.name)
         if c.train_bins is not None and len(c.train_bins) != len(f.bins):
             raise ConfigError(f"numeric.{f.name}.train_bins {c.train_bins} must have as many edges as its bins {list(f.bins)}")
         out.append(Numeric(task.factor_names.index(f.name), col, f, c))
@@ -209,10 +214,8 @@ def aux_losses(task: Task, cfg: Config) -> dict[str, tuple]:
 
 
 def aux_kind(cfg: Config, name: str) -> str:
-    """The configured kind ("regression" or "ordinal") of the auxiliary output `name` (aux_<factor>),
-    looked up as `numerics` looks it up."""
-    factor = name[len(AUX_PREFIX):]
-    return cfg.numeric.get(factor, cfg.numeric.get(EVERY, NumericCfg())).aux
+    """The configured kind ("regression" or "ordinal") of the auxiliary output `name` (aux_<factor>)."""
+    return settings_of(cfg, name[len(AUX_PREFIX):]).aux
 
 
 def aux_activation(logits: torch.Tensor, kind: str) -> torch.Tensor:
