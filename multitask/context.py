@@ -22,7 +22,7 @@ from multitask.data.layout import read_layout
 from multitask.data.table import DataError, ImageTable, read_table
 from multitask.labels import FLAT_HEAD, Factor, Head, Task, mask_task
 from multitask.numeric import numerics
-from multitask.run import RunDir, atomic_write_text
+from multitask.run import RunDir, RunError, atomic_write_text
 from multitask.subjects import subject_spec
 
 # Settings that may differ between invocations on one run directory without changing what it holds.
@@ -61,6 +61,22 @@ def run_settings_hash(run: RunDir, cfg: Config) -> str:
 def check_round(run: RunDir, r: int, cfg: Config) -> None:
     """Round r may be read: its results come from the fold outputs there now, made under these settings."""
     run.check_round_current(r, cfg.train.folds, run_settings_hash(run, cfg))
+
+
+def check_ensemble_members(cfg: Config) -> None:
+    """An ensemble's members (and theirs) may be read, and still hold the fold models the ensemble's
+    weights and decision were fitted on; nothing to check for a run that is not an ensemble."""
+    ens = cfg.ensemble
+    if ens is None:
+        return
+    for i, (path, r) in enumerate(zip(ens.runs, ens.rounds)):
+        member = RunDir(path)
+        member_cfg = load_run_config(member)
+        check_round(member, r, member_cfg)
+        check_ensemble_members(member_cfg)
+        if ens.train_ids is not None and (member.round_train_ids(r) or {}) != ens.train_ids[i]:
+            raise RunError(f"{member.round_dir(r)}: retrained since the ensemble was made, so its weights and "
+                           f"decision were fitted on other models; make the ensemble again (`mt ensemble`)")
 
 
 @dataclass

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.config import Config, ConfigError, EnsembleCfg, dump_config
-from multitask.context import build_task, check_round, load_run_config
+from multitask.config import ConfigError, EnsembleCfg, dump_config
+from multitask.context import build_task, check_ensemble_members, check_round, load_run_config
 from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes, scores_of
 from multitask.labels import FLAT_HEAD
 from multitask.metrics import macro_f1
-from multitask.run import RunDir, RunError, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
+from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
 
 WEIGHT_STEP = 0.05
 
@@ -42,24 +42,10 @@ def member_probs(run_dir: Path) -> dict:
     test = load_npz(test_path) if test_path.exists() else None
     probs = lambda z: predict_classes(task, heads, head_probs(z), cfg,  # noqa: E731
                                       blend)[0]
-    return {"cfg": cfg, "task": task, "round": r, "train_ids": round_train_ids(run, r), "oof": oof, "oof_probs": probs(oof),
+    return {"cfg": cfg, "task": task, "round": r, "train_ids": run.round_train_ids(r) or {}, "oof": oof, "oof_probs": probs(oof),
             "test_ids": test["image_id"] if test is not None else None,
             "test_likeness": {"likeness": test["likeness"]} if test is not None and "likeness" in test else {},
             "test_probs": probs(test) if test is not None else None}
-
-
-def round_train_ids(run: RunDir, r: int) -> dict[str, str | None]:
-    """Which training of each fold round r's results were built from (fold -> id)."""
-    return read_json(run.round_dir(r) / "summary.json").get("train_ids") or {}
-
-
-def check_member_current(ens: EnsembleCfg, i: int, member_cfg: Config) -> None:
-    """Member i's round still holds the fold models the ensemble's weights and decision were fitted on."""
-    run, r = RunDir(ens.runs[i]), ens.rounds[i]
-    check_round(run, r, member_cfg)
-    if ens.train_ids is not None and round_train_ids(run, r) != ens.train_ids[i]:
-        raise RunError(f"{run.round_dir(r)}: retrained since the ensemble was made, so its weights and decision "
-                       f"were fitted on other models; make the ensemble again (`mt ensemble`)")
 
 
 def check_same_split(run: Path, other: Path, why: str) -> None:
@@ -101,10 +87,10 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
     cfg = load_run_config(RunDir(run_dir))
     votes: dict[int, np.ndarray] = {}
     total: dict[int, float] = {}
-    for i, (path, r, w) in enumerate(zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights)):
+    check_ensemble_members(cfg)
+    for path, r, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
         run = RunDir(path)
         member = load_run_config(run)
-        check_member_current(cfg.ensemble, i, member)
         task, heads = build_task(member)
         blend = blend_only(load_decision(run.round_dir(r)))
         for k, probs in fold_test_probs(run, r, member, test_ids).items():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from multitask.context import build_task, check_round, load_run_config, reopen_context
+from multitask.context import build_task, check_ensemble_members, check_round, load_run_config, reopen_context
 from multitask.data.augment import tta_view
 from multitask.decide import aux_kinds, blend_only, load_decision, predict_classes
 from multitask.labels import Head, Task
@@ -263,6 +263,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
     task, heads = build_task(cfg)
     r, why = run.choose_round(cfg.train.folds, round)
     check_round(run, r, cfg)
+    check_ensemble_members(cfg)
     if log:
         log(f"exporting {why}")
     out = Path(out) if out else run.root / ("model.int8.onnx" if int8 else "model.onnx")

@@ -14,12 +14,11 @@ import pandas as pd
 import torch
 
 from multitask.config import Config
-from multitask.context import build_task, check_round, load_run_config
+from multitask.context import build_task, check_ensemble_members, check_round, load_run_config
 from multitask.data.augment import tta_view
 from multitask.data.cache import decode_into
 from multitask.data.dataset import RowImages, eval_batches
 from multitask.decide import blend_only, load_decision, predict_classes
-from multitask.ensemble import check_member_current
 from multitask.device import autocast, prepare_input, resolve_device, tune_for
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
@@ -162,10 +161,9 @@ def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImage
     task, heads = build_task(cfg)
     if cfg.ensemble is not None:
         total = 0
-        for i, (member, mr, w) in enumerate(zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights)):
+        for member, mr, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
             m_run = RunDir(member)
             m_cfg = load_run_config(m_run, overrides)
-            check_member_current(cfg.ensemble, i, m_cfg)
             m_task, m_heads = build_task(m_cfg)
             m_probs = run_outputs(m_run, mr, overrides, decoded, keep, progress, models)
             total = total + w * predict_classes(m_task, m_heads, m_probs, m_cfg,
@@ -189,6 +187,7 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
     task, heads = build_task(cfg)
     r, why = run.choose_round(cfg.train.folds, round)
     check_round(run, r, cfg)
+    check_ensemble_members(cfg)  # once, not for every chunk run_outputs predicts
     decision = load_decision(run.round_dir(r))
     ids, paths = list_images(source)
     models = {}  # each fold model is loaded once, for every chunk

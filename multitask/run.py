@@ -260,12 +260,17 @@ class RunDir:
         return (f"{self.root}: round {r} is not finished (folds done: {done or 'none'}; not done: {missing}); "
                 f"`mt resume --run {self.root}` finishes it")
 
+    def round_train_ids(self, r: int) -> dict[str, str | None] | None:
+        """Which training of each fold round r's results were built from (fold -> id); None for a
+        round made before training ids, or one with no fold models of its own (an ensemble)."""
+        return read_json(self.round_dir(r) / "summary.json").get("train_ids")
+
     def check_round_current(self, r: int, n_folds: int, settings: str | None = None) -> None:
         """Round r's results (OOF, voted test probabilities, decision) were built from the fold
         outputs that are there now, and (given `settings`, context.settings_hash) every fold was
         trained under the settings config.yaml holds: `submit`, `predict`, `export`, `distill` and
         `pseudo-label` read them only then."""
-        made = read_json(self.round_dir(r) / "summary.json").get("train_ids")
+        made = self.round_train_ids(r)
         if made is None:  # a run made before training ids
             return
         with_test = (self.round_dir(r) / "test_probs.npz").exists()
