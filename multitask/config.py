@@ -225,8 +225,11 @@ class NumericCfg(_Strict):
     """What a binned numeric factor adds (under `numeric.<factor>`): an auxiliary head on its number
     whose output is read at prediction (blended into the factor's bin probabilities, weight fitted
     on OOF), and handling of the bin edges in training."""
-    aux: Literal["none", "regression", "ordinal"] = "none"  # regression on the number, or a logit per bin edge
+    # regression on the number, a logit per bin edge, or a distribution over fine bins of the number
+    aux: Literal["none", "regression", "ordinal", "distribution"] = "none"
     aux_weight: float = Field(1.0, ge=0)  # its loss weight
+    aux_step: float | None = Field(None, gt=0)  # distribution: fine-bin width (None: a sixth of the edges' span)
+    aux_sigma: float | None = Field(None, gt=0)  # distribution: spread of its targets (None: half a fine bin)
     train_bins: list[float] | None = None  # edges the training targets use (same count as the factor's bins)
     soft_edge: float = Field(0.0, ge=0)  # within this distance of an edge, targets spread to the neighbouring bin
     drop_near_edge: float = Field(0.0, ge=0)  # training rows within this distance of an edge are left out

@@ -39,6 +39,7 @@ EPS = 1e-12
 class Decision:
     blend: dict[str, float] = field(default_factory=dict)  # numeric factor -> weight of its auxiliary output
     sigma: dict[str, float] = field(default_factory=dict)  # regression factor -> spread of its number
+    grid: dict[str, list[float]] = field(default_factory=dict)  # distribution factor -> its fine edges
     offsets: list[float] | None = None  # per final class, added to the log-probabilities
     subjects: float = 0.0  # weight of a subject's clearest picture in the factors it keeps
 
@@ -58,7 +59,7 @@ def final_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], kin
             continue
         i = task.factor_names.index(name)
         factor = task.factors[i]
-        q_aux = aux_bins(factor, kinds[name], probs[aux_name(name)], decision.sigma.get(name))
+        q_aux = aux_bins(factor, kinds[name], probs[aux_name(name)], decision.sigma.get(name), decision.grid.get(name))
         p_f = task.marginal(combined, i)
         q = (1 - w) * p_f + w * q_aux
         combined = combined * (q / np.maximum(p_f, EPS))[:, codes[:, i]]
@@ -110,14 +111,16 @@ def fit_decision(task: Task, heads: list[Head], probs: dict[str, np.ndarray], fa
     kinds = aux_kinds(task, cfg) if cfg.decide.blend_aux else {}
     y = task.encode(factors)
     d = Decision()
-    for name, kind in kinds.items():
-        if kind == "regression":
-            d.sigma[name] = regression_sigma(task.factors[task.factor_names.index(name)], probs[aux_name(name)],
-                                             values[name])
+    for n in numerics(task, cfg):
+        name = n.factor.name
+        if kinds.get(name) == "regression":
+            d.sigma[name] = regression_sigma(n.factor, probs[aux_name(name)], values[name])
+        if kinds.get(name) == "distribution":
+            d.grid[name] = n.grid.tolist()
     for name in kinds:
         scores = []
         for w in BLEND_GRID:
-            trial = Decision(d.blend | {name: float(w)}, d.sigma)
+            trial = Decision(d.blend | {name: float(w)}, d.sigma, d.grid)
             scores.append(macro_f1(y, final_probs(task, heads, probs, kinds, trial).argmax(1), task.n_classes))
         d.blend[name] = float(BLEND_GRID[int(np.argmax(scores))])  # the first best: the smallest weight
     spec = subject_spec(task, cfg) if pictures is not None else None
@@ -200,7 +203,7 @@ def decide_round(round_dir: Path, task: Task, heads: list[Head], probs: dict[str
 def blend_only(decision: Decision | None) -> Decision | None:
     """A decision's auxiliary blend without its offsets or subjects: what a run contributes to a vote
     of runs, one picture at a time."""
-    return Decision(decision.blend, decision.sigma) if decision else None
+    return Decision(decision.blend, decision.sigma, decision.grid) if decision else None
 
 
 def load_decision(round_dir: Path) -> Decision | None:

@@ -27,7 +27,7 @@ from multitask.context import build_task, check_ensemble_members, check_round, l
 from multitask.data.augment import tta_view
 from multitask.decide import aux_kinds, blend_only, load_decision, predict_classes
 from multitask.labels import Head, Task
-from multitask.numeric import aux_activation, aux_name, is_aux, standardise
+from multitask.numeric import aux_activation, aux_name, fine_to_bins, is_aux, standardise
 from multitask.predict import DecodedImages, HARD_TIE_BREAK, load_model, round_models, run_outputs
 from multitask.run import RunDir, atomic_write_bytes
 from multitask.serve import META_KEY, need_serve_extra, task_meta
@@ -49,8 +49,13 @@ def factor_marginal(combined: torch.Tensor, sizes: tuple[int, ...], i: int) -> t
 
 
 def aux_bin_probs(kind: str, out: torch.Tensor, bins: list[float], centre: float, scale: float,
-                  sigma: float) -> torch.Tensor:
-    """numeric.aux_bins in torch ops that ONNX has (Erf; a running minimum unrolled)."""
+                  sigma: float, owner: torch.Tensor | None = None) -> torch.Tensor:
+    """numeric.aux_bins in torch ops that ONNX has (Erf; a running minimum unrolled; a distribution's
+    fine bins summed by a 0/1 matrix, `owner` holding each fine bin's bin)."""
+    if kind == "distribution":
+        p = out.clamp(min=0) @ (owner[:, None] == torch.arange(len(bins) + 1)[None, :]).to(out.dtype)
+        p = p.clamp(min=1e-9)
+        return p / p.sum(1, keepdim=True)
     if kind == "ordinal":
         cols = [out[:, :1].clamp(0, 1)]
         for j in range(1, out.shape[1]):
@@ -72,12 +77,13 @@ class RunGraph(nn.Module):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.views, self.hard, self.sizes, self.outputs, self.blend = list(views), vote == "hard", task.sizes, outputs, blend
-        self.aux = aux  # auxiliary output name -> its kind (regression or ordinal)
+        self.aux = aux  # auxiliary output name -> its kind (regression, ordinal or distribution)
         self.head_names = [h.name for h in heads]
         for h in heads:
             self.register_buffer(f"index_{h.name}", torch.as_tensor(task.class_to_head_index(h)), persistent=False)
         for b in blend:
             self.register_buffer(f"codes_{b['factor']}", torch.as_tensor(b["codes"]), persistent=False)
+            self.register_buffer(f"owner_{b['factor']}", torch.as_tensor(b["owner"]), persistent=False)
 
     def one_model(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         total = {}
@@ -102,7 +108,8 @@ class RunGraph(nn.Module):
             combined = p if combined is None else combined * p
         for b in self.blend:
             p_f = factor_marginal(combined, self.sizes, b["index"])
-            q_aux = aux_bin_probs(b["kind"], voted[b["aux"]], b["bins"], b["centre"], b["scale"], b["sigma"])
+            q_aux = aux_bin_probs(b["kind"], voted[b["aux"]], b["bins"], b["centre"], b["scale"], b["sigma"],
+                                  getattr(self, f"owner_{b['factor']}"))
             q = (1 - b["weight"]) * p_f + b["weight"] * q_aux
             combined = combined * (q / p_f.clamp(min=EPS)).index_select(1, getattr(self, f"codes_{b['factor']}"))
         return [combined, *[voted[name] for name in self.outputs]]
@@ -149,6 +156,7 @@ def build_graph(run: RunDir, r: int) -> tuple[nn.Module, dict]:
         blend.append({"factor": factor, "index": i, "weight": float(w), "kind": kinds[factor], "aux": f"aux_{factor}",
                       "bins": [float(b) for b in f.bins], "centre": centre, "scale": scale,
                       "sigma": float(decision.sigma.get(factor) or 1.0),
+                      "owner": fine_to_bins(f, decision.grid.get(factor, [])),
                       "codes": task.decode(np.arange(task.n_classes))[:, i]})
     aux = {aux_name(factor): kind for factor, kind in kinds.items()}
     graph = RunGraph(models, cfg.aug.tta, cfg.decide.vote, task, heads, names, blend, aux).eval()

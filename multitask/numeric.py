@@ -3,10 +3,12 @@ sits (other training edges, soft targets near an edge, rows too close to an edge
 auxiliary output on the number that is read at prediction, not only trained.
 
 Written for any factor with `bins` (the competition's age is one): the settings live under
-`numeric.<factor>` in the config. The auxiliary output `aux_<factor>` is either a regression on the
-number (standardised by the bin edges, so no statistic of the data is needed to read it back) or
-ordinal, one logit per bin edge (P(number >= edge)). Either is turned into bin probabilities
-(`aux_bins`) and blended into the factor by `decide.py`.
+`numeric.<factor>` in the config. The auxiliary output `aux_<factor>` is a regression on the
+number (standardised by the bin edges, so no statistic of the data is needed to read it back),
+ordinal, one logit per bin edge (P(number >= edge)), or a distribution over fine bins of the number
+(label distribution learning: the target is a normal around the number, so neighbouring numbers
+share what they teach). Each is turned into bin probabilities (`aux_bins`) and blended into the
+factor by `decide.py`.
 
 Training batches carry (N, F + V) float targets: the F factor class indices, then the V numbers of
 the task's numeric factors (NaN where unknown, e.g. pseudo-labelled rows); a distilled student's batches,
@@ -50,6 +52,16 @@ class Numeric:
     def reshapes_targets(self) -> bool:
         return self.cfg.train_bins is not None or self.cfg.soft_edge > 0
 
+    @property
+    def grid(self) -> np.ndarray:
+        """The fine edges of a distribution output."""
+        return fine_edges(self.factor, self.cfg.aux_step)
+
+    @property
+    def sigma(self) -> float:
+        """The spread of a distribution output's targets, in the number's units."""
+        return self.cfg.aux_sigma or fine_step(self.factor, self.cfg.aux_step) / 2
+
 
 EVERY = "*"  # settings under numeric."*" hold for every numeric factor without settings of its own
 
@@ -75,13 +87,17 @@ def numerics(task: Task, cfg: Config) -> list[Numeric]:
     return out
 
 
+def aux_size(n: Numeric) -> int:
+    return {"regression": 1, "ordinal": len(n.factor.bins), "distribution": len(n.grid) + 1}[n.cfg.aux]
+
+
 def aux_outputs(task: Task, cfg: Config, heads: list[Head]) -> dict[str, tuple[int, str]]:
     """Auxiliary outputs: name -> (size, the head whose features it reads: the one covering the factor)."""
     out = {}
     for n in numerics(task, cfg):
         if n.cfg.aux != "none":
             head = next(h for h in heads if n.index in h.factor_idx)
-            out[aux_name(n.factor.name)] = (1 if n.cfg.aux == "regression" else len(n.factor.bins), head.name)
+            out[aux_name(n.factor.name)] = (aux_size(n), head.name)
     return out
 
 
@@ -91,6 +107,37 @@ def standardise(factor: Factor, values):
     centre = float(edges.mean())
     scale = float(edges[-1] - edges[0]) if len(edges) > 1 else max(abs(float(edges[0])), 1.0)
     return (values - centre) / scale, centre, scale
+
+
+def fine_step(factor: Factor, step: float | None = None) -> float:
+    """A distribution output's fine-bin width: `step`, else a sixth of the span the edges set."""
+    return float(step) if step else standardise(factor, np.zeros(1))[2] / 6
+
+
+def fine_edges(factor: Factor, step: float | None = None) -> np.ndarray:
+    """The edges of a distribution output's fine bins: `fine_step` apart from the first bin edge, one
+    span (standardise's scale) beyond the outer edges, with every bin edge among them so that each
+    fine bin lies within one bin. Below the first and above the last fine edge, one open bin each."""
+    edges = np.asarray(factor.bins, float)
+    scale = standardise(factor, np.zeros(1))[2]
+    width = fine_step(factor, step)
+    k = np.arange(np.floor(-scale / width), np.ceil((edges[-1] - edges[0] + scale) / width) + 1)
+    grid = edges[0] + width * k
+    grid = grid[np.abs(grid[:, None] - edges[None, :]).min(1) > 1e-9 * width]  # the bin edge itself, exactly
+    return np.sort(np.concatenate([grid, edges]))
+
+
+def fine_to_bins(factor: Factor, grid) -> np.ndarray:
+    """(len(grid) + 1,) the bin that holds each fine bin (the bin of its lower edge)."""
+    lower = np.concatenate([[-np.inf], np.asarray(grid, float)])
+    return np.searchsorted(np.asarray(factor.bins, float), lower, side="right")
+
+
+def normal_over_bins(values: torch.Tensor, grid: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, len(grid) + 1) the mass of a normal around each number that falls in each fine bin."""
+    cdf = torch.special.ndtr((grid[None, :] - values[:, None]) / sigma)
+    ends = torch.ones(len(values), 1, dtype=cdf.dtype, device=cdf.device)
+    return torch.diff(torch.cat([0 * ends, cdf, ends], 1), dim=1)
 
 
 def edge_distribution(values: torch.Tensor, classes: torch.Tensor, edges: np.ndarray, n: int,
@@ -181,6 +228,8 @@ class Targets:
             v = values[:, n.column]
             if n.cfg.aux == "regression":
                 out[aux_name(n.factor.name)] = standardise(n.factor, v)[0][:, None]
+            elif n.cfg.aux == "distribution":
+                out[aux_name(n.factor.name)] = distribution_targets(n, v, factors[:, n.index])
             else:
                 edges = torch.as_tensor(n.factor.bins, dtype=v.dtype, device=v.device)
                 from_class = (factors[:, n.index, None] > torch.arange(len(edges), device=v.device)).to(v.dtype)
@@ -189,6 +238,19 @@ class Targets:
                 unknown = ~torch.isfinite(v) & (factors[:, n.index] < 0)  # neither number nor class
                 out[aux_name(n.factor.name)] = torch.where(unknown[:, None], float("nan"), target)
         return out
+
+
+def distribution_targets(n: Numeric, values: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(N, fine bins): a normal around the number; where only the class is known (a pseudo label),
+    even over the fine bins of that class; NaN where neither is."""
+    grid = torch.as_tensor(n.grid, dtype=values.dtype, device=values.device)
+    known = torch.isfinite(values)
+    from_value = normal_over_bins(torch.where(known, values, torch.zeros_like(values)), grid, n.sigma)
+    owner = torch.as_tensor(fine_to_bins(n.factor, n.grid), device=values.device)
+    member = (owner[None, :] == classes[:, None]).to(values.dtype)
+    from_class = member / member.sum(1, keepdim=True).clamp(min=1)
+    out = torch.where(known[:, None], from_value, from_class)
+    return torch.where((~known & (classes < 0))[:, None], float("nan"), out)
 
 
 def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -207,33 +269,53 @@ def ordinal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float()[known], target[known])
 
 
+def distribution_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the target distribution, over the rows where it is known."""
+    known = torch.isfinite(target[:, 0])
+    if not known.any():
+        return logits.sum() * 0
+    return -(target[known] * F.log_softmax(logits.float()[known], 1)).sum(1).mean()
+
+
+AUX_LOSSES = {"regression": regression_loss, "ordinal": ordinal_loss, "distribution": distribution_loss}
+
+
 def aux_losses(task: Task, cfg: Config) -> dict[str, tuple]:
     """name -> (loss function, weight) of every auxiliary output."""
-    return {aux_name(n.factor.name): (regression_loss if n.cfg.aux == "regression" else ordinal_loss, n.cfg.aux_weight)
+    return {aux_name(n.factor.name): (AUX_LOSSES[n.cfg.aux], n.cfg.aux_weight)
             for n in numerics(task, cfg) if n.cfg.aux != "none"}
 
 
 def aux_kind(cfg: Config, name: str) -> str:
-    """The configured kind ("regression" or "ordinal") of the auxiliary output `name` (aux_<factor>)."""
+    """The configured kind ("regression", "ordinal" or "distribution") of the auxiliary output `name`
+    (aux_<factor>)."""
     return settings_of(cfg, name[len(AUX_PREFIX):]).aux
 
 
 def aux_activation(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """What prediction stores of an auxiliary output: the standardised number (regression) or
-    P(number >= edge) per edge (ordinal). Told by the configured kind (`aux_kind`), not the width:
-    the ordinal output of a single-edge factor is one wide too, and its raw logits would be read as
-    probabilities."""
+    """What prediction stores of an auxiliary output: the standardised number (regression),
+    P(number >= edge) per edge (ordinal), or the probability of each fine bin (distribution). Told
+    by the configured kind (`aux_kind`), not the width: the ordinal output of a single-edge factor
+    is one wide too, and its raw logits would be read as probabilities."""
     if kind == "regression":
         return logits.float()
     if kind == "ordinal":
         return logits.float().sigmoid()
-    raise ValueError(f"auxiliary output kind {kind!r} is neither 'regression' nor 'ordinal'")
+    if kind == "distribution":
+        return logits.float().softmax(1)
+    raise ValueError(f"auxiliary output kind {kind!r} is not 'regression', 'ordinal' or 'distribution'")
 
 
-def aux_bins(factor: Factor, kind: str, out: np.ndarray, sigma: float | None = None) -> np.ndarray:
+def aux_bins(factor: Factor, kind: str, out: np.ndarray, sigma: float | None = None, grid=None) -> np.ndarray:
     """Bin probabilities (N, n) from an auxiliary output: ordinal exceedance probabilities made
     monotone and differenced; a regression's number read as a normal with spread `sigma` (in the
-    number's units, fitted on OOF residuals)."""
+    number's units, fitted on OOF residuals); a distribution's fine bins summed into the bins that
+    hold them (`grid`: its fine edges)."""
+    if kind == "distribution":
+        owner = fine_to_bins(factor, grid)
+        p = np.clip(out, 0, None) @ (owner[:, None] == np.arange(factor.n)[None, :]).astype(float)
+        p = np.clip(p, 1e-9, None)
+        return p / p.sum(1, keepdims=True)
     if kind == "ordinal":
         s = np.minimum.accumulate(np.clip(out, 0, 1), axis=1)
     else:

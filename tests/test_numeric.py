@@ -78,6 +78,68 @@ def test_auxiliary_outputs_read_as_valid_bin_probabilities():
     assert aux_bins(AGE, "regression", z, sigma=50.0).max() < p.max()  # a wider spread is less sure
 
 
+def test_fine_bins_of_a_distribution_output_each_lie_within_one_bin():
+    from multitask.numeric import fine_edges, fine_to_bins
+
+    grid = fine_edges(AGE)  # a sixth of the 30-year span: 5 years, one span beyond the outer edges
+    assert grid.tolist() == [float(a) for a in range(0, 95, 5)]
+    assert fine_to_bins(AGE, grid).tolist() == [0] * 7 + [1] * 6 + [2] * 7
+    odd = Factor.binned("x", [1 / 3, 1.0])  # edges off the grid: they are added to it, exactly
+    grid = fine_edges(odd, step=0.25)
+    assert 1 / 3 in grid.tolist() and 1.0 in grid.tolist() and (np.diff(grid) > 0).all()
+    lower = np.concatenate([[-np.inf], grid])
+    owner = fine_to_bins(odd, grid)
+    upper = np.concatenate([grid, [np.inf]])
+    bins = np.asarray(odd.bins)
+    assert all(((lo >= np.r_[-np.inf, bins][b]) and (up <= np.r_[bins, np.inf][b]))
+               for lo, up, b in zip(lower, upper, owner))
+
+
+def test_distribution_targets_a_normal_around_the_number_or_the_class_evenly():
+    from multitask.numeric import fine_edges, fine_to_bins
+
+    y = batch([0, 1, 0, 1], [0, 2, 1, -1], [45.0, 62.0, float("nan"), float("nan")])
+    t = Targets(TASK, TASK.heads("g,age"), cfg_with("numeric.age.aux=distribution"))(y)["aux_age"]
+    grid, owner = fine_edges(AGE), fine_to_bins(AGE, fine_edges(AGE))
+    assert t.shape == (4, len(grid) + 1)
+    torch.testing.assert_close(t[:3].sum(1), torch.ones(3))
+    # 45 sits on a fine edge: half its mass each side, the sigma (2.5 years) keeps 95% within 5 years
+    assert t[0, 9].item() == pytest.approx(t[0, 10].item()) and t[0, 8:12].sum().item() > 0.95
+    assert t[1, owner == 2].sum().item() == pytest.approx(0.79, abs=0.01)  # 62: 2 years above the edge at 60
+    known_class = t[2][owner == 1]
+    torch.testing.assert_close(known_class, torch.full_like(known_class, 1 / 6))  # the class, evenly
+    assert t[2][owner != 1].sum() == 0 and torch.isnan(t[3]).all()  # neither: left out of the loss
+    wide = Targets(TASK, TASK.heads("g,age"), cfg_with("numeric.age.aux=distribution", "numeric.age.aux_sigma=10"))(y)
+    assert wide["aux_age"][0].max() < t[0].max()
+
+
+def test_a_distribution_output_reads_as_its_bins_summed():
+    from multitask.numeric import fine_edges
+
+    grid = fine_edges(AGE)
+    out = np.zeros((3, len(grid) + 1))
+    out[0, [2, 3]] = 0.5  # 5-15 years: all in bin 0
+    out[1, [6, 7]] = [0.25, 0.75]  # 25-30 and 30-35: a quarter in bin 0
+    out[2, -1] = 1.0  # 90 and over
+    p = aux_bins(AGE, "distribution", out, grid=grid)
+    np.testing.assert_allclose(p, [[1, 0, 0], [0.25, 0.75, 0], [0, 0, 1]], atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["regression", "ordinal", "distribution"])
+def test_the_exported_reading_of_an_auxiliary_output_equals_numpys(kind):
+    from multitask.export import aux_bin_probs
+    from multitask.numeric import fine_edges, fine_to_bins, standardise
+
+    rng = np.random.default_rng(1)
+    grid = fine_edges(AGE)
+    width = {"regression": 1, "ordinal": 2, "distribution": len(grid) + 1}[kind]
+    out = rng.random((40, width)) if kind != "distribution" else rng.dirichlet(np.ones(width), 40)
+    _, centre, scale = standardise(AGE, np.zeros(1))
+    got = aux_bin_probs(kind, torch.as_tensor(out), list(AGE.bins), centre, scale, 7.0,
+                        torch.as_tensor(fine_to_bins(AGE, grid)))
+    np.testing.assert_allclose(got.numpy(), aux_bins(AGE, kind, out, sigma=7.0, grid=grid), atol=1e-6)
+
+
 def test_rows_near_an_edge_are_left_out_of_training_only():
     values = np.array([[10.0], [29.0], [31.5], [45.0], [58.0], [62.5], [90.0]])
     assert near_edge(values[:, 0], [30, 60], 2).tolist() == [False, True, True, False, False, False, False]
@@ -125,6 +187,34 @@ def test_the_auxiliary_head_is_trained_decided_and_applied(aux_run):
     preds = out / "preds.csv"
     predict_images(out, root / "test.csv", preds)
     assert pd.read_csv(preds)["class"].tolist() == sub["class"].tolist()  # submit and predict decide alike
+
+
+def test_a_distribution_head_is_trained_decided_and_read_alike_by_submit_and_predict(tmp_path):
+    from multitask.numeric import fine_edges
+
+    make_table_dataset(tmp_path, n_train_groups=12, n_test_groups=3, per_group=3, image_size=(32, 32))
+    task = {"table": str(tmp_path / "train.csv"), "group_col": "group", "test": "test.csv",
+            "factors": [{"name": "size", "bins": [20, 30]}, {"name": "colour", "classes": ["red", "green", "blue", "yellow"]}]}
+    cfg = tiny_config(None, f"task={yaml.safe_dump(task, default_flow_style=True)}", "train.epochs=2",
+                      "numeric.size.aux=distribution", "numeric.size.aux_step=2")
+    out = tmp_path / "run"
+    train_run(cfg, out)
+    grid = fine_edges(Factor.binned("size", [20, 30]), 2)
+    assert load_npz(RunDir(out).round_dir(0) / "oof.npz")["p_aux_size"].shape == (36, len(grid) + 1)
+    decision = load_decision(RunDir(out).round_dir(0))
+    assert decision.grid["size"] == grid.tolist() and "size" in decision.blend
+    sub = pd.read_csv(make_submission(out))
+    predict_images(out, tmp_path / "test.csv", tmp_path / "preds.csv")
+    assert pd.read_csv(tmp_path / "preds.csv")["class"].tolist() == sub["class"].tolist()
+    # the exported file reads the fine bins as torch does, with the reading blended in for sure
+    from multitask.export import export_run
+    from multitask.run import write_json
+
+    path = RunDir(out).round_dir(0) / "decision.json"
+    written = read_json(path)
+    written["decision"]["blend"]["size"] = 0.5
+    write_json(path, written)
+    assert export_run(out, tmp_path / "m.onnx")["max_abs_diff"] <= 1e-4
 
 
 def test_settings_for_every_numeric_factor_and_their_override():
