@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from multitask.data.table import SKIPPED_COLUMNS, DataError, ImageTable, image_path, problems_error, value_column
+from multitask.data.table import SKIPPED_COLUMNS, DataError, ImageTable, image_path, listed_before, problems_error, value_column
 from multitask.labels import mask_task
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
@@ -81,17 +81,11 @@ def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, st
         except ValueError:
             problems.append(f"{where}: age {rec.age!r} is not an integer")
         folder, why = image_path(images_dir, rec.path, folder=True)
-        # by the folder itself, not the string: `000001_x` and `000001_x/` would otherwise be two
-        # persons (two groups), and one person's pictures could sit in two folds
         if why:
             problems.append(f"{where}: {why}")
-        elif folder.resolve() in seen:
-            first, first_path = seen[folder.resolve()]
-            same = "" if first_path == rec.path else f", as {first_path!r}"
-            problems.append(f"{where}: person folder {rec.path!r} is listed twice (first at line {first}{same})")
+        elif first := listed_before(seen, folder, rec.path, f"line {line}"):
+            problems.append(f"{where}: person folder {rec.path!r} is listed twice ({first})")
             folder = None
-        else:
-            seen[folder.resolve()] = (line, rec.path)
         pics = person_images(folder, problems) if folder is not None else {}
         if folder is not None and not pics:
             problems.append(f"{where}: {folder} has no pictures (expected {sorted(MASK_STEMS)})")
@@ -123,12 +117,8 @@ def read_test(root: Path) -> pd.DataFrame | None:
         path, why = image_path(eval_dir / "images", image_id)
         if why:
             problems.append(f"line {line}: {why}")
-        elif path.resolve() in seen:  # by the file, as for the persons
-            first, first_id = seen[path.resolve()]
-            same = "" if first_id == image_id else f", as {first_id!r}"
-            problems.append(f"line {line}: duplicate ImageID {image_id!r} (first at line {first}{same})")
-        else:
-            seen[path.resolve()] = (line, image_id)
+        elif first := listed_before(seen, path, image_id, f"line {line}"):
+            problems.append(f"line {line}: duplicate ImageID {image_id!r} ({first})")
         paths.append(str(path))
     if problems:
         raise problems_error(info_path, problems, LayoutError)

@@ -112,22 +112,29 @@ def image_path(root: Path, rel: str, folder: bool = False) -> tuple[Path | None,
     return p, None
 
 
+def listed_before(seen: dict[Path, tuple[str, str]], path: Path, name: str, where: str) -> str | None:
+    """Where the file or folder `path` was listed before ("first at WHERE", with ", as 'NAME'" where it
+    was named otherwise), or None the first time, when it is recorded in `seen`. By the file itself,
+    not the string: `a/0.jpg` and `./a/0.jpg`, or `person` and `person/`, would otherwise be two rows
+    (two groups), and one picture could sit in a training and a validation fold."""
+    key = path.resolve()
+    if key not in seen:
+        seen[key] = (where, name)
+        return None
+    first, first_name = seen[key]
+    return f"first at {first}" + ("" if first_name == name else f", as {first_name!r}")
+
+
 def check_paths(df: pd.DataFrame, col: str, root: Path, where: list[str], problems: list[str]) -> list[str | None]:
     paths = []
-    # by the file itself, not the string: `a/0.jpg` and `./a/0.jpg` would otherwise be two rows (two
-    # groups without a group column), and one picture could sit in a training and a validation fold
     seen: dict[Path, tuple[str, str]] = {}
     for rel, w in zip(df[col], where):
         p, why = image_path(root, rel)
         if why:
             problems.append(f"{w}: {why}")
-        elif p.resolve() in seen:
-            first, first_rel = seen[p.resolve()]
-            same = "" if first_rel == rel else f", as {first_rel!r}"
-            problems.append(f"{w}: duplicate path {rel!r} (first at {first}{same})")
+        elif first := listed_before(seen, p, rel, w):
+            problems.append(f"{w}: duplicate path {rel!r} ({first})")
             p = None
-        else:
-            seen[p.resolve()] = (w, rel)
         paths.append(str(p) if p else None)
     return paths
 
