@@ -17,6 +17,7 @@ and those of a soft pseudo-label round, carry a teacher's final-class probabilit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -52,10 +53,15 @@ class Numeric:
     def reshapes_targets(self) -> bool:
         return self.cfg.train_bins is not None or self.cfg.soft_edge > 0
 
-    @property
+    @cached_property  # read for every training batch: made once
     def grid(self) -> np.ndarray:
         """The fine edges of a distribution output."""
         return fine_edges(self.factor, self.cfg.aux_step)
+
+    @cached_property
+    def owner(self) -> np.ndarray:
+        """The bin that holds each fine bin of a distribution output."""
+        return fine_to_bins(self.factor, self.grid)
 
     @property
     def sigma(self) -> float:
@@ -246,7 +252,7 @@ def distribution_targets(n: Numeric, values: torch.Tensor, classes: torch.Tensor
     grid = torch.as_tensor(n.grid, dtype=values.dtype, device=values.device)
     known = torch.isfinite(values)
     from_value = normal_over_bins(torch.where(known, values, torch.zeros_like(values)), grid, n.sigma)
-    owner = torch.as_tensor(fine_to_bins(n.factor, n.grid), device=values.device)
+    owner = torch.as_tensor(n.owner, device=values.device)
     member = (owner[None, :] == classes[:, None]).to(values.dtype)
     from_class = member / member.sum(1, keepdim=True).clamp(min=1)
     out = torch.where(known[:, None], from_value, from_class)
