@@ -69,8 +69,8 @@ def check_members(runs: list[Path], members: list[dict]) -> None:
 
 def fold_test_probs(run: RunDir, r: int, cfg, test_ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
     """Round r of another run, fold by fold: its head probabilities of the test images, checked to be
-    made under the settings its config.yaml holds and for exactly these test images."""
-    check_round(run, r, cfg)
+    made for exactly these test images. The caller checks the round (context.check_round, or
+    check_ensemble_members for an ensemble's members), once."""
     out = {}
     for k in read_json(run.round_dir(r) / "summary.json")["folds_done"]:
         test = load_npz(run.fold_dir(r, k) / "test.npz")

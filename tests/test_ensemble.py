@@ -88,6 +88,24 @@ def test_an_ensemble_refuses_runs_with_other_folds(members, demo_root, tmp_path)
         make_ensemble([a], tmp_path / "ens")
 
 
+def test_labels_from_a_run_whose_round_is_not_current_are_refused(members, tmp_path):
+    """--labels-from another run reads its fold models' test predictions only where its round's
+    results were built from the fold outputs it holds now."""
+    from multitask.run import write_json
+
+    a, b = members
+    run, other = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(a, run)
+    shutil.copytree(b, other)
+    summary_path = RunDir(other).round_dir(0) / "summary.json"
+    summary = read_json(summary_path)
+    summary["train_ids"]["0"] = "another training"
+    write_json(summary_path, summary)
+    with pytest.raises(RunError, match="built from other outputs of fold"):
+        pseudo_label(run, precision=0.0, labels_from=other)
+    assert RunDir(run).rounds() == [0] and not RunDir(run).round_dir(1).exists()
+
+
 def test_a_member_retrained_since_the_ensemble_was_made_is_refused(members, demo_root, tmp_path):
     a, b = members
     member = tmp_path / "a"
