@@ -38,6 +38,9 @@ class LossCfg(_Strict):
 # and preds.csv: a factor of that name would overwrite them (a factor `group` would make the folds
 # split by its classes instead of by group)
 RESERVED_NAMES = ("group", "path", "where", "stem", "image_id", "fold", "prob", "ImageID")
+# the auxiliary outputs of numeric factors are named aux_<factor> (numeric.py), and a head's name is
+# its factors' joined by "_": a factor `aux` or `aux_...` would name a head that reads as one of them
+AUX_PREFIX = "aux_"
 
 
 class FactorCfg(_Strict):
@@ -62,6 +65,10 @@ class FactorCfg(_Strict):
         if self.name in RESERVED_NAMES:
             raise ValueError(f"factor name {self.name!r} is reserved for a column of the image table or its "
                              f"outputs ({', '.join(RESERVED_NAMES)}); give it another name, with "
+                             f"column: {self.column or self.name} to keep reading that column")
+        if (self.name + "_").startswith(AUX_PREFIX):
+            raise ValueError(f"factor name {self.name!r} is reserved: names starting {AUX_PREFIX!r} are the "
+                             f"auxiliary outputs of numeric factors; give it another name, with "
                              f"column: {self.column or self.name} to keep reading that column")
         return self
 

@@ -24,10 +24,8 @@ import torch
 import torch.nn.functional as F
 from scipy.special import ndtr
 
-from multitask.config import Config, ConfigError, NumericCfg
+from multitask.config import AUX_PREFIX, Config, ConfigError, NumericCfg
 from multitask.labels import Factor, Head, Task
-
-AUX_PREFIX = "aux_"
 
 
 def aux_name(factor: str) -> str:

@@ -133,6 +133,9 @@ def test_table_level_errors(table_root, tmp_path, content, message):
     ({"name": "where", "bins": [1]}, "factor name 'where' is reserved"),
     ({"name": "image_id", "classes": ["a", "b"]}, "'image_id' is reserved"),
     ({"name": "fold", "classes": ["a", "b"]}, "'fold' is reserved"),
+    # a head named aux_... would be read as a numeric factor's auxiliary output (raw numbers)
+    ({"name": "aux_shape", "column": "shape", "classes": ["circle", "square"]}, "'aux_shape' is reserved"),
+    ({"name": "aux", "column": "shape", "classes": ["circle", "square"]}, "'aux' is reserved"),
 ])
 def test_bad_factor_specs_are_config_errors(table_root, factor, message):
     with pytest.raises(ConfigError, match=message):
