@@ -302,6 +302,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
         final = fp32
         if int8:
             cal_rows = sample_rows(len(paths), calibration_images, seed=1, exclude=rows)
+            if not len(cal_rows):  # the check took every training image: calibrate on those
+                cal_rows = sample_rows(len(paths), calibration_images, seed=1)
             calibration = DecodedImages([paths[i] for i in cal_rows], cfg.data.decode_workers).at(tuple(info["img_size"]))
             final = Path(tmp) / "int8.onnx"
             quantize(fp32, final, calibration)

@@ -122,6 +122,12 @@ def test_int8_export_loads_predicts_and_reports_its_agreement(runs, demo_root, t
     assert result["predicted"] == len(pd.read_csv(tmp_path / "p.csv")) > 0
 
 
+def test_int8_export_of_a_run_whose_check_takes_every_image_calibrates_on_them(runs, tmp_path):
+    # calibration images are those the check leaves; with none left it takes the checked ones
+    check = export_run(runs["shared"], tmp_path / "m8.onnx", int8=True, check_images=10**6)
+    assert check["calibration_images"] == min(check["images"], 128) > 0
+
+
 def test_the_onnx_path_runs_without_torch(runs, demo_root, tmp_path):
     export_run(runs["shared"], tmp_path / "m.onnx")
     code = f"""
