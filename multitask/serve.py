@@ -91,14 +91,17 @@ class ServedModel:
         arr = np.empty((len(paths), *self.img_size, 3), dtype=np.uint8)
         return arr, decode_into(arr, paths, self.img_size, workers)
 
-    def predict_paths(self, paths: list[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def predict_paths(self, paths: list[str], batch_size: int = 256,
+                      chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
         """(final-class probabilities, classes) of image files; an undecodable one stops it, all listed."""
-        finals = []
-        for start in range(0, len(paths), CHUNK):
-            images, bad = self.decode(paths[start:start + CHUNK])
-            if bad:
-                raise undecodable_error(paths, [(start + i, why) for i, why in bad])
-            finals.append(self.probs(images, batch_size)["final"])
+        finals, bad = [], []
+        for start in range(0, len(paths), chunk):
+            images, failed = self.decode(paths[start:start + chunk])
+            bad += [(start + i, why) for i, why in failed]
+            if not bad:  # after a failure the later chunks are only decoded, so that the error lists them all
+                finals.append(self.probs(images, batch_size)["final"])
+        if bad:
+            raise undecodable_error(paths, bad)
         final = np.concatenate(finals) if finals else np.empty((0, self.task.n_classes), np.float32)
         return final, self.classes(final)
 

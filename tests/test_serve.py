@@ -16,6 +16,7 @@ from multitask import serve
 from multitask.cli import app
 from multitask.config import ConfigError, load_config
 from multitask.context import build_task
+from multitask.data.cache import ImageDecodeError
 from multitask.data.synthetic import make_table_dataset
 from multitask.distill import distill, student_config
 from multitask.ensemble import make_ensemble
@@ -126,6 +127,19 @@ def test_int8_export_of_a_run_whose_check_takes_every_image_calibrates_on_them(r
     # calibration images are those the check leaves; with none left it takes the checked ones
     check = export_run(runs["shared"], tmp_path / "m8.onnx", int8=True, check_images=10**6)
     assert check["calibration_images"] == min(check["images"], 128) > 0
+
+
+def test_undecodable_images_are_all_listed_whichever_chunk_holds_them(runs, demo_root, tmp_path):
+    export_run(runs["shared"], tmp_path / "m.onnx")
+    served = serve.ServedModel(tmp_path / "m.onnx")
+    paths = sorted(str(p) for p in (demo_root / "eval" / "images").iterdir())[:10]
+    for i in (1, 8):  # in the first chunk of four and in the third
+        broken = tmp_path / f"broken{i}.jpg"
+        broken.write_text("not a picture")
+        paths[i] = str(broken)
+    with pytest.raises(ImageDecodeError, match="2 image") as e:
+        served.predict_paths(paths, chunk=4)
+    assert "broken1.jpg" in str(e.value) and "broken8.jpg" in str(e.value)
 
 
 def test_the_onnx_path_runs_without_torch(runs, demo_root, tmp_path):
