@@ -211,11 +211,11 @@ def predict(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="a file from `mt export` instead of a run: onnxruntime on the CPU, without torch"),
     images: Path = typer.Option(..., "--images", help="a folder (recursive), a CSV with a path column, or one image"),
     out: Path = typer.Option(..., "--out", help="predictions CSV to write"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per forward pass " + from_config("train.eval_batch_size", "the run's")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per forward pass " + from_config("train.eval_batch_size", "the run's")),
     probs: bool = typer.Option(False, "--probs", help="add every factor's probabilities (p_<factor>_<class>)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out undecodable images and list them in <out>.skipped.csv"),
     round_: Optional[int] = typer.Option(None, "--round", help="round to use (default: the one submit uses, the best OOF macro F1)"),
-    chunk: int = typer.Option(2048, "--chunk", help="images decoded and predicted at a time: memory stays bounded for any number of images"),
+    chunk: int = typer.Option(2048, "--chunk", min=1, help="images decoded and predicted at a time: memory stays bounded for any number of images"),
 ):
     """The run's fold ensemble with its TTA views (what submit uses), or an exported file, on any
     images: path, each factor's class, class, prob."""

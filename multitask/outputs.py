@@ -88,6 +88,8 @@ def stream_predictions(task: Task, ids: list[str], paths: list[str], out: str | 
     [(index, why), ...] of the images that failed); `predict(decoded, keep)` gives (final-class
     probabilities, classes) of the kept rows. Undecodable images stop it, all listed at once; with
     `skip_bad` they are left out and listed in <out>.skipped.csv."""
+    if chunk < 1:
+        raise ValueError(f"chunk {chunk}: images are predicted at least one at a time")
     out = Path(out)
     skipped_file = out.with_name(out.stem + ".skipped.csv")
     bad, written = [], 0

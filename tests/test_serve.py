@@ -179,6 +179,12 @@ def test_cli_export_predict_and_submit_with_onnx(runs, demo_root, tmp_path):
     r = CliRunner().invoke(app, ["predict", "--onnx", str(tmp_path / "nope.onnx"), "--images",
                                  str(demo_root / "eval" / "images"), "--out", str(tmp_path / "x.csv")])
     assert r.exit_code == 2 and "nope.onnx: ONNX file not found" in r.output
+    for option in ("--chunk", "--batch-size"):  # 0 would loop forever or write nothing
+        r = CliRunner().invoke(app, ["predict", "--onnx", str(tmp_path / "m.onnx"), "--images",
+                                     str(demo_root / "eval" / "images"), "--out", str(tmp_path / "x.csv"), option, "0"],
+                               env={"COLUMNS": "1000"})
+        assert r.exit_code == 2 and f"Invalid value for {option!r}" in r.output, r.output
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_a_file_without_mt_metadata_is_refused(tmp_path):
