@@ -22,6 +22,7 @@ by pixels alone), and the thresholds come from the OOF read the same way.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from multitask.decide import Decision, load_decision, predict_classes
 from multitask.ensemble import check_same_split, fold_test_probs, fold_votes
 from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
 from multitask.labels import FLAT_HEAD, Head, Task
-from multitask.run import SOFT_FILE, RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
+from multitask.run import SOFT_FILE, RunDir, RunError, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
 from multitask.subjects import Pictures, likeness, stored_pictures
 
 UNKNOWN = -1
@@ -200,6 +201,22 @@ def write_labels(run: RunDir, r: int, info: dict, table: pd.DataFrame | dict) ->
     write_json(run.round_dir(r) / "pseudo.json", info)
 
 
+def clear_unfinished_round(run: RunDir, r: int) -> None:
+    """Round r's folder, left by a killed `mt pseudo-label`, before new labels go into it. Once a fold
+    has begun, the round is finished by `mt resume` with the labels it began with: new ones would
+    mix with those its finished folds learnt. Before that it holds labels alone, and is made again
+    whole, so that no label file of the earlier try (a soft one beside new hard ones) stays."""
+    folder = run.round_dir(r)
+    if not folder.exists():
+        return
+    begun = sorted(p.name for p in folder.glob("fold*") if p.is_dir())
+    if begun:
+        raise RunError(f"{folder}: round {r} was started and is not finished ({', '.join(begun)} began training on its "
+                       f"labels): `mt resume --run {run.root}` finishes it with those labels; or remove {folder} to "
+                       f"make it again with new ones")
+    shutil.rmtree(folder)
+
+
 def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: int | None = None,
                  overrides: list[str] = (), progress=None, labels_from: str | Path | None = None) -> list[dict]:
     """Run `rounds` new rounds after the latest one; return each round's report. A round whose
@@ -223,6 +240,7 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
     for i in range(ctx.cfg.pseudo.rounds):
         prev = ctx.run.latest_round()
         r = prev + 1
+        dist.on_main(clear_unfinished_round, ctx.run, r)
         teacher = teacher_of(ctx, prev, labels_from if i == 0 else None)
         source = {"labels_from": teacher.source} if teacher.source else {}
         if ctx.cfg.pseudo.soft:

@@ -246,6 +246,38 @@ def test_a_round_killed_before_its_labels_is_refused_by_resume(demo_root, tmp_pa
     assert reports[0]["round"] == 1 and reports[0]["trained"] and (run.round_dir(1) / "pseudo.csv").exists()
 
 
+def test_pseudo_label_after_a_killed_round_finishes_it_or_makes_it_again_but_never_mixes_labels(
+        demo_root, tmp_path, monkeypatch):
+    import multitask.pseudo as pseudo
+    from multitask.run import SOFT_FILE, RunError
+
+    out = tmp_path / "run"
+    cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2")
+    train_run(cfg, out)
+    run = RunDir(out)
+
+    # killed in fold 0's first epoch: its folder holds what it began on these labels
+    restore = _kill_at_epoch_call(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        pseudo.pseudo_label(out, precision=0.0)
+    restore()
+    labels = (run.round_dir(1) / "pseudo.csv").read_bytes()
+    with pytest.raises(RunError, match=r"round1: round 1 was started and is not finished \(fold0 began.*mt resume --run"):
+        pseudo.pseudo_label(out, precision=0.9)  # other labels would mix with those fold 0 began on
+    assert (run.round_dir(1) / "pseudo.csv").read_bytes() == labels
+    assert resume_run(out)["oof"]["f1"] >= 0  # resume finishes it, on the labels it began with
+
+    # killed after soft labels, before any fold: the round is made again whole, with no soft file left
+    monkeypatch.setattr(pseudo, "train_round", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        pseudo.pseudo_label(out, overrides=["pseudo.soft=true"])
+    monkeypatch.undo()
+    assert (run.round_dir(2) / SOFT_FILE).exists() and not (run.round_dir(2) / "fold0").exists()
+    reports = pseudo.pseudo_label(out, precision=0.0)
+    assert reports[0]["round"] == 2 and reports[0]["trained"]
+    assert (run.round_dir(2) / "pseudo.csv").exists() and not (run.round_dir(2) / SOFT_FILE).exists()
+
+
 def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
     """Folds of one run may be trained from several shells at once: `mt resume` in one of them must not
     remove another's write in progress. A temp file names its writer's host and pid."""
