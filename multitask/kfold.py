@@ -22,6 +22,7 @@ from multitask.context import (Context, build_task, claim_run_dir, every_fold, l
 from multitask.budget import epochs_of_run, fit_epochs
 from multitask.data.augment import build_albumentations
 from multitask.data.dataset import RowImages
+from multitask.data.folds import make_folds
 from multitask.data.table import factor_values, numeric_matrix, numeric_values
 from multitask.decide import decide_round, is_active
 from multitask.device import resolve_device
@@ -363,8 +364,13 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
 
 
 def claim_and_open(run: RunDir, cfg: Config, force: bool, table, images) -> None:
-    """What `mt train` writes before the first fold: config.yaml, skipped.csv and folds.csv."""
+    """What `mt train` writes before the first fold: config.yaml, skipped.csv and folds.csv. The folds
+    are made first, so that data they cannot be made from leaves the directory as it was."""
+    new_folds = force or not run.folds.exists()
+    folds = make_folds(table.train, build_task(cfg)[0], cfg.train.folds, cfg.train.fold_seed) if new_folds else None
     claim_run_dir(run, cfg, force)
+    if folds is not None:
+        atomic_write_text(run.folds, folds.to_csv(index=False))
     if not table.skipped.empty:
         atomic_write_text(run.skipped, table.skipped.to_csv(index=False))
     open_context(run, cfg, None, table, images)

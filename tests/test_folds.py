@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from multitask.data.folds import FoldLeakError, assign_folds, check_no_leak, make_folds, group_level_factors
-from multitask.labels import mask_task
+from multitask.labels import Factor, Task, mask_task
 
 
 def fake_table(n_persons=200, seed=0):
@@ -65,5 +65,17 @@ def test_leak_check_catches_a_split_person():
 
 
 def test_too_few_persons_is_an_error():
-    with pytest.raises(ValueError, match="3 groups cannot fill 5 folds"):
+    with pytest.raises(ValueError, match=r"train.folds 5: the training data holds 3 groups \(persons\), too few"):
         make_folds(fake_table(3), mask_task(), 5, seed=0)
+
+
+def test_classes_too_fine_for_the_folds_are_stratified_on_fewer_factors():
+    # 60 rows, each its own group, 8 x 4 joint classes of under 5 rows each: the joint cannot be
+    # stratified over 5 folds, the first factor alone (7 or 8 rows a class) can
+    task = Task("table", (Factor("colour", tuple("abcdefgh")), Factor("kind", tuple("wxyz"))))
+    n = np.arange(60)
+    df = pd.DataFrame({"group": [f"{i}.jpg" for i in n], "colour": n % 8, "kind": (n // 8) % 4})
+    fold = assign_folds(df, make_folds(df, task, 5, seed=0))
+    assert sorted(np.unique(fold)) == [0, 1, 2, 3, 4]
+    per_fold = pd.crosstab(fold, df["colour"])
+    assert per_fold.to_numpy().min() >= 1 and per_fold.to_numpy().max() <= 2  # each colour spread over the folds

@@ -26,14 +26,26 @@ def group_level_factors(df: pd.DataFrame, task: Task) -> list[str]:
     return [f for f in task.factor_names if (per_group[f] == 1).all()]
 
 
+def split_strata(df: pd.DataFrame, task: Task, columns: list[str], n_folds: int) -> np.ndarray:
+    """Each row's stratum: the joint class of `columns`, less the last of them while no stratum is as
+    large as the fold count (a split cannot be stratified on classes that small; many fine classes
+    over few rows come to that)."""
+    while columns:
+        sizes = tuple(task.factors[task.factor_names.index(f)].n for f in columns)
+        strata = mixed_radix(df[columns].to_numpy(), sizes)
+        if np.bincount(strata).max() >= n_folds:
+            return strata
+        columns = columns[:-1]
+    return np.zeros(len(df), np.int64)
+
+
 def make_folds(df: pd.DataFrame, task: Task, n_folds: int, seed: int) -> pd.DataFrame:
     """One row per group with its fold."""
     n_groups = df["group"].nunique()
     if n_groups < n_folds:
-        raise ValueError(f"{n_groups} groups cannot fill {n_folds} folds")
-    strat_cols = group_level_factors(df, task)
-    sizes = tuple(task.factors[task.factor_names.index(f)].n for f in strat_cols)
-    strata = mixed_radix(df[strat_cols].to_numpy(), sizes) if strat_cols else np.zeros(len(df), np.int64)
+        raise ValueError(f"train.folds {n_folds}: the training data holds {n_groups} groups (persons), too few "
+                         f"to fill {n_folds} folds")
+    strata = split_strata(df, task, group_level_factors(df, task), n_folds)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = np.full(len(df), -1, dtype=np.int64)
     with warnings.catch_warnings():
