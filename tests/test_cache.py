@@ -69,3 +69,14 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     paths = make_images(tmp_path / "img")
     cached_images(paths, (20, 16), tmp_path / "c")
     assert next((tmp_path / "c").glob("*.npy")).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_16_bit_greyscale_is_read_whole_not_clipped(tmp_path):
+    # a 16-bit PNG opens as mode I;16, whose values convert("RGB") clips at 255
+    ramp = np.repeat(np.linspace(0, 65535, 32).astype(np.uint16)[None], 16, axis=0)
+    path = tmp_path / "g16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode in cache_mod.WIDE_GREY
+    got = cache_mod._decode(str(path), (16, 32))
+    assert got.shape == (16, 32, 3) and (got[..., 0] == got[..., 2]).all()
+    assert np.abs(got[0, :, 0].astype(int) - (ramp[0] >> 8)).max() <= 2  # the ramp, not white

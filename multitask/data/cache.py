@@ -20,7 +20,7 @@ from PIL import Image
 
 from multitask.run import FILE_MODE, check_space, check_writable
 
-CACHE_VERSION = 1  # bump when decoding or resizing changes
+CACHE_VERSION = 2  # bump when decoding or resizing changes (2: 16-bit greyscale read whole)
 DECODE_CHUNK = 64  # images per task: large enough to amortise scheduling, small enough to balance threads
 
 
@@ -52,6 +52,7 @@ def cache_key(paths: Sequence[str], size: tuple[int, int]) -> str:
     return h.hexdigest()[:20]
 
 
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (PNG, TIFF), as Pillow opens it
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what Pillow raises for bad files
 
 
@@ -61,6 +62,8 @@ def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
     with Image.open(path) as im:
         # JPEG can decode straight at 1/2, 1/4, 1/8 scale: far fewer pixels to decode and resize
         im.draft("RGB", (w, h))
+        if im.mode in WIDE_GREY:  # convert("RGB") clips these at 255: most of the picture turns white
+            im = Image.fromarray((np.clip(np.asarray(im), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8), "L")
         im = im.convert("RGB")
         if im.width == 0 or im.height == 0:
             raise ValueError("the image is empty")
