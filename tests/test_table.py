@@ -195,6 +195,20 @@ def test_parquet_tables_read_like_csv(table_root, tmp_path):
     assert b["where"].iloc[0].endswith("train.parquet row 1")
 
 
+def test_parquet_integer_classes_with_a_null_keep_their_names(table_root, tmp_path):
+    # pyarrow's int64 with a null reads as float64 without pandas' metadata: 0 -> '0.0' failed every row
+    pa = pytest.importorskip("pyarrow")
+    df = pd.read_csv(table_root / "train.csv")
+    flag = [None] + [i % 2 for i in range(1, len(df))]
+    columns = {c: pa.array(df[c].tolist()) for c in df.columns} | {"flag": pa.array(flag, pa.int64())}
+    pytest.importorskip("pyarrow.parquet").write_table(pa.table(columns), table_root / "flags.parquet")
+    cfg = table_config(table_root, SIZE, {"name": "flag", "classes": ["0", "1"]})
+    cfg.task.table = str(table_root / "flags.parquet")
+    table = read_table(cfg.task, task_of(cfg), skip_bad=True)
+    assert len(table.train) == len(df) - 1 and len(table.skipped) == 1  # the null alone is refused
+    assert table.skipped["where"].iloc[0].endswith("flags.parquet row 1")
+
+
 @pytest.fixture(scope="module")
 def table_run(table_root, tmp_path_factory):
     """2 x 4 categorical, shape per group: a third task shape, trained for real."""

@@ -82,7 +82,8 @@ def read_frame(path: Path) -> tuple[pd.DataFrame, str]:
         raise DataError(f"{path}: file not found")
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
+            # nullable dtypes: an integer column with a null stays integer (numpy's would make 0 read '0.0')
+            df = pd.read_parquet(path, dtype_backend="numpy_nullable")
             return df.astype(object).where(df.notna(), "").astype(str), "row"
         return pd.read_csv(path, dtype=str, keep_default_na=False), "line"
     except ImportError as e:
