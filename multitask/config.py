@@ -205,10 +205,10 @@ class TrainCfg(_Strict):
     # folds trained at once, each in its own process over the shared cache; `auto` spreads them over
     # every visible GPU (whether two on one GPU pay is for scripts/bench_kfold.py to say)
     jobs: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy seeds are non-negative
     # the split's own seed, apart from `seed`: runs that differ only in their seed share folds.csv, so
     # `mt ensemble` takes a seed ensemble, and their OOF scores compare on the same persons
-    fold_seed: int = 0
+    fold_seed: int = Field(0, ge=0)
     # every metrics.csv figure also as TensorBoard scalars under each fold's tb/ (`tensorboard --logdir RUN`)
     tensorboard: bool = False
     # fit the epochs to this many seconds for the whole round (measured on one epoch; only ever fewer)

@@ -29,6 +29,8 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["train.lrr=1"], "train.lrr: Extra inputs are not permitted"),
     (["train.epochs=0"], "train.epochs"),
+    (["train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),  # numpy refuses it mid-run
+    (["train.fold_seed=-1"], "train.fold_seed"),
     (["model.sharing=both"], "model.sharing"),
     (["losses.mask.name=hinge"], "losses.mask.name"),
     (["train.fold=[7]"], "fold \\[7\\] out of range"),
