@@ -22,11 +22,13 @@ class AnswerKeyError(ValueError):
 
 def find_runs(roots: list[Path]) -> list[RunDir]:
     """Every run directory at or below the given folders (a folder with config.yaml and a finished round)."""
-    found = []
+    found = {}  # by resolved path: a run reached from two of the folders given is listed once
     for root in roots:
         candidates = [root] if (root / "config.yaml").exists() else sorted(p.parent for p in root.rglob("config.yaml"))
-        found += [RunDir(c) for c in candidates if RunDir(c).rounds()]
-    return sorted(set(found), key=lambda run: str(run.root))
+        for c in candidates:
+            if RunDir(c).rounds():
+                found.setdefault(Path(c).resolve(), RunDir(c))
+    return sorted(found.values(), key=lambda run: str(run.root))
 
 
 def _read_str_csv(path: Path, what: str) -> pd.DataFrame:

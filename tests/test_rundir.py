@@ -348,6 +348,7 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in table["run"]] == sorted(["three_heads", "flat"],
                                                                   key=lambda n: -read_json(tmp_path / "runs" / n / "summary.json")["rounds"][0]["oof"]["f1"])
     assert table["oof_f1"].is_monotonic_decreasing
+    assert len(runs_table([tmp_path / "runs" / "flat", tmp_path / "runs"])) == 2  # a run given twice, listed once
     row = table.set_index(table["run"].str.rsplit("/", n=1).str[-1]).loc["three_heads"]
     assert row["heads"] == "mask,gender,age" and row["backbone"] == "test_efficientnet" and row["img"] == "32x32"
     assert row["folds"] == "2/2" and row["epochs"] == 1 and row["wall_s"] > 0 and 0 <= row["oof_mask"] <= 1
