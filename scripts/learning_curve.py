@@ -25,8 +25,9 @@ def row(path: Path, metric: Path) -> dict:
     run = RunDir(path)
     data = Path(load_run_config(run).data_root)
     held = score(data / "answers.csv", path / "submission.csv", metric)
-    oof = read_json(run.round_dir(0) / "summary.json")["oof"]
-    return {"run": str(path), "persons": int(pd.read_csv(path / "folds.csv")["group"].nunique()),
+    r, _ = run.choose_round(load_run_config(run).train.folds)  # the round `mt submit` took
+    oof = read_json(run.round_dir(r) / "summary.json")["oof"]
+    return {"run": str(path), "round": r, "persons": int(pd.read_csv(path / "folds.csv")["group"].nunique()),
             "answers": str(data / "answers.csv"), "oof_f1": round(oof["f1"], 4), "held_out": held}
 
 

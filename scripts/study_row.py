@@ -4,7 +4,8 @@ and score the submission with the competition's own metric against the build's a
 
   python scripts/study_row.py --data /tmp/mask600 --out /tmp/study/base [--config demo] [--set k=v ...]
 
-Prints one JSON line: the OOF macro F1 (final class and per factor) as argmax, and where the run fits
+Prints one JSON line, every figure of the round `mt submit` takes (the best by OOF; round 0 of a run
+this script trains): the OOF macro F1 (final class and per factor) as argmax, and where the run fits
 a decision (decide: / numeric aux), in-sample and fold-honest; the held-out macro F1 from
 ../shared/tools/score.py of the submission (with the run's decision) and of the plain argmax of the
 same voted probabilities, and of a hard vote of the folds (same models, same TTA); wall time of
@@ -70,24 +71,31 @@ def main() -> None:
         t0 = time.perf_counter()
         subprocess.run(mt + cmd, check=True, stdout=subprocess.DEVNULL)
         train_s = round(time.perf_counter() - t0, 1)
-        subprocess.run(mt + ["submit", "--run", str(a.out)], check=True, stdout=subprocess.DEVNULL)
 
     from multitask.kfold import load_round_test_probs, reopen_context
     from multitask.predict import vote
     from multitask.run import head_probs, load_npz, read_json
 
-    summary = read_json(a.out / "round0" / "summary.json")
+    # every figure of the row from the round `mt submit` takes (the best by OOF: round 0 of a run
+    # this script trained, a pseudo-label round perhaps of one it only scores)
     ctx = reopen_context(a.out, with_images=False)
-    ids, probs, _ = load_round_test_probs(ctx, 0)
-    folds = [head_probs(load_npz(ctx.run.fold_dir(0, k) / "test.npz")) for k in summary["folds_done"]]
+    r, _ = ctx.run.choose_round(ctx.cfg.train.folds)
+    summary = read_json(ctx.run.round_dir(r) / "summary.json")
+    ids, probs, _ = load_round_test_probs(ctx, r)
+    folds = [head_probs(load_npz(ctx.run.fold_dir(r, k) / "test.npz")) for k in summary["folds_done"]]
 
     def held_out(p) -> dict:
         return score_classes(a.data, ids, ctx.task.combine(ctx.heads, p).argmax(1), a.score)
 
+    with tempfile.TemporaryDirectory() as tmp:  # --score-only writes nothing into the run
+        submission = Path(tmp) / "submission.csv" if a.score_only else a.out / "submission.csv"
+        subprocess.run(mt + ["submit", "--run", str(a.out), "--round", str(r), "--out", str(submission)],
+                       check=True, stdout=subprocess.DEVNULL)
+        submitted = score(a.data / "answers.csv", submission, a.score)
     row = {
-        "name": a.out.name, "command": "mt " + " ".join(cmd),
+        "name": a.out.name, "command": "mt " + " ".join(cmd), "round": r,
         "oof": {k: round(v, 4) for k, v in summary["oof"].items() if k.startswith("f1")},
-        "held_out": score(a.data / "answers.csv", a.out / "submission.csv", a.score),
+        "held_out": submitted,
         "held_out_argmax": held_out(probs),
         "held_out_hard_vote": held_out(vote(folds, "hard")),
         "train_s": train_s, "hardware": hardware(),
