@@ -49,7 +49,9 @@ def main() -> None:
                               train_look[oof["rows"]])
         decision = load_decision(Path(tmp))
     _, with_subjects = predict_classes(task, heads, head_probs(test), cfg, decision, Pictures(test_look))
-    _, own = predict_classes(task, heads, head_probs(test), cfg, load_decision(ctx.run.round_dir(r)))
+    # the run's own settings: its subjects too, where it reads them
+    _, own = predict_classes(task, heads, head_probs(test), ctx.cfg, load_decision(ctx.run.round_dir(r)),
+                             Pictures(test_look))
     rnd = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
     print(json.dumps({
         "run": str(a.run), "subjects_weight": decision.subjects,
