@@ -113,6 +113,8 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     teacher_decision = load_decision(teacher.round_dir(r))
     probs = teacher_probs(teacher, r, t_cfg, teacher_decision, train_paths + test_paths, progress)
     claim_run_dir(run, cfg, force)
+    if teacher.skipped.exists():  # the items the teacher left out (--skip-bad), left out again
+        atomic_write_text(run.skipped, teacher.skipped.read_text())
     # fold 0 is the teacher's validation fold, fold 1 every other group: the student trains fold 0
     folds = t_ctx.table.train[["group"]].drop_duplicates().assign(
         fold=lambda d: (d["group"].map(dict(zip(t_ctx.table.train["group"], t_ctx.folds))) != val_fold).astype(int))

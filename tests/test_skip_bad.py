@@ -13,6 +13,7 @@ from multitask.context import reopen_context
 from multitask.data.layout import LayoutError
 from multitask.data.synthetic import make_table_dataset
 from multitask.data.table import DataError
+from multitask.distill import distill
 from multitask.kfold import resume_run, train_run
 from multitask.run import RunDir, read_json
 from multitask.submit import make_submission
@@ -62,6 +63,10 @@ def test_skip_bad_trains_without_the_bad_items_and_lists_them(broken_root, tmp_p
     assert len(ctx.table.train) == 12 * 7 - 7 - 2 and len(ctx.train_images) == len(ctx.table.train)
     assert resume_run(out)["folds_done"] == [0, 1]
     assert len(pd.read_csv(make_submission(out))) == 4 * 7
+    # a student of the run leaves them out too (its folds once counted the undecodable pictures)
+    student = tmp_path / "student"
+    assert distill(out, student, epochs=1)["folds_done"] == [0]
+    assert pd.read_csv(RunDir(student).skipped).equals(skipped)
 
 
 def test_skip_bad_leaves_out_table_rows_and_whole_groups(tmp_path):
