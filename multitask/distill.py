@@ -68,7 +68,10 @@ def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | N
         heads = teacher.heads if teacher.ensemble is None else None  # an ensemble votes final classes: a head per factor
     model = teacher.model
     if backbone:
-        model = model.model_copy(update={"backbone": backbone, "checkpoint": None})
+        # the teacher's checkpoint does not fit another backbone, and a backbone without weights to
+        # keep would stay random if it stayed frozen
+        model = model.model_copy(update={"backbone": backbone, "checkpoint": None,
+                                         "freeze_backbone": model.freeze_backbone and model.pretrained})
     numeric = {name: c.model_copy(update={"aux": "none"}) for name, c in teacher.numeric.items()}
     raw = teacher.model_copy(update={
         "heads": heads, "model": model, "numeric": numeric, "ensemble": None,

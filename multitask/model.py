@@ -32,6 +32,9 @@ def check_model(cfg: ModelCfg) -> None:
                           + (f"; close: {', '.join(close)}" if close else "; `timm.list_models()` lists them"))
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise CheckpointError(f"{cfg.checkpoint}: checkpoint file not found (model.checkpoint)")
+    if cfg.freeze_backbone and not (cfg.checkpoint or cfg.pretrained):
+        raise ConfigError("model.freeze_backbone: the backbone has no weights to keep (neither model.checkpoint "
+                          "nor model.pretrained), and its random features would never train")
 
 
 def create_backbone(cfg: ModelCfg) -> nn.Module:

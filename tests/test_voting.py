@@ -105,6 +105,17 @@ def test_a_frozen_pretrained_checkpoint_run(demo_root, tmp_path):
     key = next(k for k in loaded if k.startswith("conv_stem"))
     assert torch.equal(trained[f"backbones.0.{key}"], loaded[key])
 
+    # without weights to keep, a frozen backbone is refused; a student of another backbone trains its own
+    from multitask.config import ConfigError
+    from multitask.distill import student_config
+    from multitask.model import check_model
+
+    with pytest.raises(ConfigError, match="model.freeze_backbone: the backbone has no weights to keep"):
+        check_model(cfg.model.model_copy(update={"checkpoint": None}))
+    student = student_config(cfg, tmp_path / "run", 0, "test_byobnet", None, 1, None, 0.5, True, 0, [])
+    assert student.model.checkpoint is None and not student.model.freeze_backbone
+    check_model(student.model)
+
 
 def test_tensorboard_scalars_per_fold_and_head(demo_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
