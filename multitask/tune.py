@@ -16,6 +16,7 @@ from pathlib import Path
 
 from multitask.config import Config, ConfigError, dump_config, load_config
 from multitask.context import task_of
+from multitask.numeric import settings_of
 from multitask.run import atomic_write_text
 
 STUDY_NAME = "mt"
@@ -42,17 +43,19 @@ def suggest(trial, cfg: Config) -> list[str]:
         out.append("aug.train=" + _flow(scaled_augmentation(cfg.aug.train, strength)))
     h, w = cfg.data.img_size
     scale = trial.suggest_categorical("img_scale", [1.0, 1.25])
-    out.append(f"data.img_size=[{_multiple_of_8(h * scale)}, {_multiple_of_8(w * scale)}]")
-    numeric = {}
+    if scale != 1.0:  # the configured size as it is, a larger one rounded as the backbones like
+        out.append(f"data.img_size=[{_multiple_of_8(h * scale)}, {_multiple_of_8(w * scale)}]")
+    # each tuned section starts from what the base config holds: its other settings (train_bins,
+    # aux_weight, mix's stop epoch, ...) stay as configured
     for f in task.factors:
         if f.numeric:
             aux = trial.suggest_categorical(f"aux_{f.name}", ["none", "regression", "ordinal"])
             soft = trial.suggest_float(f"soft_edge_{f.name}", 0.0, 5.0)
-            numeric[f.name] = {"aux": aux, "soft_edge": round(soft, 2)}
-    out.append("numeric=" + _flow(numeric))
+            tuned = settings_of(cfg, f.name).model_dump(mode="json") | {"aux": aux, "soft_edge": round(soft, 2)}
+            out.append(f"numeric.{f.name}=" + _flow(tuned))
     mix = trial.suggest_float("mix_prob", 0.0, 0.5)
-    out.append("aug.mix=" + _flow({"mixup_alpha": 0.2 if mix > 0 else 0.0, "cutmix_alpha": 1.0 if mix > 0 else 0.0,
-                                    "prob": round(mix, 3)}))
+    out.append("aug.mix=" + _flow(cfg.aug.mix.model_dump(mode="json") | {
+        "mixup_alpha": 0.2 if mix > 0 else 0.0, "cutmix_alpha": 1.0 if mix > 0 else 0.0, "prob": round(mix, 3)}))
     return out
 
 

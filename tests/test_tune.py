@@ -113,3 +113,14 @@ def test_augmentation_strength_scales_the_configs_own_albumentations():
     assert affine["scale"] == pytest.approx([1 - 0.2 * s, 1 + 0.2 * s], abs=1e-3)
     assert affine["p"] == 0.5 and "translate_percent" not in affine  # nothing added, probabilities kept
     assert noise == {"name": "GaussNoise", "p": 0.2}
+
+
+def test_a_trial_keeps_the_base_settings_it_does_not_tune():
+    base = ["numeric.age={aux: ordinal, aux_weight: 3.0, train_bins: [30, 58], drop_near_edge: 1.0}",
+            "aug.mix={prob: 0.1, stop_epoch: 10, switch_prob: 0.9}", "data.img_size=[36, 100]"]
+    _, sets, cfg = suggested(*base)
+    age = cfg.numeric["age"]
+    assert (age.aux_weight, age.train_bins, age.drop_near_edge) == (3.0, [30, 58], 1.0)  # tuned: aux, soft_edge
+    assert (cfg.aug.mix.stop_epoch, cfg.aug.mix.switch_prob) == (10, 0.9)  # tuned: the alphas and prob
+    scaled = any(o.startswith("data.img_size=") for o in sets)
+    assert cfg.data.img_size == ((48, 128) if scaled else (36, 100))  # 1.0 keeps the size as configured
