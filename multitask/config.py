@@ -391,13 +391,14 @@ def read_yaml(path: Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: str | Path | None = None) -> Config:
     """Defaults < the YAML file < dotted overrides < `data` (the competition root, or a table task's
-    table). A table task's relative paths come out absolute, so the resolved config works anywhere."""
+    table). A table task's relative paths and a local checkpoint's come out absolute, so the resolved
+    config works anywhere."""
     source = "defaults"
     raw: dict = {}
     if path is not None:
         p = resolve_config_path(path)
         raw, source = read_yaml(p), str(p)
-        _anchor_table(raw, p.parent)
+        _anchor_paths(raw, p.parent)
     raw = apply_overrides(raw, list(overrides))
     _migrate(raw)
     if data is not None:
@@ -408,6 +409,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     cfg = validate(raw, source, list(overrides))
     if isinstance(cfg.task, TableTaskCfg):
         cfg.task = absolute_paths(cfg.task)
+    if cfg.model.checkpoint:  # config.yaml keeps it absolute: later commands may run from anywhere
+        cfg.model.checkpoint = str(Path(cfg.model.checkpoint).resolve())
     return cfg
 
 
@@ -419,10 +422,12 @@ def _migrate(raw: dict) -> None:
         pseudo.pop("threshold", None)
 
 
-def _anchor_table(raw: dict, folder: Path) -> None:
-    task = raw.get("task")
-    if isinstance(task, dict) and isinstance(task.get("table"), str) and not Path(task["table"]).is_absolute():
-        task["table"] = str(folder / task["table"])
+def _anchor_paths(raw: dict, folder: Path) -> None:
+    """A YAML file's relative paths (a table task's table, a local checkpoint) are relative to its folder."""
+    for section, key in (("task", "table"), ("model", "checkpoint")):
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str) and not Path(node[key]).is_absolute():
+            node[key] = str(folder / node[key])
 
 
 def absolute_paths(t: TableTaskCfg) -> TableTaskCfg:

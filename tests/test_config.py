@@ -67,3 +67,13 @@ def test_an_error_names_only_the_override_that_caused_it():
     message = error_of(["train.fold=[7]", "train.lr=0.01"])
     assert "fold [7] out of range" in message and "[from --set" not in message
     assert "[from --set" not in error_of(["train.folds=1", "model.sharing=separate"])  # the whole config's check
+
+
+def test_a_local_checkpoint_path_comes_out_absolute(tmp_path, monkeypatch):
+    # config.yaml keeps it so: `mt resume` from another folder finds the same file
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "c.yaml").write_text("model: {checkpoint: w.pth}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["model.checkpoint=w.pth"]).model.checkpoint == str(tmp_path / "w.pth")
+    assert load_config(tmp_path / "cfgs" / "c.yaml").model.checkpoint == str(tmp_path / "cfgs" / "w.pth")
+    assert load_config(None).model.checkpoint is None
