@@ -6,13 +6,22 @@ from contextlib import nullcontext
 
 import torch
 
-from multitask.config import Config
+from multitask.config import Config, ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
+    """`train.device` as a torch device, checked here rather than deep in a fold's first batch."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible or (device.index or 0) >= visible:
+            raise ConfigError(f"train.device {name!r}: {visible} CUDA GPU(s) visible here; use auto or cpu")
+    return device
 
 
 def bind(device: str | torch.device) -> None:

@@ -344,6 +344,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     # check, read and decode everything before touching the run directory: a bad backbone, heads,
     # augmentation, table or an undecodable image stop here, with nothing written
     check_model(cfg.model)
+    resolve_device(cfg.train.device)
     if cfg.aug.backend == "albumentations":
         build_albumentations(cfg.aug.train)
     table = read_checked(cfg, task, progress)

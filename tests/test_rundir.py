@@ -113,6 +113,8 @@ def test_a_pseudo_round_with_nothing_to_add_is_not_trained(run, monkeypatch):
     ("train.lrr=0.1", "train.lrr: Extra inputs are not permitted (did you mean train.lr?)  [from --set train.lrr=0.1]"),
     ("losses.agee.name=ce", "losses given for ['agee']"),
     ("model.checkpoint=/nonexistent/w.pth", "/nonexistent/w.pth: checkpoint file not found"),
+    ("train.device=gpu", "train.device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda:99", "train.device 'cuda:99':"),
     # found once the data is read: the folds are made before config.yaml is written
     ("train.folds=500", "train.folds 500: the training data holds"),
 ])
