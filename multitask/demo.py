@@ -2,6 +2,7 @@
 with configs/demo.yaml, everything under one folder, scored against the generated answer key."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,18 @@ def score_submission(answers: Path, submission: Path, age_bins=(30, 60)) -> dict
     return out
 
 
+def demo_config(out: Path, overrides: list[str] = ()):
+    """configs/demo.yaml on the demo's data and cache under `out`. The folder is quoted: an
+    override's value is YAML, where " #" starts a comment and ": " a mapping."""
+    return load_config("demo", [f"data.cache_dir={json.dumps(str(out / 'cache'))}", *overrides], data=out / "data")
+
+
 def run_demo(out: str | Path, n_train_persons: int = 80, n_eval_persons: int = 16,
              overrides: list[str] = (), progress=None, log=print) -> dict:
     out = Path(out)
     data = make_demo_dataset(out / "data", n_train_persons, n_eval_persons, seed=0)
     log(f"data set: {data['n_train_images']} train images, {data['n_eval_images']} test images -> {out / 'data'}")
-    cfg = load_config("demo", [f"data_root={out / 'data'}", f"data.cache_dir={out / 'cache'}", *overrides])
+    cfg = demo_config(out, overrides)
     summary = train_run(cfg, out / "run", progress, force=True)  # a demo starts over
     log(f"round 0: OOF macro F1 {summary['oof']['f1']:.3f}")
     for rep in pseudo_label(out / "run", progress=progress):

@@ -77,3 +77,12 @@ def test_a_local_checkpoint_path_comes_out_absolute(tmp_path, monkeypatch):
     assert load_config(None, ["model.checkpoint=w.pth"]).model.checkpoint == str(tmp_path / "w.pth")
     assert load_config(tmp_path / "cfgs" / "c.yaml").model.checkpoint == str(tmp_path / "cfgs" / "w.pth")
     assert load_config(None).model.checkpoint is None
+
+
+def test_the_demo_config_takes_any_folder_name(tmp_path):
+    from multitask.demo import demo_config
+
+    out = tmp_path / "my demo #1: try"  # YAML would read " #" as a comment and ": " as a mapping
+    cfg = demo_config(out, ["train.seed=3"])
+    assert cfg.data_root == str((out / "data").resolve()) and cfg.data.cache_dir == str(out / "cache")
+    assert cfg.train.seed == 3
