@@ -7,10 +7,12 @@ PIL + torchvision pipeline, in one run on whatever device is found. Prints one J
   (b) pipeline_img_s:    mt's own epoch loop (engine.train_one_epoch over TrainBatches) from the
                          decoded uint8 cache; cache_build_s is the one-off decode of the JPEG files
   (c) naive_img_s:       PIL decode + torchvision transforms in DataLoader workers every epoch
+                         (best of --repeats windows, as (b): the ratio compares like with like)
   (d) run_img_s:         a real engine.train_fold on the same cache (4/5 of the persons train, 1/5
                          validate): training images per second of its wall time, validation every
                          epoch, metrics and checkpoints included (`--run-epochs` epochs)
-  infer_img_s:           predict_probs over the test images with TTA views, soft-voted over folds
+  infer_img_s:           predict_probs over the decoded cache (the training images: the benchmark
+                         makes no test set) with TTA views, soft-voted over folds
                          (images per second, each image counted once for all folds and views)
 
 The JPEGs are drawn by mt's synthetic generator at the competition's 384x512 (width x height).
@@ -104,7 +106,7 @@ class NaiveFiles(Dataset):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 64 JPEGs, few steps")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 70 JPEGs, few steps")
     ap.add_argument("--model", default=None)
     ap.add_argument("--img-size", default=None, help="HxW, e.g. 256x192")
     ap.add_argument("--batch-size", type=int, default=None)
@@ -182,7 +184,7 @@ def main() -> None:
         for xb, yb in naive_loader:
             yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
 
-    naive = timed_epoch(cfg, heads, device, endless(naive_epoch), warmup, steps)
+    naive = timed_epoch(cfg, heads, device, endless(naive_epoch), warmup, steps, repeats)  # best of as many as (b)
 
     # (d) a real fold: train_fold with validation every epoch, metrics and checkpoints
     run_epochs = a.run_epochs or (1 if quick else 2)
