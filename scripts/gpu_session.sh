@@ -14,14 +14,17 @@
 # and, for the accuracy run, the faces, mask templates and tools of ../shared (32 MB, never committed):
 #   echo /.utk/ >> .git/info/exclude; mkdir -p .utk/data; cp -r ../shared/tools .utk/
 #   cp -r ../shared/data/utkface ../shared/data/mask_templates .utk/data/
-# Then, on the device (carry: [".whl", ".faces"]):
-#   bash scripts/gpu_session.sh check        # CUDA tests + the whole suite
-#   bash scripts/gpu_session.sh throughput   # bench_throughput at batch 128, and bench_cache
+# Then, on the device (carry: [".whl", ".utk"]; bench_cache reads .faces where it exists, else the
+# faces under .utk):
+#   bash scripts/gpu_session.sh throughput   # the CUDA tests, bench_throughput at batch 128, bench_cache
+#   bash scripts/gpu_session.sh accuracy     # issue 14's GPU target: the full real-face build,
+#       configs/competition.yaml from scratch with 7 minutes for all folds (TRAIN_LIMIT), held-out F1
+#   bash scripts/gpu_session.sh check        # the suite but the CUDA tests and tune (no optuna there)
 #   bash scripts/gpu_session.sh compile      # bench_throughput at batch 256 with torch.compile
 #   bash scripts/gpu_session.sh kfold 1      # 5 folds x 10 epochs, competition size, one fold at a time
 #   bash scripts/gpu_session.sh kfold 2      # the same, two folds at once
-#   bash scripts/gpu_session.sh accuracy     # issue 14's GPU target (carry: [".whl", ".utk"]): the full
-#       real-face build, configs/competition.yaml from scratch with 8 minutes for all folds, held-out F1
+# 15 minutes of device time hold the machine's start and the first two stages (about 3 and 9 minutes,
+# timeout_s 600 each); the others need a session of their own.
 set -euo pipefail
 stage=${1:?usage: scripts/gpu_session.sh check|throughput|compile|kfold JOBS|accuracy [extra --set overrides]}
 shift
@@ -38,14 +41,16 @@ mkdir -p "$data"
 
 case $stage in
 check)
-    python3 -m pytest -q tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
-    python3 -m pytest -q tests 2>&1 | tee "$out/tests.log"
+    # the CUDA tests run in `throughput`; tune needs optuna, which the device lacks
+    python3 -m pytest -q tests --ignore=tests/test_cuda.py --ignore=tests/test_tune.py 2>&1 | tee "$out/tests.log"
     ;;
 throughput)
+    # a failing CUDA test is a finding to bring back, not a reason to skip the benchmarks
+    python3 -m pytest -q tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log" || true
     python3 scripts/bench_throughput.py --data "$data" "$@" | tee "$out/throughput_b128.json"
-    if [ -d .faces ]; then
-        python3 scripts/bench_cache.py --faces .faces --n 1400 --workers 1 4 16 | tee "$out/cache.json"
-    fi
+    faces=.faces
+    [ -d "$faces" ] || faces=${UTK:-.utk}/data/utkface
+    python3 scripts/bench_cache.py --faces "$faces" --n 1400 --workers 1 4 16 | tee "$out/cache.json"
     ;;
 compile)
     python3 scripts/bench_throughput.py --data "$data" --batch-size 256 --compile "$@" | tee "$out/throughput_b256_compile.json"
@@ -57,12 +62,14 @@ kfold)
     ;;
 accuracy)
     # LIMIT=N builds from the first N faces only (a dry run on a CPU); TRAIN_LIMIT is mt train's budget,
-    # which leaves the build and the submission inside one 10-minute call
+    # which leaves the build, the start-ups, the decode and the submission (about 2 minutes) inside
+    # one 10-minute call
     utk=${UTK:-.utk}
+    rm -rf /tmp/utkmask /tmp/acc_run  # a second try on a warm machine starts over, not into the first's run
     python3 "$utk/tools/build_maskset.py" --faces "$utk/data/utkface" --out /tmp/utkmask --eval-frac 0.2 --seed 0 \
         ${LIMIT:+--limit "$LIMIT"} | tee "$out/build.txt"
     python3 scripts/study_row.py --data /tmp/utkmask --out /tmp/acc_run --config competition \
-        --score "$utk/tools/score.py" --set "train.time_limit_s=${TRAIN_LIMIT:-480}" "$@" | tee "$out/accuracy.json"
+        --score "$utk/tools/score.py" --set "train.time_limit_s=${TRAIN_LIMIT:-420}" "$@" | tee "$out/accuracy.json"
     cp /tmp/acc_run/round0/summary.json "$out/accuracy_summary.json"
     ;;
 *)
