@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_config
 from multitask.config import ConfigError, LossCfg, MixCfg
@@ -109,6 +110,18 @@ def test_mixed_targets_sum_to_one_per_head_and_follow_the_images(cfg):
         assert mt["aux_age"].shape == (8, 1)
 
 
+@pytest.mark.parametrize("cfg", [MixCfg(mixup_alpha=0.4), MixCfg(cutmix_alpha=1.0), MixCfg(mixup_alpha=0.4, cutmix_alpha=1.0)])
+def test_mixed_targets_are_the_shares_of_the_mixed_pictures(cfg):
+    # each picture is its mask label's one-hot colour: a mixed picture's mean colour is then exactly
+    # the share of each label in it, which its mixed target must be
+    mixer = BatchMixer(cfg, {"mask": 3, "age": 3})
+    for seed in range(5):
+        _, t = mix_inputs()
+        x = F.one_hot(t["mask"], 3).float()[:, :, None, None].expand(-1, -1, 16, 16).contiguous()
+        mx, mt = mixer(x, t, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(mx.mean((2, 3)), mt["mask"], atol=1e-5, rtol=0)
+
+
 def test_mixing_stops_after_its_epoch_and_is_seeded():
     mixer = BatchMixer(MixCfg(mixup_alpha=0.4, stop_epoch=2), {"mask": 3})
     assert mixer.active(0) and mixer.active(1) and not mixer.active(2)
@@ -134,12 +147,19 @@ def test_a_run_with_balance_and_mixing_trains(demo_root, tmp_path, monkeypatch):
         seen["class_weights"] = class_weights
         return real_loss(cfgs, extra, class_weights, partial)
 
+    class CountingMixer(engine.BatchMixer):
+        def __call__(self, *args, **kwargs):
+            seen["mixed"] = seen.get("mixed", 0) + 1
+            return super().__call__(*args, **kwargs)
+
     monkeypatch.setattr(engine, "TrainBatches", batches)
     monkeypatch.setattr(engine, "MultiHeadLoss", loss)
+    monkeypatch.setattr(engine, "BatchMixer", CountingMixer)
     cfg = tiny_config(demo_root, "train.fold=[0]", "train.sampler=class", "losses.age.class_weights=true",
                       "aug.mix.mixup_alpha=0.4", "aug.mix.cutmix_alpha=1.0")
     summary = train_run(cfg, tmp_path / "run")
     assert 0 <= summary["oof"]["f1"] <= 1
+    assert seen["mixed"] > 0  # the mixer reached the training batches
     # the epoch is drawn by final class (the fold's own rows), rarer classes more often
     f = seen["factors"]
     np.testing.assert_allclose(seen["draws"], sample_weights(TASK, HEADS, f, "class", 0.5))
