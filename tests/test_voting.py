@@ -59,10 +59,15 @@ def test_top_epochs_keeps_the_k_best_files_and_averages_them(tmp_path):
     assert again.kept == [(0.5, 1), (0.4, 2)]
 
 
-def test_a_run_with_hard_votes_zoom_tta_and_averaged_epochs(demo_root, tmp_path):
+def test_a_run_with_hard_votes_zoom_tta_and_averaged_epochs(demo_root, tmp_path, monkeypatch):
+    import multitask.kfold as kfold
+
+    loaded, real_load = [], kfold.load_model
+    monkeypatch.setattr(kfold, "load_model", lambda path, *a, **k: loaded.append(path.name) or real_load(path, *a, **k))
     cfg = tiny_config(demo_root, "train.epochs=3", "train.avg_top_k=2", "decide.vote=hard",
                       "aug.tta=[none, hflip, zoom, zoom_hflip]")
     train_run(cfg, tmp_path / "run")
+    assert loaded == ["avg.pt", "avg.pt"]  # each fold predicts with its averaged epochs
     run = RunDir(tmp_path / "run")
     for k in (0, 1):
         avg = torch.load(run.fold_dir(0, k) / "avg.pt", weights_only=True)
