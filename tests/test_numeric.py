@@ -169,14 +169,27 @@ def aux_run(tmp_path_factory):
                       "numeric.size.aux=regression", "numeric.size.soft_edge=2", "numeric.size.drop_near_edge=1",
                       "decide.offsets=factor")
     out = root / "run"
-    return root, out, train_run(cfg, out)
+    import multitask.engine as engine
+
+    trained, real_batches = [], engine.TrainBatches  # the rows each fold's training is handed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "TrainBatches", lambda c, images, targets, *a, **k:
+                   trained.append(len(targets)) or real_batches(c, images, targets, *a, **k))
+        summary = train_run(cfg, out)
+    return root, out, summary | {"trained_rows": trained}
 
 
 def test_the_auxiliary_head_is_trained_decided_and_applied(aux_run):
+    from multitask.context import reopen_context
+    from multitask.data.table import numeric_matrix
+
     root, out, summary = aux_run
     run = RunDir(out)
     oof = load_npz(run.round_dir(0) / "oof.npz")
     assert sorted(oof["rows"].tolist()) == list(range(36))  # OOF keeps the rows training left out
+    ctx = reopen_context(out, with_images=False)
+    kept = training_rows(ctx.task, ctx.cfg, numeric_matrix(ctx.table.train, ctx.task))
+    assert 0 < (~kept).sum() and summary["trained_rows"] == [int(((ctx.folds != k) & kept).sum()) for k in (0, 1)]
     assert oof["p_aux_size"].shape == (36, 1)
     decision = load_decision(run.round_dir(0))
     assert "size" in decision.blend and decision.sigma["size"] > 0 and len(decision.offsets) == 12
