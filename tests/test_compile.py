@@ -1,6 +1,7 @@
 """train.compile on the CPU: the torch.compile path runs in CI too (inductor's CPU backend), and a
 compiled fold learns what the eager fold learns. The CUDA variant is in tests/test_cuda.py."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +18,20 @@ pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", 
                                 reason="inductor's CPU backend needs a C++ compiler")
 
 
-def test_a_compiled_fold_matches_the_eager_fold(demo_root, tmp_path):
+def test_a_compiled_fold_matches_the_eager_fold(demo_root, tmp_path, monkeypatch):
+    import inspect
+
+    # who compiles: the training step (engine.py) as well as prediction, or the match proves nothing
+    callers, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, *a, **k:
+                        callers.append(Path(inspect.stack()[1].filename).name) or real_compile(model, *a, **k))
     common = (f"data.cache_dir={tmp_path / 'cache'}", "aug.backend=torch", "train.fold=[0]", "train.epochs=2")
     oof = {}
     for mode in ("false", "true"):
         out = tmp_path / f"compile_{mode}"
         train_run(tiny_config(demo_root, *common, f"train.compile={mode}"), out)
         oof[mode] = load_npz(RunDir(out).fold_dir(0, 0) / "oof.npz")
+        assert ("engine.py" in callers) == (mode == "true")
     eager, compiled = oof["false"], oof["true"]
     np.testing.assert_array_equal(eager["rows"], compiled["rows"])
     for name in ("p_mask", "p_gender", "p_age"):
