@@ -83,14 +83,14 @@ def test_a_resumed_study_does_not_repeat_its_first_trial(demo_root, tmp_path, mo
     assert trials[1].params != trials[0].params and trials[2].params not in (trials[0].params, trials[1].params)
 
 
-def suggested(*overrides):
+def suggested(*overrides, seed=0):
     """A trial's overrides on a config, and the config they make."""
     import optuna
 
     from multitask.tune import suggest
 
     base = load_config(None, list(overrides))
-    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
     sets = suggest(trial, base)
     return trial.params["aug_strength"], sets, load_config(None, [*overrides, *sets])
 
@@ -118,9 +118,11 @@ def test_augmentation_strength_scales_the_configs_own_albumentations():
 def test_a_trial_keeps_the_base_settings_it_does_not_tune():
     base = ["numeric.age={aux: ordinal, aux_weight: 3.0, train_bins: [30, 58], drop_near_edge: 1.0}",
             "aug.mix={prob: 0.1, stop_epoch: 10, switch_prob: 0.9}", "data.img_size=[36, 100]"]
-    _, sets, cfg = suggested(*base)
-    age = cfg.numeric["age"]
-    assert (age.aux_weight, age.train_bins, age.drop_near_edge) == (3.0, [30, 58], 1.0)  # tuned: aux, soft_edge
-    assert (cfg.aug.mix.stop_epoch, cfg.aug.mix.switch_prob) == (10, 0.9)  # tuned: the alphas and prob
-    scaled = any(o.startswith("data.img_size=") for o in sets)
-    assert cfg.data.img_size == ((48, 128) if scaled else (36, 100))  # 1.0 keeps the size as configured
+    sizes = set()
+    for seed in (0, 2):  # draws of scale 1.0 and 1.25
+        _, sets, cfg = suggested(*base, seed=seed)
+        age = cfg.numeric["age"]
+        assert (age.aux_weight, age.train_bins, age.drop_near_edge) == (3.0, [30, 58], 1.0)  # tuned: aux, soft_edge
+        assert (cfg.aug.mix.stop_epoch, cfg.aug.mix.switch_prob) == (10, 0.9)  # tuned: the alphas and prob
+        sizes.add(cfg.data.img_size)
+    assert sizes == {(36, 100), (48, 128)}  # 1.0 keeps the size as configured; 1.25 rounds to multiples of 8
