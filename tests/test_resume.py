@@ -44,8 +44,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(demo_root, tmp_path, mo
     assert torch.load(run.fold_dir(0, 1) / "last.pt", weights_only=True)["epochs_done"] == 1
     kept = (run.fold_dir(0, 0) / "oof.npz").stat().st_mtime_ns
 
+    epochs, real_epoch = [], engine.train_one_epoch
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: epochs.append(1) or real_epoch(*a, **k))
     summary = resume_run(killed)
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
     assert summary["folds_done"] == [0, 1]
+    assert len(epochs) == 2  # fold 1's second and third epochs: it carried on from last.pt, not from scratch
     assert (run.fold_dir(0, 0) / "oof.npz").stat().st_mtime_ns == kept  # the finished fold is not retrained
     for k in (0, 1):
         a = pd.read_csv(RunDir(full).fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
