@@ -74,9 +74,17 @@ def test_the_honest_estimate_fits_on_other_folds_only(monkeypatch):
     # probabilities that depend on the held-out fold (an ensemble's weights refitted without it)
     # are used for that fold, both to fit and to score
     fitted_on.clear()
-    shifted = lambda k: {**probs, "row": probs["row"] + 1000 * (k + 1)}  # noqa: E731
-    honest_scores(TASK, heads, probs, factors, {}, folds, cfg, probs_without=shifted)
+
+    def shifted(k):  # fold 1's probabilities made without it read every kind the other way round
+        return {**probs, "row": probs["row"] + 1000 * (k + 1), "kind": probs["kind"][:, ::-1] if k == 1 else probs["kind"]}
+
+    moved = honest_scores(TASK, heads, probs, factors, {}, folds, cfg, probs_without=shifted)
     assert [min(rows) // 1000 for rows in fitted_on] == [1, 2, 3]
+    for k in range(3):
+        fit, held = folds != k, folds == k
+        d = real_fit(TASK, heads, take(shifted(k), fit), factors[fit], {}, cfg)
+        classes[held] = decide_classes(TASK.combine(heads, take(shifted(k), held)), d.offsets)
+    assert moved["f1"] == macro_f1(TASK.encode(factors), classes, 6) < honest["f1"]
 
 
 def exceedance(num: np.ndarray) -> np.ndarray:
