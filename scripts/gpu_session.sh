@@ -23,7 +23,7 @@
 #   bash scripts/gpu_session.sh compile      # bench_throughput at batch 256 with torch.compile
 #   bash scripts/gpu_session.sh kfold 1      # 5 folds x 10 epochs, competition size, one fold at a time
 #   bash scripts/gpu_session.sh kfold 2      # the same, two folds at once
-# 15 minutes of device time hold the machine's start and the first two stages (about 3 and 9 minutes,
+# 15 minutes of device time hold the machine's start and the first two stages (a few minutes, and about 9,
 # timeout_s 600 each); the others need a session of their own.
 set -euo pipefail
 stage=${1:?usage: scripts/gpu_session.sh check|throughput|compile|kfold JOBS|accuracy [extra --set overrides]}
