@@ -164,7 +164,7 @@ def main() -> None:
     # (a) the model alone on one batch of real images already on the device, as floats: random
     # noise is not a fair stand-in (on the CPU it trains about 20% slower than faces do). The batch
     # keeps the cache's pixel-major layout, as mt's batches do (channels_last strides): on the CPU a
-    # contiguous NCHW copy trains about 20% slower, and the bound fell below the pipeline
+    # contiguous NCHW copy trains a fifth to a third slower, and the bound fell below the pipeline
     rows = np.arange(batch) % len(images)
     x = torch.as_tensor(images[rows]).permute(0, 3, 1, 2).float().div(255).to(device)
     y = torch.as_tensor(factors[rows], device=device)
