@@ -62,13 +62,12 @@ class FactorCfg(_Strict):
             raise ValueError(f"factor {self.name!r}: bins must be a non-empty increasing list, e.g. [30, 60]")
         if not self.name or self.name == "class" or "," in self.name:
             raise ValueError(f"factor name {self.name!r} is not allowed (empty, 'class', or with a comma)")
-        if self.name in RESERVED_NAMES:
-            raise ValueError(f"factor name {self.name!r} is reserved for a column of the image table or its "
-                             f"outputs ({', '.join(RESERVED_NAMES)}); give it another name, with "
-                             f"column: {self.column or self.name} to keep reading that column")
-        if (self.name + "_").startswith(AUX_PREFIX):
-            raise ValueError(f"factor name {self.name!r} is reserved: names starting {AUX_PREFIX!r} are the "
-                             f"auxiliary outputs of numeric factors; give it another name, with "
+        taken = (f"for a column of the image table or its outputs ({', '.join(RESERVED_NAMES)})"
+                 if self.name in RESERVED_NAMES else
+                 f"(names starting {AUX_PREFIX!r} are the auxiliary outputs of numeric factors)"
+                 if (self.name + "_").startswith(AUX_PREFIX) else None)
+        if taken:
+            raise ValueError(f"factor name {self.name!r} is reserved {taken}; give it another name, with "
                              f"column: {self.column or self.name} to keep reading that column")
         return self
 
