@@ -27,6 +27,7 @@ from multitask.data.table import factor_values, numeric_matrix, numeric_values
 from multitask.decide import decide_round, is_active
 from multitask.device import resolve_device
 from multitask.engine import FoldData, train_fold
+from multitask.labels import Task
 from multitask.metrics import score_probs
 from multitask.model import check_model
 from multitask.numeric import training_rows
@@ -359,16 +360,16 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
         kept = None if force else dist.on_main(epochs_of_run, run, cfg, say)
         cfg = kept if kept is not None else fit_epochs(cfg, table, images,
                                                        dist.device_for(resolve_device(cfg.train.device)), progress, say)
-    dist.on_main(claim_and_open, run, cfg, force, table, images)
+    dist.on_main(claim_and_open, run, cfg, task, force, table, images)
     ctx = open_context(run, cfg, progress, table, images)
     return train_round(ctx, 0, progress=progress, on_epoch=on_epoch) | {"skipped": len(table.skipped)}
 
 
-def claim_and_open(run: RunDir, cfg: Config, force: bool, table, images) -> None:
+def claim_and_open(run: RunDir, cfg: Config, task: Task, force: bool, table, images) -> None:
     """What `mt train` writes before the first fold: config.yaml, skipped.csv and folds.csv. The folds
     are made first, so that data they cannot be made from leaves the directory as it was."""
     new_folds = force or not run.folds.exists()
-    folds = make_folds(table.train, build_task(cfg)[0], cfg.train.folds, cfg.train.fold_seed) if new_folds else None
+    folds = make_folds(table.train, task, cfg.train.folds, cfg.train.fold_seed) if new_folds else None
     claim_run_dir(run, cfg, force)
     if folds is not None:
         atomic_write_text(run.folds, folds.to_csv(index=False))
