@@ -1,11 +1,16 @@
 """`mt train --time-limit`: fit the epochs to a time budget, so that a user with a deadline gets a
 finished run rather than a killed one.
 
-One real epoch of the first fold (the same data, model, validation, checkpoints and OOF/test
-prediction) runs in a scratch folder and is timed; the epochs per fold are then the most that fit
-what is left of the budget, never more than configured. The estimate counts the per-fold prediction
-in every epoch, and `--jobs` workers that share a device as one after another, so it errs on the
-short side.
+Two real epochs of the first fold (the same data, model, validation, checkpoints and OOF/test
+prediction) run in a scratch folder and are timed apart: the first epoch with the fold's set-up, a
+second one, and the prediction. The first carries the process's one-off costs (on a GPU, probably
+CUDA's lazy start and cuDNN's algorithm search for each new shape: on an H200 a probe of one epoch
+once took about 100 s where each later fold, epoch and prediction, took 11 s, and a 180-s budget
+left one epoch of ten; docs/PERFORMANCE.md), so the later folds are reckoned at the second epoch's
+time and the prediction's. The epochs per fold are the most that fit what is left of the budget,
+a tenth of it kept for each fold's own set-up, which is not timed apart; never more than
+configured. `--jobs` workers that share a device count as one after another, so the estimate errs
+on the short side.
 
 A run directory that already holds a run (`--fold K` from another shell) is not measured again: it
 trains the epochs its config.yaml records (kfold.train_run), or it would be refused for other settings.
@@ -44,9 +49,40 @@ def folds_in_turn(folds: int, jobs: int, devices: int) -> int:
     return math.ceil(folds / max(1, min(jobs, devices)))
 
 
-def epochs_that_fit(budget_s: float, epoch_s: float, in_turn: int) -> int:
-    """Epochs per fold that fit what is left of the budget after the probe epoch (0: not one)."""
-    return int((budget_s - epoch_s) // (in_turn * epoch_s)) if budget_s > epoch_s else 0
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What the probe fold took, in seconds: all of it, its second epoch (training, validation and
+    the checkpoints) and its prediction after the last epoch."""
+    total_s: float
+    epoch_s: float
+    predict_s: float
+
+
+KEPT = 0.1  # of the budget, for each fold's own set-up (model, batches), which the probe does not time apart
+
+
+def epochs_that_fit(budget_s: float, probe: Probe, in_turn: int) -> int:
+    """Epochs per fold that fit what the probe left of the budget (0: not one)."""
+    per_fold = ((1 - KEPT) * budget_s - probe.total_s) / in_turn - probe.predict_s
+    return int(per_fold // probe.epoch_s) if per_fold > 0 else 0
+
+
+def run_probe(cfg: Config, table, images, device, progress=None) -> Probe:
+    """Train two epochs of the first fold in a scratch folder, timing the second epoch apart."""
+    from multitask.context import open_context
+    from multitask.kfold import train_round_fold
+
+    probe = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})})
+    ends = []  # each epoch's end, after its validation (rank 0 alone validates)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mt-probe-") as scratch:
+        ctx = open_context(RunDir(scratch), probe, progress, table, images)
+        first = cfg.train.fold[0] if cfg.train.fold else 0
+        train_round_fold(dataclasses.replace(ctx, cfg=probe), 0, first, device, progress,
+                         on_epoch=lambda *_: ends.append(time.perf_counter()))
+        t1 = time.perf_counter()
+    # the second epoch's span holds the first one's checkpoint writes, the prediction's the second's
+    return dist.broadcast(Probe(t1 - t0, ends[1] - ends[0], t1 - ends[1]) if dist.is_main() else None)
 
 
 def epochs_of_run(run: RunDir, cfg: Config, say=print) -> Config | None:
@@ -68,23 +104,19 @@ def epochs_of_run(run: RunDir, cfg: Config, say=print) -> Config | None:
 
 def fit_epochs(cfg: Config, table, images, device, progress=None, say=print) -> Config:
     """`cfg` with train.epochs lowered to what fits train.time_limit_s (measured), and a line saying so."""
-    from multitask.context import open_context
-    from multitask.kfold import train_round_fold, worker_devices
+    from multitask.kfold import worker_devices
 
     budget = cfg.train.time_limit_s
-    t0 = time.perf_counter()
-    probe = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
-    with tempfile.TemporaryDirectory(prefix="mt-probe-") as scratch:
-        ctx = open_context(RunDir(scratch), probe, progress, table, images)
-        first = cfg.train.fold[0] if cfg.train.fold else 0
-        train_round_fold(dataclasses.replace(ctx, cfg=probe), 0, first, device, progress)
-    epoch_s = dist.broadcast(time.perf_counter() - t0)
+    if cfg.train.epochs == 1:
+        say(f"time limit {budget:.0f} s: one epoch per fold is configured, the least there is: not measured")
+        return cfg
+    probe = run_probe(cfg, table, images, device, progress)
     folds = len(cfg.train.fold) if cfg.train.fold is not None else cfg.train.folds
     in_turn = folds_in_turn(folds, cfg.train.jobs, len(set(worker_devices(cfg.train.device))))
-    fits = epochs_that_fit(budget, epoch_s, in_turn)
+    fits = epochs_that_fit(budget, probe, in_turn)
     epochs = max(1, min(cfg.train.epochs, fits))
-    line = (f"time limit {budget:.0f} s: one epoch with its validation and prediction takes {epoch_s:.1f} s, "
-            f"{in_turn} fold(s) one after another: ")
+    line = (f"time limit {budget:.0f} s: a probe of two epochs took {probe.total_s:.1f} s, of which an epoch "
+            f"{probe.epoch_s:.1f} s and the prediction {probe.predict_s:.1f} s; {in_turn} fold(s) one after another: ")
     if epochs < cfg.train.epochs:
         line += f"training {epochs} epochs per fold instead of {cfg.train.epochs}"
         line += "" if fits >= 1 else " (the least there is: the budget is shorter than one epoch per fold)"

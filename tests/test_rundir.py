@@ -394,16 +394,62 @@ def test_time_limit_fits_the_epochs_and_says_so(demo_root, tmp_path):
 def test_time_limit_counts_workers_that_share_a_device_as_one_after_another():
     """--jobs 2 on the CPU (threads split between the workers) or on one GPU does not halve the
     time: the estimate may err short, never long."""
-    from multitask.budget import epochs_that_fit, folds_in_turn
+    from multitask.budget import Probe, epochs_that_fit, folds_in_turn
 
     assert folds_in_turn(5, jobs=1, devices=1) == 5
     assert folds_in_turn(5, jobs=2, devices=1) == 5  # one CPU or one GPU: once counted as 3
     assert folds_in_turn(5, jobs=2, devices=4) == 3 and folds_in_turn(5, jobs=4, devices=2) == 3
     assert folds_in_turn(5, jobs=8, devices=8) == 1 and folds_in_turn(2, jobs=0, devices=1) == 2
-    # a 10-minute budget, 10 s epochs, one probe epoch first: 590 s for 5 folds in turn
-    assert epochs_that_fit(600, 10, folds_in_turn(5, 2, 1)) == 11
-    assert epochs_that_fit(600, 10, folds_in_turn(5, 2, 2)) == 19
-    assert epochs_that_fit(5, 10, 1) == 0
+    # a 10-minute budget, 10 s epochs, a probe of 25 s, 5 s of prediction a fold: a tenth of the
+    # budget is kept, (540 - 25) s are left for 5 folds in turn, or 3 for 3
+    probe = Probe(total_s=25, epoch_s=10, predict_s=5)
+    assert epochs_that_fit(600, probe, folds_in_turn(5, 2, 1)) == (515 / 5 - 5) // 10 == 9
+    assert epochs_that_fit(600, probe, folds_in_turn(5, 2, 2)) == (515 / 3 - 5) // 10 == 16
+    assert epochs_that_fit(20, probe, 1) == 0
+
+
+def test_time_limit_reckons_the_folds_at_a_steady_epoch_not_the_first():
+    """On an H200 the first epoch of a process took about 100 s where each later fold, epoch and
+    prediction, took about 11 s; reckoned at the first epoch, a 600-s budget for the competition's
+    5 folds left one epoch of ten. The probe's second epoch is the measure."""
+    from multitask.budget import Probe, epochs_that_fit
+
+    probe = Probe(total_s=100 + 9 + 2, epoch_s=9, predict_s=2)
+    assert epochs_that_fit(600, probe, 5) == 9
+    first_epoch_as_measure = Probe(total_s=100, epoch_s=100, predict_s=0)  # the old one-epoch probe
+    assert epochs_that_fit(600, first_epoch_as_measure, 5) == 0
+
+
+def test_time_limit_probe_trains_two_epochs_and_times_the_second(demo_root, tmp_path, monkeypatch):
+    import torch
+
+    import multitask.budget as budget
+    import multitask.kfold as kfold
+    from multitask.context import build_task, load_images, read_checked
+
+    trained = []
+    real = kfold.train_round_fold
+
+    def spy(ctx, r, k, device, progress=None, resume=False, on_epoch=None):
+        trained.append(ctx.cfg.train.epochs)
+        real(ctx, r, k, device, progress, resume, on_epoch)
+    monkeypatch.setattr(kfold, "train_round_fold", spy)
+    said = []
+    cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=4", "train.time_limit_s=3600",
+                      "decide.subjects=null")
+    task, _ = build_task(cfg)
+    table = read_checked(cfg, task)
+    probe = budget.run_probe(cfg, table, load_images(cfg, table), torch.device("cpu"))
+    assert trained == [2]  # the probe: two epochs of the first fold
+    assert 0 < probe.epoch_s < probe.total_s and 0 < probe.predict_s < probe.total_s
+    assert probe.epoch_s + probe.predict_s < probe.total_s
+    fitted = budget.fit_epochs(cfg, table, load_images(cfg, table), torch.device("cpu"), say=said.append)
+    assert fitted.train.epochs == 4 and "a probe of two epochs took" in said[0] and "all 4 epochs" in said[0]
+    # one epoch configured: nothing to fit, nothing trained
+    trained.clear()
+    one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    assert budget.fit_epochs(one, table, None, torch.device("cpu"), say=said.append).train.epochs == 1
+    assert trained == [] and "not measured" in said[-1]
 
 
 def test_time_limit_with_fold_k_into_a_run_keeps_its_epochs(demo_root, tmp_path, monkeypatch):
