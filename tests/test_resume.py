@@ -311,3 +311,39 @@ def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
         assert live.exists() and elsewhere.exists()
         assert not dead.exists() and not unnamed.exists() and not odd.exists()
     assert (fold / "last.pt").read_bytes() == b"x" and not live.exists()
+
+
+def test_the_ema_averages_the_trained_weights_without_the_first_steps_lingering():
+    """timm's EMA copies step 1's weights and keeps decay**(T - 1) of them to the end; the one mt
+    trains with weights step i by decay**(T - i), renormalised, as Adam corrects its moments."""
+    from timm.utils import ModelEmaV3
+
+    from multitask.engine import BiasCorrectedEma
+
+    d, steps = 0.9, 30
+    weights = [1000.0] + [float(i) for i in range(2, steps + 1)]  # step 1: barely off a random start
+
+    def ema_after(kind) -> float:
+        model = torch.nn.Linear(1, 1, bias=False)
+        ema = kind(model, decay=d)
+        for step, w in enumerate(weights, start=1):
+            with torch.no_grad():
+                model.weight.fill_(w)
+            ema.update(model, step=step)
+        return ema.module.weight.item()
+
+    share = np.array([d ** (steps - i) for i in range(1, steps + 1)])
+    assert ema_after(BiasCorrectedEma) == pytest.approx(float(share @ weights / share.sum()), rel=1e-5)
+    plain = d ** (steps - 1) * weights[0] + (1 - d) * float(share[1:] @ weights[1:])
+    assert ema_after(ModelEmaV3) == pytest.approx(plain, rel=1e-5)
+    # step 1 weighs (1 - d) d^29 / (1 - d^30) = 0.5% of the average, not d^29 = 4.7%
+    assert ema_after(BiasCorrectedEma) < 30 < ema_after(ModelEmaV3) - 10
+
+
+def test_training_keeps_the_bias_corrected_ema(demo_root):
+    from multitask.context import build_task
+    from multitask.engine import BiasCorrectedEma, build_training
+
+    cfg = tiny_config(demo_root, "train.ema=true")
+    task, heads = build_task(cfg)
+    assert isinstance(build_training(cfg, task, heads, torch.device("cpu"), steps_per_epoch=4).ema, BiasCorrectedEma)
