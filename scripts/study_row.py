@@ -9,7 +9,9 @@ this script trains): the OOF macro F1 (final class and per factor) as argmax, an
 a decision (decide: / numeric aux), in-sample and fold-honest; the held-out macro F1 from
 ../shared/tools/score.py of the submission (with the run's decision) and of the plain argmax of the
 same voted probabilities, and of a hard vote of the folds (same models, same TTA); wall time of
-`mt train` and the hardware. `--score-only` re-scores a finished run without training it.
+`mt train` and the hardware, and the epochs the run trained (fewer than configured under a time
+limit; mt train's output is kept in OUT/train.log). `--score-only` re-scores a finished run without
+training it.
 """
 import argparse
 import json
@@ -69,8 +71,13 @@ def main() -> None:
     train_s = None
     if not a.score_only:
         t0 = time.perf_counter()
-        subprocess.run(mt + cmd, check=True, stdout=subprocess.DEVNULL)
+        said = subprocess.run(mt + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         train_s = round(time.perf_counter() - t0, 1)
+        # what mt train said (the time limit's reckoning among it) stays with the run
+        if a.out.is_dir():
+            (a.out / "train.log").write_text(said.stdout)
+        if said.returncode:
+            sys.exit(f"mt train failed ({said.returncode}):\n{said.stdout[-4000:]}")
 
     from multitask.kfold import load_round_test_probs, reopen_context
     from multitask.predict import vote
@@ -93,7 +100,7 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL)
         submitted = score(a.data / "answers.csv", submission, a.score)
     row = {
-        "name": a.out.name, "command": "mt " + " ".join(cmd), "round": r,
+        "name": a.out.name, "command": "mt " + " ".join(cmd), "round": r, "epochs": ctx.cfg.train.epochs,
         "oof": {k: round(v, 4) for k, v in summary["oof"].items() if k.startswith("f1")},
         "held_out": submitted,
         "held_out_argmax": held_out(probs),
