@@ -71,7 +71,8 @@ def main() -> None:
     train_s = None
     if not a.score_only:
         t0 = time.perf_counter()
-        said = subprocess.run(mt + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        said = subprocess.run(mt + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=os.environ | {"COLUMNS": "200"})  # rich wraps at 80 columns otherwise
         train_s = round(time.perf_counter() - t0, 1)
         # what mt train said (the time limit's reckoning among it) stays with the run
         if a.out.is_dir():
