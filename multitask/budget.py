@@ -115,8 +115,9 @@ def fit_epochs(cfg: Config, table, images, device, progress=None, say=print) -> 
     in_turn = folds_in_turn(folds, cfg.train.jobs, len(set(worker_devices(cfg.train.device))))
     fits = epochs_that_fit(budget, probe, in_turn)
     epochs = max(1, min(cfg.train.epochs, fits))
-    line = (f"time limit {budget:.0f} s: a probe of two epochs took {probe.total_s:.1f} s, of which an epoch "
-            f"{probe.epoch_s:.1f} s and the prediction {probe.predict_s:.1f} s; {in_turn} fold(s) one after another: ")
+    line = (f"time limit {budget:.0f} s: a probe of two epochs took {probe.total_s:.1f} s: the set-up and first "
+            f"epoch {probe.total_s - probe.epoch_s - probe.predict_s:.1f} s, the second {probe.epoch_s:.1f} s, the "
+            f"prediction {probe.predict_s:.1f} s; {in_turn} fold(s) one after another: ")
     if epochs < cfg.train.epochs:
         line += f"training {epochs} epochs per fold instead of {cfg.train.epochs}"
         line += "" if fits >= 1 else " (the least there is: the budget is shorter than one epoch per fold)"

@@ -311,14 +311,16 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
             continue
 
         eval_model = ema.module if ema is not None else model
+        t1 = time.perf_counter()
         probs = predict_probs(eval_model, data.val_images, cfg, device, views=["none"])
         scores = score_probs(task, heads, probs, data.val_factors)
+        validate_s = time.perf_counter() - t1
         number = epoch + 1  # epochs are counted from 1 everywhere a person reads them
         row = {"epoch": number, "lr": scheduler.get_last_lr()[0], "train_loss": loss_sums["loss"] / seen}
         row |= {f"loss_{name}": loss_sums[name] / seen for name in criterion.fns}
         row |= {f"val_{k}": v for k, v in scores.items()}
         row |= {f"val_nll_{k}": v for k, v in heads_nll(heads, probs, data.val_factors).items()}
-        row |= {"train_img_s": seen / train_s, "train_id": train_id}
+        row |= {"train_img_s": seen / train_s, "train_s": train_s, "validate_s": validate_s, "train_id": train_id}
         rows.append(row)
         atomic_write_text(out_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
         if on_epoch is not None:

@@ -79,6 +79,7 @@ accuracy)
     cp /tmp/acc_run/round0/summary.json "$out/accuracy_summary.json"
     cp /tmp/acc_run/config.yaml "$out/accuracy_config.yaml"
     cp /tmp/acc_run/train.log "$out/accuracy_train.log"  # the time limit's reckoning among it
+    cp /tmp/acc_run/round0/fold0/metrics.csv "$out/accuracy_fold0_metrics.csv"  # each epoch's train_s and validate_s
     ;;
 *)
     echo "unknown stage: $stage" >&2

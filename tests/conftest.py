@@ -1,3 +1,4 @@
+import pandas as pd
 import pytest
 import torch
 
@@ -28,6 +29,12 @@ def tiny_config(root, *overrides):
     return load_config(None, [
         f"data_root={root}", "train.device=cpu", "model.backbone=test_efficientnet", "data.img_size=[32, 32]",
         "train.folds=2", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=64", *overrides])
+
+
+def metrics_of(path):
+    """A fold's metrics.csv without what differs between two identical trainings: the timings and the
+    training's id."""
+    return pd.read_csv(path).drop(columns=["train_img_s", "train_s", "validate_s", "train_id"])
 
 
 def torchrun_cli(tmp_path, device: str, timeout: int):

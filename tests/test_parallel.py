@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import one_and_two_ranks, tiny_config, torchrun_cli
+from conftest import metrics_of, one_and_two_ranks, tiny_config, torchrun_cli
 from multitask.kfold import train_run
 from multitask.model import CheckpointError
 from multitask.parallel import RelayProgress, _show
@@ -13,7 +13,7 @@ from multitask.run import RunDir, load_npz
 
 
 def _metrics(out, r, k):
-    return pd.read_csv(RunDir(out).fold_dir(r, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
+    return metrics_of(RunDir(out).fold_dir(r, k) / "metrics.csv")
 
 
 def test_two_jobs_give_what_one_gives(demo_root, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from conftest import metrics_of, tiny_config
 from multitask.cli import app
 from multitask.config import ConfigError
 from multitask.kfold import train_run
@@ -32,6 +32,9 @@ def test_train_writes_the_run_directory(trained, demo_root):
         metrics = pd.read_csv(run.fold_dir(0, k) / "metrics.csv")
         assert {"val_f1", "val_f1_mask", "val_f1_gender", "val_f1_age"} <= set(metrics.columns)
         assert len(metrics) == 3
+        # each epoch's training and validation times apart: a first epoch slow with one-off costs shows
+        assert (metrics["train_s"] > 0).all() and (metrics["validate_s"] > 0).all()
+        assert metrics["train_img_s"].mul(metrics["train_s"]).round().nunique() == 1  # the same images each epoch
         # best.pt is the first epoch with the highest combined macro F1, not the best accuracy or loss
         best = torch.load(run.fold_dir(0, k) / "best.pt", weights_only=True)
         # epochs count from 1 in metrics.csv, the checkpoints, the summary and the console alike
@@ -65,8 +68,8 @@ def test_train_is_deterministic_on_cpu(trained, demo_root, tmp_path):
     again = tmp_path / "again"
     train_run(tiny_config(demo_root, f"data.cache_dir={out.parent / 'cache'}", "train.epochs=3"), again)
     for k in (0, 1):
-        a = pd.read_csv(RunDir(out).fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
-        b = pd.read_csv(RunDir(again).fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
+        a = metrics_of(RunDir(out).fold_dir(0, k) / "metrics.csv")
+        b = metrics_of(RunDir(again).fold_dir(0, k) / "metrics.csv")
         pd.testing.assert_frame_equal(a, b)
 
 

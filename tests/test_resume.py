@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import multitask.engine as engine
-from conftest import tiny_config
+from conftest import metrics_of, tiny_config
 from multitask.cli import app
 from multitask.config import ConfigError
 from multitask.kfold import resume_run, train_run
@@ -52,8 +52,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(demo_root, tmp_path, mo
     assert len(epochs) == 2  # fold 1's second and third epochs: it carried on from last.pt, not from scratch
     assert (run.fold_dir(0, 0) / "oof.npz").stat().st_mtime_ns == kept  # the finished fold is not retrained
     for k in (0, 1):
-        a = pd.read_csv(RunDir(full).fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
-        b = pd.read_csv(run.fold_dir(0, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
+        a = metrics_of(RunDir(full).fold_dir(0, k) / "metrics.csv")
+        b = metrics_of(run.fold_dir(0, k) / "metrics.csv")
         pd.testing.assert_frame_equal(a, b)
         assert pd.read_csv(run.fold_dir(0, k) / "metrics.csv")["train_id"].nunique() == 1  # one training, resumed
         wa = torch.load(RunDir(full).fold_dir(0, k) / "best.pt", weights_only=True)["model"]
@@ -186,8 +186,8 @@ def test_sigkill_at_several_points_then_resume_ends_where_an_uninterrupted_run_e
 
     for r in (0, 1):
         for k in (0, 1):
-            a = pd.read_csv(RunDir(full).fold_dir(r, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
-            b = pd.read_csv(RunDir(killed).fold_dir(r, k) / "metrics.csv").drop(columns=["train_img_s", "train_id"])
+            a = metrics_of(RunDir(full).fold_dir(r, k) / "metrics.csv")
+            b = metrics_of(RunDir(killed).fold_dir(r, k) / "metrics.csv")
             pd.testing.assert_frame_equal(a, b)
         oa, ob = load_npz(RunDir(full).round_dir(r) / "oof.npz"), load_npz(RunDir(killed).round_dir(r) / "oof.npz")
         for name in ("p_mask", "p_gender", "p_age"):
