@@ -7,10 +7,11 @@ second one, and the prediction. The first carries the process's one-off costs (o
 CUDA's lazy start and cuDNN's algorithm search for each new shape: on an H200 a probe of one epoch
 once took about 100 s where each later fold, epoch and prediction, took 11 s, and a 180-s budget
 left one epoch of ten; docs/PERFORMANCE.md), so the later folds are reckoned at the second epoch's
-time and the prediction's. The epochs per fold are the most that fit what is left of the budget,
-a tenth of it kept for each fold's own set-up, which is not timed apart; never more than
-configured. `--jobs` workers that share a device count as one after another, so the estimate errs
-on the short side.
+time and the prediction's; `--jobs` workers, each a fresh process, pay the first epoch's extra once
+more each. The epochs per fold are the most that fit what is left of the budget, a tenth of it kept
+back for what the probe does not time (each fold's set-up, the end of the round); never more than
+configured. Workers that share a device count as one after another, so the estimate errs on the
+short side.
 
 A run directory that already holds a run (`--fold K` from another shell) is not measured again: it
 trains the epochs its config.yaml records (kfold.train_run), or it would be refused for other settings.
@@ -57,14 +58,27 @@ class Probe:
     epoch_s: float
     predict_s: float
 
+    @property
+    def one_off_s(self) -> float:
+        """What the set-up and first epoch took beyond a steady epoch: paid again by a fresh process."""
+        return max(0.0, self.total_s - self.predict_s - 2 * self.epoch_s)
 
-KEPT = 0.1  # of the budget, for each fold's own set-up (model, batches), which the probe does not time apart
+
+KEPT = 0.1  # of the budget, for what the probe does not time (each fold's set-up, the end of the round)
 
 
-def epochs_that_fit(budget_s: float, probe: Probe, in_turn: int) -> int:
-    """Epochs per fold that fit what the probe left of the budget (0: not one)."""
-    per_fold = ((1 - KEPT) * budget_s - probe.total_s) / in_turn - probe.predict_s
+def epochs_that_fit(budget_s: float, probe: Probe, in_turn: int, restarts: int = 0) -> int:
+    """Epochs per fold that fit what the probe left of the budget (0: not one); `restarts`: fresh
+    processes (`--jobs` workers) one after another, each paying the one-off costs again."""
+    left = (1 - KEPT) * budget_s - probe.total_s - restarts * probe.one_off_s
+    per_fold = left / in_turn - probe.predict_s
     return int(per_fold // probe.epoch_s) if per_fold > 0 else 0
+
+
+def restarts_in_turn(folds: int, jobs: int, devices: int) -> int:
+    """How many `--jobs` workers start one after another, as folds_in_turn counts them (0: the folds
+    train in this process)."""
+    return math.ceil(min(jobs, folds) / max(1, devices)) if jobs > 1 and folds > 1 else 0
 
 
 def run_probe(cfg: Config, table, images, device, progress=None) -> Probe:
@@ -112,8 +126,9 @@ def fit_epochs(cfg: Config, table, images, device, progress=None, say=print) -> 
         return cfg
     probe = run_probe(cfg, table, images, device, progress)
     folds = len(cfg.train.fold) if cfg.train.fold is not None else cfg.train.folds
-    in_turn = folds_in_turn(folds, cfg.train.jobs, len(set(worker_devices(cfg.train.device))))
-    fits = epochs_that_fit(budget, probe, in_turn)
+    devices = len(set(worker_devices(cfg.train.device)))
+    in_turn = folds_in_turn(folds, cfg.train.jobs, devices)
+    fits = epochs_that_fit(budget, probe, in_turn, restarts_in_turn(folds, cfg.train.jobs, devices))
     epochs = max(1, min(cfg.train.epochs, fits))
     line = (f"time limit {budget:.0f} s: a probe of two epochs took {probe.total_s:.1f} s: the set-up and first "
             f"epoch {probe.total_s - probe.epoch_s - probe.predict_s:.1f} s, the second {probe.epoch_s:.1f} s, the "

@@ -210,7 +210,7 @@ class TrainCfg(_Strict):
     fold_seed: int = Field(0, ge=0)
     # every metrics.csv figure also as TensorBoard scalars under each fold's tb/ (`tensorboard --logdir RUN`)
     tensorboard: bool = False
-    # fit the epochs to this many seconds for the whole round (measured on one epoch; only ever fewer)
+    # fit the epochs to this many seconds for the whole round (measured on two epochs; only ever fewer)
     time_limit_s: float | None = Field(None, gt=0)
     # average the weights of the fold's k best epochs (by validation macro F1) into avg.pt, which then
     # makes the fold's OOF and test predictions; 0 keeps the single best epoch
@@ -224,6 +224,8 @@ class TrainCfg(_Strict):
     def _folds_in_range(self):
         if self.fold is not None and any(not 0 <= k < self.folds for k in self.fold):
             raise ValueError(f"fold {self.fold} out of range for {self.folds} folds")
+        if self.fold == []:
+            raise ValueError("fold [] trains nothing: name at least one fold, or leave it out for all")
         return self
 
 

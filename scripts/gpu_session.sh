@@ -74,12 +74,16 @@ accuracy)
     rm -rf /tmp/utkmask /tmp/acc_run  # a second try on a warm machine starts over, not into the first's run
     python3 "$utk/tools/build_maskset.py" --faces "$utk/data/utkface" --out /tmp/utkmask --eval-frac 0.2 --seed 0 \
         ${LIMIT:+--limit "$LIMIT"} | tee "$out/build.txt"
+    status=0
     python3 scripts/study_row.py --data /tmp/utkmask --out /tmp/acc_run --config competition \
-        --score "$utk/tools/score.py" --set "train.time_limit_s=${TRAIN_LIMIT:-420}" "$@" | tee "$out/accuracy.json"
-    cp /tmp/acc_run/round0/summary.json "$out/accuracy_summary.json"
-    cp /tmp/acc_run/config.yaml "$out/accuracy_config.yaml"
-    cp /tmp/acc_run/train.log "$out/accuracy_train.log"  # the time limit's reckoning among it
-    cp /tmp/acc_run/round0/fold0/metrics.csv "$out/accuracy_fold0_metrics.csv"  # each epoch's train_s and validate_s
+        --score "$utk/tools/score.py" --set "train.time_limit_s=${TRAIN_LIMIT:-420}" "$@" | tee "$out/accuracy.json" \
+        || status=$?
+    # whatever the run left, a failed one too: the log says why, config.yaml the epochs it trained
+    cp /tmp/acc_run/round0/summary.json "$out/accuracy_summary.json" || true
+    cp /tmp/acc_run/config.yaml "$out/accuracy_config.yaml" || true
+    cp /tmp/acc_run/train.log "$out/accuracy_train.log" || true  # the time limit's reckoning among it
+    cp /tmp/acc_run/round0/fold0/metrics.csv "$out/accuracy_fold0_metrics.csv" || true  # train_s, validate_s
+    exit "$status"
     ;;
 *)
     echo "unknown stage: $stage" >&2

@@ -45,6 +45,19 @@ def score_classes(data: Path, ids, classes, metric: Path = SCORE) -> dict:
         return score(data / "answers.csv", path, metric)
 
 
+def train_logged(command: list[str]) -> subprocess.Popen:
+    """Run `command`, passing its output on to stderr as it comes (a run killed by a timeout still
+    leaves what it said) and keeping its lines in `.lines`."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"COLUMNS": "200"})  # rich wraps at 80 columns otherwise
+    proc.lines = []
+    for line in proc.stdout:
+        sys.stderr.write(line)
+        proc.lines.append(line)
+    proc.wait()
+    return proc
+
+
 def hardware() -> str:
     import torch
 
@@ -71,14 +84,15 @@ def main() -> None:
     train_s = None
     if not a.score_only:
         t0 = time.perf_counter()
-        said = subprocess.run(mt + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=os.environ | {"COLUMNS": "200"})  # rich wraps at 80 columns otherwise
+        said = train_logged(mt + cmd)
         train_s = round(time.perf_counter() - t0, 1)
         # what mt train said (the time limit's reckoning among it) stays with the run
         if a.out.is_dir():
-            (a.out / "train.log").write_text(said.stdout)
+            from multitask.run import atomic_write_text
+
+            atomic_write_text(a.out / "train.log", "".join(said.lines))
         if said.returncode:
-            sys.exit(f"mt train failed ({said.returncode}):\n{said.stdout[-4000:]}")
+            sys.exit(f"mt train failed ({said.returncode}); its output is above")
 
     from multitask.kfold import load_round_test_probs, reopen_context
     from multitask.predict import vote

@@ -34,6 +34,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["model.sharing=both"], "model.sharing"),
     (["losses.mask.name=hinge"], "losses.mask.name"),
     (["train.fold=[7]"], "fold \\[7\\] out of range"),
+    (["train.fold=[]"], "fold \\[\\] trains nothing"),
     (["data.age_bins=[60, 30]"], "increasing"),
     (["noequals"], "not key=value"),
 ])

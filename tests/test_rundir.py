@@ -420,6 +420,23 @@ def test_time_limit_reckons_the_folds_at_a_steady_epoch_not_the_first():
     assert epochs_that_fit(600, first_epoch_as_measure, 5) == 0
 
 
+def test_time_limit_charges_each_jobs_worker_the_one_off_costs_again():
+    """`--jobs` workers are fresh processes: each starts CUDA and searches cuDNN's algorithms again.
+    On two GPUs, 3 folds per worker, 89 s of one-off costs: without charging them the run overran
+    (3 x (9 x 9 + 2) + 89 = 338 s after a 111-s probe, 449 s against 420)."""
+    from multitask.budget import Probe, epochs_that_fit, folds_in_turn, restarts_in_turn
+
+    probe = Probe(total_s=111, epoch_s=9, predict_s=2)
+    assert probe.one_off_s == 111 - 2 - 2 * 9 == 91
+    assert restarts_in_turn(5, jobs=1, devices=2) == 0 and restarts_in_turn(1, jobs=4, devices=1) == 0
+    assert restarts_in_turn(5, jobs=2, devices=2) == 1 and restarts_in_turn(5, jobs=2, devices=1) == 2
+    assert restarts_in_turn(5, jobs=8, devices=2) == 3  # five workers at most, three in turn on one device
+    in_turn, restarts = folds_in_turn(5, 2, 2), restarts_in_turn(5, 2, 2)
+    epochs = epochs_that_fit(420, probe, in_turn, restarts)
+    assert epochs == ((378 - 111 - 91) / 3 - 2) // 9 == 6
+    assert probe.total_s + restarts * probe.one_off_s + in_turn * (epochs * probe.epoch_s + probe.predict_s) <= 420
+
+
 def test_time_limit_probe_trains_two_epochs_and_times_the_second(demo_root, tmp_path, monkeypatch):
     import torch
 
