@@ -5,7 +5,7 @@ Two real epochs of the first fold (the same data, model, validation, checkpoints
 prediction) run in a scratch folder and are timed apart: the first epoch with the fold's set-up, a
 second one, and the prediction. The first carries the process's one-off costs (on a GPU, probably
 CUDA's lazy start and cuDNN's algorithm search for each new shape: on an H200 a probe of one epoch
-once took about 100 s where each later fold, epoch and prediction, took 11 s, and a 180-s budget
+once took some 100 s where each later fold, epoch and prediction, took 11 s, and a 180-s budget
 left one epoch of ten; docs/PERFORMANCE.md), so the later folds are reckoned at the second epoch's
 time and the prediction's; `--jobs` workers, each a fresh process, pay the first epoch's extra once
 more each. The epochs per fold are the most that fit what is left of the budget, a tenth of it kept
