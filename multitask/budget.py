@@ -59,9 +59,14 @@ class Probe:
     predict_s: float
 
     @property
+    def first_s(self) -> float:
+        """The fold's set-up and first epoch."""
+        return self.total_s - self.epoch_s - self.predict_s
+
+    @property
     def one_off_s(self) -> float:
         """What the set-up and first epoch took beyond a steady epoch: paid again by a fresh process."""
-        return max(0.0, self.total_s - self.predict_s - 2 * self.epoch_s)
+        return max(0.0, self.first_s - self.epoch_s)
 
 
 KEPT = 0.1  # of the budget, for what the probe does not time (each fold's set-up, the end of the round)
@@ -131,7 +136,7 @@ def fit_epochs(cfg: Config, table, images, device, progress=None, say=print) -> 
     fits = epochs_that_fit(budget, probe, in_turn, restarts_in_turn(folds, cfg.train.jobs, devices))
     epochs = max(1, min(cfg.train.epochs, fits))
     line = (f"time limit {budget:.0f} s: a probe of two epochs took {probe.total_s:.1f} s: the set-up and first "
-            f"epoch {probe.total_s - probe.epoch_s - probe.predict_s:.1f} s, the second {probe.epoch_s:.1f} s, the "
+            f"epoch {probe.first_s:.1f} s, the second {probe.epoch_s:.1f} s, the "
             f"prediction {probe.predict_s:.1f} s; {in_turn} fold(s) one after another: ")
     if epochs < cfg.train.epochs:
         line += f"training {epochs} epochs per fold instead of {cfg.train.epochs}"
