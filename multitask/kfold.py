@@ -345,7 +345,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     # check, read and decode everything before touching the run directory: a bad backbone, heads,
     # augmentation, table or an undecodable image stop here, with nothing written
     check_model(cfg.model)
-    resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     if cfg.aug.backend == "albumentations":
         build_albumentations(cfg.aug.train)
     table = read_checked(cfg, task, progress)
@@ -358,8 +358,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
         say = say if dist.is_main() else (lambda _: None)
         # a run already there (`--fold K` from another shell) keeps its epochs: checked before the probe
         kept = None if force else dist.on_main(epochs_of_run, run, cfg, say)
-        cfg = kept if kept is not None else fit_epochs(cfg, table, images,
-                                                       dist.device_for(resolve_device(cfg.train.device)), progress, say)
+        cfg = kept if kept is not None else fit_epochs(cfg, table, images, dist.device_for(device), progress, say)
     dist.on_main(claim_and_open, run, cfg, task, force, table, images)
     ctx = open_context(run, cfg, progress, table, images)
     return train_round(ctx, 0, progress=progress, on_epoch=on_epoch) | {"skipped": len(table.skipped)}
