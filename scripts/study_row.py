@@ -45,17 +45,16 @@ def score_classes(data: Path, ids, classes, metric: Path = SCORE) -> dict:
         return score(data / "answers.csv", path, metric)
 
 
-def train_logged(command: list[str]) -> subprocess.Popen:
+def train_logged(command: list[str]) -> tuple[int, str]:
     """Run `command`, passing its output on to stderr as it comes (a run killed by a timeout still
-    leaves what it said) and keeping its lines in `.lines`."""
+    leaves what it said); return its exit status and all it said."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | {"COLUMNS": "200"})  # rich wraps at 80 columns otherwise
-    proc.lines = []
+    said = []
     for line in proc.stdout:
         sys.stderr.write(line)
-        proc.lines.append(line)
-    proc.wait()
-    return proc
+        said.append(line)
+    return proc.wait(), "".join(said)
 
 
 def hardware() -> str:
@@ -84,15 +83,15 @@ def main() -> None:
     train_s = None
     if not a.score_only:
         t0 = time.perf_counter()
-        said = train_logged(mt + cmd)
+        status, said = train_logged(mt + cmd)
         train_s = round(time.perf_counter() - t0, 1)
         # what mt train said (the time limit's reckoning among it) stays with the run
         if a.out.is_dir():
             from multitask.run import atomic_write_text
 
-            atomic_write_text(a.out / "train.log", "".join(said.lines))
-        if said.returncode:
-            sys.exit(f"mt train failed ({said.returncode}); its output is above")
+            atomic_write_text(a.out / "train.log", said)
+        if status:
+            sys.exit(f"mt train failed ({status}); its output is above")
 
     from multitask.kfold import load_round_test_probs, reopen_context
     from multitask.predict import vote
