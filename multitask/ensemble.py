@@ -24,7 +24,7 @@ from multitask.context import build_task, check_ensemble_members, check_round, l
 from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes, scores_of
 from multitask.labels import FLAT_HEAD
 from multitask.metrics import macro_f1
-from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
+from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, staged_dir, write_json
 
 WEIGHT_STEP = 0.05
 
@@ -91,10 +91,15 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
     for path, r, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
         run = RunDir(path)
         member = load_run_config(run)
-        task, heads = build_task(member)
-        blend = blend_only(load_decision(run.round_dir(r)))
-        for k, probs in fold_test_probs(run, r, member, test_ids).items():
-            votes[k] = votes.get(k, 0) + w * predict_classes(task, heads, probs, member, blend)[0]
+        if member.ensemble is not None:  # an ensemble among the members has no fold models: its own fold-k votes
+            member_votes = fold_votes(run.root, test_ids)
+        else:
+            task, heads = build_task(member)
+            blend = blend_only(load_decision(run.round_dir(r)))
+            member_votes = {k: predict_classes(task, heads, probs, member, blend)[0]
+                            for k, probs in fold_test_probs(run, r, member, test_ids).items()}
+        for k, p in member_votes.items():
+            votes[k] = votes.get(k, 0) + w * p
             total[k] = total.get(k, 0) + w
     return {k: v / total[k] for k, v in votes.items() if total[k] > 0}
 
@@ -137,6 +142,8 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise ConfigError("an ensemble needs at least two runs")
+    if RunDir(out).config.exists():
+        raise ConfigError(f"{out} already holds a run; choose another --out")
     members = [member_probs(r) for r in runs]
     check_members(runs, members)
     task, oof = members[0]["task"], members[0]["oof"]
@@ -153,10 +160,18 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
         "heads": FLAT_HEAD, "numeric": {}, "losses": {},
         "ensemble": EnsembleCfg(runs=[str(r.resolve()) for r in runs], rounds=[m["round"] for m in members],
                                 weights=[float(x) for x in w], train_ids=[m["train_ids"] for m in members])})
+    with staged_dir(Path(out)) as staging:
+        return write_ensemble(RunDir(staging), cfg, runs, members, w, fold_weights)
+
+
+def write_ensemble(run: RunDir, cfg, runs: list[Path], members: list[dict], w: np.ndarray,
+                   fold_weights: dict[int, np.ndarray] | None) -> dict:
+    """The ensemble's run directory: config, split, voted OOF and test probabilities, its decision;
+    `fold_weights` where the weights were fitted (refitted without each fold)."""
     task, heads = build_task(cfg)
-    run = RunDir(out)
-    if run.config.exists():
-        raise ConfigError(f"{run.root} already holds a run; choose another --out")
+    oof = members[0]["oof"]
+    factors, folds = oof["factors"], oof["fold"]
+    oof_probs = [m["oof_probs"] for m in members]
     atomic_write_text(run.config, dump_config(cfg))
     atomic_write_text(run.folds, RunDir(runs[0]).folds.read_text())
     voted = weighted(oof_probs, w)
@@ -169,7 +184,7 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
                            for r, m, x in zip(runs, members, w)],
                "oof": scores_of(task, voted.argmax(1), factors),
                "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task, fold_weights)
-               if weights is None else None}
+               if fold_weights is not None else None}
     if is_active(task, cfg):
         # fold-honest all the way: fold k's decision is fitted on a vote whose weights never saw fold k
         # (each member's auxiliary blend stays its own, one number fitted on the member's OOF)

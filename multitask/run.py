@@ -97,6 +97,30 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
         raise
 
 
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A hidden folder beside `out` to build a whole directory in, moved to `out` when the block ends
+    well and removed when it does not: an interrupted command leaves nothing half made at `out`
+    (which a retry would take for a finished run). `out` may exist, empty or holding other files; the
+    staged entries join it with config.yaml, the mark of a run, last."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{WRITER_SEP}{socket.gethostname()}{WRITER_SEP}{os.getpid()}"
+                                           f"{WRITER_SEP}", suffix=".tmp", dir=out.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if not out.exists():
+            os.replace(staging, out)
+            return
+        for entry in sorted(staging.iterdir(), key=lambda e: e.name == "config.yaml"):
+            os.replace(entry, out / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_writer(path) as fh:
         fh.write(data)

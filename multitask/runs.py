@@ -117,6 +117,13 @@ def held_out(run: RunDir, answers: Path) -> float | None:
     return None
 
 
+def factor_columns(oof: dict, task) -> dict:
+    """oof_<factor>: each factor read off the final class, the one figure every run has alike (a
+    trained run's f1_<head> is its head's own argmax, and a joined or flat head has no factor of
+    its own; an ensemble's summary holds the factor figures under f1_<factor>)."""
+    return {f"oof_{f.name}": oof.get(f"f1_{f.name}_combined", oof.get(f"f1_{f.name}")) for f in task.factors}
+
+
 def run_row(run: RunDir, answers: Path | None = None) -> dict:
     cfg = load_config(run.config)
     r, _ = run.shown_round(cfg.train.folds)  # a partial round's "folds" column says so
@@ -129,7 +136,7 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
            "img": "x".join(map(str, cfg.data.img_size)), "epochs": cfg.train.epochs,
            "folds": f"{len(summary['folds_done'])}/{cfg.train.folds}", "round": r,
            "oof_f1": summary["oof"]["f1"]}
-    row |= {k.replace("f1_", "oof_"): v for k, v in summary["oof"].items() if k.startswith("f1_") and not k.endswith("_combined")}
+    row |= factor_columns(summary["oof"], task_of(cfg))
     if answers is not None:
         try:
             row["held_out_f1"] = held_out(run, answers)

@@ -185,6 +185,43 @@ def test_pseudo_labels_from_an_ensemble_come_from_its_members_fold_k_models(memb
             assert (rows[f.name].to_numpy() == task.marginal(combined, i).argmax(1)).all()
 
 
+def test_an_ensemble_among_the_members_votes_its_own_fold_k_models(members, tmp_path):
+    a, b = members
+    inner = tmp_path / "inner"
+    make_ensemble([a, b], inner)
+    outer = tmp_path / "outer"
+    weights = [m["weight"] for m in make_ensemble([inner, b], outer, weights=[3, 1])["members"]]
+    ids = load_npz(RunDir(a).fold_dir(0, 0) / "test.npz")["image_id"]
+    inner_votes, votes = fold_votes(inner, ids), fold_votes(outer, ids)
+    for k in (0, 1):
+        assert np.allclose(votes[k], weights[0] * inner_votes[k] + weights[1] * fold_probs(b, k), atol=1e-6)
+        assert np.allclose(votes[k].sum(1), 1, atol=1e-5)
+
+
+def test_an_interrupted_ensemble_leaves_nothing_behind(members, tmp_path, monkeypatch):
+    import multitask.ensemble as ensemble
+
+    a, b = members
+    out = tmp_path / "ens"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted while fitting the decision")
+    with monkeypatch.context() as m:
+        m.setattr(ensemble, "decide_round", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            make_ensemble([a, b], out)
+    assert not out.exists() and not list(tmp_path.iterdir())  # nor the staging folder beside it
+    make_ensemble([a, b], out)  # the retry is not taken for a finished run
+    assert (out / "summary.json").exists() and make_submission(out).exists()
+    # into a folder that holds other files: they stay, and the run joins them
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    make_ensemble([a, b], other)
+    assert (other / "notes.txt").read_text() == "mine" and (other / "config.yaml").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "other"]
+
+
 def test_cli_soft_labels_from_another_run(members, tmp_path):
     a, b = members
     run = tmp_path / "b"

@@ -354,6 +354,10 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     row = table.set_index(table["run"].str.rsplit("/", n=1).str[-1]).loc["three_heads"]
     assert row["heads"] == "mask,gender,age" and row["backbone"] == "test_efficientnet" and row["img"] == "32x32"
     assert row["folds"] == "2/2" and row["epochs"] == 1 and row["wall_s"] > 0 and 0 <= row["oof_mask"] <= 1
+    # a flat head has no factor of its own: its factor columns are read off the final class, as every run's are
+    flat = table.set_index(table["run"].str.rsplit("/", n=1).str[-1]).loc["flat"]
+    flat_oof = read_json(tmp_path / "runs" / "flat" / "summary.json")["rounds"][0]["oof"]
+    assert flat["oof_age"] == pytest.approx(flat_oof["f1_age_combined"]) and "oof_class" not in table.columns
 
     result = runner.invoke(app, ["runs", str(tmp_path / "runs"), "--answers", str(demo_root / "answers.csv"), "--csv"])
     assert result.exit_code == 0, result.output
