@@ -242,6 +242,20 @@ def test_fit_weights_prefers_the_better_run():
     assert w[1] > w[0]
 
 
+def test_fit_weights_climbs_where_the_grid_is_too_large():
+    from multitask.ensemble import MAX_GRID, simplex_grid
+
+    assert sum(1 for _ in simplex_grid(5, 20)) <= MAX_GRID < sum(1 for _ in simplex_grid(6, 20))
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 500)
+    probs = [rng.dirichlet(np.ones(3), 500) for _ in range(7)]
+    probs[4] = np.eye(3)[y] * 0.6 + 0.4 / 3
+    w = fit_weights(probs, y, 3)  # 7 members: 230,230 points on the grid, scored as a climb instead
+    assert np.isclose(w.sum(), 1) and np.allclose(w * 20, np.round(w * 20)) and w.argmax() == 4
+    score = lambda v: macro_f1(y, weighted(probs, v).argmax(1), 3)  # noqa: E731
+    assert score(w) >= score(np.full(7, 1 / 7))
+
+
 def test_cli_ensemble(members, tmp_path):
     a, b = members
     result = CliRunner().invoke(app, ["ensemble", "--runs", str(a), "--runs", str(b), "--out", str(tmp_path / "e")])
