@@ -216,6 +216,7 @@ def predict(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out undecodable images and list them in <out>.skipped.csv"),
     round_: Optional[int] = typer.Option(None, "--round", help="round to use (default: the one submit uses, the best OOF macro F1)"),
     chunk: int = typer.Option(2048, "--chunk", min=1, help="images decoded and predicted at a time: memory stays bounded for any number of images"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N " + from_config("train.device", "the run's")),
 ):
     """The run's fold ensemble with its TTA views (what submit uses), or an exported file, on any
     images: path, each factor's class, class, prob."""
@@ -228,13 +229,15 @@ def predict(
         with progress_and_errors():
             if round_ is not None:
                 raise ValueError("--round and --onnx: the exported file holds one round already")
+            if device is not None:
+                raise ValueError("--device and --onnx: an exported file runs on the CPU, with onnxruntime")
             result = serve.predict_images(onnx, images, out, batch_size or 256, probs, skip_bad, chunk)
         result |= {"why": f"{onnx} (exported from run {result['run']}, round {result['round']})"}
     else:
         from multitask.predict import predict_images
 
         with progress_and_errors() as progress:
-            result = predict_images(run, images, out, batch_size, probs, skip_bad, progress, round_, chunk)
+            result = predict_images(run, images, out, batch_size, probs, skip_bad, progress, round_, chunk, device)
     skipped = f", {result['skipped']} skipped (listed in {result['skipped_file']})" if result["skipped"] else ""
     console.print(f"using {result['why']}")
     console.print(f"predictions: {result['out']}  ({result['predicted']} images, round {result['round']}{skipped})")

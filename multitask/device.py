@@ -20,7 +20,8 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not visible or (device.index or 0) >= visible:
-            raise ConfigError(f"train.device {name!r}: {visible} CUDA GPU(s) visible here; use auto or cpu")
+            raise ConfigError(f"train.device {name!r}: {visible} CUDA GPU(s) visible here; use auto or cpu "
+                              f"(--set train.device=cpu, or `mt predict --device cpu` for a run trained elsewhere)")
     return device
 
 

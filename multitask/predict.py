@@ -153,11 +153,18 @@ class DecodedImages:
         return self.failed[size]
 
 
+def read_once(cfg: Config) -> Config:
+    """Images decoded for one prediction are read once: a device copy of them (data.cache_on_device)
+    would stay in the process-wide store of training's cache copies (dataset.device_copy), and
+    memory would grow with every chunk of `mt predict`."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_on_device": False})})
+
+
 def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImages, keep: np.ndarray,
                 progress=None, models: dict | None = None) -> dict[str, np.ndarray]:
     """Round r's voted outputs on the kept images; for an ensemble run, its members' final-class
     probabilities (each with its own auxiliary blend), weighted as `mt ensemble` fitted them."""
-    cfg = load_run_config(run, overrides)
+    cfg = read_once(load_run_config(run, overrides))
     task, heads = build_task(cfg)
     if cfg.ensemble is not None:
         total = 0
@@ -176,13 +183,15 @@ def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImage
 
 def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, batch_size: int | None = None,
                    with_probs: bool = False, skip_bad: bool = False, progress=None, round: int | None = None,
-                   chunk: int = CHUNK) -> dict:
+                   chunk: int = CHUNK, device: str | None = None) -> dict:
     """`mt predict`: round `round` of the run, by default the one `submit` uses (its fold ensemble,
     TTA views and fitted decision) on any images, streamed `chunk` at a time into the predictions file
     (outputs.stream_predictions: bounded memory; undecodable images stop it, all listed, or with
-    `skip_bad` are left out and listed in <out>.skipped.csv)."""
+    `skip_bad` are left out and listed in <out>.skipped.csv). `device`: where to predict, in place of
+    the run's `train.device` (a run trained on a GPU, predicted on a machine without one)."""
     run = RunDir(run_dir)
     overrides = [f"train.eval_batch_size={batch_size}"] if batch_size else []
+    overrides += [f"train.device={device}"] if device else []
     cfg = load_run_config(run, overrides)
     task, heads = build_task(cfg)
     r, why = run.choose_round(cfg.train.folds, round)

@@ -79,3 +79,32 @@ def test_prediction_streams_in_bounded_memory(demo_root, tmp_path):
     a, b = pd.read_csv(tmp_path / "p128.csv"), pd.read_csv(tmp_path / "p100000.csv")
     assert len(a) == 1500
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
+
+
+def test_predict_elsewhere_than_the_run_trained_and_without_keeping_device_copies(demo_root, tmp_path):
+    """A run trained on a GPU (`train.device` in its config) is predicted on a machine without one
+    with --device; chunks are not kept in the process-wide copies of training's caches."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from multitask.cli import app
+    from multitask.config import ConfigError
+    from multitask.data import dataset
+    from multitask.kfold import train_run
+    from multitask.predict import predict_images
+    from multitask.run import RunDir
+
+    run = tmp_path / "run"
+    train_run(tiny_config(demo_root, "data.cache_on_device=true", f"data.cache_dir={tmp_path / 'cache'}"), run)
+    config = RunDir(run).config
+    config.write_text(config.read_text().replace("device: cpu", "device: cuda:7"))  # as trained on a big machine
+    images = demo_root / "eval" / "images"
+    with pytest.raises(ConfigError, match="mt predict --device cpu"):
+        predict_images(run, images, tmp_path / "p.csv")
+    copies = len(dataset._DEVICE_COPIES)
+    result = predict_images(run, images, tmp_path / "p.csv", chunk=4, device="cpu")
+    assert result["predicted"] == len(list(images.iterdir())) and len(dataset._DEVICE_COPIES) == copies
+    done = CliRunner().invoke(app, ["predict", "--run", str(run), "--images", str(images), "--out",
+                                    str(tmp_path / "cli.csv"), "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "cli.csv"))
