@@ -167,7 +167,8 @@ def clear_run(run: RunDir) -> None:
     config, the summaries and the submission); other files stay."""
     for r in run.started_rounds():
         shutil.rmtree(run.round_dir(r))
-    for path in (run.summary, run.submission, run.folds, run.config, run.skipped, run.teacher):
+    for path in (run.summary, run.submission, run.folds, run.config, run.skipped, run.teacher, run.report, run.onnx,
+                 run.onnx_int8):
         path.unlink(missing_ok=True)
 
 

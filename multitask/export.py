@@ -192,7 +192,7 @@ def metadata(task: Task, info: dict, offsets, run: RunDir, r: int, check: dict) 
         "format": FORMAT, "input": "images", "img_size": info["img_size"], "outputs": ["final", *info["outputs"]],
         "task": task_meta(task),
         "offsets": offsets, "run": str(run.root.resolve()), "round": r, "folds": info["folds"], "views": info["views"],
-        "check": check})
+        "train_ids": run.round_train_ids(r), "check": check})
 
 
 def compact(path: Path) -> None:
@@ -274,7 +274,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
     check_ensemble_members(cfg)
     if log:
         log(f"exporting {why}")
-    out = Path(out) if out else run.root / ("model.int8.onnx" if int8 else "model.onnx")
+    out = Path(out) if out else (run.onnx_int8 if int8 else run.onnx)
     graph, info = build_graph(run, r)
     ctx = reopen_context(run.root, with_images=False)
     paths = ctx.table.train["path"].tolist()

@@ -213,7 +213,7 @@ def write_report(run_dir) -> Path:
         "<p>No pseudo-label round (<code>mt pseudo-label</code> adds one).</p>"))
 
     parts.append(f'<h2 id="config">Resolved config</h2><pre>{html.escape(run.config.read_text())}</pre>')
-    out = run.root / "report.html"
+    out = run.report
     atomic_write_text(out, PAGE.format(title=html.escape(f"mt report: {run.root.name}"), body="\n".join(parts)))
     return out
 

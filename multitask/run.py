@@ -211,6 +211,9 @@ class RunDir:
     submission = property(lambda self: self.root / "submission.csv")
     skipped = property(lambda self: self.root / "skipped.csv")  # training items `--skip-bad` left out
     teacher = property(lambda self: self.root / "teacher.npz")  # a student's targets (`mt distill`)
+    report = property(lambda self: self.root / "report.html")  # `mt report`
+    onnx = property(lambda self: self.root / "model.onnx")  # `mt export`'s default file
+    onnx_int8 = property(lambda self: self.root / "model.int8.onnx")  # and with --int8
 
     def round_dir(self, r: int) -> Path:
         return self.root / f"round{r}"

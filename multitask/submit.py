@@ -71,6 +71,11 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
     if served.task.factors != ctx.task.factors:
         raise SubmissionError(f"{onnx} predicts factors {served.task.factor_names}, the run's task has "
                               f"{ctx.task.factor_names}")
+    made, r = served.meta.get("train_ids"), served.meta["round"]  # files exported before training ids: None
+    if made and Path(served.meta["run"]) == ctx.run.root.resolve() and (
+            not (ctx.run.round_dir(r) / "summary.json").exists() or made != ctx.run.round_train_ids(r)):
+        raise SubmissionError(f"{onnx} was exported from round {served.meta['round']} of {ctx.run.root} as it was "
+                              f"before it was trained again; export it again (`mt export --run {ctx.run.root}`)")
     if ctx.table.test is None:
         raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no task.test)")
     if log:

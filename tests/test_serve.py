@@ -187,6 +187,28 @@ def test_cli_export_predict_and_submit_with_onnx(runs, demo_root, tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, tmp_path):
+    import shutil
+
+    from multitask.context import clear_run
+    from multitask.run import write_json
+    from multitask.submit import SubmissionError
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["shared"], run)
+    export_run(run)  # RUN/model.onnx
+    make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv")
+    summary_path = RunDir(run).round_dir(0) / "summary.json"
+    summary = read_json(summary_path)
+    summary["train_ids"] = {k: "trained-again" for k in summary["train_ids"]}  # what `mt train --force` leaves
+    write_json(summary_path, summary)
+    with pytest.raises(SubmissionError, match="export it again"):
+        make_submission_onnx(run, RunDir(run).onnx, tmp_path / "after.csv")
+    RunDir(run).report.write_text("<html></html>")
+    clear_run(RunDir(run))  # `--force`: nothing of the old run is left to be taken for the new one's
+    assert not RunDir(run).onnx.exists() and not RunDir(run).report.exists() and not RunDir(run).config.exists()
+
+
 def test_a_file_without_mt_metadata_is_refused(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
