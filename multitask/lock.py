@@ -1,8 +1,9 @@
 """File locks in a shared run directory: a process holds a fold while it trains it (so two processes,
 or machines on one disk, never train the same fold) and a round while it writes its results. A lock
-is a file created exclusively, holding its owner's host, pid and start time, so a lock left by a
-dead process can be told apart from a live one on the same host; such a stale lock is replaced by one
-process at a time (`_take_over`).
+is a file created exclusively, holding its owner's host, pid and the process's start, so a lock left
+by a dead process can be told apart from a live one on the same host, even where the dead one's pid
+now belongs to another process (a restarted container's entrypoint is pid 1 again); such a stale
+lock is replaced by one process at a time (`_take_over`).
 """
 from __future__ import annotations
 
@@ -39,6 +40,31 @@ def alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str | None:
+    """When the process started (clock ticks after boot, /proc/PID/stat's 22nd field), or None where
+    there is no /proc (macOS)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # the fields after the command name start at the 3rd
+
+
+_HELD: set[str] = set()  # the locks this process holds: a lock naming this pid and not among them is stale
+
+
+def _dead(holder: dict, path: Path) -> bool:
+    """The lock's holder on this host is gone: no process has its pid, another process has it now,
+    or it is this process's pid on a lock this process does not hold."""
+    pid = holder["pid"]
+    if not alive(pid):
+        return True
+    if pid == os.getpid():
+        return os.path.realpath(path) not in _HELD
+    started = holder.get("started")
+    return started is not None and process_start(pid) not in (None, started)
+
+
 def _read(path: Path) -> tuple[str, dict | None]:
     """("missing", None), ("stale", None): left by a dead process on this host, or left unwritten by a
     process killed as it made it, or ("held", holder): {} for a lock being written this instant."""
@@ -55,7 +81,7 @@ def _read(path: Path) -> tuple[str, dict | None]:
         holder = None
     if not isinstance(holder, dict):
         return ("stale", None) if age > UNWRITTEN_STALE_S else ("held", {})
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not alive(holder["pid"]):
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and _dead(holder, path):
         return "stale", None
     return "held", holder
 
@@ -117,7 +143,8 @@ def file_lock(path: Path) -> Iterator[str | None]:
     A lock left by a dead process on this host is taken over; one from another host stays until its
     file is removed by hand (this host cannot tell whether that machine is gone)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "started": process_start(os.getpid())}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # less the umask, as open() gives
@@ -130,12 +157,14 @@ def file_lock(path: Path) -> Iterator[str | None]:
             yield describe_holder(holder) + (f" (remove {path} if that machine is gone)"
                                              if holder and holder.get("host") != me["host"] else "")
             return
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
+        _HELD.add(os.path.realpath(path))
         try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
             yield None
         finally:
             path.unlink(missing_ok=True)
+            _HELD.discard(os.path.realpath(path))
         return
     yield "claimed and released by other processes over and over"
 

@@ -527,6 +527,31 @@ def test_a_stale_lock_is_taken_over_by_one_process_only(tmp_path):
     assert not lock.exists() and not list(lock.parent.iterdir())
 
 
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
+    """A container restarted after a kill: its entrypoint has the dead trainer's pid again (pid 1),
+    or another process took the pid. The lock's recorded process start tells them apart."""
+    import json
+    import os
+    import socket
+
+    from multitask.lock import file_lock, lock_holder, process_start
+
+    lock = tmp_path / "lock.json"
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": "x"}
+    lock.write_text(json.dumps(me))  # this very pid, in a lock this process never took
+    assert lock_holder(lock) is None
+    with file_lock(lock) as holder:
+        assert holder is None and lock_holder(lock)["started"] == process_start(os.getpid())
+        with file_lock(lock) as again:  # held by this process now: not stale to itself
+            assert again.startswith("being trained by")
+    parent = os.getppid()  # alive, but started at another moment than the lock says
+    lock.write_text(json.dumps(me | {"pid": parent, "started": "1"}))
+    if process_start(parent) is not None:  # Linux: /proc tells the start
+        assert lock_holder(lock) is None
+    lock.write_text(json.dumps(me | {"pid": parent, "started": process_start(parent)}))
+    assert lock_holder(lock)["pid"] == parent  # the same process: held
+
+
 def test_a_lock_left_unwritten_is_stale_after_a_few_seconds(tmp_path):
     import os
     import time
