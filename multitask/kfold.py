@@ -102,7 +102,8 @@ def check_identities(ctx: Context, r: int, k: int, oof: dict | None, test: dict 
     those images in those places (an edited train table or a reordered test list is an error here,
     not a silent misalignment)."""
     fold_dir = ctx.run.fold_dir(r, k)
-    if oof is not None and "ids" in oof and not np.array_equal(oof["ids"], train_ids(ctx)[oof["rows"]]):
+    ids = train_ids(ctx) if oof is not None and "ids" in oof else None
+    if ids is not None and (oof["rows"].max(initial=-1) >= len(ids) or not np.array_equal(oof["ids"], ids[oof["rows"]])):
         raise RunError(f"{fold_dir / 'oof.npz'}: predicted for other training images than the task's table now "
                         f"lists in those rows (was the table edited?); retrain with `mt train --force`")
     if test is not None and "image_id" in test:
@@ -324,7 +325,18 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     started = ctx.run.started_rounds()
     r = started[-1] if started else 0
     check_round_labels(ctx, r)
+    check_finished_folds(ctx, r)
     return train_round(ctx, r, progress, resume=True)
+
+
+def check_finished_folds(ctx: Context, r: int) -> None:
+    """The folds of round r already finished still predict the images the task's tables list: an
+    edited table stops `mt resume` here, before the unfinished folds train on it."""
+    for k in range(ctx.cfg.train.folds):
+        if fold_finished(ctx, r, k):
+            fold_dir = ctx.run.fold_dir(r, k)
+            check_identities(ctx, r, k, load_npz(fold_dir / "oof.npz"),
+                             load_npz(fold_dir / "test.npz") if ctx.table.test is not None else None)
 
 
 def check_round_labels(ctx: Context, r: int) -> None:

@@ -236,6 +236,23 @@ def test_an_edited_train_table_or_reordered_test_list_is_an_error(run, demo_root
     with pytest.raises(ValueError, match="oof.npz: predicted for other training images"):
         aggregate_round(reopen_context(run, with_images=False), 0)
 
+    # a shorter table: the last person's rows are past its end (an IndexError once)
+    from multitask.kfold import check_identities, resume_run
+    from multitask.run import RunError, load_npz
+
+    csv.write_text("\n".join(lines[:-1]) + "\n")
+    ctx = reopen_context(run, with_images=False)
+    oofs = {k: load_npz(RunDir(run).fold_dir(0, k) / "oof.npz") for k in (0, 1)}
+    last = max(oofs, key=lambda k: oofs[k]["rows"].max())
+    with pytest.raises(RunError, match="oof.npz: predicted for other training images"):
+        check_identities(ctx, 0, last, oofs[last], None)
+    # and `mt resume` says so before it trains an unfinished fold on the edited table
+    csv.write_text("\n".join([lines[0], *lines[2:]]) + "\n")  # the first person left out
+    (RunDir(run).fold_dir(0, 1) / "oof.npz").unlink()
+    with pytest.raises(RunError, match="fold0/oof.npz: predicted for other training images"):
+        resume_run(run)
+    assert not (RunDir(run).fold_dir(0, 1) / "oof.npz").exists()  # fold 1 was left alone
+
 
 def test_no_room_or_no_permission_fails_before_any_work(demo_root, tmp_path, monkeypatch):
     import shutil
