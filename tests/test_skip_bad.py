@@ -89,6 +89,18 @@ def test_skip_bad_leaves_out_table_rows_and_whole_groups(tmp_path):
     assert (skipped["reason"].iloc[1:].str.contains("disagree on shape")).all()
 
 
+def test_problems_find_their_rows_when_a_group_name_holds_a_colon():
+    from multitask.data.table import problems_by_row
+
+    where = ["train.csv line 2", "train.csv line 3", "train.csv line 4"]
+    problems = ["group 'a: b': rows disagree on shape (line 2, line 3), which is set per group",
+                "train.csv line 4: colour 'purple' is not one of ['red']"]
+    reasons, unplaced = problems_by_row(problems, where, ["a: b", "a: b", "c"])
+    assert unplaced == []
+    assert reasons[0] == reasons[1] == "rows disagree on shape (line 2, line 3), which is set per group"
+    assert reasons[2] == "colour 'purple' is not one of ['red']"
+
+
 def test_without_skip_bad_every_problem_is_in_one_error(broken_root, tmp_path):
     """The reader's problems and the undecodable files of the rows it accepted, in one error, before
     anything is written: one pass finds everything to fix."""

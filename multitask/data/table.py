@@ -197,8 +197,11 @@ def problems_by_row(problems: list[str], where: list[str], groups: list[str]) ->
     out: list[list[str]] = [[] for _ in where]
     unplaced = []
     for text in problems:
-        head, _, rest = text.partition(": ")
-        rows = [index[head]] if head in index else members.get(head[len("group "):], []) if head.startswith("group ") else []
+        rows, cut = [], text.find(": ")
+        while not rows and cut >= 0:  # a group's name may hold ": " itself: try each place the head may end
+            head, rest = text[:cut], text[cut + 2:]
+            rows = [index[head]] if head in index else members.get(head[len("group "):], []) if head.startswith("group ") else []
+            cut = text.find(": ", cut + 1)
         for i in rows:
             out[i].append(rest)
         if not rows:
