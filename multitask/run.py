@@ -266,8 +266,9 @@ class RunDir:
         return sorted(int(m.group(1)) for m in found if m)
 
     def rounds(self) -> list[int]:
-        """Rounds that have aggregated results, in order."""
-        return [r for r in self.started_rounds() if (self.round_dir(r) / "oof.npz").exists()]
+        """Rounds that have aggregated results, in order: their summary.json, which the aggregate
+        writes last (a process killed after the round's oof.npz leaves a round that is not one yet)."""
+        return [r for r in self.started_rounds() if (self.round_dir(r) / "summary.json").exists()]
 
     def latest_round(self) -> int:
         rounds = self.rounds()

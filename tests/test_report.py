@@ -127,7 +127,7 @@ def test_mt_runs_lists_runs_it_cannot_read_with_their_reasons(tmp_path):
         run = tmp_path / "runs" / name
         (run / "round0").mkdir(parents=True)
         (run / "config.yaml").write_text(dump_config(tiny_config(tmp_path)))
-        (run / "round0" / "oof.npz").write_bytes(b"")  # a round that looks finished, without its summary
+        (run / "round0" / "summary.json").write_text("{")  # a finished round whose summary cannot be read
     for answers in (None, tmp_path / "answers.csv"):
         if answers:
             answers.write_text("ImageID,ans\nx,0\n")

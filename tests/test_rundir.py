@@ -210,6 +210,16 @@ def test_a_setting_added_to_mt_after_a_run_was_made_does_not_orphan_its_folds(de
     assert settings_hash(train(lr=0.5), written) != older
 
 
+def test_a_round_killed_before_its_summary_is_unfinished_and_resume_finishes_it(run):
+    from multitask.kfold import resume_run
+
+    (RunDir(run).round_dir(0) / "summary.json").unlink()  # killed after the round's oof.npz
+    with pytest.raises(FileNotFoundError, match=r"round 0 is not finished.*mt resume --run"):
+        make_submission(run)
+    resume_run(run)
+    assert make_submission(run).exists()
+
+
 def test_an_edited_train_table_or_reordered_test_list_is_an_error(run, demo_root, tmp_path):
     import shutil
 
