@@ -80,3 +80,19 @@ def test_16_bit_greyscale_is_read_whole_not_clipped(tmp_path):
     got = cache_mod._decode(str(path), (16, 32))
     assert got.shape == (16, 32, 3) and (got[..., 0] == got[..., 2]).all()
     assert np.abs(got[0, :, 0].astype(int) - (ramp[0] >> 8)).max() <= 2  # the ramp, not white
+
+
+def test_a_photo_turned_by_its_exif_orientation_is_decoded_upright(tmp_path):
+    # a phone stores a portrait photo's pixels sideways with EXIF orientation 6 (turn 90° clockwise
+    # to view); training and prediction must see it as a viewer shows it
+    upright = np.zeros((48, 32, 3), np.uint8)
+    upright[:12] = 255  # a white band at the top
+    Image.fromarray(upright).save(tmp_path / "upright.jpg", quality=95)
+    sideways = Image.fromarray(np.rot90(upright, 1))  # stored turned a quarter anticlockwise
+    exif = Image.Exif()
+    exif[cache_mod.ORIENTATION] = 6
+    sideways.save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    want = cache_mod._decode(str(tmp_path / "upright.jpg"), (24, 16))
+    got = cache_mod._decode(str(tmp_path / "phone.jpg"), (24, 16))
+    assert np.abs(got.astype(int) - want.astype(int)).mean() < 3  # JPEG's ringing at the edge aside
+    assert got[:4].mean() > 200 and got[-4:].mean() < 50  # the band on top

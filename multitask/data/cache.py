@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from multitask.run import FILE_MODE, check_space, check_writable
 
-CACHE_VERSION = 2  # bump when decoding or resizing changes (2: 16-bit greyscale read whole)
+CACHE_VERSION = 3  # bump when decoding or resizing changes (2: 16-bit greyscale read whole; 3: EXIF orientation)
+ORIENTATION = 0x0112  # the EXIF tag a camera sets instead of turning the pixels
 DECODE_CHUNK = 64  # images per task: large enough to amortise scheduling, small enough to balance threads
 
 
@@ -62,6 +63,8 @@ def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
     with Image.open(path) as im:
         # JPEG can decode straight at 1/2, 1/4, 1/8 scale: far fewer pixels to decode and resize
         im.draft("RGB", (w, h))
+        if im.getexif().get(ORIENTATION, 1) != 1:  # a phone's portrait photo: upright, as viewers show it
+            im = ImageOps.exif_transpose(im)
         if im.mode in WIDE_GREY:  # convert("RGB") clips these at 255: most of the picture turns white
             im = Image.fromarray((np.clip(np.asarray(im), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8), "L")
         im = im.convert("RGB")
