@@ -99,13 +99,12 @@ def stream_predictions(task: Task, ids: list[str], paths: list[str], out: str | 
             decoded, chunk_bad = decode(part)
             bad += [(start + i, why) for i, why in chunk_bad]
             keep = np.setdiff1d(np.arange(len(part)), [i for i, _ in chunk_bad])
-            if (bad and not skip_bad) or not len(keep):
-                continue  # go on decoding only to list every bad image at once
-            combined, classes = predict(decoded, keep)
-            columns, rows = prediction_table(task, [ids[start + i] for i in keep], combined, classes, with_probs)
-            write_rows(fh, columns, rows, header=written == 0)
-            written += len(keep)
-            if advance:
+            if not (bad and not skip_bad) and len(keep):  # else go on decoding only to list every bad image at once
+                combined, classes = predict(decoded, keep)
+                columns, rows = prediction_table(task, [ids[start + i] for i in keep], combined, classes, with_probs)
+                write_rows(fh, columns, rows, header=written == 0)
+                written += len(keep)
+            if advance:  # every chunk looked at, predicted or not: the bar reaches its end
                 advance(len(part))
         if bad and not skip_bad:
             raise undecodable_error(paths, bad)
