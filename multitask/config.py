@@ -217,7 +217,7 @@ class TrainCfg(_Strict):
     avg_top_k: int = Field(0, ge=0)
     # draw training rows with weights (1 / count of their class) ** sampler_power: by the final class,
     # or by one head's class (a head name); none keeps the plain shuffle
-    sampler: str = "class"  # on by default: +0.04 OOF and held-out macro F1 on real faces (docs/RESULTS.md)
+    sampler: str = "class"  # on by default: about +0.015 OOF and held-out macro F1 on real faces over two seeds (docs/RESULTS.md)
     sampler_power: float = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -317,8 +317,9 @@ class Config(_Strict):
     data: DataCfg = DataCfg()
     aug: AugCfg = AugCfg()
     train: TrainCfg = TrainCfg()
-    # by numeric factor name, or "*" for every one; by default every binned factor gets an auxiliary
-    # regression head (+0.045 OOF, +0.025 held-out macro F1 on real faces, docs/RESULTS.md)
+    # by numeric factor name, or "*" for every one (a factor's own settings are laid over "*"'s, so
+    # `numeric.age.soft_edge: 3` keeps the auxiliary head "*" gives); by default every binned factor
+    # gets an auxiliary regression head (docs/RESULTS.md measures it)
     numeric: dict[str, NumericCfg] = Field(default_factory=lambda: {"*": NumericCfg(aux="regression")})
     decide: DecideCfg = DecideCfg()
     pseudo: PseudoCfg = PseudoCfg()
@@ -338,6 +339,16 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _factors_over_every(self):
+        # a factor's settings name what differs from "*"'s; written out whole, so config.yaml (and a
+        # run read back from it) holds what the run did
+        every = self.numeric.get("*")
+        if every is not None:
+            self.numeric = {name: c if name == "*" else NumericCfg.model_validate(
+                every.model_dump() | c.model_dump(include=c.model_fields_set)) for name, c in self.numeric.items()}
+        return self
+
+    @model_validator(mode="after")
     def _folds(self):
         if self.train.folds < 2 and self.distill is None:
             raise ValueError("train.folds must be at least 2 (k-fold training)")
@@ -353,13 +364,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
+# Mappings whose built-in default is not empty: an override of one of their keys changes that key
+# of the default, instead of making a mapping with that key alone (`--set numeric.age.soft_edge=3`
+# keeps numeric."*"), where the config file does not set the mapping itself.
+DEFAULT_MAPPINGS = ("numeric",)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types
     for item in overrides:
         keys, value = parse_override(item)
         node = raw
-        for k in keys[:-1]:
+        for depth, k in enumerate(keys[:-1]):
             child = node.get(k)
+            if child is None and depth == 0 and k in DEFAULT_MAPPINGS:
+                child = node[k] = Config().model_dump(mode="json")[k]
             if child is None:
                 child = node[k] = {}
             if not isinstance(child, dict):

@@ -67,11 +67,12 @@ class Numeric:
         return self.cfg.aux_sigma or fine_step(self.factor, self.cfg.aux_step) / 2
 
 
-EVERY = "*"  # settings under numeric."*" hold for every numeric factor without settings of its own
+EVERY = "*"  # settings under numeric."*" hold for every numeric factor; a factor's own lie over them (config.py)
 
 
 def settings_of(cfg: Config, factor: str) -> NumericCfg:
-    """A numeric factor's settings: its own, else those under "*", else the defaults."""
+    """A numeric factor's settings: its own (already laid over those under "*" when the config was
+    read), else those under "*", else the defaults."""
     return cfg.numeric.get(factor, cfg.numeric.get(EVERY, NumericCfg()))
 
 

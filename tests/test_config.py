@@ -87,3 +87,22 @@ def test_the_demo_config_takes_any_folder_name(tmp_path):
     cfg = demo_config(out, ["train.seed=3"])
     assert cfg.data_root == str((out / "data").resolve()) and cfg.data.cache_dir == str(out / "cache")
     assert cfg.train.seed == 3
+
+
+def test_a_numeric_factors_settings_are_laid_over_every_factors(tmp_path):
+    from multitask.numeric import settings_of
+
+    # one setting changed: the built-in auxiliary head stays (it was lost when the override made
+    # a mapping of that factor alone)
+    cfg = load_config(None, ["numeric.age.soft_edge=3"])
+    assert settings_of(cfg, "age").aux == "regression" and settings_of(cfg, "age").soft_edge == 3
+    assert settings_of(load_config(None, ["numeric.age.aux=none"]), "age").aux == "none"  # said outright
+    assert load_config(None, ["numeric={}"]).numeric == {}  # none at all
+    path = tmp_path / "c.yaml"
+    path.write_text("numeric:\n  '*': {aux: ordinal, aux_weight: 0.5}\n  age: {soft_edge: 2}\n")
+    age = settings_of(load_config(path), "age")
+    assert (age.aux, age.aux_weight, age.soft_edge) == ("ordinal", 0.5, 2)
+    # written out whole: the run read back from its config.yaml has the same settings
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(load_config(path)))
+    assert settings_of(load_config(saved), "age") == age
