@@ -21,7 +21,7 @@ from PIL import Image
 
 from multitask.config import Config
 from multitask.context import read_data, task_of
-from multitask.data.cache import DECODE_ERRORS
+from multitask.data.cache import DECODE_ERRORS, ORIENTATION
 from multitask.data.table import factor_values, value_column
 from multitask.labels import Task
 from multitask.run import atomic_write_bytes, atomic_write_text
@@ -29,6 +29,7 @@ from multitask.run import atomic_write_bytes, atomic_write_text
 SAMPLES_PER_CLASS = 6
 THUMB = 64
 MAX_LISTED = 50
+TURNED = (5, 6, 7, 8)  # EXIF orientations that turn the picture a quarter: width and height swap
 
 
 def image_facts(paths: list[str]) -> tuple[pd.DataFrame, list[dict]]:
@@ -41,6 +42,8 @@ def image_facts(paths: list[str]) -> tuple[pd.DataFrame, list[dict]]:
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt, (w, h) = im.format, im.size
+                if im.getexif().get(ORIENTATION, 1) in TURNED:  # as the cache turns it upright
+                    w, h = h, w
                 im.convert("RGB").load()
             rows.append((p, fmt, w, h, digest))
         except DECODE_ERRORS as e:
@@ -52,7 +55,7 @@ def image_facts(paths: list[str]) -> tuple[pd.DataFrame, list[dict]]:
 def anomalies(train: pd.DataFrame, facts: pd.DataFrame, unreadable: list[dict], skipped: pd.DataFrame) -> dict:
     out: dict[str, list] = {"reader_problems": skipped.to_dict("records")[:MAX_LISTED], "unreadable": unreadable[:MAX_LISTED]}
     sizes = train.groupby("group").size()
-    usual = int(sizes.mode().iloc[0]) if len(sizes) else 0
+    usual = int(sizes.mode().max()) if len(sizes) else 0  # of two sizes as common, the larger: the smaller is short
     short = sizes[sizes < usual]
     out["groups_with_fewer_pictures"] = [{"group": str(g), "pictures": int(n), "usual": usual} for g, n in short.items()][:MAX_LISTED]
     dupes = facts[facts["sha1"].duplicated(keep=False) & facts["format"].notna()].groupby("sha1")["path"].apply(list)

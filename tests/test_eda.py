@@ -62,3 +62,29 @@ def test_eda_of_a_table_task_flags_groups_that_disagree(tmp_path):
     assert "labels_disagree_within_group" not in eda["anomalies"]  # the reader left the group out: nothing to find
     assert eda["counts"]["images"] == 5 * 3 and eda["numeric"]["size"]["bins"] == [20, 30]
     assert (tmp_path / "eda" / "numeric_size.png").exists()
+
+
+def test_groups_as_common_as_the_full_ones_are_still_short():
+    import pandas as pd
+
+    from multitask.eda import anomalies
+
+    counts = {"a": 7, "b": 7, "c": 5, "d": 5, "e": 6}  # two sizes equally common: 7 is the full one
+    train = pd.DataFrame({"group": [g for g, n in counts.items() for _ in range(n)]})
+    facts = pd.DataFrame({"sha1": [str(i) for i in range(len(train))], "format": "JPEG", "path": "x"})
+    short = anomalies(train, facts, [], pd.DataFrame())["groups_with_fewer_pictures"]
+    assert [(s["group"], s["pictures"], s["usual"]) for s in short] == [("c", 5, 7), ("d", 5, 7), ("e", 6, 7)]
+
+
+def test_image_sizes_are_those_of_the_upright_picture(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from multitask.data.cache import ORIENTATION
+    from multitask.eda import image_facts
+
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6  # stored sideways, shown turned a quarter
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "phone.jpg", exif=exif)
+    facts, _ = image_facts([str(tmp_path / "phone.jpg")])
+    assert (facts["width"].iloc[0], facts["height"].iloc[0]) == (30, 40)
