@@ -20,7 +20,7 @@ from multitask.config import Config, ConfigError
 from multitask.context import (Context, build_task, claim_run_dir, every_fold, load_images, open_context, read_checked,
                                reopen_context, run_settings_hash)
 from multitask.budget import epochs_of_run, fit_epochs
-from multitask.data.augment import build_albumentations
+from multitask.data.augment import check_albumentations
 from multitask.data.dataset import RowImages
 from multitask.data.folds import make_folds
 from multitask.data.table import factor_values, numeric_matrix, numeric_values
@@ -359,7 +359,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     check_model(cfg.model)
     device = resolve_device(cfg.train.device)
     if cfg.aug.backend == "albumentations":
-        build_albumentations(cfg.aug.train)
+        check_albumentations(cfg.aug.train, tuple(cfg.data.img_size))
     table = read_checked(cfg, task, progress)
     check_writable(run.root)  # before the cache build, which may take long
     if dist.world() > 1:  # rank 0 decodes into the cache first; the others then find it there

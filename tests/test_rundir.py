@@ -110,6 +110,8 @@ def test_a_pseudo_round_with_nothing_to_add_is_not_trained(run, monkeypatch):
     ("model.backbone=resnet9000", "model.backbone 'resnet9000' is not a timm model; close: resnet200"),
     ("aug.train=[{name: Flipz}]", "'Flipz' is not an albumentations transform"),
     ("aug.train=[{name: HorizontalFlip, q: 2}]", "HorizontalFlip"),
+    ("aug.train=[{name: Normalize}]", "Normalize turns the uint8 picture into float32"),
+    ("aug.train=[{name: CenterCrop, height: 24, width: 24}]", "CenterCrop turns a 32x32 picture into 24x24"),
     ("train.lrr=0.1", "train.lrr: Extra inputs are not permitted (did you mean train.lr?)  [from --set train.lrr=0.1]"),
     ("losses.agee.name=ce", "losses given for ['agee']"),
     ("model.checkpoint=/nonexistent/w.pth", "/nonexistent/w.pth: checkpoint file not found"),

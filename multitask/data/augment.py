@@ -7,9 +7,11 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,28 @@ def build_albumentations(specs: list[dict], where: str = "aug.train"):
         except Exception as e:  # albumentations validates its params with pydantic and raises various errors
             raise ConfigError(f"{where}: {spec['name']}({params}) is invalid: {e}") from None
     return A.Compose(transforms)
+
+
+def check_albumentations(specs: list[dict], size: tuple[int, int], where: str = "aug.train") -> None:
+    """Each transform, fired once on a picture of the cache's size, keeps it uint8 of that size: the
+    cache is already at data.img_size, training writes each picture back into a uint8 batch of that
+    shape, and the model normalises the pixels itself (a Normalize would be cast back to uint8, a
+    Resize or crop would not fit)."""
+    compose = build_albumentations(specs, where)
+    if compose is None:
+        return
+    picture = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    for spec, transform in zip(specs, compose.transforms):
+        fired = copy.deepcopy(transform)
+        fired.p = 1.0
+        out = np.asarray(fired(image=picture)["image"])
+        if out.dtype != np.uint8:
+            raise ConfigError(f"{where}: {spec['name']} turns the uint8 picture into {out.dtype}; the model "
+                              f"normalises the pixels itself, leave it out")
+        if out.shape != picture.shape:
+            raise ConfigError(f"{where}: {spec['name']} turns a {size[0]}x{size[1]} picture into "
+                              f"{out.shape[0]}x{out.shape[1]}; pictures are cached at data.img_size, so a "
+                              f"transform must keep their size (a crop: Affine's scale, or RandomResizedCrop to data.img_size)")
 
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
