@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from multitask.config import Config, ConfigError, DistillCfg, apply_overrides, validate
-from multitask.context import (build_task, check_round, claim_run_dir, load_run_config, open_context, reopen_context,
-                               task_of)
+from multitask.context import (build_task, check_round, claim_run_dir, clear_run, load_run_config, open_context,
+                               reopen_context, task_of)
 from multitask.data.cache import undecodable_error
 from multitask.decide import Decision, blend_only, load_decision, predict_classes
 from multitask.kfold import train_ids, train_round
@@ -115,7 +115,10 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     test_paths = t_ctx.table.test["path"].tolist() if unlabeled and t_ctx.table.test is not None else []
     teacher_decision = load_decision(teacher.round_dir(r))
     probs = teacher_probs(teacher, r, t_cfg, teacher_decision, train_paths + test_paths, progress)
-    claim_run_dir(run, cfg, force)
+    if force:
+        clear_run(run)
+    # what the student needs first, config.yaml (the mark of a run) last: a student stopped in between
+    # is not taken for one by a plain retry
     if teacher.skipped.exists():  # the items the teacher left out (--skip-bad), left out again
         atomic_write_text(run.skipped, teacher.skipped.read_text())
     # fold 0 is the teacher's validation fold, fold 1 every other group: the student trains fold 0
@@ -128,6 +131,7 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     if teacher_decision is not None and teacher_decision.offsets is not None:
         offsets = Decision(offsets=teacher_decision.offsets)
         write_json(run.round_dir(0) / "decision.json", {"decision": asdict(offsets), "from_teacher": str(teacher.root)})
+    claim_run_dir(run, cfg)
     ctx = open_context(run, cfg, progress)
     summary = train_round(ctx, 0, progress)
     return summary | {"teacher_round": r, "teacher_why": why}

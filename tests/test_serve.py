@@ -266,6 +266,21 @@ def test_teacher_targets_are_marginals_with_the_true_label_mixed_in(demo_root):
     assert torch.allclose(out["mask"][1], mask_t[1]) and torch.allclose(out["gender_age"][1], ga_t[1])
 
 
+def test_a_student_stopped_while_it_is_set_up_is_not_taken_for_a_run(runs, tmp_path, monkeypatch):
+    import multitask.distill as distill_mod
+
+    student = tmp_path / "student"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped while writing the teacher's targets")
+    with monkeypatch.context() as m:
+        m.setattr(distill_mod, "save_npz", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            distill(runs["shared"], student, epochs=1)
+    assert not RunDir(student).config.exists()
+    assert distill(runs["shared"], student, epochs=1)["complete"]  # a plain retry, no --force
+
+
 def test_a_student_is_a_run_that_submit_predict_and_export_accept(runs, demo_root, tmp_path):
     teacher = runs["shared"]
     student = tmp_path / "student"
