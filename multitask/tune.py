@@ -135,8 +135,12 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
     from multitask.kfold import train_run
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, list(overrides), data=data)  # a bad config stops here, before any trial
+    if base.train.time_limit_s:
+        raise ConfigError("train.time_limit_s in a study: each trial would train as many epochs as its own time "
+                          "allows, and the pruner compares trials epoch by epoch; give the study's budget to "
+                          "`mt tune --time-limit` instead")
+    out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}", direction="maximize",
                                 load_if_exists=True,

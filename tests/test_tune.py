@@ -5,7 +5,7 @@ import yaml
 from typer.testing import CliRunner
 
 from multitask.cli import app
-from multitask.config import load_config
+from multitask.config import ConfigError, load_config
 from multitask.run import RunDir
 from multitask.tune import tune
 
@@ -126,3 +126,10 @@ def test_a_trial_keeps_the_base_settings_it_does_not_tune():
         assert (cfg.aug.mix.stop_epoch, cfg.aug.mix.switch_prob) == (10, 0.9)  # tuned: the alphas and prob
         sizes.add(cfg.data.img_size)
     assert sizes == {(36, 100), (48, 128)}  # 1.0 keeps the size as configured; 1.25 rounds to multiples of 8
+
+
+def test_a_time_limit_per_trial_is_refused_before_any_trial(tmp_path):
+    pytest.importorskip("optuna")
+    with pytest.raises(ConfigError, match="train.time_limit_s in a study.*mt tune --time-limit"):
+        tune(None, tmp_path / "study", trials=1, overrides=["train.time_limit_s=60"])
+    assert not (tmp_path / "study").exists()
