@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pandas as pd
 import pytest
 import torch
@@ -29,6 +31,17 @@ def tiny_config(root, *overrides):
     return load_config(None, [
         f"data_root={root}", "train.device=cpu", "model.backbone=test_efficientnet", "data.img_size=[32, 32]",
         "train.folds=2", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=64", *overrides])
+
+
+@contextmanager
+def stopped_in(monkeypatch, module, name: str):
+    """The block is stopped (KeyboardInterrupt, as a user's Ctrl-C) where it calls `module.name`."""
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt(f"stopped in {name}")
+    with monkeypatch.context() as m:
+        m.setattr(module, name, stop)
+        with pytest.raises(KeyboardInterrupt):
+            yield
 
 
 def metrics_of(path):

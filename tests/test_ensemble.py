@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from conftest import stopped_in, tiny_config
 from multitask.cli import app
 from multitask.config import ConfigError
 from multitask.context import build_task, load_run_config
@@ -203,13 +203,8 @@ def test_an_interrupted_ensemble_leaves_nothing_behind(members, tmp_path, monkey
 
     a, b = members
     out = tmp_path / "ens"
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt("interrupted while fitting the decision")
-    with monkeypatch.context() as m:
-        m.setattr(ensemble, "decide_round", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            make_ensemble([a, b], out)
+    with stopped_in(monkeypatch, ensemble, "decide_round"):  # while it fits the decision
+        make_ensemble([a, b], out)
     assert not out.exists() and not list(tmp_path.iterdir())  # nor the staging folder beside it
     make_ensemble([a, b], out)  # the retry is not taken for a finished run
     assert (out / "summary.json").exists() and make_submission(out).exists()

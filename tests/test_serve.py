@@ -10,7 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from conftest import stopped_in, tiny_config
 from multitask import export as export_mod
 from multitask import serve
 from multitask.cli import app
@@ -270,13 +270,8 @@ def test_a_student_stopped_while_it_is_set_up_is_not_taken_for_a_run(runs, tmp_p
     import multitask.distill as distill_mod
 
     student = tmp_path / "student"
-
-    def stopped(*args, **kwargs):
-        raise KeyboardInterrupt("stopped while writing the teacher's targets")
-    with monkeypatch.context() as m:
-        m.setattr(distill_mod, "save_npz", stopped)
-        with pytest.raises(KeyboardInterrupt):
-            distill(runs["shared"], student, epochs=1)
+    with stopped_in(monkeypatch, distill_mod, "save_npz"):  # while it writes the teacher's targets
+        distill(runs["shared"], student, epochs=1)
     assert not RunDir(student).config.exists()
     assert distill(runs["shared"], student, epochs=1)["complete"]  # a plain retry, no --force
 
