@@ -190,37 +190,30 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
         "heads": FLAT_HEAD, "numeric": {}, "losses": {},
         "ensemble": EnsembleCfg(runs=[str(r.resolve()) for r in runs], rounds=[m["round"] for m in members],
                                 weights=[float(x) for x in w], train_ids=[m["train_ids"] for m in members])})
-    with staged_dir(Path(out)) as staging:
-        return write_ensemble(RunDir(staging), cfg, runs, members, w, fold_weights)
-
-
-def write_ensemble(run: RunDir, cfg, runs: list[Path], members: list[dict], w: np.ndarray,
-                   fold_weights: dict[int, np.ndarray] | None) -> dict:
-    """The ensemble's run directory: config, split, voted OOF and test probabilities, its decision;
-    `fold_weights` where the weights were fitted (refitted without each fold)."""
     task, heads = build_task(cfg)
-    oof = members[0]["oof"]
-    factors, folds = oof["factors"], oof["fold"]
-    oof_probs = [m["oof_probs"] for m in members]
-    atomic_write_text(run.config, dump_config(cfg))
-    atomic_write_text(run.folds, RunDir(runs[0]).folds.read_text())
-    voted = weighted(oof_probs, w)
-    save_npz(run.round_dir(0) / "oof.npz", **{k: v for k, v in oof.items() if not k.startswith("p_")}, p_class=voted)
-    if members[0]["test_probs"] is not None:
-        save_npz(run.round_dir(0) / "test_probs.npz", image_id=members[0]["test_ids"],
-                 p_class=weighted([m["test_probs"] for m in members], w), **members[0]["test_likeness"])
-    summary = {"round": 0, "folds_done": read_json(RunDir(runs[0]).round_dir(members[0]["round"]) / "summary.json")["folds_done"],
-               "members": [{"run": str(r), "round": m["round"], "weight": float(x), "oof": scores_of(task, m["oof_probs"].argmax(1), factors)}
-                           for r, m, x in zip(runs, members, w)],
-               "oof": scores_of(task, voted.argmax(1), factors),
-               "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task, fold_weights)
-               if fold_weights is not None else None}
-    if is_active(task, cfg):
-        # fold-honest all the way: fold k's decision is fitted on a vote whose weights never saw fold k
-        # (each member's auxiliary blend stays its own, one number fitted on the member's OOF)
-        without = (lambda k: {FLAT_HEAD: weighted(oof_probs, fold_weights[k])}) if fold_weights else None  # noqa: E731
-        summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg,
-                                           oof.get("likeness"), without)
-    write_json(run.round_dir(0) / "summary.json", summary)
-    write_json(run.summary, {"latest_round": 0, "rounds": [summary]})
+    # built aside and moved to `out` whole: an ensemble stopped while its decision is fitted leaves
+    # nothing there that a retry would take for a finished run
+    with staged_dir(Path(out)) as staging:
+        run = RunDir(staging)
+        atomic_write_text(run.config, dump_config(cfg))
+        atomic_write_text(run.folds, RunDir(runs[0]).folds.read_text())
+        voted = weighted(oof_probs, w)
+        save_npz(run.round_dir(0) / "oof.npz", **{k: v for k, v in oof.items() if not k.startswith("p_")}, p_class=voted)
+        if members[0]["test_probs"] is not None:
+            save_npz(run.round_dir(0) / "test_probs.npz", image_id=members[0]["test_ids"],
+                     p_class=weighted([m["test_probs"] for m in members], w), **members[0]["test_likeness"])
+        summary = {"round": 0, "folds_done": read_json(RunDir(runs[0]).round_dir(members[0]["round"]) / "summary.json")["folds_done"],
+                   "members": [{"run": str(r), "round": m["round"], "weight": float(x), "oof": scores_of(task, m["oof_probs"].argmax(1), factors)}
+                               for r, m, x in zip(runs, members, w)],
+                   "oof": scores_of(task, voted.argmax(1), factors),
+                   "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task, fold_weights)
+                   if fold_weights is not None else None}
+        if is_active(task, cfg):
+            # fold-honest all the way: fold k's decision is fitted on a vote whose weights never saw fold k
+            # (each member's auxiliary blend stays its own, one number fitted on the member's OOF)
+            without = (lambda k: {FLAT_HEAD: weighted(oof_probs, fold_weights[k])}) if fold_weights else None  # noqa: E731
+            summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg,
+                                               oof.get("likeness"), without)
+        write_json(run.round_dir(0) / "summary.json", summary)
+        write_json(run.summary, {"latest_round": 0, "rounds": [summary]})
     return summary
