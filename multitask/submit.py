@@ -73,7 +73,7 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
                               f"{ctx.task.factor_names}")
     made, r = served.meta.get("train_ids"), served.meta["round"]  # files exported before training ids: None
     if made and Path(served.meta["run"]) == ctx.run.root.resolve() and (
-            not (ctx.run.round_dir(r) / "summary.json").exists() or made != ctx.run.round_train_ids(r)):
+            r not in ctx.run.rounds() or made != ctx.run.round_train_ids(r)):
         raise SubmissionError(f"{onnx} was exported from round {served.meta['round']} of {ctx.run.root} as it was "
                               f"before it was trained again; export it again (`mt export --run {ctx.run.root}`)")
     if ctx.table.test is None:
