@@ -99,7 +99,7 @@ def stream_predictions(task: Task, ids: list[str], paths: list[str], out: str | 
             decoded, chunk_bad = decode(part)
             bad += [(start + i, why) for i, why in chunk_bad]
             keep = np.setdiff1d(np.arange(len(part)), [i for i, _ in chunk_bad])
-            if not (bad and not skip_bad) and len(keep):  # else go on decoding only to list every bad image at once
+            if len(keep) and (skip_bad or not bad):  # else go on decoding only to list every bad image at once
                 combined, classes = predict(decoded, keep)
                 columns, rows = prediction_table(task, [ids[start + i] for i in keep], combined, classes, with_probs)
                 write_rows(fh, columns, rows, header=written == 0)
