@@ -8,9 +8,11 @@ CUDA's lazy start and cuDNN's algorithm search for each new shape: on an H200 a 
 once took some 100 s where each later fold, epoch and prediction, took 11 s, and a 180-s budget
 left one epoch of ten; docs/PERFORMANCE.md), so the later folds are reckoned at the second epoch's
 time and the prediction's; `--jobs` workers, each a fresh process, pay the first epoch's extra once
-more each. The epochs per fold are the most that fit what is left of the budget, a tenth of it kept
-back for what the probe does not time (each fold's set-up, the end of the round); never more than
-configured. Workers that share a device count as one after another, so the estimate errs on the
+more each. The budget is the whole command's, counted from its start: reading the table and decoding
+the images come off it first (on an H200 they took about a minute of a 420-s budget, which the run
+then overran by 12 s). The epochs per fold are the most that fit what is left, a tenth of the budget
+kept back for what the probe does not time (each fold's set-up, the end of the round); never more
+than configured. Workers that share a device count as one after another, so the estimate errs on the
 short side.
 
 A run directory that already holds a run (`--fold K` from another shell) is not measured again: it
@@ -72,10 +74,11 @@ class Probe:
 KEPT = 0.1  # of the budget, for what the probe does not time (each fold's set-up, the end of the round)
 
 
-def epochs_that_fit(budget_s: float, probe: Probe, in_turn: int, restarts: int = 0) -> int:
+def epochs_that_fit(budget_s: float, probe: Probe, in_turn: int, restarts: int = 0, spent_s: float = 0.0) -> int:
     """Epochs per fold that fit what the probe left of the budget (0: not one); `restarts`: fresh
-    processes (`--jobs` workers) one after another, each paying the one-off costs again."""
-    left = (1 - KEPT) * budget_s - probe.total_s - restarts * probe.one_off_s
+    processes (`--jobs` workers) one after another, each paying the one-off costs again; `spent_s`:
+    what the command took before the probe (reading the table, decoding the images)."""
+    left = (1 - KEPT) * budget_s - spent_s - probe.total_s - restarts * probe.one_off_s
     per_fold = left / in_turn - probe.predict_s
     return int(per_fold // probe.epoch_s) if per_fold > 0 else 0
 
@@ -121,8 +124,9 @@ def epochs_of_run(run: RunDir, cfg: Config, say=print) -> Config | None:
     return cfg
 
 
-def fit_epochs(cfg: Config, table, images, device, progress=None, say=print) -> Config:
-    """`cfg` with train.epochs lowered to what fits train.time_limit_s (measured), and a line saying so."""
+def fit_epochs(cfg: Config, table, images, device, progress=None, say=print, spent_s: float = 0.0) -> Config:
+    """`cfg` with train.epochs lowered to what fits train.time_limit_s (measured), and a line saying so.
+    `spent_s`: what the command took before the probe, already off the budget."""
     from multitask.kfold import worker_devices
 
     budget = cfg.train.time_limit_s
@@ -133,9 +137,9 @@ def fit_epochs(cfg: Config, table, images, device, progress=None, say=print) -> 
     folds = len(cfg.train.fold) if cfg.train.fold is not None else cfg.train.folds
     devices = len(set(worker_devices(cfg.train.device)))
     in_turn = folds_in_turn(folds, cfg.train.jobs, devices)
-    fits = epochs_that_fit(budget, probe, in_turn, restarts_in_turn(folds, cfg.train.jobs, devices))
+    fits = epochs_that_fit(budget, probe, in_turn, restarts_in_turn(folds, cfg.train.jobs, devices), spent_s)
     epochs = max(1, min(cfg.train.epochs, fits))
-    line = (f"time limit {budget:.0f} s: a probe of two epochs took {probe.total_s:.1f} s: the set-up and first "
+    line = (f"time limit {budget:.0f} s: reading and decoding took {spent_s:.1f} s, a probe of two epochs took {probe.total_s:.1f} s: the set-up and first "
             f"epoch {probe.first_s:.1f} s, the second {probe.epoch_s:.1f} s, the "
             f"prediction {probe.predict_s:.1f} s; {in_turn} fold(s) one after another: ")
     if epochs < cfg.train.epochs:

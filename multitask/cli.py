@@ -101,7 +101,7 @@ def train(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="dotted override, e.g. train.lr=3e-4 (repeatable)"),
     force: bool = typer.Option(False, "--force", help="start over in a run directory that already holds a run (every round is removed)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out training items with a problem instead of stopping (listed in RUN/skipped.csv)"),
-    time_limit: Optional[str] = typer.Option(None, "--time-limit", help="a budget for the whole round, e.g. 20m or 2h: the epochs are fitted to it from two measured epochs (never more than configured)"),
+    time_limit: Optional[str] = typer.Option(None, "--time-limit", help="a budget for the whole command, e.g. 20m or 2h, reading and decoding the images included: the epochs are fitted to what is left of it from two measured epochs (never more than configured)"),
 ):
     """Train every fold (round 0); write checkpoints, OOF and test probabilities into the run directory."""
     from multitask.config import load_config

@@ -352,6 +352,7 @@ def check_round_labels(ctx: Context, r: int) -> None:
 def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, on_epoch=None) -> dict:
     """`mt train`: round 0 of a run; `force` clears an existing run in `out` first. `on_epoch(fold,
     epoch, row)` sees every epoch's metrics row (folds trained one after another only)."""
+    started = time.perf_counter()  # a time limit is the whole command's: reading and decoding count
     run = RunDir(out)
     task, _ = build_task(cfg)
     # check, read and decode everything before touching the run directory: a bad backbone, heads,
@@ -370,7 +371,8 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
         say = say if dist.is_main() else (lambda _: None)
         # a run already there (`--fold K` from another shell) keeps its epochs: checked before the probe
         kept = None if force else dist.on_main(epochs_of_run, run, cfg, say)
-        cfg = kept if kept is not None else fit_epochs(cfg, table, images, dist.device_for(device), progress, say)
+        cfg = kept if kept is not None else fit_epochs(cfg, table, images, dist.device_for(device), progress, say,
+                                                              time.perf_counter() - started)
     dist.on_main(claim_and_open, run, cfg, task, force, table, images)
     ctx = open_context(run, cfg, progress, table, images)
     return train_round(ctx, 0, progress=progress, on_epoch=on_epoch) | {"skipped": len(table.skipped)}

@@ -470,6 +470,35 @@ def test_time_limit_charges_each_jobs_worker_the_one_off_costs_again():
     assert probe.total_s + restarts * probe.one_off_s + in_turn * (epochs * probe.epoch_s + probe.predict_s) <= 420
 
 
+def test_time_limit_is_the_whole_commands_reading_and_decoding_included(demo_root, tmp_path, monkeypatch):
+    """On an H200 a 420-s limit ran 432 s: the minute spent reading and decoding 28,098 faces before
+    the probe was not taken off the budget. It is now, in the reckoning and in what mt train says."""
+    import time
+
+    import multitask.kfold as kfold
+    from multitask.budget import Probe, epochs_that_fit
+
+    probe = Probe(total_s=25, epoch_s=10, predict_s=5)
+    assert epochs_that_fit(600, probe, 5) == (515 / 5 - 5) // 10 == 9
+    assert epochs_that_fit(600, probe, 5, spent_s=60) == (455 / 5 - 5) // 10 == 8
+    assert epochs_that_fit(600, probe, 5, spent_s=540) == 0
+    spent, real_load = [], kfold.load_images
+
+    def slow_load(*args, **kwargs):
+        time.sleep(0.3)
+        return real_load(*args, **kwargs)
+
+    def fit(cfg, table, images, device, progress, say, spent_s):
+        spent.append(spent_s)
+        return cfg
+
+    monkeypatch.setattr(kfold, "load_images", slow_load)
+    monkeypatch.setattr(kfold, "fit_epochs", fit)
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.time_limit_s=600",
+                          "train.fold=[0]", "decide.subjects=null"), tmp_path / "run")
+    assert len(spent) == 1 and spent[0] >= 0.3
+
+
 def test_time_limit_probe_trains_two_epochs_and_times_the_second(demo_root, tmp_path, monkeypatch):
     import torch
 
@@ -495,6 +524,7 @@ def test_time_limit_probe_trains_two_epochs_and_times_the_second(demo_root, tmp_
     assert probe.epoch_s + probe.predict_s < probe.total_s
     fitted = budget.fit_epochs(cfg, table, load_images(cfg, table), torch.device("cpu"), say=said.append)
     assert fitted.train.epochs == 4 and "a probe of two epochs took" in said[0] and "all 4 epochs" in said[0]
+    assert "reading and decoding took 0.0 s" in said[0]  # nothing spent before the probe was passed
     # one epoch configured: nothing to fit, nothing trained
     trained.clear()
     one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
