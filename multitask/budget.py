@@ -9,8 +9,8 @@ once took some 100 s where each later fold, epoch and prediction, took 11 s, and
 left one epoch of ten; docs/PERFORMANCE.md), so the later folds are reckoned at the second epoch's
 time and the prediction's; `--jobs` workers, each a fresh process, pay the first epoch's extra once
 more each. The budget is the whole command's, counted from its start: reading the table and decoding
-the images come off it first (on an H200 they took about a minute of a 420-s budget, which the run
-then overran by 12 s). The epochs per fold are the most that fit what is left, a tenth of the budget
+the images come off it first (on an H200 a 420-s budget ran 432 s: the probe took 77 s and the
+folds 288 s, and the other 67 s, before the probe and after the folds, were not reckoned). The epochs per fold are the most that fit what is left, a tenth of the budget
 kept back for what the probe does not time (each fold's set-up, the end of the round); never more
 than configured. Workers that share a device count as one after another, so the estimate errs on the
 short side.

@@ -471,8 +471,8 @@ def test_time_limit_charges_each_jobs_worker_the_one_off_costs_again():
 
 
 def test_time_limit_is_the_whole_commands_reading_and_decoding_included(demo_root, tmp_path, monkeypatch):
-    """On an H200 a 420-s limit ran 432 s: the minute spent reading and decoding 28,098 faces before
-    the probe was not taken off the budget. It is now, in the reckoning and in what mt train says."""
+    """On an H200 a 420-s limit ran 432 s: what went before the probe (reading the table, decoding
+    28,098 faces) was not taken off the budget. It is now, in the reckoning and in what it says."""
     import time
 
     import multitask.kfold as kfold
