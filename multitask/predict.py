@@ -34,9 +34,12 @@ def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: t
     output's reading, see numeric.aux_activation). They stay on the device
     until the end: a copy to the host per batch would wait for the GPU every batch.
 
-    With `train.compile` the forward is compiled too. Dynamo treats the weights as inputs, so every
-    fold's model (and the EMA copy validated each epoch) reuses the same graphs: one for the full
-    batch and one, dynamic in the batch size, for the shorter last batches."""
+    With `train.compile` the forward is compiled too, and a short last batch is padded to the full
+    one: every call then runs the one graph. Dynamo treats the weights as inputs, so every fold's
+    model (and the EMA copy validated each epoch) reuses it. Unpadded, each new short size compiled
+    again: a graph dynamic in the batch size came back narrowed to a range by the backend (on the
+    CPU, 2 to 15 rows), so the next short batch outside it compiled another, inside the timed
+    prediction of bench_throughput too."""
     views = list(cfg.aug.tta if views is None else views)
     was_training = model.training
     model.eval()
@@ -45,21 +48,34 @@ def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: t
              for name, head in model.heads.items()}
     start = 0
     for x in eval_batches(images, cfg.train.eval_batch_size, device, cfg.data.cache_on_device):
+        n = len(x)
+        if cfg.train.compile and n < cfg.train.eval_batch_size:  # eval-mode layers see each image alone
+            x = padded(x, cfg.train.eval_batch_size)
         for i, view in enumerate(views):
             with autocast(device, cfg.train.amp):
                 out = forward(prepare_input(tta_view(x, view), cfg, device))
             for name, logits in out.items():
+                logits = logits[:n]
                 p = aux_activation(logits, aux_kind(cfg, name)) if is_aux(name) else logits.float().softmax(1)
-                batch = probs[name][start:start + len(x)]
+                batch = probs[name][start:start + n]
                 if i == 0:
                     batch.copy_(p)
                 else:
                     batch.add_(p)
         for p in probs.values():
-            p[start:start + len(x)].div_(len(views))
-        start += len(x)
+            p[start:start + n].div_(len(views))
+        start += n
     model.train(was_training)
     return {name: p.cpu().numpy() for name, p in probs.items()}
+
+
+def padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` with zero rows up to `rows`, in its own memory layout: the batches come channels-last from
+    the NHWC caches, and a padded batch of another layout would compile a graph of its own."""
+    out = x.new_empty_strided((rows, *x.shape[1:]), x.stride())
+    out[:len(x)] = x
+    out[len(x):] = 0
+    return out
 
 
 def soft_vote(prob_sets: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

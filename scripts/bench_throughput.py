@@ -207,10 +207,9 @@ def main() -> None:
     # inference: TTA views × folds, soft-voted, over the cached images
     models = [make_training(cfg, heads, device).model.eval() for _ in range(a.folds)]
     test = RowImages.of(images)
-    # warm-up over a full batch and a short one: with --compile those are the two graphs (a batch of
-    # one would get a graph of its own, so the short one has two rows)
-    warm_rows = np.arange(min(len(images), cfg.train.eval_batch_size + 2))
-    predict_probs(models[0], RowImages.of(images, warm_rows), cfg, device)
+    # warm-up over the very shapes timed: each new batch shape costs a compile (--compile) or
+    # cuDNN's algorithm search (cudnn.benchmark), which a prediction pays once per process
+    predict_probs(models[0], test, cfg, device)
     sync(device)
     t0 = time.perf_counter()
     soft_vote([predict_probs(m, test, cfg, device) for m in models])
