@@ -10,9 +10,9 @@ left one epoch of ten; docs/PERFORMANCE.md), so the later folds are reckoned at 
 time and the prediction's; `--jobs` workers, each a fresh process, pay the first epoch's extra once
 more each. The budget is the whole command's, counted from its start: reading the table and decoding
 the images come off it first (on an H200 a 420-s budget ran 432 s: the probe took 77 s and the
-folds 288 s, and the other 67 s, before the probe and after the folds, were not reckoned). The epochs per fold are the most that fit what is left, a tenth of the budget
-kept back for what the probe does not time (each fold's set-up, the end of the round); never more
-than configured. Workers that share a device count as one after another, so the estimate errs on the
+folds 288 s, and the other 67 s, before the probe and after the folds, were not reckoned). The
+epochs per fold are the most that fit what is left, a tenth of the budget kept back for what the
+probe does not time (each fold's set-up, the end of the round); never more than configured. Workers that share a device count as one after another, so the estimate errs on the
 short side.
 
 A run directory that already holds a run (`--fold K` from another shell) is not measured again: it
@@ -139,9 +139,9 @@ def fit_epochs(cfg: Config, table, images, device, progress=None, say=print, spe
     in_turn = folds_in_turn(folds, cfg.train.jobs, devices)
     fits = epochs_that_fit(budget, probe, in_turn, restarts_in_turn(folds, cfg.train.jobs, devices), spent_s)
     epochs = max(1, min(cfg.train.epochs, fits))
-    line = (f"time limit {budget:.0f} s: reading and decoding took {spent_s:.1f} s, a probe of two epochs took {probe.total_s:.1f} s: the set-up and first "
-            f"epoch {probe.first_s:.1f} s, the second {probe.epoch_s:.1f} s, the "
-            f"prediction {probe.predict_s:.1f} s; {in_turn} fold(s) one after another: ")
+    line = (f"time limit {budget:.0f} s: reading and decoding took {spent_s:.1f} s, a probe of two epochs "
+            f"{probe.total_s:.1f} s (the set-up and first epoch {probe.first_s:.1f} s, the second "
+            f"{probe.epoch_s:.1f} s, the prediction {probe.predict_s:.1f} s); {in_turn} fold(s) one after another: ")
     if epochs < cfg.train.epochs:
         line += f"training {epochs} epochs per fold instead of {cfg.train.epochs}"
         line += "" if fits >= 1 else " (the least there is: the budget is shorter than one epoch per fold)"

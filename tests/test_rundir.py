@@ -523,7 +523,7 @@ def test_time_limit_probe_trains_two_epochs_and_times_the_second(demo_root, tmp_
     assert 0 < probe.epoch_s < probe.total_s and 0 < probe.predict_s < probe.total_s
     assert probe.epoch_s + probe.predict_s < probe.total_s
     fitted = budget.fit_epochs(cfg, table, load_images(cfg, table), torch.device("cpu"), say=said.append)
-    assert fitted.train.epochs == 4 and "a probe of two epochs took" in said[0] and "all 4 epochs" in said[0]
+    assert fitted.train.epochs == 4 and "a probe of two epochs " in said[0] and "all 4 epochs" in said[0]
     assert "reading and decoding took 0.0 s" in said[0]  # nothing spent before the probe was passed
     # one epoch configured: nothing to fit, nothing trained
     trained.clear()
