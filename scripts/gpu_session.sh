@@ -15,19 +15,23 @@
 #   echo /.utk/ >> .git/info/exclude; mkdir -p .utk/data; cp -r ../shared/tools .utk/
 #   cp -r ../shared/data/utkface ../shared/data/mask_templates .utk/data/
 # Then, on the device (carry: [".whl", ".utk"]; bench_cache reads .faces where it exists, else the
-# faces under .utk). On 2026-11-26 an H200 ran `throughput` (over 360 s: bench_cache never printed)
-# and a spoilt `accuracy` (docs/PERFORMANCE.md), so a session with a device now runs, in this order:
-#   bash scripts/gpu_session.sh accuracy     # issue 14's GPU target: the full real-face build,
-#       configs/competition.yaml from scratch with 7 minutes for all folds (TRAIN_LIMIT), held-out F1;
-#       about 8 minutes (timeout_s 600)
-#   bash scripts/gpu_session.sh cache        # bench_cache on 16 cores, the one throughput figure missing
+# faces under .utk). An H200 was lent twice (docs/PERFORMANCE.md): on 2026-11-26 `throughput` and a
+# spoilt `accuracy`; on 2026-11-27 `cache`, `accuracy` (held-out 0.6657 with efficientnet_b0, 7 epochs
+# under the 420-s limit) and a short `compile`. On the CPU the demo config then reached 0.7008 on the
+# same build (docs/RESULTS.md), so a session with a device now runs, in this order:
+#   bash scripts/gpu_session.sh accuracy --config demo   # the small model on the full build: its
+#       GPU time and held-out F1 (TRAIN_LIMIT caps it at 420 s as for the competition config)
+#   bash scripts/gpu_session.sh accuracy --set train.compile=true   # competition config, compiled:
+#       more epochs in the same 420 s?
 # and, in sessions after that:
+#   bash scripts/gpu_session.sh kfold 1      # 5 folds x 10 epochs, competition size, one fold at a time
+#   bash scripts/gpu_session.sh compile      # bench_throughput at batch 256 with torch.compile, all 18,900
 #   bash scripts/gpu_session.sh throughput   # the CUDA tests, bench_throughput at batch 128, bench_cache
 #   bash scripts/gpu_session.sh check        # the suite but the CUDA tests and tune (no optuna there)
-#   bash scripts/gpu_session.sh compile      # bench_throughput at batch 256 with torch.compile
-#   bash scripts/gpu_session.sh kfold 1      # 5 folds x 10 epochs, competition size, one fold at a time
 #   bash scripts/gpu_session.sh kfold 2      # the same, two folds at once
-# 15 minutes of device time hold the machine's start (about 50 s) and the first two stages.
+#   bash scripts/gpu_session.sh cache        # bench_cache on 16 cores
+# 15 minutes of device time hold the machine's start (about 50 s), the first stage, and the second where
+# the first took under about 5 minutes (the competition config's stage takes about 8).
 set -euo pipefail
 stage=${1:?usage: scripts/gpu_session.sh check|throughput|cache|compile|kfold JOBS|accuracy [extra --set overrides]}
 shift
