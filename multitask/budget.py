@@ -12,8 +12,8 @@ more each. The budget is the whole command's, counted from its start: reading th
 the images come off it first (on an H200 a 420-s budget ran 432 s: the probe took 77 s and the
 folds 288 s, and the other 67 s, before the probe and after the folds, were not reckoned). The
 epochs per fold are the most that fit what is left, a tenth of the budget kept back for what the
-probe does not time (each fold's set-up, the end of the round); never more than configured. Workers that share a device count as one after another, so the estimate errs on the
-short side.
+probe does not time (each fold's set-up, the end of the round); never more than configured.
+Workers that share a device count as one after another, so the estimate errs on the short side.
 
 A run directory that already holds a run (`--fold K` from another shell) is not measured again: it
 trains the epochs its config.yaml records (kfold.train_run), or it would be refused for other settings.
