@@ -296,6 +296,8 @@ def export_cmd(
 @app.command()
 def ensemble(
     runs: list[Path] = typer.Option(..., "--runs", help="finished runs that share folds.csv (repeat --runs, or list them after it)"),
+    more: Optional[list[Path]] = typer.Argument(None, metavar="RUN...", show_default=False,
+                                                help="more runs: `--runs A B C` as well as `--runs A --runs B`"),
     out: Path = typer.Option(..., "--out", help="run directory to write"),
     weights: Optional[str] = typer.Option(None, help="comma list of weights, one per run (default: fitted on OOF)"),
 ):
@@ -304,7 +306,7 @@ def ensemble(
 
     with progress_and_errors():
         w = [float(x) for x in weights.split(",")] if weights else None
-        summary = make_ensemble(runs, out, w)
+        summary = make_ensemble(list(runs) + list(more or []), out, w)
     for m in summary["members"]:
         console.print(f"  {m['run']}: weight {m['weight']:.2f}, OOF macro F1 {m['oof']['f1']:.4f}")
     print_scores("ensemble out-of-fold", summary["oof"])

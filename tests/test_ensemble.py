@@ -256,3 +256,10 @@ def test_cli_ensemble(members, tmp_path):
     result = CliRunner().invoke(app, ["ensemble", "--runs", str(a), "--runs", str(b), "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     assert "ensemble out-of-fold" in result.output and read_json(tmp_path / "e" / "summary.json")["latest_round"] == 0
+
+
+def test_cli_ensemble_takes_the_runs_listed_after_one_flag(members, tmp_path):
+    a, b = members  # the issue's own form, `--runs RUN1 RUN2 ... --out RUN`
+    result = CliRunner().invoke(app, ["ensemble", "--runs", str(a), str(b), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert [m["run"] for m in read_json(tmp_path / "e" / "round0" / "summary.json")["members"]] == [str(a), str(b)]

@@ -75,10 +75,11 @@ def check_no_leak(folds: pd.DataFrame) -> None:
         raise FoldLeakError("some groups were given no fold")
 
 
-def assign_folds(df: pd.DataFrame, folds: pd.DataFrame) -> np.ndarray:
-    """Fold of each image row, from the per-group table."""
+def assign_folds(df: pd.DataFrame, folds: pd.DataFrame, where: str = "folds.csv", data: str = "") -> np.ndarray:
+    """Fold of each image row, from the per-group table (`where` and `data` name the files in an error)."""
     fold_of = dict(zip(folds["group"], folds["fold"]))
     missing = set(df["group"]) - set(fold_of)
     if missing:
-        raise ValueError(f"{len(missing)} group(s) have no fold in folds.csv, e.g. {sorted(missing)[0]!r}")
+        raise ValueError(f"{where}: {len(missing)} group(s) of the training data{' in ' + data if data else ''} have no "
+                         f"fold, e.g. {sorted(missing)[0]!r}; is it the data the run was trained on?")
     return df["group"].map(fold_of).to_numpy(dtype=np.int64)
