@@ -286,6 +286,9 @@ class EnsembleCfg(_Strict):
     rounds: list[int]
     weights: list[float]
     train_ids: list[dict[str, str | None]] | None = None  # None: an ensemble made before members were pinned
+    # fitted weights only: per fold, the weights refitted without it, which vote the fold's pseudo labels
+    # (`--labels-from`) so that no fold learns from a vote weighted on its own persons
+    fold_weights: dict[int, list[float]] | None = None
 
 
 class DistillCfg(_Strict):

@@ -85,12 +85,14 @@ def fold_test_probs(run: RunDir, r: int, cfg, test_ids: np.ndarray) -> dict[int,
 def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
     """Per fold k, the ensemble's weighted vote of its members' fold-k models on the test images (each
     member's auxiliary blend in, offsets out). Fold k of every member validated on fold k's groups
-    and never trained on them, so fold k of a run under the same split may learn from this vote."""
+    and never trained on them, and fitted weights are those refitted without fold k, so fold k of a
+    run under the same split may learn from this vote."""
     cfg = load_run_config(RunDir(run_dir))
     votes: dict[int, np.ndarray] = {}
     total: dict[int, float] = {}
     check_ensemble_members(cfg)
-    for path, r, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
+    ens = cfg.ensemble
+    for i, (path, r, w) in enumerate(zip(ens.runs, ens.rounds, ens.weights)):
         run = RunDir(path)
         member = load_run_config(run)
         if member.ensemble is not None:  # an ensemble among the members has no fold models: its own fold-k votes
@@ -101,8 +103,9 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
             member_votes = {k: predict_classes(task, heads, probs, member, blend)[0]
                             for k, probs in fold_test_probs(run, r, member, test_ids).items()}
         for k, p in member_votes.items():
-            votes[k] = votes.get(k, 0) + w * p
-            total[k] = total.get(k, 0) + w
+            wk = ens.fold_weights[k][i] if ens.fold_weights else w
+            votes[k] = votes.get(k, 0) + wk * p
+            total[k] = total.get(k, 0) + wk
     return {k: v / total[k] for k, v in votes.items() if total[k] > 0}
 
 
@@ -189,7 +192,9 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     cfg = members[0]["cfg"].model_copy(update={
         "heads": FLAT_HEAD, "numeric": {}, "losses": {},
         "ensemble": EnsembleCfg(runs=[str(r.resolve()) for r in runs], rounds=[m["round"] for m in members],
-                                weights=[float(x) for x in w], train_ids=[m["train_ids"] for m in members])})
+                                weights=[float(x) for x in w], train_ids=[m["train_ids"] for m in members],
+                                fold_weights={int(k): [float(x) for x in v] for k, v in fold_weights.items()}
+                                if fold_weights is not None else None)})
     task, heads = build_task(cfg)
     # built aside and moved to `out` whole: an ensemble stopped while its decision is fitted leaves
     # nothing there that a retry would take for a finished run

@@ -13,8 +13,8 @@ Pseudo images only ever train: never a validation fold, so OOF scores stay hones
 
 Another teacher (`--labels-from RUN`, the first new round only): a run under the same split, such
 as an `mt ensemble` of this run and others, or a stronger backbone. Fold k then learns from that
-run's fold-k models (an ensemble's: the weighted vote of its members' fold-k models), which never
-saw fold k's groups either; its thresholds come from that run's OOF.
+run's fold-k models (an ensemble's: the vote of its members' fold-k models, weighted as refitted
+without fold k), which never saw fold k's groups either; its thresholds come from that run's OOF.
 
 Subjects: where the teacher's decision reads them (`decide.subjects`), fold k's labels of a
 person's pictures are read from fold k's own prediction of that person's clearest picture (matched

@@ -162,11 +162,16 @@ def fold_probs(run, k):
 def test_pseudo_labels_from_an_ensemble_come_from_its_members_fold_k_models(members, tmp_path):
     a, b = members
     ens = tmp_path / "ens"
-    weights = [m["weight"] for m in make_ensemble([a, b], ens)["members"]]
+    make_ensemble([a, b], ens)
     ids = load_npz(RunDir(a).fold_dir(0, 0) / "test.npz")["image_id"]
     votes = fold_votes(ens, ids)
-    for k in (0, 1):
-        assert np.allclose(votes[k], sum(w * fold_probs(m, k) for w, m in zip(weights, (a, b))), atol=1e-6)
+    task = build_task(load_run_config(RunDir(ens)))[0]
+    oof = load_npz(RunDir(ens).round_dir(0) / "oof.npz")
+    probs, y, folds = [member_probs(r)["oof_probs"] for r in (a, b)], task.encode(oof["factors"]), oof["fold"]
+    for k in (0, 1):  # weighted as fitted without fold k: no fold's labels are voted by weights fitted on it
+        w = fit_weights([p[folds != k] for p in probs], y[folds != k], task.n_classes)
+        assert load_run_config(RunDir(ens)).ensemble.fold_weights[k] == pytest.approx(list(w))
+        assert np.allclose(votes[k], sum(wi * fold_probs(m, k) for wi, m in zip(w, (a, b))), atol=1e-6)
     assert not np.allclose(votes[0], votes[1])  # each fold its own models
 
     run = tmp_path / "a"
