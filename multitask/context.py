@@ -245,7 +245,8 @@ def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | No
     else:
         folds_table = make_folds(table.train, task, cfg.train.folds, cfg.train.fold_seed)
         atomic_write_text(run.folds, folds_table.to_csv(index=False))
-    folds = assign_folds(table.train, folds_table, str(run.folds), cfg.data_root or (cfg.task.table if cfg.task != "mask" else ""))
+    data = cfg.data_root or (cfg.task.table if cfg.task != "mask" else "")
+    folds = assign_folds(table.train, folds_table, str(run.folds), data)
     if images is None:
         images = load_images(cfg, table, progress) if with_images else (None, None)
     return Context(run, cfg, task, heads, table, images[0], images[1], folds)

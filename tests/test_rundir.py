@@ -267,12 +267,15 @@ def test_an_edited_train_table_or_reordered_test_list_is_an_error(run, demo_root
 
     # another data set altogether in the run's data root (a build made again with another --limit):
     # the persons the run never split are named, with the files to look at
+    import re
+
     from multitask.demo import make_demo_dataset
 
     shutil.rmtree(data)
     make_demo_dataset(data, n_train_persons=14, n_eval_persons=4, image_size=(64, 48), seed=1)
-    with pytest.raises(ValueError, match=rf"{RunDir(run).folds}: \d+ group\(s\) of the training data in {data} "
-                                         r"have no fold, e\.g\. .*is it the data the run was trained on\?"):
+    said = (rf"{re.escape(str(RunDir(run).folds))}: \d+ group\(s\) of the training data in {re.escape(str(data))} "
+            r"have no fold, e\.g\. .*is it the data the run was trained on\?")
+    with pytest.raises(ValueError, match=said):
         make_submission(run)
     assert not RunDir(run).submission.exists()
 
