@@ -156,3 +156,40 @@ def test_pseudo_label_counts_per_fold_count_the_folds_that_selected_nothing(demo
                   "gender": -1, "conf_gender": 0.0, "age": -1, "conf_age": 0.0}).to_csv(out / "round1" / "pseudo.csv", index=False)
     text = write_report(out).read_text()
     assert f"<td>{mask.classes[0]} 2</td>" in text  # 4 selected by fold 0, none by fold 1: 2 per fold
+
+
+def test_fold_scores_script_scores_each_fold_alone_and_their_vote(demo_root, tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from multitask.context import build_task, load_run_config
+    from multitask.run import RunDir, load_npz, save_npz
+
+    run = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), run)
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "fold_scores.py"), str(run)]
+    before = json.loads(subprocess.run(script, capture_output=True, text=True, timeout=120, check=True).stdout)
+
+    # fold 1's test predictions made the answers themselves, and fold 0's OOF rows too: each of those
+    # scores 1.0 where it is read, and nothing else moves but the vote
+    task, _ = build_task(load_run_config(RunDir(run)))
+    fold1 = RunDir(run).fold_dir(0, 1) / "test.npz"
+    test = load_npz(fold1)
+    truth = pd.read_csv(demo_root / "answers.csv").set_index("ImageID").loc[test["image_id"], "ans"].to_numpy()
+    oof_path = RunDir(run).round_dir(0) / "oof.npz"
+    oof = load_npz(oof_path)
+    held = oof["fold"] == 0
+    for i, f in enumerate(task.factors):
+        test[f"p_{f.name}"] = np.eye(f.n)[task.decode(truth)[:, i]].astype(np.float32)
+        oof[f"p_{f.name}"][held] = np.eye(f.n)[oof["factors"][held, i]]
+    save_npz(fold1, **test)
+    save_npz(oof_path, **oof)
+    after = json.loads(subprocess.run(script, capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert after["fold_held_out"] == [before["fold_held_out"][0], 1.0]
+    assert after["fold_oof"] == [1.0, before["fold_oof"][1]]
+    assert after["mean_fold_held_out"] == round((before["fold_held_out"][0] + 1) / 2, 4)
+    assert before["vote_held_out"] < 1.0 and after["vote_held_out"] > before["vote_held_out"]
