@@ -27,6 +27,10 @@ from multitask.run import RunDir, head_probs, load_npz, read_json
 def fold_scores(run_dir: Path, answers: Path | None = None) -> dict:
     run = RunDir(run_dir)
     cfg = load_run_config(run)
+    if cfg.task != "mask":
+        raise SystemExit(f"{run_dir}: a table task's run; this script reads the competition's answer key")
+    if cfg.ensemble is not None:
+        raise SystemExit(f"{run_dir}: an `mt ensemble` run has no fold models of its own; score its members")
     task, heads = build_task(cfg)
     answers = answers or Path(cfg.data_root) / "answers.csv"
     truth = pd.read_csv(answers).set_index("ImageID")["ans"]
