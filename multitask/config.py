@@ -106,7 +106,7 @@ class TableTaskCfg(_Strict):
 class ModelCfg(_Strict):
     backbone: str = "resnet10t"
     pretrained: bool = False  # timm hub weights (needs network)
-    checkpoint: str | None = None  # local timm-compatible state dict for the backbone(s)
+    checkpoint: str | None = None  # local weights for the backbone(s): one timm model's, or an mt fold's best.pt
     sharing: Literal["shared", "separate"] = "shared"
     drop_rate: float = Field(0.0, ge=0, lt=1)
     # train the heads only, on the backbone's features as they are (for a pretrained checkpoint); its

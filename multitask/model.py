@@ -37,20 +37,60 @@ def check_model(cfg: ModelCfg) -> None:
                           "nor model.pretrained), and its random features would never train")
 
 
-def create_backbone(cfg: ModelCfg) -> nn.Module:
-    """A timm backbone without classifier; weights from the hub (`pretrained`) or a local file."""
+def create_backbone(cfg: ModelCfg, index: int = 0, count: int = 1) -> nn.Module:
+    """A timm backbone without classifier; weights from the hub (`pretrained`) or a local file: one
+    timm model's weights, or an `mt` fold checkpoint (`best.pt`), whose backbone `index` of `count`
+    it takes and whose heads it leaves behind."""
     kwargs = dict(num_classes=0, drop_rate=cfg.drop_rate)
-    if cfg.checkpoint:
-        path = Path(cfg.checkpoint)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: checkpoint file not found")
-        # timm's own loader: it drops the classifier weights that num_classes=0 has no place for
-        overlay = dict(file=str(path))
+    if not cfg.checkpoint:
+        return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        # timm's reader: it unwraps `state_dict`/`model` and strips DDP and torch.compile prefixes
+        state = timm.models.load_state_dict(str(path), use_ema=False)
+    except Exception as e:  # a file torch cannot read raises whatever its unpickler met
+        raise CheckpointError(f"{path}: cannot read a checkpoint from it: {e}") from None
+    if any(k.startswith("backbones.") for k in state):
+        backbone = timm.create_model(cfg.backbone, **kwargs)
         try:
-            return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-        except (RuntimeError, KeyError, OSError) as e:
-            raise CheckpointError(f"{path}: cannot load into {cfg.backbone}: {e}") from None
-    return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+            backbone.load_state_dict(run_backbone(state, index, count, path))
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: its backbone does not fit {cfg.backbone}: {first_lines(e)}") from None
+        return backbone
+    try:
+        # timm's own loader: it drops the classifier weights that num_classes=0 has no place for, and
+        # applies the architecture's conversion of foreign checkpoints
+        overlay = dict(file=str(path))
+        backbone = timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except (RuntimeError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot load into {cfg.backbone}: {first_lines(e)}") from None
+    # without the classifier, timm loads leniently and only logs what it skipped: a file of another
+    # model would leave the backbone as initialised, and training "from a checkpoint" from scratch
+    wanted = backbone.state_dict().keys()
+    found = len(wanted & state.keys())
+    if found < len(wanted) / 2:
+        raise CheckpointError(f"{path}: holds {found} of the {len(wanted)} weights of {cfg.backbone} "
+                              f"(its first: {next(iter(state), 'none')}); is it a checkpoint of that model?")
+    return backbone
+
+
+def run_backbone(state: dict, index: int, count: int, path: Path) -> dict:
+    """Backbone `index` of `count` out of an `mt` model's state dict: one shared backbone serves every
+    backbone wanted; separate backbones go one to one."""
+    held = sorted({int(k.split(".")[1]) for k in state if k.startswith("backbones.")})
+    if len(held) != 1 and len(held) != count:
+        raise CheckpointError(f"{path}: an mt checkpoint with {len(held)} separate backbones, and this model "
+                              f"has {count} (model.sharing); it cannot tell which goes where")
+    prefix = f"backbones.{held[0] if len(held) == 1 else index}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def first_lines(error: Exception, chars: int = 300) -> str:
+    """torch's load errors list every key; the start says what is wrong."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= chars else text[:chars] + " ..."
 
 
 def feature_size(backbone: nn.Module) -> int:
@@ -68,7 +108,7 @@ class MultiHeadNet(nn.Module):
         self.sharing = cfg.sharing
         self.head_names = [h.name for h in heads]
         n_backbones = 1 if cfg.sharing == "shared" else len(heads)
-        self.backbones = nn.ModuleList([create_backbone(cfg) for _ in range(n_backbones)])
+        self.backbones = nn.ModuleList([create_backbone(cfg, i, n_backbones) for i in range(n_backbones)])
         dim = feature_size(self.backbones[0])
         aux = aux or {}
         self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.n) for h in heads}

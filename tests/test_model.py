@@ -57,3 +57,58 @@ def test_missing_or_wrong_checkpoint_is_a_clear_error(tmp_path):
     torch.save(timm.create_model("test_efficientnet").state_dict(), wrong)
     with pytest.raises(CheckpointError, match="wrong.pth"):
         build_model(ModelCfg(backbone="resnet10t", checkpoint=str(wrong)), heads)
+
+
+def run_checkpoint(path, sharing="shared", heads="mask,gender,age", backbone="test_efficientnet"):
+    """A fold checkpoint as `mt train` writes it (best.pt: the model's state dict under "model")."""
+    source = build_model(ModelCfg(backbone=backbone, sharing=sharing), mask_task().heads(heads))
+    torch.save({"model": source.state_dict(), "epoch": 3, "scores": {"f1": 0.5}}, path)
+    return source
+
+
+def test_a_run_checkpoint_gives_its_backbone_and_leaves_its_heads(tmp_path):
+    """Transfer from an earlier run: its backbone(s), never its heads (another task's heads differ)."""
+    torch.manual_seed(0)
+    source = run_checkpoint(tmp_path / "best.pt")
+    model = build_model(ModelCfg(backbone="test_efficientnet", checkpoint=str(tmp_path / "best.pt")),
+                        mask_task().heads("class"))
+    for name, value in source.backbones[0].state_dict().items():
+        assert torch.equal(model.backbones[0].state_dict()[name], value), name
+    assert model.heads["class"].weight.shape == (18, source.heads["mask"].weight.shape[1])
+
+    # one shared backbone serves each separate one; separate ones go one to one
+    separate = ModelCfg(backbone="test_efficientnet", sharing="separate")
+    spread = build_model(separate.model_copy(update={"checkpoint": str(tmp_path / "best.pt")}),
+                         mask_task().heads("mask,gender,age"))
+    for bb in spread.backbones:
+        assert torch.equal(bb.conv_stem.weight, source.backbones[0].conv_stem.weight)
+    three = run_checkpoint(tmp_path / "sep.pt", sharing="separate")
+    again = build_model(separate.model_copy(update={"checkpoint": str(tmp_path / "sep.pt")}),
+                        mask_task().heads("mask,gender,age"))
+    for i in range(3):
+        assert torch.equal(again.backbones[i].conv_stem.weight, three.backbones[i].conv_stem.weight)
+    assert not torch.equal(three.backbones[0].conv_stem.weight, three.backbones[1].conv_stem.weight)
+
+    with pytest.raises(CheckpointError, match=r"sep.pt: an mt checkpoint with 3 separate backbones, "
+                                              r"and this model has 1 \(model.sharing\)"):
+        build_model(ModelCfg(backbone="test_efficientnet", checkpoint=str(tmp_path / "sep.pt")),
+                    mask_task().heads("class"))
+    run_checkpoint(tmp_path / "resnet.pt", backbone="resnet10t")
+    with pytest.raises(CheckpointError, match=r"resnet.pt: its backbone does not fit test_efficientnet"):
+        build_model(ModelCfg(backbone="test_efficientnet", checkpoint=str(tmp_path / "resnet.pt")),
+                    mask_task().heads("class"))
+
+
+def test_a_checkpoint_that_holds_other_weights_is_refused(tmp_path):
+    """timm loads a classifier-less backbone leniently and only logs what it skipped: a file whose
+    names do not match would leave the backbone as initialised, trained from scratch unawares."""
+    weights = timm.create_model("test_efficientnet", num_classes=10).state_dict()
+    path = tmp_path / "renamed.pth"
+    torch.save({f"encoder.{k}": v for k, v in weights.items()}, path)
+    with pytest.raises(CheckpointError, match=r"renamed.pth: holds 0 of the \d+ weights of test_efficientnet "
+                                              r"\(its first: encoder\.conv_stem\.weight\)"):
+        build_model(ModelCfg(backbone="test_efficientnet", checkpoint=str(path)), mask_task().heads("class"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth: cannot read a checkpoint from it"):
+        build_model(ModelCfg(backbone="test_efficientnet", checkpoint=str(tmp_path / "junk.pth")),
+                    mask_task().heads("class"))
