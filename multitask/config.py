@@ -107,6 +107,9 @@ class ModelCfg(_Strict):
     backbone: str = "resnet10t"
     pretrained: bool = False  # timm hub weights (needs network)
     checkpoint: str | None = None  # local weights for the backbone(s): one timm model's, or an mt fold's best.pt
+    # the checkpoint file's digest, pinned by `mt train`: folds trained later (`mt resume`, `--fold K`,
+    # pseudo-label rounds) must start from the very weights the first ones did
+    checkpoint_sha256: str | None = None
     sharing: Literal["shared", "separate"] = "shared"
     drop_rate: float = Field(0.0, ge=0, lt=1)
     # train the heads only, on the backbone's features as they are (for a pretrained checkpoint); its

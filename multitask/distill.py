@@ -70,7 +70,7 @@ def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | N
     if backbone:
         # the teacher's checkpoint does not fit another backbone, and a backbone without weights to
         # keep would stay random if it stayed frozen
-        model = model.model_copy(update={"backbone": backbone, "checkpoint": None,
+        model = model.model_copy(update={"backbone": backbone, "checkpoint": None, "checkpoint_sha256": None,
                                          "freeze_backbone": model.freeze_backbone and model.pretrained})
     numeric = {name: c.model_copy(update={"aux": "none"}) for name, c in teacher.numeric.items()}
     raw = teacher.model_copy(update={

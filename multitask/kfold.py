@@ -29,7 +29,7 @@ from multitask.device import resolve_device
 from multitask.engine import FoldData, train_fold
 from multitask.labels import Task
 from multitask.metrics import score_probs
-from multitask.model import check_model
+from multitask.model import check_model, pin_checkpoint
 from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, vote
@@ -321,6 +321,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     directory alone: every fold not done and not held by another process. Finished folds are kept;
     interrupted ones carry on from their last.pt."""
     ctx = reopen_context(run_dir, every_fold(overrides), progress)
+    check_model(ctx.cfg.model)  # the checkpoint the run started from is still there, unchanged
     dist.on_main(ctx.run.sweep_killed_writes)
     started = ctx.run.started_rounds()
     r = started[-1] if started else 0
@@ -358,6 +359,8 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     # check, read and decode everything before touching the run directory: a bad backbone, heads,
     # augmentation, table or an undecodable image stop here, with nothing written
     check_model(cfg.model)
+    if cfg.model.checkpoint:
+        cfg = cfg.model_copy(update={"model": pin_checkpoint(cfg.model)})
     device = resolve_device(cfg.train.device)
     if cfg.aug.backend == "albumentations":
         check_albumentations(cfg.aug.train, tuple(cfg.data.img_size))

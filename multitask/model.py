@@ -9,6 +9,7 @@ needs no preprocessing beside it.
 from __future__ import annotations
 
 import difflib
+import hashlib
 from pathlib import Path
 
 import timm
@@ -25,16 +26,40 @@ class CheckpointError(ValueError):
 
 def check_model(cfg: ModelCfg) -> None:
     """What can be known about the model before a run directory is touched: the backbone is a timm
-    architecture (a typo gets the closest names) and a local checkpoint file exists."""
+    architecture (a typo gets the closest names) and a local checkpoint file exists (the very file,
+    where the settings pin one)."""
     if not timm.is_model(cfg.backbone):
         close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=3, cutoff=0.6)
         raise ConfigError(f"model.backbone {cfg.backbone!r} is not a timm model"
                           + (f"; close: {', '.join(close)}" if close else "; `timm.list_models()` lists them"))
-    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
-        raise CheckpointError(f"{cfg.checkpoint}: checkpoint file not found (model.checkpoint)")
+    if cfg.checkpoint:
+        pin_checkpoint(cfg)
     if cfg.freeze_backbone and not (cfg.checkpoint or cfg.pretrained):
         raise ConfigError("model.freeze_backbone: the backbone has no weights to keep (neither model.checkpoint "
                           "nor model.pretrained), and its random features would never train")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pin_checkpoint(cfg: ModelCfg) -> ModelCfg:
+    """The model settings with the checkpoint's digest: taken from the file where none is recorded yet,
+    checked against it where one is (a run's config.yaml, whose later folds must start where its first
+    ones did)."""
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found (model.checkpoint)")
+    digest = file_sha256(path)
+    if cfg.checkpoint_sha256 and cfg.checkpoint_sha256 != digest:
+        raise CheckpointError(f"{path}: not the checkpoint this run started from (sha256 {digest[:12]}…, the run "
+                              f"recorded {cfg.checkpoint_sha256[:12]}…): it was overwritten since; put the old "
+                              f"file back, or train a new run from this one")
+    return cfg.model_copy(update={"checkpoint_sha256": digest})
 
 
 def create_backbone(cfg: ModelCfg, index: int = 0, count: int = 1) -> nn.Module:
@@ -45,8 +70,7 @@ def create_backbone(cfg: ModelCfg, index: int = 0, count: int = 1) -> nn.Module:
     if not cfg.checkpoint:
         return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
     path = Path(cfg.checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    pin_checkpoint(cfg)
     try:
         # timm's reader: it unwraps `state_dict`/`model` and strips DDP and torch.compile prefixes
         state = timm.models.load_state_dict(str(path), use_ema=False)

@@ -36,6 +36,7 @@ from multitask.decide import Decision, load_decision, predict_classes
 from multitask.ensemble import check_same_split, fold_test_probs, fold_votes
 from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
 from multitask.labels import FLAT_HEAD, Head, Task
+from multitask.model import check_model
 from multitask.run import SOFT_FILE, RunDir, RunError, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
 from multitask.subjects import Pictures, likeness, stored_pictures
 
@@ -230,6 +231,7 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
         extra.append(f"pseudo.rounds={rounds}")
     ctx = reopen_context(run_dir, extra, progress)
     refuse_ensemble(ctx)
+    check_model(ctx.cfg.model)  # the checkpoint the run started from is still there, unchanged
     if ctx.cfg.distill is not None:
         raise ConfigError(f"{ctx.run.root} is a distilled student: it already learns the test images from its teacher's "
                           f"probabilities; pseudo-label the teacher ({ctx.cfg.distill.teacher}) and distil again")

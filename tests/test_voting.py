@@ -122,6 +122,40 @@ def test_a_frozen_pretrained_checkpoint_run(demo_root, tmp_path):
     check_model(student.model)
 
 
+def test_a_run_pins_the_checkpoint_it_started_from(demo_root, tmp_path):
+    """Folds trained later (`mt resume`, a pseudo-label round, `--fold K`) start from the same weights
+    as the first ones: a checkpoint file overwritten in between is an error that names it."""
+    import hashlib
+
+    import timm
+    import yaml
+
+    from multitask.config import ConfigError
+    from multitask.kfold import resume_run
+    from multitask.model import CheckpointError
+    from multitask.pseudo import pseudo_label
+
+    ckpt = tmp_path / "backbone.pth"
+    torch.manual_seed(1)  # training reseeds the global generator: these weights must differ from the later ones
+    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), ckpt)
+    train_run(tiny_config(demo_root, "train.fold=[0]", f"model.checkpoint={ckpt}"), tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    recorded = yaml.safe_load(run.config.read_text())["model"]["checkpoint_sha256"]
+    assert recorded == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+    torch.manual_seed(2)
+    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), ckpt)  # other weights
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() != recorded
+    with pytest.raises(CheckpointError, match=r"backbone.pth: not the checkpoint this run started from"):
+        resume_run(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"backbone.pth: not the checkpoint this run started from"):
+        pseudo_label(tmp_path / "run")
+    assert not run.fold_dir(0, 1).exists() and run.fold_done(0, 0, with_test=True)
+    assert run.rounds() == [0]
+    with pytest.raises(ConfigError, match="other settings \\(model.checkpoint_sha256\\)"):
+        train_run(tiny_config(demo_root, "train.fold=[1]", f"model.checkpoint={ckpt}"), tmp_path / "run")
+
+
 def test_tensorboard_scalars_per_fold_and_head(demo_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
