@@ -196,6 +196,8 @@ class TrainCfg(_Strict):
     eval_batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
+    # the backbone's learning rate as a fraction of lr: below 1 to fine-tune a pretrained checkpoint gently
+    backbone_lr: float = Field(1.0, gt=0, le=1)
     warmup_epochs: float = Field(1.0, ge=0)
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0, lt=1)

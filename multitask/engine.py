@@ -179,7 +179,8 @@ def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.dev
         model = model.to(memory_format=torch.channels_last)
     ema = BiasCorrectedEma(model, decay=tc.ema_decay) if tc.ema else None
     # fused: one kernel for the whole update on CUDA instead of several per parameter group
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.backbone_lr), lr=tc.lr,
+                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(tc.warmup_epochs * steps_per_epoch), tc.epochs * steps_per_epoch))
     weights = {h.name: torch.as_tensor(class_weights(class_counts[h.name], cfg.loss_for(h.name).class_weight_power),

@@ -164,10 +164,19 @@ def build_model(cfg: ModelCfg, heads: list[Head], aux: dict[str, tuple[int, str]
     return MultiHeadNet(cfg, heads, aux)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norm weights (1-d parameters), as timm does."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr: float = 1.0) -> list[dict]:
+    """No weight decay on biases and norm weights (1-d parameters), as timm does. With `backbone_lr`
+    below 1 the backbone learns at that fraction of `lr` (a pretrained one is fine-tuned gently while
+    the fresh heads learn at `lr`); its groups come after the heads', whose lr is the one logged."""
+    parts = [lambda name: True] if backbone_lr == 1.0 else [lambda name: not name.startswith("backbones."),
+                                                            lambda name: name.startswith("backbones.")]
+    groups = []
+    for i, in_part in enumerate(parts):
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad and in_part(name):
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        scale = backbone_lr if i == 1 else 1.0
+        groups += [{"params": params, "weight_decay": wd, "lr": lr * scale}
+                   for params, wd in ((decay, weight_decay), (no_decay, 0.0)) if params]
+    return groups

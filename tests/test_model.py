@@ -112,3 +112,27 @@ def test_a_checkpoint_that_holds_other_weights_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="junk.pth: cannot read a checkpoint from it"):
         build_model(ModelCfg(backbone="test_efficientnet", checkpoint=str(tmp_path / "junk.pth")),
                     mask_task().heads("class"))
+
+
+def test_the_backbone_can_learn_at_a_fraction_of_the_heads_lr():
+    from multitask.model import param_groups
+
+    model = build_model(ModelCfg(backbone="test_efficientnet"), mask_task().heads("mask,gender,age"))
+    backbone = {id(p) for p in model.backbones.parameters()}
+    groups = param_groups(model, 0.05, lr=1e-3, backbone_lr=0.25)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each parameter once
+    for g in groups:
+        in_backbone = {id(p) in backbone for p in g["params"]}
+        assert len(in_backbone) == 1
+        assert g["lr"] == (2.5e-4 if in_backbone == {True} else 1e-3)
+        assert g["weight_decay"] == (0.0 if all(p.ndim <= 1 for p in g["params"]) else 0.05)
+    assert groups[0]["lr"] == 1e-3  # the heads' lr comes first: it is the one metrics.csv logs
+
+    # at 1, the two groups of earlier versions, so that their last.pt still resumes
+    plain = param_groups(model, 0.05, lr=1e-3)
+    n_matrices = sum(p.ndim > 1 for p in model.parameters())
+    assert [(len(g["params"]), g["weight_decay"], g["lr"]) for g in plain] == [
+        (n_matrices, 0.05, 1e-3), (len(list(model.parameters())) - n_matrices, 0.0, 1e-3)]
+
+    torch.optim.AdamW(groups, lr=1e-3)  # an optimizer takes them as they are
