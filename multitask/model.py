@@ -168,15 +168,11 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr: 
     """No weight decay on biases and norm weights (1-d parameters), as timm does. With `backbone_lr`
     below 1 the backbone learns at that fraction of `lr` (a pretrained one is fine-tuned gently while
     the fresh heads learn at `lr`); its groups come after the heads', whose lr is the one logged."""
-    parts = [lambda name: True] if backbone_lr == 1.0 else [lambda name: not name.startswith("backbones."),
-                                                            lambda name: name.startswith("backbones.")]
-    groups = []
-    for i, in_part in enumerate(parts):
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad and in_part(name):
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        scale = backbone_lr if i == 1 else 1.0
-        groups += [{"params": params, "weight_decay": wd, "lr": lr * scale}
-                   for params, wd in ((decay, weight_decay), (no_decay, 0.0)) if params]
-    return groups
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scaled = backbone_lr != 1.0 and name.startswith("backbones.")
+            groups.setdefault((scaled, p.ndim <= 1), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr": lr * backbone_lr if scaled else lr}
+            for (scaled, no_decay), params in sorted(groups.items(), key=lambda item: item[0])]

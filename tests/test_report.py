@@ -1,8 +1,10 @@
 """`mt report`: one self-contained HTML page of a run, rendered by a real headless browser: every
-picture loads and every section is there."""
+picture loads and every section is there. And the accuracy study's scripts that read runs and builds
+(fold_scores.py, faces_outside.py)."""
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -193,3 +195,49 @@ def test_fold_scores_script_scores_each_fold_alone_and_their_vote(demo_root, tmp
     assert after["fold_oof"] == [1.0, before["fold_oof"][1]]
     assert after["mean_fold_held_out"] == round((before["fold_held_out"][0] + 1) / 2, 4)
     assert before["vote_held_out"] < 1.0 and after["vote_held_out"] > before["vote_held_out"]
+
+
+BUILDER = Path(__file__).resolve().parents[2] / "shared" / "tools" / "build_maskset.py"
+
+
+@pytest.mark.skipif(not BUILDER.exists(), reason="../shared/tools/build_maskset.py not beside the checkout")
+def test_faces_outside_a_build_are_the_ones_it_did_not_use(tmp_path):
+    """scripts/faces_outside.py repeats build_maskset.py's shuffle: checked on a real build of
+    generated faces, each with its own age, so that the build's train.csv says which it used."""
+    import json
+    import sys
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(
+            faces / f"{18 + i}_{i % 2}_{i % 5}_2017{i:04d}.jpg.chip.jpg")
+    build = tmp_path / "build"
+    subprocess.run([sys.executable, str(BUILDER), "--faces", str(faces), "--out", str(build), "--limit", "10",
+                    "--eval-frac", "0.2", "--seed", "3", "--workers", "1"], check=True, capture_output=True, timeout=120)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "faces_outside.py"
+    args = [sys.executable, str(script), "--faces", str(faces), "--build", str(build), "--limit", "10"]
+    out = subprocess.run(args + ["--seed", "3", "--out", str(tmp_path / "other")], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert json.loads(out.stdout) == {"build_faces": 10, "outside": 6, "left_out_alike": 0, "out": str(tmp_path / "other")}
+    trained = set(pd.read_csv(build / "train" / "train.csv")["age"])
+    outside = {int(p.name.split("_")[0]) for p in (tmp_path / "other").iterdir()}
+    assert len(trained) == 8 and len(outside) == 6 and not trained & outside  # the 2 eval persons are the rest
+    assert all((tmp_path / "other" / p.name).resolve() == faces / p.name for p in (tmp_path / "other").iterdir())
+
+    wrong = subprocess.run(args + ["--seed", "4", "--out", str(tmp_path / "wrong")], capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode != 0 and "train.csv: person" in wrong.stderr and "with this --seed" in wrong.stderr
+
+    sys.path.insert(0, str(script.parent))
+    from faces_outside import alike
+
+    pictures = sorted(faces.iterdir())
+    copy = tmp_path / "copy.jpg"
+    Image.open(pictures[0]).save(copy)  # a near-copy under another name: JPEG again, not the same bytes
+    assert alike(pictures[:2], [copy, pictures[2]], 0.9).tolist() == [True, False]
