@@ -29,7 +29,7 @@ from multitask.device import resolve_device
 from multitask.engine import FoldData, train_fold
 from multitask.labels import Task
 from multitask.metrics import score_probs
-from multitask.model import check_model, pin_checkpoint
+from multitask.model import check_model
 from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
 from multitask.predict import load_model, predict_probs, vote
@@ -358,9 +358,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     task, _ = build_task(cfg)
     # check, read and decode everything before touching the run directory: a bad backbone, heads,
     # augmentation, table or an undecodable image stop here, with nothing written
-    check_model(cfg.model)
-    if cfg.model.checkpoint:
-        cfg = cfg.model_copy(update={"model": pin_checkpoint(cfg.model)})
+    cfg = cfg.model_copy(update={"model": check_model(cfg.model)})  # with the checkpoint's digest pinned
     device = resolve_device(cfg.train.device)
     if cfg.aug.backend == "albumentations":
         check_albumentations(cfg.aug.train, tuple(cfg.data.img_size))

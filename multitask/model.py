@@ -24,19 +24,18 @@ class CheckpointError(ValueError):
     pass
 
 
-def check_model(cfg: ModelCfg) -> None:
+def check_model(cfg: ModelCfg) -> ModelCfg:
     """What can be known about the model before a run directory is touched: the backbone is a timm
     architecture (a typo gets the closest names) and a local checkpoint file exists (the very file,
-    where the settings pin one)."""
+    where the settings pin one). Returns the settings with the checkpoint's digest pinned."""
     if not timm.is_model(cfg.backbone):
         close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=3, cutoff=0.6)
         raise ConfigError(f"model.backbone {cfg.backbone!r} is not a timm model"
                           + (f"; close: {', '.join(close)}" if close else "; `timm.list_models()` lists them"))
-    if cfg.checkpoint:
-        pin_checkpoint(cfg)
     if cfg.freeze_backbone and not (cfg.checkpoint or cfg.pretrained):
         raise ConfigError("model.freeze_backbone: the backbone has no weights to keep (neither model.checkpoint "
                           "nor model.pretrained), and its random features would never train")
+    return pin_checkpoint(cfg) if cfg.checkpoint else cfg
 
 
 def file_sha256(path: Path) -> str:
@@ -62,13 +61,13 @@ def pin_checkpoint(cfg: ModelCfg) -> ModelCfg:
     return cfg.model_copy(update={"checkpoint_sha256": digest})
 
 
-def create_backbone(cfg: ModelCfg, index: int = 0, count: int = 1) -> nn.Module:
-    """A timm backbone without classifier; weights from the hub (`pretrained`) or a local file: one
-    timm model's weights, or an `mt` fold checkpoint (`best.pt`), whose backbone `index` of `count`
-    it takes and whose heads it leaves behind."""
+def create_backbones(cfg: ModelCfg, count: int = 1) -> list[nn.Module]:
+    """`count` timm backbones without classifier; weights from the hub (`pretrained`) or a local
+    file: one timm model's weights, or an `mt` fold checkpoint (`best.pt`), whose backbones it takes
+    and whose heads it leaves behind."""
     kwargs = dict(num_classes=0, drop_rate=cfg.drop_rate)
     if not cfg.checkpoint:
-        return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+        return [timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs) for _ in range(count)]
     path = Path(cfg.checkpoint)
     pin_checkpoint(cfg)
     try:
@@ -77,27 +76,31 @@ def create_backbone(cfg: ModelCfg, index: int = 0, count: int = 1) -> nn.Module:
     except Exception as e:  # a file torch cannot read raises whatever its unpickler met
         raise CheckpointError(f"{path}: cannot read a checkpoint from it: {e}") from None
     if any(k.startswith("backbones.") for k in state):
-        backbone = timm.create_model(cfg.backbone, **kwargs)
-        try:
-            backbone.load_state_dict(run_backbone(state, index, count, path))
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: its backbone does not fit {cfg.backbone}: {first_lines(e)}") from None
-        return backbone
+        backbones = []
+        for i in range(count):
+            backbone = timm.create_model(cfg.backbone, **kwargs)
+            try:
+                backbone.load_state_dict(run_backbone(state, i, count, path))
+            except RuntimeError as e:
+                raise CheckpointError(f"{path}: its backbone does not fit {cfg.backbone}: {first_lines(e)}") from None
+            backbones.append(backbone)
+        return backbones
     try:
         # timm's own loader: it drops the classifier weights that num_classes=0 has no place for, and
         # applies the architecture's conversion of foreign checkpoints
         overlay = dict(file=str(path))
-        backbone = timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        backbones = [timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+                     for _ in range(count)]
     except (RuntimeError, KeyError, OSError) as e:
         raise CheckpointError(f"{path}: cannot load into {cfg.backbone}: {first_lines(e)}") from None
     # without the classifier, timm loads leniently and only logs what it skipped: a file of another
     # model would leave the backbone as initialised, and training "from a checkpoint" from scratch
-    wanted = backbone.state_dict().keys()
+    wanted = backbones[0].state_dict().keys()
     found = len(wanted & state.keys())
     if found < len(wanted) / 2:
         raise CheckpointError(f"{path}: holds {found} of the {len(wanted)} weights of {cfg.backbone} "
                               f"(its first: {next(iter(state), 'none')}); is it a checkpoint of that model?")
-    return backbone
+    return backbones
 
 
 def run_backbone(state: dict, index: int, count: int, path: Path) -> dict:
@@ -132,7 +135,7 @@ class MultiHeadNet(nn.Module):
         self.sharing = cfg.sharing
         self.head_names = [h.name for h in heads]
         n_backbones = 1 if cfg.sharing == "shared" else len(heads)
-        self.backbones = nn.ModuleList([create_backbone(cfg, i, n_backbones) for i in range(n_backbones)])
+        self.backbones = nn.ModuleList(create_backbones(cfg, n_backbones))
         dim = feature_size(self.backbones[0])
         aux = aux or {}
         self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.n) for h in heads}
