@@ -11,7 +11,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -50,6 +50,9 @@ class FactorCfg(_Strict):
     column: str | None = None  # the table's column (default: the name)
     classes: list[str] | None = None
     bins: list[float] | None = None
+    # the numbers are whole (ages in years): the bins read 30-59, and what measures distance to an
+    # edge puts the cut half a unit below it (labels.Factor.cuts); a number that is not whole is an error
+    integer: bool = False
     per_group: bool = False  # every row of a group must agree on it (checked when the table is read)
 
     @model_validator(mode="after")
@@ -60,6 +63,8 @@ class FactorCfg(_Strict):
             raise ValueError(f"factor {self.name!r}: classes must be at least two distinct names")
         if self.bins is not None and (not self.bins or any(b <= a for a, b in zip(self.bins, self.bins[1:]))):
             raise ValueError(f"factor {self.name!r}: bins must be a non-empty increasing list, e.g. [30, 60]")
+        if self.integer and (self.bins is None or not all(float(b).is_integer() for b in self.bins)):
+            raise ValueError(f"factor {self.name!r}: integer needs bins with whole-number edges, e.g. [30, 60]")
         if not self.name or self.name == "class" or "," in self.name:
             raise ValueError(f"factor name {self.name!r} is not allowed (empty, 'class', or with a comma)")
         taken = (f"for a column of the image table or its outputs ({', '.join(RESERVED_NAMES)})"
@@ -118,7 +123,7 @@ class ModelCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    img_size: tuple[int, int] = (64, 64)  # height, width of the cache and the network input
+    img_size: tuple[PositiveInt, PositiveInt] = (64, 64)  # height, width of the cache and the network input
     age_bins: list[int] = [30, 60]  # the mask preset's age factor
     cache_dir: str | None = None  # None: $MT_CACHE_DIR or ~/.cache/mt
     decode_workers: int = Field(0, ge=0)  # 0: one per core
@@ -209,10 +214,11 @@ class TrainCfg(_Strict):
     # folds trained at once, each in its own process over the shared cache; `auto` spreads them over
     # every visible GPU (whether two on one GPU pay is for scripts/bench_kfold.py to say)
     jobs: int = Field(1, ge=1)
-    seed: int = Field(0, ge=0)  # numpy seeds are non-negative
+    # numpy seeds are non-negative; the seeds derived from it per fold and epoch must fit 64 bits
+    seed: int = Field(0, ge=0, lt=2**32)
     # the split's own seed, apart from `seed`: runs that differ only in their seed share folds.csv, so
     # `mt ensemble` takes a seed ensemble, and their OOF scores compare on the same persons
-    fold_seed: int = Field(0, ge=0)
+    fold_seed: int = Field(0, ge=0, lt=2**32)  # scikit-learn's limit
     # every metrics.csv figure also as TensorBoard scalars under each fold's tb/ (`tensorboard --logdir RUN`)
     tensorboard: bool = False
     # fit the epochs to this many seconds for the whole round (measured on two epochs; only ever fewer)
@@ -369,7 +375,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {item!r} has an empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(e).split())}); "
+                          f"quote lists and mappings whole, e.g. --set \"data.img_size=[64, 64]\"") from None
+    return key.strip().split("."), value
 
 
 # Mappings whose built-in default is not empty: an override of one of their keys changes that key
@@ -399,19 +410,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def resolve_config_path(path: str | Path) -> Path:
     """A path as given, or a name under the project's configs/ (`demo` or `demo.yaml`)."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():  # a folder named like a preset (`mt demo --out demo`) is not a config
         return p
     for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
-        if cand.exists():
+        if cand.is_file():
             return cand
     raise ConfigError(f"config file {path} not found (nor under {CONFIG_DIR})")
 
 
 def read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     return raw
@@ -437,8 +452,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     cfg = validate(raw, source, list(overrides))
     if isinstance(cfg.task, TableTaskCfg):
         cfg.task = absolute_paths(cfg.task)
-    if cfg.model.checkpoint:  # config.yaml keeps it absolute: later commands may run from anywhere
+    # config.yaml keeps paths absolute: later commands (submit, resume) may run from anywhere
+    if cfg.model.checkpoint:
         cfg.model.checkpoint = str(Path(cfg.model.checkpoint).resolve())
+    if cfg.data_root:
+        cfg.data_root = str(Path(cfg.data_root).resolve())
+    if cfg.data.cache_dir:
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).resolve())
     return cfg
 
 
@@ -451,8 +471,11 @@ def _migrate(raw: dict) -> None:
 
 
 def _anchor_paths(raw: dict, folder: Path) -> None:
-    """A YAML file's relative paths (a table task's table, a local checkpoint) are relative to its folder."""
-    for section, key in (("task", "table"), ("model", "checkpoint")):
+    """A YAML file's relative paths (the data root, a table task's table, a local checkpoint, the
+    cache) are relative to its folder."""
+    if isinstance(raw.get("data_root"), str) and not Path(raw["data_root"]).is_absolute():
+        raw["data_root"] = str(folder / raw["data_root"])
+    for section, key in (("task", "table"), ("model", "checkpoint"), ("data", "cache_dir")):
         node = raw.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str) and not Path(node[key]).is_absolute():
             node[key] = str(folder / node[key])

@@ -93,7 +93,7 @@ class Context:
 
 def task_of(cfg: Config) -> Task:
     if isinstance(cfg.task, TableTaskCfg):
-        return Task("table", tuple(Factor.binned(f.name, f.bins) if f.bins is not None else Factor(f.name, tuple(f.classes))
+        return Task("table", tuple(Factor.binned(f.name, f.bins, f.integer) if f.bins is not None else Factor(f.name, tuple(f.classes))
                                    for f in cfg.task.factors))
     return mask_task(cfg.data.age_bins)
 

@@ -35,9 +35,11 @@ from multitask.run import RunDir, atomic_write_text, save_npz, write_json
 
 
 def teacher_probs(run: RunDir, r: int, cfg: Config, decision: Decision | None, paths: list[str], progress=None,
-                  chunk: int = CHUNK) -> np.ndarray:
+                  chunk: int = CHUNK, device: str | None = None) -> np.ndarray:
     """Round r's final-class probabilities on `paths`: its auxiliary blend in, its offsets out (the
-    student takes them over as its own decision)."""
+    student takes them over as its own decision). On `device` (the student's), in place of the
+    teacher's own: a teacher trained on a GPU teaches on a machine without one."""
+    overrides = [f"train.device={device}"] if device else []
     task, heads = build_task(cfg)
     blend = blend_only(decision)
     models, out = {}, []
@@ -47,7 +49,7 @@ def teacher_probs(run: RunDir, r: int, cfg: Config, decision: Decision | None, p
         bad = decoded.bad(tuple(cfg.data.img_size))
         if bad:
             raise undecodable_error(paths, [(start + i, why) for i, why in bad])
-        probs = run_outputs(run, r, [], decoded, np.arange(len(decoded.paths)), None, models)
+        probs = run_outputs(run, r, overrides, decoded, np.arange(len(decoded.paths)), None, models)
         out.append(predict_classes(task, heads, probs, cfg, blend)[0].astype(np.float32))
         if progress:
             progress.update(tid, advance=len(decoded.paths))
@@ -97,7 +99,7 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     """Train a student of run `run_dir` into `out`; returns the student's round summary."""
     teacher = RunDir(run_dir)
     t_cfg = load_run_config(teacher)
-    r, why = teacher.choose_round(t_cfg.train.folds)
+    r, why = teacher.choose_round(t_cfg.train.folds, can_pick=False)
     check_round(teacher, r, t_cfg)
     if not 0 <= val_fold < t_cfg.train.folds:
         raise ConfigError(f"--val-fold {val_fold}: the teacher has folds 0..{t_cfg.train.folds - 1}")
@@ -114,7 +116,8 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     train_paths = t_ctx.table.train["path"].tolist()
     test_paths = t_ctx.table.test["path"].tolist() if unlabeled and t_ctx.table.test is not None else []
     teacher_decision = load_decision(teacher.round_dir(r))
-    probs = teacher_probs(teacher, r, t_cfg, teacher_decision, train_paths + test_paths, progress)
+    probs = teacher_probs(teacher, r, t_cfg, teacher_decision, train_paths + test_paths, progress,
+                          device=cfg.train.device)
     if force:
         clear_run(run)
     # what the student needs first, config.yaml (the mark of a run) last: a student stopped in between

@@ -24,7 +24,7 @@ from multitask.context import read_data, task_of
 from multitask.data.cache import DECODE_ERRORS, ORIENTATION
 from multitask.data.table import factor_values, value_column
 from multitask.labels import Task
-from multitask.run import atomic_write_bytes, atomic_write_text
+from multitask.run import atomic_write_bytes, atomic_write_text, check_writable
 
 SAMPLES_PER_CLASS = 6
 THUMB = 64
@@ -135,6 +135,7 @@ def _save(fig, path: Path) -> None:
 def run_eda(cfg: Config, out: str | Path) -> dict:
     """Look at the training data of `cfg`'s task; write the figures and eda.json into `out`."""
     out = Path(out)
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     task = task_of(cfg)
     # read as --skip-bad would, so that problems become findings instead of stopping the look

@@ -238,13 +238,18 @@ class TopEpochs:
         save_torch(self.out_dir / "avg.pt", {"model": avg, "epochs": [e for _, e in self.kept], "train_id": train_id})
 
 
-def scalar_writer(out_dir: Path):
-    """TensorBoard's writer into FOLD/tb (the package is the `tensorboard` extra)."""
+def tensorboard_writer_class():
+    """TensorBoard's SummaryWriter (the package is the `tensorboard` extra)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ConfigError(f"train.tensorboard needs the tensorboard package ({e}): pip install 'mt[tensorboard]'") from None
-    return SummaryWriter(str(out_dir / "tb"))
+    return SummaryWriter
+
+
+def scalar_writer(out_dir: Path):
+    """TensorBoard's writer into FOLD/tb."""
+    return tensorboard_writer_class()(str(out_dir / "tb"))
 
 
 def board_tag(key: str) -> str:

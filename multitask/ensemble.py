@@ -36,7 +36,7 @@ def member_probs(run_dir: Path) -> dict:
     run = RunDir(run_dir)
     cfg = load_run_config(run)
     task, heads = build_task(cfg)
-    r, _ = run.choose_round(cfg.train.folds)
+    r, _ = run.choose_round(cfg.train.folds, can_pick=False)
     check_round(run, r, cfg)
     blend = blend_only(load_decision(run.round_dir(r)))
     oof = load_npz(run.round_dir(r) / "oof.npz")
@@ -202,6 +202,8 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
         run = RunDir(staging)
         atomic_write_text(run.config, dump_config(cfg))
         atomic_write_text(run.folds, RunDir(runs[0]).folds.read_text())
+        if RunDir(runs[0]).skipped.exists():  # members trained with --skip-bad: the same rows, as their folds agree
+            atomic_write_text(run.skipped, RunDir(runs[0]).skipped.read_text())
         voted = weighted(oof_probs, w)
         save_npz(run.round_dir(0) / "oof.npz", **{k: v for k, v in oof.items() if not k.startswith("p_")}, p_class=voted)
         if members[0]["test_probs"] is not None:

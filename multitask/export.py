@@ -14,6 +14,7 @@ on training images, and reports how often its argmax agrees with the fp32 file o
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import tempfile
@@ -29,7 +30,7 @@ from multitask.decide import aux_kinds, blend_only, load_decision, predict_class
 from multitask.labels import Head, Task
 from multitask.numeric import aux_activation, aux_name, fine_to_bins, is_aux, standardise
 from multitask.predict import DecodedImages, HARD_TIE_BREAK, load_model, round_models, run_outputs
-from multitask.run import RunDir, atomic_write_bytes
+from multitask.run import WRITER_SEP, RunDir, atomic_write_bytes, check_output_file, sweep_killed, writer_prefix
 from multitask.serve import META_KEY, need_serve_extra, task_meta
 
 FORMAT = 1
@@ -48,12 +49,12 @@ def factor_marginal(combined: torch.Tensor, sizes: tuple[int, ...], i: int) -> t
     return full.sum(other) if other else full
 
 
-def aux_bin_probs(kind: str, out: torch.Tensor, bins: list[float], centre: float, scale: float,
+def aux_bin_probs(kind: str, out: torch.Tensor, cuts: list[float], centre: float, scale: float,
                   sigma: float, owner: torch.Tensor | None = None) -> torch.Tensor:
     """numeric.aux_bins in torch ops that ONNX has (Erf; a running minimum unrolled; a distribution's
     fine bins summed by a 0/1 matrix, `owner` holding each fine bin's bin)."""
     if kind == "distribution":
-        p = out.clamp(min=0) @ (owner[:, None] == torch.arange(len(bins) + 1)[None, :]).to(out.dtype)
+        p = out.clamp(min=0) @ (owner[:, None] == torch.arange(len(cuts) + 1)[None, :]).to(out.dtype)
         p = p.clamp(min=1e-9)
         return p / p.sum(1, keepdim=True)
     if kind == "ordinal":
@@ -63,7 +64,7 @@ def aux_bin_probs(kind: str, out: torch.Tensor, bins: list[float], centre: float
         s = torch.cat(cols, 1)
     else:
         mu = out[:, :1] * scale + centre
-        edges = torch.tensor(bins, dtype=out.dtype)[None, :]
+        edges = torch.tensor(cuts, dtype=out.dtype)[None, :]
         s = 1 - 0.5 * (1 + torch.erf((edges - mu) / (max(sigma, 1e-6) * math.sqrt(2))))
     p = torch.cat([1 - s[:, :1], s[:, :-1] - s[:, 1:], s[:, -1:]], 1).clamp(min=1e-9)
     return p / p.sum(1, keepdim=True)
@@ -108,7 +109,7 @@ class RunGraph(nn.Module):
             combined = p if combined is None else combined * p
         for b in self.blend:
             p_f = factor_marginal(combined, self.sizes, b["index"])
-            q_aux = aux_bin_probs(b["kind"], voted[b["aux"]], b["bins"], b["centre"], b["scale"], b["sigma"],
+            q_aux = aux_bin_probs(b["kind"], voted[b["aux"]], b["cuts"], b["centre"], b["scale"], b["sigma"],
                                   getattr(self, f"owner_{b['factor']}"))
             q = (1 - b["weight"]) * p_f + b["weight"] * q_aux
             combined = combined * (q / p_f.clamp(min=EPS)).index_select(1, getattr(self, f"codes_{b['factor']}"))
@@ -154,7 +155,7 @@ def build_graph(run: RunDir, r: int) -> tuple[nn.Module, dict]:
         f = task.factors[i]
         _, centre, scale = standardise(f, np.zeros(1))
         blend.append({"factor": factor, "index": i, "weight": float(w), "kind": kinds[factor], "aux": f"aux_{factor}",
-                      "bins": [float(b) for b in f.bins], "centre": centre, "scale": scale,
+                      "cuts": [float(c) for c in f.cuts], "centre": centre, "scale": scale,
                       "sigma": float(decision.sigma.get(factor) or 1.0),
                       "owner": fine_to_bins(f, decision.grid.get(factor, [])),
                       "codes": task.decode(np.arange(task.n_classes))[:, i]})
@@ -275,6 +276,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
     if log:
         log(f"exporting {why}")
     out = Path(out) if out else (run.onnx_int8 if int8 else run.onnx)
+    check_output_file(out)
     graph, info = build_graph(run, r)
     ctx = reopen_context(run.root, with_images=False)
     paths = ctx.table.train["path"].tolist()
@@ -284,7 +286,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
     decision = load_decision(run.round_dir(r))
     expected = reference(run, r, decoded, cfg, task, heads, decision)
     offsets = decision.offsets if decision is not None else None
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+    # named for its writer, so that `mt resume` (in a run) or the next export sweeps one a kill left
+    sweep_killed(list(out.parent.glob(f".{glob.escape(out.name)}{WRITER_SEP}*.tmp")))
+    with tempfile.TemporaryDirectory(prefix=writer_prefix(out.name), suffix=".tmp",
+                                     dir=out.parent if out.parent.exists() else None) as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         names = ["final", *info["outputs"]]
         with torch.no_grad():

@@ -26,7 +26,7 @@ from multitask.data.folds import make_folds
 from multitask.data.table import factor_values, numeric_matrix, numeric_values
 from multitask.decide import decide_round, is_active
 from multitask.device import resolve_device
-from multitask.engine import FoldData, train_fold
+from multitask.engine import FoldData, tensorboard_writer_class, train_fold
 from multitask.labels import Task
 from multitask.metrics import score_probs
 from multitask.model import check_model
@@ -362,6 +362,8 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     device = resolve_device(cfg.train.device)
     if cfg.aug.backend == "albumentations":
         check_albumentations(cfg.aug.train, tuple(cfg.data.img_size))
+    if cfg.train.tensorboard:
+        tensorboard_writer_class()
     table = read_checked(cfg, task, progress)
     check_writable(run.root)  # before the cache build, which may take long
     if dist.world() > 1:  # rank 0 decodes into the cache first; the others then find it there

@@ -23,12 +23,21 @@ class Factor:
     name: str
     classes: tuple[str, ...]
     bins: tuple[float, ...] | None = None
+    integer: bool = False  # the numbers are whole (ages in years): see `cuts`
 
     @classmethod
     def binned(cls, name: str, bins, integer: bool = False) -> "Factor":
         """`integer`: the values are known to be whole numbers (names then read 30-59, see bin_names)."""
         bins = tuple(bins)
-        return cls(name, bin_names(bins, integer), bins)
+        return cls(name, bin_names(bins, integer), bins, integer)
+
+    @property
+    def cuts(self) -> np.ndarray:
+        """Where the number passes from one bin to the next, for what measures distance to an edge
+        (soft targets, rows near an edge, a regression read as bins). The edges themselves, but half a
+        unit below them for whole numbers: 59 and 60 then lie equally far from the cut between 30-59
+        and >=60, as 29 and 30 from the one below; at the edge itself, 60 would count as half below it."""
+        return cut_points(self.bins, self.integer)
 
     @property
     def n(self) -> int:
@@ -41,6 +50,11 @@ class Factor:
     def bin(self, values: np.ndarray) -> np.ndarray:
         """Bin index of each value: bins [30, 60] give <30 → 0, 30–59 → 1, ≥60 → 2."""
         return np.searchsorted(np.asarray(self.bins, dtype=float), np.asarray(values, dtype=float), side="right")
+
+
+def cut_points(edges, integer: bool) -> np.ndarray:
+    """`Factor.cuts` of any edges (a factor's own, or the training bins of one)."""
+    return np.asarray(edges, float) - (0.5 if integer else 0.0)
 
 
 def _num(x: float) -> str:

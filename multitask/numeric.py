@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from scipy.special import ndtr
 
 from multitask.config import AUX_PREFIX, Config, ConfigError, NumericCfg
-from multitask.labels import Factor, Head, Task
+from multitask.labels import Factor, Head, Task, cut_points
 
 
 def aux_name(factor: str) -> str:
@@ -44,8 +44,10 @@ class Numeric:
     cfg: NumericCfg
 
     @property
-    def train_edges(self) -> np.ndarray:
-        return np.asarray(self.cfg.train_bins if self.cfg.train_bins is not None else self.factor.bins, float)
+    def train_cuts(self) -> np.ndarray:
+        """The cuts (`Factor.cuts`) of the bins the factor is trained on."""
+        return cut_points(self.cfg.train_bins if self.cfg.train_bins is not None else self.factor.bins,
+                          self.factor.integer)
 
     @property
     def reshapes_targets(self) -> bool:
@@ -121,9 +123,10 @@ def fine_step(factor: Factor, step: float | None = None) -> float:
 
 def fine_edges(factor: Factor, step: float | None = None) -> np.ndarray:
     """The edges of a distribution output's fine bins: `fine_step` apart from the first bin edge, one
-    span (standardise's scale) beyond the outer edges, with every bin edge among them so that each
-    fine bin lies within one bin. Below the first and above the last fine edge, one open bin each."""
-    edges = np.asarray(factor.bins, float)
+    span (standardise's scale) beyond the outer edges, with every cut between bins (`Factor.cuts`)
+    among them so that each fine bin lies within one bin. Below the first and above the last fine
+    edge, one open bin each."""
+    edges = factor.cuts
     scale = standardise(factor, np.zeros(1))[2]
     width = fine_step(factor, step)
     k = np.arange(np.floor(-scale / width), np.ceil((edges[-1] - edges[0] + scale) / width) + 1)
@@ -135,7 +138,7 @@ def fine_edges(factor: Factor, step: float | None = None) -> np.ndarray:
 def fine_to_bins(factor: Factor, grid) -> np.ndarray:
     """(len(grid) + 1,) the bin that holds each fine bin (the bin of its lower edge)."""
     lower = np.concatenate([[-np.inf], np.asarray(grid, float)])
-    return np.searchsorted(np.asarray(factor.bins, float), lower, side="right")
+    return np.searchsorted(factor.cuts, lower, side="right")
 
 
 def normal_over_bins(values: torch.Tensor, grid: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -147,9 +150,9 @@ def normal_over_bins(values: torch.Tensor, grid: torch.Tensor, sigma: float) -> 
 
 def edge_distribution(values: torch.Tensor, classes: torch.Tensor, edges: np.ndarray, n: int,
                       soft: float) -> torch.Tensor:
-    """(N, n) targets of a numeric factor: one-hot at the bin of the number under `edges` (the class
-    where the number is unknown); within `soft` of an edge, mass moves linearly to the neighbouring
-    bin, half of it at the edge itself."""
+    """(N, n) targets of a numeric factor: one-hot at the bin of the number under `edges` (cuts,
+    `Factor.cuts`; the class where the number is unknown); within `soft` of a cut, mass moves
+    linearly to the neighbouring bin, half of it at the cut itself."""
     known = torch.isfinite(values)
     v = torch.where(known, values, torch.zeros_like(values))
     e = torch.as_tensor(edges, dtype=v.dtype, device=v.device)
@@ -185,7 +188,7 @@ class Targets:
         dists = [F.one_hot(safe[:, i], f.n).float() for i, f in enumerate(self.task.factors)]
         for n in self.numerics:
             if n.reshapes_targets:
-                dists[n.index] = edge_distribution(values[:, n.column], safe[:, n.index], n.train_edges,
+                dists[n.index] = edge_distribution(values[:, n.column], safe[:, n.index], n.train_cuts,
                                                    n.factor.n, n.cfg.soft_edge)
         return [d * known[:, i, None] for i, d in enumerate(dists)]
 
@@ -326,7 +329,7 @@ def aux_bins(factor: Factor, kind: str, out: np.ndarray, sigma: float | None = N
     else:
         _, centre, scale = standardise(factor, np.zeros(1))
         mu = out[:, 0] * scale + centre
-        s = 1 - ndtr((np.asarray(factor.bins)[None, :] - mu[:, None]) / max(sigma or 1.0, 1e-6))
+        s = 1 - ndtr((factor.cuts[None, :] - mu[:, None]) / max(sigma or 1.0, 1e-6))
     p = -np.diff(np.concatenate([np.ones((len(s), 1)), s, np.zeros((len(s), 1))], axis=1), axis=1)
     p = np.clip(p, 1e-9, None)
     return p / p.sum(1, keepdims=True)
@@ -341,16 +344,18 @@ def regression_sigma(factor: Factor, out: np.ndarray, values: np.ndarray) -> flo
 
 
 def near_edge(values: np.ndarray, edges, distance: float) -> np.ndarray:
-    """Rows whose number lies within `distance` of an edge (strictly closer than it)."""
+    """Rows whose number lies within `distance` of an edge (a cut, `Factor.cuts`; strictly closer
+    than it)."""
     if distance <= 0:
         return np.zeros(len(values), bool)
     return (np.abs(values[:, None] - np.asarray(edges, float)[None, :]) < distance).any(1)
 
 
 def training_rows(task: Task, cfg: Config, values: np.ndarray) -> np.ndarray:
-    """Which training rows to keep: those not within `drop_near_edge` of a training edge. Only
-    training rows are dropped; validation and OOF keep every row."""
+    """Which training rows to keep: those not within `drop_near_edge` of a training cut (for whole
+    numbers, 1 leaves out 59 and 60 at the edge 60). Only training rows are dropped; validation and
+    OOF keep every row."""
     keep = np.ones(len(values), bool)
     for n in numerics(task, cfg):
-        keep &= ~near_edge(values[:, n.column], n.train_edges, n.cfg.drop_near_edge)
+        keep &= ~near_edge(values[:, n.column], n.train_cuts, n.cfg.drop_near_edge)
     return keep

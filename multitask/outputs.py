@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +33,9 @@ def list_images(source: str | Path) -> tuple[list[str], list[str]]:
                        and not any(part.startswith(".") for part in p.relative_to(src).parts))
         if not found:
             raise FileNotFoundError(f"{src}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-        return [p.relative_to(src).as_posix() for p in found], [str(p) for p in found]
+        ids = [p.relative_to(src).as_posix() for p in found]
+        check_names(src, ids)
+        return ids, [str(p) for p in found]
     if src.suffix.lower() == ".csv":
         if not src.is_file():
             raise FileNotFoundError(f"{src}: file not found")
@@ -47,10 +50,30 @@ def list_images(source: str | Path) -> tuple[list[str], list[str]]:
             raise ImageListError(f"{src}: cannot be read as a CSV file ({e})") from None
         if not ids:
             raise ImageListError(f"{src}: no rows")
+        empty = [i + 2 for i, p in enumerate(ids) if not p.strip()]  # + 2: the header is line 1
+        if empty:
+            more = f" and {len(empty) - 20} more" if len(empty) > 20 else ""
+            raise ImageListError(f"{src}: an empty path on line(s) {', '.join(map(str, empty[:20]))}{more}")
         return ids, [p if Path(p).is_absolute() else str(src.parent / p) for p in ids]
     if src.is_file():
+        check_names(src.parent, [str(source)])
         return [str(source)], [str(src)]
     raise FileNotFoundError(f"{src}: not found (expected a folder, a CSV with a path column, or an image file)")
+
+
+def check_names(where: Path, ids: list[str]) -> None:
+    """The predictions file is UTF-8 text: a file name the file system holds in another encoding
+    cannot be written into it (nor matched back), so it is refused before any work, by its bytes."""
+    bad = []
+    for name in ids:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(os.fsencode(name))
+    if bad:
+        listed = ", ".join(repr(b) for b in bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise ImageListError(f"{where}: {len(bad)} file name(s) are not UTF-8, which the predictions file must be: "
+                             f"{listed}; rename them")
 
 
 def prediction_table(task: Task, ids, combined: np.ndarray, classes: np.ndarray,
@@ -108,12 +131,13 @@ def stream_predictions(task: Task, ids: list[str], paths: list[str], out: str | 
                 advance(len(part))
         if bad and not skip_bad:
             raise undecodable_error(paths, bad)
+        if not written:  # nothing is replaced: an earlier file and its listing stay together
+            raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; {undecodable_error(paths, bad)}",
+                                   bad)
         if bad:
             listing = io.StringIO()
             write_rows(listing, ["path", "reason"], [[ids[i], why] for i, why in bad])
             atomic_write_text(skipped_file, listing.getvalue())
-        if not written:
-            raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; see {skipped_file}")
     if not bad:  # a listing left by an earlier run of the same file would name images this one kept
         skipped_file.unlink(missing_ok=True)
     return {"out": str(out), "predicted": written, "skipped": len(bad), "skipped_file": str(skipped_file) if bad else None}

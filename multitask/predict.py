@@ -24,7 +24,7 @@ from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_kind, aux_outputs, is_aux
 from multitask.outputs import CHUNK, list_images, prediction_table, stream_predictions
-from multitask.run import RunDir, fold_checkpoint, read_json
+from multitask.run import RunDir, check_output_file, fold_checkpoint, read_json
 
 
 @torch.no_grad()
@@ -206,6 +206,7 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
     `skip_bad` are left out and listed in <out>.skipped.csv). `device`: where to predict, in place of
     the run's `train.device` (a run trained on a GPU, predicted on a machine without one)."""
     run = RunDir(run_dir)
+    check_output_file(Path(out))  # before the work, not after it
     overrides = [f"train.eval_batch_size={batch_size}"] if batch_size else []
     overrides += [f"train.device={device}"] if device else []
     cfg = load_run_config(run, overrides)

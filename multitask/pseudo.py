@@ -137,7 +137,7 @@ def other_teacher(ctx, path: str | Path) -> Teacher:
     if task.factors != ctx.task.factors:
         raise ConfigError(f"{other.root} predicts other factors than {ctx.run.root}: {task.factor_names} vs "
                           f"{ctx.task.factor_names}")
-    r, _ = other.choose_round(cfg.train.folds)
+    r, _ = other.choose_round(cfg.train.folds, can_pick=False)
     test_ids = ctx.table.test["image_id"].to_numpy().astype(str)
     if cfg.ensemble is not None:
         test = {k: {FLAT_HEAD: p} for k, p in fold_votes(other.root, test_ids).items()}

@@ -6,6 +6,7 @@ RUN/round0/{oof.npz,test_probs.npz,summary.json}     RUN/round1/... (pseudo-labe
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -15,7 +16,7 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -46,6 +47,14 @@ def check_writable(path: Path) -> None:
         raise StorageError(f"{path}: cannot write into {p} (permission denied)")
 
 
+def check_output_file(path: Path) -> None:
+    """Fail before any work when the file `path` could not be written: a folder is there, or its
+    folder cannot be made or written."""
+    if Path(path).is_dir():
+        raise StorageError(f"{path}: is a folder; name a file to write")
+    check_writable(Path(path).parent)
+
+
 def check_space(folder: Path, need: int, what: str) -> None:
     """Fail before writing `need` bytes into `folder` when its disk has less room."""
     free = shutil.disk_usage(folder).free
@@ -67,6 +76,21 @@ def temp_writer(name: str) -> tuple[str, int] | None:
     return (m.group("host"), int(m.group("pid"))) if m else None
 
 
+def writer_prefix(name: str) -> str:
+    """The start of a temp file's (or staging folder's) name for `name`, naming this process."""
+    return f".{name}{WRITER_SEP}{socket.gethostname()}{WRITER_SEP}{os.getpid()}{WRITER_SEP}"
+
+
+def sweep_killed(paths: Iterable[Path]) -> None:
+    """Remove the temp files and staging folders among `paths` that killed writes left."""
+    for p in paths:
+        if killed_write(p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def killed_write(name: str) -> bool:
     """The temp file `name` is left by a write that will never finish: its writer was on this host and
     is gone, or (a name without its writer) it was made by an mt before writers were named, which
@@ -84,9 +108,9 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
     (and removed when it does not), so a crash never leaves half a file; a long output can be
     written as it is made."""
     path = Path(path)
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{WRITER_SEP}{socket.gethostname()}{WRITER_SEP}{os.getpid()}"
-                                      f"{WRITER_SEP}", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=writer_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -104,9 +128,11 @@ def staged_dir(out: Path) -> Iterator[Path]:
     (which a retry would take for a finished run). `out` may exist, empty or holding other files; the
     staged entries join it with config.yaml, the mark of a run, last."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StorageError(f"{out}: is a file; name a folder to write the run into")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{WRITER_SEP}{socket.gethostname()}{WRITER_SEP}{os.getpid()}"
-                                           f"{WRITER_SEP}", suffix=".tmp", dir=out.parent))
+    sweep_killed(list(out.parent.glob(f".{glob.escape(out.name)}{WRITER_SEP}*.tmp")))  # an earlier try's, killed
+    staging = Path(tempfile.mkdtemp(prefix=writer_prefix(out.name), suffix=".tmp", dir=out.parent))
     try:
         yield staging
         os.chmod(staging, 0o777 & ~_umask())
@@ -256,9 +282,7 @@ class RunDir:
         """Remove the temp files of writes a kill interrupted (atomic writes leave nothing else). Those
         of live writers (other processes training folds of this run) stay, and so do those of another
         host's, which this host cannot tell alive from dead."""
-        for p in self.root.rglob(".*.tmp"):
-            if killed_write(p.name):
-                p.unlink(missing_ok=True)
+        sweep_killed(list(self.root.rglob(".*.tmp")))  # files, and the staging folder of a killed `mt ensemble`
 
     def started_rounds(self) -> list[int]:
         """Rounds with a folder, finished or not, in order."""
@@ -317,11 +341,11 @@ class RunDir:
                                f"{self.config} holds now (was it edited?); a run's settings cannot change: put them "
                                f"back, or start a run with these settings (`mt train --out NEW`)")
 
-    def choose_round(self, n_folds: int, r: int | None = None) -> tuple[int, str]:
+    def choose_round(self, n_folds: int, r: int | None = None, can_pick: bool = True) -> tuple[int, str]:
         """Round r, or by default the complete round (every fold done) with the best OOF macro F1
         (rounds are comparable: the same groups in the same folds, and pseudo labels only ever
         train). Returns the round and a line that says why it was chosen, what it lacks, and which
-        later rounds are unfinished."""
+        later rounds are unfinished. `can_pick`: the command has a --round to name one with."""
         rounds = self.rounds()
         if not rounds:
             raise FileNotFoundError(self.unfinished(n_folds))
@@ -338,8 +362,8 @@ class RunDir:
                 raise FileNotFoundError(
                     f"{self.root}: no round has every fold done; round {q} lacks "
                     + "; ".join(f"fold {k} ({why})" for k, why in missing[q].items())
-                    + f". Finish them (`mt resume --run {self.root}`, or `mt train --fold K` where they are trained), "
-                    f"or pass --round {q} to use the folds that are done")
+                    + f". Finish them (`mt resume --run {self.root}`, or `mt train --fold K` where they are trained)"
+                    + (f", or pass --round {q} to use the folds that are done" if can_pick else ""))
             f1 = {q: summaries[q]["oof"]["f1"] for q in complete}
             r = max(complete, key=lambda q: (f1[q], -q))  # a tie goes to the earlier round
             why = (f"round {r}: the best OOF macro F1 of the complete rounds ("

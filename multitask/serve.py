@@ -24,13 +24,15 @@ META_KEY = "mt"  # the ONNX metadata entry `mt export` writes: the task, image s
 
 def task_meta(task: Task) -> dict:
     return {"name": task.name, "factors": [{"name": f.name, "classes": list(f.classes),
-                                            "bins": list(f.bins) if f.bins is not None else None}
+                                            "bins": list(f.bins) if f.bins is not None else None,
+                                            "integer": f.integer}
                                            for f in task.factors]}
 
 
 def task_from_meta(meta: dict) -> Task:
     return Task(meta["task"]["name"], tuple(Factor(f["name"], tuple(f["classes"]),
-                                                   tuple(f["bins"]) if f["bins"] is not None else None)
+                                                   tuple(f["bins"]) if f["bins"] is not None else None,
+                                                   f.get("integer", False))  # files exported before it
                                             for f in meta["task"]["factors"]))
 
 

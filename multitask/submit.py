@@ -14,7 +14,7 @@ from multitask.context import check_round
 from multitask.kfold import load_round_test_probs, reopen_context
 from multitask.decide import load_decision, predict_classes
 from multitask.predict import predictions_frame
-from multitask.run import atomic_write_text
+from multitask.run import atomic_write_text, check_output_file
 
 
 class SubmissionError(ValueError):
@@ -51,6 +51,7 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     """The submission of round `round`, by default the finished round with the best OOF macro F1;
     `log` is told which round was used and why."""
     ctx = reopen_context(run_dir, progress=progress, with_images=False)
+    check_output_file(Path(out) if out else ctx.run.submission)
     r, why = ctx.run.choose_round(ctx.cfg.train.folds, round)
     check_round(ctx.run, r, ctx.cfg)
     if log:
@@ -67,8 +68,10 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
     from multitask.serve import ServedModel
 
     ctx = reopen_context(run_dir, with_images=False)
+    check_output_file(Path(out) if out else ctx.run.submission)  # before the predictions, not after them
     served = ServedModel(onnx)
-    if served.task.factors != ctx.task.factors:
+    label = lambda task: [(f.name, f.classes, f.bins) for f in task.factors]  # noqa: E731 - files before `integer` lack it
+    if label(served.task) != label(ctx.task):
         raise SubmissionError(f"{onnx} predicts factors {served.task.factor_names}, the run's task has "
                               f"{ctx.task.factor_names}")
     made, r = served.meta.get("train_ids"), served.meta["round"]  # files exported before training ids: None

@@ -49,6 +49,28 @@ def test_cache_key_covers_size_and_file_changes(tmp_path):
     assert arr[0].max() <= 3
 
 
+def test_a_build_removes_what_a_killed_build_left_and_leaves_a_live_ones(tmp_path):
+    """SIGTERM or SIGKILL stop a build where no handler runs: its temp file (the cache's full size)
+    stays, and the next build must not let them pile up, nor touch one still being written."""
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    host = socket.gethostname()
+    (tmp_path / "c").mkdir()
+    killed = tmp_path / "c" / f".0123abcd~{host}~{proc.pid}~x1.npy.tmp"
+    unnamed = tmp_path / "c" / ".0123abcd.x2.npy.tmp"  # named before writers were
+    live = tmp_path / "c" / f".4567cdef~{host}~{os.getpid()}~x3.npy.tmp"
+    elsewhere = tmp_path / "c" / f".89abcdef~other-host.example~{proc.pid}~x4.npy.tmp"
+    for p in (killed, unnamed, live, elsewhere):
+        p.write_bytes(b"partial")
+    cached_images(make_images(tmp_path / "img"), (20, 16), tmp_path / "c")
+    assert live.exists() and elsewhere.exists() and not killed.exists() and not unnamed.exists()
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 1
+
+
 def test_bad_image_names_the_file_and_leaves_no_partial_cache(tmp_path):
     paths = make_images(tmp_path / "img")
     bad = tmp_path / "img" / "broken.jpg"

@@ -37,6 +37,12 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.fold=[]"], "fold \\[\\] trains nothing"),
     (["data.age_bins=[60, 30]"], "increasing"),
     (["noequals"], "not key=value"),
+    (["data.img_size=[32"], "override 'data.img_size=\\[32': the value is not valid YAML"),
+    (["data.img_size=[0, 32]"], "data.img_size.0: Input should be greater than 0"),
+    (["data.img_size=[32, -4]"], "data.img_size.1"),
+    # the seeds derived per fold and epoch would overflow numpy's 64 bits mid-run; scikit-learn's split takes 32
+    (["train.seed=4294967296"], "train.seed: Input should be less than 4294967296"),
+    (["train.fold_seed=4294967296"], "train.fold_seed"),
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -50,6 +56,29 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_config_file_that_cannot_be_read_names_the_file(tmp_path, monkeypatch):
+    p = tmp_path / "latin.yaml"
+    p.write_bytes("train: {epochs: 3}  # \u00e9t\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml: not UTF-8 text"):
+        load_config(p)
+    # a folder named like a preset (after `mt demo --out demo`) is not the preset's file
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("demo").model.backbone == "test_efficientnet"
+
+
+def test_relative_data_paths_come_out_absolute(tmp_path, monkeypatch):
+    """config.yaml keeps them so: `mt submit` and `mt resume` from another folder read the same data.
+    In a YAML file they are relative to its folder, as a table task's table is."""
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "c.yaml").write_text("data_root: data\ndata: {cache_dir: cache}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(tmp_path / "cfgs" / "c.yaml")
+    assert (cfg.data_root, cfg.data.cache_dir) == (str(tmp_path / "cfgs" / "data"), str(tmp_path / "cfgs" / "cache"))
+    cfg = load_config(None, ["data_root=data", "data.cache_dir=cache"])
+    assert (cfg.data_root, cfg.data.cache_dir) == (str(tmp_path / "data"), str(tmp_path / "cache"))
 
 
 def error_of(overrides) -> str:

@@ -47,6 +47,13 @@ def test_eda_of_the_mask_layout_finds_the_anomalies(demo_root, tmp_path):
     assert set(eda["plots"]) == {"counts.png", "samples.png", "numeric_age.png"}
 
 
+def test_eda_into_a_file_is_a_clear_error(demo_root, tmp_path):
+    (tmp_path / "eda").write_text("notes")
+    result = runner.invoke(app, ["eda", "--data", str(demo_root), "--out", str(tmp_path / "eda")])
+    assert result.exit_code == 2 and "cannot be made a folder" in result.output, result.output
+    assert "Traceback" not in result.output and (tmp_path / "eda").read_text() == "notes"
+
+
 def test_eda_of_a_table_task_flags_groups_that_disagree(tmp_path):
     make_table_dataset(tmp_path, n_train_groups=6, n_test_groups=1, per_group=3, image_size=(32, 32), seed=0)
     df = pd.read_csv(tmp_path / "train.csv", dtype=str)

@@ -79,3 +79,16 @@ def test_classes_too_fine_for_the_folds_are_stratified_on_fewer_factors():
     assert sorted(np.unique(fold)) == [0, 1, 2, 3, 4]
     per_fold = pd.crosstab(fold, df["colour"])
     assert per_fold.to_numpy().min() >= 1 and per_fold.to_numpy().max() <= 2  # each colour spread over the folds
+
+
+def test_strata_are_sized_in_groups_not_pictures():
+    """Seven pictures of one person are one group to place: 40 persons in 8 x 4 joint classes hold
+    at most 2 persons a class, too few for 5 folds, although each class has 7 or more pictures."""
+    from multitask.data.folds import split_strata
+
+    task = Task("table", (Factor("colour", tuple("abcdefgh")), Factor("kind", tuple("wxyz"))))
+    persons = np.arange(40)
+    df = pd.DataFrame({"group": np.repeat([f"p{i}" for i in persons], 7),
+                       "colour": np.repeat(persons % 8, 7), "kind": np.repeat((persons // 8) % 4, 7)})
+    strata = split_strata(df, task, ["colour", "kind"], 5)
+    assert len(np.unique(strata)) == 8  # colour alone, 5 persons a class; the joint has up to 2

@@ -45,6 +45,37 @@ def test_edge_distribution_is_one_hot_far_from_edges_and_split_at_them():
     assert d.argmax(1).tolist() == [2, 1]
 
 
+def test_whole_numbers_are_cut_half_a_unit_below_the_edge():
+    """Whole years: <60 ends at 59, so 59 and 60 must lie equally far from the cut, as 29 and 30 do;
+    measured from the edge itself, 60 counted as half below it and 59 as mostly below."""
+    years = Factor.binned("age", [30, 60], integer=True)
+    task = Task("t", (Factor("g", ("m", "f")), years))
+    ages = np.array([28.0, 29.0, 30.0, 31.0, 58.0, 59.0, 60.0, 61.0])
+    y = batch(np.zeros(8), years.bin(ages), ages)
+    soft = Targets(task, task.heads("g,age"), cfg_with("numeric.age.soft_edge=3"))(y)["age"]
+    # 0.5·(1 − 0.5/3) of 59's and 60's mass crosses the cut at 59.5, and the two mirror each other
+    torch.testing.assert_close(soft[5], torch.tensor([0, 7 / 12, 5 / 12]))
+    torch.testing.assert_close(soft[6], torch.tensor([0, 5 / 12, 7 / 12]))
+    torch.testing.assert_close(soft[1, :2], soft[2, :2].flip(0))
+    assert soft.argmax(1).tolist() == years.bin(ages).tolist()  # the class is still the bin's
+    # one year from the cut: 29, 30, 59 and 60, both sides alike
+    keep = training_rows(task, cfg_with("numeric.age.drop_near_edge=1"), ages[:, None])
+    assert ages[~keep].tolist() == [29, 30, 59, 60]
+    # a regression that says 59 is as sure of 30-59 as one that says 60 is of >=60
+    z = (np.array([[59.0], [60.0]]) - 45) / 30
+    p = aux_bins(years, "regression", z, sigma=2.0)
+    assert p[0, 1] == pytest.approx(p[1, 2]) and p[0, 1] > 0.5
+    # a distribution's fine bins meet at the cuts, so each still lies within one bin
+    from multitask.numeric import fine_edges, fine_to_bins
+
+    grid = fine_edges(years)
+    owner = fine_to_bins(years, grid)
+    assert {29.5, 59.5} <= set(grid.tolist()) and owner[grid.tolist().index(59.5) + 1] == 2
+    assert owner[grid.tolist().index(59.5)] == 1
+    # a continuous number keeps its cut at the edge
+    assert AGE.cuts.tolist() == [30.0, 60.0] and years.cuts.tolist() == [29.5, 59.5]
+
+
 def test_targets_of_joined_heads_are_outer_products_of_the_factor_targets():
     y = batch([0, 1, 1], [2, 1, 2], [70.0, 59.0, 61.0])
     plain = Targets(TASK, TASK.heads("g_age"), cfg_with())(y)["g_age"]
@@ -126,18 +157,20 @@ def test_a_distribution_output_reads_as_its_bins_summed():
 
 
 @pytest.mark.parametrize("kind", ["regression", "ordinal", "distribution"])
-def test_the_exported_reading_of_an_auxiliary_output_equals_numpys(kind):
+@pytest.mark.parametrize("integer", [False, True])
+def test_the_exported_reading_of_an_auxiliary_output_equals_numpys(kind, integer):
     from multitask.export import aux_bin_probs
     from multitask.numeric import fine_edges, fine_to_bins, standardise
 
+    age = Factor.binned("age", [30, 60], integer)
     rng = np.random.default_rng(1)
-    grid = fine_edges(AGE)
+    grid = fine_edges(age)
     width = {"regression": 1, "ordinal": 2, "distribution": len(grid) + 1}[kind]
     out = rng.random((40, width)) if kind != "distribution" else rng.dirichlet(np.ones(width), 40)
-    _, centre, scale = standardise(AGE, np.zeros(1))
-    got = aux_bin_probs(kind, torch.as_tensor(out), list(AGE.bins), centre, scale, 7.0,
-                        torch.as_tensor(fine_to_bins(AGE, grid)))
-    np.testing.assert_allclose(got.numpy(), aux_bins(AGE, kind, out, sigma=7.0, grid=grid), atol=1e-6)
+    _, centre, scale = standardise(age, np.zeros(1))
+    got = aux_bin_probs(kind, torch.as_tensor(out), list(age.cuts), centre, scale, 7.0,
+                        torch.as_tensor(fine_to_bins(age, grid)))
+    np.testing.assert_allclose(got.numpy(), aux_bins(age, kind, out, sigma=7.0, grid=grid), atol=1e-6)
 
 
 def test_rows_near_an_edge_are_left_out_of_training_only():

@@ -306,10 +306,14 @@ def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
         odd = fold / f".a~b.csv~{host}~{proc.pid}~x_1.tmp"  # a "~" in the file's own name
         for p in (dead, elsewhere, unnamed, odd):
             p.write_bytes(b"")
+        # the staging folder of an `mt ensemble --out RUN/ens` that was killed
+        staging = run.root / f".ens~{host}~{proc.pid}~k2j4.tmp"
+        (staging / "round0").mkdir(parents=True)
+        (staging / "round0" / "oof.npz").write_bytes(b"x")
         assert temp_writer(odd.name) == (host, proc.pid)
         run.sweep_killed_writes()
         assert live.exists() and elsewhere.exists()
-        assert not dead.exists() and not unnamed.exists() and not odd.exists()
+        assert not dead.exists() and not unnamed.exists() and not odd.exists() and not staging.exists()
     assert (fold / "last.pt").read_bytes() == b"x" and not live.exists()
 
 

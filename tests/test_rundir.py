@@ -45,6 +45,33 @@ def test_train_into_a_run_is_refused_and_force_starts_over(run, demo_root, tmp_p
     assert result.exit_code == 2 and "other settings (train.epochs)" in result.output and "--force" in result.output
 
 
+def test_force_leaves_the_run_as_it_was_when_the_new_settings_cannot_train(run, demo_root, tmp_path, monkeypatch):
+    """--force clears the run only once everything checkable is checked: a missing package found at
+    the first epoch used to leave a finished run emptied."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as where it is not installed
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.tensorboard=true")
+    with pytest.raises(ConfigError, match="train.tensorboard needs the tensorboard package"):
+        train_run(cfg, run, force=True)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_a_staging_folder_left_by_a_killed_command_is_cleared_by_the_next_try(tmp_path):
+    import socket
+
+    from multitask.run import staged_dir
+
+    out = tmp_path / "ens"
+    dead = tmp_path / f".ens~{socket.gethostname()}~{_dead_pid()}~a1b2.tmp"
+    (dead / "round0").mkdir(parents=True)
+    with staged_dir(out) as staging:
+        (staging / "config.yaml").write_text("x")
+    assert not dead.exists() and (out / "config.yaml").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["ens"]
+
+
 def test_folds_never_started_may_be_added(demo_root, tmp_path):
     out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
     train_run(tiny_config(demo_root, cache, "train.fold=[0]"), out)

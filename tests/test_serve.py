@@ -54,8 +54,17 @@ def read_pair(a, b):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_the_exported_run_predicts_what_torch_predicts(runs, demo_root, tmp_path, layout):
+    import socket
+    import subprocess
+
     run = runs[layout]
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    killed = tmp_path / f".m.onnx~{socket.gethostname()}~{proc.pid}~q7.tmp"  # the work folder of an export killed
+    (killed / "fp32.onnx").parent.mkdir()
+    (killed / "fp32.onnx").write_bytes(b"x" * 100)
     check = export_run(run, tmp_path / "m.onnx")
+    assert not killed.exists() and not list(tmp_path.glob(".*.tmp"))
     assert check["max_abs_diff"] <= 1e-4 and check["images"] > 0
     summary = read_json(RunDir(run).round_dir(0) / "summary.json")
     meta = serve.ServedModel(tmp_path / "m.onnx").meta
@@ -308,6 +317,32 @@ def test_a_student_is_a_run_that_submit_predict_and_export_accept(runs, demo_roo
     assert RunDir(teacher).rounds() == [0]
     with pytest.raises(ConfigError, match="already holds a run"):
         distill(teacher, student, epochs=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the teacher's own device must be missing here")
+def test_a_teacher_trained_on_a_gpu_teaches_on_the_students_device(runs, tmp_path):
+    import shutil
+
+    teacher = tmp_path / "gpu_run"
+    shutil.copytree(runs["shared"], teacher)
+    config = RunDir(teacher).config
+    config.write_text(config.read_text().replace("device: cpu", "device: cuda"))  # per invocation: folds stay valid
+    summary = distill(teacher, tmp_path / "student", epochs=1, overrides=["train.device=cpu"])
+    assert summary["complete"]
+    # the same targets as the teacher gives on the CPU it was really trained on
+    cpu_student = distill(runs["shared"], tmp_path / "cpu_student", epochs=1)
+    assert cpu_student["complete"]
+    a, b = load_npz(RunDir(tmp_path / "student").teacher), load_npz(RunDir(tmp_path / "cpu_student").teacher)
+    np.testing.assert_allclose(a["train"], b["train"], atol=1e-6)
+
+
+def test_a_command_without_round_does_not_offer_one(demo_root, tmp_path):
+    out = tmp_path / "half"
+    train_run(tiny_config(demo_root, "train.fold=[0]"), out)  # fold 1 never trained: no complete round
+    r = CliRunner().invoke(app, ["submit", "--run", str(out)])
+    assert r.exit_code == 2 and "or pass --round 0" in r.output, r.output
+    r = CliRunner().invoke(app, ["distill", "--run", str(out), "--out", str(tmp_path / "st")])
+    assert r.exit_code == 2 and "lacks fold 1" in r.output and "--round" not in r.output, r.output
 
 
 def test_a_student_predicts_with_one_view_unless_told_otherwise(runs):

@@ -14,6 +14,7 @@ from multitask.data.layout import LayoutError
 from multitask.data.synthetic import make_table_dataset
 from multitask.data.table import DataError
 from multitask.distill import distill
+from multitask.ensemble import make_ensemble
 from multitask.kfold import resume_run, train_run
 from multitask.run import RunDir, read_json
 from multitask.submit import make_submission
@@ -67,6 +68,12 @@ def test_skip_bad_trains_without_the_bad_items_and_lists_them(broken_root, tmp_p
     student = tmp_path / "student"
     assert distill(out, student, epochs=1)["folds_done"] == [0]
     assert pd.read_csv(RunDir(student).skipped).equals(skipped)
+    # and so does an ensemble of such runs (its teacher's pictures for a student are these rows)
+    other = tmp_path / "other"
+    train_run(tiny_config(root, cache, "data.skip_bad=true", "train.seed=1"), other)
+    make_ensemble([out, other], tmp_path / "ens")
+    assert pd.read_csv(RunDir(tmp_path / "ens").skipped).equals(skipped)
+    assert reopen_context(tmp_path / "ens").table.train["path"].equals(ctx.table.train["path"])
 
 
 def test_skip_bad_leaves_out_table_rows_and_whole_groups(tmp_path):

@@ -126,6 +126,8 @@ def test_table_level_errors(table_root, tmp_path, content, message):
     ({"name": "x"}, "exactly one of classes"),
     ({"name": "x", "classes": ["a"]}, "at least two"),
     ({"name": "x", "bins": [3, 1]}, "increasing"),
+    ({"name": "x", "bins": [2.5], "integer": True}, "whole-number edges"),
+    ({"name": "x", "classes": ["a", "b"], "integer": True}, "whole-number edges"),
     ({"name": "class", "classes": ["a", "b"]}, "not allowed"),
     # the image table's own columns: a factor `group` would make the folds split by its classes
     ({"name": "group", "classes": ["a", "b"]}, "factor name 'group' is reserved"),
@@ -142,6 +144,18 @@ def test_bad_factor_specs_are_config_errors(table_root, factor, message):
         table_config(table_root, factor)
 
 
+def test_an_integer_factor_refuses_numbers_that_are_not_whole(table_root, tmp_path):
+    df = pd.read_csv(table_root / "train.csv", dtype=str)
+    df["size"] = df["size"].astype(float).round().astype(int).astype(str)
+    df.loc[1, "size"] = "24.5"
+    df.to_csv(tmp_path / "whole.csv", index=False)
+    cfg = table_config(table_root, {**SIZE, "integer": True}, COLOUR)
+    cfg.task.table, cfg.task.images = str(tmp_path / "whole.csv"), str(table_root)
+    with pytest.raises(DataError, match=r"whole.csv: 1 problem\(s\)[\s\S]*line 3: size '24.5' is not a whole number"):
+        read_table(cfg.task, task_of(cfg))
+    assert task_of(cfg).factors[0].classes == ("<20", "20-29", ">=30")
+
+
 def test_a_factor_cannot_take_another_factors_numbers_column(table_root):
     shadow = {"name": "size_value", "column": "colour", "classes": COLOUR["classes"]}
     with pytest.raises(ConfigError, match="factor name 'size_value' is taken by factor 'size'"):
@@ -151,6 +165,19 @@ def test_a_factor_cannot_take_another_factors_numbers_column(table_root):
     # a categorical factor keeps no numbers: `colour_value` beside it is free
     cfg = table_config(table_root, COLOUR, {**SHAPE, "name": "colour_value", "column": "shape"})
     assert task_of(cfg).factor_names == ["colour", "colour_value"]
+
+
+def test_a_test_image_that_is_also_a_training_image_is_refused(table_root, tmp_path):
+    """Through pseudo labels it would teach each fold its own validation pictures."""
+    train = pd.read_csv(table_root / "train.csv", dtype=str)
+    test = pd.read_csv(table_root / "test.csv", dtype=str)
+    test.loc[1, "path"] = "./" + train.loc[3, "path"]  # line 3: line 5 of train.csv, named another way
+    test.to_csv(table_root / "leaky_test.csv", index=False)
+    cfg = table_config(table_root, COLOUR, test=False)
+    cfg.task.test = str(table_root / "leaky_test.csv")
+    with pytest.raises(DataError, match=r"leaky_test.csv: 1 problem\(s\)[\s\S]*line 3: .* is also a training "
+                                        r"image \(.*train.csv line 5\)"):
+        read_table(cfg.task, task_of(cfg))
 
 
 def test_one_file_named_two_ways_is_a_duplicate_row(table_root, tmp_path):
@@ -290,11 +317,46 @@ def test_predict_lists_bad_images_or_skips_them(table_run, table_root, tmp_path)
     assert pd.read_csv(preds)["path"].tolist() == ["good.jpg"]
     skipped = pd.read_csv(tmp_path / "preds.skipped.csv")
     assert sorted(skipped["path"]) == ["empty.jpg", "text.png"] and skipped["reason"].str.contains("cannot decode").all()
+    # a later try that decodes nothing replaces neither the predictions nor the listing beside them
+    kept = preds.read_text(), (tmp_path / "preds.skipped.csv").read_text()
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "bad.jpg").write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match="none of the 1 image"):
+        predict_images(out, tmp_path / "nothing", preds, skip_bad=True)
+    assert (preds.read_text(), (tmp_path / "preds.skipped.csv").read_text()) == kept
     # a later clean run of the same file leaves no listing that names images it kept
     (folder / "empty.jpg").unlink()
     (folder / "text.png").unlink()
     assert predict_images(out, folder, preds)["skipped"] == 0
     assert not (tmp_path / "preds.skipped.csv").exists()
+
+
+def test_what_predict_cannot_write_is_refused_before_any_work(table_run, table_root, tmp_path, monkeypatch):
+    import os
+
+    from multitask import predict as predict_mod
+    from multitask.outputs import ImageListError
+    from multitask.run import StorageError
+
+    out, _ = table_run
+    first = pd.read_csv(table_root / "test.csv")["path"][0]
+    monkeypatch.setattr(predict_mod, "load_model", lambda *a, **k: pytest.fail("the work began"))
+    (tmp_path / "preds").mkdir()
+    with pytest.raises(StorageError, match="preds: is a folder; name a file"):
+        predict_images(out, table_root / first, tmp_path / "preds")
+    # an empty path cell would name the CSV's own folder
+    listing = tmp_path / "list.csv"
+    pd.DataFrame({"path": [str(table_root / first), "", " "]}).to_csv(listing, index=False)
+    with pytest.raises(ImageListError, match="list.csv: an empty path on line\\(s\\) 3, 4"):
+        predict_images(out, listing, tmp_path / "p.csv")
+    # a file name the file system holds in Latin-1: the UTF-8 predictions file cannot name it
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    with open(os.fsencode(odd) + b"/caf\xe9.jpg", "wb") as fh:
+        fh.write((table_root / first).read_bytes())
+    with pytest.raises(ImageListError, match=r"1 file name\(s\) are not UTF-8.*b'caf\\xe9.jpg'"):
+        predict_images(out, odd, tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_a_numeric_factor_with_a_flat_head_and_joins(table_root, tmp_path):

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from multitask.run import FILE_MODE, check_space, check_writable
+from multitask.run import FILE_MODE, check_space, check_writable, sweep_killed, writer_prefix
 
 CACHE_VERSION = 3  # bump when decoding or resizing changes (2: 16-bit greyscale read whole; 3: EXIF orientation)
 ORIENTATION = 0x0112  # the EXIF tag a camera sets instead of turning the pixels
@@ -110,7 +110,10 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
     check_writable(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_space(out.parent, len(paths) * h * w * 3 + 4096, f"the decoded cache of {len(paths)} images at {h}x{w}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".npy.tmp", dir=out.parent)
+    # a build stopped by a signal the handler below never sees (SIGTERM, SIGKILL) leaves its temp file:
+    # the next build removes those whose writer is gone, as `mt resume` does in a run
+    sweep_killed(list(out.parent.glob(".*.npy.tmp")))
+    fd, tmp = tempfile.mkstemp(prefix=writer_prefix(out.stem), suffix=".npy.tmp", dir=out.parent)
     os.close(fd)
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))

@@ -27,13 +27,15 @@ def group_level_factors(df: pd.DataFrame, task: Task) -> list[str]:
 
 
 def split_strata(df: pd.DataFrame, task: Task, columns: list[str], n_folds: int) -> np.ndarray:
-    """Each row's stratum: the joint class of `columns`, less the last of them while no stratum is as
-    large as the fold count (a split cannot be stratified on classes that small; many fine classes
-    over few rows come to that)."""
+    """Each row's stratum: the joint class of `columns`, less the last of them while no stratum holds
+    as many groups as the fold count (a split cannot be stratified on classes that small; many fine
+    classes over few groups come to that). Groups, not rows: the split places groups, and a person's
+    seven pictures are one of them."""
     while columns:
         sizes = tuple(task.factors[task.factor_names.index(f)].n for f in columns)
         strata = mixed_radix(df[columns].to_numpy(), sizes)
-        if np.bincount(strata).max() >= n_folds:
+        per_group = pd.Series(strata).groupby(df["group"].to_numpy()).first().to_numpy()  # constant within a group
+        if np.bincount(per_group).max() >= n_folds:
             return strata
         columns = columns[:-1]
     return np.zeros(len(df), np.int64)

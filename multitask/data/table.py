@@ -166,6 +166,11 @@ def read_table(cfg: TableTaskCfg, task: Task, skip_bad: bool = False) -> ImageTa
             values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
             bad = ~np.isfinite(values)
             problems += [f"{w}: {fc.name} {v!r} is not a number" for w, v, b in zip(where, col, bad) if b]
+            if factor.integer:
+                broken = ~bad & (values != np.round(values))
+                problems += [f"{w}: {fc.name} {v!r} is not a whole number (the factor says integer: true)"
+                             for w, v, b in zip(where, col, broken) if b]
+                bad |= broken
             out[value_column(fc.name)] = values
             out[fc.name] = np.where(bad, -1, factor.bin(np.nan_to_num(values)))
         else:
@@ -180,7 +185,7 @@ def read_table(cfg: TableTaskCfg, task: Task, skip_bad: bool = False) -> ImageTa
     reasons, unplaced = problems_by_row(problems, where, out["group"].tolist())
     if problems and (not skip_bad or unplaced):
         raise problems_error(table, problems)
-    result = ImageTable(out, read_test_table(cfg, images))
+    result = ImageTable(out, read_test_table(cfg, images, out))
     if problems:
         rows = [i for i, r in enumerate(reasons) if r]
         result.skip(rows, [reasons[i] for i in rows])
@@ -220,7 +225,9 @@ def group_disagreements(df: pd.DataFrame, factor: str) -> list[str]:
     return out
 
 
-def read_test_table(cfg: TableTaskCfg, images: Path) -> pd.DataFrame | None:
+def read_test_table(cfg: TableTaskCfg, images: Path, train: pd.DataFrame | None = None) -> pd.DataFrame | None:
+    """The test images; one that is also a training image (of `train`) is refused: through pseudo
+    labels it would teach each fold its own validation pictures, and it would score itself."""
     if not cfg.test:
         return None
     path = Path(cfg.test)
@@ -230,7 +237,12 @@ def read_test_table(cfg: TableTaskCfg, images: Path) -> pd.DataFrame | None:
     if df.empty:
         raise DataError(f"{path}: the table has no rows")
     problems: list[str] = []
-    paths = check_paths(df, cfg.path_col, images, row_names(kind, len(df)), problems)
+    where = row_names(kind, len(df))
+    paths = check_paths(df, cfg.path_col, images, where, problems)
+    if train is not None:
+        trained = dict(zip(train["path"], train["where"]))
+        problems += [f"{w}: {p} is also a training image ({trained[p]}); a test image must be one the folds "
+                     f"do not train on" for w, p in zip(where, paths) if p is not None and p in trained]
     if problems:
         raise problems_error(path, problems)
     return pd.DataFrame({"image_id": df[cfg.path_col].to_numpy(), "path": paths})
