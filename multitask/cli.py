@@ -361,7 +361,7 @@ def report(run: Path = typer.Option(..., "--run", help="run directory")):
 @app.command()
 def tune(
     out: Path = typer.Option(..., "--out", help="study directory: study.db, a run per trial, best.yaml"),
-    trials: int = typer.Option(20, "--trials", help="finished trials (complete or pruned) the study should hold"),
+    trials: int = typer.Option(20, "--trials", min=1, help="finished trials (complete or pruned) the study should hold"),
     config: Optional[str] = typer.Option(None, "--config", help="the base config (YAML file, or a name under configs/)"),
     data: Optional[Path] = typer.Option(None, "--data", help="competition root, or a table task's table"),
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help="e.g. 2h: no trial is started that would not fit"),

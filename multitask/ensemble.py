@@ -175,6 +175,11 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise ConfigError("an ensemble needs at least two runs")
+    seen = {}
+    for r in runs:  # a run twice would only weigh itself up: a slip of the command line
+        if r.resolve() in seen:
+            raise ConfigError(f"{r} is given twice (as {seen[r.resolve()]} too); an ensemble votes different runs")
+        seen[r.resolve()] = r
     if RunDir(out).config.exists():
         raise ConfigError(f"{out} already holds a run; choose another --out")
     members = [member_probs(r) for r in runs]

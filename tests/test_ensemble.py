@@ -86,6 +86,9 @@ def test_an_ensemble_refuses_runs_with_other_folds(members, demo_root, tmp_path)
     assert RunDir(run).rounds() == [0] and not RunDir(run).round_dir(1).exists()
     with pytest.raises(ConfigError, match="at least two runs"):
         make_ensemble([a], tmp_path / "ens")
+    with pytest.raises(ConfigError, match="is given twice"):
+        make_ensemble([a, a.parent / "." / a.name, members[1]], tmp_path / "ens")
+    assert not (tmp_path / "ens").exists()
 
 
 def test_labels_from_a_run_whose_round_is_not_current_are_refused(members, tmp_path):
