@@ -79,7 +79,7 @@ def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | N
         "heads": heads, "model": model, "numeric": numeric, "ensemble": None,
         "aug": teacher.aug.model_copy(update={"tta": ["none"]}),
         "data": teacher.data.model_copy(update={"img_size": tuple(img_size)} if img_size else {}),
-        "train": teacher.train.model_copy(update={"folds": 1, "fold": None} | ({"epochs": epochs} if epochs else {})),
+        "train": teacher.train.model_copy(update={"folds": 1, "fold": None} | ({"epochs": epochs} if epochs is not None else {})),
         "decide": teacher.decide.model_copy(update={"offsets": "none", "blend_aux": False, "subjects": None}),
         "distill": DistillCfg(teacher=str(teacher_dir.resolve()), round=r, true_weight=true_weight,
                               unlabeled=unlabeled, val_fold=val_fold),

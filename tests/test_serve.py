@@ -368,6 +368,10 @@ def test_a_student_of_an_ensemble_gets_a_head_per_factor(demo_root, tmp_path):
     r = CliRunner().invoke(app, ["distill", "--run", str(tmp_path / "ens"), "--out", str(tmp_path / "st2"),
                                  "--val-fold", "7"])
     assert r.exit_code == 2 and "--val-fold 7" in r.output and not (tmp_path / "st2").exists()
+    # --epochs 0 once meant "the teacher's epochs"
+    r = CliRunner().invoke(app, ["distill", "--run", str(tmp_path / "ens"), "--out", str(tmp_path / "st2"),
+                                 "--epochs", "0"])
+    assert r.exit_code == 2 and "--epochs" in r.output and not (tmp_path / "st2").exists()
 
 
 def test_a_student_finishes_from_its_directory_alone(runs, tmp_path):
