@@ -12,7 +12,11 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
+import sys
+import threading
 import traceback
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 POLL_S = 0.2
@@ -53,6 +57,27 @@ def _portable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
+def _die_with(parent: int) -> None:
+    """End this worker when its parent ends, however it ends (SIGKILL, out of memory): a fold left
+    training unseen would hold its lock while `mt resume` skips it. Linux only; elsewhere the parent's
+    own handling (run_in_workers) is what there is."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        except (OSError, AttributeError):
+            return
+    if os.getppid() != parent:  # the parent ended before the request was made
+        os._exit(1)
+
+
+def _spawned(parent: int, *args) -> None:
+    _die_with(parent)
+    _worker(*args)
+
+
 def _worker(target: Callable, payload: Any, todo, events, worker: int, device: str, threads: int) -> None:
     import torch
 
@@ -81,43 +106,67 @@ def run_in_workers(target: Callable, payload: Any, items: list, jobs: int, devic
     for _ in range(jobs):
         todo.put(None)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    procs = [ctx.Process(target=_worker, args=(target, payload, todo, events, i, devices[i % len(devices)], threads))
+    procs = [ctx.Process(target=_spawned, args=(os.getpid(), target, payload, todo, events, i,
+                                                devices[i % len(devices)], threads))
              for i in range(jobs)]
-    for p in procs:
-        p.start()
     shown: dict[tuple[int, int], Any] = {}
     running = set(range(jobs))
-    try:
-        while running:
-            try:
-                event = events.get(timeout=POLL_S)
-            except queue.Empty:
-                dead = [i for i in running if procs[i].exitcode not in (None, 0)]
-                if not dead:
+    with stopped_by_signals():
+        try:
+            for p in procs:
+                p.start()
+            while running:
+                try:
+                    event = events.get(timeout=POLL_S)
+                except queue.Empty:
+                    dead = [i for i in running if procs[i].exitcode not in (None, 0)]
+                    if not dead:
+                        continue
+                    try:  # a worker that raised has put its error just before exiting: read it first
+                        event = events.get(timeout=5)
+                    except queue.Empty:  # killed without a word (out of memory, say)
+                        i = dead[0]
+                        raise RuntimeError(f"fold worker {i} on {devices[i % len(devices)]} died "
+                                           f"(exit code {procs[i].exitcode})") from None
+                kind, worker = event[0], event[1]
+                if kind == "exit":
+                    running.discard(worker)
+                elif kind == "error":
+                    error, trace = event[2], event[3]
+                    error.add_note(f"in fold worker {worker} on {devices[worker % len(devices)]}:\n{trace}")
+                    raise error
+                elif progress is not None:
+                    _show(progress, shown, event)
+        finally:
+            for p in procs:
+                if p.pid is None:  # never started
                     continue
-                try:  # a worker that raised has put its error just before exiting: read it first
-                    event = events.get(timeout=5)
-                except queue.Empty:  # killed without a word (out of memory, say)
-                    i = dead[0]
-                    raise RuntimeError(f"fold worker {i} on {devices[i % len(devices)]} died "
-                                       f"(exit code {procs[i].exitcode})") from None
-            kind, worker = event[0], event[1]
-            if kind == "exit":
-                running.discard(worker)
-            elif kind == "error":
-                error, trace = event[2], event[3]
-                error.add_note(f"in fold worker {worker} on {devices[worker % len(devices)]}:\n{trace}")
-                raise error
-            elif progress is not None:
-                _show(progress, shown, event)
+                if p.is_alive() and running:
+                    p.terminate()
+                p.join()
+            if progress is not None:
+                for task_id in shown.values():
+                    progress.remove_task(task_id)
+
+
+@contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP (`kill`, a closed terminal, a scheduler) raise SystemExit in the block, as
+    Ctrl-C raises KeyboardInterrupt, so that the workers are stopped on the way out instead of
+    training on, unseen, with their folds' locks."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    kept = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
     finally:
-        for p in procs:
-            if p.is_alive() and running:
-                p.terminate()
-            p.join()
-        if progress is not None:
-            for task_id in shown.values():
-                progress.remove_task(task_id)
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
 
 
 def _show(progress, shown: dict, event: tuple) -> None:

@@ -1,5 +1,7 @@
 """Folds trained at once in worker processes: the same files and numbers as one after another,
 progress relayed, failures raised in the parent."""
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -112,6 +114,57 @@ def test_worker_failures_reach_the_parent():
         run_in_workers(_raises, None, [0, 1, 2, 3], jobs=2, devices=["cpu"])
     with pytest.raises(RuntimeError, match="died .exit code 3"):
         run_in_workers(_dies, None, [0, 1], jobs=2, devices=["cpu"])
+
+
+def _sleeps(folder, items, device, progress):
+    import os
+    import time
+    from pathlib import Path
+
+    Path(folder, f"worker-{os.getpid()}").touch()
+    for _ in items:
+        time.sleep(120)
+
+
+def _gone(pid: int) -> bool:
+    from pathlib import Path
+
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "\nState:\tZ" in status.read_text()  # a zombie has stopped too
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_workers_stop_when_their_parent_is_killed(tmp_path, signal_name):
+    """`kill` (SIGTERM) of `mt train --jobs 2` used to leave its fold workers training unseen, holding
+    their folds' locks; SIGKILL (out of memory) too. They stop with it now."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    parent = subprocess.Popen([sys.executable, "-c", (
+        f"import sys; sys.path.insert(0, {str(here)!r}); from test_parallel import _sleeps; "
+        f"from multitask.parallel import run_in_workers; "
+        f"run_in_workers(_sleeps, {str(tmp_path)!r}, [0, 1], jobs=2, devices=['cpu'])")])
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("worker-*"))) < 2 and time.time() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+    assert len(workers) == 2, "the workers did not start"
+    parent.send_signal(getattr(signal, signal_name))
+    parent.wait(timeout=30)
+    deadline = time.time() + 30
+    while not all(_gone(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [w for w in workers if not _gone(w)]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} went on after their parent's {signal_name}"
+    if signal_name == "SIGTERM":
+        assert parent.returncode == 128 + signal.SIGTERM
 
 
 def test_a_worker_binds_its_cuda_device_before_any_work(monkeypatch):
