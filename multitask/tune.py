@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from multitask.config import Config, ConfigError, dump_config, load_config
-from multitask.context import task_of
+from multitask.context import differing_keys, task_of
 from multitask.numeric import settings_of
 from multitask.run import atomic_write_text
 
@@ -124,6 +124,24 @@ def _flow(obj) -> str:
     return yaml.safe_dump(obj, default_flow_style=True, width=10**6).strip()
 
 
+BASE_KEY = "base"  # the study's user attribute holding the settings its trials start from
+
+
+def check_same_base(study, base: Config, out: Path) -> None:
+    """A study continued under other base settings (config, --set, data) would compare trials that
+    trained differently, and best.yaml would join the best trial's suggestions to settings it never
+    trained with: refused. The first call records the base."""
+    now = base.model_dump(mode="json")
+    then = study.user_attrs.get(BASE_KEY)
+    if then is None:
+        study.set_user_attr(BASE_KEY, now)
+        return
+    changed = differing_keys(then, now)
+    if changed:
+        raise ConfigError(f"{out}: the study's trials started from other settings ({', '.join(changed)} differ); "
+                          f"continue it with the settings it was started with, or start another study (--out)")
+
+
 def tune(config: str | None, out: str | Path, trials: int, data: str | Path | None = None,
          overrides: list[str] = (), time_limit_s: float | None = None, say=print) -> dict:
     """Run trials until the study holds `trials` finished ones (complete or pruned), or until the
@@ -150,6 +168,7 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
     # seed alone, so a resumed study seeded as at its start would repeat trial 0's settings; still
     # deterministic, as the count is the study's own
     study.sampler = optuna.samplers.TPESampler(seed=base.train.seed + len(study.trials))
+    check_same_base(study, base, out)
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # a trial the killed study left running
         say(f"trial {t.number} was interrupted: counted as failed, its folder kept")

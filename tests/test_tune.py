@@ -81,6 +81,13 @@ def test_a_resumed_study_does_not_repeat_its_first_trial(demo_root, tmp_path, mo
     trials = optuna.load_study(study_name="mt", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}").trials
     assert len(trials) == 3
     assert trials[1].params != trials[0].params and trials[2].params not in (trials[0].params, trials[1].params)
+    # continued under other base settings, its trials would not compare, and best.yaml would join
+    # the best trial's suggestions to settings it never trained with
+    with pytest.raises(ConfigError, match=r"other settings \(train.epochs differ\)"):
+        tune(None, tmp_path / "study", trials=4, data=demo_root, overrides=["train.device=cpu", "train.epochs=3"],
+             say=lambda _: None)
+    tune(None, tmp_path / "study", trials=4, data=demo_root, overrides=["train.device=cpu", "train.jobs=2"],
+         say=lambda _: None)  # where and how fast it trains may change
 
 
 def suggested(*overrides, seed=0):
