@@ -402,7 +402,7 @@ def runs(
         if v is None or (isinstance(v, float) and v != v):
             return ""
         if isinstance(v, float):
-            return f"{v:.0f}" if column == "wall_s" else f"{v:.4f}"
+            return f"{v:.0f}" if column == "train_s" else f"{v:.4f}"
         return str(v)
 
     for rec in table.itertuples(index=False):

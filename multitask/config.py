@@ -197,7 +197,7 @@ class TrainCfg(_Strict):
     folds: int = Field(5, ge=1)  # 1 only for a distilled student (one model: validate on one fold, train on the rest)
     fold: list[int] | None = None  # train only these folds (None: all)
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=2)  # BatchNorm cannot train on one picture at a time
     eval_batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)

@@ -267,7 +267,9 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
         best = metrics.loc[metrics["val_f1"].idxmax()]
         fold_oof = score_probs(task, heads, head_probs(o), factors[o["rows"]])
         fold_scores[str(k)] = {"best_epoch": int(best["epoch"]), "val_f1_no_tta": float(best["val_f1"]),
-                               "oof_f1_tta": fold_oof["f1"]}
+                               "oof_f1_tta": fold_oof["f1"],
+                               # its epochs' time, whichever invocations trained them (a resumed fold too)
+                               "train_s": round(float(metrics["train_s"].sum() + metrics["validate_s"].sum()), 1)}
     if tests is not None:
         test = vote([head_probs(t) for t in tests], ctx.cfg.decide.vote)
         save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str),
@@ -277,6 +279,7 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
     missing = {str(k): run.why_missing(r, k) for k in range(ctx.cfg.train.folds) if k not in done}
     summary = {"round": r, "folds_done": done, "folds_missing": missing, "complete": not missing, "oof": oof_scores, "oof_tta": list(ctx.cfg.aug.tta), "folds": fold_scores,
                "train_ids": {str(k): as_id(o.get("train_id")) for k, o in zip(done, oofs)},
+               "train_s": round(sum(f["train_s"] for f in fold_scores.values()), 1),
                "wall_s": round(wall_s, 1) if wall_s is not None else None}  # of the invocation that wrote this
     if is_active(task, ctx.cfg):
         summary["decision"] = decide_round(run.round_dir(r), task, heads, oof, factors[rows], numbers,

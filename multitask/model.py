@@ -14,6 +14,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from multitask.config import ConfigError, ModelCfg
@@ -61,10 +62,11 @@ def pin_checkpoint(cfg: ModelCfg) -> ModelCfg:
     return cfg.model_copy(update={"checkpoint_sha256": digest})
 
 
-def create_backbones(cfg: ModelCfg, count: int = 1) -> list[nn.Module]:
+def create_backbones(cfg: ModelCfg, count: int = 1, owners: list[str] | None = None) -> list[nn.Module]:
     """`count` timm backbones without classifier; weights from the hub (`pretrained`) or a local
     file: one timm model's weights, or an `mt` fold checkpoint (`best.pt`), whose backbones it takes
-    and whose heads it leaves behind."""
+    and whose heads it leaves behind. `owners`: the head each backbone serves (separate backbones),
+    by which an `mt` checkpoint's separate backbones are matched."""
     kwargs = dict(num_classes=0, drop_rate=cfg.drop_rate)
     if not cfg.checkpoint:
         return [timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs) for _ in range(count)]
@@ -80,7 +82,7 @@ def create_backbones(cfg: ModelCfg, count: int = 1) -> list[nn.Module]:
         for i in range(count):
             backbone = timm.create_model(cfg.backbone, **kwargs)
             try:
-                backbone.load_state_dict(run_backbone(state, i, count, path))
+                backbone.load_state_dict(run_backbone(state, i, count, path, owners))
             except RuntimeError as e:
                 raise CheckpointError(f"{path}: its backbone does not fit {cfg.backbone}: {first_lines(e)}") from None
             backbones.append(backbone)
@@ -103,14 +105,26 @@ def create_backbones(cfg: ModelCfg, count: int = 1) -> list[nn.Module]:
     return backbones
 
 
-def run_backbone(state: dict, index: int, count: int, path: Path) -> dict:
+def run_backbone(state: dict, index: int, count: int, path: Path, owners: list[str] | None = None) -> dict:
     """Backbone `index` of `count` out of an `mt` model's state dict: one shared backbone serves every
-    backbone wanted; separate backbones go one to one."""
+    backbone wanted; separate backbones go to the head of the same name (`owners`: the head each
+    wanted backbone serves; the checkpoint's own are its first heads, in the order it holds them)."""
     held = sorted({int(k.split(".")[1]) for k in state if k.startswith("backbones.")})
-    if len(held) != 1 and len(held) != count:
+    if len(held) == 1:
+        source = held[0]
+    elif len(held) != count:
         raise CheckpointError(f"{path}: an mt checkpoint with {len(held)} separate backbones, and this model "
                               f"has {count} (model.sharing); it cannot tell which goes where")
-    prefix = f"backbones.{held[0] if len(held) == 1 else index}."
+    elif owners is None:
+        source = held[index]
+    else:
+        # heads first, then the auxiliary outputs (MultiHeadNet): backbone i serves the i-th head
+        theirs = list(dict.fromkeys(k.split(".")[1] for k in state if k.startswith("heads.")))[:len(held)]
+        if sorted(theirs) != sorted(owners):
+            raise CheckpointError(f"{path}: its separate backbones serve heads {theirs}, and this model's "
+                                  f"serve {owners}; it cannot tell which goes where")
+        source = held[theirs.index(owners[index])]
+    prefix = f"backbones.{source}."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -135,7 +149,7 @@ class MultiHeadNet(nn.Module):
         self.sharing = cfg.sharing
         self.head_names = [h.name for h in heads]
         n_backbones = 1 if cfg.sharing == "shared" else len(heads)
-        self.backbones = nn.ModuleList(create_backbones(cfg, n_backbones))
+        self.backbones = nn.ModuleList(create_backbones(cfg, n_backbones, None if n_backbones == 1 else self.head_names))
         dim = feature_size(self.backbones[0])
         aux = aux or {}
         self.heads = nn.ModuleDict({h.name: nn.Linear(dim, h.n) for h in heads}
@@ -144,6 +158,9 @@ class MultiHeadNet(nn.Module):
         self.frozen = cfg.freeze_backbone
         if self.frozen:
             self.backbones.requires_grad_(False)
+        # timm drops out inside the backbone, which a frozen one keeps in eval mode: the features get
+        # it here instead (the same place, the pooled features, for the convolutional backbones)
+        self.feature_drop = cfg.drop_rate if self.frozen else 0.0
         pcfg = self.backbones[0].pretrained_cfg
         self.register_buffer("mean", torch.tensor(pcfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(pcfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
@@ -157,10 +174,13 @@ class MultiHeadNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         if self.sharing == "shared":
-            feats = self.backbones[0](x)
+            feats = self.dropped(self.backbones[0](x))
             return {name: self.heads[name](feats) for name in self.reads}
-        feats = {name: bb(x) for name, bb in zip(self.head_names, self.backbones)}
+        feats = {name: self.dropped(bb(x)) for name, bb in zip(self.head_names, self.backbones)}
         return {name: self.heads[name](feats[head]) for name, head in self.reads.items()}
+
+    def dropped(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.dropout(feats, self.feature_drop, self.training) if self.feature_drop else feats
 
 
 def build_model(cfg: ModelCfg, heads: list[Head], aux: dict[str, tuple[int, str]] | None = None) -> MultiHeadNet:

@@ -142,7 +142,9 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
             row["held_out_f1"] = held_out(run, answers)
         except AnswerKeyError as e:  # the run's own figures still count; the note says why it has no score
             row["held_out_f1"], row["note"] = None, f"no held-out score: {e}"
-    row["wall_s"] = summary.get("wall_s")
+    # the folds' epochs summed, whatever invocations trained them: a killed and resumed run costs what
+    # it cost (the last invocation's wall time would show only its own share)
+    row["train_s"] = summary.get("train_s")
     return row
 
 

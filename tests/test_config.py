@@ -43,6 +43,7 @@ def test_resolved_config_round_trips(tmp_path):
     # the seeds derived per fold and epoch would overflow numpy's 64 bits mid-run; scikit-learn's split takes 32
     (["train.seed=4294967296"], "train.seed: Input should be less than 4294967296"),
     (["train.fold_seed=4294967296"], "train.fold_seed"),
+    (["train.batch_size=1"], "train.batch_size: Input should be greater than or equal to 2"),  # BatchNorm, mid-run
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -99,6 +99,42 @@ def test_a_run_checkpoint_gives_its_backbone_and_leaves_its_heads(tmp_path):
                     mask_task().heads("class"))
 
 
+def test_separate_backbones_go_to_the_heads_of_their_names(tmp_path):
+    """A checkpoint of heads mask,gender,age into heads age,gender,mask: by position, the age head got
+    the mask backbone, and frozen, never recovered."""
+    from multitask.labels import Factor, Task
+
+    torch.manual_seed(0)
+    heads = mask_task().heads("mask,gender,age")
+    source = build_model(ModelCfg(backbone="test_efficientnet", sharing="separate"), heads,
+                         aux={"aux_age": (1, "age")})  # the auxiliary outputs follow the heads in the file
+    torch.save({"model": source.state_dict()}, tmp_path / "sep.pt")
+    cfg = ModelCfg(backbone="test_efficientnet", sharing="separate", checkpoint=str(tmp_path / "sep.pt"))
+    target = build_model(cfg, mask_task().heads("age,gender,mask"))
+    for name, bb in zip(target.head_names, target.backbones):
+        mine = source.backbones[source.head_names.index(name)]
+        assert torch.equal(bb.conv_stem.weight, mine.conv_stem.weight), name
+    other = Task("t", (Factor("a", ("x", "y")), Factor("b", ("x", "y")), Factor("c", ("x", "y"))))
+    with pytest.raises(CheckpointError, match=r"sep.pt: its separate backbones serve heads \['mask', 'gender', 'age'\], "
+                                              r"and this model's serve \['a', 'b', 'c'\]"):
+        build_model(cfg, other.heads("a,b,c"))
+
+
+def test_a_frozen_backbone_still_drops_out_its_features(tmp_path):
+    """timm's dropout sits inside the backbone, which a frozen one keeps in eval mode: model.drop_rate
+    (configs/competition.yaml: 0.2) was silently off with model.freeze_backbone."""
+    torch.manual_seed(0)
+    run_checkpoint(tmp_path / "best.pt")
+    x = torch.rand(4, 3, 32, 32)
+    cfg = ModelCfg(backbone="test_efficientnet", drop_rate=0.5, checkpoint=str(tmp_path / "best.pt"))
+    model = build_model(cfg.model_copy(update={"freeze_backbone": True}), mask_task().heads("class")).train()
+    assert not model.backbones[0].training
+    assert not torch.equal(model(x)["class"], model(x)["class"])  # dropout acts
+    model.eval()
+    assert torch.equal(model(x)["class"], model(x)["class"])
+    assert build_model(cfg, mask_task().heads("class")).feature_drop == 0.0  # trained whole: timm's own, as before
+
+
 def test_a_checkpoint_that_holds_other_weights_is_refused(tmp_path):
     """timm loads a classifier-less backbone leniently and only logs what it skipped: a file whose
     names do not match would leave the backbone as initialised, trained from scratch unawares."""
