@@ -87,8 +87,9 @@ HARD_TIE_BREAK = 1e-3  # the soft vote's share in a hard vote: it only decides t
 
 def vote(prob_sets: list[dict[str, np.ndarray]], kind: str = "soft") -> dict[str, np.ndarray]:
     """Combine the folds' outputs. soft: average each head's probabilities. hard: each fold votes its
-    argmax per head; the vote shares (ties broken by the soft vote) stand in for probabilities.
-    Auxiliary outputs are numbers, always averaged."""
+    argmax per head (a fold torn between classes of equal probability votes for each, as the
+    exported graph counts them); the vote shares (ties broken by the soft vote) stand in for
+    probabilities. Auxiliary outputs are numbers, always averaged."""
     soft = soft_vote(prob_sets)
     if kind == "soft":
         return soft
@@ -96,8 +97,7 @@ def vote(prob_sets: list[dict[str, np.ndarray]], kind: str = "soft") -> dict[str
     for name in soft:
         if is_aux(name):
             continue
-        n = soft[name].shape[1]
-        votes = np.mean([np.eye(n)[p[name].argmax(1)] for p in prob_sets], axis=0)
+        votes = np.mean([(p[name] == p[name].max(1, keepdims=True)).astype(np.float64) for p in prob_sets], axis=0)
         mixed = votes + HARD_TIE_BREAK * soft[name]
         out[name] = mixed / mixed.sum(1, keepdims=True)
     return out

@@ -158,9 +158,17 @@ def write_report(run_dir) -> Path:
     body = "".join(f"<tr><td>{q}</td><td>{len(s['folds_done'])}/{cfg.train.folds}</td>"
                    + "".join(f"<td>{s['oof'].get(k, float('nan')):.4f}</td>" for k in keys) + "</tr>"
                    for q, s in summaries.items())
+    decided = "".join(f"<tr><td>{q}</td><td>{s['decision']['in_sample']['f1']:.4f}</td>"
+                      f"<td>{s['decision']['honest']['f1']:.4f}</td></tr>" for q, s in summaries.items() if "decision" in s)
     parts.append(f'<h2 id="scores">OOF macro F1 per round</h2><table><tr><th>round</th><th>folds</th>{head}</tr>{body}</table>'
                  "<p>f1_&lt;head&gt;: the head's own argmax; f1_&lt;factor&gt;_combined: the factor read off the final class; "
-                 "f1: the final class, the competition's metric.</p>")
+                 "f1: the final class, the competition's metric.</p>"
+                 # the confusion and per-class figures below are under the decision: their F1 is this
+                 # table's in-sample one, not the argmax above
+                 + (f"<p>Under the round's fitted decision (what submit applies, and what the figures below show):</p>"
+                    f"<table><tr><th>round</th><th>f1, in-sample (fitted on these OOF: optimistic)</th>"
+                    f"<th>f1, fold-honest (each fold decided by a fit on the others)</th></tr>{decided}</table>"
+                    if decided else ""))
 
     parts.append('<h2 id="curves">Training curves</h2>')
     for q in rounds:

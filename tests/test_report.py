@@ -36,6 +36,12 @@ def test_report_is_one_page_whose_pictures_load_in_a_browser(demo_root, tmp_path
         assert f'id="{section}"' in text, section
     assert "http://" not in text and "https://" not in text  # nothing fetched
     assert "precision on OOF at that threshold" in text and "round 1" in text
+    # the figures under the decision say which F1 they add up to: the decision's, not the argmax's
+    from multitask.run import read_json
+
+    for q in (0, 1):
+        decided = read_json(out / f"round{q}" / "summary.json")["decision"]
+        assert f"<td>{q}</td><td>{decided['in_sample']['f1']:.4f}</td><td>{decided['honest']['f1']:.4f}</td>" in text
     dom = render(page, "--dump-dom")
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, dom[-2000:]

@@ -29,6 +29,12 @@ def test_hard_vote_counts_argmaxes_and_soft_vote_averages():
     assert soft["aux_n"][0, 0] == hard["aux_n"][0, 0] == 2.0  # numbers are averaged either way
     tie = vote([{"h": np.array([[0.9, 0.1]])}, {"h": np.array([[0.45, 0.55]])}], "hard")
     assert tie["h"].argmax() == 0  # a tie goes to the soft vote
+    # a fold whose probabilities tie exactly votes for each tied class, as the ONNX graph counts it
+    # (export.RunGraph: probabilities equal to the row's maximum)
+    torn = vote([{"h": np.array([[0.5, 0.5, 0.0]])}, {"h": np.array([[0.3, 0.6, 0.1]])},
+                 {"h": np.array([[0.55, 0.45, 0.0]])}], "hard")
+    assert torn["h"][0, 0] == pytest.approx(torn["h"][0, 1], abs=1e-3)  # two votes each (first-argmax: 2 to 1)
+    assert torn["h"].argmax() == 1  # the soft vote breaks the tie
 
 
 def test_zoom_views_keep_the_shape_and_zoom_in():
