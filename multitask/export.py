@@ -14,7 +14,6 @@ on training images, and reports how often its argmax agrees with the fp32 file o
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import tempfile
@@ -30,7 +29,7 @@ from multitask.decide import aux_kinds, blend_only, load_decision, predict_class
 from multitask.labels import Head, Task
 from multitask.numeric import aux_activation, aux_name, fine_to_bins, is_aux, standardise
 from multitask.predict import DecodedImages, HARD_TIE_BREAK, load_model, round_models, run_outputs
-from multitask.run import WRITER_SEP, RunDir, atomic_write_bytes, check_output_file, sweep_killed, writer_prefix
+from multitask.run import RunDir, atomic_write_bytes, check_output_file, sweep_killed_beside, writer_prefix
 from multitask.serve import META_KEY, need_serve_extra, task_meta
 
 FORMAT = 1
@@ -287,7 +286,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
     expected = reference(run, r, decoded, cfg, task, heads, decision)
     offsets = decision.offsets if decision is not None else None
     # named for its writer, so that `mt resume` (in a run) or the next export sweeps one a kill left
-    sweep_killed(list(out.parent.glob(f".{glob.escape(out.name)}{WRITER_SEP}*.tmp")))
+    sweep_killed_beside(out)
     with tempfile.TemporaryDirectory(prefix=writer_prefix(out.name), suffix=".tmp",
                                      dir=out.parent if out.parent.exists() else None) as tmp:
         fp32 = Path(tmp) / "fp32.onnx"

@@ -91,6 +91,12 @@ def sweep_killed(paths: Iterable[Path]) -> None:
                 p.unlink(missing_ok=True)
 
 
+def sweep_killed_beside(path: Path) -> None:
+    """Remove what killed writes of `path` left beside it (temp files, work or staging folders named
+    by writer_prefix), before a new write of it starts."""
+    sweep_killed(list(path.parent.glob(f".{glob.escape(path.name)}{WRITER_SEP}*.tmp")))
+
+
 def killed_write(name: str) -> bool:
     """The temp file `name` is left by a write that will never finish: its writer was on this host and
     is gone, or (a name without its writer) it was made by an mt before writers were named, which
@@ -131,7 +137,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise StorageError(f"{out}: is a file; name a folder to write the run into")
     out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_killed(list(out.parent.glob(f".{glob.escape(out.name)}{WRITER_SEP}*.tmp")))  # an earlier try's, killed
+    sweep_killed_beside(out)  # an earlier try's, killed
     staging = Path(tempfile.mkdtemp(prefix=writer_prefix(out.name), suffix=".tmp", dir=out.parent))
     try:
         yield staging
