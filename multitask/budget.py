@@ -27,7 +27,9 @@ import tempfile
 import time
 
 from multitask import dist
-from multitask.config import Config, ConfigError
+from multitask.config import Config, ConfigError, load_config
+from multitask.context import open_context
+from multitask.device import worker_devices
 from multitask.run import RunDir
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -91,14 +93,13 @@ def restarts_in_turn(folds: int, jobs: int, devices: int) -> int:
 
 def run_probe(cfg: Config, table, images, device, progress=None) -> Probe:
     """Train two epochs of the first fold in a scratch folder, timing the second epoch apart."""
-    from multitask.context import open_context
-    from multitask.kfold import train_round_fold
+    from multitask.kfold import train_round_fold  # kfold.train_run calls this module: imported here, not at the top
 
     probe = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})})
     ends = []  # each epoch's end, after its validation (rank 0 alone validates)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mt-probe-") as scratch:
-        ctx = open_context(RunDir(scratch), probe, progress, table, images)
+        ctx = open_context(RunDir(scratch), probe, progress, table, images, make_missing_folds=True)
         first = cfg.train.fold[0] if cfg.train.fold else 0
         train_round_fold(dataclasses.replace(ctx, cfg=probe), 0, first, device, progress,
                          on_epoch=lambda *_: ends.append(time.perf_counter()))
@@ -114,8 +115,6 @@ def epochs_of_run(run: RunDir, cfg: Config, say=print) -> Config | None:
     not taken: claim_run_dir then refuses the other settings, as without a time limit."""
     if not run.config.exists():
         return None
-    from multitask.config import load_config
-
     recorded = load_config(run.config).train.epochs
     if recorded <= cfg.train.epochs:
         say(f"time limit: {run.root} already holds a run; training its {recorded} epochs per fold "
@@ -127,8 +126,6 @@ def epochs_of_run(run: RunDir, cfg: Config, say=print) -> Config | None:
 def fit_epochs(cfg: Config, table, images, device, progress=None, say=print, spent_s: float = 0.0) -> Config:
     """`cfg` with train.epochs lowered to what fits train.time_limit_s (measured), and a line saying so.
     `spent_s`: what the command took before the probe, already off the budget."""
-    from multitask.kfold import worker_devices
-
     budget = cfg.train.time_limit_s
     if cfg.train.epochs == 1:
         say(f"time limit {budget:.0f} s: one epoch per fold is configured, the least there is: not measured")

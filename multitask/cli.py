@@ -57,11 +57,11 @@ def join_torchrun(device: str = "auto") -> None:
         console.quiet = True
 
 
-def print_scores(title: str, scores: dict, submitted: bool = False) -> None:
+def print_scores(title: str, scores: dict, read_off: str | None = None) -> None:
     """One row per macro F1, each saying what it measures: a head's own argmax, a factor read off
     the final class's argmax (equal to the head's own when the factor has a head of its own), or the
-    final class itself. `submitted`: scores of a submission, where every factor is read off the
-    submitted class."""
+    final class itself. `read_off`: the scores have no heads' figures, every factor is read off this
+    class (a submission's, or an ensemble's vote, whose only head is the final class)."""
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("macro F1", justify="right")
@@ -71,8 +71,8 @@ def print_scores(title: str, scores: dict, submitted: bool = False) -> None:
             continue
         if k in ("f1", "f1_18"):
             what = "the final class (the competition's metric)"
-        elif submitted:
-            what = f"{k[3:]} read off the submitted class"
+        elif read_off:
+            what = f"{k[3:]} read off {read_off}"
         elif k.endswith("_combined"):
             what = f"{k[3:-len('_combined')]} read off the final class"
         else:
@@ -92,7 +92,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="run directory"),
     data: Optional[Path] = typer.Option(None, "--data", help="competition root (train/, eval/), or a table task's table"),
     heads: Optional[str] = typer.Option(None, help="comma list covering each factor once: mask,gender,age | mask,gender_age | class (default: one head per factor)"),
-    config: Optional[str] = typer.Option(None, "--config", help="YAML file, or a name under configs/ (demo, competition)"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file, or a name under configs/ (demo, competition, utkface)"),
     sharing: Optional[str] = typer.Option(None, help="shared | separate backbones " + from_config("model.sharing")),
     folds: Optional[int] = typer.Option(None, help="number of person-grouped folds " + from_config("train.folds")),
     fold: Optional[list[int]] = typer.Option(None, help="train only this fold (repeatable; default: every fold)"),
@@ -191,7 +191,7 @@ def submit(
     round_: Optional[int] = typer.Option(None, "--round", help="round to submit (default: the finished round with the best OOF macro F1)"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="predict the run's test images with this file from `mt export` (onnxruntime, CPU)"),
 ):
-    """Write a round's soft-voted test predictions (the best round by OOF macro F1 unless --round): ImageID,ans in info.csv order for the
+    """Write a round's voted test predictions (the best round by OOF macro F1 unless --round): ImageID,ans in info.csv order for the
     competition, the predictions file of `mt predict` for a table task."""
     from multitask.submit import make_submission, make_submission_onnx
 
@@ -213,7 +213,7 @@ def predict(
     out: Path = typer.Option(..., "--out", help="predictions CSV to write"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per forward pass " + from_config("train.eval_batch_size", "the run's")),
     probs: bool = typer.Option(False, "--probs", help="add every factor's probabilities (p_<factor>_<class>)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out undecodable images and list them in <out>.skipped.csv"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="leave out undecodable images and list them beside --out (preds.csv: preds.skipped.csv)"),
     round_: Optional[int] = typer.Option(None, "--round", help="round to use (default: the one submit uses, the best OOF macro F1)"),
     chunk: int = typer.Option(2048, "--chunk", min=1, help="images decoded and predicted at a time: memory stays bounded for any number of images"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N " + from_config("train.device", "the run's")),
@@ -309,7 +309,7 @@ def ensemble(
         summary = make_ensemble(list(runs) + list(more or []), out, w)
     for m in summary["members"]:
         console.print(f"  {m['run']}: weight {m['weight']:.2f}, OOF macro F1 {m['oof']['f1']:.4f}")
-    print_scores("ensemble out-of-fold", summary["oof"])
+    print_scores("ensemble out-of-fold", summary["oof"], read_off="the voted final class")
     if summary["oof_weights_honest"]:
         console.print(f"with the weights refitted without each fold: OOF macro F1 {summary['oof_weights_honest']['f1']:.4f}")
     console.print(f"run: {out}")
@@ -395,7 +395,7 @@ def runs(
     if csv:
         print(table.to_csv(index=False), end="")
         return
-    view = Table(title=f"{len(table)} finished run(s), best first")
+    view = Table(title=f"{len(table)} run(s), best first (folds: those done of the round shown)")
     for col in table.columns:
         view.add_column(col, justify="right" if table[col].dtype.kind in "if" else "left")
     def cell(column: str, v) -> str:
@@ -425,7 +425,7 @@ def demo(
     t0 = time.perf_counter()
     with progress_and_errors() as progress:
         result = run_demo(out, train_persons, eval_persons, list(set_ or []), progress, log=progress.console.print)
-    print_scores("submission vs the generated answer key", result["score"], submitted=True)
+    print_scores("submission vs the generated answer key", result["score"], read_off="the submitted class")
     console.print(f"submission: {result['submission']}  run: {result['run']}  "
                   f"({time.perf_counter() - t0:.0f} s)")
 

@@ -442,11 +442,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
         p = resolve_config_path(path)
         raw, source = read_yaml(p), str(p)
         _anchor_paths(raw, p.parent)
+        _losses_of_heads_kept(raw, apply_overrides(raw, list(overrides)).get("heads"))
     raw = apply_overrides(raw, list(overrides))
     _migrate(raw)
     if data is not None:
         if isinstance(raw.get("task"), dict):
             raw["task"]["table"] = str(Path(data).resolve())
+        elif Path(data).is_file():
+            raise ConfigError(f"--data {data}: a file, and the task is the competition's, whose data is a folder "
+                              f"(train/, eval/); a table needs a --config that names its factors (task: table, "
+                              f"factors; configs/utkface.yaml is one)")
         else:
             raw["data_root"] = str(Path(data).resolve())
     cfg = validate(raw, source, list(overrides))
@@ -460,6 +465,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     if cfg.data.cache_dir:
         cfg.data.cache_dir = str(Path(cfg.data.cache_dir).resolve())
     return cfg
+
+
+def _losses_of_heads_kept(raw: dict, heads) -> None:
+    """A config file's losses are for its own heads: where the command names other heads (`--heads
+    class` with configs/demo.yaml), those of heads it no longer has are left out, as `mt distill`
+    does. Losses the command itself sets are still checked against the heads."""
+    losses = raw.get("losses")
+    if heads is None or heads == raw.get("heads") or not isinstance(losses, dict):
+        return
+    names = {name.strip() for name in str(heads).split(",")}
+    raw["losses"] = {head: loss for head, loss in losses.items() if head in names}
 
 
 def _migrate(raw: dict) -> None:

@@ -230,8 +230,10 @@ def load_images(cfg: Config, table: ImageTable, progress=None) -> tuple[np.ndarr
 
 
 def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | None = None,
-                 images: tuple | None = None, with_images: bool = True) -> Context:
-    """Read the data, make or reuse folds, and build (or find) the decoded caches."""
+                 images: tuple | None = None, with_images: bool = True, make_missing_folds: bool = False) -> Context:
+    """Read the data and the run's folds, and build (or find) the decoded caches. Only training makes
+    folds (`make_missing_folds`): a command that reads a run must not write into it, nor give it
+    folds other than those its models were trained on."""
     task, heads = build_task(cfg)
     table = table or read_data(cfg, task)
     if cfg.data.skip_bad and run.skipped.exists() and images is None:
@@ -242,9 +244,12 @@ def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | No
         table.skip(rows, [reason[table.train["path"].iloc[i]] for i in rows])
     if run.folds.exists():
         folds_table = read_folds(run.folds)
-    else:
+    elif make_missing_folds:
         folds_table = make_folds(table.train, task, cfg.train.folds, cfg.train.fold_seed)
         atomic_write_text(run.folds, folds_table.to_csv(index=False))
+    else:
+        raise RunError(f"{run.folds}: not found; the run's folds are gone (or `mt train` was stopped before it "
+                       f"wrote them): `mt resume --run {run.root}` makes them again from the same seed")
     data = cfg.data_root or (cfg.task.table if cfg.task != "mask" else "")
     folds = assign_folds(table.train, folds_table, str(run.folds), data)
     if images is None:
@@ -261,12 +266,12 @@ def every_fold(overrides: list[str]) -> list[str]:
 
 
 def reopen_context(run_dir: str | Path, overrides: list[str] = (), progress=None,
-                   with_images: bool = True) -> Context:
+                   with_images: bool = True, make_missing_folds: bool = False) -> Context:
     """The context of an existing run, from its run directory alone. Overrides may change only the
     per-invocation settings: anything else would make the run differ from its config.yaml."""
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
-    return open_context(run, cfg, progress, with_images=with_images)
+    return open_context(run, cfg, progress, with_images=with_images, make_missing_folds=make_missing_folds)
 
 
 def load_run_config(run: RunDir, overrides: list[str] = ()) -> Config:

@@ -27,6 +27,7 @@ from multitask.config import Config
 from multitask.labels import Head, Task
 from multitask.metrics import macro_f1
 from multitask.numeric import aux_bins, aux_name, numerics, regression_sigma
+from multitask.outputs import decide_classes
 from multitask.run import read_json, write_json
 from multitask.subjects import Pictures, move_to_anchors, read_subjects, subject_anchors, subject_spec
 
@@ -66,12 +67,6 @@ def final_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], kin
     if decision.subjects > 0 and spec is not None and pictures is not None:
         combined = read_subjects(task, combined, spec, decision.subjects, pictures)
     return combined
-
-
-def decide_classes(combined: np.ndarray, offsets) -> np.ndarray:
-    if offsets is None:
-        return combined.argmax(1)
-    return (np.log(combined + EPS) + np.asarray(offsets)[None, :]).argmax(1)
 
 
 def offset_design(task: Task, mode: str) -> np.ndarray:

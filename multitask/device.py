@@ -1,5 +1,6 @@
-"""Device helpers shared by training and prediction: which device, its fast kernels, autocast and
-memory format. bf16 autocast and channels_last on CUDA; plain fp32 on the CPU."""
+"""Device helpers shared by training and prediction: which device (and which ones a round's
+workers spread over), its fast kernels, autocast and memory format. bf16 autocast and
+channels_last on CUDA; plain fp32 on the CPU."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -34,6 +35,13 @@ def bind(device: str | torch.device) -> None:
         torch.cuda.set_device(device)
 
 
+def worker_devices(name: str) -> list[str]:
+    """`auto` spreads workers over every visible GPU; any other name puts them all on that device."""
+    if name == "auto" and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [str(resolve_device(name))]
+
+
 def tune_for(device: torch.device) -> None:
     """Fast kernels on CUDA: inputs keep one size, so cuDNN's one-off search for the fastest
     convolution algorithms pays back at once; TF32 for the fp32 work outside autocast. (Both give up
@@ -42,6 +50,16 @@ def tune_for(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def place_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """`model` on `device`, channels-last on CUDA (the layout the batches come in there), with the
+    device's fast kernels switched on: one place for training and prediction alike."""
+    tune_for(device)
+    model = model.to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -105,7 +105,7 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
         raise ConfigError(f"--val-fold {val_fold}: the teacher has folds 0..{t_cfg.train.folds - 1}")
     cfg = student_config(t_cfg, teacher.root, r, backbone, img_size, epochs, heads, true_weight, unlabeled, val_fold,
                          list(overrides))
-    check_model(cfg.model)
+    check_model(cfg.model, build_task(cfg)[1])
     t_ctx = reopen_context(teacher.root, with_images=False)
     run = RunDir(out)
     if run.root.resolve() == teacher.root.resolve():
@@ -129,7 +129,7 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
         fold=lambda d: (d["group"].map(dict(zip(t_ctx.table.train["group"], t_ctx.folds))) != val_fold).astype(int))
     atomic_write_text(run.folds, folds.to_csv(index=False))
     save_npz(run.teacher, train_ids=train_ids(t_ctx), train=probs[:len(train_paths)],
-             test_ids=t_ctx.table.test["image_id"].to_numpy().astype(str) if test_paths else np.array([], dtype=str),
+             test_ids=t_ctx.table.test_ids() if test_paths else np.array([], dtype=str),
              test=probs[len(train_paths):])
     if teacher_decision is not None and teacher_decision.offsets is not None:
         offsets = Decision(offsets=teacher_decision.offsets)

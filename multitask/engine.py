@@ -27,13 +27,13 @@ from multitask.config import Config, ConfigError
 from multitask.data.augment import BatchMixer
 from multitask.data.dataset import RowImages, TrainBatches
 from multitask.data.sampling import class_weights, sample_weights
-from multitask.device import autocast, prepare_input, tune_for
+from multitask.device import autocast, place_model, prepare_input
+from multitask.inference import predict_probs
 from multitask.labels import Head, Task
 from multitask.losses import MultiHeadLoss
 from multitask.metrics import heads_nll, score_probs
 from multitask.model import build_model, param_groups
 from multitask.numeric import Targets, aux_losses, aux_outputs
-from multitask.predict import predict_probs
 from multitask.run import atomic_write_text, save_torch
 
 
@@ -173,10 +173,7 @@ def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.dev
     """`class_counts` (per head, from the fold's training rows) feed the heads whose loss has class_weights;
     `partial`: some training rows lack some factors (partial pseudo labels)."""
     tc = cfg.train
-    tune_for(device)
-    model = build_model(cfg.model, heads, aux_outputs(task, cfg, heads)).to(device)
-    if tc.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(cfg.model, heads, aux_outputs(task, cfg, heads)), cfg, device)
     ema = BiasCorrectedEma(model, decay=tc.ema_decay) if tc.ema else None
     # fused: one kernel for the whole update on CUDA instead of several per parameter group
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.backbone_lr), lr=tc.lr,
@@ -189,6 +186,13 @@ def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.dev
     criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads}, aux_losses(task, cfg), weights, partial)
     step_model = torch.compile(model) if tc.compile else model
     return Training(model, step_model, ema, optimizer, scheduler, criterion, Targets(task, heads, cfg))
+
+
+def last_state(t: Training, epochs_done: int, step: int, best: dict, device: torch.device, train_id: str) -> dict:
+    """What last.pt holds: everything a resumed fold needs to carry on as if never stopped."""
+    return {"model": t.model.state_dict(), "ema": t.ema.module.state_dict() if t.ema is not None else None,
+            "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+            "epochs_done": epochs_done, "step": step, "best": best, "rng": rng_state(device), "train_id": train_id}
 
 
 def resume_from(path: Path, t: Training, device: torch.device) -> tuple[int, int, dict, list[dict], str]:
@@ -260,8 +264,35 @@ def board_tag(key: str) -> str:
     return key
 
 
+def write_scalars(board, row: dict, epoch: int) -> None:
+    for key, value in row.items():
+        if key not in ("epoch", "train_id"):
+            board.add_scalar(board_tag(key), value, epoch)
+    board.flush()
+
+
 def new_train_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def fold_batches(cfg: Config, task: Task, heads: list[Head], data: FoldData, device: torch.device,
+                 seed: int) -> tuple[TrainBatches, np.ndarray]:
+    """The fold's training batches (drawn by the configured sampler, a shard of them per process
+    under torchrun) and which training rows hold every factor (a partial pseudo label does not)."""
+    tc = cfg.train
+    labelled = (data.train_factors >= 0).all(1)
+    weights = (sample_weights(task, heads, data.train_factors, tc.sampler, tc.sampler_power, labelled)
+               if tc.sampler != "none" else None)
+    shard = (dist.rank(), dist.world()) if dist.world() > 1 else None  # batch_size divides: kfold.check_processes
+    return TrainBatches(cfg, data.train_images, data.train_targets(), device, seed, weights, shard), labelled
+
+
+def validate(model, cfg: Config, task: Task, heads: list[Head], data: FoldData,
+             device: torch.device) -> tuple[dict, dict]:
+    """The validation rows' scores and each head's NLL, one view each (TTA is for the fold's final
+    prediction, not for choosing its epoch)."""
+    probs = predict_probs(model, data.val_images, cfg, device, views=["none"])
+    return score_probs(task, heads, probs, data.val_factors), heads_nll(heads, probs, data.val_factors)
 
 
 def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_dir: Path, seed: int,
@@ -279,13 +310,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     seed_everything(seed)
-    labelled = (data.train_factors >= 0).all(1)  # rows a partial pseudo label leaves out don't count
-    weights = (sample_weights(task, heads, data.train_factors, tc.sampler, tc.sampler_power, labelled)
-               if tc.sampler != "none" else None)
-    shard = (dist.rank(), dist.world()) if dist.world() > 1 else None
-    if shard and tc.batch_size % shard[1]:
-        raise ConfigError(f"train.batch_size {tc.batch_size} does not split evenly over {shard[1]} processes")
-    batches = TrainBatches(cfg, data.train_images, data.train_targets(), device, seed, weights, shard)
+    batches, labelled = fold_batches(cfg, task, heads, data, device, seed)
     counts = {h.name: np.bincount(h.targets(data.train_factors[labelled]), minlength=h.n) for h in heads}
     t = build_training(cfg, task, heads, device, len(batches), counts, partial=not labelled.all())
     model, ema, optimizer, scheduler, criterion = t.model, t.ema, t.optimizer, t.scheduler, t.criterion
@@ -318,33 +343,25 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
 
         eval_model = ema.module if ema is not None else model
         t1 = time.perf_counter()
-        probs = predict_probs(eval_model, data.val_images, cfg, device, views=["none"])
-        scores = score_probs(task, heads, probs, data.val_factors)
-        validate_s = time.perf_counter() - t1
+        scores, nll = validate(eval_model, cfg, task, heads, data, device)
         number = epoch + 1  # epochs are counted from 1 everywhere a person reads them
         row = {"epoch": number, "lr": scheduler.get_last_lr()[0], "train_loss": loss_sums["loss"] / seen}
         row |= {f"loss_{name}": loss_sums[name] / seen for name in criterion.fns}
-        row |= {f"val_{k}": v for k, v in scores.items()}
-        row |= {f"val_nll_{k}": v for k, v in heads_nll(heads, probs, data.val_factors).items()}
-        row |= {"train_img_s": seen / train_s, "train_s": train_s, "validate_s": validate_s, "train_id": train_id}
+        row |= {f"val_{k}": v for k, v in scores.items()} | {f"val_nll_{k}": v for k, v in nll.items()}
+        row |= {"train_img_s": seen / train_s, "train_s": train_s, "validate_s": time.perf_counter() - t1,
+                "train_id": train_id}
         rows.append(row)
         atomic_write_text(out_dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
         if on_epoch is not None:
             on_epoch(number, row)
         if board is not None:
-            for key, value in row.items():
-                if key not in ("epoch", "train_id"):
-                    board.add_scalar(board_tag(key), value, number)
-            board.flush()
+            write_scalars(board, row, number)
         if scores["f1"] > best["f1"]:
             best = scores | {"epoch": number}
             save_torch(out_dir / "best.pt", {"model": eval_model.state_dict(), "epoch": number, "scores": scores,
                                              "train_id": train_id})
         top.offer(number, scores["f1"], eval_model)
-        save_torch(out_dir / "last.pt", {
-            "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epochs_done": number, "step": step, "best": best, "rng": rng_state(device), "train_id": train_id})
+        save_torch(out_dir / "last.pt", last_state(t, number, step, best, device, train_id))
         if progress:
             progress.console.print(
                 f"  {label} epoch {number}/{tc.epochs}  loss {row['train_loss']:.3f}  "

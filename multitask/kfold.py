@@ -1,5 +1,5 @@
 """A round of k-fold training over a run directory: folds, every fold's model, its OOF and test
-probabilities, and the round's aggregate (OOF scores, soft-voted test probabilities).
+probabilities, and the round's aggregate (OOF scores, test probabilities voted over the folds).
 
 Each fold writes its own files, and the round's aggregate is rebuilt from whichever folds are done,
 so folds can be trained one at a time (`--fold K`), or by different processes into one run.
@@ -20,23 +20,23 @@ from multitask.config import Config, ConfigError
 from multitask.context import (Context, build_task, claim_run_dir, every_fold, load_images, open_context, read_checked,
                                reopen_context, run_settings_hash)
 from multitask.budget import epochs_of_run, fit_epochs
+from multitask.curves import plot_round
 from multitask.data.augment import check_albumentations
 from multitask.data.dataset import RowImages
 from multitask.data.folds import make_folds
 from multitask.data.table import factor_values, numeric_matrix, numeric_values
 from multitask.decide import decide_round, is_active
-from multitask.device import resolve_device
+from multitask.device import resolve_device, worker_devices
 from multitask.engine import FoldData, tensorboard_writer_class, train_fold
+from multitask.inference import load_model, predict_probs, vote
 from multitask.labels import Task
 from multitask.metrics import score_probs
 from multitask.model import check_model
 from multitask.numeric import training_rows
 from multitask.parallel import run_in_workers
-from multitask.predict import load_model, predict_probs, vote
-from multitask.report import plot_round
 from multitask.run import (SOFT_FILE, RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint,
                            head_probs, load_npz, read_json, save_npz, write_json)
-from multitask.subjects import Pictures, likeness, stored_pictures
+from multitask.subjects import likeness
 
 
 def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray] | None:
@@ -48,7 +48,7 @@ def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray
         return None
     table = pd.read_csv(path, dtype={"ImageID": str})
     table = table[table["fold"] == k]
-    row_of = {image_id: i for i, image_id in enumerate(ctx.table.test["image_id"].astype(str))}
+    row_of = {image_id: i for i, image_id in enumerate(ctx.table.test_ids())}
     missing = sorted(set(table["ImageID"]) - set(row_of))
     if missing:
         raise ValueError(f"{path}: images not among the task's test images: {missing[:5]}")
@@ -63,7 +63,7 @@ def soft_pseudo(ctx: Context, r: int, k: int) -> np.ndarray | None:
     if not path.exists():
         return None
     z = load_npz(path)
-    if not np.array_equal(z["image_id"], ctx.table.test["image_id"].to_numpy().astype(str)):
+    if not np.array_equal(z["image_id"], ctx.table.test_ids()):
         raise RunError(f"{path}: made for other test images, or in another order, than the task lists now")
     return z[f"fold{k}"]
 
@@ -79,7 +79,7 @@ def distilled(ctx: Context) -> tuple[np.ndarray, np.ndarray | None] | None:
                        f"distil again with `mt distill`")
     test = None
     if ctx.cfg.distill.unlabeled and ctx.table.test is not None:
-        if not np.array_equal(z["test_ids"], ctx.table.test["image_id"].to_numpy().astype(str)):
+        if not np.array_equal(z["test_ids"], ctx.table.test_ids()):
             raise RunError(f"{ctx.run.teacher}: made for other test images than the task lists now")
         test = z["test"]
     return z["train"], test
@@ -107,7 +107,7 @@ def check_identities(ctx: Context, r: int, k: int, oof: dict | None, test: dict 
         raise RunError(f"{fold_dir / 'oof.npz'}: predicted for other training images than the task's table now "
                         f"lists in those rows (was the table edited?); retrain with `mt train --force`")
     if test is not None and "image_id" in test:
-        ids = ctx.table.test["image_id"].to_numpy().astype(str)
+        ids = ctx.table.test_ids()
         if not np.array_equal(test["image_id"], ids):
             raise RunError(f"{fold_dir / 'test.npz'}: predicted for other test images, or in another order, than "
                             f"the task's test list now holds; retrain with `mt train --force`")
@@ -164,7 +164,7 @@ def save_predictions(ctx: Context, r: int, k: int, train_id: str, data: FoldData
              **{f"p_{h}": p for h, p in oof.items()})
     if ctx.test_images is not None:
         test = predict_probs(model, RowImages.of(ctx.test_images), cfg, device)
-        save_npz(fold_dir / "test.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str), train_id=made_by,
+        save_npz(fold_dir / "test.npz", image_id=ctx.table.test_ids(), train_id=made_by,
                  settings=settings, **{f"p_{h}": p for h, p in test.items()})
 
 
@@ -192,13 +192,6 @@ def _fold_worker(payload: dict, folds, device: str, progress) -> None:
         train_claimed_fold(ctx, payload["round"], k, torch.device(device), progress)
 
 
-def worker_devices(name: str) -> list[str]:
-    """`auto` spreads workers over every visible GPU; any other name puts them all on that device."""
-    if name == "auto" and torch.cuda.device_count() > 1:
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return [str(resolve_device(name))]
-
-
 def refuse_ensemble(ctx: Context) -> None:
     if ctx.cfg.ensemble is not None:
         raise ConfigError(f"{ctx.run.root} is an ensemble of runs, with no models of its own to train: "
@@ -206,13 +199,20 @@ def refuse_ensemble(ctx: Context) -> None:
                           f"{ctx.run.root}` teaches them the ensemble's votes), then run `mt ensemble` again")
 
 
+def check_processes(cfg: Config) -> None:
+    """Settings that torchrun's processes cannot share, refused before anything is written."""
+    if dist.world() > 1 and cfg.train.jobs > 1:
+        raise ConfigError("train.jobs > 1 and torchrun do not mix: under torchrun every process trains each fold together")
+    if dist.world() > 1 and cfg.train.batch_size % dist.world():
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not split evenly over {dist.world()} processes")
+
+
 def train_round(ctx: Context, r: int, progress=None, resume: bool = False, on_epoch=None) -> dict:
     """Train the selected folds of round r, one after another or `train.jobs` at once in worker
     processes, and rebuild the round's aggregate."""
     cfg = ctx.cfg
     refuse_ensemble(ctx)
-    if dist.world() > 1 and cfg.train.jobs > 1:
-        raise ConfigError("train.jobs > 1 and torchrun do not mix: under torchrun every process trains each fold together")
+    check_processes(cfg)
     t0 = time.perf_counter()
     folds = cfg.train.fold if cfg.train.fold is not None else list(range(cfg.train.folds))
     if resume:
@@ -229,9 +229,9 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False, on_ep
 
 
 def aggregate_round(ctx: Context, r: int, wall_s: float | None = None) -> dict:
-    """OOF probabilities and scores, soft-voted test probabilities, and the round summary, from the
-    folds of round r that have finished. One process at a time: with folds trained by several, the
-    last to write has seen every fold the others finished."""
+    """OOF probabilities and scores, the folds' vote (`decide.vote`) of the test probabilities, and
+    the round summary, from the folds of round r that have finished. One process at a time: with
+    folds trained by several, the last to write has seen every fold the others finished."""
     with ctx.run.round_lock(r):
         return _aggregate_round(ctx, r, wall_s)
 
@@ -272,7 +272,7 @@ def _aggregate_round(ctx: Context, r: int, wall_s: float | None) -> dict:
                                "train_s": round(float(metrics["train_s"].sum() + metrics["validate_s"].sum()), 1)}
     if tests is not None:
         test = vote([head_probs(t) for t in tests], ctx.cfg.decide.vote)
-        save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test["image_id"].to_numpy().astype(str),
+        save_npz(run.round_dir(r) / "test_probs.npz", image_id=ctx.table.test_ids(),
                  **{f"p_{h}": p for h, p in test.items()}, **({"likeness": test_look} if test_look is not None else {}))
     # folds trained elsewhere (other shells or machines, `--fold K`) join when they are done: the
     # last process to finish one rebuilds this aggregate with every fold
@@ -309,21 +309,12 @@ def pictures_likeness(ctx: Context) -> tuple[np.ndarray, np.ndarray | None]:
     return likeness(train), likeness(test) if test is not None else None
 
 
-def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, np.ndarray], Pictures | None]:
-    """(image ids, voted probabilities, the pictures' likeness where subjects are read) of round r."""
-    path = ctx.run.round_dir(r) / "test_probs.npz"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no test probabilities (the task has no test images: "
-                                f"a competition root without eval/, or a table task without task.test)")
-    z = load_npz(path)
-    return z["image_id"], head_probs(z), stored_pictures(z)
-
-
 def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) -> dict:
     """`mt resume`: finish the latest round a killed `mt train` or `mt pseudo-label` left, from the run
     directory alone: every fold not done and not held by another process. Finished folds are kept;
     interrupted ones carry on from their last.pt."""
-    ctx = reopen_context(run_dir, every_fold(overrides), progress)
+    # a run stopped between its config.yaml and its folds.csv gets the folds `mt train` would have written
+    ctx = reopen_context(run_dir, every_fold(overrides), progress, make_missing_folds=True)
     check_model(ctx.cfg.model)  # the checkpoint the run started from is still there, unchanged
     dist.on_main(ctx.run.sweep_killed_writes)
     started = ctx.run.started_rounds()
@@ -334,13 +325,19 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
 
 
 def check_finished_folds(ctx: Context, r: int) -> None:
-    """The folds of round r already finished still predict the images the task's tables list: an
-    edited table stops `mt resume` here, before the unfinished folds train on it."""
+    """The folds of round r already finished still predict the images the task's tables list, and
+    were trained under the settings config.yaml holds: an edited table or config.yaml stops `mt
+    resume` here, before the unfinished folds train on it (or a finished round is rebuilt)."""
+    settings = run_settings_hash(ctx.run, ctx.cfg)
     for k in range(ctx.cfg.train.folds):
         if fold_finished(ctx, r, k):
             fold_dir = ctx.run.fold_dir(r, k)
-            check_identities(ctx, r, k, load_npz(fold_dir / "oof.npz"),
-                             load_npz(fold_dir / "test.npz") if ctx.table.test is not None else None)
+            oof = load_npz(fold_dir / "oof.npz")
+            check_identities(ctx, r, k, oof, load_npz(fold_dir / "test.npz") if ctx.table.test is not None else None)
+            if "settings" in oof and as_id(oof["settings"]) != settings:  # runs made before the hash have none
+                raise RunError(f"{fold_dir}: trained under other settings than {ctx.run.config} holds now (was it "
+                               f"edited?); a run's settings cannot change: put them back, or start a run with these "
+                               f"settings (`mt train --out NEW`)")
 
 
 def check_round_labels(ctx: Context, r: int) -> None:
@@ -358,10 +355,11 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     epoch, row)` sees every epoch's metrics row (folds trained one after another only)."""
     started = time.perf_counter()  # a time limit is the whole command's: reading and decoding count
     run = RunDir(out)
-    task, _ = build_task(cfg)
+    task, heads = build_task(cfg)
     # check, read and decode everything before touching the run directory: a bad backbone, heads,
-    # augmentation, table or an undecodable image stop here, with nothing written
-    cfg = cfg.model_copy(update={"model": check_model(cfg.model)})  # with the checkpoint's digest pinned
+    # checkpoint, augmentation, table or an undecodable image stop here, with nothing written
+    cfg = cfg.model_copy(update={"model": check_model(cfg.model, heads)})  # with the checkpoint's digest pinned
+    check_processes(cfg)
     device = resolve_device(cfg.train.device)
     if cfg.aug.backend == "albumentations":
         check_albumentations(cfg.aug.train, tuple(cfg.data.img_size))
@@ -379,12 +377,12 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
         kept = None if force else dist.on_main(epochs_of_run, run, cfg, say)
         cfg = kept if kept is not None else fit_epochs(cfg, table, images, dist.device_for(device), progress, say,
                                                               time.perf_counter() - started)
-    dist.on_main(claim_and_open, run, cfg, task, force, table, images)
+    dist.on_main(write_run_start, run, cfg, task, force, table)
     ctx = open_context(run, cfg, progress, table, images)
     return train_round(ctx, 0, progress=progress, on_epoch=on_epoch) | {"skipped": len(table.skipped)}
 
 
-def claim_and_open(run: RunDir, cfg: Config, task: Task, force: bool, table, images) -> None:
+def write_run_start(run: RunDir, cfg: Config, task: Task, force: bool, table) -> None:
     """What `mt train` writes before the first fold: config.yaml, skipped.csv and folds.csv. The folds
     are made first, so that data they cannot be made from leaves the directory as it was."""
     new_folds = force or not run.folds.exists()
@@ -394,4 +392,3 @@ def claim_and_open(run: RunDir, cfg: Config, task: Task, force: bool, table, ima
         atomic_write_text(run.folds, folds.to_csv(index=False))
     if not table.skipped.empty:
         atomic_write_text(run.skipped, table.skipped.to_csv(index=False))
-    open_context(run, cfg, None, table, images)

@@ -30,8 +30,10 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> float:
 
 
 def score_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray) -> dict:
-    """Macro F1 of each head's own argmax, of each factor read off the combined 18-class argmax, and
-    the combined macro F1 (`f1`), from head probabilities and true factor values (N, F)."""
+    """Macro F1 of each head's own argmax (`f1_<head>`), of each factor read off the final class's
+    argmax (`f1_<factor>_combined`), and of the final class (`f1`), from head probabilities and true
+    factor values (N, F). decide.scores_of, which reads every factor off given final classes, names
+    those `f1_<factor>`."""
     out = {}
     for h in heads:
         out[f"f1_{h.name}"] = macro_f1(h.targets(factors), probs[h.name].argmax(1), h.n)

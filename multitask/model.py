@@ -25,10 +25,12 @@ class CheckpointError(ValueError):
     pass
 
 
-def check_model(cfg: ModelCfg) -> ModelCfg:
+def check_model(cfg: ModelCfg, heads: list[Head] | None = None) -> ModelCfg:
     """What can be known about the model before a run directory is touched: the backbone is a timm
     architecture (a typo gets the closest names) and a local checkpoint file exists (the very file,
-    where the settings pin one). Returns the settings with the checkpoint's digest pinned."""
+    where the settings pin one). With `heads`, a checkpoint is also loaded into the model once, so a
+    file that does not fit it is refused before `mt train` writes or `--force` removes anything.
+    Returns the settings with the checkpoint's digest pinned."""
     if not timm.is_model(cfg.backbone):
         close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=3, cutoff=0.6)
         raise ConfigError(f"model.backbone {cfg.backbone!r} is not a timm model"
@@ -36,7 +38,12 @@ def check_model(cfg: ModelCfg) -> ModelCfg:
     if cfg.freeze_backbone and not (cfg.checkpoint or cfg.pretrained):
         raise ConfigError("model.freeze_backbone: the backbone has no weights to keep (neither model.checkpoint "
                           "nor model.pretrained), and its random features would never train")
-    return pin_checkpoint(cfg) if cfg.checkpoint else cfg
+    if not cfg.checkpoint:
+        return cfg
+    cfg = pin_checkpoint(cfg)
+    if heads is not None:
+        MultiHeadNet(cfg, heads)  # the backbones each head gets, loaded as the first fold will load them
+    return cfg
 
 
 def file_sha256(path: Path) -> str:

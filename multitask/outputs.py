@@ -1,6 +1,7 @@
 """What a prediction reads and writes, in plain Python and numpy (no torch, no pandas): the images
-`mt predict` names, and the predictions file. The torch path (`predict.py`) and the ONNX path
-(`serve.py`) share it, so both list the same images and write the same columns."""
+`mt predict` names, the final class under a decision's offsets, and the predictions file. The torch
+path (`predict.py`) and the ONNX path (`serve.py`) share it, so both list the same images, decide
+alike and write the same columns."""
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,8 @@ import numpy as np
 from multitask.data.cache import ImageDecodeError, undecodable_error
 from multitask.labels import Task
 from multitask.run import atomic_write_text, atomic_writer
+
+LOG_FLOOR = 1e-12  # added before the log of a probability: a class at exactly 0 still ranks
 
 CHUNK = 2048  # images decoded at a time when predicting: memory stays bounded, whatever the number of images
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -74,6 +77,14 @@ def check_names(where: Path, ids: list[str]) -> None:
         listed = ", ".join(repr(b) for b in bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise ImageListError(f"{where}: {len(bad)} file name(s) are not UTF-8, which the predictions file must be: "
                              f"{listed}; rename them")
+
+
+def decide_classes(combined: np.ndarray, offsets) -> np.ndarray:
+    """The final classes: the argmax of the final-class probabilities, after a decision's log-prior
+    offsets where it has them (None: none)."""
+    if offsets is None:
+        return combined.argmax(1)
+    return (np.log(combined.astype(np.float64) + LOG_FLOOR) + np.asarray(offsets)[None, :]).argmax(1)
 
 
 def prediction_table(task: Task, ids, combined: np.ndarray, classes: np.ndarray,

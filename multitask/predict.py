@@ -1,129 +1,25 @@
-"""Head probabilities with TTA, soft voting across folds, and a finished run applied to new images.
-
-Soft voting averages each head's probabilities (over TTA views, then over folds) before combining
-heads into the final class: averaging probabilities keeps each model's confidence, which a hard
-majority vote throws away. `mt predict` and the predictions file of a table task's `mt submit` share
-one writer, so both files read the same way.
+"""A finished run (or an ensemble of runs) applied to new images: `mt predict`, streamed a chunk at a
+time, with the round's fold models, TTA views and fitted decision. The model-level work (TTA views,
+the folds' vote) is inference.py's, which training's validation runs too; the file is written as
+`mt submit` writes a table task's predictions (outputs.prediction_table).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from multitask.config import Config
 from multitask.context import build_task, check_ensemble_members, check_round, load_run_config
-from multitask.data.augment import tta_view
 from multitask.data.cache import decode_into
-from multitask.data.dataset import RowImages, eval_batches
+from multitask.data.dataset import RowImages
 from multitask.decide import blend_only, load_decision, predict_classes
-from multitask.device import autocast, prepare_input, resolve_device, tune_for
+from multitask.device import resolve_device
+from multitask.inference import load_model, predict_probs, vote
 from multitask.labels import FLAT_HEAD, Head, Task
-from multitask.model import MultiHeadNet, build_model
-from multitask.numeric import aux_activation, aux_kind, aux_outputs, is_aux
-from multitask.outputs import CHUNK, list_images, prediction_table, stream_predictions
+from multitask.outputs import CHUNK, list_images, stream_predictions
 from multitask.run import RunDir, check_output_file, fold_checkpoint, read_json
-
-
-@torch.no_grad()
-def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: torch.device,
-                  views: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Softmax probabilities per head (N, n_h), averaged over the TTA views (and each auxiliary
-    output's reading, see numeric.aux_activation). They stay on the device
-    until the end: a copy to the host per batch would wait for the GPU every batch.
-
-    With `train.compile` the forward is compiled too, and a short last batch is padded to the full
-    one: every call then runs the one graph. Dynamo treats the weights as inputs, so every fold's
-    model (and the EMA copy validated each epoch) reuses it. Unpadded, each new short size compiled
-    again: a graph dynamic in the batch size came back narrowed to a range by the backend (on the
-    CPU, 2 to 15 rows), so the next short batch outside it compiled another, inside the timed
-    prediction of bench_throughput too."""
-    views = list(cfg.aug.tta if views is None else views)
-    was_training = model.training
-    model.eval()
-    forward = torch.compile(model) if cfg.train.compile else model
-    probs = {name: torch.empty((len(images), head.out_features), device=device)
-             for name, head in model.heads.items()}
-    start = 0
-    for x in eval_batches(images, cfg.train.eval_batch_size, device, cfg.data.cache_on_device):
-        n = len(x)
-        if cfg.train.compile and n < cfg.train.eval_batch_size:  # eval-mode layers see each image alone
-            x = padded(x, cfg.train.eval_batch_size)
-        for i, view in enumerate(views):
-            with autocast(device, cfg.train.amp):
-                out = forward(prepare_input(tta_view(x, view), cfg, device))
-            for name, logits in out.items():
-                logits = logits[:n]
-                p = aux_activation(logits, aux_kind(cfg, name)) if is_aux(name) else logits.float().softmax(1)
-                batch = probs[name][start:start + n]
-                if i == 0:
-                    batch.copy_(p)
-                else:
-                    batch.add_(p)
-        for p in probs.values():
-            p[start:start + n].div_(len(views))
-        start += n
-    model.train(was_training)
-    return {name: p.cpu().numpy() for name, p in probs.items()}
-
-
-def padded(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """`x` with zero rows up to `rows`, in its own memory layout: the batches come channels-last from
-    the NHWC caches, and a padded batch of another layout would compile a graph of its own."""
-    out = x.new_empty_strided((rows, *x.shape[1:]), x.stride())
-    out[:len(x)] = x
-    out[len(x):] = 0
-    return out
-
-
-def soft_vote(prob_sets: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.mean([p[name] for p in prob_sets], axis=0) for name in prob_sets[0]}
-
-
-HARD_TIE_BREAK = 1e-3  # the soft vote's share in a hard vote: it only decides ties
-
-
-def vote(prob_sets: list[dict[str, np.ndarray]], kind: str = "soft") -> dict[str, np.ndarray]:
-    """Combine the folds' outputs. soft: average each head's probabilities. hard: each fold votes its
-    argmax per head (a fold torn between classes of equal probability votes for each, as the
-    exported graph counts them); the vote shares (ties broken by the soft vote) stand in for
-    probabilities. Auxiliary outputs are numbers, always averaged."""
-    soft = soft_vote(prob_sets)
-    if kind == "soft":
-        return soft
-    out = dict(soft)
-    for name in soft:
-        if is_aux(name):
-            continue
-        votes = np.mean([(p[name] == p[name].max(1, keepdims=True)).astype(np.float64) for p in prob_sets], axis=0)
-        mixed = votes + HARD_TIE_BREAK * soft[name]
-        out[name] = mixed / mixed.sum(1, keepdims=True)
-    return out
-
-
-def load_model(path: Path, cfg: Config, task: Task, heads: list[Head], device: torch.device) -> MultiHeadNet:
-    """A fold's model from its checkpoint; the backbone is built without fetching pretrained weights,
-    since the checkpoint already holds every weight."""
-    model_cfg = cfg.model.model_copy(update={"pretrained": False, "checkpoint": None})
-    model = build_model(model_cfg, heads, aux_outputs(task, cfg, heads))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    model.to(device)
-    tune_for(device)
-    if cfg.train.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model.eval()
-
-
-# ---- a finished run applied to images: `mt predict`, and the predictions file of `mt submit` ----
-
-def predictions_frame(task: Task, ids, combined: np.ndarray, classes: np.ndarray,
-                      with_probs: bool = False) -> pd.DataFrame:
-    """The predictions file's table (outputs.prediction_table) as a frame."""
-    columns, rows = prediction_table(task, ids, combined, classes, with_probs)
-    return pd.DataFrame(rows, columns=columns)
 
 
 def round_models(run: RunDir, r: int, cfg: Config) -> list[Path]:
@@ -134,7 +30,7 @@ def round_models(run: RunDir, r: int, cfg: Config) -> list[Path]:
 
 def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, task: Task, heads: list[Head],
                    device: torch.device, progress=None, models: dict | None = None) -> dict[str, np.ndarray]:
-    """Every fold model with the run's TTA views, soft-voted: what the round's test_probs.npz holds.
+    """Every fold model with the run's TTA views, voted (`decide.vote`): what the round's test_probs.npz holds.
     `models` keeps the loaded models across calls (prediction in chunks loads each fold once)."""
     tid = progress.add_task("predicting", total=len(checkpoints)) if progress else None
     sets = []

@@ -31,10 +31,10 @@ import pandas as pd
 
 from multitask import dist
 from multitask.config import Config, ConfigError
-from multitask.context import build_task, check_round, every_fold, load_run_config
+from multitask.context import build_task, check_round, every_fold, load_run_config, reopen_context
 from multitask.decide import Decision, load_decision, predict_classes
 from multitask.ensemble import check_same_split, fold_test_probs, fold_votes
-from multitask.kfold import check_identities, refuse_ensemble, reopen_context, train_round
+from multitask.kfold import check_identities, refuse_ensemble, train_round
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import check_model
 from multitask.run import SOFT_FILE, RunDir, RunError, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
@@ -110,7 +110,11 @@ def teacher_of(ctx, prev: int, labels_from: str | Path | None) -> Teacher:
     wanted = ctx.cfg.train.fold if ctx.cfg.train.fold is not None else range(ctx.cfg.train.folds)
     missing = sorted(set(wanted) - set(teacher.test))
     if missing:  # such a fold would train without a single pseudo label
-        raise ConfigError(f"{teacher.round_dir}: no test predictions of fold(s) {missing}, which this round trains")
+        if teacher.source is None:
+            fix = f"`mt resume --run {ctx.run.root}` trains them (a round begun with train.fold), then pseudo-label again"
+        else:
+            fix = f"finish that run's round first (`mt resume --run {teacher.source}`)"
+        raise ConfigError(f"{teacher.round_dir}: no test predictions of fold(s) {missing}, which this round trains; {fix}")
     return teacher
 
 
@@ -138,7 +142,7 @@ def other_teacher(ctx, path: str | Path) -> Teacher:
         raise ConfigError(f"{other.root} predicts other factors than {ctx.run.root}: {task.factor_names} vs "
                           f"{ctx.task.factor_names}")
     r, _ = other.choose_round(cfg.train.folds, can_pick=False)
-    test_ids = ctx.table.test["image_id"].to_numpy().astype(str)
+    test_ids = ctx.table.test_ids()
     if cfg.ensemble is not None:
         test = {k: {FLAT_HEAD: p} for k, p in fold_votes(other.root, test_ids).items()}
     else:
@@ -164,7 +168,7 @@ def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float],
     combined_oof, _ = predict_classes(teacher.task, teacher.heads, head_probs(oof), teacher.cfg, decision,
                                       stored_pictures(oof))
     thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision)
-    image_ids = ctx.table.test["image_id"].to_numpy().astype(str)
+    image_ids = ctx.table.test_ids()
     frames = []
     for k, probs in sorted(teacher.test.items()):
         combined = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision, pictures)[0]
@@ -184,7 +188,7 @@ def soft_table(ctx, teacher: Teacher) -> dict[str, np.ndarray]:
     decision = load_decision(teacher.round_dir)
     decision = replace(decision, offsets=None) if decision is not None else None
     pictures = subject_pictures(ctx, decision)
-    out = {"image_id": ctx.table.test["image_id"].to_numpy().astype(str)}
+    out = {"image_id": ctx.table.test_ids()}
     for k, probs in sorted(teacher.test.items()):
         out[f"fold{k}"] = predict_classes(teacher.task, teacher.heads, probs, teacher.cfg, decision,
                                           pictures)[0].astype(np.float32)

@@ -1,6 +1,5 @@
-"""What a run looks like: the plots of a round (each fold's validation macro F1 with its kept epoch,
-each head's validation F1, the training loss beside the validation loss), and `mt report`, one
-self-contained HTML page of the whole run."""
+"""`mt report`: one self-contained HTML page of a run (its scores, the rounds' training curves that
+curves.py drew, confusion matrices, per-class F1, the most confident mistakes, pseudo labels)."""
 from __future__ import annotations
 
 import base64
@@ -11,49 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.run import SOFT_FILE, RunDir, atomic_write_bytes, atomic_write_text
+from multitask.run import SOFT_FILE, atomic_write_text
 
-
-def plot_round(run: RunDir, r: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    folds = {d.name: pd.read_csv(d / "metrics.csv") for d in sorted(run.round_dir(r).glob("fold*"))
-             if (d / "metrics.csv").exists()}
-    fig, (ax_f1, ax_heads, ax_loss) = plt.subplots(1, 3, figsize=(15, 4))
-    for i, (name, m) in enumerate(folds.items()):
-        colour = f"C{i}"
-        ax_f1.plot(m["epoch"], m["val_f1"], marker="o", ms=3, color=colour, label=name)
-        best = m.loc[m["val_f1"].idxmax()]
-        ax_f1.plot(best["epoch"], best["val_f1"], marker="*", ms=14, color=colour, mec="black")
-        ax_loss.plot(m["epoch"], m["train_loss"], color=colour, label=f"{name} train")
-        if "val_nll_total" in m:
-            ax_loss.plot(m["epoch"], m["val_nll_total"], color=colour, ls="--", label=f"{name} validation")
-    if folds:
-        every = pd.concat(folds.values())
-        heads = [c[len("val_f1_"):] for c in every.columns if c.startswith("val_f1_") and not c.endswith("_combined")]
-        mean = every.groupby("epoch").mean(numeric_only=True)
-        for head in heads:
-            ax_heads.plot(mean.index, mean[f"val_f1_{head}"], marker="o", ms=3, label=head)
-    ax_f1.set(title=f"round {r}: validation macro F1 per fold (★ kept epoch)", xlabel="epoch", ylabel="macro F1")
-    ax_heads.set(title="each head's validation macro F1 (mean over folds)", xlabel="epoch", ylabel="macro F1")
-    ax_loss.set(title="training loss (—) and validation NLL (--)", xlabel="epoch", ylabel="loss")
-    for ax in (ax_f1, ax_heads, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(run.round_dir(r) / "curves.png", buf.getvalue())
-
-
-# ---- `mt report`: one self-contained HTML page of a run ----
 
 GALLERY = 12  # the most confident OOF mistakes shown
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from multitask.data.cache import decode_into, undecodable_error
 from multitask.labels import Factor, Task
-from multitask.outputs import CHUNK, list_images, stream_predictions
+from multitask.outputs import CHUNK, decide_classes, list_images, stream_predictions
 
 META_KEY = "mt"  # the ONNX metadata entry `mt export` writes: the task, image size, decision offsets
 
@@ -85,9 +85,7 @@ class ServedModel:
 
     def classes(self, final: np.ndarray) -> np.ndarray:
         """The run's decision: argmax, after its offsets where it has them."""
-        if self.offsets is None:
-            return final.argmax(1)
-        return (np.log(final.astype(np.float64) + 1e-12) + self.offsets[None, :]).argmax(1)
+        return decide_classes(final, self.offsets)
 
     def decode(self, paths: list[str], workers: int = 0) -> tuple[np.ndarray, list[tuple[int, str]]]:
         arr = np.empty((len(paths), *self.img_size, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""The submission: a finished round's soft-voted predictions of the task's test images, written
+"""The submission: a finished round's voted predictions of the task's test images, written
 atomically (a refused file leaves the old one intact). For the competition, ImageID,ans in
 info.csv's order, checked against a fresh read of info.csv; for a table task, the predictions file
 `mt predict` writes (path, each factor's class, class, prob)."""
@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from multitask.context import Context, check_round, reopen_context
 from multitask.data.layout import read_csv
-from multitask.context import check_round
-from multitask.kfold import load_round_test_probs, reopen_context
 from multitask.decide import load_decision, predict_classes
-from multitask.predict import predictions_frame
-from multitask.run import atomic_write_text, check_output_file
+from multitask.outputs import prediction_table, write_rows
+from multitask.run import atomic_write_text, atomic_writer, check_output_file, head_probs, load_npz
+from multitask.subjects import Pictures, stored_pictures
 
 
 class SubmissionError(ValueError):
@@ -44,6 +44,16 @@ def write_submission(sub: pd.DataFrame, info_csv: Path, n_classes: int, out: Pat
     check_submission(sub, read_csv(Path(info_csv), ["ImageID", "ans"])["ImageID"].to_numpy(), n_classes)
     atomic_write_text(out, sub.to_csv(index=False))
     return out
+
+
+def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, np.ndarray], Pictures | None]:
+    """(image ids, voted probabilities, the pictures' likeness where subjects are read) of round r."""
+    path = ctx.run.round_dir(r) / "test_probs.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no test probabilities (the task has no test images: "
+                                f"a competition root without eval/, or a table task without task.test)")
+    z = load_npz(path)
+    return z["image_id"], head_probs(z), stored_pictures(z)
 
 
 def make_submission(run_dir: str | Path, out: str | Path | None = None, progress=None, round: int | None = None,
@@ -84,7 +94,7 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
     if log:
         log(f"predicting {len(ctx.table.test)} test images with {onnx} (run {served.meta['run']}, round {served.meta['round']})")
     combined, classes = served.predict_paths(ctx.table.test["path"].tolist())
-    image_ids = ctx.table.test["image_id"].to_numpy().astype(str)
+    image_ids = ctx.table.test_ids()
     return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, str(onnx))
 
 
@@ -92,7 +102,9 @@ def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray,
     """The competition's ImageID,ans in info.csv's order, or a table task's predictions file; `source`
     names what predicted them in errors."""
     if ctx.table.info_csv is None:
-        atomic_write_text(out, predictions_frame(ctx.task, image_ids, combined, classes).to_csv(index=False))
+        columns, rows = prediction_table(ctx.task, image_ids, combined, classes)
+        with atomic_writer(out, "w") as fh:  # as `mt predict` writes it
+            write_rows(fh, columns, rows)
         return out
     pred = dict(zip(image_ids, classes))
     info_ids = read_csv(ctx.table.info_csv, ["ImageID", "ans"])["ImageID"].to_numpy()

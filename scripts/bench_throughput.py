@@ -45,7 +45,7 @@ from multitask.data.synthetic import make_demo_dataset
 from multitask.engine import FoldData, build_training, train_fold, train_one_epoch
 from multitask.labels import mask_task
 from multitask.device import resolve_device
-from multitask.predict import predict_probs, soft_vote
+from multitask.inference import predict_probs, soft_vote
 
 
 def sync(device: torch.device) -> None:

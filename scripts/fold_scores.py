@@ -20,7 +20,7 @@ import pandas as pd
 from multitask.context import build_task, load_run_config
 from multitask.decide import predict_classes
 from multitask.metrics import macro_f1
-from multitask.predict import vote
+from multitask.inference import vote
 from multitask.run import RunDir, head_probs, load_npz, read_json
 
 

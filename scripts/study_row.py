@@ -93,8 +93,9 @@ def main() -> None:
         if status:
             sys.exit(f"mt train failed ({status}); its output is above")
 
-    from multitask.kfold import load_round_test_probs, reopen_context
-    from multitask.predict import vote
+    from multitask.context import reopen_context
+    from multitask.submit import load_round_test_probs
+    from multitask.inference import vote
     from multitask.run import head_probs, load_npz, read_json
 
     # every figure of the row from the round `mt submit` takes (the best by OOF: round 0 of a run

@@ -24,6 +24,20 @@ def skewed_factors(n=1000, seed=0):
                      rng.choice(3, n, p=[0.6, 0.35, 0.05])], 1)
 
 
+def test_rows_with_a_missing_label_are_drawn_at_the_mean_weight_and_count_for_no_class():
+    """Partial pseudo labels (-1 where a factor's confidence fell short) have no final class: they
+    are drawn at the labelled rows' mean weight, and the classes are counted on labelled rows only."""
+    f = skewed_factors(200)
+    partial = np.concatenate([f, [[0, 1, -1]] * 50])
+    labelled = (partial >= 0).all(1)
+    w = sample_weights(TASK, HEADS, partial, "class", 1.0, labelled)
+    alone = sample_weights(TASK, HEADS, f, "class", 1.0)
+    np.testing.assert_allclose(w[~labelled], w[labelled].mean())
+    # the labelled rows keep the proportions they have without the partial ones
+    np.testing.assert_allclose(w[labelled] / w[labelled].sum(), alone)
+    assert np.isclose(w.sum(), 1)
+
+
 @pytest.mark.parametrize("by", ["class", "age"])
 def test_sampler_weights_balance_the_chosen_classes(by):
     f = skewed_factors()
@@ -114,12 +128,17 @@ def test_mixed_targets_sum_to_one_per_head_and_follow_the_images(cfg):
 def test_mixed_targets_are_the_shares_of_the_mixed_pictures(cfg):
     # each picture is its mask label's one-hot colour: a mixed picture's mean colour is then exactly
     # the share of each label in it, which its mixed target must be
+    # A row without a mask label (-1, a partial pseudo label) is a black picture: it brings no share
+    # of any class. The auxiliary number is a fourth channel, so it must mix as the pictures do.
     mixer = BatchMixer(cfg, {"mask": 3, "age": 3})
     for seed in range(5):
         _, t = mix_inputs()
-        x = F.one_hot(t["mask"], 3).float()[:, :, None, None].expand(-1, -1, 16, 16).contiguous()
+        t["mask"][0] = -1
+        colour = F.one_hot(t["mask"].clamp(min=0), 3).float() * (t["mask"] >= 0)[:, None]
+        x = torch.cat([colour, t["aux_age"]], 1)[:, :, None, None].expand(-1, -1, 16, 16).contiguous()
         mx, mt = mixer(x, t, torch.Generator().manual_seed(seed))
-        torch.testing.assert_close(mx.mean((2, 3)), mt["mask"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mx.mean((2, 3))[:, :3], mt["mask"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(mx.mean((2, 3))[:, 3:], mt["aux_age"], atol=1e-5, rtol=0)
 
 
 def test_mixing_stops_after_its_epoch_and_is_seeded():
@@ -143,23 +162,36 @@ def test_a_run_with_balance_and_mixing_trains(demo_root, tmp_path, monkeypatch):
         seen["draws"], seen["factors"] = weights, targets[:, :len(TASK.factors)].astype(np.int64)
         return real_batches(cfg, images, targets, device, seed, weights, shard)
 
+    class SeeingLoss(real_loss):
+        def __call__(self, outputs, targets):
+            seen.setdefault("loss_targets", []).append(targets)
+            return super().__call__(outputs, targets)
+
     def loss(cfgs, extra=None, class_weights=None, partial=False):
         seen["class_weights"] = class_weights
-        return real_loss(cfgs, extra, class_weights, partial)
+        return SeeingLoss(cfgs, extra, class_weights, partial)
 
     class CountingMixer(engine.BatchMixer):
-        def __call__(self, *args, **kwargs):
-            seen["mixed"] = seen.get("mixed", 0) + 1
-            return super().__call__(*args, **kwargs)
+        def __call__(self, x, targets, gen):
+            seen.setdefault("generators", []).append(gen.initial_seed())
+            out = super().__call__(x, targets, gen)
+            seen.setdefault("mixed", []).append(out[1])
+            return out
 
     monkeypatch.setattr(engine, "TrainBatches", batches)
     monkeypatch.setattr(engine, "MultiHeadLoss", loss)
     monkeypatch.setattr(engine, "BatchMixer", CountingMixer)
-    cfg = tiny_config(demo_root, "train.fold=[0]", "train.sampler=class", "losses.age.class_weights=true",
-                      "aug.mix.mixup_alpha=0.4", "aug.mix.cutmix_alpha=1.0")
-    summary = train_run(cfg, tmp_path / "run")
-    assert 0 <= summary["oof"]["f1"] <= 1
-    assert seen["mixed"] > 0  # the mixer reached the training batches
+    cfg = tiny_config(demo_root, "train.fold=[0]", "train.epochs=2", "train.sampler=class",
+                      "losses.age.class_weights=true", "aug.mix.mixup_alpha=0.4", "aug.mix.cutmix_alpha=1.0")
+    train_run(cfg, tmp_path / "run")
+    # the mixer reached every training batch, and the loss learned from its mixed targets
+    assert len(seen["mixed"]) == len(seen["loss_targets"]) > 0
+    assert all(m is t for m, t in zip(seen["mixed"], seen["loss_targets"]))
+    assert any(((t["mask"] > 0) & (t["mask"] < 1)).any() for t in seen["loss_targets"])
+    # each epoch mixes with its own draws (engine.mix_generator), the same on any device
+    fold_seed = cfg.train.seed * 1000  # round 0, fold 0 (kfold.train_round_fold)
+    firsts = sorted(set(seen["generators"]), key=seen["generators"].index)
+    assert firsts == [engine.mix_generator(fold_seed, e).initial_seed() for e in range(2)]
     # the epoch is drawn by final class (the fold's own rows), rarer classes more often
     f = seen["factors"]
     np.testing.assert_allclose(seen["draws"], sample_weights(TASK, HEADS, f, "class", 0.5))

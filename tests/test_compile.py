@@ -11,7 +11,7 @@ from conftest import tiny_config
 from multitask.data.dataset import RowImages
 from multitask.kfold import build_task, train_run
 from multitask.model import build_model
-from multitask.predict import predict_probs
+from multitask.inference import predict_probs
 from multitask.run import RunDir, load_npz
 
 pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),

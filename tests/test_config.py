@@ -11,6 +11,32 @@ def test_defaults_and_dotted_overrides():
     assert cfg.heads == "class"
 
 
+@pytest.mark.parametrize("name", ["demo", "competition"])
+def test_other_heads_than_a_config_files_keep_only_the_losses_of_their_heads(name):
+    """`mt train --config demo --heads class`: the file's losses are for its own three heads, and
+    those of heads the command no longer has are left out (they used to stop the command)."""
+    from multitask.context import build_task
+
+    full = load_config(name)
+    assert set(full.losses) == {"mask", "gender", "age"}
+    assert load_config(name, ["heads=class"]).losses == {}
+    kept = load_config(name, ["heads=mask,gender_age"])
+    assert set(kept.losses) == {"mask"} and kept.losses["mask"] == full.losses["mask"]
+    build_task(kept)
+    # a loss the command itself sets for a head it does not have is still a mistake to report
+    with pytest.raises(ConfigError, match=r"losses given for \['age'\]"):
+        build_task(load_config(name, ["heads=class", "losses.age.name=ce"]))
+
+
+def test_a_table_given_without_its_task_says_what_it_needs(tmp_path):
+    table = tmp_path / "train.csv"
+    table.write_text("path,age\na.jpg,3\n")
+    with pytest.raises(ConfigError, match="train.csv: a file, and the task is the competition's.*--config that names its factors"):
+        load_config(None, data=table)
+    with pytest.raises(ConfigError, match="a table needs a --config"):
+        load_config("demo", data=table)
+
+
 def test_yaml_file_then_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  epochs: 3\n  lr: 0.01\nlosses:\n  age: {name: focal, gamma: 1.5}\n")

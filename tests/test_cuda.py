@@ -9,7 +9,7 @@ import torch
 from conftest import one_and_two_ranks, tiny_config, torchrun_cli
 from multitask.data.dataset import RowImages, TrainBatches
 from multitask.kfold import build_task, train_run
-from multitask.predict import load_model, predict_probs
+from multitask.inference import load_model, predict_probs
 from multitask.run import RunDir, load_npz
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -37,7 +37,19 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     out = tmp_path / "ens"
     summary = make_ensemble([a, b], out)
     weights = [m["weight"] for m in summary["members"]]
-    assert np.isclose(sum(weights), 1) and summary["oof_weights_honest"] is not None
+    assert np.isclose(sum(weights), 1)
+    # the fold-honest figure: fold k's rows voted with the weights refitted without fold k, scored
+    from multitask.decide import scores_of
+    from multitask.ensemble import fit_weights, member_probs
+
+    parts = [member_probs(m) for m in (a, b)]
+    oof0, task = parts[0]["oof"], parts[0]["task"]
+    y, folds = task.encode(oof0["factors"]), oof0["fold"]
+    classes = np.zeros(len(y), np.int64)
+    for k in np.unique(folds):
+        w = fit_weights([m["oof_probs"][folds != k] for m in parts], y[folds != k], task.n_classes)
+        classes[folds == k] = sum(wi * m["oof_probs"][folds == k] for wi, m in zip(w, parts)).argmax(1)
+    assert summary["oof_weights_honest"] == pytest.approx(scores_of(task, classes, oof0["factors"]))
     oof = load_npz(RunDir(out).round_dir(0) / "oof.npz")
     assert oof["p_class"].shape == (84, 18) and np.allclose(oof["p_class"].sum(1), 1)
     sub = pd.read_csv(make_submission(out))
@@ -263,7 +275,9 @@ def test_cli_ensemble(members, tmp_path):
     a, b = members
     result = CliRunner().invoke(app, ["ensemble", "--runs", str(a), "--runs", str(b), "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
-    assert "ensemble out-of-fold" in result.output and read_json(tmp_path / "e" / "summary.json")["latest_round"] == 0
+    assert "ensemble out-of-fold" in result.output and "mask read off the voted final class" in result.output
+    assert "own argmax" not in result.output  # an ensemble has no heads but the final class
+    assert read_json(tmp_path / "e" / "summary.json")["latest_round"] == 0
 
 
 def test_cli_ensemble_takes_the_runs_listed_after_one_flag(members, tmp_path):

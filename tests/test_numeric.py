@@ -101,12 +101,46 @@ def test_auxiliary_outputs_read_as_valid_bin_probabilities():
     raw = rng.random((50, 2))  # not monotone on purpose
     p = aux_bins(AGE, "ordinal", raw)
     assert (p >= 0).all() and np.allclose(p.sum(1), 1)
+    # P(>= edge j) can only fall with j: a higher edge's exceedance is capped at the lower one's
+    s = np.minimum.accumulate(raw, axis=1)
+    expected = np.clip(np.stack([1 - s[:, 0], s[:, 0] - s[:, 1], s[:, 1]], 1), 1e-9, None)
+    np.testing.assert_allclose(p, expected / expected.sum(1, keepdims=True))
     assert aux_bins(AGE, "ordinal", np.array([[0.99, 0.98]])).argmax() == 2
     # regression: the standardised number (centre 45, span 30); 20 years old is bin 0, 70 is bin 2
     z = (np.array([[20.0], [45.0], [70.0]]) - 45) / 30
     p = aux_bins(AGE, "regression", z, sigma=5.0)
     assert p.argmax(1).tolist() == [0, 1, 2] and np.allclose(p.sum(1), 1)
     assert aux_bins(AGE, "regression", z, sigma=50.0).max() < p.max()  # a wider spread is less sure
+
+
+def test_the_regressions_spread_is_the_robust_spread_of_its_residuals():
+    """1.4826 × the median absolute deviation, in years, of the number the output stands for
+    (standardised by the edges: centre 45, span 30); unknown numbers are left out."""
+    from multitask.numeric import regression_sigma
+
+    rng = np.random.default_rng(1)
+    years = rng.uniform(10, 80, 400)
+    resid = 3.0 + rng.normal(0, 4.0, 400)  # a biased regression: the spread is about the median residual
+    resid[:20] = 200.0  # a few wild misses barely move it
+    out = ((years + resid - 45) / 30)[:, None]
+    values = np.concatenate([years[:-1], [np.nan]])
+    r = (out[:-1, 0] * 30 + 45) - years[:-1]
+    expected = 1.4826 * np.median(np.abs(r - np.median(r)))
+    assert regression_sigma(AGE, out, values) == pytest.approx(expected)
+    assert 3.5 < regression_sigma(AGE, out, values) < 5.0 < r.std() / 5  # 5% wild misses: std about 43
+
+
+def test_other_training_bins_move_the_targets_and_the_rows_left_out():
+    """numeric.age.train_bins [30, 58]: a 58-year-old is taught as >=60 (the scoring bins stay [30,
+    60]), and drop_near_edge measures from the training edges."""
+    ages = np.array([25.0, 57.0, 58.0, 59.0, 61.0])
+    y = batch(np.zeros(5), AGE.bin(ages), ages)
+    moved = Targets(TASK, TASK.heads("g,age"), cfg_with("numeric.age.train_bins=[30, 58]"))(y)["age"]
+    assert moved.argmax(1).tolist() == [0, 1, 2, 2, 2]
+    assert AGE.bin(ages).tolist() == [0, 1, 1, 1, 2]
+    keep = training_rows(TASK, cfg_with("numeric.age.train_bins=[30, 58]", "numeric.age.drop_near_edge=1.5"),
+                         ages[:, None])
+    assert ages[~keep].tolist() == [57, 58, 59]
 
 
 def test_fine_bins_of_a_distribution_output_each_lie_within_one_bin():

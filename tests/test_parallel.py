@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import metrics_of, one_and_two_ranks, tiny_config, torchrun_cli
 from multitask.kfold import train_run
@@ -43,11 +44,25 @@ def test_two_jobs_give_what_one_gives(demo_root, tmp_path):
         assert len(metrics) == 2 and (RunDir(two).fold_dir(1, k) / "test.npz").exists()
 
 
-def test_a_failing_worker_raises_in_the_parent(demo_root, tmp_path):
-    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")  # exists, so only loading it fails
-    cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.jobs=2",
-                      f"model.checkpoint={tmp_path / 'broken.pth'}")
-    with pytest.raises(CheckpointError, match="broken.pth") as info:
+def test_a_failing_worker_raises_in_the_parent(demo_root, tmp_path, monkeypatch):
+    import multitask.kfold as kfold
+    from multitask.config import ModelCfg
+    from multitask.labels import mask_task
+    from multitask.model import build_model
+
+    # a checkpoint that `mt train` checks and loads up front, overwritten before the workers load it
+    path = tmp_path / "weights.pth"
+    torch.save({"model": build_model(ModelCfg(backbone="test_efficientnet"), mask_task().heads("class")).state_dict()},
+               path)
+    real = kfold.run_in_workers
+
+    def overwritten_first(*args, **kwargs):
+        path.write_bytes(b"not a checkpoint")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kfold, "run_in_workers", overwritten_first)
+    cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.jobs=2", f"model.checkpoint={path}")
+    with pytest.raises(CheckpointError, match="weights.pth: not the checkpoint this run started from") as info:
         train_run(cfg, tmp_path / "run")
     assert any("fold worker" in note for note in getattr(info.value, "__notes__", []))
 

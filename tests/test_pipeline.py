@@ -46,10 +46,18 @@ def test_train_writes_the_run_directory(trained, demo_root):
         # the figure that picked the epoch (no TTA) and the fold's OOF (TTA views averaged), each named so
         fold = summary["folds"][str(k)]
         assert fold["val_f1_no_tta"] == pytest.approx(metrics["val_f1"].max())
-        assert 0 <= fold["oof_f1_tta"] <= 1
     assert summary["oof_tta"] == ["none", "hflip"]
     assert (run.round_dir(0) / "curves.png").stat().st_size > 1000
     oof = load_npz(run.round_dir(0) / "oof.npz")
+    from multitask.labels import mask_task
+    from multitask.metrics import score_probs
+
+    task = mask_task()
+    for k in (0, 1):  # each fold's OOF figure is that of its rows' voted TTA views
+        own = oof["fold"] == k
+        probs = {h.name: oof[f"p_{h.name}"][own] for h in task.heads("mask,gender,age")}
+        expected = score_probs(task, task.heads("mask,gender,age"), probs, oof["factors"][own])["f1"]
+        assert summary["folds"][str(k)]["oof_f1_tta"] == pytest.approx(expected)
     n_train = 12 * 7
     assert sorted(oof["rows"].tolist()) == list(range(n_train))  # every train image predicted exactly once
     np.testing.assert_allclose(oof["p_mask"].sum(1), 1, rtol=1e-5)
@@ -105,7 +113,7 @@ def test_submit_reads_each_persons_gender_and_age_from_their_unmasked_picture(tr
     np.testing.assert_allclose(oof["likeness"], likeness(ctx.train_images)[oof["rows"]], rtol=1e-6)
     np.testing.assert_allclose(test["likeness"], likeness(load_images(ctx.cfg, ctx.table)[1]), rtol=1e-6)
     decision = read_json(run.round_dir(0) / "decision.json")
-    assert 0 <= decision["decision"]["subjects"] <= 1 and "honest" in decision["oof"]
+    assert decision["decision"]["subjects"] in np.round(np.arange(0, 1.01, 0.1), 1) and "honest" in decision["oof"]
     # with the weight at 1, every test picture takes its anchor's gender and age
     copy = copy_reading_subjects_fully(out, tmp_path)
     p_mask = unmasked_every_seventh(len(test["image_id"]))
@@ -154,8 +162,17 @@ def test_pseudo_labels_read_each_persons_gender_and_age_from_their_unmasked_pict
                 task.combine(ctx.heads, teacher.test[k]), i)[anchor], rtol=1e-5)
 
 
-def test_pseudo_round_then_submit(trained, demo_root):
+def test_pseudo_round_then_submit(trained, demo_root, monkeypatch):
+    import multitask.kfold as kfold
+
     out, _ = trained
+    taught, real_train_fold = {}, kfold.train_fold
+
+    def seeing_train_fold(*args, **kwargs):  # what each fold of the round trains on
+        taught[args[4].name] = args[3]
+        return real_train_fold(*args, **kwargs)
+
+    monkeypatch.setattr(kfold, "train_fold", seeing_train_fold)
     reports = pseudo_label(out, precision=0.0, rounds=1)  # precision 0 takes every test image, every factor
     run = RunDir(out)
     assert reports[0]["round"] == 1 and reports[0]["added"] == 4 * 7
@@ -168,6 +185,18 @@ def test_pseudo_round_then_submit(trained, demo_root):
         rows = pseudo[pseudo["fold"] == k].set_index("ImageID").loc[load_npz(run.round_dir(0) / "test_probs.npz")["image_id"]]
         assert (rows["age"].to_numpy() == own["p_age"].argmax(1)).all()
         assert (rows["mask"].to_numpy() == own["p_mask"].argmax(1)).all()
+    # and fold k trains on exactly its own labels: its rows from the test images are pseudo.csv's fold-k rows
+    test_ids = load_npz(run.round_dir(0) / "test_probs.npz")["image_id"]
+    for k in (0, 1):
+        data = taught[f"fold{k}"]
+        from_test = np.flatnonzero(data.train_images.src != 0)  # arrays[0] is the training images' cache
+        trained_on = pd.DataFrame(data.train_factors[from_test], columns=["mask", "gender", "age"])
+        trained_on.insert(0, "ImageID", test_ids[data.train_images.idx[from_test]])
+        own = pseudo[pseudo["fold"] == k][["ImageID", "mask", "gender", "age"]]
+        pd.testing.assert_frame_equal(trained_on.sort_values("ImageID").reset_index(drop=True),
+                                      own.sort_values("ImageID").reset_index(drop=True), check_dtype=False)
+    assert not pseudo[pseudo["fold"] == 0][["mask", "gender", "age"]].reset_index(drop=True).equals(
+        pseudo[pseudo["fold"] == 1][["mask", "gender", "age"]].reset_index(drop=True))  # the check can tell them apart
     # pseudo images only ever train: validation rows of round 1 are exactly the train images
     oof = load_npz(run.round_dir(1) / "oof.npz")
     assert sorted(oof["rows"].tolist()) == list(range(12 * 7))
@@ -184,6 +213,37 @@ def test_pseudo_round_then_submit(trained, demo_root):
     task = mask_task()
     expected = task.combine(task.heads("mask,gender,age"), {h: test[f"p_{h}"] for h in ("mask", "gender", "age")})
     assert sub["ans"].tolist() == expected.argmax(1).tolist()
+
+
+def test_a_rounds_labels_are_cut_at_the_precision_asked_for(demo_root, tmp_path):
+    """`mt pseudo-label --precision P`: each factor's threshold is the one that reaches P on the
+    previous round's OOF (read under its decision), pseudo.json records it and what it kept, and a
+    factor's label is kept exactly where its confidence clears it."""
+    from multitask.context import build_task, load_run_config
+    from multitask.decide import load_decision, predict_classes
+    from multitask.run import head_probs
+    from multitask.subjects import stored_pictures
+
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=3"), out)
+    pseudo_label(out, precision=0.6)
+    run = RunDir(out)
+    cfg = load_run_config(run)
+    task, heads = build_task(cfg)
+    oof = load_npz(run.round_dir(0) / "oof.npz")
+    combined = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(0)), stored_pictures(oof))[0]
+    expected = factor_thresholds(task, combined, oof["factors"], 0.6)
+    promise = read_json(run.round_dir(1) / "pseudo.json")["factors"]
+    labels = pd.read_csv(run.round_dir(1) / "pseudo.csv")
+    finite = [f for f, t in expected.items() if np.isfinite(t)]
+    assert finite  # the case can tell a threshold from none
+    for f, t in expected.items():
+        assert promise[f]["threshold"] == (t if np.isfinite(t) else None)
+        if promise[f]["precision"] is not None:
+            assert promise[f]["precision"] >= 0.6
+        kept = labels[f] >= 0
+        assert (labels.loc[kept, f"conf_{f}"] >= round(t, 4) - 1e-4).all() if np.isfinite(t) else not kept.any()
+        assert (labels.loc[~kept, f"conf_{f}"] < t + 1e-4).all()
 
 
 def test_precision_thresholds_keep_their_promise_on_oof():
@@ -254,7 +314,8 @@ def test_copied_training_images_in_the_test_set_do_not_lift_oof(tmp_path, soft):
     assert r1["oof"]["f1"] <= r0["oof"]["f1"] + 0.25, (r0["oof"]["f1"], r1["oof"]["f1"])
 
 
-def test_a_soft_round_learns_every_test_image_from_its_own_folds_model(demo_root, tmp_path):
+def test_a_soft_round_learns_every_test_image_from_its_own_folds_model(demo_root, tmp_path, monkeypatch):
+    import multitask.kfold as kfold
     from multitask.context import build_task, load_run_config
     from multitask.decide import blend_only, load_decision, predict_classes
     from multitask.report import write_report
@@ -263,6 +324,13 @@ def test_a_soft_round_learns_every_test_image_from_its_own_folds_model(demo_root
     out = tmp_path / "run"
     train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
     config_before = RunDir(out).config.read_text()
+    taught, real_train_fold = {}, kfold.train_fold
+
+    def seeing_train_fold(*args, **kwargs):  # what each fold of the round trains on
+        taught[args[4].name] = args[3]
+        return real_train_fold(*args, **kwargs)
+
+    monkeypatch.setattr(kfold, "train_fold", seeing_train_fold)
     r = CliRunner().invoke(app, ["pseudo-label", "--run", str(out), "--soft"])
     assert r.exit_code == 0, r.output
     assert "soft" in r.output
@@ -275,6 +343,14 @@ def test_a_soft_round_learns_every_test_image_from_its_own_folds_model(demo_root
     for k in (0, 1):  # fold k's labels are its own round-0 model's probabilities, nobody else's
         own = predict_classes(task, heads, head_probs(load_npz(run.fold_dir(0, k) / "test.npz")), cfg, blend)[0]
         assert z[f"fold{k}"].shape == (n_test, 18) and np.allclose(z[f"fold{k}"], own, atol=1e-6)
+        # and fold k learns every test image, unlabelled, from exactly those probabilities
+        data = taught[f"fold{k}"]
+        from_test = np.flatnonzero(data.train_images.src != 0)
+        assert sorted(data.train_images.idx[from_test].tolist()) == list(range(n_test))
+        assert (data.train_factors[from_test] == -1).all()
+        np.testing.assert_allclose(data.train_teacher[from_test], z[f"fold{k}"][data.train_images.idx[from_test]])
+        assert not data.train_teacher[data.train_images.src == 0].any()  # its own rows keep their true labels
+    assert not np.allclose(z["fold0"], z["fold1"])  # the check can tell the folds apart
     summary = read_json(run.round_dir(1) / "summary.json")
     assert summary["complete"] and summary["pseudo_soft"] and summary["pseudo_added"] == {"0": n_test, "1": n_test}
     assert run.config.read_text() == config_before  # soft is a per-invocation choice: the run's settings hold
@@ -381,7 +457,7 @@ def test_score_tables_say_what_each_f1_measures(capsys):
 
     with console.capture() as cap:
         print_scores("oof", {"f1_mask": 0.9, "f1_gender_age": 0.5, "f1_mask_combined": 0.9, "f1": 0.4, "acc": 0.5})
-        print_scores("submission", {"f1_18": 0.4, "f1_mask": 0.9}, submitted=True)
+        print_scores("submission", {"f1_18": 0.4, "f1_mask": 0.9}, read_off="the submitted class")
     text = cap.get()
     assert "head mask's own argmax" in text and "mask read off the final class" in text
     assert text.count("the final class (the competition's metric)") == 2

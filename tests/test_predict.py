@@ -8,7 +8,7 @@ from conftest import tiny_config
 from multitask.data.dataset import RowImages
 from multitask.kfold import build_task
 from multitask.model import build_model
-from multitask.predict import predict_probs, soft_vote
+from multitask.inference import predict_probs, soft_vote
 
 
 def test_device_copy_and_memory_map_give_the_same_probabilities():

@@ -88,6 +88,28 @@ def test_resume_keeps_the_runs_settings_and_needs_a_run(demo_root, tmp_path):
     assert "round 0 out-of-fold" in result.output
 
 
+def test_only_training_makes_a_runs_folds(demo_root, tmp_path):
+    """A command that reads a run never writes its folds: without folds.csv, submit and pseudo-label
+    stop and say so (they would have voted folds other than the models' own); resume, which finishes
+    what `mt train` began (stopped between config.yaml and folds.csv), makes the same folds again."""
+    from multitask.pseudo import pseudo_label
+    from multitask.run import RunError
+    from multitask.submit import make_submission
+
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1"), out)
+    run = RunDir(out)
+    made = run.folds.read_text()
+    run.folds.unlink()
+    with pytest.raises(RunError, match="folds.csv: not found"):
+        make_submission(out)
+    with pytest.raises(RunError, match="folds.csv: not found"):
+        pseudo_label(out)
+    assert not run.folds.exists() and not run.submission.exists() and not run.round_dir(1).exists()
+    assert resume_run(out)["folds_done"] == [0, 1]
+    assert run.folds.read_text() == made
+
+
 def test_resume_finishes_a_killed_pseudo_label_round(demo_root, tmp_path, monkeypatch):
     from multitask.pseudo import pseudo_label
 
@@ -269,7 +291,9 @@ def test_pseudo_label_after_a_killed_round_finishes_it_or_makes_it_again_but_nev
     with pytest.raises(RunError, match=r"round1: round 1 was started and is not finished \(fold0 began.*mt resume --run"):
         pseudo.pseudo_label(out, precision=0.9)  # other labels would mix with those fold 0 began on
     assert (run.round_dir(1) / "pseudo.csv").read_bytes() == labels
-    assert resume_run(out)["oof"]["f1"] >= 0  # resume finishes it, on the labels it began with
+    summary = resume_run(out)  # resume finishes it, on the labels it began with
+    assert summary["round"] == 1 and summary["folds_done"] == [0, 1] and summary["complete"]
+    assert (run.round_dir(1) / "pseudo.csv").read_bytes() == labels
 
     # killed after soft labels, before any fold: the round is made again whole, with no soft file left
     monkeypatch.setattr(pseudo, "train_round", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -58,6 +58,46 @@ def test_force_leaves_the_run_as_it_was_when_the_new_settings_cannot_train(run, 
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
+def test_a_checkpoint_or_process_setting_that_cannot_train_is_refused_before_force_clears(run, demo_root, tmp_path,
+                                                                                          monkeypatch):
+    """A checkpoint of another architecture is loaded once before anything is written (it used to be
+    found at the first fold, after --force had emptied the finished run), and so are the settings
+    torchrun's processes cannot share."""
+    import torch
+
+    from multitask import dist
+    from multitask.config import ModelCfg
+    from multitask.labels import mask_task
+    from multitask.model import CheckpointError, build_model
+
+    other = tmp_path / "resnet.pt"
+    torch.save({"model": build_model(ModelCfg(backbone="resnet10t"), mask_task().heads("class")).state_dict()}, other)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    with pytest.raises(CheckpointError, match="resnet.pt: its backbone does not fit test_efficientnet"):
+        train_run(tiny_config(demo_root, cache, f"model.checkpoint={other}"), run, force=True)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+    monkeypatch.setattr(dist, "world", lambda: 2)  # as under torchrun with two processes
+    with pytest.raises(ConfigError, match="train.batch_size 15 does not split evenly over 2 processes"):
+        train_run(tiny_config(demo_root, cache, "train.batch_size=15"), run, force=True)
+    with pytest.raises(ConfigError, match="train.jobs > 1 and torchrun do not mix"):
+        train_run(tiny_config(demo_root, cache, "train.jobs=2"), tmp_path / "new")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before and not (tmp_path / "new").exists()
+
+
+def test_a_round_begun_with_some_folds_points_the_next_round_to_resume(run):
+    from multitask.kfold import resume_run
+
+    pseudo_label(run, precision=0.0, overrides=["train.fold=[0]"])
+    with pytest.raises(ConfigError, match=r"round1: no test predictions of fold\(s\) \[1\], which this round "
+                                          r"trains; `mt resume --run .*` trains them"):
+        pseudo_label(run, precision=0.0)
+    assert RunDir(run).rounds() == [0, 1]
+    resume_run(run)
+    assert pseudo_label(run, precision=0.0)[0]["round"] == 2
+
+
 def test_a_staging_folder_left_by_a_killed_command_is_cleared_by_the_next_try(tmp_path):
     import socket
 
@@ -214,9 +254,15 @@ def test_folds_trained_under_other_settings_than_config_yaml_are_refused(run, tm
                  lambda: predict_images(run, tmp_path, tmp_path / "p.csv"), lambda: export_run(run, tmp_path / "m.onnx")):
         with pytest.raises(ValueError, match=r"fold\(s\) 0, 1 were trained under other settings than .*config.yaml"):
             read()
-    assert not (tmp_path / "sub.csv").exists()
+    from multitask.kfold import resume_run
+
+    mtime = (r.round_dir(0) / "summary.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"fold0: trained under other settings than .*config.yaml holds now"):
+        resume_run(run)  # it would rebuild the round's results as if the edit were what trained it
+    assert not (tmp_path / "sub.csv").exists() and (r.round_dir(0) / "summary.json").stat().st_mtime_ns == mtime
     r.config.write_text(text)
     make_submission(run, tmp_path / "sub.csv")
+    resume_run(run)
 
 
 def test_a_setting_added_to_mt_after_a_run_was_made_does_not_orphan_its_folds(demo_root):
@@ -438,7 +484,7 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     csv = pd.read_csv(StringIO(result.output))
     assert len(csv) == 2 and csv["held_out_f1"].between(0, 1).all() and csv["held_out_f1"].is_monotonic_decreasing
     result = runner.invoke(app, ["runs", str(tmp_path / "runs")], env={"COLUMNS": "250"})
-    assert result.exit_code == 0 and "2 finished run(s), best first" in result.output
+    assert result.exit_code == 0 and "2 run(s), best first" in result.output
     result = runner.invoke(app, ["runs", str(tmp_path / "runs" / "not_a_run")])
     assert result.exit_code == 2 and "no finished run" in result.output
 

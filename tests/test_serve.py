@@ -121,9 +121,19 @@ def test_an_export_that_differs_from_torch_writes_nothing(runs, tmp_path, monkey
 
 
 def test_int8_export_loads_predicts_and_reports_its_agreement(runs, demo_root, tmp_path):
+    from multitask.context import reopen_context
+    from multitask.export import sample_rows
+
     check = export_run(runs["shared"], tmp_path / "m8.onnx", int8=True)
-    assert 0 <= check["int8_agreement"] <= 1 and check["calibration_images"] > 0
-    assert check["int8_mb"] < check["fp32_mb"]
+    assert check["calibration_images"] > 0 and check["int8_mb"] < check["fp32_mb"]
+    # the agreement it reports is that of the int8 file with the fp32 one on the checked training images
+    export_run(runs["shared"], tmp_path / "m32.onnx")
+    paths = reopen_context(runs["shared"], with_images=False).table.train["path"].tolist()
+    checked = [paths[i] for i in sample_rows(len(paths), check["images"], seed=0)]
+    int8, fp32 = serve.ServedModel(tmp_path / "m8.onnx"), serve.ServedModel(tmp_path / "m32.onnx")
+    q, f = int8.probs(int8.decode(checked)[0])["final"], fp32.probs(fp32.decode(checked)[0])["final"]
+    assert check["int8_agreement"] == pytest.approx(float((q.argmax(1) == f.argmax(1)).mean()))
+    assert check["int8_max_abs_diff"] == pytest.approx(float(np.abs(q - f).max()), abs=1e-6)
     served = serve.ServedModel(tmp_path / "m8.onnx")
     assert served.meta["check"]["int8"] is True
     ops = {n.op_type for n in __import__("onnx").load(str(tmp_path / "m8.onnx")).graph.node}

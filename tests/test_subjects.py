@@ -134,6 +134,25 @@ def test_the_weight_is_fitted_for_helpful_anchors_and_refused_for_misleading_one
     assert fit_decision(TASK, heads, probs, factors, {}, cfg).subjects == 0
 
 
+def test_a_rounds_decision_matches_each_oof_picture_within_its_own_fold(tmp_path):
+    """Each OOF picture was predicted by its fold's model, as the test pictures by the vote: they are
+    matched within their fold. Here every bare picture sits in fold 1 and the covered ones in fold 0:
+    matched across folds they would find their anchors and gain; within their fold they find none."""
+    from multitask.decide import decide_round, load_decision, predict_classes, scores_of
+
+    heads = TASK.heads("kind,trait,num")
+    cfg = tiny_config(None, "numeric={}", "decide.subjects.anchor=kind=bare", "decide.subjects.factors=[trait,num]")
+    probs, factors, look, _ = subject_case(seed=1)
+    folds = (factors[:, 0] == 1).astype(int)
+    report = decide_round(tmp_path, TASK, heads, probs, factors, {}, folds, cfg, look)
+    d = load_decision(tmp_path)
+    within = scores_of(TASK, predict_classes(TASK, heads, probs, cfg, d, Pictures(look, folds))[1], factors)
+    assert report["in_sample"] == pytest.approx(within)
+    across = fit_decision(TASK, heads, probs, factors, {}, cfg, Pictures(look))
+    crossed = scores_of(TASK, predict_classes(TASK, heads, probs, cfg, across, Pictures(look))[1], factors)
+    assert crossed["f1"] > report["in_sample"]["f1"] + 0.05  # the case tells the two apart
+
+
 def test_the_competition_reads_subjects_by_default_and_a_table_task_does_not():
     assert Config().decide.subjects.anchor == "mask=not_worn"
     assert Config(decide={"subjects": None}).decide.subjects is None

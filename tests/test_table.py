@@ -178,6 +178,13 @@ def test_a_test_image_that_is_also_a_training_image_is_refused(table_root, tmp_p
     with pytest.raises(DataError, match=r"leaky_test.csv: 1 problem\(s\)[\s\S]*line 3: .* is also a training "
                                         r"image \(.*train.csv line 5\)"):
         read_table(cfg.task, task_of(cfg))
+    # listed with the training table's own problems, all at once (line 10 of bad.csv is train.csv's)
+    cfg.task.table = str(write_bad_table(table_root))
+    test.loc[1, "path"] = train.loc[8, "path"]
+    test.to_csv(table_root / "leaky_test.csv", index=False)
+    with pytest.raises(DataError, match=r"bad.csv: 4 problem\(s\)[\s\S]*leaky_test.csv: 1 problem\(s\)[\s\S]*"
+                                        r"line 3: .* is also a training image \(.*bad.csv line 10\)"):
+        read_table(cfg.task, task_of(cfg))
 
 
 def test_one_file_named_two_ways_is_a_duplicate_row(table_root, tmp_path):

@@ -12,7 +12,7 @@ from multitask.engine import TopEpochs
 from multitask.kfold import train_run
 from multitask.labels import mask_task
 from multitask.model import build_model
-from multitask.predict import HARD_TIE_BREAK, vote
+from multitask.inference import HARD_TIE_BREAK, vote
 from multitask.run import RunDir, load_npz, read_json
 
 

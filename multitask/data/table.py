@@ -36,6 +36,11 @@ class ImageTable:
     # training items left out by `data.skip_bad`, and why
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
 
+    def test_ids(self) -> np.ndarray:
+        """The test images' ids as strings, in the test list's order: what every file of test
+        predictions records, and is checked against."""
+        return self.test["image_id"].to_numpy().astype(str)
+
     def skip(self, rows, reasons: list[str]) -> None:
         """Leave out train rows (positions in `train`), recording why."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -183,9 +188,16 @@ def read_table(cfg: TableTaskCfg, task: Task, skip_bad: bool = False) -> ImageTa
         if fc.per_group:
             problems += group_disagreements(out, fc.name)
     reasons, unplaced = problems_by_row(problems, where, out["group"].tolist())
+    try:  # the test table's problems are listed with the training table's, not found on the next try
+        test, test_error = read_test_table(cfg, images, out), None
+    except DataError as e:
+        test, test_error = None, e
     if problems and (not skip_bad or unplaced):
-        raise problems_error(table, problems)
-    result = ImageTable(out, read_test_table(cfg, images, out))
+        error = problems_error(table, problems)
+        raise DataError(f"{error}\n{test_error}") if test_error else error
+    if test_error:
+        raise test_error
+    result = ImageTable(out, test)
     if problems:
         rows = [i for i, r in enumerate(reasons) if r]
         result.skip(rows, [reasons[i] for i in rows])
