@@ -28,9 +28,11 @@ class CheckpointError(ValueError):
 def check_model(cfg: ModelCfg, heads: list[Head] | None = None) -> ModelCfg:
     """What can be known about the model before a run directory is touched: the backbone is a timm
     architecture (a typo gets the closest names) and a local checkpoint file exists (the very file,
-    where the settings pin one). With `heads`, a checkpoint is also loaded into the model once, so a
-    file that does not fit it is refused before `mt train` writes or `--force` removes anything.
-    Returns the settings with the checkpoint's digest pinned."""
+    where the settings pin one). With `heads`, the weights (a checkpoint, or the hub's) are also
+    loaded into the model once, so a file that does not fit it, or hub weights that cannot be
+    fetched, are refused before `mt train` writes or `--force` removes anything (timm keeps fetched
+    weights in its cache, where the folds find them). Returns the settings with the checkpoint's
+    digest pinned."""
     if not timm.is_model(cfg.backbone):
         close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=3, cutoff=0.6)
         raise ConfigError(f"model.backbone {cfg.backbone!r} is not a timm model"
@@ -38,11 +40,17 @@ def check_model(cfg: ModelCfg, heads: list[Head] | None = None) -> ModelCfg:
     if cfg.freeze_backbone and not (cfg.checkpoint or cfg.pretrained):
         raise ConfigError("model.freeze_backbone: the backbone has no weights to keep (neither model.checkpoint "
                           "nor model.pretrained), and its random features would never train")
-    if not cfg.checkpoint:
-        return cfg
-    cfg = pin_checkpoint(cfg)
-    if heads is not None:
+    if cfg.checkpoint:
+        cfg = pin_checkpoint(cfg)
+    if heads is not None and cfg.checkpoint:
         MultiHeadNet(cfg, heads)  # the backbones each head gets, loaded as the first fold will load them
+    elif heads is not None and cfg.pretrained:
+        try:
+            timm.create_model(cfg.backbone, pretrained=True, num_classes=0)
+        except Exception as e:  # no network, no weights for this architecture: whatever the hub raised
+            raise CheckpointError(f"model.pretrained: timm could not load {cfg.backbone}'s hub weights "
+                                  f"({type(e).__name__}: {first_lines(e)}); without network, give a local file "
+                                  f"as model.checkpoint") from None
     return cfg
 
 

@@ -37,8 +37,7 @@ def confusion_figure(task, truth: np.ndarray, classes: np.ndarray, title: str):
 
     pred = task.decode(classes)
     panels = [(f.name, f.classes, truth[:, i], pred[:, i]) for i, f in enumerate(task.factors)]
-    names = [" / ".join(map(str, n)) for n in task.class_names(np.arange(task.n_classes))]
-    panels.append(("final class", names, task.encode(truth), classes))
+    panels.append(("final class", class_names(task), task.encode(truth), classes))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * (len(panels) - 1) + 7, 6),
                              gridspec_kw={"width_ratios": [1] * (len(panels) - 1) + [2.2]})
     for ax, (name, labels, t, p) in zip(np.atleast_1d(axes), panels):
@@ -85,6 +84,11 @@ def thumbnail(path: str, size: int = 96) -> str:
         return ""
 
 
+def class_names(task) -> list[str]:
+    """Each final class as its factors' classes, e.g. `wear / male / <30`."""
+    return [" / ".join(map(str, n)) for n in task.class_names(np.arange(task.n_classes))]
+
+
 def write_report(run_dir) -> Path:
     """RUN/report.html: scores per round, curves, confusion matrices, per-class figures, the most
     confident OOF mistakes with their pictures, pseudo-label statistics, and the resolved config;
@@ -97,91 +101,107 @@ def write_report(run_dir) -> Path:
     ctx = reopen_context(run_dir, with_images=False)
     run, task, heads, cfg = ctx.run, ctx.task, ctx.heads, ctx.cfg
     r, why = run.shown_round(cfg.train.folds)
-    rounds = run.rounds()
-    summaries = {q: read_json(run.round_dir(q) / "summary.json") for q in rounds}
+    summaries = {q: read_json(run.round_dir(q) / "summary.json") for q in run.rounds()}
     oof = load_npz(run.round_dir(r) / "oof.npz")
     combined, classes = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(r)),
                                         stored_pictures(oof))
     truth = oof["factors"]
-    y = task.encode(truth)
-    names = [" / ".join(map(str, n)) for n in task.class_names(np.arange(task.n_classes))]
-
+    paths = ctx.table.train["path"].to_numpy()[oof["rows"]]
     parts = [f"<h1>{html.escape(run.root.name)}</h1><p>task <b>{html.escape(task.name)}</b>, heads "
              f"<b>{html.escape(','.join(h.name for h in heads))}</b>, backbone <b>{html.escape(cfg.model.backbone)}</b>, "
              f"{cfg.data.img_size[0]}×{cfg.data.img_size[1]} px, {cfg.train.folds} folds × {cfg.train.epochs} epochs. "
-             f"The figures below are of {html.escape(why)}.</p>"]
+             f"The figures below are of {html.escape(why)}.</p>",
+             scores_section(summaries, cfg.train.folds),
+             curves_section(run),
+             '<h2 id="confusion">Confusion matrices (OOF)</h2>'
+             + img(png(confusion_figure(task, truth, classes, f"OOF, round {r}, under the run's decision")), "confusion"),
+             per_class_section(task, truth, classes),
+             mistakes_section(task, truth, combined, classes, paths),
+             pseudo_section(run, task, cfg.train.folds),
+             f'<h2 id="config">Resolved config</h2><pre>{html.escape(run.config.read_text())}</pre>']
+    out = run.report
+    atomic_write_text(out, PAGE.format(title=html.escape(f"mt report: {run.root.name}"), body="\n".join(parts)))
+    return out
 
-    keys = [k for k in summaries[rounds[0]]["oof"] if k.startswith("f1")]
+
+def scores_section(summaries: dict[int, dict], n_folds: int) -> str:
+    """Each round's OOF macro F1s, and under its fitted decision in-sample and fold-honest."""
+    keys = [k for k in summaries[min(summaries)]["oof"] if k.startswith("f1")]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join(f"<tr><td>{q}</td><td>{len(s['folds_done'])}/{cfg.train.folds}</td>"
+    body = "".join(f"<tr><td>{q}</td><td>{len(s['folds_done'])}/{n_folds}</td>"
                    + "".join(f"<td>{s['oof'].get(k, float('nan')):.4f}</td>" for k in keys) + "</tr>"
                    for q, s in summaries.items())
     decided = "".join(f"<tr><td>{q}</td><td>{s['decision']['in_sample']['f1']:.4f}</td>"
                       f"<td>{s['decision']['honest']['f1']:.4f}</td></tr>" for q, s in summaries.items() if "decision" in s)
-    parts.append(f'<h2 id="scores">OOF macro F1 per round</h2><table><tr><th>round</th><th>folds</th>{head}</tr>{body}</table>'
-                 "<p>f1_&lt;head&gt;: the head's own argmax; f1_&lt;factor&gt;_combined: the factor read off the final class; "
-                 "f1: the final class, the competition's metric.</p>"
-                 # the confusion and per-class figures below are under the decision: their F1 is this
-                 # table's in-sample one, not the argmax above
-                 + (f"<p>Under the round's fitted decision (what submit applies, and what the figures below show):</p>"
-                    f"<table><tr><th>round</th><th>f1, in-sample (fitted on these OOF: optimistic)</th>"
-                    f"<th>f1, fold-honest (each fold decided by a fit on the others)</th></tr>{decided}</table>"
-                    if decided else ""))
+    return (f'<h2 id="scores">OOF macro F1 per round</h2><table><tr><th>round</th><th>folds</th>{head}</tr>{body}</table>'
+            "<p>f1_&lt;head&gt;: the head's own argmax; f1_&lt;factor&gt;_combined: the factor read off the final class; "
+            "f1: the final class, the competition's metric.</p>"
+            # the confusion and per-class figures below are under the decision: their F1 is this
+            # table's in-sample one, not the argmax above
+            + (f"<p>Under the round's fitted decision (what submit applies, and what the figures below show):</p>"
+               f"<table><tr><th>round</th><th>f1, in-sample (fitted on these OOF: optimistic)</th>"
+               f"<th>f1, fold-honest (each fold decided by a fit on the others)</th></tr>{decided}</table>"
+               if decided else ""))
 
-    parts.append('<h2 id="curves">Training curves</h2>')
-    for q in rounds:
+
+def curves_section(run) -> str:
+    parts = ['<h2 id="curves">Training curves</h2>']
+    for q in run.rounds():
         curves = run.round_dir(q) / "curves.png"
         if curves.exists():
             parts.append(f"<h3>round {q}</h3>" + img(curves.read_bytes(), f"training curves of round {q}"))
+    return "\n".join(parts)
 
-    parts.append('<h2 id="confusion">Confusion matrices (OOF)</h2>'
-                 + img(png(confusion_figure(task, truth, classes, f"OOF, round {r}, under the run's decision")), "confusion"))
 
-    rows = per_class_rows(y, classes, names)
-    parts.append('<h2 id="per-class">Per class (OOF)</h2><table><tr><th>class</th><th>support</th><th>precision</th>'
-                 "<th>recall</th><th>F1</th></tr>"
-                 + "".join(f"<tr><td>{html.escape(n)}</td><td>{s}</td><td>{pr:.3f}</td><td>{rc:.3f}</td><td>{f:.3f}</td></tr>"
-                           for n, s, pr, rc, f in rows) + "</table>")
+def per_class_section(task, truth: np.ndarray, classes: np.ndarray) -> str:
+    rows = per_class_rows(task.encode(truth), classes, class_names(task))
+    return ('<h2 id="per-class">Per class (OOF)</h2><table><tr><th>class</th><th>support</th><th>precision</th>'
+            "<th>recall</th><th>F1</th></tr>"
+            + "".join(f"<tr><td>{html.escape(n)}</td><td>{s}</td><td>{pr:.3f}</td><td>{rc:.3f}</td><td>{f:.3f}</td></tr>"
+                      for n, s, pr, rc, f in rows) + "</table>")
 
+
+def mistakes_section(task, truth: np.ndarray, combined: np.ndarray, classes: np.ndarray, paths: np.ndarray) -> str:
+    """The OOF pictures the decision got wrong with the most confidence, as thumbnails."""
+    y, names = task.encode(truth), class_names(task)
     wrong = np.flatnonzero(classes != y)
     conf = combined[np.arange(len(classes)), classes]
     worst = wrong[np.argsort(-conf[wrong])][:GALLERY]
-    paths = ctx.table.train["path"].to_numpy()[oof["rows"]]
     cards = "".join(f'<figure><img src="{thumbnail(paths[i])}" alt="{html.escape(str(paths[i]))}">'
                     f"<figcaption>true {html.escape(names[y[i]])}<br>predicted <b>{html.escape(names[classes[i]])}</b> "
                     f"({conf[i]:.2f})<br><small>{html.escape(Path(paths[i]).name)}</small></figcaption></figure>"
                     for i in worst)
-    parts.append(f'<h2 id="mistakes">The most confident OOF mistakes</h2><div class="gallery">{cards or "none"}</div>')
+    return f'<h2 id="mistakes">The most confident OOF mistakes</h2><div class="gallery">{cards or "none"}</div>'
 
-    pseudo = []
-    for q in rounds:
+
+def pseudo_section(run, task, n_folds: int) -> str:
+    """Per pseudo-label round and factor: what was selected, at which threshold, with what OOF precision."""
+    from multitask.run import read_json
+
+    rows = []
+    for q in run.rounds():
         table_path, promise_path = run.round_dir(q) / "pseudo.csv", run.round_dir(q) / "pseudo.json"
         if (run.round_dir(q) / SOFT_FILE).exists():
-            pseudo.append(f"<tr><td>{q}</td><td>every factor</td><td>soft: every test image, with its fold's "
-                          f"previous probabilities</td><td>—</td><td>—</td></tr>")
+            rows.append(f"<tr><td>{q}</td><td>every factor</td><td>soft: every test image, with its fold's "
+                        f"previous probabilities</td><td>—</td><td>—</td></tr>")
             continue
         if not table_path.exists():
             continue
         chosen = pd.read_csv(table_path)
         promise = read_json(promise_path)["factors"] if promise_path.exists() else {}
-        folds = cfg.train.folds  # every fold, those that selected nothing among them
-        for i, f in enumerate(task.factors):
+        for f in task.factors:
             counts = chosen[f.name][chosen[f.name] >= 0].value_counts()
-            per_class = ", ".join(f"{f.classes[int(c)]} {n / folds:.0f}" for c, n in sorted(counts.items()))
+            # per fold: every fold, those that selected nothing among them
+            per_class = ", ".join(f"{f.classes[int(c)]} {n / n_folds:.0f}" for c, n in sorted(counts.items()))
             p = promise.get(f.name, {})
             prec = f"{p['precision']:.3f}" if p.get("precision") is not None else "—"
             thr = f"{p['threshold']:.3f}" if p.get("threshold") is not None else "none reaches it"
-            pseudo.append(f"<tr><td>{q}</td><td>{html.escape(f.name)}</td><td>{html.escape(per_class) or '—'}</td>"
-                          f"<td>{thr}</td><td>{prec}</td></tr>")
-    parts.append('<h2 id="pseudo">Pseudo labels</h2>' + (
+            rows.append(f"<tr><td>{q}</td><td>{html.escape(f.name)}</td><td>{html.escape(per_class) or '—'}</td>"
+                        f"<td>{thr}</td><td>{prec}</td></tr>")
+    return '<h2 id="pseudo">Pseudo labels</h2>' + (
         "<table><tr><th>round</th><th>factor</th><th>selected per class (per fold)</th><th>threshold</th>"
-        "<th>precision on OOF at that threshold</th></tr>" + "".join(pseudo) + "</table>" if pseudo else
-        "<p>No pseudo-label round (<code>mt pseudo-label</code> adds one).</p>"))
-
-    parts.append(f'<h2 id="config">Resolved config</h2><pre>{html.escape(run.config.read_text())}</pre>')
-    out = run.report
-    atomic_write_text(out, PAGE.format(title=html.escape(f"mt report: {run.root.name}"), body="\n".join(parts)))
-    return out
+        "<th>precision on OOF at that threshold</th></tr>" + "".join(rows) + "</table>" if rows else
+        "<p>No pseudo-label round (<code>mt pseudo-label</code> adds one).</p>")
 
 
 def img(data: bytes, alt: str) -> str:

@@ -150,6 +150,26 @@ def test_a_checkpoint_that_holds_other_weights_is_refused(tmp_path):
                     mask_task().heads("class"))
 
 
+def test_hub_weights_that_cannot_be_fetched_are_refused_up_front(monkeypatch):
+    """`model.pretrained: true` without network used to fail at the first fold, after the run
+    directory was written; check_model fetches them once first."""
+    from multitask.model import check_model
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    cfg = ModelCfg(backbone="test_efficientnet", pretrained=True)
+    with pytest.raises(CheckpointError, match=r"model.pretrained: timm could not load test_efficientnet's hub "
+                                              r"weights \(OSError: We couldn't connect"):
+        check_model(cfg, mask_task().heads("class"))
+    assert check_model(cfg) == cfg  # without heads: the settings alone, nothing fetched
+
+
 def test_the_backbone_can_learn_at_a_fraction_of_the_heads_lr():
     from multitask.model import param_groups
 

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from multitask.config import ConfigError, MixCfg, TorchAugCfg
-from multitask.losses import as_soft
 
 
 def build_albumentations(specs: list[dict], where: str = "aug.train"):
@@ -142,7 +141,8 @@ class BatchMixer:
             x = lam * x + (1 - lam) * x[perm]
         mixed = {}
         for name, t in targets.items():
-            if name in self.head_sizes:
-                t = as_soft(t.clamp(min=0), self.head_sizes[name]) * (t >= 0)[:, None] if t.ndim == 1 else t
+            if name in self.head_sizes and t.ndim == 1:
+                # an unknown label (-1, a partial pseudo label) brings no class's share
+                t = F.one_hot(t.long().clamp(min=0), self.head_sizes[name]).float() * (t >= 0)[:, None]
             mixed[name] = lam * t + (1 - lam) * t[perm]
         return x, mixed
