@@ -104,23 +104,14 @@ def train(
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help="a budget for the whole command, e.g. 20m or 2h, reading and decoding the images included: the epochs are fitted to what is left of it from two measured epochs (never more than configured)"),
 ):
     """Train every fold (round 0); write checkpoints, OOF and test probabilities into the run directory."""
-    from multitask.config import load_config
+    from multitask.config import load_config, train_overrides
     from multitask.kfold import train_run
 
-    overrides = []
-    for key, value in (("heads", heads), ("model.sharing", sharing), ("train.folds", folds), ("train.epochs", epochs),
-                       ("train.jobs", jobs)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if fold:
-        overrides.append(f"train.fold={json.dumps(list(fold))}")
-    if skip_bad:
-        overrides.append("data.skip_bad=true")
     with progress_and_errors():
-        if time_limit:
-            from multitask.budget import parse_duration
+        from multitask.budget import parse_duration
 
-            overrides.append(f"train.time_limit_s={parse_duration(time_limit)}")
+        limit = parse_duration(time_limit) if time_limit else None
+    overrides = train_overrides(heads, sharing, folds, fold, epochs, jobs, skip_bad, limit)
     with progress_and_errors() as progress:
         cfg = load_config(config, overrides + list(set_ or []), data=data)
         join_torchrun(cfg.train.device)

@@ -6,6 +6,7 @@ typo in a competition config silently training the wrong thing costs a day.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -387,6 +388,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 # of the default, instead of making a mapping with that key alone (`--set numeric.age.soft_edge=3`
 # keeps numeric."*"), where the config file does not set the mapping itself.
 DEFAULT_MAPPINGS = ("numeric",)
+
+
+def train_overrides(heads: str | None = None, sharing: str | None = None, folds: int | None = None,
+                    fold: list[int] | None = None, epochs: int | None = None, jobs: int | None = None,
+                    skip_bad: bool = False, time_limit_s: float | None = None) -> list[str]:
+    """`mt train`'s options as dotted overrides (each given one; `--set` comes after them and wins)."""
+    given = {"heads": heads, "model.sharing": sharing, "train.folds": folds, "train.epochs": epochs,
+             "train.jobs": jobs, "train.time_limit_s": time_limit_s}
+    out = [f"{key}={value}" for key, value in given.items() if value is not None]
+    if fold:
+        out.append(f"train.fold={json.dumps(list(fold))}")
+    if skip_bad:
+        out.append("data.skip_bad=true")
+    return out
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

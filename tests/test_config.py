@@ -37,6 +37,18 @@ def test_a_table_given_without_its_task_says_what_it_needs(tmp_path):
         load_config("demo", data=table)
 
 
+def test_train_options_are_overrides_that_set_comes_after():
+    from multitask.config import train_overrides
+
+    options = train_overrides(heads="mask,gender_age", sharing="separate", folds=3, fold=[0, 2], epochs=4, jobs=2,
+                              skip_bad=True, time_limit_s=90.0)
+    cfg = load_config(None, options)
+    assert (cfg.heads, cfg.model.sharing, cfg.train.folds, cfg.train.fold, cfg.train.epochs, cfg.train.jobs,
+            cfg.data.skip_bad, cfg.train.time_limit_s) == ("mask,gender_age", "separate", 3, [0, 2], 4, 2, True, 90.0)
+    assert train_overrides() == []  # an option not given leaves the config's value
+    assert load_config(None, train_overrides(epochs=4) + ["train.epochs=6"]).train.epochs == 6
+
+
 def test_yaml_file_then_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  epochs: 3\n  lr: 0.01\nlosses:\n  age: {name: focal, gamma: 1.5}\n")
