@@ -328,16 +328,14 @@ def check_finished_folds(ctx: Context, r: int) -> None:
     """The folds of round r already finished still predict the images the task's tables list, and
     were trained under the settings config.yaml holds: an edited table or config.yaml stops `mt
     resume` here, before the unfinished folds train on it (or a finished round is rebuilt)."""
-    settings = run_settings_hash(ctx.run, ctx.cfg)
+    trained = {}
     for k in range(ctx.cfg.train.folds):
         if fold_finished(ctx, r, k):
             fold_dir = ctx.run.fold_dir(r, k)
             oof = load_npz(fold_dir / "oof.npz")
             check_identities(ctx, r, k, oof, load_npz(fold_dir / "test.npz") if ctx.table.test is not None else None)
-            if "settings" in oof and as_id(oof["settings"]) != settings:  # runs made before the hash have none
-                raise RunError(f"{fold_dir}: trained under other settings than {ctx.run.config} holds now (was it "
-                               f"edited?); a run's settings cannot change: put them back, or start a run with these "
-                               f"settings (`mt train --out NEW`)")
+            trained[k] = oof.get("settings")
+    ctx.run.check_fold_settings(r, trained, run_settings_hash(ctx.run, ctx.cfg))
 
 
 def check_round_labels(ctx: Context, r: int) -> None:

@@ -46,7 +46,7 @@ def check_model(cfg: ModelCfg, heads: list[Head] | None = None) -> ModelCfg:
         MultiHeadNet(cfg, heads)  # the backbones each head gets, loaded as the first fold will load them
     elif heads is not None and cfg.pretrained:
         try:
-            timm.create_model(cfg.backbone, pretrained=True, num_classes=0)
+            create_backbones(cfg)  # one is enough: the folds' others come from timm's cache
         except Exception as e:  # no network, no weights for this architecture: whatever the hub raised
             raise CheckpointError(f"model.pretrained: timm could not load {cfg.backbone}'s hub weights "
                                   f"({type(e).__name__}: {first_lines(e)}); without network, give a local file "

@@ -340,12 +340,16 @@ class RunDir:
             raise RunError(f"{self.round_dir(r)}: the round's results were built from other outputs of fold(s) "
                            f"{', '.join(changed)} than the run holds now; `mt resume --run {self.root}` rebuilds them")
         if settings is not None:
-            trained = {k: as_id(s["settings"]) for k, s in stamps.items()}
-            other = [str(k) for k, h in trained.items() if h is not None and h != settings]  # None: made before hashes
-            if other:
-                raise RunError(f"{self.round_dir(r)}: fold(s) {', '.join(other)} were trained under other settings than "
-                               f"{self.config} holds now (was it edited?); a run's settings cannot change: put them "
-                               f"back, or start a run with these settings (`mt train --out NEW`)")
+            self.check_fold_settings(r, {k: s["settings"] for k, s in stamps.items()}, settings)
+
+    def check_fold_settings(self, r: int, trained: dict, settings: str) -> None:
+        """Folds of round r were trained under `settings` (context.settings_hash of what config.yaml
+        holds now); `trained`: each fold's recorded hash (None: made before hashes)."""
+        other = [str(k) for k, h in trained.items() if h is not None and as_id(h) != settings]
+        if other:
+            raise RunError(f"{self.round_dir(r)}: fold(s) {', '.join(other)} were trained under other settings than "
+                           f"{self.config} holds now (was it edited?); a run's settings cannot change: put them "
+                           f"back, or start a run with these settings (`mt train --out NEW`)")
 
     def choose_round(self, n_folds: int, r: int | None = None, can_pick: bool = True) -> tuple[int, str]:
         """Round r, or by default the complete round (every fold done) with the best OOF macro F1

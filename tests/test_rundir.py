@@ -257,7 +257,7 @@ def test_folds_trained_under_other_settings_than_config_yaml_are_refused(run, tm
     from multitask.kfold import resume_run
 
     mtime = (r.round_dir(0) / "summary.json").stat().st_mtime_ns
-    with pytest.raises(ValueError, match=r"fold0: trained under other settings than .*config.yaml holds now"):
+    with pytest.raises(ValueError, match=r"fold\(s\) 0, 1 were trained under other settings than .*config.yaml holds now"):
         resume_run(run)  # it would rebuild the round's results as if the edit were what trained it
     assert not (tmp_path / "sub.csv").exists() and (r.round_dir(0) / "summary.json").stat().st_mtime_ns == mtime
     r.config.write_text(text)
