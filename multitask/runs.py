@@ -128,6 +128,9 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
     cfg = load_config(run.config)
     r, _ = run.shown_round(cfg.train.folds)  # a partial round's "folds" column says so
     summary = read_json(run.round_dir(r) / "summary.json")
+    # an ensemble's fitted weights saw every OOF row its plain figure scores: its fold-honest figure
+    # (weights refitted without each fold) is the one that ranks fairly beside trained runs
+    oof = summary.get("oof_weights_honest") or summary["oof"]
     task = cfg.task.table if isinstance(cfg.task, TableTaskCfg) else cfg.task
     name = f"{Path(task).parent.name}/{Path(task).stem}" if isinstance(cfg.task, TableTaskCfg) else task
     row = {"run": str(run.root), "task": name,
@@ -135,8 +138,8 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
            "backbone": "ensemble" if cfg.ensemble else cfg.model.backbone + ("" if cfg.model.sharing == "shared" else " x heads"),
            "img": "x".join(map(str, cfg.data.img_size)), "epochs": cfg.train.epochs,
            "folds": f"{len(summary['folds_done'])}/{cfg.train.folds}", "round": r,
-           "oof_f1": summary["oof"]["f1"]}
-    row |= factor_columns(summary["oof"], task_of(cfg))
+           "oof_f1": oof["f1"]}
+    row |= factor_columns(oof, task_of(cfg))
     if answers is not None:
         try:
             row["held_out_f1"] = held_out(run, answers)

@@ -50,6 +50,11 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
         w = fit_weights([m["oof_probs"][folds != k] for m in parts], y[folds != k], task.n_classes)
         classes[folds == k] = sum(wi * m["oof_probs"][folds == k] for wi, m in zip(w, parts)).argmax(1)
     assert summary["oof_weights_honest"] == pytest.approx(scores_of(task, classes, oof0["factors"]))
+    # mt runs ranks the ensemble by that honest figure, not by the vote scored on the rows it was fitted on
+    from multitask.runs import run_row
+
+    row = run_row(RunDir(out))
+    assert (row["oof_f1"], row["oof_mask"]) == (summary["oof_weights_honest"]["f1"], summary["oof_weights_honest"]["f1_mask"])
     oof = load_npz(RunDir(out).round_dir(0) / "oof.npz")
     assert oof["p_class"].shape == (84, 18) and np.allclose(oof["p_class"].sum(1), 1)
     sub = pd.read_csv(make_submission(out))
