@@ -17,10 +17,11 @@ import pandas as pd
 
 from multitask.config import Config, ConfigError, TableTaskCfg, dump_config, load_config
 from multitask.data.cache import ImageDecodeError, cached_images, undecodable_error
-from multitask.data.folds import assign_folds, make_folds, read_folds
+from multitask.data.folds import assign_folds, check_labels, make_folds, read_folds
 from multitask.data.layout import read_layout
 from multitask.data.table import DataError, ImageTable, read_table
 from multitask.labels import FLAT_HEAD, Factor, Head, Task, mask_task
+from multitask.lock import LOCK, describe_holder, lock_holder
 from multitask.numeric import numerics
 from multitask.run import RunDir, RunError, atomic_write_text
 from multitask.subjects import subject_spec
@@ -164,7 +165,13 @@ def differing_keys(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
 
 def clear_run(run: RunDir) -> None:
     """`--force`: remove everything `mt` wrote into a run directory (every round, the folds, the
-    config, the summaries and the submission); other files stay."""
+    config, the summaries and the submission); other files stay. Refused while a live process holds a
+    lock in it: its folds would be written on into the new run."""
+    for lock in sorted(run.root.rglob(LOCK)):
+        holder = lock_holder(lock)
+        if holder is not None:
+            raise ConfigError(f"{lock.parent} is {describe_holder(holder)}: --force would remove what it is "
+                              f"writing; stop that process first")
     for r in run.started_rounds():
         shutil.rmtree(run.round_dir(r))
     for path in (run.summary, run.submission, run.folds, run.config, run.skipped, run.teacher, run.report, run.onnx,
@@ -252,6 +259,7 @@ def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | No
                        f"wrote them): `mt resume --run {run.root}` makes them again from the same seed")
     data = cfg.data_root or (cfg.task.table if cfg.task != "mask" else "")
     folds = assign_folds(table.train, folds_table, str(run.folds), data)
+    check_labels(folds_table, table.train, task, str(run.folds))
     if images is None:
         images = load_images(cfg, table, progress) if with_images else (None, None)
     return Context(run, cfg, task, heads, table, images[0], images[1], folds)

@@ -25,6 +25,7 @@ from multitask.config import Config, ConfigError, DistillCfg, apply_overrides, v
 from multitask.context import (build_task, check_round, claim_run_dir, clear_run, load_run_config, open_context,
                                reopen_context, task_of)
 from multitask.data.cache import undecodable_error
+from multitask.data.folds import with_labels
 from multitask.decide import Decision, blend_only, load_decision, predict_classes
 from multitask.kfold import train_ids, train_round
 from multitask.labels import FLAT_HEAD
@@ -125,8 +126,9 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     if teacher.skipped.exists():  # the items the teacher left out (--skip-bad), left out again
         atomic_write_text(run.skipped, teacher.skipped.read_text())
     # fold 0 is the teacher's validation fold, fold 1 every other group: the student trains fold 0
-    folds = t_ctx.table.train[["group"]].drop_duplicates().assign(
-        fold=lambda d: (d["group"].map(dict(zip(t_ctx.table.train["group"], t_ctx.folds))) != val_fold).astype(int))
+    folds = with_labels(t_ctx.table.train[["group"]].drop_duplicates().assign(
+        fold=lambda d: (d["group"].map(dict(zip(t_ctx.table.train["group"], t_ctx.folds))) != val_fold).astype(int)),
+        t_ctx.table.train, t_ctx.task)
     atomic_write_text(run.folds, folds.to_csv(index=False))
     save_npz(run.teacher, train_ids=train_ids(t_ctx), train=probs[:len(train_paths)],
              test_ids=t_ctx.table.test_ids() if test_paths else np.array([], dtype=str),

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from multitask.config import ConfigError, EnsembleCfg, dump_config
 from multitask.context import build_task, check_ensemble_members, check_round, load_run_config
+from multitask.data.folds import read_folds
 from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes, scores_of
 from multitask.labels import FLAT_HEAD
 from multitask.metrics import macro_f1
@@ -51,7 +51,8 @@ def member_probs(run_dir: Path) -> dict:
 
 
 def check_same_split(run: Path, other: Path, why: str) -> None:
-    if not pd.read_csv(RunDir(run).folds, dtype=str).equals(pd.read_csv(RunDir(other).folds, dtype=str)):
+    split = lambda r: read_folds(RunDir(r).folds)[["group", "fold"]]  # noqa: E731 (labels digests kept or not)
+    if not split(run).equals(split(other)):
         raise ConfigError(f"{RunDir(run).folds} differs from {RunDir(other).folds}: {why}, which needs both runs to "
                           f"share one split (same data, train.folds and train.fold_seed)")
 

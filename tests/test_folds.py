@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from multitask.data.folds import FoldLeakError, assign_folds, check_no_leak, make_folds, group_level_factors
+from multitask.data.folds import (FoldLeakError, assign_folds, check_labels, check_no_leak, group_level_factors,
+                                  make_folds)
 from multitask.labels import Factor, Task, mask_task
 
 
@@ -13,8 +14,8 @@ def fake_table(n_persons=200, seed=0):
     for p in range(n_persons):
         g, a = rng.integers(2), rng.choice(3, p=[0.5, 0.35, 0.15])
         for m in [0, 0, 0, 0, 0, 1, 2]:
-            rows.append((f"p{p:04d}", m, g, a))
-    return pd.DataFrame(rows, columns=["group", "mask", "gender", "age"])
+            rows.append((f"p{p:04d}", m, g, a, 20.0 + 30 * a))
+    return pd.DataFrame(rows, columns=["group", "mask", "gender", "age", "age_value"])
 
 
 def test_group_level_factors_are_derived_from_data():
@@ -92,3 +93,19 @@ def test_strata_are_sized_in_groups_not_pictures():
                        "colour": np.repeat(persons % 8, 7), "kind": np.repeat((persons // 8) % 4, 7)})
     strata = split_strata(df, task, ["colour", "kind"], 5)
     assert len(np.unique(strata)) == 8  # colour alone, 5 persons a class; the joint has up to 2
+
+
+def test_folds_keep_each_groups_labels_and_find_them_edited():
+    df = fake_table(20)
+    folds = make_folds(df, mask_task(), 5, seed=0)
+    assert folds["labels"].str.fullmatch("[0-9a-f]{12}").all() and folds["labels"].nunique() > 1
+    check_labels(folds, df.sample(frac=1, random_state=0), mask_task(), "folds.csv")  # rows in another order
+    check_labels(folds, df[df["group"] != "p0000"], mask_task(), "folds.csv")  # a person left out
+    check_labels(folds.drop(columns="labels"), df.assign(gender=0), mask_task(), "folds.csv")  # an old folds.csv
+    edits = {"a class": df.assign(mask=np.where(df.index == 3, 1, df["mask"])),
+             "a number": df.assign(age_value=np.where(df.index == 3, 21.0, df["age_value"])),
+             "a number now unknown": df.assign(age_value=np.where(df.index == 3, np.nan, df["age_value"])),
+             "a picture more": pd.concat([df.iloc[:1], df])}
+    for edited in edits.values():
+        with pytest.raises(ValueError, match=r"folds.csv: the labels of 1 group\(s\) differ .* e\.g\. 'p0000'"):
+            check_labels(folds, edited, mask_task(), "folds.csv")

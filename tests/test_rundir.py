@@ -58,6 +58,31 @@ def test_force_leaves_the_run_as_it_was_when_the_new_settings_cannot_train(run, 
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
+def test_force_is_refused_while_a_live_process_holds_a_lock_in_the_run(run, demo_root, tmp_path):
+    """--force used to remove the folds another process was training, which then wrote on into the
+    new run (its files beside the new run's, under the new config)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}")
+    lock = RunDir(run).fold_dir(0, 1) / "lock.json"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x"}))
+        before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        with pytest.raises(ConfigError, match=rf"fold1 is being trained by {socket.gethostname()} pid {sleeper.pid}"
+                                              r".*--force would remove what it is writing"):
+            train_run(cfg, run, force=True)
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "since": "x"}))
+    assert train_run(cfg, run, force=True)["complete"]  # a dead process's lock does not stand in the way
+
+
 def test_a_checkpoint_or_process_setting_that_cannot_train_is_refused_before_force_clears(run, demo_root, tmp_path,
                                                                                           monkeypatch):
     """A checkpoint of another architecture is loaded once before anything is written (it used to be
@@ -351,6 +376,32 @@ def test_an_edited_train_table_or_reordered_test_list_is_an_error(run, demo_root
     with pytest.raises(ValueError, match=said):
         make_submission(run)
     assert not RunDir(run).submission.exists()
+
+
+def test_labels_edited_since_training_are_an_error(run, demo_root, tmp_path):
+    """The same images with one person's labels changed (a fixed typo): the folds' models learnt the
+    old labels, and resuming, submitting or pseudo-labelling against the new ones went on silently."""
+    import shutil
+
+    from multitask.kfold import resume_run
+
+    data = tmp_path / "data_copy"
+    shutil.copytree(demo_root, data)
+    RunDir(run).config.write_text(RunDir(run).config.read_text().replace(str(demo_root), str(data)))
+    csv = data / "train" / "train.csv"
+    frame = pd.read_csv(csv, dtype=str)
+    frame.loc[0, "age"] = str(int(frame.loc[0, "age"]) + 1)  # a year more: the same bin, another number
+    frame.to_csv(csv, index=False)
+    said = (rf"folds.csv: the labels of 1 group\(s\) differ from those the run was trained on, "
+            rf"e\.g\. '[^']*{frame.loc[0, 'id']}[^']*'; was the training table edited\?")
+    for command in (lambda: make_submission(run), lambda: resume_run(run), lambda: pseudo_label(run, precision=0.0)):
+        with pytest.raises(ValueError, match=said):
+            command()
+    assert not RunDir(run).submission.exists() and RunDir(run).started_rounds() == [0]
+
+    # a folds.csv written before the digests were kept has nothing to check against
+    pd.read_csv(RunDir(run).folds, dtype=str).drop(columns="labels").to_csv(RunDir(run).folds, index=False)
+    assert make_submission(run).exists()
 
 
 def test_no_room_or_no_permission_fails_before_any_work(demo_root, tmp_path, monkeypatch):

@@ -8,12 +8,14 @@ A table without groups makes every row its own group.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from multitask.data.table import factor_values, numeric_matrix
 from multitask.labels import Task, mixed_radix
 
 
@@ -42,7 +44,7 @@ def split_strata(df: pd.DataFrame, task: Task, columns: list[str], n_folds: int)
 
 
 def make_folds(df: pd.DataFrame, task: Task, n_folds: int, seed: int) -> pd.DataFrame:
-    """One row per group with its fold."""
+    """One row per group with its fold and its labels' digest (`with_labels`)."""
     n_groups = df["group"].nunique()
     if n_groups < n_folds:
         raise ValueError(f"train.folds {n_folds}: the training data holds {n_groups} groups (persons), too few "
@@ -57,11 +59,47 @@ def make_folds(df: pd.DataFrame, task: Task, n_folds: int, seed: int) -> pd.Data
             fold[val_idx] = k
     per_image = pd.DataFrame({"group": df["group"].to_numpy(), "fold": fold})
     check_no_leak(per_image)
-    return per_image.drop_duplicates("group").sort_values("group").reset_index(drop=True)
+    return with_labels(per_image.drop_duplicates("group").sort_values("group").reset_index(drop=True), df, task)
+
+
+def group_labels(df: pd.DataFrame, task: Task) -> pd.Series:
+    """A short digest of each group's labels (every factor's class and number), by group: of the
+    group's rows as a set, so that rows listed in another order (which the fold outputs' image ids
+    catch, with their own message) still digest alike."""
+    labels = np.column_stack([factor_values(df, task).astype(np.float64), numeric_matrix(df, task)])
+    labels[np.isnan(labels)] = np.nan  # one NaN bit pattern: an unknown number digests alike every time
+    codes, names = pd.factorize(df["group"])
+    order = np.lexsort([*labels.T[::-1], codes])  # by group, then by label within it
+    groups, labels = names.to_numpy()[codes[order]], labels[order]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    ends = np.r_[starts[1:], len(groups)]
+    return pd.Series({groups[a]: hashlib.sha1(labels[a:b].tobytes()).hexdigest()[:12] for a, b in zip(starts, ends)},
+                     dtype=object)
+
+
+def with_labels(folds: pd.DataFrame, df: pd.DataFrame, task: Task) -> pd.DataFrame:
+    """The per-group folds with their labels' digest, which folds.csv keeps: models trained on labels
+    since edited (a fixed typo, a relabelled person) would otherwise be read, resumed and scored
+    against the new ones without a word."""
+    return folds.assign(labels=folds["group"].map(group_labels(df, task)))
+
+
+def check_labels(folds: pd.DataFrame, df: pd.DataFrame, task: Task, where: str) -> None:
+    """The training data's labels are still those its folds were made with (folds.csv from before
+    digests were kept has none to check)."""
+    if "labels" not in folds.columns:
+        return
+    now = group_labels(df, task)
+    kept = folds.set_index("group")["labels"]
+    changed = [g for g in now.index if g in kept.index and kept[g] != now[g]]
+    if changed:
+        raise ValueError(f"{where}: the labels of {len(changed)} group(s) differ from those the run was trained on, "
+                         f"e.g. {changed[0]!r}; was the training table edited? Train into a new --out (or "
+                         f"`mt train --force` to start this run over)")
 
 
 def read_folds(path) -> pd.DataFrame:
-    folds = pd.read_csv(path, dtype={"group": str, "person": str}, keep_default_na=False)
+    folds = pd.read_csv(path, dtype={"group": str, "person": str, "labels": str}, keep_default_na=False)
     folds = folds.rename(columns={"person": "group"})  # runs made before table tasks named it person
     check_no_leak(folds)
     return folds
