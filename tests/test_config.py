@@ -95,6 +95,15 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+    # PyYAML keeps the last of two equal keys: a second `train:` dropped the first's settings unsaid
+    p.write_text("train:\n  epochs: 4\n  lr: 0.01\nmodel:\n  backbone: resnet10t\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML: key 'train' is given twice(.|\n)*line 6"):
+        load_config(p)
+    p.write_text("train:\n  epochs: 4\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="key 'epochs' is given twice"):
+        load_config(p)
+    p.write_text("train:\n  epochs: 4\n  lr: 0.01\nmodel:\n  backbone: resnet10t\n")
+    assert (load_config(p).train.epochs, load_config(p).train.lr) == (4, 0.01)
 
 
 def test_a_config_file_that_cannot_be_read_names_the_file(tmp_path, monkeypatch):
