@@ -116,6 +116,7 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
     path = Path(path)
     check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_killed_beside(path)  # a killed earlier write's (`mt predict` of a large set leaves a large one)
     fd, tmp = tempfile.mkstemp(prefix=writer_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:

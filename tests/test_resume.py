@@ -341,6 +341,28 @@ def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
     assert (fold / "last.pt").read_bytes() == b"x" and not live.exists()
 
 
+def test_a_write_removes_what_a_killed_write_of_the_same_file_left(tmp_path):
+    """`mt predict` or `mt submit` killed while writing left its temp file (a large one, for a large
+    set) until a `mt resume` that might never come; the next write of the file removes it."""
+    import socket
+    import subprocess
+    import sys
+
+    from multitask.run import atomic_write_text
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    host = socket.gethostname()
+    dead = tmp_path / f".preds.csv~{host}~{proc.pid}~abc123.tmp"
+    alive = tmp_path / f".preds.csv~{host}~{os.getpid()}~def456.tmp"  # a write going on now
+    other_file = tmp_path / f".submission.csv~{host}~{proc.pid}~abc123.tmp"  # another file's: its own write sweeps it
+    for p in (dead, alive, other_file):
+        p.write_bytes(b"partial")
+    atomic_write_text(tmp_path / "preds.csv", "ImageID,ans\n")
+    assert not dead.exists() and alive.exists() and other_file.exists()
+    assert (tmp_path / "preds.csv").read_text() == "ImageID,ans\n"
+
+
 def test_the_ema_averages_the_trained_weights_without_the_first_steps_lingering():
     """timm's EMA copies step 1's weights and keeps decay**(T - 1) of them to the end; the one mt
     trains with weights step i by decay**(T - i), renormalised, as Adam corrects its moments."""
