@@ -135,17 +135,22 @@ def read_checked(cfg: Config, task: Task, progress=None) -> ImageTable:
         if cfg.data.skip_bad:
             raise
         loose = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_bad": True})})
+        test_failed = None
         try:
             table = read_data(loose, task)
             refused_by_reader = len(table.skipped)  # the decoder's findings are appended after these
             load_images(loose, table, progress)
-        except (DataError, ImageDecodeError):
+        except DataError:
             raise refused from None
+        except ImageDecodeError as e:  # the test images' (the training images' were left out, and listed)
+            test_failed = e
         undecodable = table.skipped.iloc[refused_by_reader:]
         if len(undecodable):
             refused.args = (f"{refused}\nand {len(undecodable)} image(s) of the rows it accepted cannot be decoded:\n  "
                             + "\n  ".join(f"{w}: {path}: {why}" for w, path, why in
                                            undecodable[["where", "path", "reason"]].head(50).itertuples(index=False)),)
+        if test_failed is not None:
+            refused.args = (f"{refused}\nand {test_failed}",)
         raise refused from None
 
 
@@ -226,14 +231,30 @@ def load_images(cfg: Config, table: ImageTable, progress=None) -> tuple[np.ndarr
                 progress.remove_task(tid)
         return arr
 
+    failed = {}  # the training images' and the test images' problems, in one error
+    train = test = None
     try:
         train = images(table.train, "train")
     except ImageDecodeError as e:
-        if not (cfg.data.skip_bad and e.bad):
+        if not e.bad:
             raise
-        table.skip([i for i, _ in e.bad], [f"cannot be decoded ({why})" for _, why in e.bad])
-        train = images(table.train, "train")
-    return train, images(table.test, "test") if table.test is not None else None
+        if not cfg.data.skip_bad:
+            failed["training images"] = e
+        else:
+            table.skip([i for i, _ in e.bad], [f"cannot be decoded ({why})" for _, why in e.bad])
+            train = images(table.train, "train")
+    if table.test is not None:
+        try:
+            test = images(table.test, "test")
+        except ImageDecodeError as e:
+            if not e.bad:
+                raise
+            failed["test images"] = e
+    if len(failed) == 1:
+        raise next(iter(failed.values()))
+    if failed:
+        raise ImageDecodeError("\n".join(f"{what}: {e}" for what, e in failed.items()))
+    return train, test
 
 
 def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | None = None,

@@ -112,10 +112,13 @@ def test_without_skip_bad_every_problem_is_in_one_error(broken_root, tmp_path):
     """The reader's problems and the undecodable files of the rows it accepted, in one error, before
     anything is written: one pass finds everything to fix."""
     root, folders = broken_root
+    broken_test = sorted((root / "eval" / "images").iterdir())[0]
+    broken_test.write_bytes(b"")
     with pytest.raises(LayoutError) as info:
         train_run(tiny_config(root, f"data.cache_dir={tmp_path / 'cache'}"), tmp_path / "run")
     message = str(info.value)
     assert "gender 'robot'" in message
     assert "2 image(s) of the rows it accepted cannot be decoded" in message
     assert f"{folders[1]}/normal.jpg" in message and f"{folders[2]}/mask1.jpg" in message
+    assert "\nand 1 image(s) cannot be decoded:\n" in message and broken_test.name in message  # the test image's too
     assert not (tmp_path / "run").exists()

@@ -205,7 +205,7 @@ def test_one_file_named_two_ways_is_a_duplicate_row(table_root, tmp_path):
 
 def test_undecodable_images_are_refused_by_table_line_before_the_run_is_written(table_root, tmp_path):
     data = tmp_path / "data"
-    make_table_dataset(data, n_train_groups=6, n_test_groups=0, per_group=2, image_size=(32, 32))
+    make_table_dataset(data, n_train_groups=6, n_test_groups=2, per_group=2, image_size=(32, 32))
     rows = pd.read_csv(data / "train.csv")
     (data / rows.loc[1, "path"]).write_bytes(b"")                      # zero bytes
     (data / rows.loc[4, "path"]).write_text("this png is really text")  # not an image
@@ -214,6 +214,15 @@ def test_undecodable_images_are_refused_by_table_line_before_the_run_is_written(
         train_run(cfg, tmp_path / "run")
     msg = str(e.value)
     assert "2 image(s) cannot be decoded" in msg and "train.csv line 3" in msg and "train.csv line 6" in msg
+    assert not (tmp_path / "run").exists()
+    # a test image that cannot be decoded either: listed with them, not only on the next try
+    test = pd.read_csv(data / "test.csv")
+    (data / test.loc[2, "path"]).write_bytes(b"")
+    with pytest.raises(ImageDecodeError) as e:
+        train_run(table_config(data, COLOUR), tmp_path / "run")
+    msg = str(e.value)
+    assert msg.startswith("training images: 2 image(s) cannot be decoded") and "train.csv line 6" in msg, msg
+    assert f"\ntest images: 1 image(s) cannot be decoded:\n  {data / test.loc[2, 'path']}: " in msg, msg
     assert not (tmp_path / "run").exists()
 
 
