@@ -109,6 +109,25 @@ def test_a_bad_table_lists_every_problem_at_once(table_root):
         assert expected in msg, expected
 
 
+def test_images_behind_a_link_out_of_the_root_are_refused_with_the_way_round(table_root, tmp_path):
+    """A table beside a linked images folder (read-only input data, linked in): each row leads out of
+    the table's folder through the link. Refused (a test image linked to a training one would leak),
+    with the link named and the way round, which works."""
+    import shutil
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(table_root / "train.csv", folder / "train.csv")
+    (folder / "images").symlink_to(table_root / "images")
+    cfg = table_config(folder, SIZE, SHAPE, COLOUR, test=False)
+    with pytest.raises(DataError) as e:
+        read_table(cfg.task, task_of(cfg))
+    assert (f"line 2: path {pd.read_csv(folder / 'train.csv')['path'][0]!r} leads out of {folder} through the link "
+            f"{folder / 'images'} (to {table_root / 'images'}); make the root the folder the files are in") in str(e.value)
+    cfg = table_config(folder, SIZE, SHAPE, COLOUR, test=False, images=str(table_root))
+    assert len(read_table(cfg.task, task_of(cfg)).train) == len(pd.read_csv(folder / "train.csv"))
+
+
 @pytest.mark.parametrize("content, message", [
     ("path,group,shape\n", "missing column(s) ['colour']"),
     ("path,group,colour\n", "the table has no rows"),

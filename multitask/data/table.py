@@ -112,7 +112,13 @@ def image_path(root: Path, rel: str, folder: bool = False) -> tuple[Path | None,
     try:
         p.resolve().relative_to(root.resolve())
     except ValueError:
-        return None, f"path {rel!r} leads out of {root}"
+        links = [root.joinpath(*Path(rel).parts[:i]) for i in range(1, len(Path(rel).parts) + 1)]
+        link = next((q for q in links if q.is_symlink()), None)
+        if link is None:
+            return None, f"path {rel!r} leads out of {root}"
+        # a link out of the root is refused: a test image linked to a training image would be both
+        return None, (f"path {rel!r} leads out of {root} through the link {link} (to {link.resolve()}); "
+                      f"make the root the folder the files are in (task.images for a table), or copy them")
     if not (p.is_dir() if folder else p.is_file()):
         return None, f"{'image folder' if folder else 'image'} {p} not found"
     return p, None
