@@ -169,4 +169,5 @@ def runs_table(roots: list[Path], answers: Path | None = None) -> pd.DataFrame:
               if k in table.columns and table[k].notna().any()]
     if not scored:  # every run unreadable: the rows are their notes, nothing to sort by
         return table
-    return table.sort_values(scored[0], ascending=False, na_position="last").reset_index(drop=True)
+    # runs without a held-out score (no submission yet) follow the scored ones, best OOF first
+    return table.sort_values(scored, ascending=False, na_position="last").reset_index(drop=True)

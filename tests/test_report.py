@@ -127,6 +127,23 @@ def test_score_table_script_reads_the_key_as_mt_runs_does(tmp_path):
     assert json.loads(out.stdout) | {"n": 0} == {"n": 0, "f1": 1.0, "acc": 1.0, "f1_colour": 1.0, "f1_size": 1.0}
 
 
+def test_mt_runs_ranks_runs_without_a_held_out_score_by_their_oof(monkeypatch, tmp_path):
+    """With an answer key, runs not yet submitted followed the scored ones in the order found."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import multitask.runs as runs
+
+    scores = {"a": (None, 0.2), "b": (0.5, 0.1), "c": (None, 0.4), "d": (0.6, 0.05)}  # held-out, OOF
+    monkeypatch.setattr(runs, "find_runs", lambda roots: [SimpleNamespace(root=Path(n)) for n in scores])
+    monkeypatch.setattr(runs, "run_row", lambda run, answers: {
+        "run": str(run.root), "held_out_f1": scores[str(run.root)][0], "oof_f1": scores[str(run.root)][1]})
+    answers = tmp_path / "answers.csv"
+    answers.write_text("ImageID,ans\n")
+    assert runs.runs_table([tmp_path], answers)["run"].tolist() == ["d", "b", "c", "a"]
+    assert runs.runs_table([tmp_path])["run"].tolist() == ["c", "a", "b", "d"]
+
+
 def test_mt_runs_lists_runs_it_cannot_read_with_their_reasons(tmp_path):
     from multitask.config import dump_config
     from multitask.runs import runs_table
