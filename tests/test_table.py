@@ -428,7 +428,9 @@ def test_cli_trains_a_table_task_from_its_config_alone_and_predicts(table_root, 
     # --data names the table; a missing one is a one-line error
     result = runner.invoke(app, ["train", "--config", str(conf), "--data", str(tmp_path / "none.csv"),
                                  "--out", str(tmp_path / "r2")])
-    assert result.exit_code == 2 and "none.csv: file not found" in result.output
+    assert result.exit_code == 2 and "none.csv: file not found (task.table in the config, or --data" in result.output
+    result = runner.invoke(app, ["train", "--config", str(conf), "--data", str(tmp_path), "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and f"{tmp_path}: is a folder; a table task reads a table file" in result.output
 
 
 def test_predict_works_for_the_mask_preset(demo_root, tmp_path):

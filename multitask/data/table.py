@@ -80,11 +80,13 @@ def problems_error(source: Path | str, problems: list[str], kind: type[DataError
     return kind(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + more)
 
 
-def read_frame(path: Path) -> tuple[pd.DataFrame, str]:
+def read_frame(path: Path, named_by: str) -> tuple[pd.DataFrame, str]:
     """Every cell as a string ('' where missing), and how its rows are named in messages ('line' for
     a CSV, counting the header; 'row' for parquet)."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; a table task reads a table file, CSV or parquet ({named_by})")
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found ({named_by})")
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             # nullable dtypes: an integer column with a null stays integer (numpy's would make 0 read '0.0')
@@ -157,7 +159,7 @@ def read_table(cfg: TableTaskCfg, task: Task, skip_bad: bool = False) -> ImageTa
     and the table says which and why."""
     table = Path(cfg.table)
     images = Path(cfg.images) if cfg.images else table.parent
-    df, kind = read_frame(table)
+    df, kind = read_frame(table, "task.table in the config, or --data TABLE.csv")
     columns = [cfg.path_col] + ([cfg.group_col] if cfg.group_col else []) + [f.column or f.name for f in cfg.factors]
     missing = [c for c in dict.fromkeys(columns) if c not in df.columns]
     if missing:
@@ -249,7 +251,7 @@ def read_test_table(cfg: TableTaskCfg, images: Path, train: pd.DataFrame | None 
     if not cfg.test:
         return None
     path = Path(cfg.test)
-    df, kind = read_frame(path)
+    df, kind = read_frame(path, "task.test in the config, relative to the table's folder")
     if cfg.path_col not in df.columns:
         raise DataError(f"{path}: missing column {cfg.path_col!r}; found {list(df.columns)}")
     if df.empty:
