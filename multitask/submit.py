@@ -93,6 +93,10 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
         raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no task.test)")
     if log:
         log(f"predicting {len(ctx.table.test)} test images with {onnx} (run {served.meta['run']}, round {served.meta['round']})")
+        decision = load_decision(ctx.run.round_dir(r)) if r in ctx.run.rounds() else None
+        if decision is not None and decision.subjects > 0:
+            log(f"subjects are not read: the exported file takes each picture on its own, while `mt submit --run "
+                f"{ctx.run.root}` reads what a person keeps from their clearest picture (weight {decision.subjects:.2f})")
     combined, classes = served.predict_paths(ctx.table.test["path"].tolist())
     image_ids = ctx.table.test_ids()
     return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, str(onnx))

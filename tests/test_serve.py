@@ -216,7 +216,17 @@ def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, t
     run = tmp_path / "run"
     shutil.copytree(runs["shared"], run)
     export_run(run)  # RUN/model.onnx
-    make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv")
+    said = []
+    make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv", log=said.append)
+    assert len(said) == 1 and "subjects" not in said[0]  # a subjects weight of 0: nothing is left out
+    # with a weight, `mt submit` reads subjects and the exported file cannot: the submission says so
+    decision_path = RunDir(run).round_dir(0) / "decision.json"
+    decision = read_json(decision_path)
+    write_json(decision_path, decision | {"decision": decision["decision"] | {"subjects": 0.7}})
+    said = []
+    make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv", log=said.append)
+    assert said[1] == (f"subjects are not read: the exported file takes each picture on its own, while `mt submit "
+                       f"--run {run}` reads what a person keeps from their clearest picture (weight 0.70)")
     summary_path = RunDir(run).round_dir(0) / "summary.json"
     summary = read_json(summary_path)
     summary["train_ids"] = {k: "trained-again" for k in summary["train_ids"]}  # what `mt train --force` leaves
