@@ -188,7 +188,10 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
 
     finished = lambda: [t for t in study.get_trials(deepcopy=False)  # noqa: E731
                         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    t0, took, failed = time.perf_counter(), [], 0
+    # what the study's trials took, this invocation's and its earlier ones': a continued study knows
+    # from its first step whether a trial fits what is left
+    t0, failed = time.perf_counter(), 0
+    took = [t.duration.total_seconds() for t in finished() if t.duration is not None]
     while len(finished()) < trials and failed < trials:
         # the longest trial so far: a pruned one stops after a fold, and the next may not be pruned
         if time_limit_s and took and time.perf_counter() - t0 + max(took) > time_limit_s:
