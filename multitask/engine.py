@@ -34,7 +34,7 @@ from multitask.losses import MultiHeadLoss
 from multitask.metrics import heads_nll, score_probs
 from multitask.model import build_model, param_groups
 from multitask.numeric import Targets, aux_losses, aux_outputs
-from multitask.run import atomic_write_text, save_torch
+from multitask.run import atomic_write_text, load_torch, save_torch
 
 
 @dataclass
@@ -198,7 +198,7 @@ def last_state(t: Training, epochs_done: int, step: int, best: dict, device: tor
 def resume_from(path: Path, t: Training, device: torch.device) -> tuple[int, int, dict, list[dict], str]:
     """Load a fold's last.pt into `t`; return (next epoch, step, best scores, metrics rows so far,
     the training's id)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path, "; delete it, and `mt resume` trains the fold from its start")
     t.model.load_state_dict(state["model"])
     if t.ema is not None:
         t.ema.module.load_state_dict(state["ema"])
@@ -237,7 +237,7 @@ class TopEpochs:
         self.kept = ranked[:self.k]
 
     def write_average(self, train_id: str) -> None:
-        states = [torch.load(self.path(e), map_location="cpu", weights_only=True)["model"] for _, e in self.kept]
+        states = [load_torch(self.path(e))["model"] for _, e in self.kept]
         avg = {key: torch.stack([s[key].float() for s in states]).mean(0).to(states[0][key].dtype) for key in states[0]}
         save_torch(self.out_dir / "avg.pt", {"model": avg, "epochs": [e for _, e in self.kept], "train_id": train_id})
 

@@ -19,6 +19,7 @@ from multitask.device import autocast, place_model, prepare_input
 from multitask.labels import Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_kind, aux_outputs, is_aux
+from multitask.run import load_torch
 
 
 @torch.no_grad()
@@ -102,6 +103,6 @@ def load_model(path: Path, cfg: Config, task: Task, heads: list[Head], device: t
     since the checkpoint already holds every weight."""
     model_cfg = cfg.model.model_copy(update={"pretrained": False, "checkpoint": None})
     model = build_model(model_cfg, heads, aux_outputs(task, cfg, heads))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path)
     model.load_state_dict(state["model"])
     return place_model(model, cfg, device).eval()

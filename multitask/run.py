@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -167,8 +168,19 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def damaged(path: Path, kind: str, e: BaseException, remedy: str = "") -> "RunError":
+    """The error for a file mt wrote that cannot be read back (damaged outside mt: atomic writes
+    leave none half-written), naming the file; the library's own words are often about a buffer."""
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return RunError(f"{path}: damaged, cannot be read as {kind} ({why}){remedy}")
+
+
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise damaged(path, "JSON", e) from None
 
 
 def save_npz(path: Path, **arrays) -> None:
@@ -177,9 +189,15 @@ def save_npz(path: Path, **arrays) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+NPZ_DAMAGE = (ValueError, EOFError, zipfile.BadZipFile, KeyError)  # what np.load raises on a file that is not an npz
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except NPZ_DAMAGE as e:
+        raise damaged(path, "an npz file", e) from None
 
 
 def npz_item(path: Path, key: str, default=None):
@@ -189,8 +207,11 @@ def npz_item(path: Path, key: str, default=None):
 
 def npz_items(path: Path, keys, default=None) -> dict:
     """Some arrays of an npz file, in one open, without reading the others."""
-    with np.load(path, allow_pickle=False) as z:
-        return {key: z[key] if key in z.files else default for key in keys}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {key: z[key] if key in z.files else default for key in keys}
+    except NPZ_DAMAGE as e:
+        raise damaged(path, "an npz file", e) from None
 
 
 def head_probs(z: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -211,6 +232,20 @@ def fold_train_id(fold_dir: Path) -> str | None:
         return None
     ids = pd.read_csv(path, dtype={"train_id": str}).get("train_id")
     return str(ids.iloc[-1]) if ids is not None and len(ids) else None
+
+
+def load_torch(path: Path, remedy: str = "") -> dict:
+    """A checkpoint mt wrote (best.pt, last.pt), on the CPU."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise damaged(path, "a checkpoint", e, remedy) from None
 
 
 def save_torch(path: Path, obj) -> None:

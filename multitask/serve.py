@@ -71,10 +71,14 @@ class ServedModel:
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if raw is None:
             raise ServeError(f"{self.path}: no '{META_KEY}' metadata; export the run with `mt export`")
-        self.meta = json.loads(raw)
-        self.task = task_from_meta(self.meta)
-        self.img_size = tuple(self.meta["img_size"])
-        self.offsets = None if self.meta["offsets"] is None else np.asarray(self.meta["offsets"], np.float64)
+        try:
+            self.meta = json.loads(raw)
+            self.task = task_from_meta(self.meta)
+            self.img_size = tuple(self.meta["img_size"])
+            self.offsets = None if self.meta["offsets"] is None else np.asarray(self.meta["offsets"], np.float64)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ServeError(f"{self.path}: its '{META_KEY}' metadata is damaged ({type(e).__name__}: {e}); "
+                             f"export the run again with `mt export`") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def probs(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:

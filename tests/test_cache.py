@@ -118,3 +118,14 @@ def test_a_photo_turned_by_its_exif_orientation_is_decoded_upright(tmp_path):
     got = cache_mod._decode(str(tmp_path / "phone.jpg"), (24, 16))
     assert np.abs(got.astype(int) - want.astype(int)).mean() < 3  # JPEG's ringing at the edge aside
     assert got[:4].mean() > 200 and got[-4:].mean() < 50  # the band on top
+
+
+def test_a_cache_file_cut_short_outside_mt_is_named_with_the_way_out(tmp_path):
+    paths = make_images(tmp_path / "img")
+    cached_images(paths, (20, 16), tmp_path / "c")
+    (npy,) = (tmp_path / "c").glob("*.npy")
+    npy.write_bytes(npy.read_bytes()[:500])  # numpy said only "mmap length is greater than file size"
+    with pytest.raises(ImageDecodeError, match=rf"{npy}: damaged cache file \(.+\); delete it, and the next command"):
+        cached_images(paths, (20, 16), tmp_path / "c")
+    npy.unlink()
+    assert cached_images(paths, (20, 16), tmp_path / "c").shape == (5, 20, 16, 3)

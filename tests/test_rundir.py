@@ -404,6 +404,38 @@ def test_labels_edited_since_training_are_an_error(run, demo_root, tmp_path):
     assert make_submission(run).exists()
 
 
+def test_a_file_of_the_run_damaged_outside_mt_is_named(run):
+    """Atomic writes leave no half-written file, but a disk, a copy or a hand can: each damaged file
+    is named, where numpy, torch and json spoke of buffers and central directories (or gave a
+    traceback)."""
+    from multitask.kfold import resume_run
+    from multitask.run import RunError
+
+    fold1 = RunDir(run).fold_dir(0, 1)
+    kept = {p: p.read_bytes() for p in (fold1 / "last.pt", fold1 / "oof.npz", RunDir(run).round_dir(0) / "summary.json",
+                                        RunDir(run).folds)}
+    (fold1 / "oof.npz").unlink()  # fold 1 unfinished: resume carries on from its last.pt
+    (fold1 / "last.pt").write_bytes(kept[fold1 / "last.pt"][:1000])
+    with pytest.raises(RunError, match=r"fold1/last.pt: damaged, cannot be read as a checkpoint \(.+\); delete it, "
+                                       r"and `mt resume` trains the fold from its start"):
+        resume_run(run)
+    for path, content in kept.items():
+        path.write_bytes(content)
+    (fold1 / "oof.npz").write_bytes(b"garbage")
+    with pytest.raises(RunError, match=r"fold1/oof.npz: damaged, cannot be read as an npz file \(.+\)"):
+        make_submission(run)
+    (fold1 / "oof.npz").write_bytes(kept[fold1 / "oof.npz"])
+    (RunDir(run).round_dir(0) / "summary.json").write_text("{")
+    with pytest.raises(RunError, match=r"round0/summary.json: damaged, cannot be read as JSON \(Expecting"):
+        make_submission(run)
+    (RunDir(run).round_dir(0) / "summary.json").write_bytes(kept[RunDir(run).round_dir(0) / "summary.json"])
+    RunDir(run).folds.write_text("person_id,fold\n1,0\n")
+    with pytest.raises(ValueError, match=r"folds.csv: damaged, no column 'group' \(columns: \['person_id', 'fold'\]\)"):
+        make_submission(run)
+    RunDir(run).folds.write_bytes(kept[RunDir(run).folds])
+    assert make_submission(run).exists()
+
+
 def test_no_room_or_no_permission_fails_before_any_work(demo_root, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

@@ -247,6 +247,12 @@ def test_a_file_without_mt_metadata_is_refused(tmp_path):
     onnx.save(helper.make_model(graph), str(tmp_path / "plain.onnx"))
     with pytest.raises(serve.ServeError, match="plain.onnx: no 'mt' metadata"):
         serve.ServedModel(tmp_path / "plain.onnx")
+    for meta, why in (("{", "JSONDecodeError"), ("{}", "KeyError: 'task'")):  # a traceback, or a JSON error unnamed
+        model = helper.make_model(graph)
+        onnx.helper.set_model_props(model, {"mt": meta})
+        onnx.save(model, str(tmp_path / "damaged.onnx"))
+        with pytest.raises(serve.ServeError, match=f"damaged.onnx: its 'mt' metadata is damaged \\({why}"):
+            serve.ServedModel(tmp_path / "damaged.onnx")
 
 
 def test_an_ensemble_run_exports_as_one_file(demo_root, tmp_path):

@@ -136,7 +136,10 @@ def cached_images(paths: Sequence[str], size: tuple[int, int], cache_dir: str | 
     path = cache_dir / f"{cache_key(paths, size)}.npy"
     if not path.exists():
         build_cache_file(paths, size, path, workers, on_progress)
-    arr = np.load(path, mmap_mode="r")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:  # cut short or overwritten outside mt: its writes are atomic
+        raise ImageDecodeError(f"{path}: damaged cache file ({e}); delete it, and the next command builds it again") from None
     if arr.shape != (len(paths), size[0], size[1], 3):
         raise ImageDecodeError(f"{path}: cache has shape {arr.shape}, expected {(len(paths), *size, 3)}; delete it")
     return arr

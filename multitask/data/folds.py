@@ -101,6 +101,10 @@ def check_labels(folds: pd.DataFrame, df: pd.DataFrame, task: Task, where: str) 
 def read_folds(path) -> pd.DataFrame:
     folds = pd.read_csv(path, dtype={"group": str, "person": str, "labels": str}, keep_default_na=False)
     folds = folds.rename(columns={"person": "group"})  # runs made before table tasks named it person
+    missing = [c for c in ("group", "fold") if c not in folds.columns]
+    if missing:
+        raise ValueError(f"{path}: damaged, no column {missing[0]!r} (columns: {list(folds.columns)}); it is the "
+                         f"run's split, which `mt train --force` makes again")
     check_no_leak(folds)
     return folds
 
