@@ -71,6 +71,9 @@ def test_age_bins_come_from_config(root):
     (lambda r: (r / "train" / "train.csv").write_text(
         "id,gender,race,age,path\n000001,woman,Asian,45,000001_female_Asian_45\n"), "line 2: gender 'woman'"),
     (lambda r: (r / "train" / "train.csv").write_text(
+        "id,gender,race,age,path\n000001,female,Asian,45,000001_female_Asian_45,x\n"),
+     r"train.csv: cannot be read as CSV \(line 2 has 6 fields, the header 5\)"),
+    (lambda r: (r / "train" / "train.csv").write_text(
         "id,gender,race,age,path\n000001,female,Asian,old,000001_female_Asian_45\n"), "age 'old'"),
     (lambda r: (r / "train" / "train.csv").write_text(
         "id,gender,race,age,path\n000009,female,Asian,45,nobody\n"), "image folder .*nobody not found"),

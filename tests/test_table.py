@@ -132,6 +132,10 @@ def test_images_behind_a_link_out_of_the_root_are_refused_with_the_way_round(tab
     ("path,group,shape\n", "missing column(s) ['colour']"),
     ("path,group,colour\n", "the table has no rows"),
     ("path,group,colour\n/etc/passwd,a,red\n", "is absolute"),
+    # one field too many on the first row: pandas took the first column for an index and shifted the rest
+    ("path,group,colour\nimages/a.jpg,a,red,extra\nimages/b.jpg,b,red\n", "cannot be read as a table (line 2 has 4 fields, the header 3)"),
+    ("path,group,colour\nimages/a.jpg,a,red,\nimages/b.jpg,b,red,\n", "(line 2 has 4 fields, the header 3)"),  # a trailing comma
+    ("path,group,colour\nimages/a.jpg,a,red\nimages/b.jpg,b,red,x\n", "cannot be read as a table"),  # pandas' own words
 ])
 def test_table_level_errors(table_root, tmp_path, content, message):
     (tmp_path / "t.csv").write_text(content)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from multitask.data.table import SKIPPED_COLUMNS, DataError, ImageTable, image_path, listed_before, problems_error, value_column
+from multitask.data.table import (SKIPPED_COLUMNS, DataError, ImageTable, image_path, listed_before, problems_error,
+                                  read_csv_cells, value_column)
 from multitask.labels import mask_task
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
@@ -30,7 +31,7 @@ def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     if not path.is_file():
         raise LayoutError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = read_csv_cells(path)
     except Exception as e:  # pandas raises many kinds for a broken CSV
         raise LayoutError(f"{path}: cannot be read as CSV ({e})") from None
     missing = [c for c in columns if c not in df.columns]

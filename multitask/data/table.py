@@ -9,6 +9,8 @@ cache, heads, voting, pseudo-labels and predictions.
 """
 from __future__ import annotations
 
+import csv
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +82,25 @@ def problems_error(source: Path | str, problems: list[str], kind: type[DataError
     return kind(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + more)
 
 
+def read_csv_cells(path: Path) -> pd.DataFrame:
+    """Every cell of a CSV as a string ('' where missing). A row with more fields than the header is
+    refused by its line: on the first data row pandas would take the first column for an index and
+    shift every other one left (a trailing comma on every row, as some spreadsheets write, alike)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+        except pd.errors.ParserWarning:
+            pass
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = csv.reader(fh)
+        header = next(rows)
+        line, n = next(((rows.line_num, len(r)) for r in rows if len(r) > len(header)), (None, None))
+    if line is None:  # the csv module split the rows otherwise than pandas did
+        raise ValueError(f"a row has more fields than the header's {len(header)}")
+    raise ValueError(f"line {line} has {n} fields, the header {len(header)}")
+
+
 def read_frame(path: Path, named_by: str) -> tuple[pd.DataFrame, str]:
     """Every cell as a string ('' where missing), and how its rows are named in messages ('line' for
     a CSV, counting the header; 'row' for parquet)."""
@@ -92,7 +113,7 @@ def read_frame(path: Path, named_by: str) -> tuple[pd.DataFrame, str]:
             # nullable dtypes: an integer column with a null stays integer (numpy's would make 0 read '0.0')
             df = pd.read_parquet(path, dtype_backend="numpy_nullable")
             return df.astype(object).where(df.notna(), "").astype(str), "row"
-        return pd.read_csv(path, dtype=str, keep_default_na=False), "line"
+        return read_csv_cells(path), "line"
     except ImportError as e:
         raise DataError(f"{path}: reading parquet needs pyarrow ({e}); `pip install pyarrow`, or use CSV") from None
     except Exception as e:  # pandas raises many kinds for a broken file
