@@ -70,7 +70,7 @@ def print_scores(title: str, scores: dict, read_off: str | None = None) -> None:
         if not k.startswith("f1"):
             continue
         if k in ("f1", "f1_18"):
-            what = "the final class (the competition's metric)"
+            what = "the final class (what is scored)"
         elif read_off:
             what = f"{k[3:]} read off {read_off}"
         elif k.endswith("_combined"):
@@ -296,7 +296,10 @@ def ensemble(
     from multitask.ensemble import make_ensemble
 
     with progress_and_errors():
-        w = [float(x) for x in weights.split(",")] if weights else None
+        try:
+            w = [float(x) for x in weights.split(",")] if weights else None
+        except ValueError:
+            raise ValueError(f"--weights {weights!r}: a comma list of numbers, one per run") from None
         summary = make_ensemble(list(runs) + list(more or []), out, w)
     for m in summary["members"]:
         console.print(f"  {m['run']}: weight {m['weight']:.2f}, OOF macro F1 {m['oof']['f1']:.4f}")

@@ -599,7 +599,9 @@ def validate(raw: dict, source: str, overrides: list[str] = ()) -> Config:
         for err in e.errors():
             # a union (task: mask | table) puts the member's type name in the location
             loc = tuple(x for x in err["loc"] if x not in ("TableTaskCfg", "literal['mask']"))
-            line = f"  {'.'.join(str(x) for x in loc)}: {err['msg']}"
+            # a check over several keys has no location, and pydantic's "Value error, " says nothing
+            msg = err["msg"].removeprefix("Value error, ")
+            line = f"  {'.'.join(str(x) for x in loc)}: {msg}" if loc else f"  {msg}"
             if err["type"] == "extra_forbidden":
                 close = difflib.get_close_matches(".".join(str(x) for x in loc), dotted_keys(), n=1, cutoff=0.6)
                 line += f" (did you mean {close[0]}?)" if close else ""

@@ -135,7 +135,7 @@ def scores_section(summaries: dict[int, dict], n_folds: int) -> str:
                       f"<td>{s['decision']['honest']['f1']:.4f}</td></tr>" for q, s in summaries.items() if "decision" in s)
     return (f'<h2 id="scores">OOF macro F1 per round</h2><table><tr><th>round</th><th>folds</th>{head}</tr>{body}</table>'
             "<p>f1_&lt;head&gt;: the head's own argmax; f1_&lt;factor&gt;_combined: the factor read off the final class; "
-            "f1: the final class, the competition's metric.</p>"
+            "f1: the final class, what is scored.</p>"
             # the confusion and per-class figures below are under the decision: their F1 is this
             # table's in-sample one, not the argmax above
             + (f"<p>Under the round's fitted decision (what submit applies, and what the figures below show):</p>"
@@ -169,7 +169,7 @@ def mistakes_section(task, truth: np.ndarray, combined: np.ndarray, classes: np.
     worst = wrong[np.argsort(-conf[wrong])][:GALLERY]
     cards = "".join(f'<figure><img src="{thumbnail(paths[i])}" alt="{html.escape(str(paths[i]))}">'
                     f"<figcaption>true {html.escape(names[y[i]])}<br>predicted <b>{html.escape(names[classes[i]])}</b> "
-                    f"({conf[i]:.2f})<br><small>{html.escape(Path(paths[i]).name)}</small></figcaption></figure>"
+                    f"({conf[i]:.2f})<br><small>{html.escape('/'.join(Path(paths[i]).parts[-2:]))}</small></figcaption></figure>"
                     for i in worst)
     return f'<h2 id="mistakes">The most confident OOF mistakes</h2><div class="gallery">{cards or "none"}</div>'
 

@@ -58,7 +58,7 @@ def fold_scores(run_dir: Path, answers: Path | None = None) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--answers", type=Path, default=None, help="answer key (ImageID,ans); default: beside the data root")
     args = ap.parse_args()

@@ -145,6 +145,8 @@ def test_an_error_names_only_the_override_that_caused_it():
     message = error_of(["train.fold=[7]", "train.lr=0.01"])
     assert "fold [7] out of range" in message and "[from --set" not in message
     assert "[from --set" not in error_of(["train.folds=1", "model.sharing=separate"])  # the whole config's check
+    # which has no key of its own to name: its line is the message, not ": Value error, ..."
+    assert error_of(["train.folds=1"]).splitlines()[1] == "  train.folds must be at least 2 (k-fold training)"
 
 
 def test_a_local_checkpoint_path_comes_out_absolute(tmp_path, monkeypatch):

@@ -283,6 +283,9 @@ def test_cli_ensemble(members, tmp_path):
     assert "ensemble out-of-fold" in result.output and "mask read off the voted final class" in result.output
     assert "own argmax" not in result.output  # an ensemble has no heads but the final class
     assert read_json(tmp_path / "e" / "summary.json")["latest_round"] == 0
+    result = CliRunner().invoke(app, ["ensemble", "--runs", str(a), "--runs", str(b), "--out", str(tmp_path / "e2"),
+                                      "--weights", "a,b"])
+    assert result.exit_code == 2 and "--weights 'a,b': a comma list of numbers, one per run" in result.output
 
 
 def test_cli_ensemble_takes_the_runs_listed_after_one_flag(members, tmp_path):

@@ -460,5 +460,5 @@ def test_score_tables_say_what_each_f1_measures(capsys):
         print_scores("submission", {"f1_18": 0.4, "f1_mask": 0.9}, read_off="the submitted class")
     text = cap.get()
     assert "head mask's own argmax" in text and "mask read off the final class" in text
-    assert text.count("the final class (the competition's metric)") == 2
+    assert text.count("the final class (what is scored)") == 2
     assert "mask read off the submitted class" in text and "head 18" not in text

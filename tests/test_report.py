@@ -35,6 +35,9 @@ def test_report_is_one_page_whose_pictures_load_in_a_browser(demo_root, tmp_path
     for section in ("scores", "curves", "confusion", "per-class", "mistakes", "pseudo", "config"):
         assert f'id="{section}"' in text, section
     assert "http://" not in text and "https://" not in text  # nothing fetched
+    # a mistake's caption names the person's folder too: mask4.jpg alone is in every folder
+    captions = re.findall(r"<small>([^<]*)</small></figcaption>", text)
+    assert captions and all(re.fullmatch(r"\d{6}_\w+/(mask\d|incorrect_mask|normal)\.\w+", c) for c in captions), captions
     assert "precision on OOF at that threshold" in text and "round 1" in text
     # the figures under the decision say which F1 they add up to: the decision's, not the argmax's
     from multitask.run import read_json
