@@ -129,3 +129,11 @@ def test_a_cache_file_cut_short_outside_mt_is_named_with_the_way_out(tmp_path):
         cached_images(paths, (20, 16), tmp_path / "c")
     npy.unlink()
     assert cached_images(paths, (20, 16), tmp_path / "c").shape == (5, 20, 16, 3)
+
+
+def test_a_listed_file_that_is_gone_is_not_found_rather_than_undecodable(tmp_path):
+    from multitask.data.cache import decode_into
+
+    paths = make_images(tmp_path / "img", 2) + [str(tmp_path / "img" / "gone.jpg")]
+    arr = np.zeros((3, 20, 16, 3), np.uint8)
+    assert decode_into(arr, paths, (20, 16)) == [(2, "file not found")]  # was "cannot decode image ([Errno 2] ...)"

@@ -107,6 +107,10 @@ def test_a_bad_table_lists_every_problem_at_once(table_root):
                      "duplicate path", "line 8: path '../outside.jpg' leads out of",
                      "rows disagree on shape", "which is set per group"):
         assert expected in msg, expected
+    import re
+
+    lines = [int(re.search(r"line (\d+)", row).group(1)) for row in msg.splitlines()[1:]]
+    assert lines == sorted(lines), msg  # by line, as the table reads, not column by column
 
 
 def test_images_behind_a_link_out_of_the_root_are_refused_with_the_way_round(table_root, tmp_path):

@@ -81,6 +81,8 @@ def decode_chunk(arr: np.ndarray, paths: Sequence[str], start: int, size: tuple[
     for i in range(start, min(start + DECODE_CHUNK, len(paths))):
         try:
             arr[i] = _decode(paths[i], size)
+        except FileNotFoundError:  # gone since it was listed, or listed wrong: not a picture that fails to decode
+            bad.append((i, "file not found"))
         except DECODE_ERRORS as e:
             bad.append((i, f"cannot decode image ({e})"))
     return bad

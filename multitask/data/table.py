@@ -10,6 +10,8 @@ cache, heads, voting, pseudo-labels and predictions.
 from __future__ import annotations
 
 import csv
+import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +78,14 @@ def numeric_matrix(df: pd.DataFrame, task: Task) -> np.ndarray:
     return np.column_stack([np.zeros((len(df), 0)), *numeric_values(df, task).values()])
 
 
+def first_line(problem: str) -> float:
+    """The first line (or row) a problem names: the checks run column by column, the list reads by line."""
+    m = re.search(r"\b(?:line|row) (\d+)", problem)
+    return int(m.group(1)) if m else math.inf
+
+
 def problems_error(source: Path | str, problems: list[str], kind: type[DataError] = DataError) -> DataError:
-    listed = problems[:MAX_LISTED]
+    listed = sorted(problems, key=first_line)[:MAX_LISTED]
     more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
     return kind(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + more)
 
