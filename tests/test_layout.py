@@ -83,6 +83,7 @@ def test_age_bins_come_from_config(root):
      "two pictures named 'normal'"),
     (lambda r: (r / "eval" / "images" / "a.jpg").unlink(), "(?s)info.csv: 1 problem.*line 3: image .*a.jpg not found"),
     (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\na.jpg,0\na.jpg,0\n"), "duplicate ImageID"),
+    (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\n"), "info.csv: lists no test image; without test images"),
     # a test image must not be a training image, or any file outside eval/images
     (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\n../../train/images/000003_male_Black_22/normal.jpg,0\n"),
      "line 2: path '../../train/images/000003_male_Black_22/normal.jpg' leads out of"),

@@ -113,6 +113,8 @@ def read_test(root: Path) -> pd.DataFrame | None:
         return None
     info_path = eval_dir / "info.csv"
     info = read_csv(info_path, ["ImageID", "ans"])
+    if info.empty:  # an empty submission, and pseudo labels that "reach no precision", would follow
+        raise LayoutError(f"{info_path}: lists no test image; without test images leave eval/ out")
     problems, paths, seen = [], [], {}
     for line, image_id in enumerate(info["ImageID"], start=2):
         path, why = image_path(eval_dir / "images", image_id)
