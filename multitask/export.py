@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +293,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
                                      dir=out.parent if out.parent.exists() else None) as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         names = ["final", *info["outputs"]]
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # the bin edges and a zoom view's image size are the run's constants: kept as constants in
+            # the trace is what is wanted (the check below runs another batch size than the trace's)
+            warnings.filterwarnings("ignore", "torch.tensor results are registered as constants", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", "Converting a tensor to a Python integer", torch.jit.TracerWarning,
+                                    module="multitask.data.augment")
             torch.onnx.export(graph, (torch.from_numpy(images[:2]),), str(fp32), input_names=["images"],
                               output_names=names, dynamic_axes={n: {0: "batch"} for n in ["images", *names]},
                               opset_version=OPSET, dynamo=False)

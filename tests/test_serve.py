@@ -2,6 +2,7 @@
 onnxruntime and without torch (serve.py), and `mt distill` (one student of a run or an ensemble)."""
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -215,7 +216,11 @@ def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, t
 
     run = tmp_path / "run"
     shutil.copytree(runs["shared"], run)
-    export_run(run)  # RUN/model.onnx
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_run(run)  # RUN/model.onnx
+    traced = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    assert not traced, traced  # the bin edges and image size as constants: what the trace should do, unwarned
     said = []
     make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv", log=said.append)
     assert len(said) == 1 and "subjects" not in said[0]  # a subjects weight of 0: nothing is left out
