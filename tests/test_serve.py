@@ -49,6 +49,17 @@ def runs(demo_root, tmp_path_factory):
     return out
 
 
+def export_unwarned(*args) -> dict:
+    """export_run, with no TracerWarning about what the trace keeps as constants on purpose (the bin
+    edges, a zoom view's image size): torch printed them to every user."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check = export_run(*args)
+    traced = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    assert not traced, traced
+    return check
+
+
 def read_pair(a, b):
     return pd.read_csv(a), pd.read_csv(b)
 
@@ -216,17 +227,15 @@ def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, t
 
     run = tmp_path / "run"
     shutil.copytree(runs["shared"], run)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        export_run(run)  # RUN/model.onnx
-    traced = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
-    assert not traced, traced  # the bin edges and image size as constants: what the trace should do, unwarned
+    decision_path = RunDir(run).round_dir(0) / "decision.json"
+    decision = read_json(decision_path)
+    decision["decision"]["blend"] = {"age": 0.5}  # the regression read into bins: traced with its edges
+    write_json(decision_path, decision)
+    export_unwarned(run)  # RUN/model.onnx
     said = []
     make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv", log=said.append)
     assert len(said) == 1 and "subjects" not in said[0]  # a subjects weight of 0: nothing is left out
     # with a weight, `mt submit` reads subjects and the exported file cannot: the submission says so
-    decision_path = RunDir(run).round_dir(0) / "decision.json"
-    decision = read_json(decision_path)
     write_json(decision_path, decision | {"decision": decision["decision"] | {"subjects": 0.7}})
     said = []
     make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv", log=said.append)
@@ -278,7 +287,7 @@ def test_a_table_task_with_a_numeric_factor_exports(tmp_path):
                         {"name": "size", "bins": [20, 30]}]}
     cfg = tiny_config(None, f"task={yaml.safe_dump(task, default_flow_style=True)}", "aug.tta=[none, hflip]")
     train_run(cfg, tmp_path / "run")
-    check = export_run(tmp_path / "run", tmp_path / "t.onnx")
+    check = export_unwarned(tmp_path / "run", tmp_path / "t.onnx")
     assert check["max_abs_diff"] <= 1e-4
     served = serve.ServedModel(tmp_path / "t.onnx")
     assert served.task.factor_names == ["colour", "size"] and served.task.factors[1].bins == (20, 30)
