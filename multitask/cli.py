@@ -389,9 +389,11 @@ def runs(
     if csv:
         print(table.to_csv(index=False), end="")
         return
-    view = Table(title=f"{len(table)} run(s), best first (folds: those done of the round shown)")
+    title = f"{len(table)} run(s), best first (folds: those done of the round shown)"
+    view = Table(title=title)
     for col in table.columns:
         view.add_column(col, justify="right" if table[col].dtype.kind in "if" else "left")
+
     def cell(column: str, v) -> str:
         if v is None or (isinstance(v, float) and v != v):
             return ""
@@ -399,6 +401,12 @@ def runs(
             return f"{v:.0f}" if column == "train_s" else f"{v:.4f}"
         return str(v)
 
+    if console.width < 120:  # a column each would cut every cell to "ru…", "0.…": a block per run
+        console.print(title)
+        for i, rec in enumerate(table.to_dict("records"), 1):
+            console.print(f"{i}. {escape(str(rec['run']))}\n   " + escape("  ".join(
+                f"{k}={cell(k, v)}" for k, v in rec.items() if k != "run" and cell(k, v))))
+        return
     for rec in table.itertuples(index=False):
         view.add_row(*[cell(k, v) for k, v in zip(table.columns, rec)])
     console.print(view)

@@ -550,6 +550,10 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
                                                                   key=lambda n: -read_json(tmp_path / "runs" / n / "summary.json")["rounds"][0]["oof"]["f1"])
     assert table["oof_f1"].is_monotonic_decreasing
     assert len(runs_table([tmp_path / "runs" / "flat", tmp_path / "runs"])) == 2  # a run given twice, listed once
+    result = runner.invoke(app, ["runs", str(tmp_path / "runs")], env={"COLUMNS": "80"})  # a plain terminal
+    assert result.exit_code == 0 and all(f"oof_f1={f:.4f}" in result.output for f in table["oof_f1"]), result.output
+    at = [result.output.find(run) for run in table["run"]]  # each run's path whole, best first
+    assert -1 not in at and at == sorted(at), result.output
     row = table.set_index(table["run"].str.rsplit("/", n=1).str[-1]).loc["three_heads"]
     assert row["heads"] == "mask,gender,age" and row["backbone"] == "test_efficientnet" and row["img"] == "32x32"
     assert row["folds"] == "2/2" and row["epochs"] == 1 and 0 <= row["oof_mask"] <= 1
