@@ -102,6 +102,14 @@ def test_16_bit_greyscale_is_read_whole_not_clipped(tmp_path):
     got = cache_mod._decode(str(path), (16, 32))
     assert got.shape == (16, 32, 3) and (got[..., 0] == got[..., 2]).all()
     assert np.abs(got[0, :, 0].astype(int) - (ramp[0] >> 8)).max() <= 2  # the ramp, not white
+    # 32-bit integers beyond 16 bits, and floats, have no range to read them by: refused, not whitened or blackened
+    for array, why in ((ramp.astype(np.int32) * 4, "a 32-bit image with values beyond 16 bits"),
+                       (ramp.astype(np.float32) / 65535, r"a floating-point image \(mode F\)")):
+        Image.fromarray(array).save(tmp_path / "wide.tif")
+        with pytest.raises(ValueError, match=why):
+            cache_mod._decode(str(tmp_path / "wide.tif"), (16, 32))
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "i32.tif")  # mode I within 16 bits reads as before
+    assert np.array_equal(cache_mod._decode(str(tmp_path / "i32.tif"), (16, 32)), got)
 
 
 def test_a_photo_turned_by_its_exif_orientation_is_decoded_upright(tmp_path):

@@ -65,8 +65,13 @@ def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
         im.draft("RGB", (w, h))
         if im.getexif().get(ORIENTATION, 1) != 1:  # a phone's portrait photo: upright, as viewers show it
             im = ImageOps.exif_transpose(im)
+        if im.mode == "F":  # no range to read it by: [0, 1], [0, 255] and raw sensor values all occur
+            raise ValueError("a floating-point image (mode F) has no range to read it by; save it as 8 or 16 bits")
         if im.mode in WIDE_GREY:  # convert("RGB") clips these at 255: most of the picture turns white
-            im = Image.fromarray((np.clip(np.asarray(im), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8), "L")
+            grey = np.asarray(im)
+            if grey.max(initial=0) > 65535 or grey.min(initial=0) < 0:  # mode I holds 32 bits: clipping would whiten it
+                raise ValueError("a 32-bit image with values beyond 16 bits; save it as 8 or 16 bits")
+            im = Image.fromarray((grey.astype(np.uint32) >> 8).astype(np.uint8), "L")
         im = im.convert("RGB")
         if im.width == 0 or im.height == 0:
             raise ValueError("the image is empty")
