@@ -68,6 +68,8 @@ def group_labels(df: pd.DataFrame, task: Task) -> pd.Series:
     catch, with their own message) still digest alike."""
     labels = np.column_stack([factor_values(df, task).astype(np.float64), numeric_matrix(df, task)])
     labels[np.isnan(labels)] = np.nan  # one NaN bit pattern: an unknown number digests alike every time
+    if df.empty:
+        return pd.Series(dtype=object)
     codes, names = pd.factorize(df["group"])
     order = np.lexsort([*labels.T[::-1], codes])  # by group, then by label within it
     groups, labels = names.to_numpy()[codes[order]], labels[order]
