@@ -72,6 +72,9 @@ def check_ensemble_members(cfg: Config) -> None:
         return
     for i, (path, r) in enumerate(zip(ens.runs, ens.rounds)):
         member = RunDir(path)
+        if not member.config.exists():
+            raise RunError(f"{path}: the ensemble's member run is not there; if it moved, write its new place in "
+                           f"ensemble.runs of the ensemble's config.yaml (an ensemble's models are its members')")
         member_cfg = load_run_config(member)
         check_round(member, r, member_cfg)
         check_ensemble_members(member_cfg)
@@ -300,7 +303,20 @@ def reopen_context(run_dir: str | Path, overrides: list[str] = (), progress=None
     per-invocation settings: anything else would make the run differ from its config.yaml."""
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
+    check_data_places(run, cfg)
     return open_context(run, cfg, progress, with_images=with_images, make_missing_folds=make_missing_folds)
+
+
+def check_data_places(run: RunDir, cfg: Config) -> None:
+    """The data the run was trained on is where config.yaml says; where it moved, say how to follow it
+    (its place is a location: it may change in config.yaml, and the folds still count)."""
+    places = {"data_root": cfg.data_root}
+    if isinstance(cfg.task, TableTaskCfg):
+        places |= {"task.table": cfg.task.table, "task.images": cfg.task.images}
+    for key, place in places.items():
+        if place and not Path(place).exists():
+            raise RunError(f"{place}: not found ({key} in {run.config}); if the data moved, write its new place "
+                           f"there: where the data is may change in a run, what it is may not")
 
 
 def load_run_config(run: RunDir, overrides: list[str] = ()) -> Config:

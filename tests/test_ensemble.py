@@ -164,6 +164,27 @@ def test_the_ensembles_honest_decision_scores_each_fold_with_weights_that_never_
     assert summary["decision"]["honest"]["f1"] == macro_f1(y, classes, task.n_classes)
 
 
+def test_a_moved_member_is_named_with_the_way_to_follow_it(members, demo_root, tmp_path):
+    """An ensemble reads its members' models where they were: moved, it said only that a config.yaml
+    was not found; its place may be rewritten in the ensemble's config.yaml, and predictions follow."""
+    import yaml
+
+    a, b = members
+    shutil.copytree(a, tmp_path / "a")
+    ens = tmp_path / "ens"
+    make_ensemble([tmp_path / "a", b], ens)
+    predict_images(ens, demo_root / "eval" / "images", tmp_path / "before.csv")
+    (tmp_path / "a").rename(tmp_path / "a_moved")
+    with pytest.raises(RunError, match=rf"{tmp_path / 'a'}: the ensemble's member run is not there; if it moved, "
+                                       r"write its new place in ensemble.runs of the ensemble's config.yaml"):
+        predict_images(ens, demo_root / "eval" / "images", tmp_path / "after.csv")
+    cfg = yaml.safe_load(RunDir(ens).config.read_text())
+    cfg["ensemble"]["runs"][0] = str(tmp_path / "a_moved")
+    RunDir(ens).config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    predict_images(ens, demo_root / "eval" / "images", tmp_path / "after.csv")
+    assert pd.read_csv(tmp_path / "after.csv").equals(pd.read_csv(tmp_path / "before.csv"))
+
+
 def test_an_ensemble_run_cannot_be_trained_further(members, tmp_path):
     out = tmp_path / "ens"
     make_ensemble(list(members), out)

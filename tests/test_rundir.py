@@ -378,6 +378,27 @@ def test_an_edited_train_table_or_reordered_test_list_is_an_error(run, demo_root
     assert not RunDir(run).submission.exists()
 
 
+def test_data_moved_since_training_is_followed_by_its_new_place_in_config_yaml(run, demo_root, tmp_path):
+    """The data's place is a location: where it moved, the error says to write the new place in
+    config.yaml (the refusal of --set data_root sent the user to train again), and the run follows."""
+    import shutil
+
+    import yaml
+
+    data = tmp_path / "data_copy"
+    shutil.copytree(demo_root, data)
+    RunDir(run).config.write_text(RunDir(run).config.read_text().replace(str(demo_root), str(data)))
+    before = pd.read_csv(make_submission(run, tmp_path / "before.csv"))
+    data.rename(tmp_path / "data_moved")
+    with pytest.raises(ValueError, match=rf"{data}: not found \(data_root in {RunDir(run).config}\); if the data moved, "
+                                         r"write its new place there"):
+        make_submission(run, tmp_path / "after.csv")
+    cfg = yaml.safe_load(RunDir(run).config.read_text())
+    cfg["data_root"] = str(tmp_path / "data_moved")
+    RunDir(run).config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert pd.read_csv(make_submission(run, tmp_path / "after.csv")).equals(before)
+
+
 def test_labels_edited_since_training_are_an_error(run, demo_root, tmp_path):
     """The same images with one person's labels changed (a fixed typo): the folds' models learnt the
     old labels, and resuming, submitting or pseudo-labelling against the new ones went on silently."""
