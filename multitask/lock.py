@@ -134,7 +134,10 @@ def _take_over(path: Path) -> None:
 def describe_holder(holder: dict) -> str:
     if not holder:
         return "being claimed by another process"
-    return f"being trained by {holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}"
+    said = f"being trained by {holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}"
+    if holder.get("host") != socket.gethostname():  # this host cannot tell whether that process lives
+        said += " (another machine's lock: remove its lock.json by hand if that machine is gone)"
+    return said
 
 
 @contextmanager
