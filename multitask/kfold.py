@@ -133,6 +133,10 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     # a teacher's probabilities: a student's for every row (distill.py), or soft pseudo labels for the
     # test images alone; the test images then join, unlabelled, and learn from them
     teacher, soft = distilled(ctx), soft_pseudo(ctx, r, k)
+    if r > 0 and pseudo is None and soft is None:  # a plain copy of round 0, called a pseudo-label round
+        raise RunError(f"{ctx.run.round_dir(r)}: round {r} has no labels to learn (pseudo.csv or {SOFT_FILE}); another "
+                       f"`mt pseudo-label` on this run may be making them again: let it finish, then "
+                       f"`mt resume --run {ctx.run.root}`")
     train_teacher, test_taught = None, None
     if teacher is not None:
         train_teacher, test_taught = teacher[0][tr], teacher[1]

@@ -272,6 +272,28 @@ def test_a_round_killed_before_its_labels_is_refused_by_resume(demo_root, tmp_pa
     assert reports[0]["round"] == 1 and reports[0]["trained"] and (run.round_dir(1) / "pseudo.csv").exists()
 
 
+def test_a_round_whose_labels_another_pseudo_label_removed_is_not_trained_without_them(demo_root, tmp_path, monkeypatch):
+    """Two `mt pseudo-label` at once: the second cleared the first's round (labels written, no fold
+    begun yet), and the first's folds, finding no labels, trained a plain copy of round 0 that its
+    summary called round 1."""
+    import multitask.pseudo as pseudo
+    from multitask.run import RunError
+
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
+    real = pseudo.train_round
+
+    def after_the_other_cleared(ctx, r, *args, **kwargs):
+        pseudo.clear_unfinished_round(ctx.run, r)  # the other process, between the labels and the folds
+        return real(ctx, r, *args, **kwargs)
+
+    monkeypatch.setattr(pseudo, "train_round", after_the_other_cleared)
+    with pytest.raises(RunError, match=r"round1: round 1 has no labels to learn \(pseudo.csv or pseudo_soft.npz\); "
+                                       r"another `mt pseudo-label` on this run may be making them again"):
+        pseudo.pseudo_label(out, precision=0.0)
+    assert not list(RunDir(out).round_dir(1).glob("fold*/*.npz"))  # nothing trained, nothing voted
+
+
 def test_pseudo_label_after_a_killed_round_finishes_it_or_makes_it_again_but_never_mixes_labels(
         demo_root, tmp_path, monkeypatch):
     import multitask.pseudo as pseudo
@@ -397,3 +419,30 @@ def test_training_keeps_the_bias_corrected_ema(demo_root):
     cfg = tiny_config(demo_root, "train.ema=true")
     task, heads = build_task(cfg)
     assert isinstance(build_training(cfg, task, heads, torch.device("cpu"), steps_per_epoch=4).ema, BiasCorrectedEma)
+
+
+def test_a_round_another_process_trains_is_never_called_removable(tmp_path):
+    """The second of two `mt pseudo-label` at once was told to remove the round the first was training."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from multitask.pseudo import clear_unfinished_round
+    from multitask.run import RunError
+
+    run = RunDir(tmp_path / "run")
+    run.fold_dir(1, 0).mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run.fold_dir(1, 0) / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid,
+                                                                  "since": "x"}))
+        with pytest.raises(RunError) as e:
+            clear_unfinished_round(run, 1)
+        assert f"round 1 is being trained by {socket.gethostname()} pid {sleeper.pid}" in str(e.value)
+        assert "let it finish" in str(e.value) and "remove" not in str(e.value)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with pytest.raises(RunError, match="fold0 began training on its labels.*or remove"):  # its holder gone: as before
+        clear_unfinished_round(run, 1)
