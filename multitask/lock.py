@@ -131,12 +131,14 @@ def _take_over(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def describe_holder(holder: dict) -> str:
+def describe_holder(holder: dict, doing: str = "trained", path: Path | None = None) -> str:
+    """Who holds a lock; with its `path`, what to do where it is another machine's (this host cannot
+    tell whether that process lives)."""
     if not holder:
         return "being claimed by another process"
-    said = f"being trained by {holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}"
-    if holder.get("host") != socket.gethostname():  # this host cannot tell whether that process lives
-        said += " (another machine's lock: remove its lock.json by hand if that machine is gone)"
+    said = f"being {doing} by {holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}"
+    if path is not None and holder.get("host") != socket.gethostname():
+        said += f" (remove {path} if that machine is gone)"
     return said
 
 
@@ -157,8 +159,7 @@ def file_lock(path: Path) -> Iterator[str | None]:
                 _take_over(path)
             if state != "held":  # stale and now removed, or released since: try again
                 continue
-            yield describe_holder(holder) + (f" (remove {path} if that machine is gone)"
-                                             if holder and holder.get("host") != me["host"] else "")
+            yield describe_holder(holder, path=path)
             return
         _HELD.add(os.path.realpath(path))
         try:

@@ -14,6 +14,23 @@ from multitask.run import SOFT_FILE, atomic_write_text
 
 
 GALLERY = 12  # the most confident OOF mistakes shown
+AGGREGATE_WAIT_S = 600.0  # how long the report waits for a round's results being written
+
+
+def wait_for_results(run, r: int) -> None:
+    """Round r's results are written file by file (oof.npz first, summary.json last): read while a
+    process writes them, the page mixed the old summary with the new folds. Wait until none does."""
+    import time
+
+    from multitask.lock import LOCK, describe_holder, lock_holder
+    from multitask.run import RunError
+
+    deadline = time.monotonic() + AGGREGATE_WAIT_S
+    while (holder := lock_holder(run.round_dir(r) / LOCK)) is not None:
+        if time.monotonic() > deadline:
+            raise RunError(f"{run.round_dir(r)}: its results are {describe_holder(holder, 'written')} for more than "
+                           f"{AGGREGATE_WAIT_S:.0f} s; run `mt report` again when they are done")
+        time.sleep(0.5)
 
 
 def png(fig) -> bytes:
@@ -101,6 +118,7 @@ def write_report(run_dir) -> Path:
     ctx = reopen_context(run_dir, with_images=False)
     run, task, heads, cfg = ctx.run, ctx.task, ctx.heads, ctx.cfg
     r, why = run.shown_round(cfg.train.folds)
+    wait_for_results(run, r)
     summaries = {q: read_json(run.round_dir(q) / "summary.json") for q in run.rounds()}
     oof = load_npz(run.round_dir(r) / "oof.npz")
     combined, classes = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(r)),

@@ -314,7 +314,7 @@ class RunDir:
         """Why fold k of round r has no outputs: being trained elsewhere, started and stopped, or never started."""
         holder = lock_holder(self.fold_dir(r, k) / LOCK)
         if holder is not None:
-            return describe_holder(holder)
+            return describe_holder(holder, path=self.fold_dir(r, k) / LOCK)
         fold_dir = self.fold_dir(r, k)
         if fold_dir.is_dir() and any(p.name != LOCK for p in fold_dir.iterdir()):
             return "started, not finished"

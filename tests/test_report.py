@@ -55,6 +55,33 @@ def test_report_is_one_page_whose_pictures_load_in_a_browser(demo_root, tmp_path
     assert shot.stat().st_size > 20_000
 
 
+def test_the_report_waits_for_a_round_whose_results_are_being_written(demo_root, tmp_path, monkeypatch):
+    """Read while another process aggregated the round, the page mixed the old summary (2 of 3 folds)
+    with the new OOF of every fold."""
+    import json
+    import socket
+    import sys
+
+    import multitask.report as report
+    from multitask.run import RunDir, RunError
+
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
+    lock = RunDir(out).round_dir(0) / "lock.json"
+    monkeypatch.setattr(report, "AGGREGATE_WAIT_S", 1.0)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x"}))
+        with pytest.raises(RunError, match=rf"round0: its results are being written by {socket.gethostname()} pid "
+                                           rf"{sleeper.pid} .* for more than 1 s; run `mt report` again"):
+            report.write_report(out)
+        assert not RunDir(out).report.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert report.write_report(out).exists()  # its holder gone: the lock is stale, the page is written
+
+
 # ---- mt runs: held-out scores of table tasks, and runs that cannot be read ----
 
 def table_run(tmp_path, factors):

@@ -522,8 +522,7 @@ def test_folds_are_claimed_by_lock_and_the_vote_waits_for_every_fold(demo_root, 
         summary = resume_run(out)
         assert summary["folds_done"] == [0]
         assert summary["folds_missing"]["1"].startswith("being trained by elsewhere pid")
-        assert summary["folds_missing"]["1"].endswith("(another machine's lock: remove its lock.json by hand if that "
-                                                      "machine is gone)")
+        assert summary["folds_missing"]["1"].endswith(f"(remove {lock} if that machine is gone)")
         assert lock.exists()  # another machine's lock is never taken
 
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x"}))
