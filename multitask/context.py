@@ -310,9 +310,10 @@ def reopen_context(run_dir: str | Path, overrides: list[str] = (), progress=None
 def check_data_places(run: RunDir, cfg: Config) -> None:
     """The data the run was trained on is where config.yaml says; where it moved, say how to follow it
     (its place is a location: it may change in config.yaml, and the folds still count)."""
-    places = {"data_root": cfg.data_root}
-    if isinstance(cfg.task, TableTaskCfg):
-        places |= {"task.table": cfg.task.table, "task.images": cfg.task.images}
+    if isinstance(cfg.task, TableTaskCfg):  # a table task reads no data_root, as read_data
+        places = {"task.table": cfg.task.table, "task.images": cfg.task.images}
+    else:
+        places = {"data_root": cfg.data_root}
     for key, place in places.items():
         if place and not Path(place).exists():
             raise RunError(f"{place}: not found ({key} in {run.config}); if the data moved, write its new place "

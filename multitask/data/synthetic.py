@@ -63,7 +63,8 @@ def make_demo_dataset(out, n_train_persons: int = 60, n_eval_persons: int = 20,
     root = Path(out)
     train_dir, eval_dir = root / "train", root / "eval"
     (train_dir / "images").mkdir(parents=True, exist_ok=True)
-    (eval_dir / "images").mkdir(parents=True, exist_ok=True)
+    if n_eval_persons:  # no eval/ at all without test persons: an info.csv listing none is refused
+        (eval_dir / "images").mkdir(parents=True, exist_ok=True)
 
     jobs = [(_write_train_person, (train_dir, i, p, (height, width)))
             for i, p in enumerate(_people(n_train_persons, seed, split=0))]
@@ -83,7 +84,8 @@ def make_demo_dataset(out, n_train_persons: int = 60, n_eval_persons: int = 20,
     eval_rows = [eval_rows[k] for k in order]
 
     _write_csv(train_dir / "train.csv", ["id", "gender", "race", "age", "path"], train_rows)
-    _write_csv(eval_dir / "info.csv", ["ImageID", "ans"], [[r[0], 0] for r in eval_rows])
+    if n_eval_persons:
+        _write_csv(eval_dir / "info.csv", ["ImageID", "ans"], [[r[0], 0] for r in eval_rows])
     answers = root / "answers.csv"
     _write_csv(answers, ["ImageID", "ans"], eval_rows)
     return {"root": root, "answers": answers,
