@@ -33,7 +33,7 @@ from multitask.labels import Task
 from multitask.metrics import score_probs
 from multitask.model import check_model
 from multitask.numeric import training_rows
-from multitask.parallel import run_in_workers
+from multitask.parallel import WorkerDied, run_in_workers
 from multitask.run import (SOFT_FILE, RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint,
                            head_probs, load_npz, read_json, save_npz, write_json)
 from multitask.subjects import likeness
@@ -223,7 +223,11 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False, on_ep
         folds = [k for k in folds if not fold_finished(ctx, r, k)]
     if cfg.train.jobs > 1 and len(folds) > 1:
         payload = {"cfg": cfg.model_dump(mode="json"), "run": str(ctx.run.root), "round": r}
-        run_in_workers(_fold_worker, payload, folds, cfg.train.jobs, worker_devices(cfg.train.device), progress)
+        try:
+            run_in_workers(_fold_worker, payload, folds, cfg.train.jobs, worker_devices(cfg.train.device), progress)
+        except WorkerDied as e:  # a user's kill, or the system's for memory: the folds done are kept
+            raise RunError(f"{e}; the folds that finished are kept, and `mt resume --run {ctx.run.root}` trains "
+                           f"the rest (with fewer --jobs if it ran out of memory)") from None
     else:
         device = dist.device_for(resolve_device(cfg.train.device))
         for k in folds:

@@ -93,6 +93,10 @@ def _worker(target: Callable, payload: Any, todo, events, worker: int, device: s
     events.put(("exit", worker))
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended without a word (killed, out of memory): no error of its own to raise."""
+
+
 def run_in_workers(target: Callable, payload: Any, items: list, jobs: int, devices: list[str],
                    progress=None) -> None:
     """Call `target(payload, items_iterator, device, progress)` in `jobs` spawned processes; worker i
@@ -126,8 +130,8 @@ def run_in_workers(target: Callable, payload: Any, items: list, jobs: int, devic
                         event = events.get(timeout=5)
                     except queue.Empty:  # killed without a word (out of memory, say)
                         i = dead[0]
-                        raise RuntimeError(f"fold worker {i} on {devices[i % len(devices)]} died "
-                                           f"(exit code {procs[i].exitcode})") from None
+                        raise WorkerDied(f"fold worker {i} on {devices[i % len(devices)]} died "
+                                         f"(exit code {procs[i].exitcode})") from None
                 kind, worker = event[0], event[1]
                 if kind == "exit":
                     running.discard(worker)

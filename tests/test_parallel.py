@@ -67,6 +67,22 @@ def test_a_failing_worker_raises_in_the_parent(demo_root, tmp_path, monkeypatch)
     assert any("fold worker" in note for note in getattr(info.value, "__notes__", []))
 
 
+def test_a_killed_worker_is_one_line_that_points_to_resume(demo_root, tmp_path, monkeypatch):
+    """`kill -9` of a worker (or the system's, for memory) ended `mt train --jobs 2` with a traceback."""
+    import multitask.kfold as kfold
+    from multitask.parallel import WorkerDied
+    from multitask.run import RunError
+
+    def killed(*args, **kwargs):
+        raise WorkerDied("fold worker 1 on cpu died (exit code -9)")
+
+    monkeypatch.setattr(kfold, "run_in_workers", killed)
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=rf"fold worker 1 on cpu died \(exit code -9\); the folds that finished are "
+                                       rf"kept, and `mt resume --run {out}` trains the rest"):
+        train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.jobs=2"), out)
+
+
 class FakeProgress:
     def __init__(self):
         self.tasks, self.lines, self.n = {}, [], 0
@@ -127,7 +143,9 @@ def test_worker_failures_reach_the_parent():
 
     with pytest.raises(ValueError, match="bad item 2"):
         run_in_workers(_raises, None, [0, 1, 2, 3], jobs=2, devices=["cpu"])
-    with pytest.raises(RuntimeError, match="died .exit code 3"):
+    from multitask.parallel import WorkerDied
+
+    with pytest.raises(WorkerDied, match="died .exit code 3"):
         run_in_workers(_dies, None, [0, 1], jobs=2, devices=["cpu"])
 
 
