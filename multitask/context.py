@@ -21,7 +21,7 @@ from multitask.data.folds import assign_folds, check_labels, make_folds, read_fo
 from multitask.data.layout import read_layout
 from multitask.data.table import DataError, ImageTable, read_table
 from multitask.labels import FLAT_HEAD, Factor, Head, Task, mask_task
-from multitask.lock import LOCK, describe_holder, lock_holder
+from multitask.lock import LOCK, describe_holder, held_lock
 from multitask.numeric import numerics
 from multitask.run import RunDir, RunError, atomic_write_text
 from multitask.subjects import subject_spec
@@ -175,11 +175,10 @@ def clear_run(run: RunDir) -> None:
     """`--force`: remove everything `mt` wrote into a run directory (every round, the folds, the
     config, the summaries and the submission); other files stay. Refused while a live process holds a
     lock in it: its folds would be written on into the new run."""
-    for lock in sorted(run.root.rglob(LOCK)):
-        holder = lock_holder(lock)
-        if holder is not None:
-            raise ConfigError(f"{lock.parent} is {describe_holder(holder)}: --force would remove what it is "
-                              f"writing; stop that process first")
+    held = held_lock(sorted(run.root.rglob(LOCK)))
+    if held:
+        raise ConfigError(f"{held[0].parent} is {describe_holder(held[1])}: --force would remove what it is "
+                          f"writing; stop that process first")
     for r in run.started_rounds():
         shutil.rmtree(run.round_dir(r))
     for path in (run.summary, run.submission, run.folds, run.config, run.skipped, run.teacher, run.report, run.onnx,

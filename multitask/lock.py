@@ -131,6 +131,24 @@ def _take_over(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def held_lock(paths) -> tuple[Path, dict] | None:
+    """The first of the lock files `paths` that a live process holds, with its holder; None if none is."""
+    for path in paths:
+        holder = lock_holder(path)
+        if holder is not None:
+            return path, holder
+    return None
+
+
+def wait_released(path: Path, timeout_s: float) -> dict | None:
+    """Wait, without taking it, until nobody holds the lock `path` (a reader of what its holder
+    writes); the holder still there after `timeout_s`, or None."""
+    deadline = time.monotonic() + timeout_s
+    while (holder := lock_holder(path)) is not None and time.monotonic() <= deadline:
+        time.sleep(0.5)
+    return holder
+
+
 def describe_holder(holder: dict, doing: str = "trained", path: Path | None = None) -> str:
     """Who holds a lock; with its `path`, what to do where it is another machine's (this host cannot
     tell whether that process lives)."""

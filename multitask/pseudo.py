@@ -36,7 +36,7 @@ from multitask.decide import Decision, load_decision, predict_classes
 from multitask.ensemble import check_same_split, fold_test_probs, fold_votes
 from multitask.kfold import check_identities, refuse_ensemble, train_round
 from multitask.labels import FLAT_HEAD, Head, Task
-from multitask.lock import LOCK, describe_holder, lock_holder
+from multitask.lock import LOCK, describe_holder, held_lock
 from multitask.model import check_model
 from multitask.run import SOFT_FILE, RunDir, RunError, atomic_write_text, head_probs, load_npz, read_json, save_npz, write_json
 from multitask.subjects import Pictures, likeness, stored_pictures
@@ -216,9 +216,9 @@ def clear_unfinished_round(run: RunDir, r: int) -> None:
     if not folder.exists():
         return
     begun = sorted(p.name for p in folder.glob("fold*") if p.is_dir())
-    held = [(p.name, h) for p in sorted(folder.glob(f"fold*/{LOCK}")) if (h := lock_holder(p)) is not None]
+    held = held_lock(sorted(folder.glob(f"fold*/{LOCK}")))
     if held:  # another `mt pseudo-label` (or `mt resume`) is at work on it now: never advise removing it
-        raise RunError(f"{folder}: round {r} is {describe_holder(held[0][1])} ({held[0][0]}); let it finish, "
+        raise RunError(f"{folder}: round {r} is {describe_holder(held[1])} ({held[0].parent.name}); let it finish, "
                        f"or `mt resume --run {run.root}` to help it")
     if begun:
         raise RunError(f"{folder}: round {r} was started and is not finished ({', '.join(begun)} began training on its "

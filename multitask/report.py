@@ -20,17 +20,13 @@ AGGREGATE_WAIT_S = 600.0  # how long the report waits for a round's results bein
 def wait_for_results(run, r: int) -> None:
     """Round r's results are written file by file (oof.npz first, summary.json last): read while a
     process writes them, the page mixed the old summary with the new folds. Wait until none does."""
-    import time
-
-    from multitask.lock import LOCK, describe_holder, lock_holder
+    from multitask.lock import LOCK, describe_holder, wait_released
     from multitask.run import RunError
 
-    deadline = time.monotonic() + AGGREGATE_WAIT_S
-    while (holder := lock_holder(run.round_dir(r) / LOCK)) is not None:
-        if time.monotonic() > deadline:
-            raise RunError(f"{run.round_dir(r)}: its results are {describe_holder(holder, 'written')} for more than "
-                           f"{AGGREGATE_WAIT_S:.0f} s; run `mt report` again when they are done")
-        time.sleep(0.5)
+    holder = wait_released(run.round_dir(r) / LOCK, AGGREGATE_WAIT_S)
+    if holder is not None:
+        raise RunError(f"{run.round_dir(r)}: its results are {describe_holder(holder, 'written')} for more than "
+                       f"{AGGREGATE_WAIT_S:.0f} s; run `mt report` again when they are done")
 
 
 def png(fig) -> bytes:

@@ -440,7 +440,7 @@ def test_a_round_another_process_trains_is_never_called_removable(tmp_path):
         with pytest.raises(RunError) as e:
             clear_unfinished_round(run, 1)
         assert f"round 1 is being trained by {socket.gethostname()} pid {sleeper.pid}" in str(e.value)
-        assert "let it finish" in str(e.value) and "remove" not in str(e.value)
+        assert "(fold0); let it finish" in str(e.value) and "remove" not in str(e.value)  # the fold, not "lock.json"
     finally:
         sleeper.kill()
         sleeper.wait()
