@@ -33,35 +33,43 @@ PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("p
                   ("train", "eval_batch_size"), ("train", "tensorboard")}
 
 
-# Where things are, not what they are: a data set (or a teacher run) may move, and the run with it.
-LOCATIONS = {("data_root",), ("task", "table"), ("task", "images"), ("task", "test"), ("distill", "teacher")}
+# Where things are, not what they are: a data set (or a teacher run, or a checkpoint file) may move,
+# and the run with it. What a checkpoint is stays a setting: its digest, model.checkpoint_sha256.
+LOCATIONS = {("data_root",), ("task", "table"), ("task", "images"), ("task", "test"), ("distill", "teacher"),
+             ("model", "checkpoint")}
+# Locations that earlier versions of mt hashed as settings: folds trained then carry a hash with them in.
+FORMER_SETTINGS = {("model", "checkpoint")}
 
 
-def settings_hash(cfg: Config, written: dict | None = None) -> str:
+def settings_hash(cfg: Config, written: dict | None = None, former: bool = False) -> str:
     """The run's settings, the per-invocation ones and locations left out: every fold's outputs carry
     it, so a fold trained under other settings than config.yaml now holds is found, not voted (the
     images themselves are checked by their identities, kfold.check_identities). `written` is the
     run's config.yaml as it was written: a setting it does not name was added to mt after the run
     was made, is at its default (what the run did), and is left out, so that a newer mt still reads
-    the run's folds."""
+    the run's folds. `former`: the hash as mt computed it before FORMER_SETTINGS became locations."""
+    left_out = PER_INVOCATION | (LOCATIONS - FORMER_SETTINGS if former else LOCATIONS)
+
     def kept(node: dict, like, prefix: tuple = ()) -> dict:
         return {k: kept(v, like.get(k) if isinstance(like, dict) else None, prefix + (k,)) if isinstance(v, dict) else v
                 for k, v in node.items()
-                if prefix + (k,) not in PER_INVOCATION | LOCATIONS and (like is None or k in like)}
+                if prefix + (k,) not in left_out and (like is None or k in like)}
     return hashlib.sha1(json.dumps(kept(cfg.model_dump(mode="json"), written), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_settings_hash(run: RunDir, cfg: Config) -> str:
+def run_settings_hashes(run: RunDir, cfg: Config) -> tuple[str, str]:
     """settings_hash of a run's settings, against the settings its config.yaml names (all of them in
-    a folder without one: the time-limit probe's scratch run)."""
+    a folder without one: the time-limit probe's scratch run): the hash new folds carry, then the
+    former one, which folds trained by an earlier mt carry and which still counts for them."""
     import yaml
 
-    return settings_hash(cfg, yaml.safe_load(run.config.read_text()) if run.config.exists() else None)
+    written = yaml.safe_load(run.config.read_text()) if run.config.exists() else None
+    return settings_hash(cfg, written), settings_hash(cfg, written, former=True)
 
 
 def check_round(run: RunDir, r: int, cfg: Config) -> None:
     """Round r may be read: its results come from the fold outputs there now, made under these settings."""
-    run.check_round_current(r, cfg.train.folds, run_settings_hash(run, cfg))
+    run.check_round_current(r, cfg.train.folds, run_settings_hashes(run, cfg))
 
 
 def check_ensemble_members(cfg: Config) -> None:
@@ -317,6 +325,16 @@ def check_data_places(run: RunDir, cfg: Config) -> None:
         if place and not Path(place).exists():
             raise RunError(f"{place}: not found ({key} in {run.config}); if the data moved, write its new place "
                            f"there: where the data is may change in a run, what it is may not")
+
+
+def check_checkpoint_place(run: RunDir, cfg: Config) -> None:
+    """The checkpoint the run started from is where config.yaml says, for folds trained later (resume,
+    a pseudo-label round); where it moved, say how to follow it (model.checkpoint is a location; its
+    digest, checked when the file is read, keeps what it is)."""
+    place = cfg.model.checkpoint
+    if place and not Path(place).is_file():
+        raise RunError(f"{place}: checkpoint file not found (model.checkpoint in {run.config}); if it moved, write "
+                       f"its new place there: where it is may change in a run, what it is may not")
 
 
 def load_run_config(run: RunDir, overrides: list[str] = ()) -> Config:

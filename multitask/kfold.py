@@ -17,8 +17,8 @@ import torch
 
 from multitask import dist
 from multitask.config import Config, ConfigError
-from multitask.context import (Context, build_task, claim_run_dir, every_fold, load_images, open_context, read_checked,
-                               reopen_context, run_settings_hash)
+from multitask.context import (Context, build_task, check_checkpoint_place, claim_run_dir, every_fold, load_images,
+                               open_context, read_checked, reopen_context, run_settings_hashes)
 from multitask.budget import epochs_of_run, fit_epochs
 from multitask.curves import plot_round
 from multitask.data.augment import check_albumentations
@@ -160,7 +160,7 @@ def save_predictions(ctx: Context, r: int, k: int, train_id: str, data: FoldData
                      device: torch.device) -> None:
     """The fold's OOF and test probabilities from the checkpoint that training kept."""
     cfg, fold_dir = ctx.cfg, ctx.run.fold_dir(r, k)
-    made_by, settings = np.array(train_id), np.array(run_settings_hash(ctx.run, cfg))
+    made_by, settings = np.array(train_id), np.array(run_settings_hashes(ctx.run, cfg)[0])
     model = load_model(fold_dir / fold_checkpoint(cfg), cfg, ctx.task, ctx.heads, device)
     oof = predict_probs(model, data.val_images, cfg, device)
     # rows are positions in the train table; ids say which images they were, to be checked
@@ -323,6 +323,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     interrupted ones carry on from their last.pt."""
     # a run stopped between its config.yaml and its folds.csv gets the folds `mt train` would have written
     ctx = reopen_context(run_dir, every_fold(overrides), progress, make_missing_folds=True)
+    check_checkpoint_place(ctx.run, ctx.cfg)
     check_model(ctx.cfg.model)  # the checkpoint the run started from is still there, unchanged
     dist.on_main(ctx.run.sweep_killed_writes)
     started = ctx.run.started_rounds()
@@ -343,7 +344,7 @@ def check_finished_folds(ctx: Context, r: int) -> None:
             oof = load_npz(fold_dir / "oof.npz")
             check_identities(ctx, r, k, oof, load_npz(fold_dir / "test.npz") if ctx.table.test is not None else None)
             trained[k] = oof.get("settings")
-    ctx.run.check_fold_settings(r, trained, run_settings_hash(ctx.run, ctx.cfg))
+    ctx.run.check_fold_settings(r, trained, run_settings_hashes(ctx.run, ctx.cfg))
 
 
 def check_round_labels(ctx: Context, r: int) -> None:

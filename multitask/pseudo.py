@@ -31,7 +31,7 @@ import pandas as pd
 
 from multitask import dist
 from multitask.config import Config, ConfigError
-from multitask.context import build_task, check_round, every_fold, load_run_config, reopen_context
+from multitask.context import build_task, check_checkpoint_place, check_round, every_fold, load_run_config, reopen_context
 from multitask.decide import Decision, load_decision, predict_classes
 from multitask.ensemble import check_same_split, fold_test_probs, fold_votes
 from multitask.kfold import check_identities, refuse_ensemble, train_round
@@ -240,6 +240,7 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
         extra.append(f"pseudo.rounds={rounds}")
     ctx = reopen_context(run_dir, extra, progress)
     refuse_ensemble(ctx)
+    check_checkpoint_place(ctx.run, ctx.cfg)
     check_model(ctx.cfg.model)  # the checkpoint the run started from is still there, unchanged
     if ctx.cfg.distill is not None:
         raise ConfigError(f"{ctx.run.root} is a distilled student: it already learns the test images from its teacher's "

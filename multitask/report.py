@@ -14,19 +14,6 @@ from multitask.run import SOFT_FILE, atomic_write_text
 
 
 GALLERY = 12  # the most confident OOF mistakes shown
-AGGREGATE_WAIT_S = 600.0  # how long the report waits for a round's results being written
-
-
-def wait_for_results(run, r: int) -> None:
-    """Round r's results are written file by file (oof.npz first, summary.json last): read while a
-    process writes them, the page mixed the old summary with the new folds. Wait until none does."""
-    from multitask.lock import LOCK, describe_holder, wait_released
-    from multitask.run import RunError
-
-    holder = wait_released(run.round_dir(r) / LOCK, AGGREGATE_WAIT_S)
-    if holder is not None:
-        raise RunError(f"{run.round_dir(r)}: its results are {describe_holder(holder, 'written')} for more than "
-                       f"{AGGREGATE_WAIT_S:.0f} s; run `mt report` again when they are done")
 
 
 def png(fig) -> bytes:
@@ -113,8 +100,7 @@ def write_report(run_dir) -> Path:
 
     ctx = reopen_context(run_dir, with_images=False)
     run, task, heads, cfg = ctx.run, ctx.task, ctx.heads, ctx.cfg
-    r, why = run.shown_round(cfg.train.folds)
-    wait_for_results(run, r)
+    r, why = run.shown_round(cfg.train.folds)  # once the round's results are written
     summaries = {q: read_json(run.round_dir(q) / "summary.json") for q in run.rounds()}
     oof = load_npz(run.round_dir(r) / "oof.npz")
     combined, classes = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(r)),

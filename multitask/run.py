@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from multitask.lock import LOCK, alive, describe_holder, file_lock, lock_holder, waiting_lock
+from multitask.lock import LOCK, alive, describe_holder, file_lock, lock_holder, wait_released, waiting_lock
 
 
 def _umask() -> int:
@@ -262,6 +262,7 @@ def fold_checkpoint(cfg) -> str:
     return "avg.pt" if cfg.train.avg_top_k > 0 else "best.pt"
 
 
+RESULTS_WAIT_S = 600.0  # how long a reader waits for a round's results being written
 SOFT_FILE = "pseudo_soft.npz"  # a soft pseudo-label round's labels: image_id, and fold<k> final-class probabilities
 
 
@@ -359,10 +360,10 @@ class RunDir:
         round made before training ids, or one with no fold models of its own (an ensemble)."""
         return read_json(self.round_dir(r) / "summary.json").get("train_ids")
 
-    def check_round_current(self, r: int, n_folds: int, settings: str | None = None) -> None:
+    def check_round_current(self, r: int, n_folds: int, settings: tuple[str, ...] | None = None) -> None:
         """Round r's results (OOF, voted test probabilities, decision) were built from the fold
-        outputs that are there now, and (given `settings`, context.settings_hash) every fold was
-        trained under the settings config.yaml holds: `submit`, `predict`, `export`, `distill` and
+        outputs that are there now, and (given `settings`, context.run_settings_hashes) every fold
+        was trained under the settings config.yaml holds: `submit`, `predict`, `export`, `distill` and
         `pseudo-label` read them only then."""
         made = self.round_train_ids(r)
         if made is None:  # a run made before training ids
@@ -378,25 +379,40 @@ class RunDir:
         if settings is not None:
             self.check_fold_settings(r, {k: s["settings"] for k, s in stamps.items()}, settings)
 
-    def check_fold_settings(self, r: int, trained: dict, settings: str) -> None:
-        """Folds of round r were trained under `settings` (context.settings_hash of what config.yaml
-        holds now); `trained`: each fold's recorded hash (None: made before hashes)."""
-        other = [str(k) for k, h in trained.items() if h is not None and as_id(h) != settings]
+    def check_fold_settings(self, r: int, trained: dict, settings: tuple[str, ...]) -> None:
+        """Folds of round r were trained under `settings` (context.run_settings_hashes of what
+        config.yaml holds now: any of them); `trained`: each fold's recorded hash (None: made before
+        hashes)."""
+        other = [str(k) for k, h in trained.items() if h is not None and as_id(h) not in settings]
         if other:
             raise RunError(f"{self.round_dir(r)}: fold(s) {', '.join(other)} were trained under other settings than "
                            f"{self.config} holds now (was it edited?); a run's settings cannot change: put them "
                            f"back, or start a run with these settings (`mt train --out NEW`)")
+
+    def wait_for_results(self, r: int) -> None:
+        """Round r's results are written file by file (oof.npz first, summary.json last): read while a
+        process writes them, they mixed the old summary with the new folds, and called the fold just
+        finished "not started". Wait until none does."""
+        lock = self.round_dir(r) / LOCK
+        holder = wait_released(lock, RESULTS_WAIT_S)
+        if holder is not None:
+            raise RunError(f"{self.round_dir(r)}: its results are {describe_holder(holder, 'written', lock)} for "
+                           f"more than {RESULTS_WAIT_S:.0f} s; run the command again when they are done")
 
     def choose_round(self, n_folds: int, r: int | None = None, can_pick: bool = True) -> tuple[int, str]:
         """Round r, or by default the complete round (every fold done) with the best OOF macro F1
         (rounds are comparable: the same groups in the same folds, and pseudo labels only ever
         train). Returns the round and a line that says why it was chosen, what it lacks, and which
         later rounds are unfinished. `can_pick`: the command has a --round to name one with."""
+        for q in self.started_rounds():
+            self.wait_for_results(q)
         rounds = self.rounds()
         if not rounds:
             raise FileNotFoundError(self.unfinished(n_folds))
         summaries = {q: read_json(self.round_dir(q) / "summary.json") for q in rounds}
-        missing = {q: s.get("folds_missing", {}) for q, s in summaries.items()}
+        # a summary's reasons are as old as it is: a fold it found not started may be training now
+        missing = {q: {k: why if self.fold_done(q, int(k), with_test=False) else self.why_missing(q, int(k))
+                       for k, why in s.get("folds_missing", {}).items()} for q, s in summaries.items()}
         if r is not None:
             if r not in rounds:
                 raise FileNotFoundError(f"{self.root}: round {r} is not a finished round (finished: {rounds})")

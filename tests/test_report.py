@@ -55,31 +55,36 @@ def test_report_is_one_page_whose_pictures_load_in_a_browser(demo_root, tmp_path
     assert shot.stat().st_size > 20_000
 
 
-def test_the_report_waits_for_a_round_whose_results_are_being_written(demo_root, tmp_path, monkeypatch):
-    """Read while another process aggregated the round, the page mixed the old summary (2 of 3 folds)
-    with the new OOF of every fold."""
+def test_readers_wait_for_a_round_whose_results_are_being_written(demo_root, tmp_path, monkeypatch):
+    """Read while another process aggregated the round, the report mixed the old summary (2 of 3
+    folds) with the new OOF of every fold, and `mt submit` called the fold just finished "not
+    started": the round's readers (report, submit, predict, export, a pseudo-label round) wait."""
     import json
     import socket
     import sys
 
     import multitask.report as report
+    import multitask.run as run_module
     from multitask.run import RunDir, RunError
+    from multitask.submit import make_submission
 
     out = tmp_path / "run"
     train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), out)
     lock = RunDir(out).round_dir(0) / "lock.json"
-    monkeypatch.setattr(report, "AGGREGATE_WAIT_S", 1.0)
+    monkeypatch.setattr(run_module, "RESULTS_WAIT_S", 1.0)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x"}))
-        with pytest.raises(RunError, match=rf"round0: its results are being written by {socket.gethostname()} pid "
-                                           rf"{sleeper.pid} .* for more than 1 s; run `mt report` again"):
-            report.write_report(out)
-        assert not RunDir(out).report.exists()
+        for read, made in ((report.write_report, RunDir(out).report), (make_submission, RunDir(out).submission)):
+            with pytest.raises(RunError, match=rf"round0: its results are being written by {socket.gethostname()} "
+                                               rf"pid {sleeper.pid} .* for more than 1 s; run the command again"):
+                read(out)
+            assert not made.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
     assert report.write_report(out).exists()  # its holder gone: the lock is stale, the page is written
+    assert make_submission(out).exists()
 
 
 # ---- mt runs: held-out scores of table tasks, and runs that cannot be read ----

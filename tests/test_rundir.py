@@ -519,6 +519,9 @@ def test_folds_are_claimed_by_lock_and_the_vote_waits_for_every_fold(demo_root, 
     try:
         lock.parent.mkdir(parents=True)
         lock.write_text(json.dumps({"host": "elsewhere", "pid": sleeper.pid, "since": "2026-11-26 00:00:00"}))
+        # the round's summary still says "not started"; submit tells how things stand now
+        with pytest.raises(FileNotFoundError, match=r"round 0 lacks fold 1 \(being trained by elsewhere pid"):
+            make_submission(out)
         summary = resume_run(out)
         assert summary["folds_done"] == [0]
         assert summary["folds_missing"]["1"].startswith("being trained by elsewhere pid")

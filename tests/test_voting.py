@@ -162,6 +162,60 @@ def test_a_run_pins_the_checkpoint_it_started_from(demo_root, tmp_path):
         train_run(tiny_config(demo_root, "train.fold=[1]", f"model.checkpoint={ckpt}"), tmp_path / "run")
 
 
+def test_a_moved_checkpoint_is_followed_through_config_yaml_and_folds_of_an_older_mt_still_count(demo_root, tmp_path):
+    """model.checkpoint is where the weights are, not what they are (their sha256 is): a run whose
+    checkpoint moved is told to write its new place in config.yaml, and then resumes with the folds
+    it had. Folds an earlier mt trained carry a hash that held the checkpoint's place, and count too."""
+    import timm
+    import yaml
+
+    from multitask.context import run_settings_hashes
+    from multitask.kfold import resume_run
+    from multitask.model import CheckpointError
+    from multitask.pseudo import pseudo_label
+    from multitask.submit import make_submission
+
+    (tmp_path / "a").mkdir()
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), tmp_path / "a" / "w.pth")
+    train_run(tiny_config(demo_root, "train.fold=[0]", f"model.checkpoint={tmp_path / 'a' / 'w.pth'}"), tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "w.pth").rename(tmp_path / "b" / "w.pth")
+    for command in (resume_run, pseudo_label):
+        with pytest.raises(ValueError, match=rf"a/w.pth: checkpoint file not found \(model.checkpoint in "
+                                             rf".*run/config.yaml\); if it moved, write its new place there"):
+            command(tmp_path / "run")
+    assert not run.fold_dir(0, 1).exists() and run.rounds() == [0]
+
+    written = yaml.safe_load(run.config.read_text())
+    written["model"]["checkpoint"] = str(tmp_path / "b" / "w.pth")
+    run.config.write_text(yaml.safe_dump(written, sort_keys=False))
+    resume_run(tmp_path / "run")  # fold 0, trained when the file was in a/, still counts
+    assert run.fold_done(0, 0, with_test=True) and run.fold_done(0, 1, with_test=True)
+    assert read_json(run.round_dir(0) / "summary.json")["folds_done"] == [0, 1]
+    make_submission(tmp_path / "run")
+    torch.manual_seed(2)  # what it is may not change: other weights at the new place are refused
+    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), tmp_path / "b" / "w.pth")
+    with pytest.raises(CheckpointError, match="w.pth: not the checkpoint this run started from"):
+        pseudo_label(tmp_path / "run")
+
+    # a fold stamped with the former hash (the checkpoint's place inside) counts; one with another hash does not
+    from multitask.config import load_config
+    now, former = run_settings_hashes(run, load_config(run.config))
+    assert now != former
+    oof_path = run.fold_dir(0, 0) / "oof.npz"
+    for stamp, counts in ((former, True), ("0123456789abcdef", False)):
+        oof = dict(np.load(oof_path))
+        oof["settings"] = np.array(stamp)
+        np.savez(oof_path, **oof)
+        if counts:
+            make_submission(tmp_path / "run")
+        else:
+            with pytest.raises(ValueError, match=r"fold\(s\) 0 were trained under other settings"):
+                make_submission(tmp_path / "run")
+
+
 def test_tensorboard_scalars_per_fold_and_head(demo_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
