@@ -34,27 +34,51 @@ PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("p
 
 
 # Where things are, not what they are: a data set (or a teacher run, or a checkpoint file) may move,
-# and the run with it. What a checkpoint is stays a setting: its digest, model.checkpoint_sha256.
+# and the run with it. Whether there is one stays a setting (a run started from a checkpoint or from
+# scratch), and so does what a checkpoint is: its digest, model.checkpoint_sha256.
 LOCATIONS = {("data_root",), ("task", "table"), ("task", "images"), ("task", "test"), ("distill", "teacher"),
              ("model", "checkpoint")}
-# Locations that earlier versions of mt hashed as settings: folds trained then carry a hash with them in.
+# Locations that earlier versions of mt hashed as settings, place and all (and the other locations
+# not at all): folds trained then carry such a hash.
 FORMER_SETTINGS = {("model", "checkpoint")}
+_LEFT_OUT = object()
 
 
 def settings_hash(cfg: Config, written: dict | None = None, former: bool = False) -> str:
-    """The run's settings, the per-invocation ones and locations left out: every fold's outputs carry
-    it, so a fold trained under other settings than config.yaml now holds is found, not voted (the
-    images themselves are checked by their identities, kfold.check_identities). `written` is the
-    run's config.yaml as it was written: a setting it does not name was added to mt after the run
-    was made, is at its default (what the run did), and is left out, so that a newer mt still reads
-    the run's folds. `former`: the hash as mt computed it before FORMER_SETTINGS became locations."""
-    left_out = PER_INVOCATION | (LOCATIONS - FORMER_SETTINGS if former else LOCATIONS)
+    """The run's settings, the per-invocation ones left out and locations counted by whether there is
+    one, not where: every fold's outputs carry it, so a fold trained under other settings than
+    config.yaml now holds is found, not voted (the images themselves are checked by their
+    identities, kfold.check_identities). `written` is the run's config.yaml as it was written: a
+    setting it does not name was added to mt after the run was made, is at its default (what the run
+    did), and is left out, so that a newer mt still reads the run's folds. `former`: the hash as mt
+    computed it before FORMER_SETTINGS became locations."""
+    def counted(key: tuple, value):
+        if key in PER_INVOCATION:
+            return _LEFT_OUT
+        if former:
+            return value if key in FORMER_SETTINGS else _LEFT_OUT if key in LOCATIONS else value
+        return value is not None if key in LOCATIONS else value
 
     def kept(node: dict, like, prefix: tuple = ()) -> dict:
-        return {k: kept(v, like.get(k) if isinstance(like, dict) else None, prefix + (k,)) if isinstance(v, dict) else v
-                for k, v in node.items()
-                if prefix + (k,) not in left_out and (like is None or k in like)}
+        out = {}
+        for k, v in node.items():
+            if like is not None and k not in like:
+                continue
+            value = kept(v, like.get(k) if isinstance(like, dict) else None, prefix + (k,)) if isinstance(v, dict) \
+                else counted(prefix + (k,), v)
+            if value is not _LEFT_OUT:
+                out[k] = value
+        return out
     return hashlib.sha1(json.dumps(kept(cfg.model_dump(mode="json"), written), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def former_checkpoint_hint(cfg: Config) -> str:
+    """What a settings mismatch may be in a run started from a checkpoint: folds of an earlier mt hold
+    the checkpoint's place in their settings (FORMER_SETTINGS), so for them it cannot move."""
+    if not cfg.model.checkpoint:
+        return ""
+    return (". If only model.checkpoint moved and the folds were trained by an earlier mt (which counted its "
+            "place as a setting), write its old place back and put the file there (or a link to it)")
 
 
 def run_settings_hashes(run: RunDir, cfg: Config) -> tuple[str, str]:
@@ -69,7 +93,7 @@ def run_settings_hashes(run: RunDir, cfg: Config) -> tuple[str, str]:
 
 def check_round(run: RunDir, r: int, cfg: Config) -> None:
     """Round r may be read: its results come from the fold outputs there now, made under these settings."""
-    run.check_round_current(r, cfg.train.folds, run_settings_hashes(run, cfg))
+    run.check_round_current(r, cfg.train.folds, run_settings_hashes(run, cfg), former_checkpoint_hint(cfg))
 
 
 def check_ensemble_members(cfg: Config) -> None:
@@ -179,6 +203,17 @@ def differing_keys(a: dict, b: dict, prefix: tuple = ()) -> list[str]:
     return out
 
 
+def moved_only(a: dict, b: dict, changed: list[str]) -> bool:
+    """The `changed` keys between settings `a` and `b` (differing_keys) are all locations with a
+    place on both sides: something moved, nothing was added, removed or set otherwise."""
+    def at(node, key):
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+    return bool(changed) and all(tuple(k.split(".")) in LOCATIONS and at(a, k) is not None and at(b, k) is not None
+                                 for k in changed)
+
+
 def clear_run(run: RunDir) -> None:
     """`--force`: remove everything `mt` wrote into a run directory (every round, the folds, the
     config, the summaries and the submission); other files stay. Refused while a live process holds a
@@ -203,7 +238,12 @@ def claim_run_dir(run: RunDir, cfg: Config, force: bool = False) -> None:
         clear_run(run)
     if run.config.exists():
         old = load_config(run.config)
-        diff = differing_keys(old.model_dump(mode="json"), cfg.model_dump(mode="json"))
+        then, now = old.model_dump(mode="json"), cfg.model_dump(mode="json")
+        diff = differing_keys(then, now)
+        if moved_only(then, now, diff):
+            raise ConfigError(f"{run.root} already holds this run with {', '.join(diff)} at another place; if it "
+                              f"moved, write its new place in {run.config} and train on (--force would remove "
+                              f"every fold the run has)")
         if diff:
             raise ConfigError(f"{run.root} already holds a run with other settings ({', '.join(diff)}); "
                               f"choose another --out, or --force to start it over with these settings")
@@ -341,7 +381,11 @@ def load_run_config(run: RunDir, overrides: list[str] = ()) -> Config:
     if not run.config.exists():
         raise FileNotFoundError(f"{run.config}: not found; is {run.root} a run directory made by `mt train`?")
     cfg = load_config(run.config, overrides)
-    changed = differing_keys(load_config(run.config).model_dump(mode="json"), cfg.model_dump(mode="json"))
+    written, now = load_config(run.config).model_dump(mode="json"), cfg.model_dump(mode="json")
+    changed = differing_keys(written, now)
+    if moved_only(written, now, changed):
+        raise ConfigError(f"{', '.join(changed)}: where things are is not set per command; if it moved, write its "
+                          f"new place in {run.config}, which the run's later commands read too")
     if changed:
         raise ConfigError(f"{run.config}: {', '.join(changed)} cannot change in an existing run (only "
                           f"{', '.join(sorted('.'.join(k) for k in PER_INVOCATION))} can); start another run with `mt train`")

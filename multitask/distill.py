@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from multitask.config import Config, ConfigError, DistillCfg, apply_overrides, validate
-from multitask.context import (build_task, check_round, claim_run_dir, clear_run, load_run_config, open_context,
-                               reopen_context, task_of)
+from multitask.context import (build_task, check_checkpoint_place, check_round, claim_run_dir, clear_run, load_run_config,
+                               open_context, reopen_context, task_of)
 from multitask.data.cache import undecodable_error
 from multitask.data.folds import with_labels
 from multitask.decide import Decision, blend_only, load_decision, predict_classes
@@ -106,6 +106,8 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
         raise ConfigError(f"--val-fold {val_fold}: the teacher has folds 0..{t_cfg.train.folds - 1}")
     cfg = student_config(t_cfg, teacher.root, r, backbone, img_size, epochs, heads, true_weight, unlabeled, val_fold,
                          list(overrides))
+    if cfg.model.checkpoint and cfg.model.checkpoint == t_cfg.model.checkpoint:
+        check_checkpoint_place(teacher, t_cfg)  # the student starts where the teacher did
     check_model(cfg.model, build_task(cfg)[1])
     t_ctx = reopen_context(teacher.root, with_images=False)
     run = RunDir(out)

@@ -18,7 +18,8 @@ import torch
 from multitask import dist
 from multitask.config import Config, ConfigError
 from multitask.context import (Context, build_task, check_checkpoint_place, claim_run_dir, every_fold, load_images,
-                               open_context, read_checked, reopen_context, run_settings_hashes)
+                               former_checkpoint_hint, open_context, read_checked, reopen_context,
+                               run_settings_hashes)
 from multitask.budget import epochs_of_run, fit_epochs
 from multitask.curves import plot_round
 from multitask.data.augment import check_albumentations
@@ -323,11 +324,12 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
     interrupted ones carry on from their last.pt."""
     # a run stopped between its config.yaml and its folds.csv gets the folds `mt train` would have written
     ctx = reopen_context(run_dir, every_fold(overrides), progress, make_missing_folds=True)
-    check_checkpoint_place(ctx.run, ctx.cfg)
-    check_model(ctx.cfg.model)  # the checkpoint the run started from is still there, unchanged
     dist.on_main(ctx.run.sweep_killed_writes)
     started = ctx.run.started_rounds()
     r = started[-1] if started else 0
+    if not all(fold_finished(ctx, r, k) for k in range(ctx.cfg.train.folds)):  # else only the results are rebuilt
+        check_checkpoint_place(ctx.run, ctx.cfg)
+        check_model(ctx.cfg.model)  # the checkpoint the run started from is still there, unchanged
     check_round_labels(ctx, r)
     check_finished_folds(ctx, r)
     return train_round(ctx, r, progress, resume=True)
@@ -344,7 +346,7 @@ def check_finished_folds(ctx: Context, r: int) -> None:
             oof = load_npz(fold_dir / "oof.npz")
             check_identities(ctx, r, k, oof, load_npz(fold_dir / "test.npz") if ctx.table.test is not None else None)
             trained[k] = oof.get("settings")
-    ctx.run.check_fold_settings(r, trained, run_settings_hashes(ctx.run, ctx.cfg))
+    ctx.run.check_fold_settings(r, trained, run_settings_hashes(ctx.run, ctx.cfg), former_checkpoint_hint(ctx.cfg))
 
 
 def check_round_labels(ctx: Context, r: int) -> None:

@@ -73,7 +73,7 @@ def pin_checkpoint(cfg: ModelCfg) -> ModelCfg:
     if cfg.checkpoint_sha256 and cfg.checkpoint_sha256 != digest:
         raise CheckpointError(f"{path}: not the checkpoint this run started from (sha256 {digest[:12]}…, the run "
                               f"recorded {cfg.checkpoint_sha256[:12]}…): it was overwritten since; put the old "
-                              f"file back, or train a new run from this one")
+                              f"file back (or point model.checkpoint at it), or train a new run from this one")
     return cfg.model_copy(update={"checkpoint_sha256": digest})
 
 

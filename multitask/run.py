@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -262,7 +263,8 @@ def fold_checkpoint(cfg) -> str:
     return "avg.pt" if cfg.train.avg_top_k > 0 else "best.pt"
 
 
-RESULTS_WAIT_S = 600.0  # how long a reader waits for a round's results being written
+RESULTS_WAIT_S = 600.0  # how long a reader waits for a round's results being written on this host
+OTHER_HOST_WAIT_S = 30.0  # and on another: a lock its killed writer left there is never released
 SOFT_FILE = "pseudo_soft.npz"  # a soft pseudo-label round's labels: image_id, and fold<k> final-class probabilities
 
 
@@ -321,6 +323,12 @@ class RunDir:
             return "started, not finished"
         return "not started"
 
+    def why_missing_now(self, r: int, k: int) -> str:
+        """Why fold k is missing from round r's results, as things stand now."""
+        if self.fold_done(r, k, with_test=False):
+            return f"finished since the round's results were written; `mt resume --run {self.root}` adds it"
+        return self.why_missing(r, k)
+
     def sweep_killed_writes(self) -> None:
         """Remove the temp files of writes a kill interrupted (atomic writes leave nothing else). Those
         of live writers (other processes training folds of this run) stay, and so do those of another
@@ -360,7 +368,8 @@ class RunDir:
         round made before training ids, or one with no fold models of its own (an ensemble)."""
         return read_json(self.round_dir(r) / "summary.json").get("train_ids")
 
-    def check_round_current(self, r: int, n_folds: int, settings: tuple[str, ...] | None = None) -> None:
+    def check_round_current(self, r: int, n_folds: int, settings: tuple[str, ...] | None = None,
+                            hint: str = "") -> None:
         """Round r's results (OOF, voted test probabilities, decision) were built from the fold
         outputs that are there now, and (given `settings`, context.run_settings_hashes) every fold
         was trained under the settings config.yaml holds: `submit`, `predict`, `export`, `distill` and
@@ -377,27 +386,33 @@ class RunDir:
             raise RunError(f"{self.round_dir(r)}: the round's results were built from other outputs of fold(s) "
                            f"{', '.join(changed)} than the run holds now; `mt resume --run {self.root}` rebuilds them")
         if settings is not None:
-            self.check_fold_settings(r, {k: s["settings"] for k, s in stamps.items()}, settings)
+            self.check_fold_settings(r, {k: s["settings"] for k, s in stamps.items()}, settings, hint)
 
-    def check_fold_settings(self, r: int, trained: dict, settings: tuple[str, ...]) -> None:
+    def check_fold_settings(self, r: int, trained: dict, settings: tuple[str, ...], hint: str = "") -> None:
         """Folds of round r were trained under `settings` (context.run_settings_hashes of what
         config.yaml holds now: any of them); `trained`: each fold's recorded hash (None: made before
-        hashes)."""
+        hashes). `hint` ends the error: what else it may be."""
         other = [str(k) for k, h in trained.items() if h is not None and as_id(h) not in settings]
         if other:
             raise RunError(f"{self.round_dir(r)}: fold(s) {', '.join(other)} were trained under other settings than "
                            f"{self.config} holds now (was it edited?); a run's settings cannot change: put them "
-                           f"back, or start a run with these settings (`mt train --out NEW`)")
+                           f"back, or start a run with these settings (`mt train --out NEW`){hint}")
 
     def wait_for_results(self, r: int) -> None:
         """Round r's results are written file by file (oof.npz first, summary.json last): read while a
         process writes them, they mixed the old summary with the new folds, and called the fold just
-        finished "not started". Wait until none does."""
+        finished "not started". Wait until none does (a few seconds, as a rule), and say so."""
         lock = self.round_dir(r) / LOCK
-        holder = wait_released(lock, RESULTS_WAIT_S)
+        holder = lock_holder(lock)
+        if holder is None:
+            return
+        timeout_s = RESULTS_WAIT_S if holder.get("host") in (None, socket.gethostname()) else OTHER_HOST_WAIT_S
+        print(f"{self.round_dir(r)}: its results are {describe_holder(holder, 'written')}; waiting for them "
+              f"(up to {timeout_s:.0f} s)", file=sys.stderr)
+        holder = wait_released(lock, timeout_s)
         if holder is not None:
             raise RunError(f"{self.round_dir(r)}: its results are {describe_holder(holder, 'written', lock)} for "
-                           f"more than {RESULTS_WAIT_S:.0f} s; run the command again when they are done")
+                           f"more than {timeout_s:.0f} s; run the command again when they are done")
 
     def choose_round(self, n_folds: int, r: int | None = None, can_pick: bool = True) -> tuple[int, str]:
         """Round r, or by default the complete round (every fold done) with the best OOF macro F1
@@ -411,8 +426,8 @@ class RunDir:
             raise FileNotFoundError(self.unfinished(n_folds))
         summaries = {q: read_json(self.round_dir(q) / "summary.json") for q in rounds}
         # a summary's reasons are as old as it is: a fold it found not started may be training now
-        missing = {q: {k: why if self.fold_done(q, int(k), with_test=False) else self.why_missing(q, int(k))
-                       for k, why in s.get("folds_missing", {}).items()} for q, s in summaries.items()}
+        missing = {q: {k: self.why_missing_now(q, int(k)) for k in s.get("folds_missing", {})}
+                   for q, s in summaries.items()}
         if r is not None:
             if r not in rounds:
                 raise FileNotFoundError(f"{self.root}: round {r} is not a finished round (finished: {rounds})")

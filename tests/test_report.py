@@ -55,7 +55,7 @@ def test_report_is_one_page_whose_pictures_load_in_a_browser(demo_root, tmp_path
     assert shot.stat().st_size > 20_000
 
 
-def test_readers_wait_for_a_round_whose_results_are_being_written(demo_root, tmp_path, monkeypatch):
+def test_readers_wait_for_a_round_whose_results_are_being_written(demo_root, tmp_path, monkeypatch, capsys):
     """Read while another process aggregated the round, the report mixed the old summary (2 of 3
     folds) with the new OOF of every fold, and `mt submit` called the fold just finished "not
     started": the round's readers (report, submit, predict, export, a pseudo-label round) wait."""
@@ -80,11 +80,19 @@ def test_readers_wait_for_a_round_whose_results_are_being_written(demo_root, tmp
                                                rf"pid {sleeper.pid} .* for more than 1 s; run the command again"):
                 read(out)
             assert not made.exists()
+        assert "waiting for them (up to 1 s)" in capsys.readouterr().err
     finally:
         sleeper.kill()
         sleeper.wait()
     assert report.write_report(out).exists()  # its holder gone: the lock is stale, the page is written
     assert make_submission(out).exists()
+    # another machine's lock, which a killed writer there leaves for good: a shorter wait, and what to do
+    monkeypatch.setattr(run_module, "RESULTS_WAIT_S", 60.0)
+    monkeypatch.setattr(run_module, "OTHER_HOST_WAIT_S", 1.0)
+    lock.write_text(json.dumps({"host": "kaggle-abc123", "pid": 4242, "since": "x"}))
+    with pytest.raises(RunError, match=rf"being written by kaggle-abc123 pid 4242 since x \(remove {lock} if that "
+                                       rf"machine is gone\) for more than 1 s"):
+        make_submission(out)
 
 
 # ---- mt runs: held-out scores of table tasks, and runs that cannot be read ----

@@ -508,6 +508,7 @@ def test_folds_are_claimed_by_lock_and_the_vote_waits_for_every_fold(demo_root, 
     out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
     summary = train_run(tiny_config(demo_root, cache, "train.fold=[0]"), out)
     assert summary["folds_missing"] == {"1": "not started"} and not summary["complete"]
+    fold0_only = (RunDir(out).round_dir(0) / "summary.json").read_text()
     with pytest.raises(FileNotFoundError, match=r"no round has every fold done; round 0 lacks fold 1 \(not started\)"):
         make_submission(out)
     said = []
@@ -537,6 +538,10 @@ def test_folds_are_claimed_by_lock_and_the_vote_waits_for_every_fold(demo_root, 
     summary = resume_run(out)  # dead on this host: taken over
     assert summary["folds_done"] == [0, 1] and summary["complete"] and not lock.exists()
     assert RunDir(out).choose_round(2)[0] == 0
+    (RunDir(out).round_dir(0) / "summary.json").write_text(fold0_only)  # as if killed before it was rewritten
+    with pytest.raises(FileNotFoundError, match=r"round 0 lacks fold 1 \(finished since the round's results were "
+                                                r"written; `mt resume --run .*` adds it\)"):
+        make_submission(out)
 
 
 def test_two_processes_share_the_folds_of_one_round(demo_root, tmp_path):

@@ -163,57 +163,89 @@ def test_a_run_pins_the_checkpoint_it_started_from(demo_root, tmp_path):
 
 
 def test_a_moved_checkpoint_is_followed_through_config_yaml_and_folds_of_an_older_mt_still_count(demo_root, tmp_path):
-    """model.checkpoint is where the weights are, not what they are (their sha256 is): a run whose
-    checkpoint moved is told to write its new place in config.yaml, and then resumes with the folds
-    it had. Folds an earlier mt trained carry a hash that held the checkpoint's place, and count too."""
+    """model.checkpoint is where the weights are, not what they are (their sha256 is), nor whether
+    there are any (a run from scratch is another run): a run whose checkpoint moved is told to write
+    its new place in config.yaml, and then resumes with the folds it had. Folds an earlier mt
+    trained carry a hash that held the checkpoint's place, and count too."""
     import timm
     import yaml
 
+    from multitask.config import ConfigError, load_config
     from multitask.context import run_settings_hashes
+    from multitask.distill import distill
     from multitask.kfold import resume_run
     from multitask.model import CheckpointError
     from multitask.pseudo import pseudo_label
     from multitask.submit import make_submission
 
-    (tmp_path / "a").mkdir()
+    a, b, c = (tmp_path / name / "w.pth" for name in "abc")
+    for place in (a, b, c):
+        place.parent.mkdir()
     torch.manual_seed(1)
-    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), tmp_path / "a" / "w.pth")
-    train_run(tiny_config(demo_root, "train.fold=[0]", f"model.checkpoint={tmp_path / 'a' / 'w.pth'}"), tmp_path / "run")
+    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), a)
+    train_run(tiny_config(demo_root, "train.fold=[0]", f"model.checkpoint={a}"), tmp_path / "run")
     run = RunDir(tmp_path / "run")
-    (tmp_path / "b").mkdir()
-    (tmp_path / "a" / "w.pth").rename(tmp_path / "b" / "w.pth")
+    a.rename(b)
     for command in (resume_run, pseudo_label):
-        with pytest.raises(ValueError, match=rf"a/w.pth: checkpoint file not found \(model.checkpoint in "
-                                             rf".*run/config.yaml\); if it moved, write its new place there"):
+        with pytest.raises(ValueError, match=r"a/w.pth: checkpoint file not found \(model.checkpoint in "
+                                             r".*run/config.yaml\); if it moved, write its new place there"):
             command(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"model.checkpoint: where things are is not set per command; if it moved, "
+                                          r"write its new place in .*run/config.yaml"):
+        resume_run(tmp_path / "run", [f"model.checkpoint={b}"])
+    with pytest.raises(ConfigError, match=r"holds this run with model.checkpoint at another place; if it moved, write "
+                                          r"its new place in .*config.yaml and train on \(--force would remove"):
+        train_run(tiny_config(demo_root, "train.fold=[1]", f"model.checkpoint={b}"), tmp_path / "run")
     assert not run.fold_dir(0, 1).exists() and run.rounds() == [0]
 
     written = yaml.safe_load(run.config.read_text())
-    written["model"]["checkpoint"] = str(tmp_path / "b" / "w.pth")
-    run.config.write_text(yaml.safe_dump(written, sort_keys=False))
+    run.config.write_text(yaml.safe_dump(written | {"model": written["model"] | {"checkpoint": str(b)}}, sort_keys=False))
     resume_run(tmp_path / "run")  # fold 0, trained when the file was in a/, still counts
-    assert run.fold_done(0, 0, with_test=True) and run.fold_done(0, 1, with_test=True)
     assert read_json(run.round_dir(0) / "summary.json")["folds_done"] == [0, 1]
     make_submission(tmp_path / "run")
-    torch.manual_seed(2)  # what it is may not change: other weights at the new place are refused
-    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), tmp_path / "b" / "w.pth")
-    with pytest.raises(CheckpointError, match="w.pth: not the checkpoint this run started from"):
-        pseudo_label(tmp_path / "run")
 
-    # a fold stamped with the former hash (the checkpoint's place inside) counts; one with another hash does not
-    from multitask.config import load_config
+    b.rename(c)  # the checkpoint is read to train, not to rebuild a round's results or to read them
+    (run.round_dir(0) / "summary.json").unlink()  # as an aggregation killed halfway leaves the round
+    assert resume_run(tmp_path / "run")["folds_done"] == [0, 1]
+    make_submission(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"b/w.pth: checkpoint file not found \(model.checkpoint in .*run/config.yaml"):
+        distill(tmp_path / "run", tmp_path / "student")  # it keeps the teacher's backbone, and so its weights
+    assert not (tmp_path / "student").exists()
+
+    torch.manual_seed(2)  # what it is may not change: other weights at the named place are refused
+    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), b)
+    with pytest.raises(CheckpointError, match=r"w.pth: not the checkpoint this run started from .* put the old file "
+                                              r"back \(or point model.checkpoint at it\)"):
+        pseudo_label(tmp_path / "run")
+    # nor whether there is one: from the checkpoint to none (its digest left as it was), or from none to one
+    run.config.write_text(yaml.safe_dump(written | {"model": written["model"] | {"checkpoint": None}}, sort_keys=False))
+    for command in (resume_run, make_submission):
+        with pytest.raises(ValueError, match=r"fold\(s\) 0, 1 were trained under other settings"):
+            command(tmp_path / "run")
+    train_run(tiny_config(demo_root, "train.fold=[0]"), tmp_path / "scratch")
+    scratch = RunDir(tmp_path / "scratch")
+    scratch.config.write_text(scratch.config.read_text().replace("checkpoint: null", f"checkpoint: {c}"))
+    with pytest.raises(ValueError, match=r"fold\(s\) 0 were trained under other settings"):
+        resume_run(tmp_path / "scratch")
+    assert not scratch.fold_dir(0, 1).exists()
+
+    # a fold stamped with the former hash (the checkpoint's place inside) counts while the place is the
+    # one it was trained with; moved, the error says how to get the fold back
+    run.config.write_text(yaml.safe_dump(written, sort_keys=False))  # the place fold 0 was trained with: a/
     now, former = run_settings_hashes(run, load_config(run.config))
     assert now != former
     oof_path = run.fold_dir(0, 0) / "oof.npz"
-    for stamp, counts in ((former, True), ("0123456789abcdef", False)):
-        oof = dict(np.load(oof_path))
-        oof["settings"] = np.array(stamp)
-        np.savez(oof_path, **oof)
-        if counts:
-            make_submission(tmp_path / "run")
-        else:
-            with pytest.raises(ValueError, match=r"fold\(s\) 0 were trained under other settings"):
-                make_submission(tmp_path / "run")
+    oof = dict(np.load(oof_path))
+    np.savez(oof_path, **oof | {"settings": np.array(former)})
+    make_submission(tmp_path / "run")
+    run.config.write_text(yaml.safe_dump(written | {"model": written["model"] | {"checkpoint": str(c)}}, sort_keys=False))
+    assert run_settings_hashes(run, load_config(run.config))[0] == now  # where it is does not count now
+    with pytest.raises(ValueError, match=r"fold\(s\) 0 were trained under other settings .* If only "
+                                         r"model.checkpoint moved and the folds were trained by an earlier mt"):
+        make_submission(tmp_path / "run")
+    np.savez(oof_path, **oof | {"settings": np.array("0123456789abcdef")})
+    with pytest.raises(ValueError, match=r"fold\(s\) 0 were trained under other settings"):
+        make_submission(tmp_path / "run")
 
 
 def test_tensorboard_scalars_per_fold_and_head(demo_root, tmp_path):
