@@ -198,13 +198,17 @@ def test_a_test_image_that_is_also_a_training_image_is_refused(table_root, tmp_p
     """Through pseudo labels it would teach each fold its own validation pictures."""
     train = pd.read_csv(table_root / "train.csv", dtype=str)
     test = pd.read_csv(table_root / "test.csv", dtype=str)
-    test.loc[1, "path"] = "./" + train.loc[3, "path"]  # line 3: line 5 of train.csv, named another way
-    test.to_csv(table_root / "leaky_test.csv", index=False)
     cfg = table_config(table_root, COLOUR, test=False)
     cfg.task.test = str(table_root / "leaky_test.csv")
-    with pytest.raises(DataError, match=r"leaky_test.csv: 1 problem\(s\)[\s\S]*line 3: .* is also a training "
-                                        r"image \(.*train.csv line 5\)"):
-        read_table(cfg.task, task_of(cfg))
+    top, rest = train.loc[3, "path"].split("/", 1)
+    (table_root / "alias").symlink_to(table_root / top)  # a link inside the root is allowed: the same files
+    # line 3: line 5 of train.csv, named another way
+    for other_name in ("./" + train.loc[3, "path"], f"{top}/../{top}/{rest}", f"alias/{rest}"):
+        test.loc[1, "path"] = other_name
+        test.to_csv(table_root / "leaky_test.csv", index=False)
+        with pytest.raises(DataError, match=r"leaky_test.csv: 1 problem\(s\)[\s\S]*line 3: .* is also a training "
+                                            r"image \(.*train.csv line 5\)"):
+            read_table(cfg.task, task_of(cfg))
     # listed with the training table's own problems, all at once (line 10 of bad.csv is train.csv's)
     cfg.task.table = str(write_bad_table(table_root))
     test.loc[1, "path"] = train.loc[8, "path"]
