@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -12,14 +13,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-app = typer.Typer(help="mt: multi-head k-fold training, pseudo-labels and submissions for product labels.",
+app = typer.Typer(help="mt: multi-head k-fold training, pseudo-labels and submissions for product labels. "
+                       "An error is one line; MT_TRACEBACK=1 shows its traceback.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
 
 @contextmanager
 def progress_and_errors():
-    """A rich progress display; known user errors become one red line and exit code 2."""
+    """A rich progress display; known user errors become one red line and exit code 2 (MT_TRACEBACK=1:
+    the traceback instead, for an error that looks like a bug: a ValueError may be numpy's too)."""
     from multitask.config import ConfigError
     from multitask.data.cache import ImageDecodeError
     from multitask.data.layout import LayoutError
@@ -33,6 +36,8 @@ def progress_and_errors():
                       TimeRemainingColumn(), console=console, transient=True) as progress:
             yield progress
     except known as e:
+        if os.environ.get("MT_TRACEBACK"):
+            raise
         console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2)
 

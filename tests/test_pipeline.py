@@ -437,6 +437,26 @@ def test_cli_train_and_submit(demo_root, tmp_path):
     assert result.exit_code == 2 and "config.yaml: not found" in result.output
 
 
+def test_errors_are_one_line_and_mt_traceback_shows_where_they_came_from(monkeypatch, tmp_path):
+    """An error is one red line, mt's own checks' and numpy's alike (a ValueError both); a bug's
+    traceback is there for the asking."""
+    import multitask.submit
+
+    def broken(*args, **kwargs):
+        return np.zeros(3) + np.zeros(4)  # a shape mismatch, as a bug would make
+
+    monkeypatch.setattr(multitask.submit, "make_submission", broken)
+    result = runner.invoke(app, ["submit", "--run", str(tmp_path)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "operands could not be broadcast" in said
+    result = runner.invoke(app, ["submit", "--run", str(tmp_path)], env={"MT_TRACEBACK": "1"})
+    assert isinstance(result.exception, ValueError) and "operands could not be broadcast" in str(result.exception)
+    monkeypatch.undo()
+    result = runner.invoke(app, ["submit", "--run", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "config.yaml: not found" in result.output
+    assert "MT_TRACEBACK=1 shows its traceback" in " ".join(runner.invoke(app, ["--help"]).output.split())
+
+
 def test_every_option_has_help_and_config_defaults_are_shown():
     import typer.main
 
