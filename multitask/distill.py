@@ -31,7 +31,7 @@ from multitask.kfold import train_ids, train_round
 from multitask.labels import FLAT_HEAD
 from multitask.model import check_model
 from multitask.outputs import CHUNK
-from multitask.predict import DecodedImages, run_outputs
+from multitask.inference import DecodedImages, run_outputs
 from multitask.run import RunDir, atomic_write_text, save_npz, write_json
 
 

@@ -29,8 +29,7 @@ from multitask.data.augment import tta_view
 from multitask.decide import aux_kinds, blend_only, load_decision, predict_classes
 from multitask.labels import Head, Task
 from multitask.numeric import aux_activation, aux_name, fine_to_bins, is_aux, standardise
-from multitask.inference import HARD_TIE_BREAK, load_model
-from multitask.predict import DecodedImages, round_models, run_outputs
+from multitask.inference import HARD_TIE_BREAK, DecodedImages, load_model, round_models, run_outputs
 from multitask.run import RunDir, atomic_write_bytes, check_output_file, sweep_killed_beside, writer_prefix
 from multitask.serve import META_KEY, need_serve_extra, task_meta
 

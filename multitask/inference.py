@@ -1,5 +1,6 @@
 """A model's head probabilities over images, with TTA, and the vote of several models: what a fold's
-validation, a round's aggregate and prediction on new images all run.
+validation, a round's aggregate and prediction on new images all run; and a finished round's (or an
+ensemble's) outputs on decoded images, which `mt predict`, `mt distill` and `mt export` read.
 
 Soft voting (the default) averages each head's probabilities (over TTA views, then over folds) before
 the heads are combined into the final class: averaging probabilities keeps each model's confidence,
@@ -13,13 +14,16 @@ import numpy as np
 import torch
 
 from multitask.config import Config
+from multitask.context import build_task, load_run_config
 from multitask.data.augment import tta_view
+from multitask.data.cache import decode_into
 from multitask.data.dataset import RowImages, eval_batches
-from multitask.device import autocast, place_model, prepare_input
-from multitask.labels import Head, Task
+from multitask.decide import blend_only, load_decision, predict_classes
+from multitask.device import autocast, place_model, prepare_input, resolve_device
+from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_kind, aux_outputs, is_aux
-from multitask.run import load_torch
+from multitask.run import RunDir, fold_checkpoint, load_torch, read_json
 
 
 @torch.no_grad()
@@ -106,3 +110,74 @@ def load_model(path: Path, cfg: Config, task: Task, heads: list[Head], device: t
     state = load_torch(path)
     model.load_state_dict(state["model"])
     return place_model(model, cfg, device).eval()
+
+
+def round_models(run: RunDir, r: int, cfg: Config) -> list[Path]:
+    """The checkpoint that made the predictions of every fold the round's aggregate voted over."""
+    done = read_json(run.round_dir(r) / "summary.json")["folds_done"]
+    return [run.fold_dir(r, k) / fold_checkpoint(cfg) for k in done]
+
+
+def ensemble_probs(checkpoints: list[Path], images: RowImages, cfg: Config, task: Task, heads: list[Head],
+                   device: torch.device, progress=None, models: dict | None = None) -> dict[str, np.ndarray]:
+    """Every fold model with the run's TTA views, voted (`decide.vote`): what the round's test_probs.npz holds.
+    `models` keeps the loaded models across calls (prediction in chunks loads each fold once)."""
+    tid = progress.add_task("predicting", total=len(checkpoints)) if progress else None
+    sets = []
+    for path in checkpoints:
+        model = models.get(path) if models is not None else None
+        if model is None:
+            model = load_model(path, cfg, task, heads, device)
+            if models is not None:
+                models[path] = model
+        sets.append(predict_probs(model, images, cfg, device))
+        if progress:
+            progress.update(tid, advance=1)
+    if progress:
+        progress.remove_task(tid)
+    return vote(sets, cfg.decide.vote)
+
+
+class DecodedImages:
+    """The images decoded once per size (the runs of an ensemble may differ in size)."""
+
+    def __init__(self, paths: list[str], workers: int):
+        self.paths, self.workers, self.arrays, self.failed = paths, workers, {}, {}
+
+    def at(self, size: tuple[int, int]) -> np.ndarray:
+        if size not in self.arrays:
+            self.arrays[size] = np.empty((len(self.paths), *size, 3), dtype=np.uint8)
+            self.failed[size] = decode_into(self.arrays[size], self.paths, size, self.workers)
+        return self.arrays[size]
+
+    def bad(self, size: tuple[int, int]) -> list[tuple[int, str]]:
+        self.at(size)
+        return self.failed[size]
+
+
+def read_once(cfg: Config) -> Config:
+    """Images decoded for one prediction are read once: a device copy of them (data.cache_on_device)
+    would stay in the process-wide store of training's cache copies (dataset.device_copy), and
+    memory would grow with every chunk of `mt predict`."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_on_device": False})})
+
+
+def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImages, keep: np.ndarray,
+                progress=None, models: dict | None = None) -> dict[str, np.ndarray]:
+    """Round r's voted outputs on the kept images; for an ensemble run, its members' final-class
+    probabilities (each with its own auxiliary blend), weighted as `mt ensemble` fitted them."""
+    cfg = read_once(load_run_config(run, overrides))
+    task, heads = build_task(cfg)
+    if cfg.ensemble is not None:
+        total = 0
+        for member, mr, w in zip(cfg.ensemble.runs, cfg.ensemble.rounds, cfg.ensemble.weights):
+            m_run = RunDir(member)
+            m_cfg = load_run_config(m_run, overrides)
+            m_task, m_heads = build_task(m_cfg)
+            m_probs = run_outputs(m_run, mr, overrides, decoded, keep, progress, models)
+            total = total + w * predict_classes(m_task, m_heads, m_probs, m_cfg,
+                                                blend_only(load_decision(m_run.round_dir(mr))))[0]
+        return {FLAT_HEAD: total}
+    images = RowImages.of(decoded.at(tuple(cfg.data.img_size)), keep)  # rows of the decoded array, not a copy
+    return ensemble_probs(round_models(run, r, cfg), images, cfg, task, heads, resolve_device(cfg.train.device), progress,
+                          models)

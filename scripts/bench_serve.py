@@ -56,7 +56,7 @@ def measure(variant: str, model: str, paths: list[str], batch: int) -> dict:
     if variant.endswith("_torch"):
         from multitask.context import build_task, load_run_config
         from multitask.decide import load_decision, predict_classes
-        from multitask.predict import DecodedImages, run_outputs
+        from multitask.inference import DecodedImages, run_outputs
         from multitask.run import RunDir
 
         run = RunDir(model)
@@ -106,7 +106,7 @@ def model_mb(variant: str, model: str) -> float:
     if not variant.endswith("_torch"):
         return os.path.getsize(model) / 2**20
     from multitask.context import load_run_config
-    from multitask.predict import round_models
+    from multitask.inference import round_models
     from multitask.run import RunDir
 
     run = RunDir(model)
