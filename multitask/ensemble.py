@@ -70,7 +70,7 @@ def check_members(runs: list[Path], members: list[dict]) -> None:
             raise ConfigError(f"{path}'s test images differ from {runs[0]}'s")
 
 
-def fold_test_probs(run: RunDir, r: int, cfg, test_ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+def fold_test_probs(run: RunDir, r: int, test_ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
     """Round r of another run, fold by fold: its head probabilities of the test images, checked to be
     made for exactly these test images. The caller checks the round (context.check_round, or
     check_ensemble_members for an ensemble's members), once."""
@@ -102,7 +102,7 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
             task, heads = build_task(member)
             blend = blend_only(load_decision(run.round_dir(r)))
             member_votes = {k: predict_classes(task, heads, probs, member, blend)[0]
-                            for k, probs in fold_test_probs(run, r, member, test_ids).items()}
+                            for k, probs in fold_test_probs(run, r, test_ids).items()}
         for k, p in member_votes.items():
             wk = ens.fold_weights[k][i] if ens.fold_weights else w
             votes[k] = votes.get(k, 0) + wk * p

@@ -52,7 +52,7 @@ def pseudo_labelled(ctx: Context, r: int, k: int) -> tuple[RowImages, np.ndarray
     row_of = {image_id: i for i, image_id in enumerate(ctx.table.test_ids())}
     missing = sorted(set(table["ImageID"]) - set(row_of))
     if missing:
-        raise ValueError(f"{path}: images not among the task's test images: {missing[:5]}")
+        raise RunError(f"{path}: images not among the task's test images: {missing[:5]}")
     rows = np.array([row_of[i] for i in table["ImageID"]], dtype=np.int64)
     return RowImages.of(ctx.test_images, rows), table[ctx.task.factor_names].to_numpy(dtype=np.int64)
 
@@ -117,7 +117,8 @@ def check_identities(ctx: Context, r: int, k: int, oof: dict | None, test: dict 
 def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progress=None,
                      resume: bool = False, on_epoch=None) -> None:
     """Fold k of round r: train (pseudo-labelled images join the training set, never the validation
-    set), then write the best checkpoint's OOF and test probabilities. With `resume`, training carries
+    set), then write the OOF and test probabilities of the checkpoint it keeps (the best epoch's, or
+    the average of the top epochs with `train.avg_top_k`: run.fold_checkpoint). With `resume`, training carries
     on from the fold's last.pt where there is one."""
     cfg = ctx.cfg
     factors = factor_values(ctx.table.train, ctx.task)

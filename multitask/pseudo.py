@@ -148,7 +148,7 @@ def other_teacher(ctx, path: str | Path) -> Teacher:
         test = {k: {FLAT_HEAD: p} for k, p in fold_votes(other.root, test_ids).items()}
     else:
         check_round(other, r, cfg)
-        test = fold_test_probs(other, r, cfg, test_ids)
+        test = fold_test_probs(other, r, test_ids)
     return Teacher(task, heads, cfg, other.round_dir(r), test, str(other.root))
 
 

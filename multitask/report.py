@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.run import SOFT_FILE, atomic_write_text
+from multitask.run import SOFT_FILE, atomic_write_text, head_probs, load_npz, read_json
 
 
 GALLERY = 12  # the most confident OOF mistakes shown
@@ -95,7 +95,6 @@ def write_report(run_dir) -> Path:
     every picture embedded, nothing fetched."""
     from multitask.context import reopen_context
     from multitask.decide import load_decision, predict_classes
-    from multitask.run import head_probs, load_npz, read_json
     from multitask.subjects import stored_pictures
 
     ctx = reopen_context(run_dir, with_images=False)
@@ -176,8 +175,6 @@ def mistakes_section(task, truth: np.ndarray, combined: np.ndarray, classes: np.
 
 def pseudo_section(run, task, n_folds: int) -> str:
     """Per pseudo-label round and factor: what was selected, at which threshold, with what OOF precision."""
-    from multitask.run import read_json
-
     rows = []
     for q in run.rounds():
         table_path, promise_path = run.round_dir(q) / "pseudo.csv", run.round_dir(q) / "pseudo.json"

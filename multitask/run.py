@@ -166,7 +166,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def damaged(path: Path, kind: str, e: BaseException, remedy: str = "") -> "RunError":

@@ -2,7 +2,8 @@
 
 Images travel as uint8 NCHW (a quarter of float32's bytes) and become floats on the device, where
 the model normalises them. Labels travel as the task's factor values and numbers (N, F + V) in
-float32; each head's target is derived from them on the fly (numeric.Targets), so one loader serves
+float32, followed by a teacher's class probabilities where there is one (distillation, soft pseudo
+labels); each head's target is derived from them on the fly (numeric.Targets), so one loader serves
 every head, shared or separate backbones alike.
 """
 from __future__ import annotations
@@ -149,7 +150,8 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device):
 
 
 class TrainBatches:
-    """Shuffled, augmented training batches on `device`; `epoch(e)` yields (x float [0,1], y factors)."""
+    """Shuffled, augmented training batches on `device`; `epoch(e)` yields (x float [0,1], y targets: see
+    the module's docstring)."""
 
     def __init__(self, cfg: Config, images: RowImages, targets: np.ndarray, device: torch.device, seed: int,
                  weights: np.ndarray | None = None, shard: tuple[int, int] | None = None):
