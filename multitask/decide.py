@@ -27,7 +27,7 @@ from multitask.config import Config
 from multitask.labels import Head, Task
 from multitask.metrics import macro_f1
 from multitask.numeric import aux_bins, aux_name, numerics, regression_sigma
-from multitask.outputs import decide_classes
+from multitask.outputs import LOG_FLOOR, decide_classes
 from multitask.run import read_json, write_json
 from multitask.subjects import Pictures, move_to_anchors, read_subjects, subject_anchors, subject_spec
 
@@ -81,7 +81,7 @@ def offset_design(task: Task, mode: str) -> np.ndarray:
 def fit_offsets(task: Task, combined: np.ndarray, y: np.ndarray, mode: str, passes: int = 3) -> np.ndarray:
     """Coordinate ascent over a grid of each offset parameter, for macro F1 of the final class."""
     design = offset_design(task, mode)
-    logp = np.log(combined + EPS)
+    logp = np.log(combined.astype(np.float64) + LOG_FLOOR)  # as decide_classes applies them, computed once
     theta = np.zeros(len(design))
     score = lambda t: macro_f1(y, (logp + t @ design).argmax(1), task.n_classes)  # noqa: E731
     best = score(theta)
