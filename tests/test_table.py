@@ -381,13 +381,13 @@ def test_predict_lists_bad_images_or_skips_them(table_run, table_root, tmp_path)
 def test_what_predict_cannot_write_is_refused_before_any_work(table_run, table_root, tmp_path, monkeypatch):
     import os
 
-    from multitask import predict as predict_mod
+    from multitask import inference
     from multitask.outputs import ImageListError
     from multitask.run import StorageError
 
     out, _ = table_run
     first = pd.read_csv(table_root / "test.csv")["path"][0]
-    monkeypatch.setattr(predict_mod, "load_model", lambda *a, **k: pytest.fail("the work began"))
+    monkeypatch.setattr(inference, "load_model", lambda *a, **k: pytest.fail("the work began"))
     (tmp_path / "preds").mkdir()
     with pytest.raises(StorageError, match="preds: is a folder; name a file"):
         predict_images(out, table_root / first, tmp_path / "preds")
