@@ -1,7 +1,7 @@
 """Per-head losses and their weighted sum.
 
-Every loss takes soft targets (N, K) (a hard label is a one-hot row), so batch-level MixUp/CutMix can
-later mix every head's targets without touching this module.
+Every loss takes soft targets (N, K) (a hard label is a one-hot row), so batch-level MixUp/CutMix
+(augment.BatchMixer) mixes every head's targets without touching this module.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def focal(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
     """Cross-entropy with each class term scaled by (1 - p)^gamma: easy examples weigh less."""
     logp = F.log_softmax(logits.float(), 1)
-    return -(target * (1 - logp.exp()).pow(gamma) * logp).sum(1).mean()
+    # 1 - p floored: with gamma < 1, (1 - p)^gamma has an infinite slope at p = 1, which a float32
+    # softmax reaches on a confident row, and its 0 * inf made the gradient NaN
+    return -(target * (-torch.expm1(logp)).clamp(min=1e-6).pow(gamma) * logp).sum(1).mean()
 
 
 def soft_f1(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -44,6 +44,16 @@ def test_focal():
     assert focal(LOGITS, t, 0.0).item() == pytest.approx(cross_entropy(LOGITS, t).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_focal_gradients_stay_finite_on_a_row_the_model_is_sure_of(gamma):
+    """A float32 softmax reaches p = 1 on a confident row, where (1 - p)^gamma with gamma < 1 has an
+    infinite slope: its 0 * inf was a NaN gradient that reached every weight."""
+    x = torch.tensor([[30.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    focal(x, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), gamma).backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad[1, 0] < 0  # the unsure row still learns towards its class
+
+
 def test_soft_f1():
     # class 0: tp = p00, fp = p10, fn = 1 - p00; class 1: tp 0, fp = p01 + p11, fn 0; class 2: tp = p12, fp = p02, fn = 1 - p12
     tp = [P[0][0], 0.0, P[1][2]]
