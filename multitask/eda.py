@@ -21,7 +21,7 @@ from PIL import Image
 
 from multitask.config import Config
 from multitask.context import read_data, task_of
-from multitask.data.cache import DECODE_ERRORS, ORIENTATION
+from multitask.data.cache import DECODE_ERRORS, ORIENTATION, upright_rgb
 from multitask.data.table import factor_values, value_column
 from multitask.labels import Task
 from multitask.run import atomic_write_bytes, atomic_write_text, check_writable
@@ -115,7 +115,7 @@ def plot_samples(train: pd.DataFrame, task: Task, classes: np.ndarray, path: Pat
             if col < len(picked):
                 try:
                     with Image.open(train["path"].iloc[picked[col]]) as im:
-                        ax.imshow(im.convert("RGB").resize((THUMB, THUMB)))
+                        ax.imshow(upright_rgb(im).resize((THUMB, THUMB)))
                 except DECODE_ERRORS:
                     ax.text(0.5, 0.5, "unreadable", ha="center", fontsize=6)
         axes[row, 0].set_title(f"{c}: {' / '.join(map(str, label))} ({len(rows)})", fontsize=7, loc="left")

@@ -73,14 +73,16 @@ def per_class_rows(y: np.ndarray, p: np.ndarray, names: list[str]) -> list[tuple
 def thumbnail(path: str, size: int = 96) -> str:
     from PIL import Image
 
+    from multitask.data.cache import DECODE_ERRORS, upright_rgb
+
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = upright_rgb(im)
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=85)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    except OSError:
+    except DECODE_ERRORS:
         return ""
 
 

@@ -126,6 +126,13 @@ def test_a_photo_turned_by_its_exif_orientation_is_decoded_upright(tmp_path):
     got = cache_mod._decode(str(tmp_path / "phone.jpg"), (24, 16))
     assert np.abs(got.astype(int) - want.astype(int)).mean() < 3  # JPEG's ringing at the edge aside
     assert got[:4].mean() > 200 and got[-4:].mean() < 50  # the band on top
+    # and the pictures `mt report` shows (and `mt eda`, through the same upright_rgb) are the ones training sees
+    import base64
+    import io
+
+    from multitask.report import thumbnail
+    shown = Image.open(io.BytesIO(base64.b64decode(thumbnail(str(tmp_path / "phone.jpg")).split(",", 1)[1])))
+    assert shown.size == (32, 48) and np.asarray(shown)[:8].mean() > 200  # portrait, band on top
 
 
 def test_a_cache_file_cut_short_outside_mt_is_named_with_the_way_out(tmp_path):

@@ -57,24 +57,31 @@ WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (PNG, T
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what Pillow raises for bad files
 
 
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """An opened picture as training sees it (and the pictures of `mt eda` and `mt report` show it):
+    upright, 8-bit RGB. Raises ValueError for one that cannot be read so."""
+    if im.getexif().get(ORIENTATION, 1) != 1:  # a phone's portrait photo: upright, as viewers show it
+        im = ImageOps.exif_transpose(im)
+    if im.mode == "F":  # no range to read it by: [0, 1], [0, 255] and raw sensor values all occur
+        raise ValueError("a floating-point image (mode F) has no range to read it by; save it as 8 or 16 bits")
+    if im.mode in WIDE_GREY:  # convert("RGB") clips these at 255: most of the picture turns white
+        grey = np.asarray(im)
+        if grey.max(initial=0) > 65535 or grey.min(initial=0) < 0:  # mode I holds 32 bits: clipping would whiten it
+            raise ValueError("a 32-bit image with values beyond 16 bits; save it as 8 or 16 bits")
+        im = Image.fromarray((grey.astype(np.uint32) >> 8).astype(np.uint8), "L")
+    im = im.convert("RGB")
+    if im.width == 0 or im.height == 0:
+        raise ValueError("the image is empty")
+    return im
+
+
 def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
     """RGB uint8 (H, W, 3) at `size` = (height, width)."""
     h, w = size
     with Image.open(path) as im:
         # JPEG can decode straight at 1/2, 1/4, 1/8 scale: far fewer pixels to decode and resize
         im.draft("RGB", (w, h))
-        if im.getexif().get(ORIENTATION, 1) != 1:  # a phone's portrait photo: upright, as viewers show it
-            im = ImageOps.exif_transpose(im)
-        if im.mode == "F":  # no range to read it by: [0, 1], [0, 255] and raw sensor values all occur
-            raise ValueError("a floating-point image (mode F) has no range to read it by; save it as 8 or 16 bits")
-        if im.mode in WIDE_GREY:  # convert("RGB") clips these at 255: most of the picture turns white
-            grey = np.asarray(im)
-            if grey.max(initial=0) > 65535 or grey.min(initial=0) < 0:  # mode I holds 32 bits: clipping would whiten it
-                raise ValueError("a 32-bit image with values beyond 16 bits; save it as 8 or 16 bits")
-            im = Image.fromarray((grey.astype(np.uint32) >> 8).astype(np.uint8), "L")
-        im = im.convert("RGB")
-        if im.width == 0 or im.height == 0:
-            raise ValueError("the image is empty")
+        im = upright_rgb(im)
         if im.size != (w, h):
             im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
         return np.asarray(im, dtype=np.uint8)
