@@ -147,11 +147,19 @@ class DataCfg(_Strict):
 class TorchAugCfg(_Strict):
     """Batched augmentation on the training device (backend: torch)."""
     hflip: float = Field(0.5, ge=0, le=1)
-    scale: tuple[float, float] = (0.9, 1.1)
+    scale: tuple[float, float] = (0.9, 1.1)  # the zoom drawn per image, (low, high): 0.05 <= low <= high <= 10
     translate: float = Field(0.06, ge=0, le=0.5)
     rotate: float = Field(10.0, ge=0, le=180)  # degrees
     brightness: float = Field(0.2, ge=0, le=1)
     contrast: float = Field(0.2, ge=0, le=1)
+
+    @field_validator("scale")
+    @classmethod
+    def _zoom(cls, v):
+        # the sampling grid is divided by the zoom: 0 is an infinite grid, a negative one a mirror
+        if not 0.05 <= v[0] <= v[1] <= 10:
+            raise ValueError(f"scale {list(v)} must be (low, high) with 0.05 <= low <= high <= 10")
+        return v
 
 
 DEFAULT_ALBUMENTATIONS = [

@@ -108,7 +108,7 @@ def scaled_torch_augmentation(aug: dict, strength: float) -> dict:
     the bounds the config accepts; the flip's probability is not a strength and stays."""
     lo, hi = aug["scale"]
     out = dict(aug)
-    out["scale"] = [round(max(1 - (1 - lo) * strength, 0.05), 4), round(1 + (hi - 1) * strength, 4)]
+    out["scale"] = [round(max(1 - (1 - lo) * strength, 0.05), 4), round(min(1 + (hi - 1) * strength, 10.0), 4)]
     for key, bound in (("translate", 0.5), ("rotate", 180.0), ("brightness", 1.0), ("contrast", 1.0)):
         out[key] = round(min(aug[key] * strength, bound), 4)
     return out

@@ -82,6 +82,10 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.seed=4294967296"], "train.seed: Input should be less than 4294967296"),
     (["train.fold_seed=4294967296"], "train.fold_seed"),
     (["train.batch_size=1"], "train.batch_size: Input should be greater than or equal to 2"),  # BatchNorm, mid-run
+    # the torch backend divides its sampling grid by the zoom: 0 was an infinite grid, a negative one a mirror
+    (["aug.torch.scale=[0, 1]"], r"aug.torch.scale: scale \[0.0, 1.0\] must be \(low, high\) with 0.05 <= low"),
+    (["aug.torch.scale=[-1, 1]"], "aug.torch.scale"),
+    (["aug.torch.scale=[1.2, 0.9]"], "aug.torch.scale"),
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
