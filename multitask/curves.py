@@ -1,4 +1,5 @@
-"""A round's training curves (curves.png): each fold's validation macro F1 with its kept epoch, each
+"""A round's training curves (curves.png): each fold's validation macro F1 with its best epoch (the one
+it keeps, unless `train.avg_top_k` averages the top ones), each
 head's, and the losses, drawn when the round ends from the folds' metrics.csv. `mt report` shows
 the picture; training draws it, so it lives apart from the report.
 """
@@ -35,7 +36,7 @@ def plot_round(run: RunDir, r: int) -> None:
         mean = every.groupby("epoch").mean(numeric_only=True)
         for head in heads:
             ax_heads.plot(mean.index, mean[f"val_f1_{head}"], marker="o", ms=3, label=head)
-    ax_f1.set(title=f"round {r}: validation macro F1 per fold (★ kept epoch)", xlabel="epoch", ylabel="macro F1")
+    ax_f1.set(title=f"round {r}: validation macro F1 per fold (★ best epoch)", xlabel="epoch", ylabel="macro F1")
     ax_heads.set(title="each head's validation macro F1 (mean over folds)", xlabel="epoch", ylabel="macro F1")
     ax_loss.set(title="training loss (—) and validation NLL (--)", xlabel="epoch", ylabel="loss")
     for ax in (ax_f1, ax_heads, ax_loss):

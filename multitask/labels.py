@@ -4,7 +4,9 @@ A task is an ordered list of factors; the final class is the mixed-radix number 
 order (mask·6 + gender·3 + age for the mask competition). A head predicts one factor or a join of
 factors (`gender_age`, 6 classes) or all of them (`class`). Everything downstream (model, losses,
 metrics, voting, pseudo-labels, submission) works on heads by name and size, never on the words
-mask, gender or age: only `mask_task()`, the competition reader and the demo generator know those.
+mask, gender or age: only the competition preset knows those (`mask_task()`, the competition
+reader, the demo generator, and the preset's defaults in config.py: `data.age_bins`, the subjects'
+anchor `mask=not_worn`).
 """
 from __future__ import annotations
 

@@ -12,14 +12,13 @@ from typing import Callable
 
 import numpy as np
 
-from multitask.data.cache import ImageDecodeError, undecodable_error
+from multitask.data.cache import IMAGE_SUFFIXES, ImageDecodeError, undecodable_error
 from multitask.labels import Task
 from multitask.run import atomic_write_text, atomic_writer
 
 LOG_FLOOR = 1e-12  # added before the log of a probability: a class at exactly 0 still ranks
 
 CHUNK = 2048  # images decoded at a time when predicting: memory stays bounded, whatever the number of images
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class ImageListError(ValueError):

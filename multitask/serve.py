@@ -82,7 +82,8 @@ class ServedModel:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def probs(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-        """Every output (final-class and head probabilities) for uint8 images (N, H, W, 3)."""
+        """Every output (final-class and head probabilities, auxiliary numeric outputs) for uint8 images
+        (N, H, W, 3)."""
         runs = [self.session.run(None, {"images": np.ascontiguousarray(images[i:i + batch_size])})
                 for i in range(0, len(images), batch_size)]
         return {name: np.concatenate([r[j] for r in runs]) for j, name in enumerate(self.outputs)}

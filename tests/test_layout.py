@@ -24,11 +24,13 @@ def root(tmp_path):
     write_person(images, "000001_female_Asian_45", ".jpg")
     write_person(images, "000002_male_White_61", ".jpeg")
     write_person(images, "000003_male_Black_22", ".png")
+    write_person(images, "000004_female_Asian_33", ".webp")  # what `mt predict` reads, the layout reads too
     (r / "train" / "train.csv").write_text(
         "id,gender,race,age,path\n"
         "000001,female,Asian,45,000001_female_Asian_45\n"
         "000002,male,White,61,000002_male_White_61\n"
-        "000003,male,Black,22,000003_male_Black_22\n")
+        "000003,male,Black,22,000003_male_Black_22\n"
+        "000004,female,Asian,33,000004_female_Asian_33\n")
     (r / "eval" / "images").mkdir(parents=True)
     for name in ["b.jpg", "a.jpg"]:
         Image.new("RGB", (24, 32)).save(r / "eval" / "images" / name)
@@ -39,8 +41,8 @@ def root(tmp_path):
 def test_reads_every_extension_and_labels(root):
     layout = read_layout(root, [30, 60])
     train = layout.train
-    assert len(train) == 21
-    assert {p.rsplit(".", 1)[1] for p in train["path"]} == {"jpg", "jpeg", "png"}
+    assert len(train) == 28
+    assert {p.rsplit(".", 1)[1] for p in train["path"]} == {"jpg", "jpeg", "png", "webp"}
     p1 = train[train["group"] == "000001_female_Asian_45"].set_index("stem")
     assert p1.loc["mask3", "mask"] == 0 and p1.loc["incorrect_mask", "mask"] == 1 and p1.loc["normal", "mask"] == 2
     assert (p1["gender"] == 1).all() and (p1["age"] == 1).all()
@@ -56,7 +58,7 @@ def test_hidden_and_non_image_files_are_not_pictures(root):
     (d / ".DS_Store").write_bytes(b"junk")
     (d / "notes.txt").write_text("not a picture")
     train = read_layout(root, [30, 60]).train
-    assert len(train) == 21
+    assert len(train) == 28
     assert not any("/." in p for p in train["path"])
 
 

@@ -55,6 +55,7 @@ def cache_key(paths: Sequence[str], size: tuple[int, int]) -> str:
 
 WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (PNG, TIFF), as Pillow opens it
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what Pillow raises for bad files
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}  # what a folder's pictures are named
 
 
 def upright_rgb(im: Image.Image) -> Image.Image:

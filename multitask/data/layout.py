@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from multitask.data.cache import IMAGE_SUFFIXES
 from multitask.data.table import (SKIPPED_COLUMNS, DataError, ImageTable, image_path, listed_before, problems_error,
                                   read_csv_cells, value_column)
 from multitask.labels import mask_task
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
 MASK_STEMS = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 GENDERS = {"male": 0, "female": 1}
 TRAIN_COLUMNS = ["id", "gender", "race", "age", "path"]
@@ -41,7 +41,7 @@ def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
 
 
 def is_image_file(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
 
 
 def person_images(folder: Path, problems: list[str]) -> dict[str, Path]:
