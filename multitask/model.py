@@ -111,13 +111,23 @@ def create_backbones(cfg: ModelCfg, count: int = 1, owners: list[str] | None = N
     except (RuntimeError, KeyError, OSError) as e:
         raise CheckpointError(f"{path}: cannot load into {cfg.backbone}: {first_lines(e)}") from None
     # without the classifier, timm loads leniently and only logs what it skipped: a file of another
-    # model would leave the backbone as initialised, and training "from a checkpoint" from scratch
-    wanted = backbones[0].state_dict().keys()
-    found = len(wanted & state.keys())
+    # model would leave the backbone as initialised, and training "from a checkpoint" from scratch.
+    # Judged by the values, not the names: timm renames a foreign layout's keys (an original
+    # repository's) on the way in
+    wanted = {k: t for k, t in backbones[0].state_dict().items() if t.is_floating_point() and t.numel() > 1
+              and bool((t != t.flatten()[0]).any())}  # what initialisation fills with one value says nothing
+    held = {fingerprint(t) for t in state.values() if torch.is_tensor(t) and t.is_floating_point()}
+    found = sum(fingerprint(t) in held for t in wanted.values())
     if found < len(wanted) / 2:
         raise CheckpointError(f"{path}: holds {found} of the {len(wanted)} weights of {cfg.backbone} "
                               f"(its first: {next(iter(state), 'none')}); is it a checkpoint of that model?")
     return backbones
+
+
+def fingerprint(t: torch.Tensor) -> tuple:
+    """A tensor's values whatever its name and shape (a conversion may reshape one)."""
+    t = t.detach().double().flatten()
+    return t.numel(), round(float(t.sum()), 6), round(float(t.square().sum()), 6)
 
 
 def run_backbone(state: dict, index: int, count: int, path: Path, owners: list[str] | None = None) -> dict:

@@ -150,6 +150,28 @@ def test_a_checkpoint_that_holds_other_weights_is_refused(tmp_path):
                     mask_task().heads("class"))
 
 
+def test_a_checkpoint_in_its_original_repositorys_layout_loads_as_timm_converts_it(tmp_path):
+    """ConvNeXt weights as Facebook's repository saves them (downsample_layers, dwconv, pwconv): timm
+    renames them on the way in, and the check that the file was loaded judged the names before that."""
+    import re
+
+    def facebook_layout(k):  # the inverse of timm's convnext.checkpoint_filter_fn
+        k = k.replace("stem.", "downsample_layers.0.")
+        k = re.sub(r"stages\.([0-9]+)\.downsample\.([0-9]+)", r"downsample_layers.\1.\2", k)
+        k = re.sub(r"stages\.([0-9]+)\.blocks\.([0-9]+)", r"stages.\1.\2", k)
+        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        return k.replace("head.norm.", "norm.").replace("head.fc.", "head.")
+
+    torch.manual_seed(3)
+    original = timm.create_model("test_convnext", num_classes=10).state_dict()
+    torch.save({"model": {facebook_layout(k): v for k, v in original.items()}}, tmp_path / "convnext_fb.pth")
+    torch.manual_seed(4)
+    model = build_model(ModelCfg(backbone="test_convnext", checkpoint=str(tmp_path / "convnext_fb.pth")),
+                        mask_task().heads("class"))
+    loaded = model.backbones[0].state_dict()
+    assert all(torch.equal(loaded[k], original[k]) for k in loaded)  # every backbone weight, the head's dropped
+
+
 def test_hub_weights_that_cannot_be_fetched_are_refused_up_front(monkeypatch):
     """`model.pretrained: true` without network used to fail at the first fold, after the run
     directory was written; check_model fetches them once first."""
