@@ -16,7 +16,7 @@ from pathlib import Path
 
 from multitask.config import Config, ConfigError, dump_config, load_config
 from multitask.context import differing_keys, task_of
-from multitask.numeric import settings_of
+from multitask.numeric import fine_step, settings_of
 from multitask.run import atomic_write_text
 
 STUDY_NAME = "mt"
@@ -50,7 +50,8 @@ def suggest(trial, cfg: Config) -> list[str]:
     for f in task.factors:
         if f.numeric:
             aux = trial.suggest_categorical(f"aux_{f.name}", ["none", "regression", "ordinal"])
-            soft = trial.suggest_float(f"soft_edge_{f.name}", 0.0, 5.0)
+            # in the number's own units: up to a sixth of the span its edges set (5 years for ages 30/60)
+            soft = trial.suggest_float(f"soft_edge_{f.name}", 0.0, fine_step(f))
             tuned = settings_of(cfg, f.name).model_dump(mode="json") | {"aux": aux, "soft_edge": round(soft, 2)}
             out.append(f"numeric.{f.name}=" + _flow(tuned))
     mix = trial.suggest_float("mix_prob", 0.0, 0.5)

@@ -135,6 +135,19 @@ def test_a_trial_keeps_the_base_settings_it_does_not_tune():
     assert sizes == {(36, 100), (48, 128)}  # 1.0 keeps the size as configured; 1.25 rounds to multiples of 8
 
 
+def test_soft_edges_are_searched_in_the_numbers_own_units():
+    """0-5 suits ages with edges 30 and 60; a number whose edges lie 6 apart searches 0-1."""
+    import optuna
+
+    from multitask.tune import suggest
+
+    for bins, high in (("[30, 60]", 5.0), ("[20, 26]", 1.0)):
+        base = load_config(None, [f"data.age_bins={bins}"])
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        suggest(trial, base)
+        assert trial.distributions["soft_edge_age"].high == pytest.approx(high)
+
+
 def test_a_time_limit_per_trial_is_refused_before_any_trial(tmp_path):
     pytest.importorskip("optuna")
     with pytest.raises(ConfigError, match="train.time_limit_s in a study.*mt tune --time-limit"):
