@@ -28,7 +28,7 @@ from multitask.context import build_task, check_ensemble_members, check_round, l
 from multitask.data.augment import tta_view
 from multitask.decide import aux_kinds, blend_only, load_decision, predict_classes
 from multitask.labels import Head, Task
-from multitask.numeric import aux_activation, aux_name, fine_to_bins, is_aux, standardise
+from multitask.numeric import aux_activation, aux_name, fine_to_bins, is_aux, spread_or_default, standardise
 from multitask.inference import HARD_TIE_BREAK, DecodedImages, load_model, round_models, run_outputs
 from multitask.run import RunDir, atomic_write_bytes, check_output_file, sweep_killed_beside, writer_prefix
 from multitask.serve import META_KEY, need_serve_extra, task_meta
@@ -156,7 +156,7 @@ def build_graph(run: RunDir, r: int) -> tuple[nn.Module, dict]:
         _, centre, scale = standardise(f, np.zeros(1))
         blend.append({"factor": factor, "index": i, "weight": float(w), "kind": kinds[factor], "aux": f"aux_{factor}",
                       "cuts": [float(c) for c in f.cuts], "centre": centre, "scale": scale,
-                      "sigma": float(decision.sigma.get(factor) or 1.0),
+                      "sigma": spread_or_default(f, decision.sigma.get(factor)),
                       "owner": fine_to_bins(f, decision.grid.get(factor, [])),
                       "codes": task.decode(np.arange(task.n_classes))[:, i]})
     aux = {aux_name(factor): kind for factor, kind in kinds.items()}

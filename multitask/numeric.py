@@ -329,10 +329,16 @@ def aux_bins(factor: Factor, kind: str, out: np.ndarray, sigma: float | None = N
     else:
         _, centre, scale = standardise(factor, np.zeros(1))
         mu = out[:, 0] * scale + centre
-        s = 1 - ndtr((factor.cuts[None, :] - mu[:, None]) / max(sigma or 1.0, 1e-6))
+        s = 1 - ndtr((factor.cuts[None, :] - mu[:, None]) / max(spread_or_default(factor, sigma), 1e-6))
     p = -np.diff(np.concatenate([np.ones((len(s), 1)), s, np.zeros((len(s), 1))], axis=1), axis=1)
     p = np.clip(p, 1e-9, None)
     return p / p.sum(1, keepdims=True)
+
+
+def spread_or_default(factor: Factor, sigma: float | None) -> float:
+    """A regression's spread, or where none was fitted (no residuals to fit it on) a thirtieth of the
+    span the edges set: one year for ages 30/60, and in proportion for a number on another scale."""
+    return float(sigma) if sigma else standardise(factor, np.zeros(1))[2] / 30
 
 
 def regression_sigma(factor: Factor, out: np.ndarray, values: np.ndarray) -> float:
@@ -340,7 +346,7 @@ def regression_sigma(factor: Factor, out: np.ndarray, values: np.ndarray) -> flo
     _, centre, scale = standardise(factor, np.zeros(1))
     resid = out[:, 0] * scale + centre - values
     resid = resid[np.isfinite(resid)]
-    return float(1.4826 * np.median(np.abs(resid - np.median(resid)))) if len(resid) else 1.0
+    return float(1.4826 * np.median(np.abs(resid - np.median(resid)))) if len(resid) else spread_or_default(factor, None)
 
 
 def near_edge(values: np.ndarray, edges, distance: float) -> np.ndarray:

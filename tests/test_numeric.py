@@ -128,6 +128,16 @@ def test_the_regressions_spread_is_the_robust_spread_of_its_residuals():
     expected = 1.4826 * np.median(np.abs(r - np.median(r)))
     assert regression_sigma(AGE, out, values) == pytest.approx(expected)
     assert 3.5 < regression_sigma(AGE, out, values) < 5.0 < r.std() / 5  # 5% wild misses: std about 43
+    # nothing to fit it on: a thirtieth of the edges' span, one year for ages and as much for a number on
+    # a 0-1 scale (one year there read every row as nearly flat)
+    from multitask.labels import Factor
+    from multitask.numeric import aux_bins
+
+    assert regression_sigma(AGE, out[:0], values[:0]) == pytest.approx(1.0)
+    share = Factor.binned("share", [0.25, 0.75])
+    assert regression_sigma(share, out[:0], values[:0]) == pytest.approx(0.5 / 30)
+    sure = aux_bins(share, "regression", np.array([[-0.8]]))  # standardised: 0.1, well inside bin 0
+    assert sure[0, 0] > 0.99
 
 
 def test_other_training_bins_move_the_targets_and_the_rows_left_out():
