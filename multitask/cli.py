@@ -183,7 +183,7 @@ def resume(
 @app.command()
 def submit(
     run: Path = typer.Option(..., "--run", help="run directory"),
-    out: Optional[Path] = typer.Option(None, help="submission file (default: RUN/submission.csv)"),
+    out: Optional[Path] = typer.Option(None, help="submission file (default: RUN/submission.csv; with --onnx, RUN/submission_onnx.csv)"),
     round_: Optional[int] = typer.Option(None, "--round", help="round to submit (default: the finished round with the best OOF macro F1)"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="predict the run's test images with this file from `mt export` (onnxruntime, CPU)"),
 ):

@@ -280,6 +280,9 @@ class RunDir:
     folds = property(lambda self: self.root / "folds.csv")
     summary = property(lambda self: self.root / "summary.json")
     submission = property(lambda self: self.root / "submission.csv")
+    # `mt submit --onnx`'s, beside the run's own: it reads no subjects, and must not replace the one
+    # `mt submit` made (nor be scored by `mt runs` in its place)
+    submission_onnx = property(lambda self: self.root / "submission_onnx.csv")
     skipped = property(lambda self: self.root / "skipped.csv")  # training items `--skip-bad` left out
     teacher = property(lambda self: self.root / "teacher.npz")  # a student's targets (`mt distill`)
     report = property(lambda self: self.root / "report.html")  # `mt report`

@@ -78,7 +78,8 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
     from multitask.serve import ServedModel
 
     ctx = reopen_context(run_dir, with_images=False)
-    check_output_file(Path(out) if out else ctx.run.submission)  # before the predictions, not after them
+    out = Path(out) if out else ctx.run.submission_onnx
+    check_output_file(out)  # before the predictions, not after them
     served = ServedModel(onnx)
     label = lambda task: [(f.name, f.classes, f.bins) for f in task.factors]  # noqa: E731 - files before `integer` lack it
     if label(served.task) != label(ctx.task):
@@ -97,9 +98,14 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
         if decision is not None and decision.subjects > 0:
             log(f"subjects are not read: the exported file takes each picture on its own, while `mt submit --run "
                 f"{ctx.run.root}` reads what a person keeps from their clearest picture (weight {decision.subjects:.2f})")
+        if Path(served.meta["run"]) == ctx.run.root.resolve():
+            best, _ = ctx.run.choose_round(ctx.cfg.train.folds, can_pick=False)
+            if best != r:
+                log(f"the exported file holds round {r}; `mt submit --run {ctx.run.root}` would submit round {best}, "
+                    f"the best by OOF since (`mt export --run {ctx.run.root}` exports that one)")
     combined, classes = served.predict_paths(ctx.table.test["path"].tolist())
     image_ids = ctx.table.test_ids()
-    return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, str(onnx))
+    return write_predictions(ctx, image_ids, combined, classes, out, str(onnx))
 
 
 def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray, out: Path, source: str) -> Path:

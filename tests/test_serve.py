@@ -241,6 +241,20 @@ def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, t
     make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv", log=said.append)
     assert said[1] == (f"subjects are not read: the exported file takes each picture on its own, while `mt submit "
                        f"--run {run}` reads what a person keeps from their clearest picture (weight 0.70)")
+    # by default beside the run's own submission, which it would replace with answers made without subjects
+    make_submission(run)
+    own = RunDir(run).submission.read_bytes()
+    assert make_submission_onnx(run, RunDir(run).onnx) == RunDir(run).submission_onnx
+    assert RunDir(run).submission.read_bytes() == own and RunDir(run).submission_onnx.exists()
+    # a later round the run would submit now: the file's round is said to be older
+    shutil.copytree(RunDir(run).round_dir(0), RunDir(run).round_dir(1))
+    later = read_json(RunDir(run).round_dir(1) / "summary.json")
+    write_json(RunDir(run).round_dir(1) / "summary.json", later | {"round": 1, "oof": later["oof"] | {"f1": 0.99}})
+    said = []
+    make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv", log=said.append)
+    assert said[-1] == (f"the exported file holds round 0; `mt submit --run {run}` would submit round 1, the best by "
+                        f"OOF since (`mt export --run {run}` exports that one)")
+    shutil.rmtree(RunDir(run).round_dir(1))
     summary_path = RunDir(run).round_dir(0) / "summary.json"
     summary = read_json(summary_path)
     summary["train_ids"] = {k: "trained-again" for k in summary["train_ids"]}  # what `mt train --force` leaves
