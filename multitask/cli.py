@@ -236,6 +236,8 @@ def predict(
             result = predict_images(run, images, out, batch_size, probs, skip_bad, progress, round_, chunk, device)
     skipped = f", {result['skipped']} skipped (listed in {result['skipped_file']})" if result["skipped"] else ""
     console.print(f"using {result['why']}")
+    if result.get("note"):
+        console.print(result["note"])
     console.print(f"predictions: {result['out']}  ({result['predicted']} images, round {result['round']}{skipped})")
 
 

@@ -51,4 +51,9 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
                                 advance=(lambda n: progress.update(tid, advance=n)) if progress else None)
     if progress:
         progress.remove_task(tid)
-    return result | {"round": r, "why": why}
+    note = None
+    if decision is not None and decision.subjects > 0:
+        note = (f"subjects are not read: each picture is predicted on its own, while `mt submit --run {run.root}` "
+                f"reads what a person keeps from their clearest picture among the test images (weight "
+                f"{decision.subjects:.2f}); on the run's own test images, its answers are the ones to submit")
+    return result | {"round": r, "why": why, "note": note}

@@ -218,7 +218,7 @@ def test_cli_export_predict_and_submit_with_onnx(runs, demo_root, tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, tmp_path):
+def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, demo_root, tmp_path):
     import shutil
 
     from multitask.context import clear_run
@@ -241,6 +241,8 @@ def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, t
     make_submission_onnx(run, RunDir(run).onnx, tmp_path / "before.csv", log=said.append)
     assert said[1] == (f"subjects are not read: the exported file takes each picture on its own, while `mt submit "
                        f"--run {run}` reads what a person keeps from their clearest picture (weight 0.70)")
+    # `mt predict` on the test images (the torch path) takes each picture on its own too, and says so
+    assert "subjects are not read" in predict_images(run, demo_root / "eval" / "images", tmp_path / "p.csv")["note"]
     # by default beside the run's own submission, which it would replace with answers made without subjects
     make_submission(run)
     own = RunDir(run).submission.read_bytes()
