@@ -331,7 +331,8 @@ def eda(
         result = run_eda(load_config(config, [], data=data), out)
     c = result["counts"]
     console.print(f"[bold]{result['task']}[/]: {c['images']} training images in {c['groups']} groups, "
-                  f"{c['test_images']} test images; pictures per group: {c['pictures_per_group']}")
+                  f"{c['test_images']} test images; pictures per group: "
+                  + ", ".join(f"{n} ({groups} groups)" for n, groups in c["pictures_per_group"].items()))
     for factor, per in c["per_factor"].items():
         console.print(f"  {factor}: " + ", ".join(f"{k} {v}" for k, v in per.items()))
     per_class = c["per_class"]

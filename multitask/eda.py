@@ -23,7 +23,7 @@ from multitask.config import Config
 from multitask.context import read_data, task_of
 from multitask.data.cache import DECODE_ERRORS, ORIENTATION, upright_rgb
 from multitask.data.table import factor_values, value_column
-from multitask.labels import Task
+from multitask.labels import Factor, Task
 from multitask.run import atomic_write_bytes, atomic_write_text, check_writable
 
 SAMPLES_PER_CLASS = 6
@@ -81,17 +81,26 @@ def plot_counts(counts: dict, task: Task, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_numeric(values: np.ndarray, bins: tuple, name: str, path: Path) -> None:
+def histogram_edges(values: np.ndarray, factor: Factor) -> np.ndarray | int:
+    """One bar per whole number for a whole-number factor (each bar then lies on one side of a cut),
+    else up to 60 even bars."""
+    known = values[np.isfinite(values)]
+    if factor.integer and len(known) and known.max() - known.min() <= 200:
+        return np.arange(known.min() - 0.5, known.max() + 1.5)
+    return min(60, max(10, len(np.unique(known))))
+
+
+def plot_numeric(values: np.ndarray, factor: Factor, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    ax.hist(values, bins=min(60, max(10, len(np.unique(values)))), color="C0")
-    for edge in bins:
-        ax.axvline(edge, color="C3", ls="--")
-        ax.text(edge, ax.get_ylim()[1] * 0.95, f" {edge:g}", color="C3", va="top")
-    ax.set(title=f"{name}: the numbers, with the bin edges (dashed)", xlabel=name, ylabel="images")
+    ax.hist(values[np.isfinite(values)], bins=histogram_edges(values, factor), color="C0")
+    for edge, cut in zip(factor.bins, factor.cuts):  # drawn where the bins part: 29.5 for whole years at 30
+        ax.axvline(cut, color="C3", ls="--")
+        ax.text(cut, ax.get_ylim()[1] * 0.95, f" {edge:g}", color="C3", va="top")
+    ax.set(title=f"{factor.name}: the numbers, with the bin edges (dashed)", xlabel=factor.name, ylabel="images")
     fig.tight_layout()
     _save(fig, path)
 
@@ -161,7 +170,7 @@ def run_eda(cfg: Config, out: str | Path) -> dict:
     for f in task.factors:
         if f.numeric:
             values = train[value_column(f.name)].to_numpy(dtype=float)
-            plot_numeric(values, f.bins, f.name, out / f"numeric_{f.name}.png")
+            plot_numeric(values, f, out / f"numeric_{f.name}.png")
             numeric[f.name] = {"bins": list(f.bins), **_spread(pd.Series(values)), "plot": f"numeric_{f.name}.png"}
     plot_counts(counts, task, out / "counts.png")
     plot_samples(train, task, classes, out / "samples.png", cfg.train.seed)

@@ -32,6 +32,7 @@ def test_eda_of_the_mask_layout_finds_the_anomalies(demo_root, tmp_path):
     result = runner.invoke(app, ["eda", "--data", str(root), "--out", str(tmp_path / "eda")], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "duplicate images: 1" in result.output and "unreadable: 1" in result.output
+    assert "pictures per group: 6 (1 groups), 7 (" in result.output  # not a raw dict
     eda = json.loads((tmp_path / "eda" / "eda.json").read_text())
     found = eda["anomalies"]
     assert set(map(str, duplicate)) == set(found["duplicate_images"][0]["paths"])
@@ -95,3 +96,17 @@ def test_image_sizes_are_those_of_the_upright_picture(tmp_path):
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "phone.jpg", exif=exif)
     facts, _ = image_facts([str(tmp_path / "phone.jpg")])
     assert (facts["width"].iloc[0], facts["height"].iloc[0]) == (30, 40)
+
+
+def test_a_whole_number_histogram_has_a_bar_per_number_and_its_edges_at_the_cuts():
+    """With 60 even bars 1.35 years wide, one bar held ages 29 and 30, drawn across the cut at 29.5."""
+    import numpy as np
+
+    from multitask.eda import histogram_edges
+    from multitask.labels import Factor
+
+    age = Factor.binned("age", [30, 60], integer=True)
+    edges = histogram_edges(np.array([18.0, 29, 30, 59, 60, 75, np.nan]), age)
+    np.testing.assert_array_equal(edges, np.arange(17.5, 76.0))
+    assert set(age.cuts) <= set(edges)  # every bar lies on one side of each cut
+    assert histogram_edges(np.linspace(0, 1, 500), Factor.binned("share", [0.5])) == 60
