@@ -146,8 +146,10 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
         except AnswerKeyError as e:  # the run's own figures still count; the note says why it has no score
             row["held_out_f1"], row["note"] = None, f"no held-out score: {e}"
     # the folds' epochs summed, whatever invocations trained them: a killed and resumed run costs what
-    # it cost (the last invocation's wall time would show only its own share)
-    row["train_s"] = summary.get("train_s")
+    # it cost (the last invocation's wall time would show only its own share); a pseudo-label round
+    # costs its own and the rounds it learnt from
+    spent = [read_json(run.round_dir(q) / "summary.json").get("train_s") for q in run.rounds() if q <= r]
+    row["train_s"] = round(sum(spent), 1) if spent and None not in spent else None
     return row
 
 

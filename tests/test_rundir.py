@@ -590,6 +590,17 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     # the folds' epochs, summed from their metrics.csv: a resumed run's earlier invocations count too
     epochs = [pd.read_csv(RunDir(tmp_path / "runs" / "three_heads").fold_dir(0, k) / "metrics.csv") for k in (0, 1)]
     assert row["train_s"] == pytest.approx(sum(m["train_s"].sum() + m["validate_s"].sum() for m in epochs), abs=0.11)
+    # a pseudo-label round's row costs that round and the one it learnt from (it showed the last alone)
+    import json
+    import shutil
+
+    copied = RunDir(tmp_path / "copied")
+    shutil.copytree(tmp_path / "runs" / "three_heads", copied.root)
+    shutil.copytree(copied.round_dir(0), copied.round_dir(1))
+    later = read_json(copied.round_dir(1) / "summary.json")
+    (copied.round_dir(1) / "summary.json").write_text(json.dumps(later | {"round": 1, "oof": later["oof"] | {"f1": 0.99}}))
+    both = runs_table([copied.root]).iloc[0]
+    assert both["round"] == 1 and both["train_s"] == pytest.approx(2 * later["train_s"], abs=0.11)
     # a flat head has no factor of its own: its factor columns are read off the final class, as every run's are
     flat = table.set_index(table["run"].str.rsplit("/", n=1).str[-1]).loc["flat"]
     flat_oof = read_json(tmp_path / "runs" / "flat" / "summary.json")["rounds"][0]["oof"]
