@@ -75,7 +75,7 @@ def print_scores(title: str, scores: dict, read_off: str | None = None) -> None:
         if not k.startswith("f1"):
             continue
         if k in ("f1", "f1_18"):
-            what = "the final class (what is scored)"
+            what = "the final class (what is scored)" + ("" if read_off else ", the heads' argmax")
         elif read_off:
             what = f"{k[3:]} read off {read_off}"
         elif k.endswith("_combined"):
@@ -84,6 +84,15 @@ def print_scores(title: str, scores: dict, read_off: str | None = None) -> None:
             what = f"head {k[3:]}'s own argmax"
         table.add_row(k, f"{v:.4f}", what)
     console.print(table)
+
+
+def print_decision(summary: dict) -> None:
+    """The final class as `mt submit` decides it (subjects, the auxiliary blend, offsets), fitted on
+    the OOF: fold-honest (refitted without each fold) beside the optimistic in-sample figure."""
+    oof = summary.get("decision")
+    if oof:
+        console.print(f"the decision `mt submit` applies: final-class macro F1 {oof['honest']['f1']:.4f} fold-honest "
+                      f"({oof['in_sample']['f1']:.4f} fitted and scored on the same rows; decision.json)")
 
 
 def print_missing(summary: dict) -> None:
@@ -122,6 +131,7 @@ def train(
         join_torchrun(cfg.train.device)
         summary = train_run(cfg, out, progress, force)
     print_scores(f"round 0 out-of-fold (folds {summary['folds_done']})", summary["oof"])
+    print_decision(summary)
     print_missing(summary)
     if summary["skipped"]:
         console.print(f"[yellow]{summary['skipped']} training item(s) left out, each with its reason: {out / 'skipped.csv'}[/]")
@@ -149,13 +159,15 @@ def pseudo_label_cmd(
         extra += ["pseudo.soft=true"] if soft else []
         reports = pseudo_label(run, precision, rounds, extra + list(set_ or []), progress, labels_from)
     table = Table(title="pseudo-label rounds (images per fold)")
-    for col in ("round", "precision", "added", "labelled per factor", "OOF macro F1"):
+    for col in ("round", "precision", "added", "labelled per factor", "OOF macro F1 (argmax)", "decided, fold-honest"):
         table.add_column(col, justify="right")
     for rep in reports:
         labelled = ", ".join(f"{f} {n}" for f, n in rep["labelled"].items())
+        decided = rep.get("decided_f1")
         table.add_row(str(rep["round"]), "soft" if rep.get("soft") else f"{rep['precision']:.2f}",
                       f"{rep['added']}/{rep['of']}", labelled,
-                      f"{rep['oof_f1']:.4f}" if rep["trained"] else "not trained")
+                      f"{rep['oof_f1']:.4f}" if rep["trained"] else "not trained",
+                      f"{decided:.4f}" if rep["trained"] and decided is not None else "")
     console.print(table)
     for rep in reports:
         if not rep["trained"]:
@@ -177,6 +189,7 @@ def resume(
         join_torchrun()
         summary = resume_run(run, extra + list(set_ or []), progress)
     print_scores(f"round {summary['round']} out-of-fold (folds {summary['folds_done']})", summary["oof"])
+    print_decision(summary)
     print_missing(summary)
 
 

@@ -261,7 +261,8 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
             n = len(ctx.table.test)
             reports.append({"round": r, "from_round": prev, "soft": True, "precision": None, "thresholds": None,
                             "added": n, "of": n, "labelled": {f.name: n for f in ctx.task.factors},
-                            "oof_f1": summary["oof"]["f1"], "oof": summary["oof"], "trained": True})
+                            "oof_f1": summary["oof"]["f1"], "oof": summary["oof"], "trained": True,
+                            "decided_f1": (summary.get("decision") or {}).get("honest", {}).get("f1")})
             continue
         table, thresholds, promise = pseudo_table(ctx, teacher)
         if table.empty:
@@ -280,7 +281,8 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
         reports.append({"round": r, "from_round": prev, "precision": ctx.cfg.pseudo.precision,
                         "thresholds": thresholds, "added": int(round(per_fold.mean())) if len(per_fold) else 0,
                         "of": int(len(ctx.table.test)),
-                        "labelled": {f.name: int((table[f.name] != UNKNOWN).sum() / max(len(per_fold), 1))
-                                     for f in ctx.task.factors},
-                        "oof_f1": summary["oof"]["f1"], "oof": summary["oof"], "trained": True})
+                        "labelled": {f.name: int(round((table[f.name] != UNKNOWN).sum() / max(len(per_fold), 1)))
+                                     for f in ctx.task.factors},  # rounded as the report rounds them
+                        "oof_f1": summary["oof"]["f1"], "oof": summary["oof"], "trained": True,
+                        "decided_f1": (summary.get("decision") or {}).get("honest", {}).get("f1")})
     return reports

@@ -427,6 +427,9 @@ def test_cli_train_and_submit(demo_root, tmp_path):
                                  "--set", "model.backbone=test_efficientnet", "--set", "data.img_size=[32,32]"])
     assert result.exit_code == 0, result.output
     assert "round 0 out-of-fold" in result.output and "round 0 fold 1: not started" in result.output
+    said = " ".join(result.output.split())
+    decided = read_json(out / "round0" / "decision.json")["oof"]["honest"]["f1"]
+    assert f"the decision `mt submit` applies: final-class macro F1 {decided:.4f} fold-honest" in said
     # a round with a fold missing is submitted only when asked for by number
     result = runner.invoke(app, ["submit", "--run", str(out), "--out", str(tmp_path / "sub.csv")])
     assert result.exit_code == 2 and "lacks fold 1 (not started)" in " ".join(result.output.split())
