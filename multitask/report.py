@@ -16,11 +16,11 @@ from multitask.run import SOFT_FILE, atomic_write_text, head_probs, load_npz, re
 GALLERY = 12  # the most confident OOF mistakes shown
 
 
-def png(fig) -> bytes:
+def png(fig, dpi: int = 80) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
 
@@ -48,7 +48,7 @@ def confusion_figure(task, truth: np.ndarray, classes: np.ndarray, title: str):
         for r in range(n):
             for c in range(n):
                 if cm[r, c]:
-                    ax.text(c, r, f"{cm[r, c]}", ha="center", va="center", fontsize=7 if n < 10 else 5,
+                    ax.text(c, r, f"{cm[r, c]}", ha="center", va="center", fontsize=7 if n < 10 else 6,
                             color="white" if share[r, c] > 0.6 else "black")
         ax.set(title=name, xlabel="predicted", ylabel="true", xticks=range(n), yticks=range(n))
         ax.set_xticklabels(labels, rotation=90 if n > 6 else 30, fontsize=6)
@@ -87,8 +87,9 @@ def thumbnail(path: str, size: int = 96) -> str:
 
 
 def class_names(task) -> list[str]:
-    """Each final class as its factors' classes, e.g. `wear / male / <30`."""
-    return [" / ".join(map(str, n)) for n in task.class_names(np.arange(task.n_classes))]
+    """Each final class as its number (what a submission holds: the competition's `ans`) and its
+    factors' classes, e.g. `3: wear / female / <30`."""
+    return [f"{c}: " + " / ".join(map(str, n)) for c, n in enumerate(task.class_names(np.arange(task.n_classes)))]
 
 
 def write_report(run_dir) -> Path:
@@ -115,7 +116,8 @@ def write_report(run_dir) -> Path:
              scores_section(summaries, cfg.train.folds),
              curves_section(run),
              '<h2 id="confusion">Confusion matrices (OOF)</h2>'
-             + img(png(confusion_figure(task, truth, classes, f"OOF, round {r}, under the run's decision")), "confusion"),
+             + img(png(confusion_figure(task, truth, classes, f"OOF, round {r}, under the run's decision"), dpi=120),
+                   "confusion"),
              per_class_section(task, truth, classes),
              mistakes_section(task, truth, combined, classes, paths),
              pseudo_section(run, task, cfg.train.folds),
