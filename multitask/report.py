@@ -104,6 +104,9 @@ def write_report(run_dir) -> Path:
     run, task, heads, cfg = ctx.run, ctx.task, ctx.heads, ctx.cfg
     r, why = run.shown_round(cfg.train.folds)  # once the round's results are written
     summaries = {q: read_json(run.round_dir(q) / "summary.json") for q in run.rounds()}
+    for q, s in summaries.items():  # what each round's decision fitted, beside its figures
+        path = run.round_dir(q) / "decision.json"
+        s["decision_fit"] = read_json(path)["decision"] if path.exists() else {}
     oof = load_npz(run.round_dir(r) / "oof.npz")
     combined, classes = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(r)),
                                         stored_pictures(oof))
@@ -135,7 +138,11 @@ def scores_section(summaries: dict[int, dict], n_folds: int) -> str:
                    + "".join(f"<td>{s['oof'].get(k, float('nan')):.4f}</td>" for k in keys) + "</tr>"
                    for q, s in summaries.items())
     decided = "".join(f"<tr><td>{q}</td><td>{s['decision']['in_sample']['f1']:.4f}</td>"
-                      f"<td>{s['decision']['honest']['f1']:.4f}</td></tr>" for q, s in summaries.items() if "decision" in s)
+                      f"<td>{s['decision']['honest']['f1']:.4f}</td><td>{html.escape(decision_line(s['decision_fit']))}</td>"
+                      f"</tr>" for q, s in summaries.items() if "decision" in s)
+    folds = "".join(f"<tr><td>{q}</td><td>{k}</td><td>{f['best_epoch']}</td><td>{f['val_f1_no_tta']:.4f}</td>"
+                    f"<td>{f['oof_f1_tta']:.4f}</td><td>{f['train_s']:.0f}</td></tr>"
+                    for q, s in summaries.items() for k, f in s.get("folds", {}).items())
     return (f'<h2 id="scores">OOF macro F1 per round</h2><table><tr><th>round</th><th>folds</th>{head}</tr>{body}</table>'
             "<p>f1_&lt;head&gt;: the head's own argmax; f1_&lt;factor&gt;_combined: the factor read off the final class; "
             "f1: the final class, what is scored.</p>"
@@ -143,8 +150,17 @@ def scores_section(summaries: dict[int, dict], n_folds: int) -> str:
             # table's in-sample one, not the argmax above
             + (f"<p>Under the round's fitted decision (what submit applies, and what the figures below show):</p>"
                f"<table><tr><th>round</th><th>f1, in-sample (fitted on these OOF: optimistic)</th>"
-               f"<th>f1, fold-honest (each fold decided by a fit on the others)</th></tr>{decided}</table>"
-               if decided else ""))
+               f"<th>f1, fold-honest (each fold decided by a fit on the others)</th><th>what was fitted</th></tr>"
+               f"{decided}</table>" if decided else "")
+            + ("<p>Each fold (its validation persons are its share of the OOF):</p><table><tr><th>round</th>"
+               "<th>fold</th><th>best epoch</th><th>validation f1 at it (no TTA)</th><th>OOF f1 (TTA)</th>"
+               f"<th>train s</th></tr>{folds}</table>" if folds else ""))
+
+
+def decision_line(d: dict) -> str:
+    """A fitted decision in a few words: subjects' weight, each auxiliary blend, offsets or none."""
+    parts = [f"subjects {d.get('subjects', 0):.2f}"] + [f"{f} blend {w:.2f}" for f, w in d.get("blend", {}).items()]
+    return ", ".join(parts + ["offsets" if d.get("offsets") else "no offsets"])
 
 
 def curves_section(run) -> str:

@@ -45,6 +45,11 @@ def test_report_is_one_page_whose_pictures_load_in_a_browser(demo_root, tmp_path
     for q in (0, 1):
         decided = read_json(out / f"round{q}" / "summary.json")["decision"]
         assert f"<td>{q}</td><td>{decided['in_sample']['f1']:.4f}</td><td>{decided['honest']['f1']:.4f}</td>" in text
+        fitted = read_json(out / f"round{q}" / "decision.json")["decision"]
+        assert f"subjects {fitted['subjects']:.2f}" in text  # what the decision fitted, beside its figures
+        fold = read_json(out / f"round{q}" / "summary.json")["folds"]["1"]  # and each fold's own figures
+        assert (f"<tr><td>{q}</td><td>1</td><td>{fold['best_epoch']}</td><td>{fold['val_f1_no_tta']:.4f}</td>"
+                f"<td>{fold['oof_f1_tta']:.4f}</td>") in text
     dom = render(page, "--dump-dom")
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, dom[-2000:]
