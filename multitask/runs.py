@@ -138,7 +138,10 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
            "backbone": "ensemble" if cfg.ensemble else cfg.model.backbone + ("" if cfg.model.sharing == "shared" else " x heads"),
            "img": "x".join(map(str, cfg.data.img_size)), "epochs": cfg.train.epochs,
            "folds": f"{len(summary['folds_done'])}/{cfg.train.folds}", "round": r,
-           "oof_f1": oof["f1"]}
+           "oof_f1": oof["f1"],
+           # the final class as `mt submit` decides it, fold-honest: runs whose decide settings differ
+           # compare here, where the argmax (oof_f1, what rounds are chosen by) leaves the decision out
+           "decided_f1": (summary.get("decision") or {}).get("honest", {}).get("f1")}
     row |= factor_columns(oof, task_of(cfg))
     if answers is not None:
         try:

@@ -587,6 +587,8 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     row = table.set_index(table["run"].str.rsplit("/", n=1).str[-1]).loc["three_heads"]
     assert row["heads"] == "mask,gender,age" and row["backbone"] == "test_efficientnet" and row["img"] == "32x32"
     assert row["folds"] == "2/2" and row["epochs"] == 1 and 0 <= row["oof_mask"] <= 1
+    decided = read_json(RunDir(tmp_path / "runs" / "three_heads").round_dir(0) / "summary.json")["decision"]
+    assert row["decided_f1"] == pytest.approx(decided["honest"]["f1"])
     # the folds' epochs, summed from their metrics.csv: a resumed run's earlier invocations count too
     epochs = [pd.read_csv(RunDir(tmp_path / "runs" / "three_heads").fold_dir(0, k) / "metrics.csv") for k in (0, 1)]
     assert row["train_s"] == pytest.approx(sum(m["train_s"].sum() + m["validate_s"].sum() for m in epochs), abs=0.11)
