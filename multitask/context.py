@@ -224,8 +224,8 @@ def clear_run(run: RunDir) -> None:
                           f"writing; stop that process first")
     for r in run.started_rounds():
         shutil.rmtree(run.round_dir(r))
-    for path in (run.summary, run.submission, run.submission_onnx, run.folds, run.config, run.skipped, run.teacher, run.report, run.onnx,
-                 run.onnx_int8):
+    for path in (run.summary, run.submission, run.submission_onnx, run.folds, run.config, run.skipped, run.teacher,
+                 run.report, run.onnx, run.onnx_int8):
         path.unlink(missing_ok=True)
 
 

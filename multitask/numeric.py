@@ -124,8 +124,8 @@ def fine_step(factor: Factor, step: float | None = None) -> float:
 def fine_edges(factor: Factor, step: float | None = None) -> np.ndarray:
     """The edges of a distribution output's fine bins: `fine_step` apart from the first cut (half a
     unit below the first edge for whole numbers), one span (standardise's scale) beyond the outer
-    edges, with every cut between bins (`Factor.cuts`) among them so that each fine bin lies within one bin. Below the first and above the last fine
-    edge, one open bin each."""
+    edges, with every cut between bins (`Factor.cuts`) among them so that each fine bin lies within
+    one bin. Below the first and above the last fine edge, one open bin each."""
     edges = factor.cuts
     scale = standardise(factor, np.zeros(1))[2]
     width = fine_step(factor, step)

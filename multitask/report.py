@@ -88,7 +88,7 @@ def thumbnail(path: str, size: int = 96) -> str:
 
 def class_names(task) -> list[str]:
     """Each final class as its number (what a submission holds: the competition's `ans`) and its
-    factors' classes, e.g. `3: wear / female / <30`."""
+    factors' classes, e.g. `3: worn / female / <30`."""
     return [f"{c}: " + " / ".join(map(str, n)) for c, n in enumerate(task.class_names(np.arange(task.n_classes)))]
 
 
