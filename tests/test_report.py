@@ -323,3 +323,37 @@ def test_the_reports_classes_carry_the_number_a_submission_holds():
     names = class_names(task)
     assert len(names) == 18 and all(n.startswith(f"{c}: ") for c, n in enumerate(names))
     assert names[3] == "3: worn / female / <30"  # mask·6 + gender·3 + age
+
+
+def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_delivered(demo_root, tmp_path):
+    """docs/RESULTS.md: age's promise of 0.95 rested on 36 persons and delivered 0.81 on the test
+    persons. The script's figures are the round's own files read again."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from multitask.labels import mask_task
+
+    run = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2"), run)
+    pseudo_label(run, precision=0.5)
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "pseudo_precision.py"), str(run),
+              "--answers", str(demo_root / "answers.csv")]
+    got = json.loads(subprocess.run(script, capture_output=True, text=True, timeout=120, check=True).stdout)
+    made = json.loads((run / "round1" / "pseudo.json").read_text())["factors"]
+    chosen = pd.read_csv(run / "round1" / "pseudo.csv")
+    truth = mask_task([30, 60]).decode(pd.read_csv(demo_root / "answers.csv").set_index("ImageID")
+                                       .loc[chosen["ImageID"], "ans"].to_numpy())
+    for i, name in enumerate(("mask", "gender", "age")):
+        row = got["factors"][name]
+        assert row["promised"] == made[name]["precision"] and row["threshold"] == made[name]["threshold"]
+        selected = chosen[name].to_numpy() >= 0
+        if selected.any():
+            assert row["test_precision"] == round(float((chosen[name].to_numpy() == truth[:, i])[selected].mean()), 4)
+        if row["threshold"] is not None:
+            assert 0 < row["oof_persons"] <= row["oof_pictures"] and 0 <= row["oof_precision_by_person"] <= 1
+    assert np.isclose(got["factors"]["mask"]["labels_per_fold"], (chosen["mask"] >= 0).sum() / chosen["fold"].nunique(),
+                      atol=0.05)
