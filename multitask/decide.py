@@ -176,6 +176,12 @@ def is_active(task: Task, cfg: Config) -> bool:
             or (cfg.decide.blend_aux and bool(aux_kinds(task, cfg))))
 
 
+def honest_f1(summary: dict) -> float | None:
+    """A round's final-class macro F1 under its decision, fold-honest (decide_round's report, which
+    the round summary keeps); None for a round without a decision."""
+    return (summary.get("decision") or {}).get("honest", {}).get("f1")
+
+
 def decide_round(round_dir: Path, task: Task, heads: list[Head], probs: dict[str, np.ndarray],
                  factors: np.ndarray, values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config,
                  look: np.ndarray | None = None,

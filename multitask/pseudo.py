@@ -32,7 +32,7 @@ import pandas as pd
 from multitask import dist
 from multitask.config import Config, ConfigError
 from multitask.context import build_task, check_checkpoint_place, check_round, every_fold, load_run_config, reopen_context
-from multitask.decide import Decision, load_decision, predict_classes
+from multitask.decide import Decision, honest_f1, load_decision, predict_classes
 from multitask.ensemble import check_same_split, fold_test_probs, fold_votes
 from multitask.kfold import check_identities, refuse_ensemble, train_round
 from multitask.labels import FLAT_HEAD, Head, Task
@@ -262,7 +262,7 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
             reports.append({"round": r, "from_round": prev, "soft": True, "precision": None, "thresholds": None,
                             "added": n, "of": n, "labelled": {f.name: n for f in ctx.task.factors},
                             "oof_f1": summary["oof"]["f1"], "oof": summary["oof"], "trained": True,
-                            "decided_f1": (summary.get("decision") or {}).get("honest", {}).get("f1")})
+                            "decided_f1": honest_f1(summary)})
             continue
         table, thresholds, promise = pseudo_table(ctx, teacher)
         if table.empty:
@@ -284,5 +284,5 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
                         "labelled": {f.name: int(round((table[f.name] != UNKNOWN).sum() / max(len(per_fold), 1)))
                                      for f in ctx.task.factors},  # rounded as the report rounds them
                         "oof_f1": summary["oof"]["f1"], "oof": summary["oof"], "trained": True,
-                        "decided_f1": (summary.get("decision") or {}).get("honest", {}).get("f1")})
+                        "decided_f1": honest_f1(summary)})
     return reports

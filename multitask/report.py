@@ -104,9 +104,8 @@ def write_report(run_dir) -> Path:
     run, task, heads, cfg = ctx.run, ctx.task, ctx.heads, ctx.cfg
     r, why = run.shown_round(cfg.train.folds)  # once the round's results are written
     summaries = {q: read_json(run.round_dir(q) / "summary.json") for q in run.rounds()}
-    for q, s in summaries.items():  # what each round's decision fitted, beside its figures
-        path = run.round_dir(q) / "decision.json"
-        s["decision_fit"] = read_json(path)["decision"] if path.exists() else {}
+    fitted = {q: read_json(run.round_dir(q) / "decision.json")["decision"] for q in summaries
+              if (run.round_dir(q) / "decision.json").exists()}  # what each round's decision fitted
     oof = load_npz(run.round_dir(r) / "oof.npz")
     combined, classes = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(r)),
                                         stored_pictures(oof))
@@ -116,7 +115,7 @@ def write_report(run_dir) -> Path:
              f"<b>{html.escape(','.join(h.name for h in heads))}</b>, backbone <b>{html.escape(cfg.model.backbone)}</b>, "
              f"{cfg.data.img_size[0]}×{cfg.data.img_size[1]} px, {cfg.train.folds} folds × {cfg.train.epochs} epochs. "
              f"The figures below are of {html.escape(why)}.</p>",
-             scores_section(summaries, cfg.train.folds),
+             scores_section(summaries, fitted, cfg.train.folds),
              curves_section(run),
              '<h2 id="confusion">Confusion matrices (OOF)</h2>'
              + img(png(confusion_figure(task, truth, classes, f"OOF, round {r}, under the run's decision"), dpi=120),
@@ -130,15 +129,16 @@ def write_report(run_dir) -> Path:
     return out
 
 
-def scores_section(summaries: dict[int, dict], n_folds: int) -> str:
-    """Each round's OOF macro F1s, and under its fitted decision in-sample and fold-honest."""
+def scores_section(summaries: dict[int, dict], fitted: dict[int, dict], n_folds: int) -> str:
+    """Each round's OOF macro F1s, under its decision in-sample and fold-honest with what the decision
+    fitted (`fitted`: each round's decision.json), and each fold's own figures."""
     keys = [k for k in summaries[min(summaries)]["oof"] if k.startswith("f1")]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = "".join(f"<tr><td>{q}</td><td>{len(s['folds_done'])}/{n_folds}</td>"
                    + "".join(f"<td>{s['oof'].get(k, float('nan')):.4f}</td>" for k in keys) + "</tr>"
                    for q, s in summaries.items())
     decided = "".join(f"<tr><td>{q}</td><td>{s['decision']['in_sample']['f1']:.4f}</td>"
-                      f"<td>{s['decision']['honest']['f1']:.4f}</td><td>{html.escape(decision_line(s['decision_fit']))}</td>"
+                      f"<td>{s['decision']['honest']['f1']:.4f}</td><td>{html.escape(decision_line(fitted.get(q, {})))}</td>"
                       f"</tr>" for q, s in summaries.items() if "decision" in s)
     folds = "".join(f"<tr><td>{q}</td><td>{k}</td><td>{f['best_epoch']}</td><td>{f['val_f1_no_tta']:.4f}</td>"
                     f"<td>{f['oof_f1_tta']:.4f}</td><td>{f['train_s']:.0f}</td></tr>"

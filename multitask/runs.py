@@ -11,6 +11,7 @@ import pandas as pd
 
 from multitask.config import Config, TableTaskCfg, load_config
 from multitask.context import task_of
+from multitask.decide import honest_f1
 from multitask.labels import Factor
 from multitask.metrics import macro_f1
 from multitask.run import RunDir, read_json
@@ -141,7 +142,7 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
            "oof_f1": oof["f1"],
            # the final class as `mt submit` decides it, fold-honest: runs whose decide settings differ
            # compare here, where the argmax (oof_f1, what rounds are chosen by) leaves the decision out
-           "decided_f1": (summary.get("decision") or {}).get("honest", {}).get("f1")}
+           "decided_f1": honest_f1(summary)}
     row |= factor_columns(oof, task_of(cfg))
     if answers is not None:
         try:

@@ -86,7 +86,8 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
         raise SubmissionError(f"{onnx} predicts factors {served.task.factor_names}, the run's task has "
                               f"{ctx.task.factor_names}")
     made, r = served.meta.get("train_ids"), served.meta["round"]  # files exported before training ids: None
-    if made and Path(served.meta["run"]) == ctx.run.root.resolve() and (
+    this_run = Path(served.meta["run"]) == ctx.run.root.resolve()
+    if made and this_run and (
             r not in ctx.run.rounds() or made != ctx.run.round_train_ids(r)):
         raise SubmissionError(f"{onnx} was exported from round {served.meta['round']} of {ctx.run.root} as it was "
                               f"before it was trained again; export it again (`mt export --run {ctx.run.root}`)")
@@ -98,7 +99,7 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
         if decision is not None and decision.subjects > 0:
             log(f"subjects are not read: the exported file takes each picture on its own, while `mt submit --run "
                 f"{ctx.run.root}` reads what a person keeps from their clearest picture (weight {decision.subjects:.2f})")
-        if Path(served.meta["run"]) == ctx.run.root.resolve():
+        if this_run:
             best, _ = ctx.run.choose_round(ctx.cfg.train.folds, can_pick=False)
             if best != r:
                 log(f"the exported file holds round {r}; `mt submit --run {ctx.run.root}` would submit round {best}, "

@@ -291,9 +291,11 @@ def read_test_table(cfg: TableTaskCfg, images: Path, train: pd.DataFrame | None 
     if train is not None:
         # by the file itself, as listed_before: `a/../a/0.jpg` or a link inside the root is the same picture
         trained = {Path(p).resolve(): w for p, w in zip(train["path"], train["where"]) if pd.notna(p)}
-        problems += [f"{w}: {p} is also a training image ({trained[Path(p).resolve()]}); a test image must be "
-                     f"one the folds do not train on" for w, p in zip(where, paths)
-                     if p is not None and Path(p).resolve() in trained]
+        for w, p in zip(where, paths):
+            first = trained.get(Path(p).resolve()) if p is not None else None
+            if first is not None:
+                problems.append(f"{w}: {p} is also a training image ({first}); a test image must be one the folds "
+                                f"do not train on")
     if problems:
         raise problems_error(path, problems)
     return pd.DataFrame({"image_id": df[cfg.path_col].to_numpy(), "path": paths})
