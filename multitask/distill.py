@@ -27,7 +27,7 @@ from multitask.context import (build_task, check_checkpoint_place, check_round, 
 from multitask.data.cache import undecodable_error
 from multitask.data.folds import with_labels
 from multitask.decide import Decision, blend_only, load_decision, predict_classes
-from multitask.kfold import train_ids, train_round
+from multitask.kfold import train_round
 from multitask.labels import FLAT_HEAD
 from multitask.model import check_model
 from multitask.outputs import CHUNK
@@ -132,7 +132,7 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
         fold=lambda d: (d["group"].map(dict(zip(t_ctx.table.train["group"], t_ctx.folds))) != val_fold).astype(int)),
         t_ctx.table.train, t_ctx.task)
     atomic_write_text(run.folds, folds.to_csv(index=False))
-    save_npz(run.teacher, train_ids=train_ids(t_ctx), train=probs[:len(train_paths)],
+    save_npz(run.teacher, train_ids=t_ctx.table.train_ids(), train=probs[:len(train_paths)],
              test_ids=t_ctx.table.test_ids() if test_paths else np.array([], dtype=str),
              test=probs[len(train_paths):])
     if teacher_decision is not None and teacher_decision.offsets is not None:

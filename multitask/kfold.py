@@ -6,7 +6,6 @@ so folds can be trained one at a time (`--fold K`), or by different processes in
 """
 from __future__ import annotations
 
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -75,7 +74,7 @@ def distilled(ctx: Context) -> tuple[np.ndarray, np.ndarray | None] | None:
     if ctx.cfg.distill is None:
         return None
     z = load_npz(ctx.run.teacher)
-    if not np.array_equal(z["train_ids"], train_ids(ctx)):
+    if not np.array_equal(z["train_ids"], ctx.table.train_ids()):
         raise RunError(f"{ctx.run.teacher}: made for other training images than the task's table now lists; "
                        f"distil again with `mt distill`")
     test = None
@@ -90,20 +89,12 @@ def fold_finished(ctx: Context, r: int, k: int) -> bool:
     return ctx.run.fold_done(r, k, with_test=ctx.table.test is not None)
 
 
-def train_ids(ctx: Context) -> np.ndarray:
-    """Each training image's path below the folder that holds them all: the same wherever the data
-    set is moved, and different when the table lists other images."""
-    paths = ctx.table.train["path"].astype(str).tolist()
-    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    return np.array([os.path.relpath(p, root) for p in paths])
-
-
 def check_identities(ctx: Context, r: int, k: int, oof: dict | None, test: dict | None) -> None:
     """A fold's predictions name the images they were made for; the task's tables must still list
     those images in those places (an edited train table or a reordered test list is an error here,
     not a silent misalignment)."""
     fold_dir = ctx.run.fold_dir(r, k)
-    ids = train_ids(ctx) if oof is not None and "ids" in oof else None
+    ids = ctx.table.train_ids() if oof is not None and "ids" in oof else None
     if ids is not None and (oof["rows"].max(initial=-1) >= len(ids) or not np.array_equal(oof["ids"], ids[oof["rows"]])):
         raise RunError(f"{fold_dir / 'oof.npz'}: predicted for other training images than the task's table now "
                         f"lists in those rows (was the table edited?); retrain with `mt train --force`")
@@ -166,7 +157,7 @@ def save_predictions(ctx: Context, r: int, k: int, train_id: str, data: FoldData
     model = load_model(fold_dir / fold_checkpoint(cfg), cfg, ctx.task, ctx.heads, device)
     oof = predict_probs(model, data.val_images, cfg, device)
     # rows are positions in the train table; ids say which images they were, to be checked
-    save_npz(fold_dir / "oof.npz", rows=va, ids=train_ids(ctx)[va], train_id=made_by, settings=settings,
+    save_npz(fold_dir / "oof.npz", rows=va, ids=ctx.table.train_ids()[va], train_id=made_by, settings=settings,
              **{f"p_{h}": p for h, p in oof.items()})
     if ctx.test_images is not None:
         test = predict_probs(model, RowImages.of(ctx.test_images), cfg, device)

@@ -11,11 +11,14 @@ epochs, at validation F1 0.05-0.08, where every finished trial had started just 
 """
 from __future__ import annotations
 
+import hashlib
 import time
+from functools import reduce
 from pathlib import Path
 
 from multitask.config import Config, ConfigError, dump_config, load_config
-from multitask.context import differing_keys, task_of
+from multitask.context import differing_keys, moved_only, read_data, task_of
+from multitask.data.table import value_column
 from multitask.numeric import fine_step, settings_of
 from multitask.run import atomic_write_text
 
@@ -126,21 +129,49 @@ def _flow(obj) -> str:
 
 
 BASE_KEY = "base"  # the study's user attribute holding the settings its trials start from
+DATA_KEY = "data"  # and the one holding what its data is (data_digest)
 
 
-def check_same_base(study, base: Config, out: Path) -> None:
-    """A study continued under other base settings (config, --set, data) would compare trials that
-    trained differently, and best.yaml would join the best trial's suggestions to settings it never
-    trained with: refused. The first call records the base."""
+def data_digest(cfg: Config) -> str:
+    """What a study's trials train on, wherever it lies: each training image's place below their
+    folder, its group, its labels and numbers. A data folder that moved keeps it; one that lists
+    other images, or other labels, does not."""
+    task = task_of(cfg)
+    table = read_data(cfg, task)
+    columns = ["group", *task.factor_names, *(value_column(f.name) for f in task.numeric_factors)]
+    frame = table.train[columns].assign(image=table.train_ids())
+    return hashlib.sha1(frame.to_csv(index=False).encode()).hexdigest()
+
+
+def check_same_base(study, base: Config, data: str, out: Path) -> dict[str, str]:
+    """A study continued under other base settings (config, --set) or on other data would compare
+    trials that trained differently, and best.yaml would join the best trial's suggestions to
+    settings it never trained with: refused. A place that moved (the data folder, a checkpoint) is
+    followed, and returned with its new place; the first call records the base and the data."""
     now = base.model_dump(mode="json")
-    then = study.user_attrs.get(BASE_KEY)
+    then, known = study.user_attrs.get(BASE_KEY), study.user_attrs.get(DATA_KEY)
     if then is None:
         study.set_user_attr(BASE_KEY, now)
-        return
+        study.set_user_attr(DATA_KEY, data)
+        return {}
     changed = differing_keys(then, now)
-    if changed:
-        raise ConfigError(f"{out}: the study's trials started from other settings ({', '.join(changed)} differ); "
+    moved = [k for k in changed if moved_only(then, now, [k])]
+    others = [k for k in changed if k not in moved]
+    if others:
+        raise ConfigError(f"{out}: the study's trials started from other settings ({', '.join(others)} differ); "
                           f"continue it with the settings it was started with, or start another study (--out)")
+    if known is not None and known != data:
+        raise ConfigError(f"{out}: the data now holds other images, groups or labels than the study's trials "
+                          f"trained on; continue it on the data it was started on, or start another study (--out)")
+    if moved and known is None:
+        raise ConfigError(f"{out}: {', '.join(moved)} moved, and the study was started by an earlier mt, which "
+                          f"did not record what its data is; continue it from the old place, or start another "
+                          f"study (--out)")
+    if moved:
+        study.set_user_attr(BASE_KEY, now)
+    if known is None:
+        study.set_user_attr(DATA_KEY, data)
+    return {key: reduce(lambda node, part: node[part], key.split("."), now) for key in moved}
 
 
 def tune(config: str | None, out: str | Path, trials: int, data: str | Path | None = None,
@@ -169,7 +200,8 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
     # seed alone, so a resumed study seeded as at its start would repeat trial 0's settings; still
     # deterministic, as the count is the study's own
     study.sampler = optuna.samplers.TPESampler(seed=base.train.seed + len(study.trials))
-    check_same_base(study, base, out)
+    for key, place in check_same_base(study, base, data_digest(base), out).items():
+        say(f"{key} moved: the study goes on with it at {place}")
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # a trial the killed study left running
         say(f"trial {t.number} was interrupted: counted as failed, its folder kept")

@@ -1,5 +1,7 @@
 """`mt tune`: an Optuna study whose trials are runs, pruned per fold, resumable from its SQLite file,
 ending in a best.yaml that `mt train --config` accepts."""
+import shutil
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -88,6 +90,30 @@ def test_a_resumed_study_does_not_repeat_its_first_trial(demo_root, tmp_path, mo
              say=lambda _: None)
     tune(None, tmp_path / "study", trials=4, data=demo_root, overrides=["train.device=cpu", "train.jobs=2"],
          say=lambda _: None)  # where and how fast it trains may change
+    # and where its data is: a study whose data folder moved goes on, and says so
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_root, moved)
+    said = []
+    tune(None, tmp_path / "study", trials=5, data=moved, overrides=["train.device=cpu"], say=said.append)
+    assert said[0] == f"data_root moved: the study goes on with it at {moved}" and len(said) == 2  # and trial 4
+    # but a moved folder is only followed where it holds the same data: other labels are other data
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(demo_root, relabelled)
+    table = relabelled / "train" / "train.csv"
+    table.write_text(table.read_text().replace(",female,", ",male,", 1))
+    for data in (relabelled, moved):  # at a new place, or edited in place
+        if data == moved:
+            shutil.copy(table, moved / "train" / "train.csv")
+        with pytest.raises(ConfigError, match="other images, groups or labels than the study's trials trained on"):
+            tune(None, tmp_path / "study", trials=6, data=data, overrides=["train.device=cpu"], say=lambda _: None)
+    # a study begun by an mt that did not record its data cannot tell a moved folder from other data
+    study = optuna.load_study(study_name="mt", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    study.set_user_attr("data", None)
+    with pytest.raises(ConfigError, match="did not record what its data is; continue it from the old place"):
+        tune(None, tmp_path / "study", trials=6, data=demo_root, overrides=["train.device=cpu"], say=lambda _: None)
+    with pytest.raises(ConfigError, match=r"other settings \(train.epochs differ\)"):  # moved and changed
+        tune(None, tmp_path / "study", trials=6, data=demo_root, overrides=["train.device=cpu", "train.epochs=3"],
+             say=lambda _: None)
 
 
 def suggested(*overrides, seed=0):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +45,13 @@ class ImageTable:
         """The test images' ids as strings, in the test list's order: what every file of test
         predictions records, and is checked against."""
         return self.test["image_id"].to_numpy().astype(str)
+
+    def train_ids(self) -> np.ndarray:
+        """Each training image's path below the folder that holds them all: the same wherever the data
+        set is moved, and different when the table lists other images."""
+        paths = self.train["path"].astype(str).tolist()
+        root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+        return np.array([os.path.relpath(p, root) for p in paths])
 
     def skip(self, rows, reasons: list[str]) -> None:
         """Leave out train rows (positions in `train`), recording why."""
