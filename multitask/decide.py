@@ -33,7 +33,6 @@ from multitask.subjects import Pictures, move_to_anchors, read_subjects, subject
 
 OFFSET_GRID = np.linspace(-2, 2, 17)
 BLEND_GRID = np.linspace(0, 1, 11)
-EPS = 1e-12
 
 
 @dataclass
@@ -54,16 +53,13 @@ def final_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], kin
     """Final-class probabilities: the heads' product, with each auxiliary output blended in, then
     subjects read where `spec` (subjects.subject_spec) and the pictures' likeness are given."""
     combined = task.combine(heads, probs)
-    codes = task.decode(np.arange(task.n_classes))
     for name, w in decision.blend.items():
         if w <= 0:
             continue
         i = task.factor_names.index(name)
         factor = task.factors[i]
         q_aux = aux_bins(factor, kinds[name], probs[aux_name(name)], decision.sigma.get(name), decision.grid.get(name))
-        p_f = task.marginal(combined, i)
-        q = (1 - w) * p_f + w * q_aux
-        combined = combined * (q / np.maximum(p_f, EPS))[:, codes[:, i]]
+        combined = task.with_marginal(combined, i, (1 - w) * task.marginal(combined, i) + w * q_aux)
     if decision.subjects > 0 and spec is not None and pictures is not None:
         combined = read_subjects(task, combined, spec, decision.subjects, pictures)
     return combined

@@ -143,6 +143,12 @@ class Task:
         p = np.asarray(combined).reshape(len(combined), *sizes)
         return p.sum(axis=tuple(a + 1 for a in range(len(sizes)) if a != i))
 
+    def with_marginal(self, combined: np.ndarray, i: int, q: np.ndarray) -> np.ndarray:
+        """Final-class probabilities rescaled so that factor i's marginal becomes q (N, n_i), each
+        other factor's odds within a class of factor i kept (export.py writes the same in torch)."""
+        p = self.marginal(combined, i)
+        return combined * (q / np.maximum(p, 1e-12))[:, self.decode(np.arange(self.n_classes))[:, i]]
+
     def encode(self, factor_values: np.ndarray) -> np.ndarray:
         return mixed_radix(factor_values, self.sizes)
 

@@ -26,7 +26,6 @@ from multitask.labels import Task
 GRID = 8  # the likeness is the mean colour of GRID x GRID cells of the picture
 CHUNK = 4096  # pictures matched at a time: (CHUNK x anchors) similarities in memory
 READ_CHUNK = 256  # pictures turned into floats at a time (256 x 256 x 192 x 3 floats: 150 MB)
-EPS = 1e-12
 IPF_PASSES = 100  # rescaling passes at most; correlated factors settle within a few
 IPF_TOL = 1e-6  # the largest gap between a kept marginal and its target that ends the passes
 
@@ -117,7 +116,6 @@ def move_to_anchors(task: Task, combined: np.ndarray, spec: tuple[int, int, list
     weight·its anchor's: the final class rescaled, factor by factor, until every kept marginal is
     its target (iterative proportional fitting; one pass when the factors are independent, as
     separate heads make them; joined heads, a flat head or an ensemble's vote correlate them)."""
-    codes = task.decode(np.arange(task.n_classes))
     kept = spec[2]
     targets = {}
     for i in kept:
@@ -126,7 +124,7 @@ def move_to_anchors(task: Task, combined: np.ndarray, spec: tuple[int, int, list
     out = combined
     for _ in range(IPF_PASSES):
         for i in kept:
-            out = out * (targets[i] / np.maximum(task.marginal(out, i), EPS))[:, codes[:, i]]
+            out = task.with_marginal(out, i, targets[i])
         if all(np.max(np.abs(task.marginal(out, i) - targets[i]), initial=0.0) <= IPF_TOL for i in kept):
             break
     return out
