@@ -43,19 +43,20 @@ def teacher_probs(run: RunDir, r: int, cfg: Config, decision: Decision | None, p
     overrides = [f"train.device={device}"] if device else []
     task, heads = build_task(cfg)
     blend = blend_only(decision)
-    models, out = {}, []
+    models, out, bad = {}, [], []
     tid = progress.add_task("teacher predictions", total=len(paths)) if progress else None
     for start in range(0, len(paths), chunk):
         decoded = DecodedImages(paths[start:start + chunk], cfg.data.decode_workers)
-        bad = decoded.bad(tuple(cfg.data.img_size))
-        if bad:
-            raise undecodable_error(paths, [(start + i, why) for i, why in bad])
-        probs = run_outputs(run, r, overrides, decoded, np.arange(len(decoded.paths)), None, models)
-        out.append(predict_classes(task, heads, probs, cfg, blend)[0].astype(np.float32))
+        bad += [(start + i, why) for i, why in decoded.bad(tuple(cfg.data.img_size))]
+        if not bad:  # after a failure the later chunks are only decoded, so that the error lists them all
+            probs = run_outputs(run, r, overrides, decoded, np.arange(len(decoded.paths)), None, models)
+            out.append(predict_classes(task, heads, probs, cfg, blend)[0].astype(np.float32))
         if progress:
             progress.update(tid, advance=len(decoded.paths))
     if progress:
         progress.remove_task(tid)
+    if bad:
+        raise undecodable_error(paths, bad)
     return np.concatenate(out)
 
 

@@ -173,6 +173,22 @@ def test_undecodable_images_are_all_listed_whichever_chunk_holds_them(runs, demo
     assert "broken1.jpg" in str(e.value) and "broken8.jpg" in str(e.value)
 
 
+def test_a_teachers_undecodable_pictures_are_all_listed_whichever_chunk_holds_them(runs, demo_root, tmp_path):
+    from multitask.distill import teacher_probs
+    from multitask.run import RunDir
+
+    run = RunDir(runs["shared"])
+    cfg = load_config(str(run.config))
+    paths = sorted(str(p) for p in (demo_root / "eval" / "images").iterdir())[:10]
+    for i in (1, 8):  # in the first chunk of four and in the third
+        broken = tmp_path / f"broken{i}.jpg"
+        broken.write_text("not a picture")
+        paths[i] = str(broken)
+    with pytest.raises(ImageDecodeError, match="2 image") as e:
+        teacher_probs(run, 0, cfg, None, paths, chunk=4)
+    assert "broken1.jpg" in str(e.value) and "broken8.jpg" in str(e.value)
+
+
 def test_the_onnx_path_runs_without_torch(runs, demo_root, tmp_path):
     export_run(runs["shared"], tmp_path / "m.onnx")
     code = f"""
