@@ -134,8 +134,9 @@ DATA_KEY = "data"  # and the one holding what its data is (data_digest)
 
 def data_digest(cfg: Config) -> str:
     """What a study's trials train on, wherever it lies: each training image's place below their
-    folder, its group, its labels and numbers. A data folder that moved keeps it; one that lists
-    other images, or other labels, does not."""
+    folder (its name, not its pixels), its group, its labels and numbers, in the table's order (which
+    the folds follow). A data folder that moved keeps it; one that lists other images, or other
+    labels, does not."""
     task = task_of(cfg)
     table = read_data(cfg, task)
     columns = ["group", *task.factor_names, *(value_column(f.name) for f in task.numeric_factors)]
@@ -163,8 +164,9 @@ def check_same_base(study, base: Config, data: str, out: Path) -> dict[str, str]
     if known is not None and known != data:
         raise ConfigError(f"{out}: the data now holds other images, groups or labels than the study's trials "
                           f"trained on; continue it on the data it was started on, or start another study (--out)")
-    if moved and known is None:
-        raise ConfigError(f"{out}: {', '.join(moved)} moved, and the study was started by an earlier mt, which "
+    data_moved = [k for k in moved if not k.startswith("model.")]  # a checkpoint's digest is a setting already
+    if data_moved and known is None:
+        raise ConfigError(f"{out}: {', '.join(data_moved)} moved, and the study was started by an earlier mt, which "
                           f"did not record what its data is; continue it from the old place, or start another "
                           f"study (--out)")
     if moved:
