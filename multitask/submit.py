@@ -86,15 +86,19 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
         raise SubmissionError(f"{onnx} predicts factors {served.task.factor_names}, the run's task has "
                               f"{ctx.task.factor_names}")
     made, r = served.meta.get("train_ids"), served.meta["round"]  # files exported before training ids: None
-    this_run = Path(served.meta["run"]) == ctx.run.root.resolve()
-    if made and this_run and (
-            r not in ctx.run.rounds() or made != ctx.run.round_train_ids(r)):
+    same_place = Path(served.meta["run"]) == ctx.run.root.resolve()
+    current = bool(made) and r in ctx.run.rounds() and made == ctx.run.round_train_ids(r)
+    this_run = same_place or current  # a run that moved keeps its folds' training ids
+    if made and same_place and not current:
         raise SubmissionError(f"{onnx} was exported from round {served.meta['round']} of {ctx.run.root} as it was "
                               f"before it was trained again; export it again (`mt export --run {ctx.run.root}`)")
     if ctx.table.test is None:
         raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no task.test)")
     if log:
         log(f"predicting {len(ctx.table.test)} test images with {onnx} (run {served.meta['run']}, round {served.meta['round']})")
+        if made and not this_run:  # another run of the task, which a submission may take; or this one, moved and trained since
+            log(f"its folds are not those of round {r} of {ctx.run.root} as it is now: if that is this run, moved and "
+                f"trained again since, export it again (`mt export --run {ctx.run.root}`)")
         decision = load_decision(ctx.run.round_dir(r)) if r in ctx.run.rounds() else None
         if decision is not None and decision.subjects > 0:
             log(f"subjects are not read: the exported file takes each picture on its own, while `mt submit --run "

@@ -273,12 +273,24 @@ def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, d
     assert said[-1] == (f"the exported file holds round 0; `mt submit --run {run}` would submit round 1, the best by "
                         f"OOF since (`mt export --run {run}` exports that one)")
     shutil.rmtree(RunDir(run).round_dir(1))
+    # the run moved: its folds' training ids say the file is still its own
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    said = []
+    make_submission_onnx(moved, RunDir(run).onnx, tmp_path / "moved.csv", log=said.append)
+    assert not any("its folds are not those" in line for line in said)
     summary_path = RunDir(run).round_dir(0) / "summary.json"
     summary = read_json(summary_path)
     summary["train_ids"] = {k: "trained-again" for k in summary["train_ids"]}  # what `mt train --force` leaves
-    write_json(summary_path, summary)
+    for root in (run, moved):
+        write_json(RunDir(root).round_dir(0) / "summary.json", summary)
     with pytest.raises(SubmissionError, match="export it again"):
         make_submission_onnx(run, RunDir(run).onnx, tmp_path / "after.csv")
+    # moved and trained again, the file cannot be told from another run's (which a submission may take): said
+    said = []
+    make_submission_onnx(moved, RunDir(run).onnx, tmp_path / "moved.csv", log=said.append)
+    assert said[1] == (f"its folds are not those of round 0 of {moved} as it is now: if that is this run, moved and "
+                       f"trained again since, export it again (`mt export --run {moved}`)")
     RunDir(run).report.write_text("<html></html>")
     clear_run(RunDir(run))  # `--force`: nothing of the old run is left to be taken for the new one's
     assert not RunDir(run).onnx.exists() and not RunDir(run).report.exists() and not RunDir(run).config.exists()
