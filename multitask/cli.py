@@ -142,6 +142,7 @@ def train(
 def pseudo_label_cmd(
     run: Path = typer.Option(..., "--run", help="run directory made by `mt train`"),
     precision: Optional[float] = typer.Option(None, help="precision each factor's pseudo labels must reach on OOF " + from_config("pseudo.precision", "the run's")),
+    bound: Optional[float] = typer.Option(None, help="0, or a level from 0.5 up to 1 at which the precision must hold as a lower bound, counting persons, not pictures " + from_config("pseudo.bound", "the run's")),
     rounds: Optional[int] = typer.Option(None, help="pseudo-label rounds to add " + from_config("pseudo.rounds", "the run's")),
     jobs: Optional[int] = typer.Option(None, help="folds trained at once, each in its own process " + from_config("train.jobs", "the run's")),
     soft: bool = typer.Option(False, "--soft", help="every test image, with its fold's previous probabilities as soft targets (no threshold)"),
@@ -157,22 +158,25 @@ def pseudo_label_cmd(
     with progress_and_errors() as progress:
         extra = [f"train.jobs={jobs}"] if jobs is not None else []
         extra += ["pseudo.soft=true"] if soft else []
-        reports = pseudo_label(run, precision, rounds, extra + list(set_ or []), progress, labels_from)
+        reports = pseudo_label(run, precision, rounds, extra + list(set_ or []), progress, labels_from, bound)
     table = Table(title="pseudo-label rounds (images per fold)")
     for col in ("round", "precision", "added", "labelled per factor", "OOF macro F1 (argmax)", "decided, fold-honest"):
         table.add_column(col, justify="right")
     for rep in reports:
         labelled = ", ".join(f"{f} {n}" for f, n in rep["labelled"].items())
         decided = rep.get("decided_f1")
-        table.add_row(str(rep["round"]), "soft" if rep.get("soft") else f"{rep['precision']:.2f}",
+        bounded = f" (bound {rep['bound']:.2f})" if rep.get("bound") else ""
+        table.add_row(str(rep["round"]), "soft" if rep.get("soft") else f"{rep['precision']:.2f}{bounded}",
                       f"{rep['added']}/{rep['of']}", labelled,
                       f"{rep['oof_f1']:.4f}" if rep["trained"] else "not trained",
                       f"{decided:.4f}" if rep["trained"] and decided is not None else "")
     console.print(table)
     for rep in reports:
         if not rep["trained"]:
-            console.print(f"round {rep['round']}: no test image reaches precision {rep['precision']:.2f} on any "
-                          f"factor, so it was not trained; a lower --precision selects more")
+            bounded = f" (as a lower bound at {rep['bound']:.2f}, over persons)" if rep.get("bound") else ""
+            console.print(f"round {rep['round']}: no test image reaches precision {rep['precision']:.2f}{bounded} on "
+                          f"any factor, so it was not trained; a lower --precision{' or --bound' if bounded else ''} "
+                          f"selects more")
 
 
 @app.command()

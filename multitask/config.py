@@ -325,10 +325,21 @@ class PseudoCfg(_Strict):
     # each factor's confidence threshold is the lowest at which the previous round's OOF predictions
     # of that factor are right this often; 0 takes every test image with every factor
     precision: float = Field(0.95, ge=0, le=1)
+    # 0.5 to 1: the precision must hold as a one-sided lower bound at this level (Wilson), counting
+    # the persons (groups) above the threshold rather than the pictures, since a person's pictures
+    # are read alike and are no independent evidence; 0 asks only that the OOF rows reach it
+    bound: float = Field(0.0, ge=0, lt=1)
     rounds: int = Field(1, ge=1)
     # every test image joins, with its fold's previous-round final-class probabilities as soft
     # targets, instead of the confident factors as hard labels (precision then does not apply)
     soft: bool = False
+
+    @field_validator("bound")
+    @classmethod
+    def _a_lower_bound(cls, v):
+        if 0 < v < 0.5:  # below 0.5 the one-sided bound lies above the precision: it would loosen the cut
+            raise ValueError(f"bound {v} must be 0 (none) or a level from 0.5 up to 1, such as 0.9")
+        return v
 
 
 class Config(_Strict):

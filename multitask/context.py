@@ -28,7 +28,7 @@ from multitask.subjects import subject_spec
 
 # Settings that may differ between invocations on one run directory without changing what it holds.
 PER_INVOCATION = {("train", "fold"), ("train", "device"), ("train", "jobs"), ("pseudo", "precision"), ("pseudo", "rounds"),
-                  ("pseudo", "soft"),
+                  ("pseudo", "soft"), ("pseudo", "bound"),
                   ("data", "cache_dir"), ("data", "decode_workers"), ("data", "num_workers"),
                   ("train", "eval_batch_size"), ("train", "tensorboard")}
 

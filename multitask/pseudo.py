@@ -6,9 +6,10 @@ trained on fold k's groups, so a test image that resembles (or copies) one of th
 true label into the model that is scored on it, and round r's OOF would flatter.
 
 Per factor: each factor gets its own confidence threshold, the lowest at which the previous round's
-OOF predictions of that factor reach `pseudo.precision`. A test image joins with the factors that
-clear their threshold; the others stay unknown (-1) and its rows add nothing to the heads that need
-them. One threshold on the final class selects almost nothing where one factor (age) stays uncertain.
+OOF predictions of that factor reach `pseudo.precision` (with `pseudo.bound`, as a lower bound that
+counts persons: a few persons' pictures above a threshold promise little for other persons). A test
+image joins with the factors that clear their threshold; the others stay unknown (-1) and its rows
+add nothing to the heads that need them. One threshold on the final class selects almost nothing where one factor (age) stays uncertain.
 Pseudo images only ever train: never a validation fold, so OOF scores stay honest.
 
 Another teacher (`--labels-from RUN`, the first new round only): a run under the same split, such
@@ -25,6 +26,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -44,14 +46,35 @@ from multitask.subjects import Pictures, likeness, stored_pictures
 UNKNOWN = -1
 
 
-def precision_threshold(conf: np.ndarray, correct: np.ndarray, target: float) -> float:
+def wilson_lower(precision: np.ndarray, n: np.ndarray, level: float) -> np.ndarray:
+    """The one-sided lower bound, at `level`, of a precision observed over n independent readings
+    (Wilson's score interval, which stays inside [0, 1] and is sound for few readings)."""
+    z = NormalDist().inv_cdf(level)
+    n = np.asarray(n, float)
+    centre = precision + z * z / (2 * n)
+    spread = z * np.sqrt(precision * (1 - precision) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
+
+
+def precision_threshold(conf: np.ndarray, correct: np.ndarray, target: float, groups: np.ndarray | None = None,
+                        bound: float = 0.0) -> float:
     """The lowest confidence t such that the rows with conf >= t are right at least `target` of the
-    time (inf where no t reaches it; 0 for a target of 0, which takes everything)."""
+    time (inf where no t reaches it; 0 for a target of 0, which takes everything). With `bound` > 0
+    it is their precision's lower bound at that level that must reach `target`, counting the distinct
+    `groups` above t as the readings (every row its own reading where groups is None). The precision
+    stays the rows' (the labels are rows); counting their groups as readings is exact where a group's
+    rows are read alike, and cautious where they are not. The lowest of many cuts that pass is taken,
+    so the bound holds less often than its level says (tests/test_pipeline.py measures how often)."""
     if target <= 0:
         return 0.0
     order = np.argsort(-conf, kind="stable")
     ranked = conf[order]
     precision = np.cumsum(correct[order]) / np.arange(1, len(conf) + 1)
+    if bound > 0:
+        ranked_groups = np.arange(len(conf)) if groups is None else np.asarray(groups)[order]
+        first_seen = np.zeros(len(conf), bool)
+        first_seen[np.unique(ranked_groups, return_index=True)[1]] = True
+        precision = wilson_lower(precision, np.cumsum(first_seen), bound)
     # `conf >= t` keeps every row of a run of equal confidences: a cut inside one is no cut at all,
     # so only the precision at each run's last row is the precision some t gives
     run_ends = np.append(ranked[1:] != ranked[:-1], True)
@@ -59,25 +82,33 @@ def precision_threshold(conf: np.ndarray, correct: np.ndarray, target: float) ->
     return float(ranked[ok[-1]]) if len(ok) else float("inf")
 
 
-def factor_thresholds(task, combined_oof: np.ndarray, factors: np.ndarray, target: float) -> dict[str, float]:
-    """Per factor, the threshold on its marginal confidence that meets `target` precision on OOF."""
+def factor_thresholds(task, combined_oof: np.ndarray, factors: np.ndarray, target: float,
+                      groups: np.ndarray | None = None, bound: float = 0.0) -> dict[str, float]:
+    """Per factor, the threshold on its marginal confidence that meets `target` precision on OOF (as a
+    lower bound over `groups`, with `bound` > 0)."""
     out = {}
     for i, f in enumerate(task.factors):
         marginal = task.marginal(combined_oof, i)
-        out[f.name] = precision_threshold(marginal.max(1), marginal.argmax(1) == factors[:, i], target)
+        out[f.name] = precision_threshold(marginal.max(1), marginal.argmax(1) == factors[:, i], target, groups, bound)
     return out
 
 
-def oof_precision(task, combined_oof: np.ndarray, factors: np.ndarray, thresholds: dict[str, float]) -> dict:
-    """Per factor, what its threshold keeps of the OOF predictions and how often those are right: the
+def oof_precision(task, combined_oof: np.ndarray, factors: np.ndarray, thresholds: dict[str, float],
+                  groups: np.ndarray | None, bound: float = 0.0) -> dict:
+    """Per factor, what its threshold keeps of the OOF predictions, from how many persons, and how
+    often those are right (with `bound` > 0, also the lower bound the threshold was set by): the
     promise the pseudo labels are made under."""
     out = {}
     for i, f in enumerate(task.factors):
         marginal = task.marginal(combined_oof, i)
         kept = marginal.max(1) >= thresholds[f.name]
         right = marginal.argmax(1)[kept] == factors[kept, i]
+        persons = len(np.unique(groups[kept])) if groups is not None else None
         out[f.name] = {"threshold": None if np.isinf(thresholds[f.name]) else thresholds[f.name],
-                       "kept_share": float(kept.mean()), "precision": float(right.mean()) if kept.any() else None}
+                       "kept_share": float(kept.mean()), "persons": persons,
+                       "precision": float(right.mean()) if kept.any() else None}
+        if bound > 0:
+            out[f.name]["lower_bound"] = float(wilson_lower(right.mean(), persons, bound)) if kept.any() else None
     return out
 
 
@@ -159,6 +190,16 @@ def subject_pictures(ctx, decision: Decision | None) -> Pictures | None:
     return Pictures(likeness(ctx.test_images)) if decision is not None and decision.subjects > 0 else None
 
 
+def oof_groups(round_dir: Path, oof: dict, bound: float) -> np.ndarray | None:
+    """The OOF rows' groups (persons): `person` in rounds of an mt before table tasks; a bound
+    cannot count without them."""
+    groups = oof.get("group", oof.get("person"))
+    if groups is None and bound > 0:
+        raise RunError(f"{round_dir / 'oof.npz'}: no groups of its rows to count persons by; pseudo-label it "
+                       f"with pseudo.bound 0")
+    return groups
+
+
 def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float], dict]:
     """The next round's pseudo labels: for each fold, the teacher's fold-k test predictions under its
     decision, kept per factor where they clear the thresholds calibrated on the teacher's OOF."""
@@ -168,7 +209,8 @@ def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float],
     pictures = subject_pictures(ctx, decision)
     combined_oof, _ = predict_classes(teacher.task, teacher.heads, head_probs(oof), teacher.cfg, decision,
                                       stored_pictures(oof))
-    thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision)
+    groups = oof_groups(teacher.round_dir, oof, cfg.pseudo.bound)
+    thresholds = factor_thresholds(task, combined_oof, oof["factors"], cfg.pseudo.precision, groups, cfg.pseudo.bound)
     image_ids = ctx.table.test_ids()
     frames = []
     for k, probs in sorted(teacher.test.items()):
@@ -180,7 +222,8 @@ def pseudo_table(ctx, teacher: Teacher) -> tuple[pd.DataFrame, dict[str, float],
             frame[f.name] = labels[rows, i]
             frame[f"conf_{f.name}"] = conf[rows, i].round(4)
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True), thresholds, oof_precision(task, combined_oof, oof["factors"], thresholds)
+    promise = oof_precision(task, combined_oof, oof["factors"], thresholds, groups, cfg.pseudo.bound)
+    return pd.concat(frames, ignore_index=True), thresholds, promise
 
 
 def soft_table(ctx, teacher: Teacher) -> dict[str, np.ndarray]:
@@ -228,7 +271,8 @@ def clear_unfinished_round(run: RunDir, r: int) -> None:
 
 
 def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: int | None = None,
-                 overrides: list[str] = (), progress=None, labels_from: str | Path | None = None) -> list[dict]:
+                 overrides: list[str] = (), progress=None, labels_from: str | Path | None = None,
+                 bound: float | None = None) -> list[dict]:
     """Run `rounds` new rounds after the latest one; return each round's report. A round whose
     thresholds select no test image is not trained (its report says `trained: False`), and no
     round follows it. With `labels_from`, the first new round learns that run's labels instead of
@@ -236,6 +280,8 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
     extra = every_fold(overrides)
     if precision is not None:
         extra.append(f"pseudo.precision={precision}")
+    if bound is not None:
+        extra.append(f"pseudo.bound={bound}")
     if rounds is not None:
         extra.append(f"pseudo.rounds={rounds}")
     ctx = reopen_context(run_dir, extra, progress)
@@ -269,17 +315,19 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
             # a round with nothing to add would only retrain round prev with other seeds and become
             # a round to choose from; the next one would select nothing either
             reports.append({"round": r, "from_round": prev, "precision": ctx.cfg.pseudo.precision,
-                            "thresholds": thresholds, "added": 0, "of": int(len(ctx.table.test)),
+                            "bound": ctx.cfg.pseudo.bound, "thresholds": thresholds, "added": 0,
+                            "of": int(len(ctx.table.test)),
                             "labelled": {f.name: 0 for f in ctx.task.factors}, "trained": False})
             break
         # every rank of a torchrun has made the same table from the same files; rank 0 writes it,
         # and the others go on once it has (on_main waits for it)
         dist.on_main(write_labels, ctx.run, r, {"from_round": prev, "precision": ctx.cfg.pseudo.precision,
-                                                "factors": promise} | source, table)
+                                                "bound": ctx.cfg.pseudo.bound, "factors": promise} | source, table)
         summary = train_round(ctx, r, progress)  # each fold reads its own rows of the round's pseudo.csv
         per_fold = table.groupby("fold").size()
         reports.append({"round": r, "from_round": prev, "precision": ctx.cfg.pseudo.precision,
-                        "thresholds": thresholds, "added": int(round(per_fold.mean())) if len(per_fold) else 0,
+                        "bound": ctx.cfg.pseudo.bound, "thresholds": thresholds,
+                        "added": int(round(per_fold.mean())) if len(per_fold) else 0,
                         "of": int(len(ctx.table.test)),
                         "labelled": {f.name: int(round((table[f.name] != UNKNOWN).sum() / max(len(per_fold), 1)))
                                      for f in ctx.task.factors},  # rounded as the report rounds them

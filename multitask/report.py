@@ -212,12 +212,15 @@ def pseudo_section(run, task, n_folds: int) -> str:
             per_class = ", ".join(f"{f.classes[int(c)]} {n / n_folds:.0f}" for c, n in sorted(counts.items()))
             p = promise.get(f.name, {})
             prec = f"{p['precision']:.3f}" if p.get("precision") is not None else "—"
+            if p.get("persons") is not None:  # runs of earlier versions did not count them
+                prec += f" ({p['persons']} persons" + (f", lower bound {p['lower_bound']:.3f})"
+                                                       if p.get("lower_bound") is not None else ")")
             thr = f"{p['threshold']:.3f}" if p.get("threshold") is not None else "none reaches it"
             rows.append(f"<tr><td>{q}</td><td>{html.escape(f.name)}</td><td>{html.escape(per_class) or '—'}</td>"
                         f"<td>{thr}</td><td>{prec}</td></tr>")
     return '<h2 id="pseudo">Pseudo labels</h2>' + (
         "<table><tr><th>round</th><th>factor</th><th>selected per class (per fold)</th><th>threshold</th>"
-        "<th>precision on OOF at that threshold</th></tr>" + "".join(rows) + "</table>" if rows else
+        "<th>precision on OOF at that threshold (persons above it)</th></tr>" + "".join(rows) + "</table>" if rows else
         "<p>No pseudo-label round (<code>mt pseudo-label</code> adds one).</p>")
 
 

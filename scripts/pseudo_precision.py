@@ -18,6 +18,7 @@ import pandas as pd
 
 from multitask.context import reopen_context
 from multitask.decide import load_decision, predict_classes
+from multitask.pseudo import oof_groups
 from multitask.run import head_probs, load_npz, read_json
 from multitask.subjects import stored_pictures
 
@@ -39,17 +40,20 @@ def pseudo_precision(run_dir: Path, r: int = 1, answers: Path | None = None) -> 
             raise SystemExit("--answers: a competition answer key (ImageID,ans) reads only the mask competition's classes")
         ans = pd.read_csv(answers, dtype={"ImageID": str}).set_index("ImageID")["ans"]
         truth = ctx.task.decode(ans.reindex(chosen["ImageID"]).to_numpy())
-    out = {"run": str(run_dir), "round": r, "from_round": made["from_round"], "factors": {}}
+    out = {"run": str(run_dir), "round": r, "from_round": made["from_round"], "bound": made.get("bound", 0.0),
+           "factors": {}}
     for i, f in enumerate(ctx.task.factors):
         promise = made["factors"].get(f.name, {})
-        row = {"threshold": promise.get("threshold"), "promised": promise.get("precision")}
+        row = {"threshold": promise.get("threshold"), "promised": promise.get("precision"),
+               "lower_bound": promise.get("lower_bound")}  # with pseudo.bound, what the threshold was set by
         if promise.get("threshold") is not None:
             p = ctx.task.marginal(combined, i)
             above = p.max(1) >= promise["threshold"]
             right = p.argmax(1) == oof["factors"][:, i]
-            persons = np.unique(oof["group"][above])
+            groups = oof_groups(teacher, oof, bound=0.5)  # persons are counted here, as a bound counts them
+            persons = np.unique(groups[above])
             row |= {"oof_pictures": int(above.sum()), "oof_persons": int(len(persons)),
-                    "oof_precision_by_person": round(float(np.mean([right[above & (oof["group"] == g)].mean()
+                    "oof_precision_by_person": round(float(np.mean([right[above & (groups == g)].mean()
                                                                     for g in persons])), 4) if len(persons) else None}
         selected = chosen[f.name].to_numpy() >= 0
         row["labels_per_fold"] = round(float(selected.sum() / chosen["fold"].nunique()), 1)

@@ -86,6 +86,9 @@ def test_resolved_config_round_trips(tmp_path):
     (["aug.torch.scale=[0, 1]"], r"aug.torch.scale: scale \[0.0, 1.0\] must be \(low, high\) with 0.05 <= low"),
     (["aug.torch.scale=[-1, 1]"], "aug.torch.scale"),
     (["aug.torch.scale=[1.2, 0.9]"], "aug.torch.scale"),
+    # a one-sided bound below 0.5 lies above the precision it bounds: it would loosen the cut it is to tighten
+    (["pseudo.bound=0.3"], "pseudo.bound: .*bound 0.3 must be 0 \\(none\\) or a level from 0.5 up to 1"),
+    (["pseudo.bound=1"], "pseudo.bound: Input should be less than 1"),
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):

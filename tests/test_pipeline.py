@@ -216,9 +216,10 @@ def test_pseudo_round_then_submit(trained, demo_root, monkeypatch):
 
 
 def test_a_rounds_labels_are_cut_at_the_precision_asked_for(demo_root, tmp_path):
-    """`mt pseudo-label --precision P`: each factor's threshold is the one that reaches P on the
-    previous round's OOF (read under its decision), pseudo.json records it and what it kept, and a
-    factor's label is kept exactly where its confidence clears it."""
+    """`mt pseudo-label --precision P --bound L`: each factor's threshold is the one whose precision's
+    lower bound over persons reaches P on the previous round's OOF (read under its decision),
+    pseudo.json records it, what it kept and from how many persons, and a factor's label is kept
+    exactly where its confidence clears it."""
     from multitask.context import build_task, load_run_config
     from multitask.decide import load_decision, predict_classes
     from multitask.run import head_probs
@@ -226,21 +227,26 @@ def test_a_rounds_labels_are_cut_at_the_precision_asked_for(demo_root, tmp_path)
 
     out = tmp_path / "run"
     train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=3"), out)
-    pseudo_label(out, precision=0.6)
+    result = CliRunner().invoke(app, ["pseudo-label", "--run", str(out), "--precision", "0.6", "--bound", "0.7"])
+    assert result.exit_code == 0, result.output
     run = RunDir(out)
     cfg = load_run_config(run)
     task, heads = build_task(cfg)
     oof = load_npz(run.round_dir(0) / "oof.npz")
     combined = predict_classes(task, heads, head_probs(oof), cfg, load_decision(run.round_dir(0)), stored_pictures(oof))[0]
-    expected = factor_thresholds(task, combined, oof["factors"], 0.6)
-    promise = read_json(run.round_dir(1) / "pseudo.json")["factors"]
+    expected = factor_thresholds(task, combined, oof["factors"], 0.6, oof["group"], 0.7)
+    made = read_json(run.round_dir(1) / "pseudo.json")
+    promise = made["factors"]
+    assert made["precision"] == 0.6 and made["bound"] == 0.7
     labels = pd.read_csv(run.round_dir(1) / "pseudo.csv")
     finite = [f for f, t in expected.items() if np.isfinite(t)]
     assert finite  # the case can tell a threshold from none
     for f, t in expected.items():
         assert promise[f]["threshold"] == (t if np.isfinite(t) else None)
+        above = task.marginal(combined, task.factor_names.index(f)).max(1) >= t
+        assert promise[f]["persons"] == len(set(oof["group"][above]))
         if promise[f]["precision"] is not None:
-            assert promise[f]["precision"] >= 0.6
+            assert promise[f]["lower_bound"] >= 0.6 - 1e-9 and promise[f]["precision"] > promise[f]["lower_bound"]
         kept = labels[f] >= 0
         assert (labels.loc[kept, f"conf_{f}"] >= round(t, 4) - 1e-4).all() if np.isfinite(t) else not kept.any()
         assert (labels.loc[~kept, f"conf_{f}"] < t + 1e-4).all()
@@ -265,6 +271,53 @@ def test_precision_thresholds_keep_their_promise_on_oof():
     coarse = np.round(conf, 1)  # many ties, as rounded probabilities give
     for target in (0.8, 0.9):
         assert correct[coarse >= precision_threshold(coarse, correct, target)].mean() >= target
+
+
+def test_wilson_lower_bound():
+    from multitask.pseudo import wilson_lower
+
+    # 90 right of 100 at 97.5% one-sided (the 95% two-sided interval's lower end): 0.8256
+    assert wilson_lower(0.9, 100, 0.975) == pytest.approx(0.82565, abs=1e-4)
+    assert wilson_lower(1.0, 10, 0.9) == pytest.approx(10 / (10 + 1.28155 ** 2), abs=1e-4)
+    assert wilson_lower(0.0, 5, 0.9) == pytest.approx(0.0, abs=1e-12)
+    assert np.all(np.diff(wilson_lower(0.9, np.array([5, 20, 100, 1000]), 0.9)) > 0)  # more readings, nearer 0.9
+
+
+def test_a_bound_counts_persons_not_pictures():
+    """Seven pictures of a person are read alike: right or wrong together. 30 persons all right promise
+    0.95 at the 0.9 level as 210 pictures (210 / (210 + z²)), not as 30 persons (30 / (30 + z²) <
+    0.95); 32 persons do (n >= 0.95 z² / 0.05 = 31.2)."""
+    for persons, reachable in ((30, False), (32, True)):
+        groups = np.repeat(np.arange(persons), 7)
+        conf = np.repeat(np.linspace(0.99, 0.6, persons), 7)
+        correct = np.ones(len(conf), bool)
+        assert precision_threshold(conf, correct, 0.95, None, 0.9) == pytest.approx(0.6)
+        t = precision_threshold(conf, correct, 0.95, groups, 0.9)
+        assert t == (pytest.approx(0.6) if reachable else float("inf"))
+        assert precision_threshold(conf, correct, 0.95, groups, 0.0) == pytest.approx(0.6)  # no bound: all of them
+
+
+def test_a_bound_keeps_the_promise_on_other_persons():
+    """What the bound is for: a threshold fitted on few persons' OOF, scored on the whole population of
+    persons it will label. Each person's confidence c is calibrated (right with probability c, all
+    their pictures together) and uniform on [0.5, 1], so the population's precision above t is
+    (1 + t) / 2. Fitted on 60 persons to reach 0.9, the observed-precision rule falls short of 0.9 in
+    about 64% of the draws that select something; the 0.9 lower bound over persons in about 27% of
+    them (not 10%: the lowest of many passing cuts is taken), and it selects nothing in about 60% of
+    all draws: 60 persons are few to promise 0.9 with."""
+    rng = np.random.default_rng(0)
+    short, chose = {0.0: 0, 0.9: 0}, {0.0: 0, 0.9: 0}
+    for _ in range(300):
+        c = rng.uniform(0.5, 1, 60)
+        right = rng.random(60) < c
+        groups = np.repeat(np.arange(60), 7)
+        conf, correct = np.repeat(c, 7), np.repeat(right, 7)
+        for bound in short:
+            t = precision_threshold(conf, correct, 0.9, groups, bound)
+            chose[bound] += bool(np.isfinite(t))
+            short[bound] += bool(np.isfinite(t) and (1 + t) / 2 < 0.9)
+    assert chose[0.0] > 290 and 90 < chose[0.9] < 150, chose
+    assert short[0.0] / chose[0.0] > 0.55 and short[0.9] / chose[0.9] < 0.35, (short, chose)
 
 
 def test_factor_thresholds_and_partial_labels():

@@ -39,6 +39,7 @@ def test_report_is_one_page_whose_pictures_load_in_a_browser(demo_root, tmp_path
     captions = re.findall(r"<small>([^<]*)</small></figcaption>", text)
     assert captions and all(re.fullmatch(r"\d{6}_\w+/(mask\d|incorrect_mask|normal)\.\w+", c) for c in captions), captions
     assert "precision on OOF at that threshold" in text and "round 1" in text
+    assert re.search(r"<td>[01]\.\d{3} \(\d+ persons\)</td>", text)  # how many persons a promise rests on
     # the figures under the decision say which F1 they add up to: the decision's, not the argmax's
     from multitask.run import read_json
 
@@ -343,6 +344,7 @@ def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_deliver
     script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "pseudo_precision.py"), str(run),
               "--answers", str(demo_root / "answers.csv")]
     got = json.loads(subprocess.run(script, capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert got["bound"] == 0.0
     made = json.loads((run / "round1" / "pseudo.json").read_text())["factors"]
     chosen = pd.read_csv(run / "round1" / "pseudo.csv")
     truth = mask_task([30, 60]).decode(pd.read_csv(demo_root / "answers.csv").set_index("ImageID")
@@ -353,7 +355,9 @@ def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_deliver
         selected = chosen[name].to_numpy() >= 0
         if selected.any():
             assert row["test_precision"] == round(float((chosen[name].to_numpy() == truth[:, i])[selected].mean()), 4)
+        assert row["lower_bound"] is None  # pseudo.bound 0: the threshold was set by the precision alone
         if row["threshold"] is not None:
             assert 0 < row["oof_persons"] <= row["oof_pictures"] and 0 <= row["oof_precision_by_person"] <= 1
+            assert row["oof_persons"] == made[name]["persons"]
     assert np.isclose(got["factors"]["mask"]["labels_per_fold"], (chosen["mask"] >= 0).sum() / chosen["fold"].nunique(),
                       atol=0.05)
