@@ -160,32 +160,24 @@ def test_int8_export_of_a_run_whose_check_takes_every_image_calibrates_on_them(r
     assert check["calibration_images"] == min(check["images"], 128) > 0
 
 
-def test_undecodable_images_are_all_listed_whichever_chunk_holds_them(runs, demo_root, tmp_path):
-    export_run(runs["shared"], tmp_path / "m.onnx")
-    served = serve.ServedModel(tmp_path / "m.onnx")
-    paths = sorted(str(p) for p in (demo_root / "eval" / "images").iterdir())[:10]
-    for i in (1, 8):  # in the first chunk of four and in the third
-        broken = tmp_path / f"broken{i}.jpg"
-        broken.write_text("not a picture")
-        paths[i] = str(broken)
-    with pytest.raises(ImageDecodeError, match="2 image") as e:
-        served.predict_paths(paths, chunk=4)
-    assert "broken1.jpg" in str(e.value) and "broken8.jpg" in str(e.value)
-
-
-def test_a_teachers_undecodable_pictures_are_all_listed_whichever_chunk_holds_them(runs, demo_root, tmp_path):
+@pytest.mark.parametrize("reader", ["exported file", "a student's teacher"])
+def test_undecodable_images_are_all_listed_whichever_chunk_holds_them(runs, demo_root, tmp_path, reader):
     from multitask.distill import teacher_probs
     from multitask.run import RunDir
 
-    run = RunDir(runs["shared"])
-    cfg = load_config(str(run.config))
     paths = sorted(str(p) for p in (demo_root / "eval" / "images").iterdir())[:10]
     for i in (1, 8):  # in the first chunk of four and in the third
         broken = tmp_path / f"broken{i}.jpg"
         broken.write_text("not a picture")
         paths[i] = str(broken)
+    if reader == "exported file":
+        export_run(runs["shared"], tmp_path / "m.onnx")
+        predict = lambda: serve.ServedModel(tmp_path / "m.onnx").predict_paths(paths, chunk=4)  # noqa: E731
+    else:
+        run = RunDir(runs["shared"])
+        predict = lambda: teacher_probs(run, 0, load_config(str(run.config)), None, paths, chunk=4)  # noqa: E731
     with pytest.raises(ImageDecodeError, match="2 image") as e:
-        teacher_probs(run, 0, cfg, None, paths, chunk=4)
+        predict()
     assert "broken1.jpg" in str(e.value) and "broken8.jpg" in str(e.value)
 
 
