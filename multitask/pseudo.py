@@ -9,7 +9,8 @@ Per factor: each factor gets its own confidence threshold, the lowest at which t
 OOF predictions of that factor reach `pseudo.precision` (with `pseudo.bound`, as a lower bound that
 counts persons: a few persons' pictures above a threshold promise little for other persons). A test
 image joins with the factors that clear their threshold; the others stay unknown (-1) and its rows
-add nothing to the heads that need them. One threshold on the final class selects almost nothing where one factor (age) stays uncertain.
+add nothing to the heads that need them. One threshold on the final class selects almost nothing
+where one factor (age) stays uncertain.
 Pseudo images only ever train: never a validation fold, so OOF scores stay honest.
 
 Another teacher (`--labels-from RUN`, the first new round only): a run under the same split, such
@@ -311,23 +312,20 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
                             "decided_f1": honest_f1(summary)})
             continue
         table, thresholds, promise = pseudo_table(ctx, teacher)
+        cut = {"from_round": prev, "precision": ctx.cfg.pseudo.precision, "bound": ctx.cfg.pseudo.bound}
         if table.empty:
             # a round with nothing to add would only retrain round prev with other seeds and become
             # a round to choose from; the next one would select nothing either
-            reports.append({"round": r, "from_round": prev, "precision": ctx.cfg.pseudo.precision,
-                            "bound": ctx.cfg.pseudo.bound, "thresholds": thresholds, "added": 0,
-                            "of": int(len(ctx.table.test)),
-                            "labelled": {f.name: 0 for f in ctx.task.factors}, "trained": False})
+            reports.append({"round": r} | cut | {"thresholds": thresholds, "added": 0, "of": int(len(ctx.table.test)),
+                                                 "labelled": {f.name: 0 for f in ctx.task.factors}, "trained": False})
             break
         # every rank of a torchrun has made the same table from the same files; rank 0 writes it,
         # and the others go on once it has (on_main waits for it)
-        dist.on_main(write_labels, ctx.run, r, {"from_round": prev, "precision": ctx.cfg.pseudo.precision,
-                                                "bound": ctx.cfg.pseudo.bound, "factors": promise} | source, table)
+        dist.on_main(write_labels, ctx.run, r, cut | {"factors": promise} | source, table)
         summary = train_round(ctx, r, progress)  # each fold reads its own rows of the round's pseudo.csv
         per_fold = table.groupby("fold").size()
-        reports.append({"round": r, "from_round": prev, "precision": ctx.cfg.pseudo.precision,
-                        "bound": ctx.cfg.pseudo.bound, "thresholds": thresholds,
-                        "added": int(round(per_fold.mean())) if len(per_fold) else 0,
+        reports.append({"round": r} | cut | {
+                        "thresholds": thresholds, "added": int(round(per_fold.mean())) if len(per_fold) else 0,
                         "of": int(len(ctx.table.test)),
                         "labelled": {f.name: int(round((table[f.name] != UNKNOWN).sum() / max(len(per_fold), 1)))
                                      for f in ctx.task.factors},  # rounded as the report rounds them
