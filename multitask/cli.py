@@ -205,7 +205,9 @@ def submit(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="predict the run's test images with this file from `mt export` (onnxruntime, CPU)"),
 ):
     """Write a round's voted test predictions (the best round by OOF macro F1 unless --round): ImageID,ans in info.csv order for the
-    competition, the predictions file of `mt predict` for a table task."""
+    competition, the predictions file of `mt predict` for a table task. Beside it, FILE.json says what made it (run, round, its
+    folds' trainings, sha256) and how many predictions each class got."""
+    from multitask.run import provenance_file
     from multitask.submit import make_submission, make_submission_onnx
 
     with progress_and_errors() as progress:
@@ -215,7 +217,7 @@ def submit(
             path = make_submission_onnx(run, onnx, out, log=console.print)
         else:
             path = make_submission(run, out, progress, round_, log=console.print)
-    console.print(f"submission: {path}")
+    console.print(f"submission: {path}  (what made it: {provenance_file(path).name})")
 
 
 @app.command()

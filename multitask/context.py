@@ -23,7 +23,7 @@ from multitask.data.table import DataError, ImageTable, read_table
 from multitask.labels import FLAT_HEAD, Factor, Head, Task, mask_task
 from multitask.lock import LOCK, describe_holder, held_lock
 from multitask.numeric import numerics
-from multitask.run import RunDir, RunError, atomic_write_text
+from multitask.run import RunDir, RunError, atomic_write_text, provenance_file
 from multitask.subjects import subject_spec
 
 # Settings that may differ between invocations on one run directory without changing what it holds.
@@ -224,8 +224,9 @@ def clear_run(run: RunDir) -> None:
                           f"writing; stop that process first")
     for r in run.started_rounds():
         shutil.rmtree(run.round_dir(r))
-    for path in (run.summary, run.submission, run.submission_onnx, run.folds, run.config, run.skipped, run.teacher,
-                 run.report, run.onnx, run.onnx_int8):
+    for path in (run.summary, run.submission, run.submission_onnx, provenance_file(run.submission),
+                 provenance_file(run.submission_onnx), run.folds, run.config, run.skipped, run.teacher, run.report,
+                 run.onnx, run.onnx_int8):
         path.unlink(missing_ok=True)
 
 

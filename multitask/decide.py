@@ -25,7 +25,7 @@ import numpy as np
 
 from multitask.config import Config
 from multitask.labels import Head, Task
-from multitask.metrics import macro_f1
+from multitask.metrics import macro_f1, score_classes
 from multitask.numeric import aux_bins, aux_name, numerics, regression_sigma
 from multitask.outputs import LOG_FLOOR, decide_classes
 from multitask.run import read_json, write_json
@@ -137,14 +137,6 @@ def predict_classes(task: Task, heads: list[Head], probs: dict[str, np.ndarray],
     return combined, decide_classes(combined, d.offsets)
 
 
-def scores_of(task: Task, classes: np.ndarray, factors: np.ndarray) -> dict:
-    decoded = task.decode(classes)
-    out = {"f1": macro_f1(task.encode(factors), classes, task.n_classes)}
-    for i, f in enumerate(task.factors):
-        out[f"f1_{f.name}"] = macro_f1(factors[:, i], decoded[:, i], f.n)
-    return out
-
-
 def take(d: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v[rows] for k, v in d.items()}
 
@@ -164,7 +156,7 @@ def honest_scores(task: Task, heads: list[Head], probs: dict[str, np.ndarray], f
         d = fit_decision(task, heads, take(p, fit_rows), factors[fit_rows], take(values, fit_rows), cfg,
                          part(fit_rows))
         classes[held] = predict_classes(task, heads, take(p, held), cfg, d, part(held))[1]
-    return scores_of(task, classes, factors)
+    return score_classes(task, classes, factors)
 
 
 def is_active(task: Task, cfg: Config) -> bool:
@@ -189,8 +181,8 @@ def decide_round(round_dir: Path, task: Task, heads: list[Head], probs: dict[str
     pictures = Pictures(look, folds) if look is not None else None
     d = fit_decision(task, heads, probs, factors, values, cfg, pictures)
     report = {
-        "argmax": scores_of(task, task.combine(heads, probs).argmax(1), factors),
-        "in_sample": scores_of(task, predict_classes(task, heads, probs, cfg, d, pictures)[1], factors),
+        "argmax": score_classes(task, task.combine(heads, probs).argmax(1), factors),
+        "in_sample": score_classes(task, predict_classes(task, heads, probs, cfg, d, pictures)[1], factors),
         "honest": honest_scores(task, heads, probs, factors, values, folds, cfg, pictures, probs_without),
     }
     write_json(round_dir / "decision.json", {"decision": asdict(d), "oof": report})

@@ -23,9 +23,9 @@ import numpy as np
 from multitask.config import ConfigError, EnsembleCfg, dump_config
 from multitask.context import build_task, check_ensemble_members, check_round, load_run_config
 from multitask.data.folds import read_folds
-from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes, scores_of
+from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes
 from multitask.labels import FLAT_HEAD
-from multitask.metrics import macro_f1
+from multitask.metrics import macro_f1, score_classes
 from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, staged_dir, write_json
 
 WEIGHT_STEP = 0.05
@@ -168,7 +168,7 @@ def honest_weights_score(probs: list[np.ndarray], factors: np.ndarray, folds: np
     for k, w in fold_weights.items():
         held = folds == k
         classes[held] = weighted([p[held] for p in probs], w).argmax(1)
-    return scores_of(task, classes, factors)
+    return score_classes(task, classes, factors)
 
 
 def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] | None = None) -> dict:
@@ -216,9 +216,9 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
             save_npz(run.round_dir(0) / "test_probs.npz", image_id=members[0]["test_ids"],
                      p_class=weighted([m["test_probs"] for m in members], w), **members[0]["test_likeness"])
         summary = {"round": 0, "folds_done": read_json(RunDir(runs[0]).round_dir(members[0]["round"]) / "summary.json")["folds_done"],
-                   "members": [{"run": str(r), "round": m["round"], "weight": float(x), "oof": scores_of(task, m["oof_probs"].argmax(1), factors)}
+                   "members": [{"run": str(r), "round": m["round"], "weight": float(x), "oof": score_classes(task, m["oof_probs"].argmax(1), factors)}
                                for r, m, x in zip(runs, members, w)],
-                   "oof": scores_of(task, voted.argmax(1), factors),
+                   "oof": score_classes(task, voted.argmax(1), factors),
                    "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task, fold_weights)
                    if fold_weights is not None else None}
         if is_active(task, cfg):

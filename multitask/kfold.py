@@ -214,6 +214,12 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False, on_ep
     folds = cfg.train.fold if cfg.train.fold is not None else list(range(cfg.train.folds))
     if resume:
         folds = [k for k in folds if not fold_finished(ctx, r, k)]
+    if progress and dist.is_main():  # a log that is not a terminal shows no bar: say what starts, and where
+        epochs = f"{cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)}"
+        progress.console.print(f"round {r}: fold(s) {', '.join(map(str, folds)) or 'none left'} of {cfg.train.folds}, "
+                               f"{epochs} each, {len(ctx.table.train)} labelled training images, "
+                               f"{cfg.model.backbone} at {'x'.join(map(str, cfg.data.img_size))} px -> {ctx.run.root}",
+                               soft_wrap=True)
     if cfg.train.jobs > 1 and len(folds) > 1:
         payload = {"cfg": cfg.model_dump(mode="json"), "run": str(ctx.run.root), "round": r}
         try:

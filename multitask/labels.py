@@ -137,6 +137,11 @@ class Task:
         return np.array([[f.classes[v] for f, v in zip(self.factors, row)] for row in decoded], dtype=object
                         ).reshape(len(decoded), len(self.factors))
 
+    def class_titles(self) -> list[str]:
+        """Each final class as its number (what a submission holds: the competition's `ans`) and its
+        factors' classes, e.g. `3: worn / female / <30`."""
+        return [f"{c}: " + " / ".join(map(str, n)) for c, n in enumerate(self.class_names(np.arange(self.n_classes)))]
+
     def marginal(self, combined: np.ndarray, i: int) -> np.ndarray:
         """Probabilities of factor i's classes, summed out of final-class probabilities (N, n_classes)."""
         sizes = self.sizes

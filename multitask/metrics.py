@@ -29,19 +29,25 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> float:
     return float((2 * tp[present] / denom[present]).mean())
 
 
+def score_classes(task: Task, classes: np.ndarray, factors: np.ndarray) -> dict:
+    """Macro F1 of given final classes (`f1`) and of each factor read off them (`f1_<factor>`), against
+    true factor values (N, F)."""
+    decoded = task.decode(classes)
+    out = {"f1": macro_f1(task.encode(factors), classes, task.n_classes)}
+    for i, f in enumerate(task.factors):
+        out[f"f1_{f.name}"] = macro_f1(factors[:, i], decoded[:, i], f.n)
+    return out
+
+
 def score_probs(task: Task, heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray) -> dict:
     """Macro F1 of each head's own argmax (`f1_<head>`), of each factor read off the final class's
-    argmax (`f1_<factor>_combined`), and of the final class (`f1`), from head probabilities and true
-    factor values (N, F). decide.scores_of, which reads every factor off given final classes, names
-    those `f1_<factor>`."""
-    out = {}
-    for h in heads:
-        out[f"f1_{h.name}"] = macro_f1(h.targets(factors), probs[h.name].argmax(1), h.n)
+    argmax (`f1_<factor>_combined`: a head may share a factor's name), of the final class (`f1`), and
+    its accuracy, from head probabilities and true factor values (N, F)."""
+    out = {f"f1_{h.name}": macro_f1(h.targets(factors), probs[h.name].argmax(1), h.n) for h in heads}
     combined = task.combine(heads, probs).argmax(1)
-    decoded = task.decode(combined)
-    for i, f in enumerate(task.factors):
-        out[f"f1_{f.name}_combined"] = macro_f1(factors[:, i], decoded[:, i], f.n)
-    out["f1"] = macro_f1(task.encode(factors), combined, task.n_classes)
+    final = score_classes(task, combined, factors)
+    out |= {f"f1_{f.name}_combined": final[f"f1_{f.name}"] for f in task.factors}
+    out["f1"] = final["f1"]
     out["acc"] = float((task.encode(factors) == combined).mean())
     return out
 

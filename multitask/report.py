@@ -37,7 +37,7 @@ def confusion_figure(task, truth: np.ndarray, classes: np.ndarray, title: str):
 
     pred = task.decode(classes)
     panels = [(f.name, f.classes, truth[:, i], pred[:, i]) for i, f in enumerate(task.factors)]
-    panels.append(("final class", class_names(task), task.encode(truth), classes))
+    panels.append(("final class", task.class_titles(), task.encode(truth), classes))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * (len(panels) - 1) + 7, 6),
                              gridspec_kw={"width_ratios": [1] * (len(panels) - 1) + [2.2]})
     for ax, (name, labels, t, p) in zip(np.atleast_1d(axes), panels):
@@ -84,12 +84,6 @@ def thumbnail(path: str, size: int = 96) -> str:
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
     except DECODE_ERRORS:
         return ""
-
-
-def class_names(task) -> list[str]:
-    """Each final class as its number (what a submission holds: the competition's `ans`) and its
-    factors' classes, e.g. `3: worn / female / <30`."""
-    return [f"{c}: " + " / ".join(map(str, n)) for c, n in enumerate(task.class_names(np.arange(task.n_classes)))]
 
 
 def write_report(run_dir) -> Path:
@@ -173,7 +167,7 @@ def curves_section(run) -> str:
 
 
 def per_class_section(task, truth: np.ndarray, classes: np.ndarray) -> str:
-    rows = per_class_rows(task.encode(truth), classes, class_names(task))
+    rows = per_class_rows(task.encode(truth), classes, task.class_titles())
     return ('<h2 id="per-class">Per class (OOF)</h2><table><tr><th>class</th><th>support</th><th>precision</th>'
             "<th>recall</th><th>F1</th></tr>"
             + "".join(f"<tr><td>{html.escape(n)}</td><td>{s}</td><td>{pr:.3f}</td><td>{rc:.3f}</td><td>{f:.3f}</td></tr>"
@@ -182,7 +176,7 @@ def per_class_section(task, truth: np.ndarray, classes: np.ndarray) -> str:
 
 def mistakes_section(task, truth: np.ndarray, combined: np.ndarray, classes: np.ndarray, paths: np.ndarray) -> str:
     """The OOF pictures the decision got wrong with the most confidence, as thumbnails."""
-    y, names = task.encode(truth), class_names(task)
+    y, names = task.encode(truth), task.class_titles()
     wrong = np.flatnonzero(classes != y)
     conf = combined[np.arange(len(classes)), classes]
     worst = wrong[np.argsort(-conf[wrong])][:GALLERY]

@@ -169,6 +169,11 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def provenance_file(out: Path) -> Path:
+    """Where a submission's record of what made it is kept: beside it, named after it."""
+    return out.with_name(out.name + ".json")
+
+
 def damaged(path: Path, kind: str, e: BaseException, remedy: str = "") -> "RunError":
     """The error for a file mt wrote that cannot be read back (damaged outside mt: atomic writes
     leave none half-written), naming the file; the library's own words are often about a buffer."""

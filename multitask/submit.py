@@ -4,16 +4,20 @@ info.csv's order, checked against a fresh read of info.csv; for a table task, th
 `mt predict` writes (path, each factor's class, class, prob)."""
 from __future__ import annotations
 
+import hashlib
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from multitask import __version__
 from multitask.context import Context, check_round, reopen_context
+from multitask.data.table import factor_values
 from multitask.data.layout import read_csv
 from multitask.decide import load_decision, predict_classes
 from multitask.outputs import prediction_table, write_rows
-from multitask.run import atomic_write_text, atomic_writer, check_output_file, head_probs, load_npz
+from multitask.run import atomic_write_text, atomic_writer, check_output_file, head_probs, load_npz, provenance_file, write_json
 from multitask.subjects import Pictures, stored_pictures
 
 
@@ -69,7 +73,9 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     image_ids, probs, pictures = load_round_test_probs(ctx, r)
     combined, classes = predict_classes(ctx.task, ctx.heads, probs, ctx.cfg, load_decision(ctx.run.round_dir(r)),
                                         pictures)
-    return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, f"round {r}")
+    made = {"run": str(ctx.run.root), "round": r, "why": why, "train_ids": ctx.run.round_train_ids(r)}
+    return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, f"round {r}",
+                             made, log)
 
 
 def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path | None = None, log=None) -> Path:
@@ -110,21 +116,44 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
                     f"the best by OOF since (`mt export --run {ctx.run.root}` exports that one)")
     combined, classes = served.predict_paths(ctx.table.test["path"].tolist())
     image_ids = ctx.table.test_ids()
-    return write_predictions(ctx, image_ids, combined, classes, out, str(onnx))
+    made = {"run": str(ctx.run.root), "onnx": str(Path(onnx).resolve()), "exported_from": served.meta["run"],
+            "round": r, "train_ids": made, "this_run": this_run}
+    return write_predictions(ctx, image_ids, combined, classes, out, str(onnx), made, log)
 
 
-def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray, out: Path, source: str) -> Path:
+def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray, out: Path, source: str,
+                      made: dict | None = None, log=None) -> Path:
     """The competition's ImageID,ans in info.csv's order, or a table task's predictions file; `source`
-    names what predicted them in errors."""
+    names what predicted them in errors. With `made` (what predicted them), a record beside the file
+    says so (`provenance_file`); `log` hears of final classes the training set has that none of the
+    predictions is."""
     if ctx.table.info_csv is None:
         columns, rows = prediction_table(ctx.task, image_ids, combined, classes)
         with atomic_writer(out, "w") as fh:  # as `mt predict` writes it
             write_rows(fh, columns, rows)
-        return out
-    pred = dict(zip(image_ids, classes))
-    info_ids = read_csv(ctx.table.info_csv, ["ImageID", "ans"])["ImageID"].to_numpy()
-    missing = [i for i in info_ids if i not in pred]
-    if missing:
-        raise SubmissionError(f"{source} has no prediction for {len(missing)} info.csv image(s), e.g. {missing[0]}")
-    sub = pd.DataFrame({"ImageID": info_ids, "ans": np.array([pred[i] for i in info_ids], dtype=np.int64)})
-    return write_submission(sub, ctx.table.info_csv, ctx.task.n_classes, out)
+    else:
+        pred = dict(zip(image_ids, classes))
+        info_ids = read_csv(ctx.table.info_csv, ["ImageID", "ans"])["ImageID"].to_numpy()
+        missing = [i for i in info_ids if i not in pred]
+        if missing:
+            raise SubmissionError(f"{source} has no prediction for {len(missing)} info.csv image(s), e.g. {missing[0]}")
+        sub = pd.DataFrame({"ImageID": info_ids, "ans": np.array([pred[i] for i in info_ids], dtype=np.int64)})
+        write_submission(sub, ctx.table.info_csv, ctx.task.n_classes, out)
+    if made is not None:
+        counts = class_counts(ctx.task, classes, ctx.task.encode(factor_values(ctx.table.train, ctx.task)))
+        unseen = [name for name, c in counts.items() if c["predicted"] == 0 and c["train"] > 0]
+        if unseen and log:
+            log(f"no prediction is of {len(unseen)} class(es) the training set has, each of which scores 0 in a "
+                f"macro F1: {', '.join(unseen)}")
+        write_json(provenance_file(out), {
+            "file": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), "rows": int(len(classes)),
+            "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mt": __version__, **made,
+            "never_predicted": unseen, "classes": counts})
+    return out
+
+
+def class_counts(task, predicted: np.ndarray, train: np.ndarray) -> dict[str, dict[str, int]]:
+    """Each final class (by its title): how many predictions are of it, and how many training images."""
+    n = task.n_classes
+    return {name: {"predicted": int(p), "train": int(q)}
+            for name, p, q in zip(task.class_titles(), np.bincount(predicted, minlength=n), np.bincount(train, minlength=n))}

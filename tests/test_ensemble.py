@@ -39,7 +39,7 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     weights = [m["weight"] for m in summary["members"]]
     assert np.isclose(sum(weights), 1)
     # the fold-honest figure: fold k's rows voted with the weights refitted without fold k, scored
-    from multitask.decide import scores_of
+    from multitask.metrics import score_classes
     from multitask.ensemble import fit_weights, member_probs
 
     parts = [member_probs(m) for m in (a, b)]
@@ -49,7 +49,7 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     for k in np.unique(folds):
         w = fit_weights([m["oof_probs"][folds != k] for m in parts], y[folds != k], task.n_classes)
         classes[folds == k] = sum(wi * m["oof_probs"][folds == k] for wi, m in zip(w, parts)).argmax(1)
-    assert summary["oof_weights_honest"] == pytest.approx(scores_of(task, classes, oof0["factors"]))
+    assert summary["oof_weights_honest"] == pytest.approx(score_classes(task, classes, oof0["factors"]))
     # mt runs ranks the ensemble by that honest figure, not by the vote scored on the rows it was fitted on
     from multitask.runs import run_row
 

@@ -318,10 +318,9 @@ def test_faces_outside_a_build_are_the_ones_it_did_not_use(tmp_path):
 def test_the_reports_classes_carry_the_number_a_submission_holds():
     """The competition's `ans` is the class number; the report named classes only by their factors."""
     from multitask.labels import mask_task
-    from multitask.report import class_names
 
     task = mask_task([30, 60])
-    names = class_names(task)
+    names = task.class_titles()
     assert len(names) == 18 and all(n.startswith(f"{c}: ") for c, n in enumerate(names))
     assert names[3] == "3: worn / female / <30"  # mask·6 + gender·3 + age
 

@@ -1,5 +1,8 @@
 """The run directory's rules: one run per directory (`--force` starts over), a finished round to read
 from (which one, and why), and no round trained for nothing."""
+import hashlib
+
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -27,6 +30,7 @@ def test_train_into_a_run_is_refused_and_force_starts_over(run, demo_root, tmp_p
     cfg = tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}")
     pseudo_label(run, precision=0.0)
     make_submission(run)
+    assert (run / "submission.csv.json").exists()
     with pytest.raises(ConfigError, match=r"round 0 fold\(s\) \[0, 1\] already trained.*round\(s\) \[1\].*mt resume"):
         train_run(cfg, run)
     assert RunDir(run).rounds() == [0, 1]  # nothing was touched
@@ -34,6 +38,7 @@ def test_train_into_a_run_is_refused_and_force_starts_over(run, demo_root, tmp_p
     summary = train_run(cfg, run, force=True)
     assert summary["folds_done"] == [0, 1]
     assert RunDir(run).rounds() == [0] and not RunDir(run).submission.exists()
+    assert not (run / "submission.csv.json").exists()  # nor its record, which would vouch for another run
     assert read_json(RunDir(run).summary)["latest_round"] == 0
 
     # other settings are refused before anything else, and --force is the way out
@@ -898,3 +903,24 @@ def test_processes_racing_for_a_stale_lock_leave_one_holder(tmp_path):
             p.wait(timeout=60)
     assert holders.count(None) == 1, holders
     assert not lock.exists()
+
+
+def test_a_submission_says_beside_it_what_made_it(run, tmp_path):
+    """Which run, round and trainings made a file, its digest (a record left by an earlier file under
+    the same name no longer matches it), and the classes it never predicts, which a macro F1 scores 0."""
+    said = []
+    path = make_submission(run, tmp_path / "sub.csv", log=said.append)
+    record = read_json(tmp_path / "sub.csv.json")
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and record["file"] == "sub.csv"
+    assert record["run"] == str(RunDir(run).root) and record["round"] == 0 and "best OOF macro F1" in record["why"]
+    assert record["train_ids"] == RunDir(run).round_train_ids(0) and all(record["train_ids"].values())
+    sub = pd.read_csv(path)
+    counts = record["classes"]
+    assert list(counts)[3] == "3: worn / female / <30" and record["rows"] == len(sub) == 28
+    assert [c["predicted"] for c in counts.values()] == np.bincount(sub["ans"], minlength=18).tolist()
+    assert sum(c["train"] for c in counts.values()) == 12 * 7  # the demo's training persons, seven pictures each
+    never = [name for name, c in counts.items() if c["train"] > 0 and c["predicted"] == 0]
+    assert record["never_predicted"] == never and len(never) > 0  # one epoch of a tiny model
+    assert [s for s in said if "scores 0" in s] == [
+        f"no prediction is of {len(never)} class(es) the training set has, each of which scores 0 in a macro F1: "
+        + ", ".join(never)]

@@ -138,7 +138,8 @@ def test_a_rounds_decision_matches_each_oof_picture_within_its_own_fold(tmp_path
     """Each OOF picture was predicted by its fold's model, as the test pictures by the vote: they are
     matched within their fold. Here every bare picture sits in fold 1 and the covered ones in fold 0:
     matched across folds they would find their anchors and gain; within their fold they find none."""
-    from multitask.decide import decide_round, load_decision, predict_classes, scores_of
+    from multitask.decide import decide_round, load_decision, predict_classes
+    from multitask.metrics import score_classes
 
     heads = TASK.heads("kind,trait,num")
     cfg = tiny_config(None, "numeric={}", "decide.subjects.anchor=kind=bare", "decide.subjects.factors=[trait,num]")
@@ -146,10 +147,10 @@ def test_a_rounds_decision_matches_each_oof_picture_within_its_own_fold(tmp_path
     folds = (factors[:, 0] == 1).astype(int)
     report = decide_round(tmp_path, TASK, heads, probs, factors, {}, folds, cfg, look)
     d = load_decision(tmp_path)
-    within = scores_of(TASK, predict_classes(TASK, heads, probs, cfg, d, Pictures(look, folds))[1], factors)
+    within = score_classes(TASK, predict_classes(TASK, heads, probs, cfg, d, Pictures(look, folds))[1], factors)
     assert report["in_sample"] == pytest.approx(within)
     across = fit_decision(TASK, heads, probs, factors, {}, cfg, Pictures(look))
-    crossed = scores_of(TASK, predict_classes(TASK, heads, probs, cfg, across, Pictures(look))[1], factors)
+    crossed = score_classes(TASK, predict_classes(TASK, heads, probs, cfg, across, Pictures(look))[1], factors)
     assert crossed["f1"] > report["in_sample"]["f1"] + 0.05  # the case tells the two apart
 
 
