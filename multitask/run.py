@@ -1,6 +1,7 @@
 """The run directory: where one stage hands its result to the next, and atomic writes.
 
-RUN/config.yaml  folds.csv  summary.json  submission.csv  (skipped.csv: what --skip-bad left out)
+RUN/config.yaml  folds.csv  summary.json  submission.csv (+ .json: what made it)  (skipped.csv: what
+     --skip-bad left out)
 RUN/round0/fold0/{best.pt,last.pt,metrics.csv,oof.npz,test.npz}   (+ lock.json while a process trains it)
 RUN/round0/{oof.npz,test_probs.npz,summary.json}     RUN/round1/... (pseudo-label rounds)
 """

@@ -1,10 +1,12 @@
 """The submission: a finished round's voted predictions of the task's test images, written
-atomically (a refused file leaves the old one intact). For the competition, ImageID,ans in
+atomically (a refused file leaves the old one intact), with a record beside it of what made it. For the competition, ImageID,ans in
 info.csv's order, checked against a fresh read of info.csv; for a table task, the predictions file
 `mt predict` writes (path, each factor's class, class, prob)."""
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from multitask.data.table import factor_values
 from multitask.data.layout import read_csv
 from multitask.decide import load_decision, predict_classes
 from multitask.outputs import prediction_table, write_rows
-from multitask.run import atomic_write_text, atomic_writer, check_output_file, head_probs, load_npz, provenance_file, write_json
+from multitask.run import atomic_write_text, check_output_file, head_probs, load_npz, provenance_file, write_json
 from multitask.subjects import Pictures, stored_pictures
 
 
@@ -42,12 +44,11 @@ def check_submission(sub: pd.DataFrame, info_ids: np.ndarray, n_classes: int) ->
         raise SubmissionError(f"ans outside 0..{n_classes - 1}, e.g. {bad.iloc[0]}")
 
 
-def write_submission(sub: pd.DataFrame, info_csv: Path, n_classes: int, out: Path) -> Path:
-    """Check `sub` against info.csv read afresh from disk (not the list it was built from, which
-    would agree with it whatever happened), then write it atomically."""
+def submission_text(sub: pd.DataFrame, info_csv: Path, n_classes: int) -> str:
+    """`sub` as the file's text, checked against info.csv read afresh from disk (not the list it was
+    built from, which would agree with it whatever happened)."""
     check_submission(sub, read_csv(Path(info_csv), ["ImageID", "ans"])["ImageID"].to_numpy(), n_classes)
-    atomic_write_text(out, sub.to_csv(index=False))
-    return out
+    return sub.to_csv(index=False)
 
 
 def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, np.ndarray], Pictures | None]:
@@ -73,7 +74,10 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     image_ids, probs, pictures = load_round_test_probs(ctx, r)
     combined, classes = predict_classes(ctx.task, ctx.heads, probs, ctx.cfg, load_decision(ctx.run.round_dir(r)),
                                         pictures)
-    made = {"run": str(ctx.run.root), "round": r, "why": why, "train_ids": ctx.run.round_train_ids(r)}
+    made = {"round": r, "why": why, "train_ids": ctx.run.round_train_ids(r)}
+    if ctx.cfg.ensemble is not None:  # no fold models of its own: its members and their trainings say what voted
+        made |= {"members": ctx.cfg.ensemble.runs, "member_rounds": ctx.cfg.ensemble.rounds,
+                 "member_train_ids": ctx.cfg.ensemble.train_ids}
     return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, f"round {r}",
                              made, log)
 
@@ -116,21 +120,24 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
                     f"the best by OOF since (`mt export --run {ctx.run.root}` exports that one)")
     combined, classes = served.predict_paths(ctx.table.test["path"].tolist())
     image_ids = ctx.table.test_ids()
-    made = {"run": str(ctx.run.root), "onnx": str(Path(onnx).resolve()), "exported_from": served.meta["run"],
-            "round": r, "train_ids": made, "this_run": this_run}
-    return write_predictions(ctx, image_ids, combined, classes, out, str(onnx), made, log)
+    by = {"onnx": str(Path(onnx).resolve()), "onnx_sha256": hashlib.sha256(Path(onnx).read_bytes()).hexdigest(),
+          "exported_from": served.meta["run"], "round": r, "train_ids": made, "this_run": this_run}
+    return write_predictions(ctx, image_ids, combined, classes, out, str(onnx), by, log)
 
 
 def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray, out: Path, source: str,
-                      made: dict | None = None, log=None) -> Path:
-    """The competition's ImageID,ans in info.csv's order, or a table task's predictions file; `source`
-    names what predicted them in errors. With `made` (what predicted them), a record beside the file
-    says so (`provenance_file`); `log` hears of final classes the training set has that none of the
-    predictions is."""
+                      made: dict, log=None) -> Path:
+    """The competition's ImageID,ans in info.csv's order, or a table task's predictions file (`source`
+    names what predicted them in errors), and beside it a record of what made it (`made`: what predicted,
+    the round's or the ONNX file's), its digest and the classes in it; `log` hears of final classes the
+    training set has that no prediction takes."""
+    record_path = provenance_file(out)
+    check_record_place(record_path)
     if ctx.table.info_csv is None:
         columns, rows = prediction_table(ctx.task, image_ids, combined, classes)
-        with atomic_writer(out, "w") as fh:  # as `mt predict` writes it
-            write_rows(fh, columns, rows)
+        text = io.StringIO()
+        write_rows(text, columns, rows)  # as `mt predict` writes it
+        text, written = text.getvalue(), classes
     else:
         pred = dict(zip(image_ids, classes))
         info_ids = read_csv(ctx.table.info_csv, ["ImageID", "ans"])["ImageID"].to_numpy()
@@ -138,18 +145,35 @@ def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray,
         if missing:
             raise SubmissionError(f"{source} has no prediction for {len(missing)} info.csv image(s), e.g. {missing[0]}")
         sub = pd.DataFrame({"ImageID": info_ids, "ans": np.array([pred[i] for i in info_ids], dtype=np.int64)})
-        write_submission(sub, ctx.table.info_csv, ctx.task.n_classes, out)
-    if made is not None:
-        counts = class_counts(ctx.task, classes, ctx.task.encode(factor_values(ctx.table.train, ctx.task)))
-        unseen = [name for name, c in counts.items() if c["predicted"] == 0 and c["train"] > 0]
-        if unseen and log:
-            log(f"no prediction is of {len(unseen)} class(es) the training set has, each of which scores 0 in a "
-                f"macro F1: {', '.join(unseen)}")
-        write_json(provenance_file(out), {
-            "file": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), "rows": int(len(classes)),
-            "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mt": __version__, **made,
-            "never_predicted": unseen, "classes": counts})
+        text, written = submission_text(sub, ctx.table.info_csv, ctx.task.n_classes), sub["ans"].to_numpy()
+    counts = class_counts(ctx.task, written, ctx.task.encode(factor_values(ctx.table.train, ctx.task)))
+    unseen = [name for name, c in counts.items() if c["predicted"] == 0 and c["train"] > 0]
+    record = {"file": out.name, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": int(len(written)),
+              "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mt": __version__,
+              "run": str(ctx.run.root.resolve()), "predicted_by": made, "never_predicted": unseen, "classes": counts}
+    # the old record goes first: stopped at any point, no record describes a file it does not
+    record_path.unlink(missing_ok=True)
+    atomic_write_text(out, text)
+    write_json(record_path, record)
+    if unseen and log:
+        log(f"no prediction is of {len(unseen)} class(es) the training set has, each of which scores 0 wherever the "
+            f"test set has it: {', '.join(unseen)}")
     return out
+
+
+def check_record_place(path: Path) -> None:
+    """A submission's record replaces only an earlier record, never another file of that name."""
+    if path.is_dir() or path.is_symlink():
+        raise SubmissionError(f"{path}: the submission's record goes here, and this is a folder or a link; "
+                              f"write the submission under another name (--out)")
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            old = None
+        if not (isinstance(old, dict) and {"file", "sha256", "predicted_by"} <= old.keys()):
+            raise SubmissionError(f"{path}: the submission's record goes here, and this file is not one; write the "
+                                  f"submission under another name (--out)")
 
 
 def class_counts(task, predicted: np.ndarray, train: np.ndarray) -> dict[str, dict[str, int]]:

@@ -59,6 +59,9 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     assert oof["p_class"].shape == (84, 18) and np.allclose(oof["p_class"].sum(1), 1)
     sub = pd.read_csv(make_submission(out))
     assert sub["ImageID"].tolist() == pd.read_csv(demo_root / "eval" / "info.csv")["ImageID"].tolist()
+    made = read_json(out / "submission.csv.json")["predicted_by"]  # no fold models of its own: its members voted
+    assert made["members"] == [str(a.resolve()), str(b.resolve())] and made["member_rounds"] == [0, 0]
+    assert made["member_train_ids"] == [RunDir(m).round_train_ids(0) for m in (a, b)]
     # the members' pictures' likeness travels, so the ensemble reads subjects on the test set
     test = load_npz(RunDir(out).round_dir(0) / "test_probs.npz")
     assert test["likeness"].shape[0] == len(sub) and "likeness" in oof

@@ -11,7 +11,7 @@ from multitask.config import ConfigError
 from multitask.kfold import train_run
 from multitask.pseudo import factor_thresholds, precision_threshold, pseudo_label, select_factors
 from multitask.run import RunDir, load_npz, read_json, save_npz
-from multitask.submit import SubmissionError, check_submission, make_submission, write_submission
+from multitask.submit import SubmissionError, check_submission, make_submission, submission_text
 
 
 @pytest.fixture(scope="module")
@@ -411,13 +411,11 @@ def test_a_soft_round_learns_every_test_image_from_its_own_folds_model(demo_root
     assert "soft: every test image" in write_report(out).read_text()
 
 
-def test_broken_submission_is_refused_and_nothing_is_lost(tmp_path):
+def test_broken_submission_is_refused(tmp_path):
+    """(test_rundir: a refused submission leaves the file and its record as they were)"""
     info = np.array(["a.jpg", "b.jpg", "c.jpg"])
     info_csv = tmp_path / "info.csv"
     info_csv.write_text("ImageID,ans\na.jpg,0\nb.jpg,0\nc.jpg,0\n")
-    out = tmp_path / "submission.csv"
-    out.write_text("ImageID,ans\na.jpg,1\nb.jpg,2\nc.jpg,3\n")
-    before = out.read_text()
     cases = [
         (pd.DataFrame({"ImageID": ["a.jpg", "c.jpg", "b.jpg"], "ans": [1, 2, 3]}), "differs from info.csv at row 2"),
         (pd.DataFrame({"ImageID": ["a.jpg", "b.jpg"], "ans": [1, 2]}), "2 rows, but info.csv has 3"),
@@ -427,15 +425,13 @@ def test_broken_submission_is_refused_and_nothing_is_lost(tmp_path):
     ]
     for sub, message in cases:
         with pytest.raises(SubmissionError, match=message):
-            write_submission(sub, info_csv, 18, out)
-        assert out.read_text() == before
+            submission_text(sub, info_csv, 18)
     check_submission(pd.DataFrame({"ImageID": info, "ans": [0, 17, 5]}), info, 18)
     # the check reads info.csv afresh: a frame built from an older list is refused
     sub = pd.DataFrame({"ImageID": info, "ans": [0, 17, 5]})
     info_csv.write_text("ImageID,ans\nb.jpg,0\na.jpg,0\nc.jpg,0\n")
     with pytest.raises(SubmissionError, match="differs from info.csv at row 1"):
-        write_submission(sub, info_csv, 18, out)
-    assert out.read_text() == before
+        submission_text(sub, info_csv, 18)
 
 
 def test_separate_backbones_and_joined_heads(demo_root, tmp_path):

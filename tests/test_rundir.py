@@ -912,8 +912,8 @@ def test_a_submission_says_beside_it_what_made_it(run, tmp_path):
     path = make_submission(run, tmp_path / "sub.csv", log=said.append)
     record = read_json(tmp_path / "sub.csv.json")
     assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and record["file"] == "sub.csv"
-    assert record["run"] == str(RunDir(run).root) and record["round"] == 0 and "best OOF macro F1" in record["why"]
-    assert record["train_ids"] == RunDir(run).round_train_ids(0) and all(record["train_ids"].values())
+    assert record["run"] == str(run.resolve()) and record["predicted_by"]["round"] == 0
+    assert "best OOF macro F1" in record["predicted_by"]["why"] and all(record["predicted_by"]["train_ids"].values())
     sub = pd.read_csv(path)
     counts = record["classes"]
     assert list(counts)[3] == "3: worn / female / <30" and record["rows"] == len(sub) == 28
@@ -922,5 +922,31 @@ def test_a_submission_says_beside_it_what_made_it(run, tmp_path):
     never = [name for name, c in counts.items() if c["train"] > 0 and c["predicted"] == 0]
     assert record["never_predicted"] == never and len(never) > 0  # one epoch of a tiny model
     assert [s for s in said if "scores 0" in s] == [
-        f"no prediction is of {len(never)} class(es) the training set has, each of which scores 0 in a macro F1: "
-        + ", ".join(never)]
+        f"no prediction is of {len(never)} class(es) the training set has, each of which scores 0 wherever the test "
+        f"set has it: " + ", ".join(never)]
+    assert record["predicted_by"] == {"round": 0, "why": said[0].removeprefix("using "),
+                                      "train_ids": RunDir(run).round_train_ids(0)}
+
+
+def test_a_refused_submission_leaves_the_file_and_its_record_as_they_were(run, tmp_path, monkeypatch):
+    import multitask.submit as submit
+
+    path = make_submission(run, tmp_path / "sub.csv")
+    before = path.read_bytes(), (tmp_path / "sub.csv.json").read_bytes()
+
+    def refused(*a):
+        raise submit.SubmissionError("refused")
+
+    monkeypatch.setattr(submit, "submission_text", refused)
+    with pytest.raises(submit.SubmissionError, match="refused"):
+        make_submission(run, tmp_path / "sub.csv")
+    assert (path.read_bytes(), (tmp_path / "sub.csv.json").read_bytes()) == before
+    monkeypatch.undo()
+    # the record's name is taken by a file that is not a record, or by a folder: nothing is written
+    (tmp_path / "notes.csv.json").write_text("my notes")
+    (tmp_path / "dir.csv.json").mkdir()
+    for name, what in (("notes.csv", "this file is not one"), ("dir.csv", "this is a folder or a link")):
+        with pytest.raises(submit.SubmissionError, match=f"{name}.json: the submission's record goes here, and {what}"):
+            make_submission(run, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    assert (tmp_path / "notes.csv.json").read_text() == "my notes"

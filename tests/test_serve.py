@@ -1,5 +1,6 @@
 """The servable ensemble: `mt export` (fp32 and int8 ONNX, checked against PyTorch), prediction with
 onnxruntime and without torch (serve.py), and `mt distill` (one student of a run or an ensemble)."""
+import hashlib
 import subprocess
 import sys
 import warnings
@@ -211,8 +212,9 @@ def test_cli_export_predict_and_submit_with_onnx(runs, demo_root, tmp_path):
                                  "--out", str(tmp_path / "sub_onnx.csv")])
     assert r.exit_code == 0, r.output
     assert "(what made it: sub_onnx.csv.json)" in " ".join(r.output.split())
-    record = read_json(tmp_path / "sub_onnx.csv.json")
-    assert record["onnx"] == str((tmp_path / "m.onnx").resolve()) and record["this_run"] and record["round"] == 0
+    made = read_json(tmp_path / "sub_onnx.csv.json")["predicted_by"]
+    assert made["onnx"] == str((tmp_path / "m.onnx").resolve()) and made["this_run"] and made["round"] == 0
+    assert made["onnx_sha256"] == hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest()
     make_submission(run, tmp_path / "sub.csv")
     a, b = read_pair(tmp_path / "sub.csv", tmp_path / "sub_onnx.csv")
     assert a.equals(b)
@@ -238,7 +240,7 @@ def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, d
 
     run = tmp_path / "run"
     shutil.copytree(runs["shared"], run)
-    told = lambda: [s for s in said if "scores 0 in a macro F1" not in s]  # noqa: E731 - classes never predicted: test_rundir
+    told = lambda: [s for s in said if "each of which scores 0" not in s]  # noqa: E731 - classes never predicted: test_rundir
     decision_path = RunDir(run).round_dir(0) / "decision.json"
     decision = read_json(decision_path)
     decision["decision"]["blend"] = {"age": 0.5}  # the regression read into bins: traced with its edges
@@ -287,8 +289,12 @@ def test_a_run_trained_again_refuses_its_old_export_and_force_removes_it(runs, d
     make_submission_onnx(moved, RunDir(run).onnx, tmp_path / "moved.csv", log=said.append)
     assert told()[1] == (f"its folds are not those of round 0 of {moved} as it is now: if that is this run, moved and "
                        f"trained again since, export it again (`mt export --run {moved}`)")
+    made = read_json(tmp_path / "moved.csv.json")["predicted_by"]
+    assert not made["this_run"] and made["exported_from"] == str(run.resolve()) and made["train_ids"] != summary["train_ids"]
     RunDir(run).report.write_text("<html></html>")
+    assert (run / "submission_onnx.csv.json").exists()
     clear_run(RunDir(run))  # `--force`: nothing of the old run is left to be taken for the new one's
+    assert not (run / "submission_onnx.csv.json").exists() and not (run / "submission.csv.json").exists()
     assert not RunDir(run).onnx.exists() and not RunDir(run).report.exists() and not RunDir(run).config.exists()
 
 

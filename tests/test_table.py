@@ -1,5 +1,7 @@
 """Table tasks: any product label from a CSV (or parquet) table, read, checked, trained, pseudo-labelled,
 submitted and predicted, with shapes other than the mask competition's three factors."""
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +18,7 @@ from multitask.data.table import DataError, read_table
 from multitask.kfold import train_run
 from multitask.predict import predict_images
 from multitask.pseudo import pseudo_label
-from multitask.run import RunDir, load_npz
+from multitask.run import RunDir, load_npz, read_json
 from multitask.submit import make_submission
 
 SHAPE = {"name": "shape", "classes": ["circle", "square"], "per_group": True}
@@ -432,7 +434,14 @@ def test_cli_trains_a_table_task_from_its_config_alone_and_predicts(table_root, 
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["submit", "--run", str(out), "--round", "0"])  # fold 0 alone: asked for
     assert result.exit_code == 0, result.output
-    assert len(pd.read_csv(out / "submission.csv")) == 9
+    sub = pd.read_csv(out / "submission.csv")
+    assert len(sub) == 9
+    record = read_json(out / "submission.csv.json")  # a table task's predictions, counted by their class
+    assert record["sha256"] == hashlib.sha256((out / "submission.csv").read_bytes()).hexdigest()
+    assert sum(c["predicted"] for c in record["classes"].values()) == record["rows"] == 9
+    assert {name: c["predicted"] for name, c in record["classes"].items() if c["predicted"]} == {
+        f"{k}: " + " / ".join(names): n for (k, *names), n in
+        sub.groupby(["class", SHAPE["name"], COLOUR["name"]]).size().items()}
     result = runner.invoke(app, ["predict", "--run", str(out), "--images", str(table_root / "images" / "g0013"),
                                  "--out", str(tmp_path / "p.csv"), "--probs", "--round", "0"])
     assert result.exit_code == 0, result.output
