@@ -477,7 +477,8 @@ def test_cli_train_and_submit(demo_root, tmp_path):
     assert result.exit_code == 0, result.output
     assert "round 0 out-of-fold" in result.output and "round 0 fold 1: not started" in result.output
     said = " ".join(result.output.split())
-    # said before the first epoch, for a log that shows no progress bar
+    # said before the first epoch, for a log that shows no progress bar (the decoding only where it is new)
+    assert said.index("decoding 84 train images at 32x32 px into the cache") < said.index("round 0: fold(s)")
     assert said.index(f"round 0: fold(s) 0 of 2, 1 epoch each, 84 labelled training images, test_efficientnet at "
                       f"32x32 px -> {out}") < said.index("round 0 fold 0 epoch 1/1")
     decided = read_json(out / "round0" / "decision.json")["oof"]["honest"]["f1"]

@@ -144,11 +144,15 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
         raise
 
 
+def cache_file(paths: Sequence[str], size: tuple[int, int], cache_dir: str | Path | None = None) -> Path:
+    """Where the decoded images of `paths` at `size` are kept (whether or not they are yet)."""
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{cache_key(paths, size)}.npy"
+
+
 def cached_images(paths: Sequence[str], size: tuple[int, int], cache_dir: str | Path | None = None,
                   workers: int = 0, on_progress: Callable[[int], None] | None = None) -> np.ndarray:
     """The (N, H, W, 3) uint8 images of `paths`, read-only and memory-mapped; built on first use."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache_dir / f"{cache_key(paths, size)}.npy"
+    path = cache_file(paths, size, cache_dir)
     if not path.exists():
         build_cache_file(paths, size, path, workers, on_progress)
     try:
