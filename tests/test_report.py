@@ -360,3 +360,15 @@ def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_deliver
             assert row["oof_persons"] == made[name]["persons"]
     assert np.isclose(got["factors"]["mask"]["labels_per_fold"], (chosen["mask"] >= 0).sum() / chosen["fold"].nunique(),
                       atol=0.05)
+    # the other calibrations' script: its pooled rule is the one the round was made by, read again
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "pseudo_calibration.py"), str(run),
+              "--answers", str(demo_root / "answers.csv"), "--precision", "0.5"]
+    rules = [json.loads(line) for line in subprocess.run(script, capture_output=True, text=True, timeout=120,
+                                                         check=True).stdout.splitlines()]
+    assert [r["rule"] for r in rules] == ["pooled", "pooled_plain", "per_fold"]
+    for name in ("mask", "gender", "age"):
+        pooled, per_fold = rules[0]["factors"][name], rules[2]["factors"][name]
+        assert pooled["labels_per_fold"] == got["factors"][name]["labels_per_fold"]
+        assert pooled["test_precision"] == got["factors"][name].get("test_precision")
+        assert pooled["oof_persons"] == (made[name]["persons"] if made[name]["threshold"] is not None else 0)
+        assert len(per_fold["oof_persons"]) == 2 and sum(per_fold["oof_persons"]) <= 12  # each fold's own persons
