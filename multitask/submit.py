@@ -1,7 +1,7 @@
 """The submission: a finished round's voted predictions of the task's test images, written
-atomically (a refused file leaves the old one intact), with a record beside it of what made it. For the competition, ImageID,ans in
-info.csv's order, checked against a fresh read of info.csv; for a table task, the predictions file
-`mt predict` writes (path, each factor's class, class, prob)."""
+atomically (a refused file leaves the old one intact), with a record beside it of what made it. For
+the competition, ImageID,ans in info.csv's order, checked against a fresh read of info.csv; for a
+table task, the predictions file `mt predict` writes (path, each factor's class, class, prob)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +15,8 @@ import pandas as pd
 
 from multitask import __version__
 from multitask.context import Context, check_round, reopen_context
-from multitask.data.table import factor_values
 from multitask.data.layout import read_csv
+from multitask.data.table import factor_values
 from multitask.decide import load_decision, predict_classes
 from multitask.outputs import prediction_table, write_rows
 from multitask.run import atomic_write_text, check_output_file, head_probs, load_npz, provenance_file, write_json
