@@ -270,7 +270,7 @@ def load_images(cfg: Config, table: ImageTable, progress=None) -> tuple[np.ndarr
         paths = frame["path"].tolist()
         if progress and not cache_file(paths, size, cfg.data.cache_dir).exists():  # minutes on a large set: said,
             progress.console.print(f"decoding {len(paths)} {what} images at {size[0]}x{size[1]} px into the cache "
-                                   f"(once: later commands and runs read them from there)")  # for logs with no bar
+                                   f"(once: later commands and runs read them from there)", soft_wrap=True)  # for logs with no bar
         tid = progress.add_task(f"decoding {what} images", total=len(paths)) if progress else None
         try:
             arr = cached_images(paths, size, cfg.data.cache_dir, cfg.data.decode_workers,

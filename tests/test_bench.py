@@ -40,7 +40,7 @@ def test_bench_serve_quick_prints_one_json_line():
     for v in variants:
         assert result[f"{v}_img_s"] > 0 and 0 <= result[f"{v}_f1"] <= 1
         assert result[f"{v}_mb"] > 0 and result[f"{v}_peak_mb"] > 0
-    assert result["n_images"] == 4 * 7
+    assert result["n_images"] == 4 * 7 and result["seconds"] == 0.3  # a smoke run's timed window
     assert result["int8_student_speedup"] == round(result["student_int8_img_s"] / result["ensemble_torch_img_s"], 2)
     assert result["ensemble_onnx_max_abs_diff"] <= 1e-4
     # the same ensemble, as torch and as ONNX, predicts the same classes

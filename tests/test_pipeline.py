@@ -339,8 +339,29 @@ def test_factor_thresholds_and_partial_labels():
             assert (labels[kept, i] == factors[kept, i]).mean() >= 0.95
 
 
+@pytest.fixture(scope="module")
+def copied_test_set_run(tmp_path_factory):
+    """Round 0 of a run whose test images copy its training images (trained once for both kinds of
+    labels below, which each pseudo-label a copy of it)."""
+    import shutil
+
+    from multitask.data.synthetic import make_demo_dataset
+    work = tmp_path_factory.mktemp("copied")
+    root = work / "data"
+    make_demo_dataset(root, n_train_persons=30, n_eval_persons=0, image_size=(64, 48), seed=1)
+    (root / "eval" / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, p in enumerate(sorted((root / "train" / "images").rglob("*.*"))):
+        shutil.copy(p, root / "eval" / "images" / f"copy{i}{p.suffix}")
+        rows.append(f"copy{i}{p.suffix},0")
+    (root / "eval" / "info.csv").write_text("ImageID,ans\n" + "\n".join(rows) + "\n")
+    r0 = train_run(tiny_config(root, "train.epochs=10", "data.img_size=[48, 48]", "train.folds=3", "train.lr=3e-3",
+                               f"data.cache_dir={work / 'cache'}"), work / "run")
+    return work / "run", r0
+
+
 @pytest.mark.parametrize("soft", [False, True])
-def test_copied_training_images_in_the_test_set_do_not_lift_oof(tmp_path, soft):
+def test_copied_training_images_in_the_test_set_do_not_lift_oof(copied_test_set_run, tmp_path, soft):
     """The review's case: test images that copy training images. Pseudo labels from each fold's own
     model carry no truth about its validation persons, so round 1's OOF does not jump. Measured on
     this very setting: round 0 OOF 0.41; round 1 0.49 with honest labels (self-training on the same
@@ -350,17 +371,9 @@ def test_copied_training_images_in_the_test_set_do_not_lift_oof(tmp_path, soft):
     0.25 separates the two."""
     import shutil
 
-    from multitask.data.synthetic import make_demo_dataset
-    root = tmp_path / "data"
-    make_demo_dataset(root, n_train_persons=30, n_eval_persons=0, image_size=(64, 48), seed=1)
-    (root / "eval" / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, p in enumerate(sorted((root / "train" / "images").rglob("*.*"))):
-        shutil.copy(p, root / "eval" / "images" / f"copy{i}{p.suffix}")
-        rows.append(f"copy{i}{p.suffix},0")
-    (root / "eval" / "info.csv").write_text("ImageID,ans\n" + "\n".join(rows) + "\n")
     out = tmp_path / "run"
-    r0 = train_run(tiny_config(root, "train.epochs=10", "data.img_size=[48, 48]", "train.folds=3", "train.lr=3e-3"), out)
+    shutil.copytree(copied_test_set_run[0], out)
+    r0 = copied_test_set_run[1]
     r1 = pseudo_label(out, precision=0.0, rounds=1, overrides=["pseudo.soft=true"] if soft else [])[0]
     assert r1["added"] == 30 * 7
     assert r0["oof"]["f1"] > 0.3  # the models learned enough for a leak to show
