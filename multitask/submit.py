@@ -19,7 +19,7 @@ from multitask.data.layout import read_csv
 from multitask.data.table import factor_values
 from multitask.decide import load_decision, predict_classes
 from multitask.outputs import prediction_table, write_rows
-from multitask.run import atomic_write_text, check_output_file, head_probs, load_npz, provenance_file, write_json
+from multitask.run import atomic_writer, check_output_file, head_probs, load_npz, provenance_file, write_json
 from multitask.subjects import Pictures, stored_pictures
 
 
@@ -66,7 +66,7 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     """The submission of round `round`, by default the finished round with the best OOF macro F1;
     `log` is told which round was used and why."""
     ctx = reopen_context(run_dir, progress=progress, with_images=False)
-    check_output_file(Path(out) if out else ctx.run.submission)
+    check_places(Path(out) if out else ctx.run.submission)
     r, why = ctx.run.choose_round(ctx.cfg.train.folds, round)
     check_round(ctx.run, r, ctx.cfg)
     if log:
@@ -89,7 +89,9 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
 
     ctx = reopen_context(run_dir, with_images=False)
     out = Path(out) if out else ctx.run.submission_onnx
-    check_output_file(out)  # before the predictions, not after them
+    check_places(out)  # before the predictions, not after them
+    with open(onnx, "rb") as fh:  # what predicts is read after this: a file replaced since would not match
+        onnx_sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
     served = ServedModel(onnx)
     label = lambda task: [(f.name, f.classes, f.bins) for f in task.factors]  # noqa: E731 - files before `integer` lack it
     if label(served.task) != label(ctx.task):
@@ -120,7 +122,7 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
                     f"the best by OOF since (`mt export --run {ctx.run.root}` exports that one)")
     combined, classes = served.predict_paths(ctx.table.test["path"].tolist())
     image_ids = ctx.table.test_ids()
-    by = {"onnx": str(Path(onnx).resolve()), "onnx_sha256": hashlib.sha256(Path(onnx).read_bytes()).hexdigest(),
+    by = {"onnx": str(Path(onnx).resolve()), "onnx_sha256": onnx_sha256,
           "exported_from": served.meta["run"], "round": r, "train_ids": made, "this_run": this_run}
     return write_predictions(ctx, image_ids, combined, classes, out, str(onnx), by, log)
 
@@ -132,7 +134,7 @@ def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray,
     the round's or the ONNX file's), its digest and the classes in it; `log` hears of final classes the
     training set has that no prediction takes."""
     record_path = provenance_file(out)
-    check_record_place(record_path)
+    check_places(out)
     if ctx.table.info_csv is None:
         columns, rows = prediction_table(ctx.task, image_ids, combined, classes)
         text = io.StringIO()
@@ -151,9 +153,11 @@ def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray,
     record = {"file": out.name, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": int(len(written)),
               "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mt": __version__,
               "run": str(ctx.run.root.resolve()), "predicted_by": made, "never_predicted": unseen, "classes": counts}
-    # the old record goes first: stopped at any point, no record describes a file it does not
-    record_path.unlink(missing_ok=True)
-    atomic_write_text(out, text)
+    with atomic_writer(out, "w") as fh:
+        fh.write(text)
+        # once the new file is whole, and before it takes the old one's place: stopped anywhere, the
+        # old file keeps its record, or the new one has none until its own is written
+        record_path.unlink(missing_ok=True)
     write_json(record_path, record)
     if unseen and log:
         log(f"no prediction is of {len(unseen)} class(es) the training set has, each of which scores 0 wherever the "
@@ -161,8 +165,11 @@ def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray,
     return out
 
 
-def check_record_place(path: Path) -> None:
-    """A submission's record replaces only an earlier record, never another file of that name."""
+def check_places(out: Path) -> None:
+    """Before anything is predicted: the file can be written, and so can its record, which replaces
+    only an earlier record, never another file of that name."""
+    check_output_file(out)
+    path = provenance_file(out)
     if path.is_dir() or path.is_symlink():
         raise SubmissionError(f"{path}: the submission's record goes here, and this is a folder or a link; "
                               f"write the submission under another name (--out)")
@@ -171,7 +178,7 @@ def check_record_place(path: Path) -> None:
             old = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError):
             old = None
-        if not (isinstance(old, dict) and {"file", "sha256", "predicted_by"} <= old.keys()):
+        if not (isinstance(old, dict) and {"file", "sha256"} <= old.keys()):
             raise SubmissionError(f"{path}: the submission's record goes here, and this file is not one; write the "
                                   f"submission under another name (--out)")
 

@@ -154,9 +154,13 @@ def main() -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--paths", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.seconds is not None and a.seconds <= 0:
+        ap.error("--seconds must be above 0")
+    if a.seconds is None and not a.quick:
+        a.seconds = MIN_SECONDS
     if a.variant:  # one measurement, in a process of its own
         print(json.dumps(measure(a.variant, a.model, Path(a.paths).read_text().splitlines(), a.batch_size,
-                                 a.seconds or MIN_SECONDS)))
+                                 a.seconds)))
         return
 
     from multitask.context import build_task, load_run_config
@@ -172,7 +176,7 @@ def main() -> None:
         if a.quick:
             run, answers = quick_run(work)
             a.student_epochs = a.student_epochs or 1
-            a.seconds = a.seconds or 0.3
+            a.seconds = 0.3 if a.seconds is None else a.seconds
         elif a.run and a.answers:
             run, answers = Path(a.run), Path(a.answers)
         else:
@@ -193,10 +197,10 @@ def main() -> None:
         paths_file.write_text("\n".join(paths))
         models = {"ensemble_torch": str(run), "student_torch": str(student)} | {k: str(v) for k, v in files.items()}
         result = {"n_images": len(paths), "threads": os.cpu_count(), "batch_size": a.batch_size,
-                  "seconds": a.seconds or MIN_SECONDS, "run": str(run),
+                  "seconds": a.seconds, "run": str(run),
                   "student": str(student), "distill_s": round(distill_s, 1) if not a.student else None}
         for variant in VARIANTS:
-            m = in_subprocess(variant, models[variant], paths_file, a.batch_size, a.seconds or MIN_SECONDS)
+            m = in_subprocess(variant, models[variant], paths_file, a.batch_size, a.seconds)
             result[f"{variant}_img_s"] = round(m["img_s"], 1)
             result[f"{variant}_f1"] = round(macro_f1(truth, np.asarray(m["classes"]), n_classes), 4)
             result[f"{variant}_mb"] = round(model_mb(variant, models[variant]), 3)

@@ -59,7 +59,8 @@ def calibrations(run_dir: Path, answers: Path, r: int = 0, precision: float = 0.
                 kept = labels[:, i] >= 0
                 per[f.name]["labels"] += int(kept.sum())
                 per[f.name]["right"] += int((labels[kept, i] == truth[kept, i]).sum())
-                per[f.name]["oof_persons"].append(promise[f.name]["persons"] if promise[f.name]["precision"] else 0)
+                per[f.name]["oof_persons"].append(promise[f.name]["persons"] if promise[f.name]["precision"] is not None
+                                                  else 0)
         folds = len(teacher.test)
         out.append({"run": str(run_dir), "round": r, "rule": rule, "precision": precision, "bound": bound,
                     "factors": {name: {"labels_per_fold": round(v["labels"] / folds, 1),

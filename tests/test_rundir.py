@@ -1,6 +1,7 @@
 """The run directory's rules: one run per directory (`--force` starts over), a finished round to read
 from (which one, and why), and no round trained for nothing."""
 import hashlib
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -939,6 +940,21 @@ def test_a_refused_submission_leaves_the_file_and_its_record_as_they_were(run, t
 
     monkeypatch.setattr(submit, "submission_text", refused)
     with pytest.raises(submit.SubmissionError, match="refused"):
+        make_submission(run, tmp_path / "sub.csv")
+    assert (path.read_bytes(), (tmp_path / "sub.csv.json").read_bytes()) == before
+    monkeypatch.undo()
+    # the new file cannot be written (a full disk): the old one keeps its record
+    real_writer = submit.atomic_writer
+
+    @contextmanager
+    def full_disk(path, mode="wb"):
+        with real_writer(path, mode) as fh:
+            fh.write("ImageID,ans\n")
+            raise OSError(28, "No space left on device")
+            yield fh
+
+    monkeypatch.setattr(submit, "atomic_writer", full_disk)
+    with pytest.raises(OSError, match="No space left"):
         make_submission(run, tmp_path / "sub.csv")
     assert (path.read_bytes(), (tmp_path / "sub.csv.json").read_bytes()) == before
     monkeypatch.undo()
