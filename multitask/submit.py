@@ -150,11 +150,12 @@ def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray,
         text, written = submission_text(sub, ctx.table.info_csv, ctx.task.n_classes), sub["ans"].to_numpy()
     counts = class_counts(ctx.task, written, ctx.task.encode(factor_values(ctx.table.train, ctx.task)))
     unseen = [name for name, c in counts.items() if c["predicted"] == 0 and c["train"] > 0]
-    record = {"file": out.name, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": int(len(written)),
+    data = text.encode()  # the bytes hashed are the bytes written, whatever the locale's encoding
+    record = {"file": out.name, "sha256": hashlib.sha256(data).hexdigest(), "rows": int(len(written)),
               "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mt": __version__,
               "run": str(ctx.run.root.resolve()), "predicted_by": made, "never_predicted": unseen, "classes": counts}
-    with atomic_writer(out, "w") as fh:
-        fh.write(text)
+    with atomic_writer(out) as fh:
+        fh.write(data)
         # once the new file is whole, and before it takes the old one's place: stopped anywhere, the
         # old file keeps its record, or the new one has none until its own is written
         record_path.unlink(missing_ok=True)

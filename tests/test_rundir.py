@@ -949,7 +949,7 @@ def test_a_refused_submission_leaves_the_file_and_its_record_as_they_were(run, t
     @contextmanager
     def full_disk(path, mode="wb"):
         with real_writer(path, mode) as fh:
-            fh.write("ImageID,ans\n")
+            fh.write(b"ImageID,ans\n")
             raise OSError(28, "No space left on device")
             yield fh
 
