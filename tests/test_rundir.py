@@ -907,8 +907,8 @@ def test_processes_racing_for_a_stale_lock_leave_one_holder(tmp_path):
 
 
 def test_a_submission_says_beside_it_what_made_it(run, tmp_path):
-    """Which run, round and trainings made a file, its digest (a record left by an earlier file under
-    the same name no longer matches it), and the classes it never predicts, which a macro F1 scores 0."""
+    """Which run, round and trainings made a file, its digest (a file changed since no longer matches
+    it), and the classes it never predicts, which a macro F1 scores 0 wherever the test set has them."""
     said = []
     path = make_submission(run, tmp_path / "sub.csv", log=said.append)
     record = read_json(tmp_path / "sub.csv.json")
