@@ -66,7 +66,8 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     """The submission of round `round`, by default the finished round with the best OOF macro F1;
     `log` is told which round was used and why."""
     ctx = reopen_context(run_dir, progress=progress, with_images=False)
-    check_places(Path(out) if out else ctx.run.submission)
+    out = Path(out) if out else ctx.run.submission
+    check_places(out)
     r, why = ctx.run.choose_round(ctx.cfg.train.folds, round)
     check_round(ctx.run, r, ctx.cfg)
     if log:
@@ -78,8 +79,7 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     if ctx.cfg.ensemble is not None:  # no fold models of its own: its members and their trainings say what voted
         made |= {"members": ctx.cfg.ensemble.runs, "member_rounds": ctx.cfg.ensemble.rounds,
                  "member_train_ids": ctx.cfg.ensemble.train_ids}
-    return write_predictions(ctx, image_ids, combined, classes, Path(out) if out else ctx.run.submission, f"round {r}",
-                             made, log)
+    return write_predictions(ctx, image_ids, combined, classes, out, f"round {r}", made, log)
 
 
 def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path | None = None, log=None) -> Path:
@@ -132,9 +132,9 @@ def write_predictions(ctx, image_ids, combined: np.ndarray, classes: np.ndarray,
     """The competition's ImageID,ans in info.csv's order, or a table task's predictions file (`source`
     names what predicted them in errors), and beside it a record of what made it (`made`: what predicted,
     the round's or the ONNX file's), its digest and the classes in it; `log` hears of final classes the
-    training set has that no prediction takes."""
+    training set has that no prediction takes. The callers have checked both places (`check_places`)
+    before predicting."""
     record_path = provenance_file(out)
-    check_places(out)
     if ctx.table.info_csv is None:
         columns, rows = prediction_table(ctx.task, image_ids, combined, classes)
         text = io.StringIO()

@@ -13,9 +13,9 @@ The held-out set is the run's own test images (eval/info.csv), scored against `-
 decision offsets as `predict` applies them (so `ensemble_torch_f1` can fall short of the run's
 submission where it reads subjects). Images are decoded once, before the clock starts; model
 loading is not timed either: a full batch warms each variant up, then whole passes over the images
-are timed until `--seconds` have passed (3 s; at least one pass; `--quick` 0.3 s, a smoke run's figures
-mean nothing). Each variant runs in its own process, so `<variant>_peak_mb` is that process's peak RSS (interpreter, libraries, decoded images
-and the model). Keys per variant: `<variant>_img_s`, `<variant>_f1`, `<variant>_mb` (the model's files
+are timed until `--seconds` have passed (3 s; at least one pass; `--quick` 0.3 s, a smoke run's
+figures mean nothing). Each variant runs in its own process, so `<variant>_peak_mb` is that
+process's peak RSS (interpreter, libraries, decoded images and the model). Keys per variant: `<variant>_img_s`, `<variant>_f1`, `<variant>_mb` (the model's files
 on disk), `<variant>_peak_mb`; and `int8_student_speedup` = student_int8_img_s / ensemble_torch_img_s.
 """
 from __future__ import annotations
@@ -156,8 +156,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.seconds is not None and a.seconds <= 0:
         ap.error("--seconds must be above 0")
-    if a.seconds is None and not a.quick:
-        a.seconds = MIN_SECONDS
+    if a.seconds is None:
+        a.seconds = 0.3 if a.quick else MIN_SECONDS
     if a.variant:  # one measurement, in a process of its own
         print(json.dumps(measure(a.variant, a.model, Path(a.paths).read_text().splitlines(), a.batch_size,
                                  a.seconds)))
@@ -176,7 +176,6 @@ def main() -> None:
         if a.quick:
             run, answers = quick_run(work)
             a.student_epochs = a.student_epochs or 1
-            a.seconds = 0.3 if a.seconds is None else a.seconds
         elif a.run and a.answers:
             run, answers = Path(a.run), Path(a.answers)
         else:

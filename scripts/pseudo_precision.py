@@ -40,6 +40,7 @@ def pseudo_precision(run_dir: Path, r: int = 1, answers: Path | None = None) -> 
             raise SystemExit("--answers: a competition answer key (ImageID,ans) reads only the mask competition's classes")
         ans = pd.read_csv(answers, dtype={"ImageID": str}).set_index("ImageID")["ans"]
         truth = ctx.task.decode(ans.reindex(chosen["ImageID"]).to_numpy())
+    groups = oof_groups(teacher, oof, bound=0.5)  # persons are counted here, as a bound counts them
     out = {"run": str(run_dir), "round": r, "from_round": made["from_round"], "bound": made.get("bound", 0.0),
            "factors": {}}
     for i, f in enumerate(ctx.task.factors):
@@ -50,7 +51,6 @@ def pseudo_precision(run_dir: Path, r: int = 1, answers: Path | None = None) -> 
             p = ctx.task.marginal(combined, i)
             above = p.max(1) >= promise["threshold"]
             right = p.argmax(1) == oof["factors"][:, i]
-            groups = oof_groups(teacher, oof, bound=0.5)  # persons are counted here, as a bound counts them
             persons = np.unique(groups[above])
             row |= {"oof_pictures": int(above.sum()), "oof_persons": int(len(persons)),
                     "oof_precision_by_person": round(float(np.mean([right[above & (groups == g)].mean()
