@@ -327,7 +327,8 @@ class PseudoCfg(_Strict):
     precision: float = Field(0.95, ge=0, le=1)
     # 0.5 to 1: the precision must hold as a one-sided lower bound at this level (Wilson), counting
     # the persons (groups) above the threshold rather than the pictures, since a person's pictures
-    # are read alike and are no independent evidence; 0 asks only that the OOF rows reach it
+    # are read alike and are no independent evidence; thresholds are tested from the most confident
+    # down and the first that fails ends the search; 0 asks only that the OOF rows reach it
     bound: float = Field(0.0, ge=0, lt=1)
     rounds: int = Field(1, ge=1)
     # every test image joins, with its fold's previous-round final-class probabilities as soft

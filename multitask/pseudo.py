@@ -64,22 +64,34 @@ def precision_threshold(conf: np.ndarray, correct: np.ndarray, target: float, gr
     it is their precision's lower bound at that level that must reach `target`, counting the distinct
     `groups` above t as the readings (every row its own reading where groups is None). The precision
     stays the rows' (the labels are rows); counting their groups as readings is exact where a group's
-    rows are read alike, and cautious where they are not. The lowest of many cuts that pass is taken,
-    so the bound holds less often than its level says (tests/test_pipeline.py measures how often)."""
+    rows are read alike, and cautious where they are not.
+
+    Under a bound the cuts are tested in a fixed sequence, from the most confident down, and the last
+    cut before the first that fails is taken. Taking the lowest of all the cuts that pass would be a
+    choice among hundreds of tests, and the bound would hold less often than its level says. The
+    sequence starts at the first cut whose readings could reach the target if every one were right;
+    that cut depends on the confidences alone, so the sequence is still fixed before any reading is
+    known to be right (tests/test_pipeline.py measures how often the promise holds)."""
     if target <= 0:
         return 0.0
     order = np.argsort(-conf, kind="stable")
     ranked = conf[order]
     precision = np.cumsum(correct[order]) / np.arange(1, len(conf) + 1)
+    # `conf >= t` keeps every row of a run of equal confidences: a cut inside one is no cut at all,
+    # so only the precision at each run's last row is the precision some t gives
+    cuts = np.append(ranked[1:] != ranked[:-1], True)
     if bound > 0:
         ranked_groups = np.arange(len(conf)) if groups is None else np.asarray(groups)[order]
         first_seen = np.zeros(len(conf), bool)
         first_seen[np.unique(ranked_groups, return_index=True)[1]] = True
-        precision = wilson_lower(precision, np.cumsum(first_seen), bound)
-    # `conf >= t` keeps every row of a run of equal confidences: a cut inside one is no cut at all,
-    # so only the precision at each run's last row is the precision some t gives
-    run_ends = np.append(ranked[1:] != ranked[:-1], True)
-    ok = np.flatnonzero((precision >= target - 1e-12) & run_ends)
+        readings = np.cumsum(first_seen)
+        precision = wilson_lower(precision, readings, bound)
+        cuts &= wilson_lower(np.ones(len(conf)), readings, bound) >= target - 1e-12
+        tested = np.flatnonzero(cuts)
+        failed = tested[precision[tested] < target - 1e-12]
+        ok = tested[tested < failed[0]] if len(failed) else tested
+    else:
+        ok = np.flatnonzero((precision >= target - 1e-12) & cuts)
     return float(ranked[ok[-1]]) if len(ok) else float("inf")
 
 

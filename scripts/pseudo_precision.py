@@ -40,6 +40,7 @@ def pseudo_precision(run_dir: Path, r: int = 1, answers: Path | None = None) -> 
             raise SystemExit("--answers: a competition answer key (ImageID,ans) reads only the mask competition's classes")
         ans = pd.read_csv(answers, dtype={"ImageID": str}).set_index("ImageID")["ans"]
         truth = ctx.task.decode(ans.reindex(chosen["ImageID"]).to_numpy())
+    teacher_folds = len(read_json(teacher / "summary.json")["folds_done"])
     groups = oof_groups(teacher, oof, bound=0.5)  # persons are counted here, as a bound counts them
     out = {"run": str(run_dir), "round": r, "from_round": made["from_round"], "bound": made.get("bound", 0.0),
            "factors": {}}
@@ -56,7 +57,8 @@ def pseudo_precision(run_dir: Path, r: int = 1, answers: Path | None = None) -> 
                     "oof_precision_by_person": round(float(np.mean([right[above & (groups == g)].mean()
                                                                     for g in persons])), 4) if len(persons) else None}
         selected = chosen[f.name].to_numpy() >= 0
-        row["labels_per_fold"] = round(float(selected.sum() / chosen["fold"].nunique()), 1)
+        # per teacher fold, one that selected nothing too (pseudo.csv has no rows of it), as pseudo_calibration.py counts
+        row["labels_per_fold"] = round(float(selected.sum() / teacher_folds), 1)
         if truth is not None and selected.any():
             row["test_precision"] = round(float((chosen[f.name].to_numpy() == truth[:, i])[selected].mean()), 4)
         out["factors"][f.name] = row
