@@ -130,6 +130,8 @@ def fit_epochs(cfg: Config, table, images, device, progress=None, say=print, spe
     if cfg.train.epochs == 1:
         say(f"time limit {budget:.0f} s: one epoch per fold is configured, the least there is: not measured")
         return cfg
+    # the probe takes a while and a log that is not a terminal shows no bar: say why nothing starts yet
+    say(f"time limit {budget:.0f} s: timing two epochs of one fold to see how many fit")
     probe = run_probe(cfg, table, images, device, progress)
     folds = len(cfg.train.fold) if cfg.train.fold is not None else cfg.train.folds
     devices = len(set(worker_devices(cfg.train.device)))

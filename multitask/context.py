@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from multitask.config import Config, ConfigError, TableTaskCfg, dump_config, load_config
-from multitask.data.cache import ImageDecodeError, cache_file, cached_images, undecodable_error
+from multitask.data.cache import ImageDecodeError, cached_images, undecodable_error
 from multitask.data.folds import assign_folds, check_labels, make_folds, read_folds
 from multitask.data.layout import read_layout
 from multitask.data.table import DataError, ImageTable, read_table
@@ -268,13 +268,15 @@ def load_images(cfg: Config, table: ImageTable, progress=None) -> tuple[np.ndarr
 
     def images(frame, what: str) -> np.ndarray:
         paths = frame["path"].tolist()
-        if progress and not cache_file(paths, size, cfg.data.cache_dir).exists():  # minutes on a large set: said,
+
+        def say_decoding():  # minutes on a large set: said, for logs with no bar
             progress.console.print(f"decoding {len(paths)} {what} images at {size[0]}x{size[1]} px into the cache "
-                                   f"(once: later commands and runs read them from there)", soft_wrap=True)  # for logs with no bar
+                                   f"(once: later commands and runs read them from there)", soft_wrap=True)
         tid = progress.add_task(f"decoding {what} images", total=len(paths)) if progress else None
         try:
             arr = cached_images(paths, size, cfg.data.cache_dir, cfg.data.decode_workers,
-                                on_progress=(lambda n: progress.update(tid, advance=n)) if progress else None)
+                                on_progress=(lambda n: progress.update(tid, advance=n)) if progress else None,
+                                on_build=say_decoding if progress else None)
         except ImageDecodeError as e:
             if not e.bad:
                 raise

@@ -34,7 +34,7 @@ from multitask.losses import MultiHeadLoss
 from multitask.metrics import heads_nll, score_probs
 from multitask.model import build_model, param_groups
 from multitask.numeric import Targets, aux_losses, aux_outputs
-from multitask.run import atomic_write_text, load_torch, save_torch
+from multitask.run import RunError, atomic_write_text, load_torch, save_torch
 
 
 @dataclass
@@ -105,6 +105,15 @@ def set_rng_state(state: dict, device: torch.device) -> None:
             return
         cuda = cuda[index]
     torch.cuda.set_rng_state(cuda, device)
+
+
+def check_finite(loss: float, label: str, epoch: int, lr: float) -> None:
+    """A loss that is nan or inf has left nan weights behind (bf16 has no loss scaler to skip the
+    step): every later epoch would train and predict nothing, and argmax would read the first class.
+    Stopped here, before this epoch's checkpoints, the fold's earlier epochs stay as they were."""
+    if not math.isfinite(loss):
+        raise RunError(f"{label}: the training loss became {loss} in epoch {epoch}: the model diverged. Train "
+                       f"again with a lower learning rate (train.lr is {lr:g}: `--set train.lr={lr / 3:.2g} --force`)")
 
 
 def train_one_epoch(step_model, model, batches, make_targets: Targets, criterion: MultiHeadLoss, optimizer,
@@ -338,6 +347,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
         loss_sums = dist.sum_over_ranks(loss_sums | {"seen": seen})
         seen = loss_sums.pop("seen")
         train_s = time.perf_counter() - t0
+        check_finite(float(loss_sums["loss"]), label, epoch + 1, tc.lr)  # every rank: they stop together
         if not main:
             continue
 

@@ -222,8 +222,8 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
                    "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task, fold_weights)
                    if fold_weights is not None else None}
         if is_active(task, cfg):
-            # fold-honest all the way: fold k's decision is fitted on a vote whose weights never saw fold k
-            # (each member's auxiliary blend stays its own, one number fitted on the member's OOF)
+            # fold-honest but for one number per member: fold k's decision is fitted on a vote whose weights
+            # never saw fold k, while each member's auxiliary blend stays its own, fitted on all its OOF
             without = (lambda k: {FLAT_HEAD: weighted(oof_probs, fold_weights[k])}) if fold_weights else None  # noqa: E731
             summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg,
                                                oof.get("likeness"), without)

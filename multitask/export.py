@@ -27,7 +27,7 @@ from torch import nn
 from multitask.context import build_task, check_ensemble_members, check_round, load_run_config, reopen_context
 from multitask.data.augment import tta_view
 from multitask.decide import aux_kinds, blend_only, load_decision, predict_classes
-from multitask.labels import Head, Task
+from multitask.labels import MARGINAL_FLOOR, Head, Task
 from multitask.numeric import aux_activation, aux_name, fine_to_bins, is_aux, spread_or_default, standardise
 from multitask.inference import HARD_TIE_BREAK, DecodedImages, load_model, round_models, run_outputs
 from multitask.run import RunDir, atomic_write_bytes, check_output_file, sweep_killed_beside, writer_prefix
@@ -35,7 +35,6 @@ from multitask.serve import META_KEY, need_serve_extra, task_meta
 
 FORMAT = 1
 TOLERANCE = 1e-4
-EPS = 1e-12
 OPSET = 17
 
 
@@ -47,6 +46,17 @@ def factor_marginal(combined: torch.Tensor, sizes: tuple[int, ...], i: int) -> t
     other = tuple(a + 1 for a in range(len(sizes)) if a != i)
     full = combined.reshape(-1, *sizes)  # -1, not len(): the batch stays dynamic in the graph
     return full.sum(other) if other else full
+
+
+def with_marginal(combined: torch.Tensor, sizes: tuple[int, ...], i: int, p: torch.Tensor, q: torch.Tensor,
+                  codes: torch.Tensor) -> torch.Tensor:
+    """Task.with_marginal in torch ops (`p`: factor i's marginal of `combined`, `codes`: each final
+    class's class of factor i): a class ruled out takes its share of q at the other factors' odds."""
+    full = combined.reshape(-1, *sizes)
+    others = full.sum(i + 1, keepdim=True).expand_as(full).reshape(-1, math.prod(sizes))  # -1: a dynamic batch
+    q_cells, p_cells = q.index_select(1, codes), p.index_select(1, codes)
+    return torch.where(p_cells > MARGINAL_FLOOR, combined * q_cells / p_cells.clamp(min=MARGINAL_FLOOR),
+                       q_cells * others)
 
 
 def aux_bin_probs(kind: str, out: torch.Tensor, cuts: list[float], centre: float, scale: float,
@@ -112,7 +122,7 @@ class RunGraph(nn.Module):
             q_aux = aux_bin_probs(b["kind"], voted[b["aux"]], b["cuts"], b["centre"], b["scale"], b["sigma"],
                                   getattr(self, f"owner_{b['factor']}"))
             q = (1 - b["weight"]) * p_f + b["weight"] * q_aux
-            combined = combined * (q / p_f.clamp(min=EPS)).index_select(1, getattr(self, f"codes_{b['factor']}"))
+            combined = with_marginal(combined, self.sizes, b["index"], p_f, q, getattr(self, f"codes_{b['factor']}"))
         return [combined, *[voted[name] for name in self.outputs]]
 
 

@@ -16,6 +16,7 @@ from math import prod
 import numpy as np
 
 FLAT_HEAD = "class"
+MARGINAL_FLOOR = 1e-12  # a factor's class whose probability is below this is taken as ruled out
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,19 @@ class Task:
 
     def with_marginal(self, combined: np.ndarray, i: int, q: np.ndarray) -> np.ndarray:
         """Final-class probabilities rescaled so that factor i's marginal becomes q (N, n_i), each
-        other factor's odds within a class of factor i kept (export.py writes the same in torch)."""
+        other factor's odds within a class of factor i kept (export.py writes the same in torch). A
+        class the probabilities rule out (marginal below MARGINAL_FLOOR) has no odds to keep: its
+        share of q takes the other factors' odds over all of factor i's classes, so that the rows
+        still sum to one and a reading such as a regression can raise a class a head ruled out."""
+        combined = np.asarray(combined)
         p = self.marginal(combined, i)
-        return combined * (q / np.maximum(p, 1e-12))[:, self.decode(np.arange(self.n_classes))[:, i]]
+        full = combined.reshape(len(combined), *self.sizes)
+        shape = [len(combined)] + [1] * len(self.sizes)
+        shape[i + 1] = self.sizes[i]
+        p, q = p.reshape(shape), np.asarray(q).reshape(shape)
+        moved = np.where(p > MARGINAL_FLOOR, full * (q / np.maximum(p, MARGINAL_FLOOR)),
+                         q * full.sum(axis=i + 1, keepdims=True))
+        return moved.reshape(len(combined), -1)
 
     def encode(self, factor_values: np.ndarray) -> np.ndarray:
         return mixed_radix(factor_values, self.sizes)

@@ -115,14 +115,14 @@ def killed_write(name: str) -> bool:
 def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
     """A file handle on a temp file in the same folder, renamed to `path` when the block ends well
     (and removed when it does not), so a crash never leaves half a file; a long output can be
-    written as it is made."""
+    written as it is made. Text is UTF-8 whatever the locale, with line ends as written."""
     path = Path(path)
     check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_killed_beside(path)  # a killed earlier write's (`mt predict` of a large set leaves a large one)
     fd, tmp = tempfile.mkstemp(prefix=writer_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as fh:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
             yield fh
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
@@ -152,7 +152,12 @@ def staged_dir(out: Path) -> Iterator[Path]:
             os.replace(staging, out)
             return
         for entry in sorted(staging.iterdir(), key=lambda e: e.name == "config.yaml"):
-            os.replace(entry, out / entry.name)
+            target = out / entry.name
+            # a folder of the run's there, with no config.yaml beside it (callers refuse a run at `out`),
+            # is an earlier merge's, killed halfway: replaced as a file of the same name would be
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -183,10 +188,9 @@ def damaged(path: Path, kind: str, e: BaseException, remedy: str = "") -> "RunEr
 
 
 def read_json(path: Path):
-    text = Path(path).read_text()
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise damaged(path, "JSON", e) from None
 
 

@@ -4,6 +4,8 @@ folders given), with what it is (task, heads, backbone, image size, epochs, fold
 macro F1 of its submission), sorted by score."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from multitask.context import task_of
 from multitask.decide import honest_f1
 from multitask.labels import Factor
 from multitask.metrics import macro_f1
-from multitask.run import RunDir, read_json
+from multitask.run import RunDir, provenance_file, read_json
 
 
 class AnswerKeyError(ValueError):
@@ -118,6 +120,19 @@ def held_out(run: RunDir, answers: Path) -> float | None:
     return None
 
 
+def submitted_round(run: RunDir) -> int | None:
+    """The round the run's submission holds, from the record beside it; None where there is no
+    record (an mt before records) or the file is no longer the one it describes."""
+    record_path = provenance_file(run.submission)
+    try:
+        record = json.loads(record_path.read_bytes())
+        if record["sha256"] != hashlib.sha256(run.submission.read_bytes()).hexdigest():
+            return None
+        return int(record["predicted_by"]["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def factor_columns(oof: dict, task) -> dict:
     """oof_<factor>: each factor read off the final class, the one figure every run has alike (a
     trained run's f1_<head> is its head's own argmax, and a joined or flat head has no factor of
@@ -149,6 +164,11 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
             row["held_out_f1"] = held_out(run, answers)
         except AnswerKeyError as e:  # the run's own figures still count; the note says why it has no score
             row["held_out_f1"], row["note"] = None, f"no held-out score: {e}"
+        held = submitted_round(run) if row["held_out_f1"] is not None else r
+        if held != r:  # a submission made before a better round (`mt pseudo-label`), or of a round asked for
+            made = f"round {held}'s" if held is not None else "a submission whose round is unknown (no record, or changed since)"
+            row["note"] = (f"held-out score of {made}, the OOF figures round {r}'s; `mt submit --run {run.root}` "
+                           f"submits round {r}")
     # the folds' epochs summed, whatever invocations trained them: a killed and resumed run costs what
     # it cost (the last invocation's wall time would show only its own share); a pseudo-label round
     # costs its own and the rounds it learnt from

@@ -26,7 +26,9 @@ from multitask.labels import Task
 GRID = 8  # the likeness is the mean colour of GRID x GRID cells of the picture
 CHUNK = 4096  # pictures matched at a time: (CHUNK x anchors) similarities in memory
 READ_CHUNK = 256  # pictures turned into floats at a time (256 x 256 x 192 x 3 floats: 150 MB)
-IPF_PASSES = 100  # rescaling passes at most; correlated factors settle within a few
+IPF_PASSES = 100  # rescaling passes at most: separate heads settle in one; a confident joined head's
+# correlated factors can still be 1e-3 off their targets after 100 (logits spread 3 wide), which moves a
+# class only at a near tie
 IPF_TOL = 1e-6  # the largest gap between a kept marginal and its target that ends the passes
 
 
@@ -114,8 +116,9 @@ def move_to_anchors(task: Task, combined: np.ndarray, spec: tuple[int, int, list
                     anchor_of: np.ndarray) -> np.ndarray:
     """Final-class probabilities with each kept factor's marginal moved to (1 - weight)·own +
     weight·its anchor's: the final class rescaled, factor by factor, until every kept marginal is
-    its target (iterative proportional fitting; one pass when the factors are independent, as
-    separate heads make them; joined heads, a flat head or an ensemble's vote correlate them)."""
+    within IPF_TOL of its target or IPF_PASSES have run (iterative proportional fitting; one pass
+    when the factors are independent, as separate heads make them; joined heads, a flat head or an
+    ensemble's vote correlate them, and confident ones settle slowly)."""
     kept = spec[2]
     targets = {}
     for i in kept:

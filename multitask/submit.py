@@ -111,15 +111,18 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
         if made and not this_run:  # another run of the task, which a submission may take; or this one, moved and trained since
             log(f"its folds are not those of round {r} of {ctx.run.root} as it is now: if that is this run, moved and "
                 f"trained again since, export it again (`mt export --run {ctx.run.root}`)")
+    if log and this_run:  # another run's rounds say nothing of the file's
         decision = load_decision(ctx.run.round_dir(r)) if r in ctx.run.rounds() else None
         if decision is not None and decision.subjects > 0:
             log(f"subjects are not read: the exported file takes each picture on its own, while `mt submit --run "
                 f"{ctx.run.root}` reads what a person keeps from their clearest picture (weight {decision.subjects:.2f})")
-        if this_run:
+        try:
             best, _ = ctx.run.choose_round(ctx.cfg.train.folds, can_pick=False)
-            if best != r:
-                log(f"the exported file holds round {r}; `mt submit --run {ctx.run.root}` would submit round {best}, "
-                    f"the best by OOF since (`mt export --run {ctx.run.root}` exports that one)")
+        except FileNotFoundError:  # no round has every fold done: `mt export --round N` exports one all the same
+            best = r
+        if best != r:
+            log(f"the exported file holds round {r}; `mt submit --run {ctx.run.root}` would submit round {best}, "
+                f"the best by OOF since (`mt export --run {ctx.run.root}` exports that one)")
     combined, classes = served.predict_paths(ctx.table.test["path"].tolist())
     image_ids = ctx.table.test_ids()
     by = {"onnx": str(Path(onnx).resolve()), "onnx_sha256": onnx_sha256,

@@ -93,6 +93,19 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     assert next((tmp_path / "c").glob("*.npy")).stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+    """`mt predict` streams its CSV through a text handle: image ids such as café.jpg must be written
+    as UTF-8 under a C locale too, not refused (ASCII) or written in the locale's encoding."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.csv"
+    code = f"from multitask.run import atomic_writer\nwith atomic_writer({str(out)!r}, 'w') as fh: fh.write('caf\\u00e9.jpg,1\\n')"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)  # the command line kept ASCII
+    assert out.read_bytes() == "café.jpg,1\n".encode()
+
+
 def test_16_bit_greyscale_is_read_whole_not_clipped(tmp_path):
     # a 16-bit PNG opens as mode I;16, whose values convert("RGB") clips at 255
     ramp = np.repeat(np.linspace(0, 65535, 32).astype(np.uint16)[None], 16, axis=0)

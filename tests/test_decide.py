@@ -105,6 +105,29 @@ def test_blending_an_auxiliary_output_keeps_a_distribution_and_touches_only_its_
     assert (final_probs(TASK, heads, p, {"num": "ordinal"}, Decision({"num": 0.0})) == TASK.combine(heads, probs)).all()
 
 
+def test_a_class_a_head_rules_out_can_still_be_raised_by_the_reading():
+    """A head sure beyond 1e-12 that num is not bin 0 left the rescale nothing to scale: the blend's
+    share of bin 0 was lost (rows summing to 0.64) and the regression's reading could not pick it. The
+    ruled-out class takes its share at the other factors' odds, in numpy as in the exported graph."""
+    import torch
+
+    from multitask.export import factor_marginal, with_marginal
+
+    heads = TASK.heads("kind,num")
+    combined = TASK.combine(heads, {"kind": np.array([[0.8, 0.2], [0.5, 0.5]]),
+                                    "num": np.array([[1e-13, 0.3, 0.7], [0.2, 0.3, 0.5]])})
+    q = np.array([[0.4, 0.25, 0.35], [0.1, 0.1, 0.8]])
+    moved = TASK.with_marginal(combined, 1, q)
+    np.testing.assert_allclose(moved.sum(1), 1, rtol=1e-9)
+    np.testing.assert_allclose(TASK.marginal(moved, 1), q, rtol=1e-9)
+    np.testing.assert_allclose(TASK.marginal(moved, 0), [[0.8, 0.2], [0.5, 0.5]], rtol=1e-9)  # the kind's odds kept
+    assert TASK.marginal(moved, 1)[0].argmax() == 0
+    codes = torch.as_tensor(TASK.decode(np.arange(TASK.n_classes))[:, 1])
+    t = torch.as_tensor(combined, dtype=torch.float32)
+    got = with_marginal(t, TASK.sizes, 1, factor_marginal(t, TASK.sizes, 1), torch.as_tensor(q, dtype=torch.float32), codes)
+    np.testing.assert_allclose(got.numpy(), moved, atol=1e-6)
+
+
 def test_fit_decision_weighs_an_informative_auxiliary_output_and_not_a_misleading_one(monkeypatch):
     probs, factors = biased_case(400, seed=2)
     heads = TASK.heads("kind,num")

@@ -216,6 +216,19 @@ def test_sigkill_at_several_points_then_resume_ends_where_an_uninterrupted_run_e
             np.testing.assert_array_equal(oa[name], ob[name])
 
 
+def test_a_fold_whose_loss_becomes_nan_stops_and_says_so(demo_root, tmp_path):
+    """A learning rate far too high leaves nan weights after a few steps: the fold stops at the end of
+    that epoch, naming it, instead of training on and predicting the first class for every image."""
+    from multitask.run import RunError
+
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"fold 0.*: the training loss became nan in epoch 1: the model diverged\. "
+                                       r"Train again with a lower learning rate \(train.lr is 1e\+30"):
+        train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.lr=1e30",
+                              "train.warmup_epochs=0"), out)
+    assert not (RunDir(out).fold_dir(0, 0) / "last.pt").exists()  # nothing of the diverged epoch is kept
+
+
 def test_the_lr_decays_even_when_the_run_is_no_longer_than_its_warmup():
     from multitask.engine import warmup_cosine
 

@@ -143,6 +143,43 @@ def test_a_staging_folder_left_by_a_killed_command_is_cleared_by_the_next_try(tm
     assert [p.name for p in tmp_path.iterdir()] == ["ens"]
 
 
+def test_a_merge_into_a_folder_killed_halfway_is_finished_by_the_next_try(tmp_path, monkeypatch):
+    """`out` holding other files: the staged entries join it one by one, config.yaml last. A kill
+    between two moves leaves round0/ there and no config.yaml; the next try replaces it (a folder
+    cannot be renamed over a full one) and keeps the other files."""
+    import os
+
+    from multitask import run as run_module
+    from multitask.run import staged_dir
+
+    out = tmp_path / "ens"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    real = os.replace
+
+    def killed_before_the_last(src, dst):
+        if os.path.basename(dst) == "config.yaml":
+            raise KeyboardInterrupt
+        real(src, dst)
+    monkeypatch.setattr(run_module.os, "replace", killed_before_the_last)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(out) as staging:
+            (staging / "round0").mkdir()
+            (staging / "round0" / "old.npz").write_text("1")
+            (staging / "folds.csv").write_text("a")
+            (staging / "config.yaml").write_text("x")
+    assert (out / "round0").is_dir() and not (out / "config.yaml").exists()  # half merged
+    monkeypatch.setattr(run_module.os, "replace", real)
+    with staged_dir(out) as staging:
+        (staging / "round0").mkdir()
+        (staging / "round0" / "new.npz").write_text("2")
+        (staging / "folds.csv").write_text("b")
+        (staging / "config.yaml").write_text("y")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "folds.csv", "notes.txt", "round0"]
+    assert [p.name for p in (out / "round0").iterdir()] == ["new.npz"] and (out / "folds.csv").read_text() == "b"
+    assert (out / "notes.txt").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["ens"]
+
+
 def test_folds_never_started_may_be_added(demo_root, tmp_path):
     out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
     train_run(tiny_config(demo_root, cache, "train.fold=[0]"), out)
@@ -455,6 +492,9 @@ def test_a_file_of_the_run_damaged_outside_mt_is_named(run):
     (RunDir(run).round_dir(0) / "summary.json").write_text("{")
     with pytest.raises(RunError, match=r"round0/summary.json: damaged, cannot be read as JSON \(Expecting"):
         make_submission(run)
+    (RunDir(run).round_dir(0) / "summary.json").write_bytes(b"\xff\xfe{}")  # not even UTF-8
+    with pytest.raises(RunError, match=r"round0/summary.json: damaged, cannot be read as JSON \('utf-8' codec"):
+        make_submission(run)
     (RunDir(run).round_dir(0) / "summary.json").write_bytes(kept[RunDir(run).round_dir(0) / "summary.json"])
     RunDir(run).folds.write_text("person_id,fold\n1,0\n")
     with pytest.raises(ValueError, match=r"folds.csv: damaged, no column 'group' \(columns: \['person_id', 'fold'\]\)"):
@@ -609,6 +649,15 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     (copied.round_dir(1) / "summary.json").write_text(json.dumps(later | {"round": 1, "oof": later["oof"] | {"f1": 0.99}}))
     both = runs_table([copied.root]).iloc[0]
     assert both["round"] == 1 and both["train_s"] == pytest.approx(2 * later["train_s"], abs=0.11)
+    # its submission is round 0's, made before round 1: the held-out score is not put beside round 1's OOF unsaid
+    scored = runs_table([copied.root], demo_root / "answers.csv").iloc[0]
+    assert scored["held_out_f1"] is not None and scored["note"] == (
+        f"held-out score of round 0's, the OOF figures round 1's; `mt submit --run {copied.root}` submits round 1")
+    edited = pd.read_csv(copied.submission)
+    edited.loc[0, "ans"] = (edited.loc[0, "ans"] + 1) % 18
+    edited.to_csv(copied.submission, index=False)  # by hand, since its record
+    assert "a submission whose round is unknown (no record, or changed since)" in \
+        runs_table([copied.root], demo_root / "answers.csv").iloc[0]["note"]
     # a flat head has no factor of its own: its factor columns are read off the final class, as every run's are
     flat = table.set_index(table["run"].str.rsplit("/", n=1).str[-1]).loc["flat"]
     flat_oof = read_json(tmp_path / "runs" / "flat" / "summary.json")["rounds"][0]["oof"]
@@ -619,6 +668,7 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     from io import StringIO
     csv = pd.read_csv(StringIO(result.output))
     assert len(csv) == 2 and csv["held_out_f1"].between(0, 1).all() and csv["held_out_f1"].is_monotonic_decreasing
+    assert "note" not in csv.columns  # each submission holds the round shown
     result = runner.invoke(app, ["runs", str(tmp_path / "runs")], env={"COLUMNS": "250"})
     assert result.exit_code == 0 and "2 run(s), best first" in result.output
     result = runner.invoke(app, ["runs", str(tmp_path / "runs" / "not_a_run")])
@@ -749,8 +799,9 @@ def test_time_limit_probe_trains_two_epochs_and_times_the_second(demo_root, tmp_
     assert 0 < probe.epoch_s < probe.total_s and 0 < probe.predict_s < probe.total_s
     assert probe.epoch_s + probe.predict_s < probe.total_s
     fitted = budget.fit_epochs(cfg, table, load_images(cfg, table), torch.device("cpu"), say=said.append)
-    assert fitted.train.epochs == 4 and "a probe of two epochs " in said[0] and "all 4 epochs" in said[0]
-    assert "reading and decoding took 0.0 s" in said[0]  # nothing spent before the probe was passed
+    assert said[0] == "time limit 3600 s: timing two epochs of one fold to see how many fit"  # before the probe
+    assert fitted.train.epochs == 4 and "a probe of two epochs " in said[1] and "all 4 epochs" in said[1]
+    assert "reading and decoding took 0.0 s" in said[1]  # nothing spent before the probe was passed
     # one epoch configured: nothing to fit, nothing trained
     trained.clear()
     one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
@@ -769,7 +820,7 @@ def test_time_limit_with_fold_k_into_a_run_keeps_its_epochs(demo_root, tmp_path,
     said = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: said.append(" ".join(map(str, a))))
     train_run(tiny_config(demo_root, *common, "train.fold=[0]"), out)
-    assert load_config(RunDir(out).config).train.epochs == 1 and "instead of 3" in said[0]
+    assert load_config(RunDir(out).config).train.epochs == 1 and "instead of 3" in said[1]
 
     def probe(*args, **kwargs):
         raise AssertionError("measured again")

@@ -429,6 +429,11 @@ def test_a_command_without_round_does_not_offer_one(demo_root, tmp_path):
     assert r.exit_code == 2 and "or pass --round 0" in r.output, r.output
     r = CliRunner().invoke(app, ["distill", "--run", str(out), "--out", str(tmp_path / "st")])
     assert r.exit_code == 2 and "lacks fold 1" in r.output and "--round" not in r.output, r.output
+    # a round exported by number, unfinished as it is, is submitted with onnxruntime (no best round to compare)
+    r = CliRunner().invoke(app, ["export", "--run", str(out), "--round", "0"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["submit", "--run", str(out), "--onnx", str(RunDir(out).onnx)])
+    assert r.exit_code == 0 and RunDir(out).submission_onnx.exists(), r.output
 
 
 def test_a_student_predicts_with_one_view_unless_told_otherwise(runs):

@@ -150,10 +150,14 @@ def cache_file(paths: Sequence[str], size: tuple[int, int], cache_dir: str | Pat
 
 
 def cached_images(paths: Sequence[str], size: tuple[int, int], cache_dir: str | Path | None = None,
-                  workers: int = 0, on_progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """The (N, H, W, 3) uint8 images of `paths`, read-only and memory-mapped; built on first use."""
+                  workers: int = 0, on_progress: Callable[[int], None] | None = None,
+                  on_build: Callable[[], None] | None = None) -> np.ndarray:
+    """The (N, H, W, 3) uint8 images of `paths`, read-only and memory-mapped; built on first use
+    (`on_build()` first: finding the file stats every image, so callers should not look for it again)."""
     path = cache_file(paths, size, cache_dir)
     if not path.exists():
+        if on_build:
+            on_build()
         build_cache_file(paths, size, path, workers, on_progress)
     try:
         arr = np.load(path, mmap_mode="r")
