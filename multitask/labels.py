@@ -163,7 +163,7 @@ class Task:
         p, q = p.reshape(shape), np.asarray(q).reshape(shape)
         moved = np.where(p > MARGINAL_FLOOR, full * (q / np.maximum(p, MARGINAL_FLOOR)),
                          q * full.sum(axis=i + 1, keepdims=True))
-        return moved.reshape(len(combined), -1)
+        return moved.reshape(len(combined), self.n_classes)
 
     def encode(self, factor_values: np.ndarray) -> np.ndarray:
         return mixed_radix(factor_values, self.sizes)

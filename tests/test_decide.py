@@ -122,6 +122,7 @@ def test_a_class_a_head_rules_out_can_still_be_raised_by_the_reading():
     np.testing.assert_allclose(TASK.marginal(moved, 1), q, rtol=1e-9)
     np.testing.assert_allclose(TASK.marginal(moved, 0), [[0.8, 0.2], [0.5, 0.5]], rtol=1e-9)  # the kind's odds kept
     assert TASK.marginal(moved, 1)[0].argmax() == 0
+    assert TASK.with_marginal(np.zeros((0, 6)), 1, np.zeros((0, 3))).shape == (0, 6)  # a fold with no rows
     codes = torch.as_tensor(TASK.decode(np.arange(TASK.n_classes))[:, 1])
     t = torch.as_tensor(combined, dtype=torch.float32)
     got = with_marginal(t, TASK.sizes, 1, factor_marginal(t, TASK.sizes, 1), torch.as_tensor(q, dtype=torch.float32), codes)
