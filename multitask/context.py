@@ -127,6 +127,13 @@ class Context:
     folds: np.ndarray  # fold of each train row
 
 
+def no_test_images(ctx: Context, what: str) -> FileNotFoundError:
+    """The error for a command that needs test images the run's data has none of, naming where it looked."""
+    where = (f"no task.test in the table task {ctx.cfg.task.table}" if isinstance(ctx.cfg.task, TableTaskCfg)
+             else f"no eval/ in the competition root {ctx.cfg.data_root}")
+    return FileNotFoundError(f"{ctx.run.root}: the task has no test images ({where}): {what}")
+
+
 def task_of(cfg: Config) -> Task:
     if isinstance(cfg.task, TableTaskCfg):
         return Task("table", tuple(Factor.binned(f.name, f.bins, f.integer) if f.bins is not None else Factor(f.name, tuple(f.classes))

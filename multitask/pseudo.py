@@ -34,7 +34,8 @@ import pandas as pd
 
 from multitask import dist
 from multitask.config import Config, ConfigError
-from multitask.context import build_task, check_checkpoint_place, check_round, every_fold, load_run_config, reopen_context
+from multitask.context import (build_task, check_checkpoint_place, check_round, every_fold, load_run_config,
+                               no_test_images, reopen_context)
 from multitask.decide import Decision, honest_f1, load_decision, predict_classes
 from multitask.ensemble import check_same_split, fold_test_probs, fold_votes
 from multitask.kfold import check_identities, refuse_ensemble, train_round
@@ -305,8 +306,7 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
         raise ConfigError(f"{ctx.run.root} is a distilled student: it already learns the test images from its teacher's "
                           f"probabilities; pseudo-label the teacher ({ctx.cfg.distill.teacher}) and distil again")
     if ctx.test_images is None:
-        raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no "
-                                "task.test in a table task): nothing to pseudo-label")
+        raise no_test_images(ctx, "nothing to pseudo-label")
     reports = []
     for i in range(ctx.cfg.pseudo.rounds):
         prev = ctx.run.latest_round()

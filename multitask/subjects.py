@@ -70,7 +70,8 @@ def likeness(images: np.ndarray) -> np.ndarray:
 
 def nearest_anchor(look: np.ndarray, is_anchor: np.ndarray, galleries: np.ndarray | None = None) -> np.ndarray:
     """Each picture's anchor (a row index): itself for an anchor, otherwise the most alike anchor
-    of its gallery; itself where its gallery has no anchor."""
+    of its gallery; itself where its gallery has no anchor, or none is alike at all (a uniform
+    picture has a likeness of zeros, alike to none: it would take the first anchor's reading)."""
     out = np.arange(len(look))
     galleries = np.zeros(len(look), np.int64) if galleries is None else np.asarray(galleries)
     for g in np.unique(galleries):
@@ -80,7 +81,8 @@ def nearest_anchor(look: np.ndarray, is_anchor: np.ndarray, galleries: np.ndarra
             continue
         for start in range(0, len(others), CHUNK):
             part = others[start:start + CHUNK]
-            out[part] = anchors[(look[part] @ look[anchors].T).argmax(1)]
+            alike = look[part] @ look[anchors].T
+            out[part] = np.where(alike.max(1) > 0, anchors[alike.argmax(1)], part)
     return out
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from multitask import __version__
-from multitask.context import Context, check_round, reopen_context
+from multitask.context import Context, check_round, no_test_images, reopen_context
 from multitask.data.layout import read_csv
 from multitask.data.table import factor_values
 from multitask.decide import load_decision, predict_classes
@@ -105,7 +105,7 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
         raise SubmissionError(f"{onnx} was exported from round {served.meta['round']} of {ctx.run.root} as it was "
                               f"before it was trained again; export it again (`mt export --run {ctx.run.root}`)")
     if ctx.table.test is None:
-        raise FileNotFoundError("the task has no test images (no eval/ in the competition root, or no task.test)")
+        raise no_test_images(ctx, "nothing to submit")
     if log:
         log(f"predicting {len(ctx.table.test)} test images with {onnx} (run {served.meta['run']}, round {served.meta['round']})")
         if made and not this_run:  # another run of the task, which a submission may take; or this one, moved and trained since

@@ -54,6 +54,14 @@ def test_each_picture_goes_to_the_most_alike_anchor_of_its_own_gallery():
     assert anchor[4:].tolist() == [4, 5, 6]
     # without galleries everything is one set
     assert nearest_anchor(look[:4], is_anchor[:4]).tolist() == [0, 0, 3, 3]
+    # a uniform picture (a likeness of zeros) is alike to no anchor: it keeps its own reading
+    pics, _ = subject_pictures(3, 2)
+    pics[1] = 128
+    blank = likeness(pics)
+    assert not blank[1].any()
+    anchors = np.zeros(len(pics), bool)
+    anchors[[0, 2, 4]] = True
+    assert nearest_anchor(blank, anchors)[1] == 1
 
 
 def soft(z):

@@ -318,6 +318,22 @@ def test_a_table_task_trains_pseudo_labels_and_submits(table_run, table_root):
     assert sub["prob"].between(0, 1).all()
 
 
+def test_a_table_task_without_test_images_is_told_where_they_were_looked_for(table_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(table_run[0], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    table = cfg["task"]["table"]
+    cfg["task"]["test"] = None
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(FileNotFoundError, match=f"{run}: the task has no test images \\(no task.test in the table "
+                                                f"task {table}\\): nothing to pseudo-label"):
+        pseudo_label(run, precision=0.0)
+
+
 def test_predict_on_a_folder_a_csv_and_one_file_matches_the_submission(table_run, table_root, tmp_path):
     out, _ = table_run
     sub = pd.read_csv(make_submission(out, tmp_path / "sub.csv")).set_index("path")
