@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -118,6 +119,7 @@ def train(
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help="a budget for the whole command, e.g. 20m or 2h, reading and decoding the images included: the epochs are fitted to what is left of it from two measured epochs (never more than configured)"),
 ):
     """Train every fold (round 0); write checkpoints, OOF and test probabilities into the run directory."""
+    started = time.perf_counter()  # --time-limit is the whole command's: importing torch and timm counts too
     from multitask.config import load_config, train_overrides
     from multitask.kfold import train_run
 
@@ -129,7 +131,7 @@ def train(
     with progress_and_errors() as progress:
         cfg = load_config(config, overrides + list(set_ or []), data=data)
         join_torchrun(cfg.train.device)
-        summary = train_run(cfg, out, progress, force)
+        summary = train_run(cfg, out, progress, force, started=started)
     print_scores(f"round 0 out-of-fold (folds {summary['folds_done']})", summary["oof"])
     print_decision(summary)
     print_missing(summary)

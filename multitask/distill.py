@@ -90,7 +90,10 @@ def student_config(teacher: Config, teacher_dir: Path, r: int, backbone: str | N
     raw["losses"] = {h: c for h, c in raw["losses"].items() if h in names}  # the teacher's losses of heads kept
     if raw["train"]["sampler"] not in ("none", FLAT_HEAD, *names):
         raw["train"]["sampler"] = "none"  # it named a head the student does not have
-    student = validate(apply_overrides(raw, list(overrides)), "the student's settings", list(overrides))
+    raw = apply_overrides(raw, list(overrides))
+    if raw["model"]["checkpoint"] != model.checkpoint and not any(o.startswith("model.checkpoint_sha256=") for o in overrides):
+        raw["model"]["checkpoint_sha256"] = None  # another file than the teacher's: its own digest is pinned below
+    student = validate(raw, "the student's settings", list(overrides))
     build_task(student)
     return student
 
@@ -109,7 +112,7 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
                          list(overrides))
     if cfg.model.checkpoint and cfg.model.checkpoint == t_cfg.model.checkpoint:
         check_checkpoint_place(teacher, t_cfg)  # the student starts where the teacher did
-    check_model(cfg.model, build_task(cfg)[1])
+    cfg = cfg.model_copy(update={"model": check_model(cfg.model, build_task(cfg)[1])})  # its checkpoint's digest pinned
     t_ctx = reopen_context(teacher.root, with_images=False)
     run = RunDir(out)
     if run.root.resolve() == teacher.root.resolve():

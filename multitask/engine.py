@@ -61,9 +61,11 @@ def seed_everything(seed: int) -> None:
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
-    """The LR factor of each step: a linear warmup, then a cosine down to 0 at the last step. The
-    warmup takes at most half the steps: a run no longer than its warmup (one epoch, as
-    `--time-limit` often leaves) would otherwise end at the peak LR and never decay."""
+    """The LR factor of each step: a linear warmup, then a cosine from the peak towards 0, which the
+    step after the last would reach (the last step of 100 after a warmup of 10 runs at 0.03% of the
+    peak; of 5 after 2, at 25%). The warmup takes at most half the steps: a run no longer than its
+    warmup (one epoch, as `--time-limit` often leaves) would otherwise end at the peak LR and never
+    decay."""
     warmup_steps = min(warmup_steps, total_steps // 2)
 
     def factor(step: int) -> float:
@@ -217,7 +219,24 @@ def resume_from(path: Path, t: Training, device: torch.device) -> tuple[int, int
     # metrics.csv is written before last.pt: a kill between the two leaves a row to drop
     done = state["epochs_done"] if "epochs_done" in state else state["epoch"] + 1  # older last.pt counted from 0
     rows = pd.read_csv(path.parent / "metrics.csv", dtype={"train_id": str}).iloc[:done].to_dict("records")
-    return done, state["step"], state["best"], rows, state.get("train_id") or new_train_id()
+    return done, state["step"], kept_best(path.parent, done, state["best"]), rows, state.get("train_id") or new_train_id()
+
+
+def kept_best(out_dir: Path, done: int, best: dict) -> dict:
+    """The best scores a resumed fold goes on from. best.pt and top_e<epoch>.pt are written before
+    last.pt: a kill between them leaves files of an epoch that will run again. A top file is removed
+    (the epoch offers itself again). best.pt has already replaced the best that last.pt records, so
+    its own scores and epoch become the best: they describe the weights that are there (on the CPU
+    the rerun epoch is the same; on a GPU it may score lower and leave that file as the best)."""
+    for top in out_dir.glob("top_e*.pt"):
+        if top.stem[len("top_e"):].isdigit() and int(top.stem[len("top_e"):]) > done:
+            top.unlink()
+    path = out_dir / "best.pt"
+    if path.exists():
+        written = load_torch(path, "; delete it and last.pt, and `mt resume` trains the fold from its start")
+        if written.get("epoch", 0) > done and "scores" in written:
+            return written["scores"] | {"epoch": written["epoch"]}
+    return best
 
 
 class TopEpochs:

@@ -357,10 +357,13 @@ def check_round_labels(ctx: Context, r: int) -> None:
                        f"round {r} again from round {r - 1}; or remove {round_dir} to leave the run at round {r - 1}")
 
 
-def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, on_epoch=None) -> dict:
+def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, on_epoch=None,
+              started: float | None = None) -> dict:
     """`mt train`: round 0 of a run; `force` clears an existing run in `out` first. `on_epoch(fold,
-    epoch, row)` sees every epoch's metrics row (folds trained one after another only)."""
-    started = time.perf_counter()  # a time limit is the whole command's: reading and decoding count
+    epoch, row)` sees every epoch's metrics row (folds trained one after another only). `started`
+    (time.perf_counter()): when the command began, where that was before this call."""
+    # a time limit is the whole command's: reading and decoding count, and what came before this call
+    started = time.perf_counter() if started is None else started
     run = RunDir(out)
     task, heads = build_task(cfg)
     # check, read and decode everything before touching the run directory: a bad backbone, heads,

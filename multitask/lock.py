@@ -50,6 +50,22 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # the fields after the command name start at the 3rd
 
 
+def pid_namespace() -> str | None:
+    """This process's PID namespace (the inode of /proc/self/ns/pid), or None where there is no /proc."""
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:
+        return None
+
+
+def judged_here(host: str | None, pidns: str | None) -> bool:
+    """A writer's pid can be judged here: it ran on this host and, where the writer said which, in this
+    PID namespace. Two containers may share a hostname (Docker's --network host, Kubernetes'
+    hostNetwork) but never pids: each sees the other's live pid as gone. An mt before PID namespaces
+    were recorded named the host alone, and is judged by it as then."""
+    return host == socket.gethostname() and pidns in (None, pid_namespace())
+
+
 _HELD: set[str] = set()  # the locks this process holds: a lock naming this pid and not among them is stale
 
 
@@ -81,7 +97,7 @@ def _read(path: Path) -> tuple[str, dict | None]:
         holder = None
     if not isinstance(holder, dict):
         return ("stale", None) if age > UNWRITTEN_STALE_S else ("held", {})
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and _dead(holder, path):
+    if judged_here(holder.get("host"), holder.get("pidns")) and isinstance(holder.get("pid"), int) and _dead(holder, path):
         return "stale", None
     return "held", holder
 
@@ -155,8 +171,8 @@ def describe_holder(holder: dict, doing: str = "trained", path: Path | None = No
     if not holder:
         return "being claimed by another process"
     said = f"being {doing} by {holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}"
-    if path is not None and holder.get("host") != socket.gethostname():
-        said += f" (remove {path} if that machine is gone)"
+    if path is not None and not judged_here(holder.get("host"), holder.get("pidns")):
+        said += f" (remove {path} if that machine or container is gone)"
     return said
 
 
@@ -167,7 +183,7 @@ def file_lock(path: Path) -> Iterator[str | None]:
     file is removed by hand (this host cannot tell whether that machine is gone)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "started": process_start(os.getpid())}
+          "started": process_start(os.getpid()), "pidns": pid_namespace()}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # less the umask, as open() gives

@@ -15,11 +15,13 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 POLL_S = 0.2
+GRACE_S = 5.0  # for a failed worker's error to arrive before it counts as killed without a word
 
 
 class RelayProgress:
@@ -119,28 +121,33 @@ def run_in_workers(target: Callable, payload: Any, items: list, jobs: int, devic
         try:
             for p in procs:
                 p.start()
+            died: dict[int, float] = {}  # worker -> when it was first seen ended with a failure
             while running:
                 try:
                     event = events.get(timeout=POLL_S)
                 except queue.Empty:
-                    dead = [i for i in running if procs[i].exitcode not in (None, 0)]
-                    if not dead:
-                        continue
-                    try:  # a worker that raised has put its error just before exiting: read it first
-                        event = events.get(timeout=5)
-                    except queue.Empty:  # killed without a word (out of memory, say)
-                        i = dead[0]
-                        raise WorkerDied(f"fold worker {i} on {devices[i % len(devices)]} died "
-                                         f"(exit code {procs[i].exitcode})") from None
-                kind, worker = event[0], event[1]
-                if kind == "exit":
-                    running.discard(worker)
-                elif kind == "error":
-                    error, trace = event[2], event[3]
-                    error.add_note(f"in fold worker {worker} on {devices[worker % len(devices)]}:\n{trace}")
-                    raise error
-                elif progress is not None:
-                    _show(progress, shown, event)
+                    event = None
+                if event is not None:
+                    kind, worker = event[0], event[1]
+                    if kind == "exit":
+                        running.discard(worker)
+                    elif kind == "error":
+                        error, trace = event[2], event[3]
+                        error.add_note(f"in fold worker {worker} on {devices[worker % len(devices)]}:\n{trace}")
+                        raise error
+                    elif progress is not None:
+                        _show(progress, shown, event)
+                # looked at after every event, not only when the queue is quiet: another worker's
+                # progress must not hide a dead one. A worker that raised put its error just before
+                # exiting, so it is given GRACE_S to arrive; after that it was killed without a word
+                now = time.monotonic()
+                for i in running:
+                    if procs[i].exitcode not in (None, 0):
+                        died.setdefault(i, now)
+                gone = [i for i in sorted(died) if i in running and now - died[i] > GRACE_S]
+                if gone:
+                    i = gone[0]
+                    raise WorkerDied(f"fold worker {i} on {devices[i % len(devices)]} died (exit code {procs[i].exitcode})")
         finally:
             for p in procs:
                 if p.pid is None:  # never started

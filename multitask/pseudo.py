@@ -335,7 +335,8 @@ def pseudo_label(run_dir: str | Path, precision: float | None = None, rounds: in
         # and the others go on once it has (on_main waits for it)
         dist.on_main(write_labels, ctx.run, r, cut | {"factors": promise} | source, table)
         summary = train_round(ctx, r, progress)  # each fold reads its own rows of the round's pseudo.csv
-        per_fold = table.groupby("fold").size()
+        # a fold that selected nothing counts too: pseudo.csv has no rows of it
+        per_fold = table.groupby("fold").size().reindex(sorted(teacher.test), fill_value=0)
         reports.append({"round": r} | cut | {
                         "thresholds": thresholds, "added": int(round(per_fold.mean())) if len(per_fold) else 0,
                         "of": int(len(ctx.table.test)),

@@ -63,12 +63,17 @@ def suggest(trial, cfg: Config) -> list[str]:
     return out
 
 
-def progress_line(trial, epochs: int) -> str:
+def folds_in_turn(cfg: Config) -> list[int]:
+    """The folds a trial trains, in the order it trains them: its pruning steps count them so."""
+    return list(cfg.train.fold) if cfg.train.fold is not None else list(range(cfg.train.folds))
+
+
+def progress_line(trial, cfg: Config) -> str:
     import optuna
 
     if trial.state == optuna.trial.TrialState.PRUNED and trial.last_step is not None:
-        fold, epoch = divmod(trial.last_step - 1, epochs)
-        return (f"pruned after fold {fold} epoch {epoch + 1}, its validation macro F1 then "
+        turn, epoch = divmod(trial.last_step - 1, cfg.train.epochs)
+        return (f"pruned after fold {folds_in_turn(cfg)[turn]} epoch {epoch + 1}, its validation macro F1 then "
                 f"{trial.intermediate_values[trial.last_step]:.4f}")
     return trial.state.name.lower() + (f", OOF macro F1 {trial.value:.4f}" if trial.value is not None else "")
 
@@ -156,6 +161,10 @@ def check_same_base(study, base: Config, data: str, out: Path) -> dict[str, str]
         study.set_user_attr(DATA_KEY, data)
         return {}
     changed = differing_keys(then, now)
+    # which folds a trial trains is a run's choice per invocation, but a study's trials are compared
+    # by their OOF over those folds' rows
+    if then.get("train", {}).get("fold") != now["train"]["fold"]:
+        changed.append("train.fold")
     moved = [k for k in changed if moved_only(then, now, [k])]
     others = [k for k in changed if k not in moved]
     if others:
@@ -214,8 +223,11 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
         run = out / f"trial_{trial.number:03d}"
         cfg = load_config(config, [*overrides, *sets, "train.jobs=1"], data=data)
 
+        in_turn = folds_in_turn(cfg)
+
         def report(fold: int, epoch: int, row: dict) -> None:
-            trial.report(row["val_f1"], step=fold * cfg.train.epochs + epoch)
+            # steps count the epochs trained so far (the pruner waits one fold's): with train.fold, fold 2 may be the first
+            trial.report(row["val_f1"], step=in_turn.index(fold) * cfg.train.epochs + epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
@@ -238,7 +250,7 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
         took.append(time.perf_counter() - start)
         last = study.trials[-1]
         failed += last.state == optuna.trial.TrialState.FAIL
-        say(f"trial {last.number}: " + progress_line(last, base.train.epochs))
+        say(f"trial {last.number}: " + progress_line(last, base))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise ConfigError(f"{out}: no trial completed yet")

@@ -25,6 +25,22 @@ def test_torch_augment_identity_settings_change_nothing_but_flip():
     assert torch.equal(tta_view(x, "hflip"), x.flip(-1))
 
 
+def test_torch_rotation_keeps_distances_in_a_picture_that_is_not_square():
+    """A rotation, not a shear: two dots on a 48x96 picture stay as far from the centre as they
+    were, in pixels, whatever the angle drawn (the normalised grid's x and y differ in pixels)."""
+    turn = TorchAugCfg(hflip=0, scale=(1, 1), translate=0, rotate=60, brightness=0, contrast=0)
+    for seed in range(4):
+        for dy, dx in ((0, 16), (16, 0)):
+            x = torch.zeros(1, 3, 48, 96)
+            x[0, :, 24 + dy - 1:24 + dy + 1, 48 + dx - 1:48 + dx + 1] = 1  # a 2x2 dot, the centre between pixels
+            out = augment_batch(x, turn, torch.Generator().manual_seed(seed))[0, 0]
+            ys, xs = torch.meshgrid(torch.arange(48.0), torch.arange(96.0), indexing="ij")
+            near = ((ys - 23.5) ** 2 + (xs - 47.5) ** 2) < 22 ** 2  # the reflection padding mirrors a dot into a corner
+            w = out * near / (out * near).sum()
+            cy, cx = float((w * ys).sum()) - 23.5, float((w * xs).sum()) - 47.5
+            assert abs((cy ** 2 + cx ** 2) ** 0.5 - 16) < 0.5, (seed, dy, dx, cy, cx)
+
+
 def test_unknown_albumentations_transform_is_a_config_error():
     with pytest.raises(ConfigError, match="'Sparkle' is not an albumentations transform"):
         build_albumentations([{"name": "Sparkle"}])
@@ -86,6 +102,28 @@ def test_a_row_drawn_twice_in_an_epoch_gets_two_pictures_whatever_the_workers():
     assert all(torch.equal(xm, xw) and torch.equal(ym, yw) for (xm, ym), (xw, yw) in zip(main, workers))
     a = AugmentedImages(RowImages.of(imgs), targets, specs, seed=0)
     assert not torch.equal(a[(0, 5)][0], a[(1, 5)][0]) and torch.equal(a[(0, 5)][1], a[(1, 5)][1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "albumentations"])
+def test_torchrun_shares_of_a_batch_are_augmented_as_one_process_would(backend):
+    """Two ranks each take every other image of a batch: together they must see the one process's
+    pictures, augmented alike (the torch backend drew each rank's share anew, so the ranks' first
+    images were flipped and turned alike)."""
+    from multitask.config import load_config
+    from multitask.data.dataset import TrainBatches
+
+    imgs = np.random.default_rng(0).integers(0, 255, (10, 16, 12, 3), dtype=np.uint8)
+    targets = np.arange(30, dtype=np.float32).reshape(10, 3)
+    cfg = load_config(None, [f"aug.backend={backend}", "train.batch_size=4"])
+
+    def epoch(shard):
+        return list(TrainBatches(cfg, RowImages.of(imgs), targets, torch.device("cpu"), seed=3, shard=shard).epoch(1))
+
+    one, ranks = epoch(None), [epoch((r, 2)) for r in range(2)]
+    for b, (x, y) in enumerate(one):
+        torch.testing.assert_close(x[0::2], ranks[0][b][0])
+        torch.testing.assert_close(x[1::2], ranks[1][b][0])
+        assert torch.equal(y[0::2], ranks[0][b][1]) and torch.equal(y[1::2], ranks[1][b][1])
 
 
 def test_row_images_take_from_several_caches_in_order():

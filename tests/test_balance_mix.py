@@ -127,18 +127,25 @@ def test_mixed_targets_sum_to_one_per_head_and_follow_the_images(cfg):
 @pytest.mark.parametrize("cfg", [MixCfg(mixup_alpha=0.4), MixCfg(cutmix_alpha=1.0), MixCfg(mixup_alpha=0.4, cutmix_alpha=1.0)])
 def test_mixed_targets_are_the_shares_of_the_mixed_pictures(cfg):
     # each picture is its mask label's one-hot colour: a mixed picture's mean colour is then exactly
-    # the share of each label in it, which its mixed target must be
-    # A row without a mask label (-1, a partial pseudo label) is a black picture: it brings no share
-    # of any class. The auxiliary number is a fourth channel, so it must mix as the pictures do.
+    # the share of each label in it, which its mixed target must be. A row without a mask label (-1,
+    # a partial pseudo label) is a black picture: whatever it is mixed into has a share of unknown
+    # class, so that row's mask target is unknown (zeros), never a target summing to λ that the loss
+    # would take for a label. The auxiliary number is a fourth channel, so it must mix as the pictures do.
     mixer = BatchMixer(cfg, {"mask": 3, "age": 3})
+    unknown_met = 0
     for seed in range(5):
         _, t = mix_inputs()
         t["mask"][0] = -1
         colour = F.one_hot(t["mask"].clamp(min=0), 3).float() * (t["mask"] >= 0)[:, None]
         x = torch.cat([colour, t["aux_age"]], 1)[:, :, None, None].expand(-1, -1, 16, 16).contiguous()
         mx, mt = mixer(x, t, torch.Generator().manual_seed(seed))
-        torch.testing.assert_close(mx.mean((2, 3))[:, :3], mt["mask"], atol=1e-5, rtol=0)
+        shares = mx.mean((2, 3))[:, :3]
+        whole = (shares.sum(1) - 1).abs() < 1e-5  # no share of the black picture in it
+        torch.testing.assert_close(shares[whole], mt["mask"][whole], atol=1e-5, rtol=0)
+        assert (mt["mask"][~whole] == 0).all() and (mt["age"].sum(1) > 0.999).all()
+        unknown_met += int((~whole).sum())
         torch.testing.assert_close(mx.mean((2, 3))[:, 3:], mt["aux_age"], atol=1e-5, rtol=0)
+    assert unknown_met >= 5  # the unknown row itself, at least, in every draw
 
 
 def test_mixing_stops_after_its_epoch_and_is_seeded():

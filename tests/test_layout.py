@@ -72,6 +72,11 @@ def test_age_bins_come_from_config(root):
     (lambda r: (r / "train" / "train.csv").write_text("id,gender,age,path\n1,male,3,x\n"), "missing column"),
     (lambda r: (r / "train" / "train.csv").write_text(
         "id,gender,race,age,path\n000001,woman,Asian,45,000001_female_Asian_45\n"), "line 2: gender 'woman'"),
+    # a blank line, which pandas skips, and a quoted line break do not shift the lines named after them
+    (lambda r: (r / "train" / "train.csv").write_text(
+        'id,gender,race,age,path\n\n000001,female,"Asi\nan",45,000001_female_Asian_45\n000002,woman,Asian,45,x\n'),
+     "line 5: gender 'woman'"),
+    (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\na.jpg,0\n\nnothing.jpg,0\n"), "line 4: image .*nothing.jpg"),
     (lambda r: (r / "train" / "train.csv").write_text(
         "id,gender,race,age,path\n000001,female,Asian,45,000001_female_Asian_45,x\n"),
      r"train.csv: cannot be read as CSV \(line 2 has 6 fields, the header 5\)"),

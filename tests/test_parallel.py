@@ -138,6 +138,32 @@ def _dies(payload, items, device, progress):
         os._exit(3)
 
 
+def _dies_or_talks(payload, items, device, progress):
+    import os
+    import time
+
+    for item in items:
+        if item == 0:
+            time.sleep(0.5)
+            os._exit(3)
+        for _ in range(600):  # a worker busy for a minute, with progress every 0.1 s
+            progress.console.print("still here")
+            time.sleep(0.1)
+
+
+def test_a_dead_worker_is_seen_while_another_keeps_talking():
+    """The dead worker was looked for only when the events went quiet: a busy worker's progress hid it
+    until that worker had trained every fold left."""
+    import time
+
+    from multitask.parallel import GRACE_S, WorkerDied, run_in_workers
+
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDied, match="died .exit code 3"):
+        run_in_workers(_dies_or_talks, None, [0, 1], jobs=2, devices=["cpu"], progress=FakeProgress())
+    assert time.monotonic() - t0 < GRACE_S + 20  # not the minute the other worker talks for
+
+
 def test_worker_failures_reach_the_parent():
     from multitask.parallel import run_in_workers
 

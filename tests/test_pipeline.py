@@ -162,6 +162,23 @@ def test_pseudo_labels_read_each_persons_gender_and_age_from_their_unmasked_pict
                 task.combine(ctx.heads, teacher.test[k]), i)[anchor], rtol=1e-5)
 
 
+def test_a_fold_that_selects_nothing_counts_in_the_report(demo_root, tmp_path, monkeypatch):
+    """`added` and `labelled` are per fold of the teacher: a fold whose model clears no threshold adds
+    none, and halves the mean of two folds (it was left out, so the report said twice as many)."""
+    import multitask.pseudo as pseudo
+
+    out = tmp_path / "run"
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "decide.subjects=null"), out)
+    real = pseudo.pseudo_table
+
+    def fold_1_selects_nothing(ctx, teacher):
+        table, thresholds, promise = real(ctx, teacher)
+        return table[table["fold"] == 0], thresholds, promise
+    monkeypatch.setattr(pseudo, "pseudo_table", fold_1_selects_nothing)
+    report = pseudo_label(out, precision=0.0)[0]
+    assert report["added"] == 28 / 2 and report["labelled"]["mask"] == 28 / 2  # 28 test images, all with fold 0
+
+
 def test_pseudo_round_then_submit(trained, demo_root, monkeypatch):
     import multitask.kfold as kfold
 

@@ -216,6 +216,23 @@ def test_sigkill_at_several_points_then_resume_ends_where_an_uninterrupted_run_e
             np.testing.assert_array_equal(oa[name], ob[name])
 
 
+def test_a_kill_between_best_pt_and_last_pt_leaves_a_best_that_describes_best_pt(tmp_path):
+    """best.pt (and a top-k file) of epoch 3 were written, last.pt still says 2 epochs done and a best
+    of epoch 2 whose weights best.pt no longer holds: the resumed fold takes best.pt's own scores,
+    so the summary never names an epoch whose weights are gone; the top file of the epoch to run
+    again is removed."""
+    from multitask.engine import kept_best
+    from multitask.run import save_torch
+
+    save_torch(tmp_path / "best.pt", {"model": {}, "epoch": 3, "scores": {"f1": 0.6}})
+    for e in (2, 3):
+        save_torch(tmp_path / f"top_e{e}.pt", {"model": {}, "epoch": e})
+    assert kept_best(tmp_path, 2, {"f1": 0.5, "epoch": 2}) == {"f1": 0.6, "epoch": 3}
+    assert sorted(p.name for p in tmp_path.glob("top_e*.pt")) == ["top_e2.pt"]
+    save_torch(tmp_path / "best.pt", {"model": {}, "epoch": 2, "scores": {"f1": 0.5}})  # killed after last.pt
+    assert kept_best(tmp_path, 3, {"f1": 0.5, "epoch": 2}) == {"f1": 0.5, "epoch": 2}
+
+
 def test_a_fold_whose_loss_becomes_nan_stops_and_says_so(demo_root, tmp_path):
     """A learning rate far too high leaves nan weights after a few steps: the fold stops at the end of
     that epoch, naming it, instead of training on and predicting the first class for every image."""
@@ -348,6 +365,7 @@ def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
     import subprocess
     import sys
 
+    from multitask.lock import pid_namespace
     from multitask.run import atomic_writer, temp_writer
 
     run = RunDir(tmp_path / "run")
@@ -355,23 +373,25 @@ def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
     with atomic_writer(fold / "last.pt") as fh:
         fh.write(b"x")
         (live,) = list(fold.glob(".*.tmp"))
-        assert temp_writer(live.name) == (socket.gethostname(), os.getpid())
+        assert temp_writer(live.name) == (socket.gethostname(), pid_namespace(), os.getpid())
         proc = subprocess.Popen([sys.executable, "-c", "pass"])
         proc.wait()
         host = socket.gethostname()
         dead = fold / f".metrics.csv~{host}~{proc.pid}~abc123.tmp"
         elsewhere = fold / f".oof.npz~other-host.example~{proc.pid}~abc123.tmp"
+        # a container that shares this hostname, not its pids: its writer's pid means nothing here
+        beside = fold / f".test.npz~{host}@1~{proc.pid}~abc123.tmp"
         unnamed = run.round_dir(0) / ".summary.json.abc123.tmp"  # made before writers were named
         odd = fold / f".a~b.csv~{host}~{proc.pid}~x_1.tmp"  # a "~" in the file's own name
-        for p in (dead, elsewhere, unnamed, odd):
+        for p in (dead, elsewhere, beside, unnamed, odd):
             p.write_bytes(b"")
         # the staging folder of an `mt ensemble --out RUN/ens` that was killed
         staging = run.root / f".ens~{host}~{proc.pid}~k2j4.tmp"
         (staging / "round0").mkdir(parents=True)
         (staging / "round0" / "oof.npz").write_bytes(b"x")
-        assert temp_writer(odd.name) == (host, proc.pid)
+        assert temp_writer(odd.name) == (host, None, proc.pid)
         run.sweep_killed_writes()
-        assert live.exists() and elsewhere.exists()
+        assert live.exists() and elsewhere.exists() and beside.exists()
         assert not dead.exists() and not unnamed.exists() and not odd.exists() and not staging.exists()
     assert (fold / "last.pt").read_bytes() == b"x" and not live.exists()
 

@@ -572,7 +572,7 @@ def test_folds_are_claimed_by_lock_and_the_vote_waits_for_every_fold(demo_root, 
         summary = resume_run(out)
         assert summary["folds_done"] == [0]
         assert summary["folds_missing"]["1"].startswith("being trained by elsewhere pid")
-        assert summary["folds_missing"]["1"].endswith(f"(remove {lock} if that machine is gone)")
+        assert summary["folds_missing"]["1"].endswith(f"(remove {lock} if that machine or container is gone)")
         assert lock.exists()  # another machine's lock is never taken
 
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x"}))
@@ -773,6 +773,11 @@ def test_time_limit_is_the_whole_commands_reading_and_decoding_included(demo_roo
     train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.time_limit_s=600",
                           "train.fold=[0]", "decide.subjects=null"), tmp_path / "run")
     assert len(spent) == 1 and spent[0] >= 0.3
+    # and what the command did before it called train_run (`mt train` imports torch and timm first)
+    monkeypatch.setattr(kfold, "load_images", real_load)
+    train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.time_limit_s=600",
+                          "train.fold=[0]", "decide.subjects=null"), tmp_path / "run2", started=time.perf_counter() - 7)
+    assert spent[1] >= 7
 
 
 def test_time_limit_probe_trains_two_epochs_and_times_the_second(demo_root, tmp_path, monkeypatch):
@@ -886,6 +891,26 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
         assert lock_holder(lock) is None
     lock.write_text(json.dumps(me | {"pid": parent, "started": process_start(parent)}))
     assert lock_holder(lock)["pid"] == parent  # the same process: held
+
+
+def test_a_lock_of_another_container_with_this_hostname_is_never_taken_for_stale(tmp_path):
+    """Docker's --network host, Kubernetes' hostNetwork: two containers share a hostname, not their
+    pids, so a live trainer's pid looks gone from the other one, which took its lock over and trained
+    the same fold. A lock records its PID namespace; one from another is judged as another host's."""
+    import json
+    import socket
+
+    from multitask.lock import describe_holder, file_lock, lock_holder, pid_namespace
+
+    lock = tmp_path / "lock.json"
+    with file_lock(lock):
+        assert lock_holder(lock)["pidns"] == pid_namespace()
+    there = {"host": socket.gethostname(), "pid": _dead_pid(), "since": "x", "pidns": "1"}
+    lock.write_text(json.dumps(there))
+    assert lock_holder(lock) == there  # held: its pid cannot be judged here
+    assert "remove" in describe_holder(there, path=lock) and "container is gone" in describe_holder(there, path=lock)
+    lock.write_text(json.dumps(there | {"pidns": pid_namespace()}))
+    assert lock_holder(lock) is None  # this namespace: the dead pid makes it stale
 
 
 def test_a_lock_left_unwritten_is_stale_after_a_few_seconds(tmp_path):

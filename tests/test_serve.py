@@ -371,6 +371,20 @@ def test_a_student_stopped_while_it_is_set_up_is_not_taken_for_a_run(runs, tmp_p
     assert distill(runs["shared"], student, epochs=1)["complete"]  # a plain retry, no --force
 
 
+def test_a_student_pins_the_checkpoint_it_starts_from(runs, tmp_path):
+    """As `mt train` does: the student's config.yaml holds its checkpoint's digest, so that a later
+    `mt resume` of the student knows the file was overwritten."""
+    import hashlib
+
+    import timm
+
+    ckpt = tmp_path / "start.pth"
+    torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(), ckpt)
+    student = tmp_path / "student"
+    distill(runs["shared"], student, epochs=1, overrides=[f"model.checkpoint={ckpt}"])
+    assert load_config(RunDir(student).config).model.checkpoint_sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
 def test_a_student_is_a_run_that_submit_predict_and_export_accept(runs, demo_root, tmp_path):
     teacher = runs["shared"]
     student = tmp_path / "student"

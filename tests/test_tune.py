@@ -70,6 +70,24 @@ def test_trials_behind_the_median_are_pruned_at_the_end_of_their_first_fold(demo
     assert sorted(study.trials[0].intermediate_values) == list(range(1, 7))  # every epoch of both folds
 
 
+def test_a_study_of_one_fold_counts_its_steps_from_that_fold(demo_root, tmp_path, monkeypatch):
+    """With train.fold=[1] fold 1 is the first fold trained: its epochs are steps 1..3, so the
+    pruner waits for its end, as for fold 0 of a full study (steps 4..6 would be judged at once)."""
+    import optuna
+
+    import multitask.kfold
+
+    def fake_run(cfg, run, on_epoch=None):
+        for epoch in (1, 2, 3):
+            on_epoch(1, epoch, {"val_f1": 0.1 * epoch})
+        return {"oof": {"f1": 0.3}}
+    monkeypatch.setattr(multitask.kfold, "train_run", fake_run)
+    tune(None, tmp_path / "study", trials=1, data=demo_root, say=lambda _: None,
+         overrides=["train.device=cpu", "train.epochs=3", "train.fold=[1]"])
+    trial = optuna.load_study(study_name="mt", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}").trials[0]
+    assert sorted(trial.intermediate_values) == [1, 2, 3]
+
+
 def test_a_resumed_study_does_not_repeat_its_first_trial(demo_root, tmp_path, monkeypatch):
     """The sampler's random start is drawn from its seed: seeded as at the study's start, the first
     trial after a restart would repeat trial 0's settings."""
@@ -87,6 +105,10 @@ def test_a_resumed_study_does_not_repeat_its_first_trial(demo_root, tmp_path, mo
     # the best trial's suggestions to settings it never trained with
     with pytest.raises(ConfigError, match=r"other settings \(train.epochs differ\)"):
         tune(None, tmp_path / "study", trials=4, data=demo_root, overrides=["train.device=cpu", "train.epochs=3"],
+             say=lambda _: None)
+    # nor over other folds: a run may train its folds in several invocations, a study's trials are compared by their OOF
+    with pytest.raises(ConfigError, match=r"other settings \(train.fold differ\)"):
+        tune(None, tmp_path / "study", trials=4, data=demo_root, overrides=["train.device=cpu", "train.fold=[0]"],
              say=lambda _: None)
     tune(None, tmp_path / "study", trials=4, data=demo_root, overrides=["train.device=cpu", "train.jobs=2"],
          say=lambda _: None)  # where and how fast it trains may change

@@ -66,20 +66,28 @@ def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor
     return torch.rand(n, generator=gen) * (hi - lo) + lo
 
 
-def augment_batch(x: torch.Tensor, cfg: TorchAugCfg, gen: torch.Generator) -> torch.Tensor:
-    """Random flip + affine + brightness/contrast for a float batch in [0, 1], (N, 3, H, W)."""
+def augment_batch(x: torch.Tensor, cfg: TorchAugCfg, gen: torch.Generator,
+                  share: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """Random flip + affine + brightness/contrast for a float batch in [0, 1], (N, 3, H, W).
+    `share` (positions, batch size): x is these rows of a batch one process would augment whole
+    (a torchrun rank's share): the draws are the whole batch's, so the ranks together augment it as
+    one process would, and never alike."""
+    n, picked = (x.shape[0], slice(None)) if share is None else (share[1], share[0])
+    flip = torch.where(torch.rand(n, generator=gen) < cfg.hflip, -1.0, 1.0)[picked]
+    scale = _uniform(gen, n, *cfg.scale)[picked]
+    angle = _uniform(gen, n, -cfg.rotate, cfg.rotate)[picked] * (math.pi / 180)
+    shift = _uniform(gen, 2 * n, -2 * cfg.translate, 2 * cfg.translate).view(n, 2)[picked]  # grid spans [-1, 1]
+    bright = _uniform(gen, n, 1 - cfg.brightness, 1 + cfg.brightness)[picked]
+    contrast = _uniform(gen, n, 1 - cfg.contrast, 1 + cfg.contrast)[picked]
     n = x.shape[0]
-    flip = torch.where(torch.rand(n, generator=gen) < cfg.hflip, -1.0, 1.0)
-    scale = _uniform(gen, n, *cfg.scale)
-    angle = _uniform(gen, n, -cfg.rotate, cfg.rotate) * (math.pi / 180)
-    shift = _uniform(gen, 2 * n, -2 * cfg.translate, 2 * cfg.translate).view(n, 2)  # grid spans [-1, 1]
-    bright = _uniform(gen, n, 1 - cfg.brightness, 1 + cfg.brightness)
-    contrast = _uniform(gen, n, 1 - cfg.contrast, 1 + cfg.contrast)
 
-    # theta maps output to input coordinates, so zooming in (scale > 1) divides
+    # theta maps output to input coordinates, so zooming in (scale > 1) divides; the grid's x and y
+    # both span [-1, 1] whatever H and W, so a rotation in pixels carries the aspect ratio (without
+    # it a 256x192 picture was sheared, its right angles turned to 83 degrees)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    h_over_w = x.shape[2] / x.shape[3]
+    theta = torch.stack([torch.stack([cos * flip, -sin * h_over_w, shift[:, 0]], 1),
+                         torch.stack([sin * flip / h_over_w, cos, shift[:, 1]], 1)], 1)
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -145,4 +153,10 @@ class BatchMixer:
                 # an unknown label (-1, a partial pseudo label) brings no class's share
                 t = F.one_hot(t.long().clamp(min=0), self.head_sizes[name]).float() * (t >= 0)[:, None]
             mixed[name] = lam * t + (1 - lam) * t[perm]
+            if name in self.head_sizes:
+                # mixed with an unknown label, a row's target would sum to λ or 1 - λ, and the loss would
+                # take it for a label (smoothing and soft F1 spread the missing share over every class):
+                # the row stays unknown for this head instead
+                known = t.sum(1) > 0
+                mixed[name] = mixed[name] * (known & known[perm])[:, None]
         return x, mixed

@@ -157,7 +157,8 @@ class TrainBatches:
                  weights: np.ndarray | None = None, shard: tuple[int, int] | None = None):
         """`weights`: draw rows with these probabilities (with replacement, N a epoch) instead of a shuffle.
         `shard` (rank, world): this process's share of every batch under data-parallel training; the
-        ranks draw the same order, so together they see exactly the batches one process would."""
+        ranks draw the same order and the same augmentation, so together they see exactly the
+        batches one process would."""
         self.cfg, self.device, self.seed, self.shard = cfg, device, seed, shard
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.batch_size = min(cfg.train.batch_size, len(images))
@@ -179,12 +180,14 @@ class TrainBatches:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = self._order(gen)
         # each batch's positions in the epoch's order: an image is seeded by its draw, not its row
-        batches = [self._share(pos) for pos in self._batches(torch.arange(len(order)))]
+        whole = self._batches(torch.arange(len(order)))
+        batches = [self._share(pos) for pos in whole]
         if self.cfg.aug.backend == "torch":
-            for pos in batches:
+            for pos, full in zip(batches, whole):
                 rows = order[pos]
                 x, y = _to_device(self._gather(rows), self.targets[rows], self.device)
-                yield augment_batch(x.float().div_(255), self.cfg.aug.torch, gen), y
+                share = None if self.shard is None else (self._share(torch.arange(len(full))), len(full))
+                yield augment_batch(x.float().div_(255), self.cfg.aug.torch, gen, share), y
             return
         self.dataset.set_epoch(epoch)
         workers = self.cfg.data.num_workers

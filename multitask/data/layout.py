@@ -15,7 +15,7 @@ import pandas as pd
 
 from multitask.data.cache import IMAGE_SUFFIXES
 from multitask.data.table import (SKIPPED_COLUMNS, DataError, ImageTable, image_path, listed_before, problems_error,
-                                  read_csv_cells, value_column)
+                                  read_csv_cells, row_names, value_column)
 from multitask.labels import mask_task
 
 MASK_STEMS = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -69,8 +69,8 @@ def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, st
         raise LayoutError(f"{csv_path}: no persons")
     images_dir = root / "train" / "images"
     problems, rows, seen = [], [], {}
-    for line, rec in enumerate(people.itertuples(index=False), start=2):
-        where = f"{csv_path} line {line}"
+    for line, rec in zip(row_names(csv_path, "line", len(people)), people.itertuples(index=False)):
+        where = f"{csv_path} {line}"
         before = len(problems)
         gender = GENDERS.get(rec.gender.strip().lower())
         if gender is None:
@@ -84,7 +84,7 @@ def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, st
         folder, why = image_path(images_dir, rec.path, folder=True)
         if why:
             problems.append(f"{where}: {why}")
-        elif first := listed_before(seen, folder, rec.path, f"line {line}"):
+        elif first := listed_before(seen, folder, rec.path, line):
             problems.append(f"{where}: person folder {rec.path!r} is listed twice ({first})")
             folder = None
         pics = person_images(folder, problems) if folder is not None else {}
@@ -116,12 +116,12 @@ def read_test(root: Path) -> pd.DataFrame | None:
     if info.empty:  # an empty submission, and pseudo labels that "reach no precision", would follow
         raise LayoutError(f"{info_path}: lists no test image; without test images leave eval/ out")
     problems, paths, seen = [], [], {}
-    for line, image_id in enumerate(info["ImageID"], start=2):
+    for line, image_id in zip(row_names(info_path, "line", len(info)), info["ImageID"]):
         path, why = image_path(eval_dir / "images", image_id)
         if why:
-            problems.append(f"line {line}: {why}")
-        elif first := listed_before(seen, path, image_id, f"line {line}"):
-            problems.append(f"line {line}: duplicate ImageID {image_id!r} ({first})")
+            problems.append(f"{line}: {why}")
+        elif first := listed_before(seen, path, image_id, line):
+            problems.append(f"{line}: duplicate ImageID {image_id!r} ({first})")
         paths.append(str(path))
     if problems:
         raise problems_error(info_path, problems, LayoutError)

@@ -136,8 +136,22 @@ def read_frame(path: Path, named_by: str) -> tuple[pd.DataFrame, str]:
         raise DataError(f"{path}: cannot be read as a table ({e})") from None
 
 
-def row_names(kind: str, n: int) -> list[str]:
-    return [f"line {i + 2}" for i in range(n)] if kind == "line" else [f"row {i + 1}" for i in range(n)]
+def row_names(path: Path, kind: str, n: int) -> list[str]:
+    """Where each of the n rows read from `path` is: a CSV row by the line it starts on (pandas skips
+    blank lines and a quoted field may hold line breaks, so row i is not always line i + 2), a
+    parquet row, or a CSV row the csv module splits otherwise than pandas did, by its number."""
+    if kind == "line":
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = csv.reader(fh)
+            next(rows, None)
+            starts, end = [], rows.line_num
+            for record in rows:
+                if any(field.strip() for field in record) or len(record) > 1:  # as pandas skips blank lines
+                    starts.append(end + 1)
+                end = rows.line_num
+        if len(starts) == n:
+            return [f"line {line}" for line in starts]
+    return [f"row {i + 1}" for i in range(n)]
 
 
 def image_path(root: Path, rel: str, folder: bool = False) -> tuple[Path | None, str | None]:
@@ -203,7 +217,7 @@ def read_table(cfg: TableTaskCfg, task: Task, skip_bad: bool = False) -> ImageTa
         raise DataError(f"{table}: missing column(s) {missing}; found {list(df.columns)}")
     if df.empty:
         raise DataError(f"{table}: the table has no rows")
-    where = row_names(kind, len(df))
+    where = row_names(table, kind, len(df))
     problems: list[str] = []
     paths = check_paths(df, cfg.path_col, images, where, problems)
     out = pd.DataFrame({"path": paths, "where": [f"{table} {w}" for w in where]})
@@ -294,7 +308,7 @@ def read_test_table(cfg: TableTaskCfg, images: Path, train: pd.DataFrame | None 
     if df.empty:
         raise DataError(f"{path}: the table has no rows")
     problems: list[str] = []
-    where = row_names(kind, len(df))
+    where = row_names(path, kind, len(df))
     paths = check_paths(df, cfg.path_col, images, where, problems)
     if train is not None:
         # by the file itself, as listed_before: `a/../a/0.jpg` or a link inside the root is the same picture
