@@ -138,7 +138,7 @@ def fit_epochs(cfg: Config, table, images, device, progress=None, say=print, spe
     in_turn = folds_in_turn(folds, cfg.train.jobs, devices)
     fits = epochs_that_fit(budget, probe, in_turn, restarts_in_turn(folds, cfg.train.jobs, devices), spent_s)
     epochs = max(1, min(cfg.train.epochs, fits))
-    line = (f"time limit {budget:.0f} s: reading and decoding took {spent_s:.1f} s, a probe of two epochs "
+    line = (f"time limit {budget:.0f} s: starting, reading and decoding took {spent_s:.1f} s, a probe of two epochs "
             f"{probe.total_s:.1f} s (the set-up and first epoch {probe.first_s:.1f} s, the second "
             f"{probe.epoch_s:.1f} s, the prediction {probe.predict_s:.1f} s); {in_turn} fold(s) one after another: ")
     if epochs < cfg.train.epochs:

@@ -87,7 +87,7 @@ def run_settings_hashes(run: RunDir, cfg: Config) -> tuple[str, str]:
     former one, which folds trained by an earlier mt carry and which still counts for them."""
     import yaml
 
-    written = yaml.safe_load(run.config.read_text()) if run.config.exists() else None
+    written = yaml.safe_load(run.config.read_text(encoding="utf-8")) if run.config.exists() else None
     return settings_hash(cfg, written), settings_hash(cfg, written, former=True)
 
 

@@ -130,7 +130,7 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     # what the student needs first, config.yaml (the mark of a run) last: a student stopped in between
     # is not taken for one by a plain retry
     if teacher.skipped.exists():  # the items the teacher left out (--skip-bad), left out again
-        atomic_write_text(run.skipped, teacher.skipped.read_text())
+        atomic_write_text(run.skipped, teacher.skipped.read_text(encoding="utf-8"))
     # fold 0 is the teacher's validation fold, fold 1 every other group: the student trains fold 0
     folds = with_labels(t_ctx.table.train[["group"]].drop_duplicates().assign(
         fold=lambda d: (d["group"].map(dict(zip(t_ctx.table.train["group"], t_ctx.folds))) != val_fold).astype(int)),

@@ -207,9 +207,9 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     with staged_dir(Path(out)) as staging:
         run = RunDir(staging)
         atomic_write_text(run.config, dump_config(cfg))
-        atomic_write_text(run.folds, RunDir(runs[0]).folds.read_text())
+        atomic_write_text(run.folds, RunDir(runs[0]).folds.read_text(encoding="utf-8"))
         if RunDir(runs[0]).skipped.exists():  # members trained with --skip-bad: the same rows, as their folds agree
-            atomic_write_text(run.skipped, RunDir(runs[0]).skipped.read_text())
+            atomic_write_text(run.skipped, RunDir(runs[0]).skipped.read_text(encoding="utf-8"))
         voted = weighted(oof_probs, w)
         save_npz(run.round_dir(0) / "oof.npz", **{k: v for k, v in oof.items() if not k.startswith("p_")}, p_class=voted)
         if members[0]["test_probs"] is not None:

@@ -1,8 +1,11 @@
 """File locks in a shared run directory: a process holds a fold while it trains it (so two processes,
 or machines on one disk, never train the same fold) and a round while it writes its results. A lock
-is a file created exclusively, holding its owner's host, pid and the process's start, so a lock left
-by a dead process can be told apart from a live one on the same host, even where the dead one's pid
-now belongs to another process (a restarted container's entrypoint is pid 1 again); such a stale
+is a file created exclusively, holding its owner's host, pid and the process's start, and its owner
+keeps an flock on it while it lives. So a lock left by a dead process can be told apart from a live
+one on the same host: by the flock, which the kernel drops when its holder dies, whatever container
+it ran in (containers that share a hostname do not see each other's pids); by the pid and its start
+for a lock without one (an older mt, a filesystem without flock), even where the dead one's pid
+now belongs to another process (a restarted container's entrypoint is pid 1 again). Such a stale
 lock is replaced by one process at a time (`_take_over`).
 """
 from __future__ import annotations
@@ -50,20 +53,25 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # the fields after the command name start at the 3rd
 
 
-def pid_namespace() -> str | None:
-    """This process's PID namespace (the inode of /proc/self/ns/pid), or None where there is no /proc."""
+def unlocked(path: Path) -> bool | None:
+    """Whether nobody holds the flock of the lock file `path` (its holder keeps one while it lives,
+    and the kernel drops it when the holder dies, in whatever container it ran), or None where
+    this filesystem has no flock."""
     try:
-        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
     except OSError:
         return None
-
-
-def judged_here(host: str | None, pidns: str | None) -> bool:
-    """A writer's pid can be judged here: it ran on this host and, where the writer said which, in this
-    PID namespace. Two containers may share a hostname (Docker's --network host, Kubernetes'
-    hostNetwork) but never pids: each sees the other's live pid as gone. An mt before PID namespaces
-    were recorded named the host alone, and is judged by it as then."""
-    return host == socket.gethostname() and pidns in (None, pid_namespace())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases a flock just taken
 
 
 _HELD: set[str] = set()  # the locks this process holds: a lock naming this pid and not among them is stale
@@ -85,7 +93,7 @@ def _read(path: Path) -> tuple[str, dict | None]:
     """("missing", None), ("stale", None): left by a dead process on this host, or left unwritten by a
     process killed as it made it, or ("held", holder): {} for a lock being written this instant."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8", errors="replace")  # bytes that are no JSON read as unwritten
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return "missing", None
@@ -97,8 +105,14 @@ def _read(path: Path) -> tuple[str, dict | None]:
         holder = None
     if not isinstance(holder, dict):
         return ("stale", None) if age > UNWRITTEN_STALE_S else ("held", {})
-    if judged_here(holder.get("host"), holder.get("pidns")) and isinstance(holder.get("pid"), int) and _dead(holder, path):
-        return "stale", None
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        # containers that share a hostname (Docker's --network host, Kubernetes' hostNetwork) do not
+        # share pids: each sees the other's live pid as gone. A lock that holds an flock is judged
+        # by it, which the kernel keeps for a live holder whatever its PID namespace; a lock of an
+        # mt before flocks, or on a filesystem without them, by its pid as before
+        free = unlocked(path) if holder.get("flock") else None
+        if free if free is not None else _dead(holder, path):
+            return "stale", None
     return "held", holder
 
 
@@ -171,8 +185,8 @@ def describe_holder(holder: dict, doing: str = "trained", path: Path | None = No
     if not holder:
         return "being claimed by another process"
     said = f"being {doing} by {holder.get('host')} pid {holder.get('pid')} since {holder.get('since')}"
-    if path is not None and not judged_here(holder.get("host"), holder.get("pidns")):
-        said += f" (remove {path} if that machine or container is gone)"
+    if path is not None and holder.get("host") != socket.gethostname():
+        said += f" (remove {path} if that machine is gone)"
     return said
 
 
@@ -183,7 +197,7 @@ def file_lock(path: Path) -> Iterator[str | None]:
     file is removed by hand (this host cannot tell whether that machine is gone)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "started": process_start(os.getpid()), "pidns": pid_namespace()}
+          "started": process_start(os.getpid())}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # less the umask, as open() gives
@@ -195,14 +209,19 @@ def file_lock(path: Path) -> Iterator[str | None]:
                 continue
             yield describe_holder(holder, path=path)
             return
+        try:  # held until the block ends: what tells a live holder in another container from a dead one
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flocked = {"flock": True}
+        except OSError:  # a filesystem without flock: the lock is judged by its pid alone
+            flocked = {}
         _HELD.add(os.path.realpath(path))
         try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
+            os.write(fd, json.dumps(me | flocked).encode())
             yield None
         finally:
-            path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # before the flock goes, or a reader would take it for stale
             _HELD.discard(os.path.realpath(path))
+            os.close(fd)
         return
     yield "claimed and released by other processes over and over"
 

@@ -47,12 +47,15 @@ def list_images(source: str | Path) -> tuple[list[str], list[str]]:
                 columns = reader.fieldnames or []
                 if "path" not in columns:
                     raise ImageListError(f"{src}: missing column 'path'; found {list(columns)}")
-                ids = [row["path"] or "" for row in reader]
+                ids, lines = [], []
+                for row in reader:  # the line each row ends on: blank lines are skipped, not counted out
+                    ids.append(row["path"] or "")
+                    lines.append(reader.line_num)
         except (UnicodeDecodeError, csv.Error) as e:
             raise ImageListError(f"{src}: cannot be read as a CSV file ({e})") from None
         if not ids:
             raise ImageListError(f"{src}: no rows")
-        empty = [i + 2 for i, p in enumerate(ids) if not p.strip()]  # + 2: the header is line 1
+        empty = [line for line, p in zip(lines, ids) if not p.strip()]
         if empty:
             more = f" and {len(empty) - 20} more" if len(empty) > 20 else ""
             raise ImageListError(f"{src}: an empty path on line(s) {', '.join(map(str, empty[:20]))}{more}")

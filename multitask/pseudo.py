@@ -75,6 +75,8 @@ def precision_threshold(conf: np.ndarray, correct: np.ndarray, target: float, gr
     known to be right (tests/test_pipeline.py measures how often the promise holds)."""
     if target <= 0:
         return 0.0
+    if len(conf) == 0:  # no rows: no cut reaches anything
+        return float("inf")
     order = np.argsort(-conf, kind="stable")
     ranked = conf[order]
     precision = np.cumsum(correct[order]) / np.arange(1, len(conf) + 1)

@@ -117,7 +117,7 @@ def write_report(run_dir) -> Path:
              per_class_section(task, truth, classes),
              mistakes_section(task, truth, combined, classes, paths),
              pseudo_section(run, task, cfg.train.folds),
-             f'<h2 id="config">Resolved config</h2><pre>{html.escape(run.config.read_text())}</pre>']
+             f'<h2 id="config">Resolved config</h2><pre>{html.escape(run.config.read_text(encoding="utf-8"))}</pre>']
     out = run.report
     atomic_write_text(out, PAGE.format(title=html.escape(f"mt report: {run.root.name}"), body="\n".join(parts)))
     return out

@@ -23,8 +23,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from multitask.lock import (LOCK, alive, describe_holder, file_lock, judged_here, lock_holder, pid_namespace,
-                            wait_released, waiting_lock)
+from multitask.lock import LOCK, alive, describe_holder, file_lock, lock_holder, wait_released, waiting_lock
 
 
 def _umask() -> int:
@@ -71,22 +70,18 @@ def check_space(folder: Path, need: int, what: str) -> None:
 # killed writes and leaves those of processes still writing into the same run (folds trained from
 # several shells). "~" is in neither a host name nor mkstemp's random part.
 WRITER_SEP = "~"
-# the host part is `host` or, where the writer knew its PID namespace, `host@namespace` (lock.judged_here)
-TEMP_NAME = re.compile(r"\.(?P<name>.*)~(?P<host>[^~@]*)(@(?P<pidns>\d+))?~(?P<pid>\d+)~[^~]*\.tmp")
+TEMP_NAME = re.compile(r"\.(?P<name>.*)~(?P<host>[^~]*)~(?P<pid>\d+)~[^~]*\.tmp")
 
 
-def temp_writer(name: str) -> tuple[str, str | None, int] | None:
-    """(host, PID namespace or None, pid) of the process writing the temp file `name`; None for a
-    name without them."""
+def temp_writer(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process writing the temp file `name`; None for a name without them."""
     m = TEMP_NAME.fullmatch(name)
-    return (m.group("host"), m.group("pidns"), int(m.group("pid"))) if m else None
+    return (m.group("host"), int(m.group("pid"))) if m else None
 
 
 def writer_prefix(name: str) -> str:
     """The start of a temp file's (or staging folder's) name for `name`, naming this process."""
-    ns = pid_namespace()
-    host = socket.gethostname() + (f"@{ns}" if ns else "")
-    return f".{name}{WRITER_SEP}{host}{WRITER_SEP}{os.getpid()}{WRITER_SEP}"
+    return f".{name}{WRITER_SEP}{socket.gethostname()}{WRITER_SEP}{os.getpid()}{WRITER_SEP}"
 
 
 def sweep_killed(paths: Iterable[Path]) -> None:
@@ -112,8 +107,8 @@ def killed_write(name: str) -> bool:
     writer = temp_writer(name)
     if writer is None:
         return True
-    host, pidns, pid = writer
-    return judged_here(host, pidns) and not alive(pid)
+    host, pid = writer
+    return host == socket.gethostname() and not alive(pid)
 
 
 @contextmanager
@@ -424,8 +419,7 @@ class RunDir:
         holder = lock_holder(lock)
         if holder is None:
             return
-        here = holder.get("host") is None or judged_here(holder.get("host"), holder.get("pidns"))
-        timeout_s = RESULTS_WAIT_S if here else OTHER_HOST_WAIT_S
+        timeout_s = RESULTS_WAIT_S if holder.get("host") in (None, socket.gethostname()) else OTHER_HOST_WAIT_S
         print(f"{self.round_dir(r)}: its results are {describe_holder(holder, 'written')}; waiting for them "
               f"(up to {timeout_s:.0f} s)", file=sys.stderr)
         holder = wait_released(lock, timeout_s)

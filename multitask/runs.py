@@ -167,8 +167,9 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
         held = submitted_round(run) if row["held_out_f1"] is not None else r
         if held != r:  # a submission made before a better round (`mt pseudo-label`), or of a round asked for
             made = f"round {held}'s" if held is not None else "a submission whose round is unknown (no record, or changed since)"
-            row["note"] = (f"held-out score of {made}, the OOF figures round {r}'s; `mt submit --run {run.root}` "
-                           f"submits round {r}")
+            row["note"] = f"held-out score of {made}, the OOF figures round {r}'s"
+            if len(summary["folds_done"]) == cfg.train.folds:  # a partial round is shown, not submitted
+                row["note"] += f"; `mt submit --run {run.root}` submits round {r}"
     # the folds' epochs summed, whatever invocations trained them: a killed and resumed run costs what
     # it cost (the last invocation's wall time would show only its own share); a pseudo-label round
     # costs its own and the rounds it learnt from

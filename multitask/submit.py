@@ -179,7 +179,7 @@ def check_places(out: Path) -> None:
                               f"write the submission under another name (--out)")
     if path.exists():
         try:
-            old = json.loads(path.read_text())
+            old = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             old = None
         if not (isinstance(old, dict) and {"file", "sha256"} <= old.keys()):

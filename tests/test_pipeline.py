@@ -348,6 +348,7 @@ def test_a_bound_stops_at_the_first_cut_that_fails():
     correct = np.r_[np.ones(100, bool), np.zeros(40, bool), np.ones(400, bool)]
     assert precision_threshold(conf, correct, 0.9) == pytest.approx(0.5)
     assert 0.85 < precision_threshold(conf, correct, 0.9, None, 0.9) <= 0.9
+    assert precision_threshold(conf[:0], correct[:0], 0.9, None, 0.9) == float("inf")  # no rows at all
     from multitask.pseudo import wilson_lower
     assert wilson_lower(500 / 540, 540, 0.9) > 0.9  # the lowest cut passes on its own
 

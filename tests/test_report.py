@@ -97,7 +97,7 @@ def test_readers_wait_for_a_round_whose_results_are_being_written(demo_root, tmp
     monkeypatch.setattr(run_module, "OTHER_HOST_WAIT_S", 1.0)
     lock.write_text(json.dumps({"host": "kaggle-abc123", "pid": 4242, "since": "x"}))
     with pytest.raises(RunError, match=rf"being written by kaggle-abc123 pid 4242 since x \(remove {lock} if that "
-                                       rf"machine or container is gone\) for more than 1 s"):
+                                       rf"machine is gone\) for more than 1 s"):
         make_submission(out)
 
 

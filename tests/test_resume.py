@@ -365,7 +365,6 @@ def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
     import subprocess
     import sys
 
-    from multitask.lock import pid_namespace
     from multitask.run import atomic_writer, temp_writer
 
     run = RunDir(tmp_path / "run")
@@ -373,25 +372,23 @@ def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
     with atomic_writer(fold / "last.pt") as fh:
         fh.write(b"x")
         (live,) = list(fold.glob(".*.tmp"))
-        assert temp_writer(live.name) == (socket.gethostname(), pid_namespace(), os.getpid())
+        assert temp_writer(live.name) == (socket.gethostname(), os.getpid())
         proc = subprocess.Popen([sys.executable, "-c", "pass"])
         proc.wait()
         host = socket.gethostname()
         dead = fold / f".metrics.csv~{host}~{proc.pid}~abc123.tmp"
         elsewhere = fold / f".oof.npz~other-host.example~{proc.pid}~abc123.tmp"
-        # a container that shares this hostname, not its pids: its writer's pid means nothing here
-        beside = fold / f".test.npz~{host}@1~{proc.pid}~abc123.tmp"
         unnamed = run.round_dir(0) / ".summary.json.abc123.tmp"  # made before writers were named
         odd = fold / f".a~b.csv~{host}~{proc.pid}~x_1.tmp"  # a "~" in the file's own name
-        for p in (dead, elsewhere, beside, unnamed, odd):
+        for p in (dead, elsewhere, unnamed, odd):
             p.write_bytes(b"")
         # the staging folder of an `mt ensemble --out RUN/ens` that was killed
         staging = run.root / f".ens~{host}~{proc.pid}~k2j4.tmp"
         (staging / "round0").mkdir(parents=True)
         (staging / "round0" / "oof.npz").write_bytes(b"x")
-        assert temp_writer(odd.name) == (host, None, proc.pid)
+        assert temp_writer(odd.name) == (host, proc.pid)
         run.sweep_killed_writes()
-        assert live.exists() and elsewhere.exists() and beside.exists()
+        assert live.exists() and elsewhere.exists()
         assert not dead.exists() and not unnamed.exists() and not odd.exists() and not staging.exists()
     assert (fold / "last.pt").read_bytes() == b"x" and not live.exists()
 

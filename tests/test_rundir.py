@@ -572,7 +572,7 @@ def test_folds_are_claimed_by_lock_and_the_vote_waits_for_every_fold(demo_root, 
         summary = resume_run(out)
         assert summary["folds_done"] == [0]
         assert summary["folds_missing"]["1"].startswith("being trained by elsewhere pid")
-        assert summary["folds_missing"]["1"].endswith(f"(remove {lock} if that machine or container is gone)")
+        assert summary["folds_missing"]["1"].endswith(f"(remove {lock} if that machine is gone)")
         assert lock.exists()  # another machine's lock is never taken
 
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "since": "x"}))
@@ -806,7 +806,7 @@ def test_time_limit_probe_trains_two_epochs_and_times_the_second(demo_root, tmp_
     fitted = budget.fit_epochs(cfg, table, load_images(cfg, table), torch.device("cpu"), say=said.append)
     assert said[0] == "time limit 3600 s: timing two epochs of one fold to see how many fit"  # before the probe
     assert fitted.train.epochs == 4 and "a probe of two epochs " in said[1] and "all 4 epochs" in said[1]
-    assert "reading and decoding took 0.0 s" in said[1]  # nothing spent before the probe was passed
+    assert "starting, reading and decoding took 0.0 s" in said[1]  # nothing spent before the probe was passed
     # one epoch configured: nothing to fit, nothing trained
     trained.clear()
     one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
@@ -893,24 +893,35 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
     assert lock_holder(lock)["pid"] == parent  # the same process: held
 
 
-def test_a_lock_of_another_container_with_this_hostname_is_never_taken_for_stale(tmp_path):
+def test_a_lock_is_judged_by_its_flock_across_containers_that_share_a_hostname(tmp_path):
     """Docker's --network host, Kubernetes' hostNetwork: two containers share a hostname, not their
     pids, so a live trainer's pid looks gone from the other one, which took its lock over and trained
-    the same fold. A lock records its PID namespace; one from another is judged as another host's."""
+    the same fold. A lock holds an flock while its holder lives (the kernel's, whatever the PID
+    namespace), and is judged by it: held while it is held, stale once it is not, as after a
+    restarted container, whose pids start again."""
+    import fcntl
     import json
+    import os
     import socket
 
-    from multitask.lock import describe_holder, file_lock, lock_holder, pid_namespace
+    from multitask.lock import file_lock, lock_holder
 
     lock = tmp_path / "lock.json"
     with file_lock(lock):
-        assert lock_holder(lock)["pidns"] == pid_namespace()
-    there = {"host": socket.gethostname(), "pid": _dead_pid(), "since": "x", "pidns": "1"}
+        assert lock_holder(lock)["flock"] is True
+    there = {"host": socket.gethostname(), "pid": _dead_pid(), "since": "x", "flock": True}  # a pid gone from here
     lock.write_text(json.dumps(there))
-    assert lock_holder(lock) == there  # held: its pid cannot be judged here
-    assert "remove" in describe_holder(there, path=lock) and "container is gone" in describe_holder(there, path=lock)
-    lock.write_text(json.dumps(there | {"pidns": pid_namespace()}))
-    assert lock_holder(lock) is None  # this namespace: the dead pid makes it stale
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as its holder in the other container keeps it
+        assert lock_holder(lock) == there
+        with file_lock(lock) as holder:
+            assert holder.startswith(f"being trained by {socket.gethostname()} pid {there['pid']}")
+    finally:
+        os.close(fd)  # the holder dies: the kernel drops its flock
+    assert lock_holder(lock) is None
+    with file_lock(lock) as holder:
+        assert holder is None  # taken over
 
 
 def test_a_lock_left_unwritten_is_stale_after_a_few_seconds(tmp_path):

@@ -45,6 +45,22 @@ def table_root(tmp_path_factory):
     return root
 
 
+def test_rows_are_named_by_their_line_or_by_their_number_where_lines_cannot_be_read(tmp_path):
+    """A blank line (pandas skips it) and a quoted line break move the lines of the rows after them;
+    a compressed CSV, which pandas reads and the csv module cannot, names its rows by number."""
+    import gzip
+
+    from multitask.data.table import read_csv_cells, row_names
+
+    plain = tmp_path / "t.csv"
+    plain.write_text('a,b\n1,2\n\n"x\ny",3\n4,5\n')
+    assert row_names(plain, "line", len(read_csv_cells(plain))) == ["line 2", "line 4", "line 6"]
+    packed = tmp_path / "t.csv.gz"
+    with gzip.open(packed, "wt") as fh:
+        fh.write("a,b\n1,2\n3,4\n")
+    assert row_names(packed, "line", len(read_csv_cells(packed))) == ["row 1", "row 2"]
+
+
 def test_read_table_gives_the_common_image_table(table_root):
     cfg = table_config(table_root, SIZE, SHAPE, COLOUR)
     task = task_of(cfg)
@@ -413,6 +429,9 @@ def test_what_predict_cannot_write_is_refused_before_any_work(table_run, table_r
     listing = tmp_path / "list.csv"
     pd.DataFrame({"path": [str(table_root / first), "", " "]}).to_csv(listing, index=False)
     with pytest.raises(ImageListError, match="list.csv: an empty path on line\\(s\\) 3, 4"):
+        predict_images(out, listing, tmp_path / "p.csv")
+    listing.write_text(f"path\n{table_root / first}\n\n \n")  # a blank line, skipped, still counts as a line
+    with pytest.raises(ImageListError, match="list.csv: an empty path on line\\(s\\) 4$"):
         predict_images(out, listing, tmp_path / "p.csv")
     # a file name the file system holds in Latin-1: the UTF-8 predictions file cannot name it
     odd = tmp_path / "odd"
