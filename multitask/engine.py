@@ -230,7 +230,7 @@ def kept_best(out_dir: Path, done: int, best: dict) -> dict:
     the rerun epoch is the same; on a GPU it may score lower and leave that file as the best)."""
     for top in out_dir.glob("top_e*.pt"):
         if top.stem[len("top_e"):].isdigit() and int(top.stem[len("top_e"):]) > done:
-            top.unlink()
+            top.unlink(missing_ok=True)  # under torchrun every rank looks
     path = out_dir / "best.pt"
     if path.exists():
         written = load_torch(path, "; delete it and last.pt, and `mt resume` trains the fold from its start")
