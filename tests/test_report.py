@@ -375,3 +375,9 @@ def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_deliver
         assert pooled["oof_persons"] == (made[name]["persons"] if made[name]["threshold"] is not None else 0)
         # each fold's promise rests on its own OOF persons alone
         assert [n <= persons_in[k] for k, n in enumerate(per_fold["oof_persons"])] == [True, True]
+    # a fold that selected nothing has no rows in pseudo.csv: labels are still per fold of the teacher
+    chosen[chosen["fold"] == 0].to_csv(run / "round1" / "pseudo.csv", index=False)
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "pseudo_precision.py"), str(run)]
+    alone = json.loads(subprocess.run(script, capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert np.isclose(alone["factors"]["mask"]["labels_per_fold"], (chosen[chosen["fold"] == 0]["mask"] >= 0).sum() / 2,
+                      atol=0.05)
