@@ -19,8 +19,8 @@ def plot_round(run: RunDir, r: int) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    folds = {d.name: pd.read_csv(d / "metrics.csv") for d in sorted(run.round_dir(r).glob("fold*"))
-             if (d / "metrics.csv").exists()}
+    found = [d for d in run.round_dir(r).glob("fold*") if d.name[4:].isdigit() and (d / "metrics.csv").exists()]
+    folds = {d.name: pd.read_csv(d / "metrics.csv") for d in sorted(found, key=lambda d: int(d.name[4:]))}  # fold10 after fold9
     fig, (ax_f1, ax_heads, ax_loss) = plt.subplots(1, 3, figsize=(15, 4))
     for i, (name, m) in enumerate(folds.items()):
         colour = f"C{i}"

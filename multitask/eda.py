@@ -37,14 +37,19 @@ def image_facts(paths: list[str]) -> tuple[pd.DataFrame, list[dict]]:
     decoded (a full decode, as training would)."""
     rows, unreadable = [], []
     for p in paths:
-        data = Path(p).read_bytes()
+        try:
+            data = Path(p).read_bytes()
+        except OSError as e:  # gone or unreadable since the table was read
+            unreadable.append({"path": p, "reason": f"{type(e).__name__}: {e}"})
+            rows.append((p, None, 0, 0, None))
+            continue
         digest = hashlib.sha1(data).hexdigest()
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt, (w, h) = im.format, im.size
                 if im.getexif().get(ORIENTATION, 1) in TURNED:  # as the cache turns it upright
                     w, h = h, w
-                im.convert("RGB").load()
+                upright_rgb(im).load()  # what training refuses (a float or 32-bit picture) is unreadable here too
             rows.append((p, fmt, w, h, digest))
         except DECODE_ERRORS as e:
             unreadable.append({"path": p, "reason": f"{type(e).__name__}: {e}"})

@@ -1,8 +1,7 @@
 """A finished run (or an ensemble of runs) applied to new images: `mt predict`, streamed a chunk at a
 time, with the round's fold models, TTA views and fitted decision. The work on the images (TTA views,
 the folds' vote, an ensemble's members) is inference.py's, which training, distillation and export
-run too; the file is written as
-`mt submit` writes a table task's predictions (outputs.prediction_table).
+run too. The file has the columns of a table task's `mt submit` file (outputs.prediction_table).
 """
 from __future__ import annotations
 

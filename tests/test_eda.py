@@ -110,3 +110,19 @@ def test_a_whole_number_histogram_has_a_bar_per_number_and_its_edges_at_the_cuts
     np.testing.assert_array_equal(edges, np.arange(17.5, 76.0))
     assert set(age.cuts) <= set(edges)  # every bar lies on one side of each cut
     assert histogram_edges(np.linspace(0, 1, 500), Factor.binned("share", [0.5])) == 60
+
+
+def test_pictures_training_refuses_are_unreadable_to_eda_too(tmp_path):
+    """EDA decoded with convert("RGB"), which reads a floating-point TIFF; training refuses it (no
+    range to read it by), so the first `mt train` stopped on a picture EDA had passed."""
+    import numpy as np
+    from PIL import Image
+
+    from multitask.eda import image_facts
+
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "float.tif")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "fine.png")
+    facts, unreadable = image_facts([str(tmp_path / "float.tif"), str(tmp_path / "fine.png"), str(tmp_path / "gone.png")])
+    assert [u["path"] for u in unreadable] == [str(tmp_path / "float.tif"), str(tmp_path / "gone.png")]
+    assert "floating-point" in unreadable[0]["reason"] and "FileNotFoundError" in unreadable[1]["reason"]
+    assert facts["format"].isna().tolist() == [True, False, True]

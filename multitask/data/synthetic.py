@@ -259,7 +259,7 @@ def _people(n: int, seed: int, split: int) -> list[dict]:
 
 
 def _train_extension(i: int) -> str:
-    # by index rather than at random: any 8 consecutive persons already show all three extensions
+    # by index rather than at random: the first 8 persons, and any 10 in a row, show all three extensions
     return {3: ".jpeg", 7: ".png"}.get(i % 10, ".jpg")
 
 
