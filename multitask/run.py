@@ -180,6 +180,16 @@ def provenance_file(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
+def read_record(out: Path) -> dict | None:
+    """The record beside the submission `out`, or None where there is none or the file there is not
+    one (not JSON, or without the file's name and digest)."""
+    try:
+        record = json.loads(provenance_file(out).read_bytes())
+    except (OSError, ValueError):  # missing, a folder, bytes that are no JSON (UnicodeDecodeError included)
+        return None
+    return record if isinstance(record, dict) and {"file", "sha256"} <= record.keys() else None
+
+
 def damaged(path: Path, kind: str, e: BaseException, remedy: str = "") -> "RunError":
     """The error for a file mt wrote that cannot be read back (damaged outside mt: atomic writes
     leave none half-written), naming the file; the library's own words are often about a buffer."""

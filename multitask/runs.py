@@ -5,7 +5,6 @@ macro F1 of its submission), sorted by score."""
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from multitask.context import task_of
 from multitask.decide import honest_f1
 from multitask.labels import Factor
 from multitask.metrics import macro_f1
-from multitask.run import RunDir, provenance_file, read_json
+from multitask.run import RunDir, read_json, read_record
 
 
 class AnswerKeyError(ValueError):
@@ -123,13 +122,12 @@ def held_out(run: RunDir, answers: Path) -> float | None:
 def submitted_round(run: RunDir) -> int | None:
     """The round the run's submission holds, from the record beside it; None where there is no
     record (an mt before records) or the file is no longer the one it describes."""
-    record_path = provenance_file(run.submission)
+    record = read_record(run.submission)
     try:
-        record = json.loads(record_path.read_bytes())
-        if record["sha256"] != hashlib.sha256(run.submission.read_bytes()).hexdigest():
+        if record is None or record["sha256"] != hashlib.sha256(run.submission.read_bytes()).hexdigest():
             return None
         return int(record["predicted_by"]["round"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # the file gone since; a record without a round
         return None
 
 

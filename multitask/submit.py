@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from multitask.data.layout import read_csv
 from multitask.data.table import factor_values
 from multitask.decide import load_decision, predict_classes
 from multitask.outputs import prediction_table, write_rows
-from multitask.run import atomic_writer, check_output_file, head_probs, load_npz, provenance_file, write_json
+from multitask.run import (atomic_writer, check_output_file, head_probs, load_npz, provenance_file, read_record,
+                           write_json)
 from multitask.subjects import Pictures, stored_pictures
 
 
@@ -177,14 +177,9 @@ def check_places(out: Path) -> None:
     if path.is_dir() or path.is_symlink():
         raise SubmissionError(f"{path}: the submission's record goes here, and this is a folder or a link; "
                               f"write the submission under another name (--out)")
-    if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            old = None
-        if not (isinstance(old, dict) and {"file", "sha256"} <= old.keys()):
-            raise SubmissionError(f"{path}: the submission's record goes here, and this file is not one; write the "
-                                  f"submission under another name (--out)")
+    if path.exists() and read_record(out) is None:
+        raise SubmissionError(f"{path}: the submission's record goes here, and this file is not one; write the "
+                              f"submission under another name (--out)")
 
 
 def class_counts(task, predicted: np.ndarray, train: np.ndarray) -> dict[str, dict[str, int]]:

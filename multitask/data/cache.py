@@ -144,17 +144,12 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
         raise
 
 
-def cache_file(paths: Sequence[str], size: tuple[int, int], cache_dir: str | Path | None = None) -> Path:
-    """Where the decoded images of `paths` at `size` are kept (whether or not they are yet)."""
-    return (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{cache_key(paths, size)}.npy"
-
-
 def cached_images(paths: Sequence[str], size: tuple[int, int], cache_dir: str | Path | None = None,
                   workers: int = 0, on_progress: Callable[[int], None] | None = None,
                   on_build: Callable[[], None] | None = None) -> np.ndarray:
     """The (N, H, W, 3) uint8 images of `paths`, read-only and memory-mapped; built on first use
     (`on_build()` first: finding the file stats every image, so callers should not look for it again)."""
-    path = cache_file(paths, size, cache_dir)
+    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{cache_key(paths, size)}.npy"
     if not path.exists():
         if on_build:
             on_build()
