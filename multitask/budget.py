@@ -133,7 +133,7 @@ def fit_epochs(cfg: Config, table, images, device, progress=None, say=print, spe
     # the probe takes a while and a log that is not a terminal shows no bar: say why nothing starts yet
     say(f"time limit {budget:.0f} s: timing two epochs of one fold to see how many fit")
     probe = run_probe(cfg, table, images, device, progress)
-    folds = len(cfg.train.fold) if cfg.train.fold is not None else cfg.train.folds
+    folds = len(cfg.train.selected_folds())
     devices = len(set(worker_devices(cfg.train.device)))
     in_turn = folds_in_turn(folds, cfg.train.jobs, devices)
     fits = epochs_that_fit(budget, probe, in_turn, restarts_in_turn(folds, cfg.train.jobs, devices), spent_s)

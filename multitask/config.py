@@ -248,6 +248,10 @@ class TrainCfg(_Strict):
             raise ValueError("fold [] trains nothing: name at least one fold, or leave it out for all")
         return self
 
+    def selected_folds(self) -> list[int]:
+        """The folds this invocation trains, in the order it trains them (`fold`, or all of them)."""
+        return list(self.fold) if self.fold is not None else list(range(self.folds))
+
 
 class NumericCfg(_Strict):
     """What a binned numeric factor adds (under `numeric.<factor>`): an auxiliary head on its number

@@ -255,7 +255,7 @@ def claim_run_dir(run: RunDir, cfg: Config, force: bool = False) -> None:
         if diff:
             raise ConfigError(f"{run.root} already holds a run with other settings ({', '.join(diff)}); "
                               f"choose another --out, or --force to start it over with these settings")
-        selected = cfg.train.fold if cfg.train.fold is not None else range(cfg.train.folds)
+        selected = cfg.train.selected_folds()
         started = [k for k in selected if run.fold_dir(0, k).is_dir() and any(run.fold_dir(0, k).iterdir())]
         later = [r for r in run.started_rounds() if r > 0]
         if started or later:

@@ -211,7 +211,7 @@ def train_round(ctx: Context, r: int, progress=None, resume: bool = False, on_ep
     refuse_ensemble(ctx)
     check_processes(cfg)
     t0 = time.perf_counter()
-    folds = cfg.train.fold if cfg.train.fold is not None else list(range(cfg.train.folds))
+    folds = cfg.train.selected_folds()
     if resume:
         folds = [k for k in folds if not fold_finished(ctx, r, k)]
     if progress and dist.is_main():  # a log that is not a terminal shows no bar: say what starts, and where

@@ -155,7 +155,7 @@ class Teacher:
 
 def teacher_of(ctx, prev: int, labels_from: str | Path | None) -> Teacher:
     teacher = other_teacher(ctx, labels_from) if labels_from else own_teacher(ctx, prev)
-    wanted = ctx.cfg.train.fold if ctx.cfg.train.fold is not None else range(ctx.cfg.train.folds)
+    wanted = ctx.cfg.train.selected_folds()
     missing = sorted(set(wanted) - set(teacher.test))
     if missing:  # such a fold would train without a single pseudo label
         if teacher.source is None:

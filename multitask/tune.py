@@ -63,17 +63,12 @@ def suggest(trial, cfg: Config) -> list[str]:
     return out
 
 
-def folds_in_turn(cfg: Config) -> list[int]:
-    """The folds a trial trains, in the order it trains them: its pruning steps count them so."""
-    return list(cfg.train.fold) if cfg.train.fold is not None else list(range(cfg.train.folds))
-
-
 def progress_line(trial, cfg: Config) -> str:
     import optuna
 
     if trial.state == optuna.trial.TrialState.PRUNED and trial.last_step is not None:
         turn, epoch = divmod(trial.last_step - 1, cfg.train.epochs)
-        return (f"pruned after fold {folds_in_turn(cfg)[turn]} epoch {epoch + 1}, its validation macro F1 then "
+        return (f"pruned after fold {cfg.train.selected_folds()[turn]} epoch {epoch + 1}, its validation macro F1 then "
                 f"{trial.intermediate_values[trial.last_step]:.4f}")
     return trial.state.name.lower() + (f", OOF macro F1 {trial.value:.4f}" if trial.value is not None else "")
 
@@ -223,7 +218,7 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
         run = out / f"trial_{trial.number:03d}"
         cfg = load_config(config, [*overrides, *sets, "train.jobs=1"], data=data)
 
-        in_turn = folds_in_turn(cfg)
+        in_turn = cfg.train.selected_folds()
 
         def report(fold: int, epoch: int, row: dict) -> None:
             # steps count the epochs trained so far (the pruner waits one fold's): with train.fold, fold 2 may be the first
