@@ -39,11 +39,15 @@ def parse_duration(text: str) -> float:
     """Seconds in '90s', '20m', '2h', '1h30m' or a plain number of seconds."""
     text = str(text).strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smh])", text)
-    if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s", "", text):
-        raise ConfigError(f"time limit {text!r}: expected e.g. 90s, 20m, 2h or 1h30m")
-    return sum(float(n) * UNITS[u] for n, u in parts)
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smh])", text)
+        if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s", "", text):
+            raise ConfigError(f"time limit {text!r}: expected e.g. 90s, 20m, 2h or 1h30m")
+        seconds = sum(float(n) * UNITS[u] for n, u in parts)
+    if seconds <= 0:  # a budget of nothing would otherwise read as no budget at all
+        raise ConfigError(f"time limit {text!r}: must be more than 0 (leave --time-limit out for none)")
+    return seconds
 
 
 def folds_in_turn(folds: int, jobs: int, devices: int) -> int:

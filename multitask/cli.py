@@ -63,6 +63,18 @@ def join_torchrun(device: str = "auto") -> None:
         console.quiet = True
 
 
+def join_run_torchrun(run: Path, overrides: list[str]) -> None:
+    """Under torchrun, join as `mt train` did for this run: on the device its config.yaml names, or a
+    --set train.device (a CPU run must join with gloo, and never claim a GPU per rank)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return
+    from multitask.context import load_run_config
+    from multitask.run import RunDir
+
+    device = [o for o in overrides if o.split("=", 1)[0].strip() == "train.device"]
+    join_torchrun(load_run_config(RunDir(run), device).train.device)
+
+
 def print_scores(title: str, scores: dict, read_off: str | None = None) -> None:
     """One row per macro F1, each saying what it measures: a head's own argmax, a factor read off
     the final class's argmax (equal to the head's own when the factor has a head of its own), or the
@@ -126,7 +138,7 @@ def train(
     with progress_and_errors():
         from multitask.budget import parse_duration
 
-        limit = parse_duration(time_limit) if time_limit else None
+        limit = parse_duration(time_limit) if time_limit is not None else None
     overrides = train_overrides(heads, sharing, folds, fold, epochs, jobs, skip_bad, limit)
     with progress_and_errors() as progress:
         cfg = load_config(config, overrides + list(set_ or []), data=data)
@@ -156,10 +168,10 @@ def pseudo_label_cmd(
     OOF to the target precision (or, --soft, every test image with that model's probabilities)."""
     from multitask.pseudo import pseudo_label
 
-    join_torchrun()
     with progress_and_errors() as progress:
         extra = [f"train.jobs={jobs}"] if jobs is not None else []
         extra += ["pseudo.soft=true"] if soft else []
+        join_run_torchrun(run, list(set_ or []))
         reports = pseudo_label(run, precision, rounds, extra + list(set_ or []), progress, labels_from, bound)
     table = Table(title="pseudo-label rounds (images per fold)")
     for col in ("round", "precision", "added", "labelled per factor", "OOF macro F1 (argmax)", "decided, fold-honest"):
@@ -192,7 +204,7 @@ def resume(
 
     extra = [f"train.jobs={jobs}"] if jobs is not None else []
     with progress_and_errors() as progress:
-        join_torchrun()
+        join_run_torchrun(run, list(set_ or []))
         summary = resume_run(run, extra + list(set_ or []), progress)
     print_scores(f"round {summary['round']} out-of-fold (folds {summary['folds_done']})", summary["oof"])
     print_decision(summary)
@@ -397,7 +409,7 @@ def tune(
     from multitask.tune import tune as run_tune
 
     with progress_and_errors():
-        limit = parse_duration(time_limit) if time_limit else None
+        limit = parse_duration(time_limit) if time_limit is not None else None
         result = run_tune(config, out, trials, data, list(set_ or []), limit, say=console.print)
     console.print(f"best: trial {result['best_trial']}, OOF macro F1 {result['best_value']:.4f}  "
                   f"({result['complete']} complete of {result['finished']} finished)  run: {result['best_run']}")

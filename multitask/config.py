@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # nan passes every bound (nan <= 0 is false) and would make a class no row can reach, or nan weights
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class LossCfg(_Strict):
@@ -230,7 +231,7 @@ class TrainCfg(_Strict):
     fold_seed: int = Field(0, ge=0, lt=2**32)  # scikit-learn's limit
     # every metrics.csv figure also as TensorBoard scalars under each fold's tb/ (`tensorboard --logdir RUN`)
     tensorboard: bool = False
-    # fit the epochs to this many seconds for the whole round (measured on two epochs; only ever fewer)
+    # fit the epochs to this many seconds from the command's start (measured on two epochs; only ever fewer)
     time_limit_s: float | None = Field(None, gt=0)
     # average the weights of the fold's k best epochs (by validation macro F1) into avg.pt, which then
     # makes the fold's OOF and test predictions; 0 keeps the single best epoch
@@ -246,6 +247,8 @@ class TrainCfg(_Strict):
             raise ValueError(f"fold {self.fold} out of range for {self.folds} folds")
         if self.fold == []:
             raise ValueError("fold [] trains nothing: name at least one fold, or leave it out for all")
+        if self.fold is not None and len(set(self.fold)) < len(self.fold):
+            raise ValueError(f"fold {self.fold} names a fold twice: each is trained once")
         return self
 
     def selected_folds(self) -> list[int]:
@@ -414,17 +417,28 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 DEFAULT_MAPPINGS = ("numeric",)
 
 
+class OptionOverride(str):
+    """A dotted override that a command's option made (`--epochs 3` is train.epochs=3): an error it
+    causes names the option, which the user typed, not a --set they did not."""
+
+    def __new__(cls, item: str, option: str):
+        made = super().__new__(cls, item)
+        made.option = option
+        return made
+
+
 def train_overrides(heads: str | None = None, sharing: str | None = None, folds: int | None = None,
                     fold: list[int] | None = None, epochs: int | None = None, jobs: int | None = None,
                     skip_bad: bool = False, time_limit_s: float | None = None) -> list[str]:
     """`mt train`'s options as dotted overrides (each given one; `--set` comes after them and wins)."""
-    given = {"heads": heads, "model.sharing": sharing, "train.folds": folds, "train.epochs": epochs,
-             "train.jobs": jobs, "train.time_limit_s": time_limit_s}
-    out = [f"{key}={value}" for key, value in given.items() if value is not None]
+    given = {("heads", "--heads"): heads, ("model.sharing", "--sharing"): sharing, ("train.folds", "--folds"): folds,
+             ("train.epochs", "--epochs"): epochs, ("train.jobs", "--jobs"): jobs,
+             ("train.time_limit_s", "--time-limit"): time_limit_s}
+    out = [OptionOverride(f"{key}={value}", option) for (key, option), value in given.items() if value is not None]
     if fold:
-        out.append(f"train.fold={json.dumps(list(fold))}")
+        out.append(OptionOverride(f"train.fold={json.dumps(list(fold))}", "--fold"))
     if skip_bad:
-        out.append("data.skip_bad=true")
+        out.append(OptionOverride("data.skip_bad=true", "--skip-bad"))
     return out
 
 
@@ -464,6 +478,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: the base loader merges it, and the keys after it override
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, (str, int, float, bool)):
                 continue  # a list or mapping as a key: the base loader refuses it with its own message
@@ -515,11 +531,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
         cfg.task = absolute_paths(cfg.task)
     # config.yaml keeps paths absolute: later commands (submit, resume) may run from anywhere
     if cfg.model.checkpoint:
-        cfg.model.checkpoint = str(Path(cfg.model.checkpoint).resolve())
+        cfg.model.checkpoint = str(Path(cfg.model.checkpoint).expanduser().resolve())
     if cfg.data_root:
-        cfg.data_root = str(Path(cfg.data_root).resolve())
+        cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())
     if cfg.data.cache_dir:
-        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).resolve())
+        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     return cfg
 
 
@@ -545,17 +561,17 @@ def _migrate(raw: dict) -> None:
 def _anchor_paths(raw: dict, folder: Path) -> None:
     """A YAML file's relative paths (the data root, a table task's table, a local checkpoint, the
     cache) are relative to its folder."""
-    if isinstance(raw.get("data_root"), str) and not Path(raw["data_root"]).is_absolute():
-        raw["data_root"] = str(folder / raw["data_root"])
+    if isinstance(raw.get("data_root"), str):
+        raw["data_root"] = str(folder / Path(raw["data_root"]).expanduser())  # an absolute path stays itself
     for section, key in (("task", "table"), ("model", "checkpoint"), ("data", "cache_dir")):
         node = raw.get(section)
-        if isinstance(node, dict) and isinstance(node.get(key), str) and not Path(node[key]).is_absolute():
-            node[key] = str(folder / node[key])
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = str(folder / Path(node[key]).expanduser())
 
 
 def absolute_paths(t: TableTaskCfg) -> TableTaskCfg:
-    table = Path(t.table).resolve()
-    under = lambda p: str(p if Path(p).is_absolute() else (table.parent / p).resolve())  # noqa: E731
+    table = Path(t.table).expanduser().resolve()
+    under = lambda p: str((table.parent / Path(p).expanduser()).resolve())  # noqa: E731  an absolute p stays itself
     return t.model_copy(update={"table": str(table), "images": under(t.images or "."),
                                 "test": under(t.test) if t.test else None})
 
@@ -580,9 +596,9 @@ def _schema_types(annotation) -> list:
     return [annotation]
 
 
-def _is_section(loc: tuple) -> bool:
-    """Whether a location names a whole section (a model, judged by its own validators over all of its
-    fields at once) rather than one field; the root () is a section."""
+def _types_at(loc: tuple) -> list:
+    """The schema types a location may hold, through models, unions, lists and dicts (a dict's key
+    and a list's index stand for any)."""
     types: list = [Config]
     for part in loc:
         inner = []
@@ -595,7 +611,26 @@ def _is_section(loc: tuple) -> bool:
             elif get_origin(t) is dict and get_args(t):
                 inner += _schema_types(get_args(t)[1])
         types = inner
-    return any(isinstance(t, type) and issubclass(t, BaseModel) for t in types)
+    return types
+
+
+def _is_section(loc: tuple) -> bool:
+    """Whether a location names a whole section (a model, judged by its own validators over all of its
+    fields at once) rather than one field; the root () is a section."""
+    return any(isinstance(t, type) and issubclass(t, BaseModel) for t in _types_at(loc))
+
+
+def closest_key(loc: tuple) -> str | None:
+    """The known key an unknown one was probably meant to be: a field of its own section first
+    (`numeric.age.soft_edg`, `decide.subjects.anchr`), else any dotted key (`train.img_size`)."""
+    *section, name = [str(x) for x in loc]
+    fields = [f for t in _types_at(tuple(section)) if isinstance(t, type) and issubclass(t, BaseModel)
+              for f in t.model_fields]
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if close:
+        return ".".join([*section, close[0]])
+    close = difflib.get_close_matches(".".join([*section, name]), dotted_keys(), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def override_for(loc: tuple, overrides: list[str]) -> str | None:
@@ -620,19 +655,24 @@ def validate(raw: dict, source: str, overrides: list[str] = ()) -> Config:
         return Config.model_validate(raw)
     except ValidationError as e:
         lines = []
+        table_task = isinstance(raw.get("task"), dict)
         for err in e.errors():
+            if table_task and "literal['mask']" in err["loc"]:
+                continue  # a mapping is meant for the table member: that it is not 'mask' says nothing
             # a union (task: mask | table) puts the member's type name in the location
             loc = tuple(x for x in err["loc"] if x not in ("TableTaskCfg", "literal['mask']"))
             # a check over several keys has no location, and pydantic's "Value error, " says nothing
             msg = err["msg"].removeprefix("Value error, ")
             line = f"  {'.'.join(str(x) for x in loc)}: {msg}" if loc else f"  {msg}"
             if err["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(".".join(str(x) for x in loc), dotted_keys(), n=1, cutoff=0.6)
-                line += f" (did you mean {close[0]}?)" if close else ""
+                close = closest_key(loc)
+                line += f" (did you mean {close}?)" if close else ""
             cause = override_for(loc, list(overrides))
-            line += f"  [from --set {cause}]" if cause else ""
+            line += f"  [from {cause.option if isinstance(cause, OptionOverride) else f'--set {cause}'}]" if cause else ""
             lines.append(line)
-        raise ConfigError(f"invalid config ({source}{' with --set overrides' if overrides else ''}):\n"
+        given = " and ".join(dict.fromkeys("options" if isinstance(o, OptionOverride) else "--set overrides"
+                                           for o in overrides))
+        raise ConfigError(f"invalid config ({source}{f' with {given}' if given else ''}):\n"
                           + "\n".join(lines)) from None
 
 

@@ -192,8 +192,9 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     if weights is None:
         w = fit_weights(oof_probs, task.encode(factors), task.n_classes)
     else:
-        if len(weights) != len(runs) or min(weights) < 0 or sum(weights) <= 0:
-            raise ConfigError(f"weights {weights}: one non-negative weight per run, not all zero")
+        if (len(weights) != len(runs) or not all(math.isfinite(x) and x >= 0 for x in weights)
+                or sum(weights) <= 0):
+            raise ConfigError(f"weights {weights}: one finite, non-negative weight per run, not all zero")
         w = np.asarray(weights, float) / sum(weights)
     cfg = members[0]["cfg"].model_copy(update={
         "heads": FLAT_HEAD, "numeric": {}, "losses": {},

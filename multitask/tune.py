@@ -236,7 +236,7 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
     took = [t.duration.total_seconds() for t in finished() if t.duration is not None]
     while len(finished()) < trials and failed < trials:
         # the longest trial so far: a pruned one stops after a fold, and the next may not be pruned
-        if time_limit_s and took and time.perf_counter() - t0 + max(took) > time_limit_s:
+        if time_limit_s is not None and took and time.perf_counter() - t0 + max(took) > time_limit_s:
             say(f"time limit: {time.perf_counter() - t0:.0f} s spent, a trial takes up to {max(took):.0f} s; "
                 f"no new trial started ({len(finished())} of {trials} finished)")
             break

@@ -192,3 +192,61 @@ def test_a_numeric_factors_settings_are_laid_over_every_factors(tmp_path):
     saved = tmp_path / "config.yaml"
     saved.write_text(dump_config(load_config(path)))
     assert settings_of(load_config(saved), "age") == age
+
+
+def test_an_error_of_an_option_names_the_option_not_a_set(tmp_path):
+    from multitask.config import train_overrides
+
+    message = error_of(train_overrides(epochs=0) + ["train.lr=0.01"])
+    assert "[from --epochs]" in message and "--set train.epochs" not in message
+    assert "with options" in message
+    assert "[from --set train.lr=-1]" in error_of(train_overrides(epochs=3) + ["train.lr=-1"])
+
+
+def test_a_fold_named_twice_nan_and_inf_are_refused():
+    assert "names a fold twice" in error_of(["train.fold=[1, 1]"])
+    assert "train.lr" in error_of(["train.lr=.inf"])
+    assert "task.factors.0.bins" in error_of(['task={table: t.csv, factors: [{name: a, column: a, bins: [30, .nan]}]}'])
+
+
+def test_a_table_tasks_error_leaves_out_the_other_member_of_the_union():
+    message = error_of(["task={table: t.csv}"])
+    assert "task.factors: Field required" in message and "'mask'" not in message
+
+
+def test_yaml_merge_keys_are_read_and_keys_after_them_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {lr: 0.01, epochs: 2}\ntrain:\n  <<: *b\n  epochs: 3\n".replace("base: &b", "x-base: &b"))
+    with pytest.raises(ConfigError, match="x-base"):  # an unknown top key is still refused, by the schema
+        load_config(path)
+    path.write_text("train:\n  <<: {lr: 0.01, epochs: 2}\n  epochs: 3\n")
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.train.epochs) == (0.01, 3)
+
+
+def test_a_home_folder_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    cfg = load_config(None, ["data.cache_dir=~/cache", "model.checkpoint=~/w.pt"])
+    assert (cfg.data.cache_dir, cfg.model.checkpoint) == (str(tmp_path / "cache"), str(tmp_path / "w.pt"))
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "c.yaml").write_text("data:\n  cache_dir: ~/c2\n")
+    assert load_config(tmp_path / "conf" / "c.yaml").data.cache_dir == str(tmp_path / "c2")
+
+
+def test_a_time_limit_of_nothing_is_refused():
+    from multitask.budget import parse_duration
+
+    assert parse_duration("1h30m") == 5400
+    for text in ("0", "0s", "0m0s", ""):
+        with pytest.raises(ConfigError):
+            parse_duration(text)
+
+
+def test_an_unknown_key_is_matched_first_within_its_own_section():
+    # sections under a union or a mapping (task, numeric.<factor>, losses.<head>, decide.subjects)
+    # had no suggestion, or the section itself
+    assert "(did you mean numeric.age.soft_edge?)" in error_of(["numeric.age.soft_edg=3"])
+    assert "(did you mean decide.subjects.anchor?)" in error_of(["decide.subjects={anchr: mask=not_worn}"])
+    assert "(did you mean task.factors?)" in error_of(["task={table: t.csv, factor: []}"])
+    assert "(did you mean data.img_size?)" in error_of(["train.img_size=[64, 64]"])  # another section's key

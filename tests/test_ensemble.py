@@ -79,6 +79,10 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     # given weights are used as given (normalised)
     fixed = make_ensemble([a, b], tmp_path / "fixed", weights=[3, 1])
     assert [m["weight"] for m in fixed["members"]] == [0.75, 0.25]
+    for bad in ([float("nan"), 1], [float("inf"), 1], [-1, 2], [0, 0]):  # nan passed `min(w) < 0`
+        with pytest.raises(ConfigError, match="finite, non-negative"):
+            make_ensemble([a, b], tmp_path / "bad", weights=bad)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_runs_of_another_seed_share_the_split(members, demo_root, tmp_path):

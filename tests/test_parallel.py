@@ -330,3 +330,20 @@ def test_torchrun_on_gpus_reduces_cpu_tensors_too(monkeypatch):
     dist.init_from_env("auto")
     dist.init_from_env("cpu")
     assert joined == ["cpu:gloo,cuda:nccl", "gloo"]
+
+
+def test_pseudo_label_and_resume_join_torchrun_on_the_runs_device(monkeypatch, tmp_path):
+    """They joined as `auto`: on a GPU host a CPU run's ranks took NCCL and a GPU each."""
+    from multitask import cli, dist
+    from multitask.config import dump_config, load_config
+
+    RunDir(tmp_path).config.write_text(dump_config(load_config(None, ["train.device=cpu"])))
+    joined = []
+    monkeypatch.setattr(dist, "init_from_env", joined.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli.join_run_torchrun(tmp_path, [])
+    cli.join_run_torchrun(tmp_path, ["train.lr=1", "train.device=cuda:1"])
+    assert joined == ["cpu", "cuda:1"]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not under torchrun: the config is not even read
+    cli.join_run_torchrun(tmp_path / "nowhere", [])
+    assert joined == ["cpu", "cuda:1"]
