@@ -59,12 +59,17 @@ def with_marginal(combined: torch.Tensor, sizes: tuple[int, ...], i: int, p: tor
                        q_cells * others)
 
 
+QUANTISED_OPS = ("Conv", "Gemm", "MatMul")  # what `--int8` turns to int8
+
+
 def aux_bin_probs(kind: str, out: torch.Tensor, cuts: list[float], centre: float, scale: float,
                   sigma: float, owner: torch.Tensor | None = None) -> torch.Tensor:
     """numeric.aux_bins in torch ops that ONNX has (Erf; a running minimum unrolled; a distribution's
-    fine bins summed by a 0/1 matrix, `owner` holding each fine bin's bin)."""
+    fine bins summed by a 0/1 matrix, `owner` holding each fine bin's bin). The sum is a product and
+    a ReduceSum, not a MatMul: `--int8` quantises every MatMul (QUANTISED_OPS), and the blend stays fp32."""
     if kind == "distribution":
-        p = out.clamp(min=0) @ (owner[:, None] == torch.arange(len(cuts) + 1)[None, :]).to(out.dtype)
+        member = (owner[:, None] == torch.arange(len(cuts) + 1)[None, :]).to(out.dtype)
+        p = (out.clamp(min=0)[:, :, None] * member[None]).sum(1)
         p = p.clamp(min=1e-9)
         return p / p.sum(1, keepdim=True)
     if kind == "ordinal":
@@ -265,10 +270,11 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray) -> None:
     reader = calibration_reader(calibration)
     pre = out.with_name(out.stem + ".pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    # convolutions and matrix products only: the vote, the head product and the blend stay fp32
+    # convolutions and matrix products only: the vote, the head product and the blend (written
+    # without these ops) stay fp32
     quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["Conv", "Gemm", "MatMul"])
+                    op_types_to_quantize=list(QUANTISED_OPS))
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = False, round: int | None = None,

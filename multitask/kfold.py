@@ -116,6 +116,10 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     values = numeric_matrix(ctx.table.train, ctx.task)
     va = np.flatnonzero(ctx.folds == k)
     tr = np.flatnonzero((ctx.folds != k) & training_rows(ctx.task, cfg, values))
+    if len(tr) == 0:
+        dropping = [f"numeric.{f}.drop_near_edge={n.drop_near_edge:g}" for f, n in cfg.numeric.items() if n.drop_near_edge]
+        raise ConfigError(f"round {r} fold {k}: no training row is left to learn from"
+                          + (f" ({', '.join(dropping)} leaves out every row of the other folds; lower it)" if dropping else ""))
     train_images, train_factors, train_values = RowImages.of(ctx.train_images, tr), factors[tr], values[tr]
     pseudo = pseudo_labelled(ctx, r, k)
     if pseudo is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-bad", action="store_true")
     ap.add_argument("--batch-size", type=int, default=256)
     a = ap.parse_args(argv)
-    result = predict_images(a.model, a.images, a.out, a.batch_size, a.probs, a.skip_bad)
+    try:
+        result = predict_images(a.model, a.images, a.out, a.batch_size, a.probs, a.skip_bad)
+    except (ValueError, FileNotFoundError) as e:  # the service's users' errors, one line as `mt` gives them
+        if os.environ.get("MT_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(result))
 
 

@@ -154,3 +154,8 @@ def test_every_problem_of_the_layout_is_reported_at_once(root):
     assert "4 problem(s)" in message
     for part in ("line 2: gender 'woman'", "line 3: age 'old'", "line 4: image folder", "mask9.png: unexpected picture"):
         assert part in message
+    # and with the test side's: its problem used to stop the reading before train.csv was looked at
+    (root / "eval" / "images" / "a.jpg").unlink()
+    with pytest.raises(LayoutError) as info:
+        read_layout(root, [30, 60])
+    assert "line 2: gender 'woman'" in str(info.value) and "a.jpg not found" in str(info.value)

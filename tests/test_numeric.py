@@ -225,6 +225,12 @@ def test_rows_near_an_edge_are_left_out_of_training_only():
     assert training_rows(TASK, cfg_with(), values).all()
 
 
+def test_a_fold_left_with_no_training_row_says_which_setting_emptied_it(demo_root, tmp_path):
+    # it divided by zero, as a traceback, in the batches of a fold of nothing
+    with pytest.raises(ConfigError, match=r"fold 0: no training row is left .*numeric.age.drop_near_edge=100"):
+        train_run(tiny_config(demo_root, "numeric.age.drop_near_edge=100", "train.epochs=1"), tmp_path / "run")
+
+
 @pytest.mark.parametrize("override, message", [
     ("numeric.gender.aux=regression", "not binned numeric factors"),
     ("numeric.age.train_bins=[30]", "as many edges"),
@@ -343,3 +349,25 @@ def test_a_single_edge_ordinal_output_is_read_as_a_probability_not_a_number():
                      {"aux_size": aux_kind(cfg, "aux_size")})
     _, _, p_aux = graph(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
     torch.testing.assert_close(p_aux, torch.full((2, 1), 3.0).sigmoid())  # the exported file reads it alike
+
+
+@pytest.mark.parametrize("kind", ["regression", "ordinal", "distribution"])
+def test_the_exported_reading_holds_no_op_that_int8_quantises(kind, tmp_path):
+    # a distribution's fine bins were summed by a MatMul, which `--int8` quantised (0.003 off)
+    onnx = pytest.importorskip("onnx")
+    from multitask.export import OPSET, QUANTISED_OPS, aux_bin_probs
+    from multitask.numeric import fine_edges, fine_to_bins, standardise
+
+    age = Factor.binned("age", [30, 60], True)
+    grid = fine_edges(age)
+    owner = torch.as_tensor(fine_to_bins(age, grid))
+    _, centre, scale = standardise(age, np.zeros(1))
+
+    class Reading(torch.nn.Module):
+        def forward(self, out):
+            return aux_bin_probs(kind, out, list(age.cuts), centre, scale, 7.0, owner)
+
+    width = {"regression": 1, "ordinal": 2, "distribution": len(grid) + 1}[kind]
+    torch.onnx.export(Reading(), (torch.rand(2, width),), str(tmp_path / "r.onnx"), opset_version=OPSET, dynamo=False)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "r.onnx")).graph.node}
+    assert ops and not ops & set(QUANTISED_OPS)

@@ -315,6 +315,16 @@ def test_a_file_without_mt_metadata_is_refused(tmp_path):
             serve.ServedModel(tmp_path / "damaged.onnx")
 
 
+def test_the_service_command_says_a_users_error_in_one_line(tmp_path, capsys, monkeypatch):
+    # `python -m multitask.serve` printed a traceback for a model that is not there
+    monkeypatch.delenv("MT_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        serve.main([str(tmp_path / "none.onnx"), str(tmp_path), str(tmp_path / "out.csv")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.onnx'}: ONNX file not found"
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_an_ensemble_run_exports_as_one_file(demo_root, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     train_run(tiny_config(demo_root, "aug.tta=[none]"), a)

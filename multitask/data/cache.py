@@ -20,8 +20,11 @@ from PIL import Image, ImageOps
 
 from multitask.run import FILE_MODE, check_space, check_writable, sweep_killed, writer_prefix
 
-CACHE_VERSION = 3  # bump when decoding or resizing changes (2: 16-bit greyscale read whole; 3: EXIF orientation)
+# bump when decoding or resizing changes (2: 16-bit greyscale read whole; 3: EXIF orientation; 4: a turned
+# JPEG's draft scale reckoned on its turned sides)
+CACHE_VERSION = 4
 ORIENTATION = 0x0112  # the EXIF tag a camera sets instead of turning the pixels
+TURNED = {5, 6, 7, 8}  # orientations that turn the picture a quarter: width and height trade places
 DECODE_CHUNK = 64  # images per task: large enough to amortise scheduling, small enough to balance threads
 
 
@@ -80,8 +83,10 @@ def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
     """RGB uint8 (H, W, 3) at `size` = (height, width)."""
     h, w = size
     with Image.open(path) as im:
-        # JPEG can decode straight at 1/2, 1/4, 1/8 scale: far fewer pixels to decode and resize
-        im.draft("RGB", (w, h))
+        # JPEG can decode straight at 1/2, 1/4, 1/8 scale: far fewer pixels to decode and resize. The
+        # draft is of the stored pixels, before a quarter turn makes their width the picture's height
+        turned = im.getexif().get(ORIENTATION, 1) in TURNED
+        im.draft("RGB", (h, w) if turned else (w, h))
         im = upright_rgb(im)
         if im.size != (w, h):
             im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)

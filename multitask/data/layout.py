@@ -134,9 +134,18 @@ def read_layout(root: str | Path, age_bins: list[int], skip_bad: bool = False) -
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root}: data root not found")
-    test = read_test(root)
+    try:  # the test side's problems are listed with the training side's, not found on the next try
+        test, test_error = read_test(root), None
+    except LayoutError as e:
+        test, test_error = None, e
     skipped: list[tuple[str, str, str]] | None = [] if skip_bad else None
-    table = ImageTable(read_train(root, age_bins, skipped), test, root / "eval" / "info.csv" if test is not None else None)
+    try:
+        train = read_train(root, age_bins, skipped)
+    except LayoutError as e:
+        raise (LayoutError(f"{e}\n{test_error}") if test_error else e) from None
+    if test_error:
+        raise test_error
+    table = ImageTable(train, test, root / "eval" / "info.csv" if test is not None else None)
     if skipped:
         table.skipped = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
     if table.train.empty:
