@@ -96,6 +96,15 @@ def check_round(run: RunDir, r: int, cfg: Config) -> None:
     run.check_round_current(r, cfg.train.folds, run_settings_hashes(run, cfg), former_checkpoint_hint(cfg))
 
 
+def round_trainings(run: RunDir, r: int, cfg: Config) -> dict | None:
+    """Which trainings made round r's predictions, to tell a file made from them (an export, a
+    submission) from one of the run as it is now: its folds' training ids, or an ensemble's members'
+    rounds and theirs (it has no fold models of its own). None for a round made before training ids."""
+    if cfg.ensemble is not None:
+        return {"member_rounds": cfg.ensemble.rounds, "member_train_ids": cfg.ensemble.train_ids}
+    return run.round_train_ids(r)
+
+
 def check_ensemble_members(cfg: Config) -> None:
     """An ensemble's members (and theirs) may be read, and still hold the fold models the ensemble's
     weights and decision were fitted on; nothing to check for a run that is not an ensemble."""

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from multitask.context import build_task, check_ensemble_members, check_round, load_run_config, reopen_context
+from multitask.context import (build_task, check_ensemble_members, check_round, load_run_config, reopen_context,
+                               round_trainings)
 from multitask.data.augment import tta_view
 from multitask.decide import aux_kinds, blend_only, load_decision, predict_classes
 from multitask.labels import MARGINAL_FLOOR, Head, Task
@@ -203,12 +204,12 @@ def run_onnx(path: Path, images: np.ndarray, batch: int = 64) -> dict[str, np.nd
     return {n: np.concatenate([o[j] for o in outs]) for j, n in enumerate(names)}
 
 
-def metadata(task: Task, info: dict, offsets, run: RunDir, r: int, check: dict) -> str:
+def metadata(task: Task, info: dict, offsets, run: RunDir, r: int, trainings: dict | None, check: dict) -> str:
     return json.dumps({
         "format": FORMAT, "input": "images", "img_size": info["img_size"], "outputs": ["final", *info["outputs"]],
         "task": task_meta(task),
         "offsets": offsets, "run": str(run.root.resolve()), "round": r, "folds": info["folds"], "views": info["views"],
-        "train_ids": run.round_train_ids(r), "check": check})
+        "train_ids": trainings, "check": check})
 
 
 def compact(path: Path) -> None:
@@ -337,5 +338,6 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
             check |= {"int8": True, "int8_agreement": float((q["final"].argmax(1) == got["final"].argmax(1)).mean()),
                       "int8_max_abs_diff": float(np.abs(q["final"] - got["final"]).max()),
                       "calibration_images": len(calibration), "int8_mb": final.stat().st_size / 2**20}
-        atomic_write_bytes(out, with_metadata(final, metadata(task, info, offsets, run, r, check)))
+        meta = metadata(task, info, offsets, run, r, round_trainings(run, r, cfg), check)
+        atomic_write_bytes(out, with_metadata(final, meta))
     return check | {"out": str(out), "round": r, "mb": out.stat().st_size / 2**20}

@@ -381,10 +381,14 @@ class RunDir:
         if not started and not self.config.exists():
             return f"{self.root}: no trained round found (is it a run directory? `mt train` makes one)"
         r = started[-1] if started else 0
-        done = [k for k in range(n_folds or 0) if self.fold_done(r, k, with_test=False)]
-        missing = [k for k in range(n_folds or 0) if k not in done]
-        return (f"{self.root}: round {r} is not finished (folds done: {done or 'none'}; not done: {missing}); "
-                f"`mt resume --run {self.root}` finishes it")
+        resume = f"`mt resume --run {self.root}` finishes it"
+        if not n_folds:  # a config.yaml that cannot be read says nothing of how many folds there are
+            return f"{self.root}: round {r} is not finished; {resume}"
+        done = [k for k in range(n_folds) if self.fold_done(r, k, with_test=False)]
+        missing = [k for k in range(n_folds) if k not in done]
+        detail = (f"folds done: {done or 'none'}; not done: {missing}" if missing
+                  else "every fold is done; their results were not gathered into the round's")
+        return f"{self.root}: round {r} is not finished ({detail}); {resume}"
 
     def round_train_ids(self, r: int) -> dict[str, str | None] | None:
         """Which training of each fold round r's results were built from (fold -> id); None for a

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from multitask import __version__
-from multitask.context import Context, check_round, no_test_images, reopen_context
+from multitask.context import Context, check_round, no_test_images, reopen_context, round_trainings
 from multitask.data.layout import read_csv
 from multitask.data.table import factor_values
 from multitask.decide import load_decision, predict_classes
@@ -99,7 +99,7 @@ def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path 
                               f"{ctx.task.factor_names}")
     made, r = served.meta.get("train_ids"), served.meta["round"]  # files exported before training ids: None
     same_place = Path(served.meta["run"]) == ctx.run.root.resolve()
-    current = bool(made) and r in ctx.run.rounds() and made == ctx.run.round_train_ids(r)
+    current = bool(made) and r in ctx.run.rounds() and made == round_trainings(ctx.run, r, ctx.cfg)
     this_run = same_place or current  # a run that moved keeps its folds' training ids
     if made and same_place and not current:
         raise SubmissionError(f"{onnx} was exported from round {served.meta['round']} of {ctx.run.root} as it was "

@@ -357,8 +357,12 @@ def test_a_round_killed_before_its_summary_is_unfinished_and_resume_finishes_it(
     from multitask.kfold import resume_run
 
     (RunDir(run).round_dir(0) / "summary.json").unlink()  # killed after the round's oof.npz
-    with pytest.raises(FileNotFoundError, match=r"round 0 is not finished.*mt resume --run"):
+    with pytest.raises(FileNotFoundError, match=r"round 0 is not finished.*mt resume --run") as e:
         make_submission(run)
+    assert "not done: []" not in str(e.value)  # said of every fold, where the number of folds was not known
+    with pytest.raises(FileNotFoundError) as e:
+        RunDir(run).latest_round()
+    assert "not done: []" not in str(e.value)
     resume_run(run)
     assert make_submission(run).exists()
 

@@ -1,6 +1,7 @@
 """The servable ensemble: `mt export` (fp32 and int8 ONNX, checked against PyTorch), prediction with
 onnxruntime and without torch (serve.py), and `mt distill` (one student of a run or an ensemble)."""
 import hashlib
+import json
 import subprocess
 import sys
 import warnings
@@ -332,7 +333,19 @@ def test_an_ensemble_run_exports_as_one_file(demo_root, tmp_path):
     make_ensemble([a, b], tmp_path / "ens")
     check = export_run(tmp_path / "ens", tmp_path / "e.onnx")
     assert check["max_abs_diff"] <= 1e-4
-    assert serve.ServedModel(tmp_path / "e.onnx").meta["folds"] == 4
+    meta = serve.ServedModel(tmp_path / "e.onnx").meta
+    assert meta["folds"] == 4
+    # no fold models of its own: its members' trainings say what the file was made from, so a file
+    # from an ensemble whose members were trained since (and the ensemble made again) is refused
+    assert meta["train_ids"]["member_train_ids"] == [RunDir(m).round_train_ids(0) for m in (a, b)]
+    make_submission_onnx(tmp_path / "ens", tmp_path / "e.onnx", tmp_path / "s.csv")
+    from multitask.export import with_metadata
+    from multitask.submit import SubmissionError
+
+    meta["train_ids"]["member_train_ids"][0]["0"] = "an earlier training"
+    (tmp_path / "old.onnx").write_bytes(with_metadata(tmp_path / "e.onnx", json.dumps(meta)))
+    with pytest.raises(SubmissionError, match="before it was trained again"):
+        make_submission_onnx(tmp_path / "ens", tmp_path / "old.onnx", tmp_path / "s.csv")
 
 
 def test_a_table_task_with_a_numeric_factor_exports(tmp_path):
