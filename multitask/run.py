@@ -131,12 +131,16 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
         raise
 
 
+MERGING = ".mt-merging"  # in a folder while staged_dir merges a run into it
+
+
 @contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
     """A hidden folder beside `out` to build a whole directory in, moved to `out` when the block ends
     well and removed when it does not: an interrupted command leaves nothing half made at `out`
     (which a retry would take for a finished run). `out` may exist, empty or holding other files; the
-    staged entries join it with config.yaml, the mark of a run, last."""
+    staged entries join it with config.yaml, the mark of a run, last. A file or folder of the user's
+    named as one of the run's is never replaced: the merge is refused."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StorageError(f"{out}: is a file; name a folder to write the run into")
@@ -151,13 +155,20 @@ def staged_dir(out: Path) -> Iterator[Path]:
         if not out.exists():
             os.replace(staging, out)
             return
+        # a merge marks `out` while it runs: a name of the run's already there is then an earlier
+        # merge's, killed halfway, and is replaced; without the mark it is the user's, and is kept
+        marker = out / MERGING
+        clash = sorted(e.name for e in staging.iterdir() if os.path.lexists(out / e.name))
+        if clash and not marker.exists():
+            raise StorageError(f"{out}: already holds {', '.join(clash)}, which this command would replace; "
+                               f"choose another --out, or move them away")
+        marker.touch()
         for entry in sorted(staging.iterdir(), key=lambda e: e.name == "config.yaml"):
             target = out / entry.name
-            # a folder of the run's there, with no config.yaml beside it (callers refuse a run at `out`),
-            # is an earlier merge's, killed halfway: replaced as a file of the same name would be
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(entry, target)
+        marker.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -180,6 +180,20 @@ def test_a_merge_into_a_folder_killed_halfway_is_finished_by_the_next_try(tmp_pa
     assert (out / "notes.txt").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["ens"]
 
 
+def test_a_merge_never_replaces_a_users_own_folder_of_a_runs_name(tmp_path):
+    from multitask.run import StorageError, staged_dir
+
+    out = tmp_path / "work"
+    (out / "round0").mkdir(parents=True)
+    (out / "round0" / "mine.txt").write_text("mine")
+    with pytest.raises(StorageError, match=r"work: already holds round0, which this command would replace"):
+        with staged_dir(out) as staging:
+            (staging / "round0").mkdir()
+            (staging / "config.yaml").write_text("x")
+    assert sorted(p.name for p in out.rglob("*")) == ["mine.txt", "round0"]
+    assert [p.name for p in tmp_path.iterdir()] == ["work"]
+
+
 def test_folds_never_started_may_be_added(demo_root, tmp_path):
     out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
     train_run(tiny_config(demo_root, cache, "train.fold=[0]"), out)
