@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +108,20 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
             votes[k] = votes.get(k, 0) + wk * p
             total[k] = total.get(k, 0) + wk
     return {k: v / total[k] for k, v in votes.items() if total[k] > 0}
+
+
+def oof_votes_without(cfg) -> Callable[[int], dict[str, np.ndarray]] | None:
+    """An ensemble's OOF vote as it would be had fold k been left out of its weights' fit, from its
+    members' OOF (decide.honest_scores' `probs_without`); None for a run that is not such an ensemble.
+    A decision refitted on an ensemble's stored OOF vote is fold-honest only with it."""
+    ens = cfg.ensemble
+    if ens is None or not ens.fold_weights:
+        return None
+    return votes_without([member_probs(Path(r))["oof_probs"] for r in ens.runs], ens.fold_weights)
+
+
+def votes_without(probs: list[np.ndarray], fold_weights: dict[int, np.ndarray]) -> Callable[[int], dict[str, np.ndarray]]:
+    return lambda k: {FLAT_HEAD: weighted(probs, fold_weights[k])}
 
 
 def weighted(probs: list[np.ndarray], w) -> np.ndarray:
@@ -225,7 +239,7 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
         if is_active(task, cfg):
             # fold-honest but for one number per member: fold k's decision is fitted on a vote whose weights
             # never saw fold k, while each member's auxiliary blend stays its own, fitted on all its OOF
-            without = (lambda k: {FLAT_HEAD: weighted(oof_probs, fold_weights[k])}) if fold_weights else None  # noqa: E731
+            without = votes_without(oof_probs, fold_weights) if fold_weights else None
             summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg,
                                                oof.get("likeness"), without)
         write_json(run.round_dir(0) / "summary.json", summary)

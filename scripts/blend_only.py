@@ -14,6 +14,7 @@ import pandas as pd
 
 from multitask.context import build_task, load_run_config
 from multitask.decide import blend_only, honest_scores, load_decision, predict_classes
+from multitask.ensemble import oof_votes_without
 from multitask.run import RunDir, head_probs, load_npz
 run, data = RunDir(sys.argv[1]), Path(sys.argv[2])
 cfg = load_run_config(run); task, heads = build_task(cfg)
@@ -21,7 +22,8 @@ cfg_none = cfg.model_copy(update={"decide": cfg.decide.model_copy(update={"offse
 d = blend_only(load_decision(run.round_dir(0)))
 oof = load_npz(run.round_dir(0) / "oof.npz"); probs = head_probs(oof)
 values = {k[6:]: v for k, v in oof.items() if k.startswith("value_")}
-honest = honest_scores(task, heads, probs, oof["factors"], values, oof["fold"], cfg_none)
+honest = honest_scores(task, heads, probs, oof["factors"], values, oof["fold"], cfg_none,
+                       probs_without=oof_votes_without(cfg))  # an ensemble's weights refitted too
 t = load_npz(run.round_dir(0) / "test_probs.npz")
 _, cls = predict_classes(task, heads, head_probs(t), cfg, d)
 info = pd.read_csv(data / "eval" / "info.csv")

@@ -46,17 +46,22 @@ def shuffled_faces(b, faces_dir: Path, seed: int) -> list[tuple]:
     return faces
 
 
-def check_build(b, faces: list[tuple], build: Path) -> None:
-    """Every training person of the build is the face this shuffle puts at its place."""
+def check_build(b, faces: list[tuple], build: Path, limit: int) -> None:
+    """Every training person of the build is the face this shuffle puts at its place, and the last of
+    them is face `limit` (the build's training persons are the last of its faces)."""
     table = build / "train" / "train.csv"
+    last = 0
     with open(table, newline="") as fh:
         for row in csv.DictReader(fh):
+            last = max(last, int(row["id"]))
             i = int(row["id"]) - 1
             want = (int(row["age"]), row["gender"], row["race"])
             got = (faces[i][1], b.GENDERS[faces[i][2]], b.RACES[faces[i][3]]) if i < len(faces) else "no face"
             if got != want:
                 sys.exit(f"{table}: person {row['id']} is {want}, and this shuffle puts {got} there: not a build "
                          f"of these faces with this --seed")
+    if last != limit:  # a smaller --limit would put the build's own later persons among the outside faces
+        sys.exit(f"{table}: the build's last person is face {last}, so it was built with --limit {last}, not {limit}")
 
 
 def grey(path: Path) -> np.ndarray:
@@ -85,7 +90,7 @@ def main() -> None:
     a = ap.parse_args()
     b = builder(a.tools)
     faces = shuffled_faces(b, a.faces, a.seed)
-    check_build(b, faces, a.build)
+    check_build(b, faces, a.build, a.limit)
     inside, outside = faces[:a.limit], faces[a.limit:]
     near = alike([f for f, *_ in inside], [f for f, *_ in outside], a.alike)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -15,15 +15,18 @@
 #   echo /.utk/ >> .git/info/exclude; mkdir -p .utk/data; cp -r ../shared/tools .utk/
 #   cp -r ../shared/data/utkface ../shared/data/mask_templates .utk/data/
 # Then, on the device (carry: [".whl", ".utk"]; bench_cache reads .faces where it exists, else the
-# faces under .utk). An H200 was lent twice (docs/PERFORMANCE.md): on 2026-11-26 `throughput` and a
-# spoilt `accuracy`; on 2026-11-27 `cache`, `accuracy` (held-out 0.6657 with efficientnet_b0, 7 epochs
-# under the 420-s limit) and a short `compile`. On the CPU the demo config then reached 0.7008 on the
-# same build (docs/RESULTS.md), so a session with a device now runs, in this order:
-#   bash scripts/gpu_session.sh accuracy --config demo   # the small model on the full build: its
-#       GPU time and held-out F1 (TRAIN_LIMIT caps it at 420 s as for the competition config)
-#   bash scripts/gpu_session.sh accuracy --set train.compile=true   # competition config, compiled:
-#       more epochs in the same 420 s?
+# faces under .utk). An H200 was lent three times (docs/PERFORMANCE.md): on 2026-11-26 `throughput`
+# and a spoilt `accuracy`; on 2026-11-27 `cache`, `accuracy` (held-out 0.6657 with efficientnet_b0,
+# 7 epochs under the 420-s limit) and a short `compile`; on 2026-11-28 `accuracy --config demo` twice
+# (0.6687 in 7 epochs of 15: the small network trained no faster than efficientnet_b0, about 2,000
+# img/s, bound by its step at batch 32). So a session with a device now runs, in this order:
+#   bash scripts/gpu_session.sh small      # bench_throughput on the demo's network: batch 32 and 128,
+#       eager, and 128 compiled (not run yet; a guess: 4 minutes): what a step costs, and what buys it back
+#   bash scripts/gpu_session.sh accuracy --config demo --set aug.backend=torch --set data.cache_on_device=true \
+#       --set data.num_workers=0 --set train.compile=true [--set train.batch_size=128 --set train.lr=LR]
+#       # the demo config with whatever `small` showed fastest (docs/RESULTS.md for the batch's LR)
 # and, in sessions after that:
+#   bash scripts/gpu_session.sh accuracy --set train.compile=true   # competition config, compiled
 #   bash scripts/gpu_session.sh kfold 1      # 5 folds x 10 epochs, competition size, one fold at a time
 #   bash scripts/gpu_session.sh compile      # bench_throughput at batch 256 with torch.compile, all 18,900
 #   bash scripts/gpu_session.sh throughput   # the CUDA tests, bench_throughput at batch 128, bench_cache
@@ -31,9 +34,10 @@
 #   bash scripts/gpu_session.sh kfold 2      # the same, two folds at once
 #   bash scripts/gpu_session.sh cache        # bench_cache on 16 cores
 # 15 minutes of device time hold the machine's start (about 50 s), the first stage, and the second where
-# the first took under about 5 minutes (the competition config's stage takes about 8).
+# the first took under about 5 minutes (an `accuracy` stage takes its TRAIN_LIMIT, 420 s, and about
+# 2 minutes more; give the second TRAIN_LIMIT=270 when it follows `small`).
 set -euo pipefail
-stage=${1:?usage: scripts/gpu_session.sh check|throughput|cache|compile|kfold JOBS|accuracy [extra --set overrides]}
+stage=${1:?usage: scripts/gpu_session.sh check|throughput|cache|small|compile|kfold JOBS|accuracy [extra --set overrides]}
 shift
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -61,6 +65,14 @@ cache)
     faces=.faces
     [ -d "$faces" ] || faces=${UTK:-.utk}/data/utkface
     python3 scripts/bench_cache.py --faces "$faces" --n 1400 --workers 1 4 16 | tee "$out/cache.json"
+    ;;
+small)
+    # the demo config's network, test_efficientnet at 64x64 (docs/RESULTS.md: bound by its step at
+    # batch 32 on the H200), over 7,000 generated JPEGs made once
+    for extra in "--batch-size 32" "--batch-size 128" "--batch-size 128 --compile"; do
+        python3 scripts/bench_throughput.py --data /tmp/mt_bench_small --model test_efficientnet --img-size 64x64 \
+            --n-images 7000 $extra "$@" | tee -a "$out/small.json"
+    done
     ;;
 compile)
     python3 scripts/bench_throughput.py --data "$data" --batch-size 256 --compile "$@" | tee "$out/throughput_b256_compile.json"

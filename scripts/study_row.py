@@ -115,7 +115,9 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL)
         submitted = score(a.data / "answers.csv", submission, a.score)
     row = {
-        "name": a.out.name, "command": "mt " + " ".join(cmd), "round": r, "epochs": ctx.cfg.train.epochs,
+        # --score-only trained nothing: the run's own config.yaml says how it was trained
+        "name": a.out.name, "command": None if a.score_only else "mt " + " ".join(cmd), "round": r,
+        "epochs": ctx.cfg.train.epochs,
         "oof": {k: round(v, 4) for k, v in summary["oof"].items() if k.startswith("f1")},
         "held_out": submitted,
         "held_out_argmax": held_out(probs),

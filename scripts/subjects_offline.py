@@ -17,6 +17,7 @@ from pathlib import Path
 from multitask.config import SubjectsCfg
 from multitask.context import reopen_context
 from multitask.decide import decide_round, load_decision, predict_classes
+from multitask.ensemble import oof_votes_without
 from multitask.kfold import pictures_likeness
 from multitask.run import head_probs, load_npz
 from multitask.subjects import Pictures, subject_spec
@@ -46,7 +47,7 @@ def main() -> None:
     values = {k[6:]: v for k, v in oof.items() if k.startswith("value_")}
     with tempfile.TemporaryDirectory() as tmp:  # decide_round writes decision.json: not into the run
         report = decide_round(Path(tmp), task, heads, head_probs(oof), oof["factors"], values, oof["fold"], cfg,
-                              train_look[oof["rows"]])
+                              train_look[oof["rows"]], oof_votes_without(ctx.cfg))  # an ensemble's weights too
         decision = load_decision(Path(tmp))
     _, with_subjects = predict_classes(task, heads, head_probs(test), cfg, decision, Pictures(test_look))
     # the run's own settings: its subjects too, where it reads them

@@ -14,6 +14,7 @@ from multitask.context import build_task, load_run_config
 from multitask.decide import blend_only, fit_decision, load_decision, predict_classes
 from multitask.ensemble import fit_weights, fold_votes, make_ensemble, member_probs, weighted
 from multitask.kfold import train_run
+from multitask.labels import FLAT_HEAD
 from multitask.predict import predict_images
 from multitask.pseudo import pseudo_label
 from multitask.metrics import macro_f1
@@ -50,6 +51,13 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
         w = fit_weights([m["oof_probs"][folds != k] for m in parts], y[folds != k], task.n_classes)
         classes[folds == k] = sum(wi * m["oof_probs"][folds == k] for wi, m in zip(w, parts)).argmax(1)
     assert summary["oof_weights_honest"] == pytest.approx(score_classes(task, classes, oof0["factors"]))
+    # the same votes for a decision refitted later (scripts/subjects_offline.py, blend_only.py)
+    from multitask.ensemble import oof_votes_without
+
+    without = oof_votes_without(load_run_config(RunDir(out)))
+    for k in np.unique(folds):
+        assert (without(k)[FLAT_HEAD][folds == k].argmax(1) == classes[folds == k]).all()
+    assert oof_votes_without(load_run_config(RunDir(a))) is None  # not an ensemble
     # mt runs ranks the ensemble by that honest figure, not by the vote scored on the rows it was fitted on
     from multitask.runs import run_row
 

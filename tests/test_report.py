@@ -305,6 +305,11 @@ def test_faces_outside_a_build_are_the_ones_it_did_not_use(tmp_path):
     wrong = subprocess.run(args + ["--seed", "4", "--out", str(tmp_path / "wrong")], capture_output=True, text=True,
                            timeout=120)
     assert wrong.returncode != 0 and "train.csv: person" in wrong.stderr and "with this --seed" in wrong.stderr
+    # a smaller --limit would have counted the build's last persons as outside it
+    short = [a if a != "10" else "8" for a in args]
+    wrong = subprocess.run(short + ["--seed", "3", "--out", str(tmp_path / "short")], capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode != 0 and "built with --limit 10, not 8" in wrong.stderr
 
     sys.path.insert(0, str(script.parent))
     from faces_outside import alike
