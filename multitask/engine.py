@@ -186,9 +186,10 @@ def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.dev
     tc = cfg.train
     model = place_model(build_model(cfg.model, heads, aux_outputs(task, cfg, heads)), cfg, device)
     ema = BiasCorrectedEma(model, decay=tc.ema_decay) if tc.ema else None
-    # fused: one kernel for the whole update on CUDA instead of several per parameter group
+    # fused: one kernel for the whole update instead of several per parameter. On the CPU torch would
+    # otherwise loop over the tensors one by one: 2.1 ms a step for test_efficientnet, 0.4 fused
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.backbone_lr), lr=tc.lr,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cuda", "cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(tc.warmup_epochs * steps_per_epoch), tc.epochs * steps_per_epoch))
     weights = {h.name: torch.as_tensor(class_weights(class_counts[h.name], cfg.loss_for(h.name).class_weight_power),
