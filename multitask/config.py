@@ -668,7 +668,8 @@ def validate(raw: dict, source: str, overrides: list[str] = ()) -> Config:
                 close = closest_key(loc)
                 line += f" (did you mean {close}?)" if close else ""
             cause = override_for(loc, list(overrides))
-            line += f"  [from {cause.option if isinstance(cause, OptionOverride) else f'--set {cause}'}]" if cause else ""
+            if cause:
+                line += f"  [from {cause.option if isinstance(cause, OptionOverride) else f'--set {cause}'}]"
             lines.append(line)
         given = " and ".join(dict.fromkeys("options" if isinstance(o, OptionOverride) else "--set overrides"
                                            for o in overrides))

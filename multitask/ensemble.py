@@ -120,7 +120,8 @@ def oof_votes_without(cfg) -> Callable[[int], dict[str, np.ndarray]] | None:
     return votes_without([member_probs(Path(r))["oof_probs"] for r in ens.runs], ens.fold_weights)
 
 
-def votes_without(probs: list[np.ndarray], fold_weights: dict[int, np.ndarray]) -> Callable[[int], dict[str, np.ndarray]]:
+def votes_without(probs: list[np.ndarray],
+                  fold_weights: dict[int, np.ndarray]) -> Callable[[int], dict[str, np.ndarray]]:
     return lambda k: {FLAT_HEAD: weighted(probs, fold_weights[k])}
 
 

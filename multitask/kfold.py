@@ -117,9 +117,10 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     va = np.flatnonzero(ctx.folds == k)
     tr = np.flatnonzero((ctx.folds != k) & training_rows(ctx.task, cfg, values))
     if len(tr) == 0:
-        dropping = [f"numeric.{f}.drop_near_edge={n.drop_near_edge:g}" for f, n in cfg.numeric.items() if n.drop_near_edge]
-        raise ConfigError(f"round {r} fold {k}: no training row is left to learn from"
-                          + (f" ({', '.join(dropping)} leaves out every row of the other folds; lower it)" if dropping else ""))
+        dropping = ", ".join(f"numeric.{f}.drop_near_edge={n.drop_near_edge:g}"
+                             for f, n in cfg.numeric.items() if n.drop_near_edge)
+        why = f" ({dropping} leaves out every row of the other folds; lower it)" if dropping else ""
+        raise ConfigError(f"round {r} fold {k}: no training row is left to learn from{why}")
     train_images, train_factors, train_values = RowImages.of(ctx.train_images, tr), factors[tr], values[tr]
     pseudo = pseudo_labelled(ctx, r, k)
     if pseudo is not None:

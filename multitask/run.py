@@ -393,7 +393,7 @@ class RunDir:
             return f"{self.root}: no trained round found (is it a run directory? `mt train` makes one)"
         r = started[-1] if started else 0
         resume = f"`mt resume --run {self.root}` finishes it"
-        if not n_folds:  # a config.yaml that cannot be read says nothing of how many folds there are
+        if not n_folds:  # a caller that knows no config (latest_round) knows no number of folds
             return f"{self.root}: round {r} is not finished; {resume}"
         done = [k for k in range(n_folds) if self.fold_done(r, k, with_test=False)]
         missing = [k for k in range(n_folds) if k not in done]
