@@ -247,8 +247,8 @@ class TrainCfg(_Strict):
             raise ValueError(f"fold {self.fold} out of range for {self.folds} folds")
         if self.fold == []:
             raise ValueError("fold [] trains nothing: name at least one fold, or leave it out for all")
-        if self.fold is not None and len(set(self.fold)) < len(self.fold):
-            raise ValueError(f"fold {self.fold} names a fold twice: each is trained once")
+        if self.fold is not None:  # a fold named twice is trained once (older runs' config.yaml may hold [0, 0])
+            self.fold = list(dict.fromkeys(self.fold))
         return self
 
     def selected_folds(self) -> list[int]:
@@ -426,6 +426,9 @@ class OptionOverride(str):
         made.option = option
         return made
 
+    def __reduce__(self):  # copies and pickles keep the option
+        return OptionOverride, (str(self), self.option)
+
 
 def train_overrides(heads: str | None = None, sharing: str | None = None, folds: int | None = None,
                     fold: list[int] | None = None, epochs: int | None = None, jobs: int | None = None,
@@ -478,9 +481,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *defaults`: the base loader merges it, and the keys after it override
-            key = self.construct_object(key_node, deep=deep)
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: the base loader merges it
+                key = "<<"  # and the keys after it override; but one mapping takes one merge key
+            else:
+                key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, (str, int, float, bool)):
                 continue  # a list or mapping as a key: the base loader refuses it with its own message
             if key in seen:
@@ -519,23 +523,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     _migrate(raw)
     if data is not None:
         if isinstance(raw.get("task"), dict):
-            raw["task"]["table"] = str(Path(data).resolve())
-        elif Path(data).is_file():
+            raw["task"]["table"] = str(home(data).resolve())
+        elif home(data).is_file():
             raise ConfigError(f"--data {data}: a file, and the task is the competition's, whose data is a folder "
                               f"(train/, eval/); a table needs a --config that names its factors (task: table, "
                               f"factors; configs/utkface.yaml is one)")
         else:
-            raw["data_root"] = str(Path(data).resolve())
+            raw["data_root"] = str(home(data).resolve())
     cfg = validate(raw, source, list(overrides))
     if isinstance(cfg.task, TableTaskCfg):
         cfg.task = absolute_paths(cfg.task)
     # config.yaml keeps paths absolute: later commands (submit, resume) may run from anywhere
     if cfg.model.checkpoint:
-        cfg.model.checkpoint = str(Path(cfg.model.checkpoint).expanduser().resolve())
+        cfg.model.checkpoint = str(home(cfg.model.checkpoint).resolve())
     if cfg.data_root:
-        cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())
+        cfg.data_root = str(home(cfg.data_root).resolve())
     if cfg.data.cache_dir:
-        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+        cfg.data.cache_dir = str(home(cfg.data.cache_dir).resolve())
     return cfg
 
 
@@ -558,20 +562,27 @@ def _migrate(raw: dict) -> None:
         pseudo.pop("threshold", None)
 
 
+def home(p: str | Path) -> Path:
+    """`~` and `~/...` as the user's home; `~name/...` stays a name (a folder may be called so, and
+    another user's home is no place for mt's files)."""
+    p = Path(p)
+    return p.expanduser() if p.parts and p.parts[0] == "~" else p
+
+
 def _anchor_paths(raw: dict, folder: Path) -> None:
     """A YAML file's relative paths (the data root, a table task's table, a local checkpoint, the
     cache) are relative to its folder."""
     if isinstance(raw.get("data_root"), str):
-        raw["data_root"] = str(folder / Path(raw["data_root"]).expanduser())  # an absolute path stays itself
+        raw["data_root"] = str(folder / home(raw["data_root"]))  # an absolute path stays itself
     for section, key in (("task", "table"), ("model", "checkpoint"), ("data", "cache_dir")):
         node = raw.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str):
-            node[key] = str(folder / Path(node[key]).expanduser())
+            node[key] = str(folder / home(node[key]))
 
 
 def absolute_paths(t: TableTaskCfg) -> TableTaskCfg:
-    table = Path(t.table).expanduser().resolve()
-    under = lambda p: str((table.parent / Path(p).expanduser()).resolve())  # noqa: E731  an absolute p stays itself
+    table = home(t.table).resolve()
+    under = lambda p: str((table.parent / home(p)).resolve())  # noqa: E731  an absolute p stays itself
     return t.model_copy(update={"table": str(table), "images": under(t.images or "."),
                                 "test": under(t.test) if t.test else None})
 

@@ -31,12 +31,14 @@ from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_
 WEIGHT_STEP = 0.05
 
 
-def member_probs(run_dir: Path) -> dict:
-    """A finished run's chosen round (the one `submit` uses): OOF and test final-class probabilities, with its blend."""
+def member_probs(run_dir: Path, r: int | None = None) -> dict:
+    """A finished run's round `r`, by default the chosen one (the one `submit` uses): OOF and test
+    final-class probabilities, with its blend."""
     run = RunDir(run_dir)
     cfg = load_run_config(run)
     task, heads = build_task(cfg)
-    r, _ = run.choose_round(cfg.train.folds, can_pick=False)
+    if r is None:
+        r, _ = run.choose_round(cfg.train.folds, can_pick=False)
     check_round(run, r, cfg)
     blend = blend_only(load_decision(run.round_dir(r)))
     oof = load_npz(run.round_dir(r) / "oof.npz")
@@ -117,7 +119,9 @@ def oof_votes_without(cfg) -> Callable[[int], dict[str, np.ndarray]] | None:
     ens = cfg.ensemble
     if ens is None or not ens.fold_weights:
         return None
-    return votes_without([member_probs(Path(r))["oof_probs"] for r in ens.runs], ens.fold_weights)
+    # the members' rounds the ensemble voted, whichever each would choose now (a later pseudo-label round)
+    return votes_without([member_probs(Path(run), r)["oof_probs"] for run, r in zip(ens.runs, ens.rounds)],
+                         ens.fold_weights)
 
 
 def votes_without(probs: list[np.ndarray],

@@ -116,11 +116,6 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     values = numeric_matrix(ctx.table.train, ctx.task)
     va = np.flatnonzero(ctx.folds == k)
     tr = np.flatnonzero((ctx.folds != k) & training_rows(ctx.task, cfg, values))
-    if len(tr) == 0:
-        dropping = ", ".join(f"numeric.{f}.drop_near_edge={n.drop_near_edge:g}"
-                             for f, n in cfg.numeric.items() if n.drop_near_edge)
-        why = f" ({dropping} leaves out every row of the other folds; lower it)" if dropping else ""
-        raise ConfigError(f"round {r} fold {k}: no training row is left to learn from{why}")
     train_images, train_factors, train_values = RowImages.of(ctx.train_images, tr), factors[tr], values[tr]
     pseudo = pseudo_labelled(ctx, r, k)
     if pseudo is not None:
@@ -128,6 +123,12 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
         train_factors = np.concatenate([train_factors, pseudo[1]])
         # a pseudo label is a class, not a number
         train_values = np.concatenate([train_values, np.full((len(pseudo[1]), values.shape[1]), np.nan)])
+    if len(train_images) == 0:  # pseudo-labelled rows alone would do
+        dropping = ", ".join(f"numeric.{f}.drop_near_edge={n.drop_near_edge:g}"
+                             for f, n in cfg.numeric.items() if n.drop_near_edge)
+        why = (f" ({dropping} leaves out every row of the other folds; lower it)"
+               if dropping and (ctx.folds != k).any() else "")
+        raise ConfigError(f"round {r} fold {k}: no training row is left to learn from{why}")
     # a teacher's probabilities: a student's for every row (distill.py), or soft pseudo labels for the
     # test images alone; the test images then join, unlabelled, and learn from them
     teacher, soft = distilled(ctx), soft_pseudo(ctx, r, k)

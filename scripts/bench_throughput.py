@@ -130,8 +130,6 @@ def main() -> None:
     h, w = (int(v) for v in (a.img_size or ("128x96" if quick else "256x192")).split("x"))
     batch = a.batch_size or (32 if quick else 128)
     n_images = a.n_images or (70 if quick else 18_900)
-    if n_images < batch:  # the naive loader drops a short batch: its epochs would be empty, and the bench endless
-        raise SystemExit(f"--n-images {n_images} is fewer than one batch ({batch}); give at least {batch}")
     steps = a.steps or (6 if quick else 60)
     warmup = a.warmup if a.warmup is not None else (2 if quick else 15)
     repeats = a.repeats or (1 if quick else 3)
@@ -154,6 +152,9 @@ def main() -> None:
     gen_s = time.perf_counter() - t0
     layout = read_layout(data_root, cfg.data.age_bins)
     paths = layout.train["path"].tolist()
+    if len(paths) < batch:  # the naive loader drops a short batch: its epochs would be empty, and the bench endless
+        raise SystemExit(f"{data_root}: {len(paths)} images, fewer than one batch ({batch}); give --n-images "
+                         f"{7 * -(-batch // 7)} or more (persons of 7 pictures), or another --data")
     # what a training batch carries: factor classes, then the numbers behind numeric factors (numeric.py)
     factors = np.column_stack([factor_values(layout.train, task), numeric_matrix(layout.train, task)]).astype(np.float32)
 

@@ -60,7 +60,8 @@ def check_build(b, faces: list[tuple], build: Path, limit: int) -> None:
             if got != want:
                 sys.exit(f"{table}: person {row['id']} is {want}, and this shuffle puts {got} there: not a build "
                          f"of these faces with this --seed")
-    if last != limit:  # a smaller --limit would put the build's own later persons among the outside faces
+    used = min(limit, len(faces)) if limit > 0 else len(faces)  # build_maskset.py's 0 (or more than there are): all
+    if last != used:  # a smaller --limit would put the build's own later persons among the outside faces
         sys.exit(f"{table}: the build's last person is face {last}, so it was built with --limit {last}, not {limit}")
 
 
@@ -91,7 +92,8 @@ def main() -> None:
     b = builder(a.tools)
     faces = shuffled_faces(b, a.faces, a.seed)
     check_build(b, faces, a.build, a.limit)
-    inside, outside = faces[:a.limit], faces[a.limit:]
+    used = min(a.limit, len(faces)) if a.limit > 0 else len(faces)
+    inside, outside = faces[:used], faces[used:]
     near = alike([f for f, *_ in inside], [f for f, *_ in outside], a.alike)
     a.out.mkdir(parents=True, exist_ok=True)
     if any(a.out.iterdir()):

@@ -7,9 +7,8 @@ metric against the answer key of its own build.
   python scripts/learning_curve.py RUN... --out curve.png [--score ../shared/tools/score.py]
 
 Prints one JSON line per run (persons; the submitted round's OOF macro F1 of the final class; its
-held-out F1, final class and per factor) and plots them. The OOF figure is the round the submission
-holds, read from its record: a run whose best round by OOF is another (submitted before a
-pseudo-label round) is refused, not scored beside another round's OOF.
+held-out F1, final class and per factor) and plots them. The OOF figure is that of the round the
+submission holds, read from its record, whichever round `mt submit` would choose now.
 """
 import argparse
 import io
@@ -19,22 +18,19 @@ from pathlib import Path
 import pandas as pd
 
 from multitask.context import load_run_config
-from multitask.run import RunDir, atomic_write_bytes, read_json, read_record
+from multitask.run import RunDir, atomic_write_bytes, read_json
+from multitask.runs import submitted_round
 from study_row import SCORE, score
 
 
 def row(path: Path, metric: Path) -> dict:
     run = RunDir(path)
     data = Path(load_run_config(run).data_root)
-    record = read_record(path / "submission.csv")
-    r = (record or {}).get("predicted_by", {}).get("round")
+    r = submitted_round(run)  # the round the file holds, by its record (checked against the file's digest)
     if r is None:
-        raise SystemExit(f"{path / 'submission.csv'}: no record of the round it holds (submit it again with `mt submit`)")
-    best, _ = run.choose_round(load_run_config(run).train.folds)
-    if best != r:
-        raise SystemExit(f"{path / 'submission.csv'} holds round {r}; `mt submit` would take round {best} now: "
-                         f"submit again (or choose the round) before reading its OOF beside its held-out score")
-    held = score(data / "answers.csv", path / "submission.csv", metric)
+        raise SystemExit(f"{run.submission}: no record of the round it holds that still matches the file; "
+                         f"submit it again with `mt submit`")
+    held = score(data / "answers.csv", run.submission, metric)
     oof = read_json(run.round_dir(r) / "summary.json")["oof"]
     return {"run": str(path), "round": r, "persons": int(pd.read_csv(path / "folds.csv")["group"].nunique()),
             "answers": str(data / "answers.csv"), "oof_f1": round(oof["f1"], 4), "held_out": held}

@@ -33,7 +33,7 @@ def members(demo_root, tmp_path_factory):
     return a, b
 
 
-def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp_path):
+def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp_path, monkeypatch):
     a, b = members
     out = tmp_path / "ens"
     summary = make_ensemble([a, b], out)
@@ -54,7 +54,10 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     # the same votes for a decision refitted later (scripts/subjects_offline.py, blend_only.py)
     from multitask.ensemble import oof_votes_without
 
-    without = oof_votes_without(load_run_config(RunDir(out)))
+    ens_cfg = load_run_config(RunDir(out))
+    with monkeypatch.context() as m:  # the rounds the ensemble voted, not those chosen after a later round
+        m.setattr(RunDir, "choose_round", lambda *a, **k: pytest.fail("a member's round chosen anew"))
+        without = oof_votes_without(ens_cfg)
     for k in np.unique(folds):
         assert (without(k)[FLAT_HEAD][folds == k].argmax(1) == classes[folds == k]).all()
     assert oof_votes_without(load_run_config(RunDir(a))) is None  # not an ensemble
