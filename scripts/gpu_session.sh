@@ -21,7 +21,8 @@
 # (0.6687 in 7 epochs of 15: the small network trained no faster than efficientnet_b0, about 2,000
 # img/s, bound by its step at batch 32). So a session with a device now runs, in this order:
 #   bash scripts/gpu_session.sh small      # bench_throughput on the demo's network: batch 32 and 128,
-#       eager, and 128 compiled (not run yet; a guess: 4 minutes): what a step costs, and what buys it back
+#       eager, and 128 compiled (run on a CPU only, at 140 images: 2 min; on a GPU a guess: 4 minutes):
+#       what a step costs, and what buys it back
 #   bash scripts/gpu_session.sh accuracy --config demo --set aug.backend=torch --set data.cache_on_device=true \
 #       --set data.num_workers=0 --set train.compile=true [--set train.batch_size=128 --set train.lr=LR]
 #       # the demo config with whatever `small` showed fastest (docs/RESULTS.md for the batch's LR)
