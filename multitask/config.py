@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -403,6 +404,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {item!r} has an empty key")
+    if re.fullmatch(r"[-+]?0[0-7_]+", raw.strip()):  # YAML 1.1: 010 is 8, where 09 stays 9
+        raise ConfigError(f"override {item!r}: YAML reads a number with a leading 0 as octal "
+                          f"({yaml.safe_load(raw)}); write it without the 0, or quote it for a string")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:

@@ -262,3 +262,9 @@ def test_an_unknown_key_is_matched_first_within_its_own_section():
     assert "(did you mean decide.subjects.anchor?)" in error_of(["decide.subjects={anchr: mask=not_worn}"])
     assert "(did you mean task.factors?)" in error_of(["task={table: t.csv, factor: []}"])
     assert "(did you mean data.img_size?)" in error_of(["train.img_size=[64, 64]"])  # another section's key
+
+
+def test_a_number_with_a_leading_zero_is_not_read_as_octal_silently():
+    assert "as octal (8)" in error_of(["train.seed=010"])
+    assert load_config(None, ["train.seed=10"]).train.seed == 10
+    assert load_config(None, ["train.seed=0"]).train.seed == 0  # a lone 0 is 0
