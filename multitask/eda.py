@@ -21,7 +21,7 @@ from PIL import Image
 
 from multitask.config import Config
 from multitask.context import read_data, task_of
-from multitask.data.cache import DECODE_ERRORS, ORIENTATION, upright_rgb
+from multitask.data.cache import DECODE_ERRORS, ORIENTATION, TURNED, upright_rgb
 from multitask.data.table import factor_values, value_column
 from multitask.labels import Factor, Task
 from multitask.run import atomic_write_bytes, atomic_write_text, check_writable
@@ -29,7 +29,6 @@ from multitask.run import atomic_write_bytes, atomic_write_text, check_writable
 SAMPLES_PER_CLASS = 6
 THUMB = 64
 MAX_LISTED = 50
-TURNED = (5, 6, 7, 8)  # EXIF orientations that turn the picture a quarter: width and height swap
 
 
 def image_facts(paths: list[str]) -> tuple[pd.DataFrame, list[dict]]:

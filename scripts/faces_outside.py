@@ -46,9 +46,10 @@ def shuffled_faces(b, faces_dir: Path, seed: int) -> list[tuple]:
     return faces
 
 
-def check_build(b, faces: list[tuple], build: Path, limit: int) -> None:
+def check_build(b, faces: list[tuple], build: Path, limit: int, used: int) -> None:
     """Every training person of the build is the face this shuffle puts at its place, and the last of
-    them is face `limit` (the build's training persons are the last of its faces)."""
+    them is face `used`, the number of faces a build with --limit `limit` takes (its training persons
+    are the last of them)."""
     table = build / "train" / "train.csv"
     last = 0
     with open(table, newline="") as fh:
@@ -60,7 +61,6 @@ def check_build(b, faces: list[tuple], build: Path, limit: int) -> None:
             if got != want:
                 sys.exit(f"{table}: person {row['id']} is {want}, and this shuffle puts {got} there: not a build "
                          f"of these faces with this --seed")
-    used = min(limit, len(faces)) if limit > 0 else len(faces)  # build_maskset.py's 0 (or more than there are): all
     if last != used:  # a smaller --limit would put the build's own later persons among the outside faces
         sys.exit(f"{table}: the build's last person is face {last}, so it was built with --limit {last}, not {limit}")
 
@@ -91,8 +91,8 @@ def main() -> None:
     a = ap.parse_args()
     b = builder(a.tools)
     faces = shuffled_faces(b, a.faces, a.seed)
-    check_build(b, faces, a.build, a.limit)
-    used = min(a.limit, len(faces)) if a.limit > 0 else len(faces)
+    used = min(a.limit, len(faces)) if a.limit > 0 else len(faces)  # build_maskset.py's 0 (or more than there are): all
+    check_build(b, faces, a.build, a.limit, used)
     inside, outside = faces[:used], faces[used:]
     near = alike([f for f, *_ in inside], [f for f, *_ in outside], a.alike)
     a.out.mkdir(parents=True, exist_ok=True)
