@@ -221,6 +221,9 @@ class TrainCfg(_Strict):
     amp: bool = True  # bf16 autocast on CUDA; the CPU always trains in fp32
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile for training and prediction alike
+    # torch.compile's mode: on a GPU `reduce-overhead` replays each step as one CUDA graph, for a small
+    # network whose step is bound by launching its many short kernels (docs/RESULTS.md, the H200 rows)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     device: str = "auto"
     # folds trained at once, each in its own process over the shared cache; `auto` spreads them over
     # every visible GPU (whether two on one GPU pay is for scripts/bench_kfold.py to say)

@@ -69,6 +69,11 @@ def autocast(device: torch.device, enabled: bool):
     return nullcontext()
 
 
+def compiled(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """`model` under torch.compile in `train.compile_mode` where `train.compile` asks for it, else itself."""
+    return torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
+
+
 def prepare_input(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
     if cfg.train.channels_last and device.type == "cuda":
         return x.contiguous(memory_format=torch.channels_last)

@@ -27,7 +27,7 @@ from multitask.config import Config, ConfigError
 from multitask.data.augment import BatchMixer
 from multitask.data.dataset import RowImages, TrainBatches
 from multitask.data.sampling import class_weights, sample_weights
-from multitask.device import autocast, place_model, prepare_input
+from multitask.device import autocast, compiled, place_model, prepare_input
 from multitask.inference import predict_probs
 from multitask.labels import Head, Task
 from multitask.losses import MultiHeadLoss
@@ -196,7 +196,7 @@ def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.dev
                                        dtype=torch.float32)
                for h in heads if cfg.loss_for(h.name).class_weights and class_counts is not None}
     criterion = MultiHeadLoss({h.name: cfg.loss_for(h.name) for h in heads}, aux_losses(task, cfg), weights, partial)
-    step_model = torch.compile(model) if tc.compile else model
+    step_model = compiled(model, cfg)
     return Training(model, step_model, ema, optimizer, scheduler, criterion, Targets(task, heads, cfg))
 
 

@@ -19,7 +19,7 @@ from multitask.data.augment import tta_view
 from multitask.data.cache import decode_into
 from multitask.data.dataset import RowImages, eval_batches
 from multitask.decide import blend_only, load_decision, predict_classes
-from multitask.device import autocast, place_model, prepare_input, resolve_device
+from multitask.device import autocast, compiled, place_model, prepare_input, resolve_device
 from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.model import MultiHeadNet, build_model
 from multitask.numeric import aux_activation, aux_kind, aux_outputs, is_aux
@@ -42,7 +42,7 @@ def predict_probs(model: MultiHeadNet, images: RowImages, cfg: Config, device: t
     views = list(cfg.aug.tta if views is None else views)
     was_training = model.training
     model.eval()
-    forward = torch.compile(model) if cfg.train.compile else model
+    forward = compiled(model, cfg)
     probs = {name: torch.empty((len(images), head.out_features), device=device)
              for name, head in model.heads.items()}
     start = 0

@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5, help="fold models soft-voted at inference")
     ap.add_argument("--aug-backend", default=None, help="torch (GPU default) | albumentations")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     ap.add_argument("--data", default=None, help="reuse/generate the JPEG set here (default: a temp dir)")
     ap.add_argument("--run-epochs", type=int, default=None, help="epochs of the real train_fold call (d)")
     a = ap.parse_args()
@@ -139,6 +140,7 @@ def main() -> None:
         f"model.backbone={model_name}", f"data.img_size=[{h}, {w}]", f"train.batch_size={batch}",
         f"train.eval_batch_size={batch * 4}", f"aug.backend={backend}", f"data.cache_on_device={cuda}",
         f"data.num_workers={0 if backend == 'torch' or not cuda else workers}", f"train.compile={a.compile}",
+        f"train.compile_mode={a.compile_mode}",
         "aug.tta=[none, hflip]"])
     task = mask_task(cfg.data.age_bins)
     heads = task.heads(cfg.heads)
@@ -231,7 +233,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
         "model": model_name, "img_size": [h, w], "batch_size": batch, "aug_backend": backend,
-        "compile": a.compile, "precision": "bf16" if cuda and cfg.train.amp else "fp32",
+        "compile": a.compile, "compile_mode": a.compile_mode if a.compile else None, "precision": "bf16" if cuda and cfg.train.amp else "fp32",
         "n_images": len(paths), "jpeg_size": [512, 384], "steps": steps, "repeats": repeats,
         "model_bound_img_s": round(model_bound, 1), "pipeline_img_s": round(pipeline, 1),
         "naive_img_s": round(naive, 1), "naive_workers": workers,
