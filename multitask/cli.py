@@ -103,7 +103,10 @@ def print_decision(summary: dict) -> None:
     """The final class as `mt submit` decides it (subjects, the auxiliary blend, offsets), fitted on
     the OOF: fold-honest (refitted without each fold) beside the optimistic in-sample figure."""
     oof = summary.get("decision")
-    if oof:
+    if oof and oof["honest"] is None:  # one fold: nothing to refit it on without the fold it scores
+        console.print(f"the decision `mt submit` applies: final-class macro F1 {oof['in_sample']['f1']:.4f} fitted "
+                      f"and scored on the same rows (one fold: no fold-honest figure; decision.json)")
+    elif oof:
         console.print(f"the decision `mt submit` applies: final-class macro F1 {oof['honest']['f1']:.4f} fold-honest "
                       f"({oof['in_sample']['f1']:.4f} fitted and scored on the same rows; decision.json)")
 

@@ -144,10 +144,14 @@ def take(d: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
 def honest_scores(task: Task, heads: list[Head], probs: dict[str, np.ndarray], factors: np.ndarray,
                   values: dict[str, np.ndarray], folds: np.ndarray, cfg: Config,
                   pictures: Pictures | None = None,
-                  probs_without: Callable[[int], dict[str, np.ndarray]] | None = None) -> dict:
+                  probs_without: Callable[[int], dict[str, np.ndarray]] | None = None) -> dict | None:
     """The decision refitted without each fold and applied to that fold only; scored over all rows.
     `probs_without(k)`: the probabilities as they would be had fold k been left out of what made
-    them (an ensemble's vote with its weights refitted without fold k); `probs` where not given."""
+    them (an ensemble's vote with its weights refitted without fold k); `probs` where not given.
+    None for OOF of one fold: there the decision would be refitted on no row at all, and score the
+    plain argmax under the name of a decision that `mt submit` never applies."""
+    if len(np.unique(folds)) < 2:
+        return None
     classes = np.zeros(len(factors), np.int64)
     part = lambda rows: pictures.take(rows) if pictures is not None else None  # noqa: E731
     for k in np.unique(folds):
@@ -167,7 +171,7 @@ def is_active(task: Task, cfg: Config) -> bool:
 def honest_f1(summary: dict) -> float | None:
     """A round's final-class macro F1 under its decision, fold-honest (decide_round's report, which
     the round summary keeps); None for a round without a decision."""
-    return (summary.get("decision") or {}).get("honest", {}).get("f1")
+    return ((summary.get("decision") or {}).get("honest") or {}).get("f1")
 
 
 def decide_round(round_dir: Path, task: Task, heads: list[Head], probs: dict[str, np.ndarray],

@@ -46,7 +46,12 @@ def member_probs(run_dir: Path, r: int | None = None) -> dict:
     test = load_npz(test_path) if test_path.exists() else None
     probs = lambda z: predict_classes(task, heads, head_probs(z), cfg,  # noqa: E731
                                       blend)[0]
-    return {"cfg": cfg, "task": task, "round": r, "train_ids": run.round_train_ids(r) or {}, "oof": oof, "oof_probs": probs(oof),
+    oof_probs = probs(oof)
+    # fold k held out: an ensemble's vote with its weights refitted without fold k (they saw it otherwise)
+    inner = oof_votes_without(cfg)
+    without = (lambda k: inner(k)[FLAT_HEAD]) if inner is not None else (lambda k: oof_probs)
+    return {"cfg": cfg, "task": task, "round": r, "train_ids": run.round_train_ids(r) or {}, "oof": oof,
+            "oof_probs": oof_probs, "oof_without": without,
             "test_ids": test["image_id"] if test is not None else None,
             "test_likeness": {"likeness": test["likeness"]} if test is not None and "likeness" in test else {},
             "test_probs": probs(test) if test is not None else None}
@@ -120,13 +125,16 @@ def oof_votes_without(cfg) -> Callable[[int], dict[str, np.ndarray]] | None:
     if ens is None or not ens.fold_weights:
         return None
     # the members' rounds the ensemble voted, whichever each would choose now (a later pseudo-label round)
-    return votes_without([member_probs(Path(run), r)["oof_probs"] for run, r in zip(ens.runs, ens.rounds)],
+    return votes_without([member_probs(Path(run), r)["oof_without"] for run, r in zip(ens.runs, ens.rounds)],
                          ens.fold_weights)
 
 
-def votes_without(probs: list[np.ndarray],
+Without = Callable[[int], np.ndarray]  # a member's OOF probabilities with fold k held out of every fit
+
+
+def votes_without(probs: list[Without],
                   fold_weights: dict[int, np.ndarray]) -> Callable[[int], dict[str, np.ndarray]]:
-    return lambda k: {FLAT_HEAD: weighted(probs, fold_weights[k])}
+    return lambda k: {FLAT_HEAD: weighted([p(k) for p in probs], fold_weights[k])}
 
 
 def weighted(probs: list[np.ndarray], w) -> np.ndarray:
@@ -176,17 +184,18 @@ def fit_weights(probs: list[np.ndarray], y: np.ndarray, n_classes: int) -> np.nd
         best = max(gains)
 
 
-def weights_without(probs: list[np.ndarray], y: np.ndarray, folds: np.ndarray, n_classes: int) -> dict[int, np.ndarray]:
-    """The weights refitted without each fold: fold k is scored by weights that never saw it."""
-    return {k: fit_weights([p[folds != k] for p in probs], y[folds != k], n_classes) for k in np.unique(folds)}
+def weights_without(probs: list[Without], y: np.ndarray, folds: np.ndarray, n_classes: int) -> dict[int, np.ndarray]:
+    """The weights refitted without each fold: fold k is scored by weights that never saw it, fitted
+    on members whose own fitted parts (an ensemble member's weights) never saw it either."""
+    return {k: fit_weights([p(k)[folds != k] for p in probs], y[folds != k], n_classes) for k in np.unique(folds)}
 
 
-def honest_weights_score(probs: list[np.ndarray], factors: np.ndarray, folds: np.ndarray, task,
+def honest_weights_score(probs: list[Without], factors: np.ndarray, folds: np.ndarray, task,
                          fold_weights: dict[int, np.ndarray]) -> dict:
     classes = np.zeros(len(factors), np.int64)
     for k, w in fold_weights.items():
         held = folds == k
-        classes[held] = weighted([p[held] for p in probs], w).argmax(1)
+        classes[held] = weighted([p(k)[held] for p in probs], w).argmax(1)
     return score_classes(task, classes, factors)
 
 
@@ -207,7 +216,8 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     task, oof = members[0]["task"], members[0]["oof"]
     factors, folds = oof["factors"], oof["fold"]
     oof_probs = [m["oof_probs"] for m in members]
-    fold_weights = weights_without(oof_probs, task.encode(factors), folds, task.n_classes) if weights is None else None
+    without = [m["oof_without"] for m in members]
+    fold_weights = weights_without(without, task.encode(factors), folds, task.n_classes) if weights is None else None
     if weights is None:
         w = fit_weights(oof_probs, task.encode(factors), task.n_classes)
     else:
@@ -239,14 +249,14 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
                    "members": [{"run": str(r), "round": m["round"], "weight": float(x), "oof": score_classes(task, m["oof_probs"].argmax(1), factors)}
                                for r, m, x in zip(runs, members, w)],
                    "oof": score_classes(task, voted.argmax(1), factors),
-                   "oof_weights_honest": honest_weights_score(oof_probs, factors, folds, task, fold_weights)
+                   "oof_weights_honest": honest_weights_score(without, factors, folds, task, fold_weights)
                    if fold_weights is not None else None}
         if is_active(task, cfg):
             # fold-honest but for one number per member: fold k's decision is fitted on a vote whose weights
             # never saw fold k, while each member's auxiliary blend stays its own, fitted on all its OOF
-            without = votes_without(oof_probs, fold_weights) if fold_weights else None
+            voted_without = votes_without(without, fold_weights) if fold_weights else None
             summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg,
-                                               oof.get("likeness"), without)
+                                               oof.get("likeness"), voted_without)
         write_json(run.round_dir(0) / "summary.json", summary)
         write_json(run.summary, {"latest_round": 0, "rounds": [summary]})
     return summary

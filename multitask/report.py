@@ -132,7 +132,7 @@ def scores_section(summaries: dict[int, dict], fitted: dict[int, dict], n_folds:
                    + "".join(f"<td>{s['oof'].get(k, float('nan')):.4f}</td>" for k in keys) + "</tr>"
                    for q, s in summaries.items())
     decided = "".join(f"<tr><td>{q}</td><td>{s['decision']['in_sample']['f1']:.4f}</td>"
-                      f"<td>{s['decision']['honest']['f1']:.4f}</td><td>{html.escape(decision_line(fitted.get(q, {})))}</td>"
+                      f"<td>{honest(s['decision'])}</td><td>{html.escape(decision_line(fitted.get(q, {})))}</td>"
                       f"</tr>" for q, s in summaries.items() if "decision" in s)
     folds = "".join(f"<tr><td>{q}</td><td>{k}</td><td>{f['best_epoch']}</td><td>{f['val_f1_no_tta']:.4f}</td>"
                     f"<td>{f['oof_f1_tta']:.4f}</td><td>{f['train_s']:.0f}</td></tr>"
@@ -149,6 +149,11 @@ def scores_section(summaries: dict[int, dict], fitted: dict[int, dict], n_folds:
             + ("<p>Each fold (its validation persons are its share of the OOF):</p><table><tr><th>round</th>"
                "<th>fold</th><th>best epoch</th><th>validation f1 at it (no TTA)</th><th>OOF f1 (TTA)</th>"
                f"<th>train s</th></tr>{folds}</table>" if folds else ""))
+
+
+def honest(decision: dict) -> str:
+    """The decision's fold-honest F1, or why there is none (OOF of one fold)."""
+    return f"{decision['honest']['f1']:.4f}" if decision.get("honest") else "one fold: none"
 
 
 def decision_line(d: dict) -> str:

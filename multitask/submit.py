@@ -18,7 +18,7 @@ from multitask.data.layout import read_csv
 from multitask.data.table import factor_values
 from multitask.decide import load_decision, predict_classes
 from multitask.outputs import prediction_table, write_rows
-from multitask.run import (atomic_writer, check_output_file, head_probs, load_npz, provenance_file, read_record,
+from multitask.run import (RunError, atomic_writer, check_output_file, head_probs, load_npz, provenance_file, read_record,
                            write_json)
 from multitask.subjects import Pictures, stored_pictures
 
@@ -58,6 +58,12 @@ def load_round_test_probs(ctx: Context, r: int) -> tuple[np.ndarray, dict[str, n
         raise FileNotFoundError(f"{path}: no test probabilities (the task has no test images: "
                                 f"a competition root without eval/, or a table task without task.test)")
     z = load_npz(path)
+    # the competition's file follows info.csv, read afresh and checked (submission_text); a table
+    # task's is written in the order predicted, which must still be the test list's
+    if ctx.table.info_csv is None and not np.array_equal(z["image_id"], ctx.table.test_ids()):
+        raise RunError(f"{path}: predicted for other test images, or in another order, than {ctx.cfg.task.test} now "
+                       f"lists ({len(z['image_id'])} predicted, {len(ctx.table.test)} listed); `mt predict --run "
+                       f"{ctx.run.root}` predicts any list of images, or retrain with `mt train --force`")
     return z["image_id"], head_probs(z), stored_pictures(z)
 
 

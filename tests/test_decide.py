@@ -87,6 +87,20 @@ def test_the_honest_estimate_fits_on_other_folds_only(monkeypatch):
     assert moved["f1"] == macro_f1(TASK.encode(factors), classes, 6) < honest["f1"]
 
 
+def test_oof_of_one_fold_has_no_fold_honest_figure(tmp_path):
+    # refitted without its only fold, the decision would be fitted on no row and score the plain
+    # argmax under the name of a decision that submit never applies
+    from multitask.decide import decide_round, honest_f1
+
+    probs, factors = biased_case(120)
+    cfg = tiny_config(None, "decide.offsets=factor", "numeric={}")
+    heads = TASK.heads("kind,num")
+    assert honest_scores(TASK, heads, probs, factors, {}, np.zeros(120, np.int64), cfg) is None
+    report = decide_round(tmp_path, TASK, heads, probs, factors, {}, np.zeros(120, np.int64), cfg)
+    assert report["honest"] is None and report["in_sample"]["f1"] > report["argmax"]["f1"]
+    assert honest_f1({"decision": report}) is None
+
+
 def exceedance(num: np.ndarray) -> np.ndarray:
     """Ordinal outputs P(num >= 10), P(num >= 20) that say bin `num` with confidence."""
     return np.stack([(num >= 1), (num >= 2)], 1).astype(float) * 0.9 + 0.05

@@ -182,6 +182,28 @@ def test_the_ensembles_honest_decision_scores_each_fold_with_weights_that_never_
     assert summary["decision"]["honest"]["f1"] == macro_f1(y, classes, task.n_classes)
 
 
+def test_a_nested_ensembles_honest_figures_refit_the_inner_weights_too(members, tmp_path):
+    # an ensemble member's stored vote has weights fitted on every fold: with fold k held out, its
+    # weights refitted without fold k are what the outer weights may be fitted on and scored with
+    a, b = members
+    inner, outer = tmp_path / "inner", tmp_path / "outer"
+    make_ensemble([a, b], inner)
+    summary = make_ensemble([inner, a], outer)
+    ens = load_run_config(RunDir(inner)).ensemble
+    task, _ = build_task(load_run_config(RunDir(outer)))
+    pa, pb = member_probs(a)["oof_probs"], member_probs(b)["oof_probs"]
+    oof = load_npz(RunDir(outer).round_dir(0) / "oof.npz")
+    y, folds = task.encode(oof["factors"]), oof["fold"]
+    classes, leaky = np.zeros(len(y), np.int64), np.zeros(len(y), np.int64)
+    for k in np.unique(folds):
+        fit, held = folds != k, folds == k
+        for voted, out in ((weighted([pa, pb], ens.fold_weights[k]), classes), (weighted([pa, pb], ens.weights), leaky)):
+            w = fit_weights([voted[fit], pa[fit]], y[fit], task.n_classes)
+            out[held] = weighted([voted[held], pa[held]], w).argmax(1)
+    assert not np.array_equal(classes, leaky)  # the case tells the two apart
+    assert summary["oof_weights_honest"]["f1"] == macro_f1(y, classes, task.n_classes)
+
+
 def test_a_moved_member_is_named_with_the_way_to_follow_it(members, demo_root, tmp_path):
     """An ensemble reads its members' models where they were: moved, it said only that a config.yaml
     was not found; its place may be rewritten in the ensemble's config.yaml, and predictions follow."""

@@ -18,7 +18,7 @@ from multitask.data.table import DataError, read_table
 from multitask.kfold import train_run
 from multitask.predict import predict_images
 from multitask.pseudo import pseudo_label
-from multitask.run import RunDir, load_npz, read_json
+from multitask.run import RunDir, RunError, load_npz, read_json
 from multitask.submit import make_submission
 
 SHAPE = {"name": "shape", "classes": ["circle", "square"], "per_group": True}
@@ -348,6 +348,25 @@ def test_a_table_task_without_test_images_is_told_where_they_were_looked_for(tab
     with pytest.raises(FileNotFoundError, match=f"{run}: the task has no test images \\(no task.test in the table "
                                                 f"task {table}\\): nothing to pseudo-label"):
         pseudo_label(run, precision=0.0)
+
+
+def test_a_submission_of_a_test_list_changed_since_training_is_refused(table_run, table_root, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(table_run[0], run)
+    reordered = tmp_path / "test.csv"
+    pd.read_csv(table_root / "test.csv").iloc[::-1].to_csv(reordered, index=False)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["task"]["test"] = str(reordered)  # a place, not a setting: the run follows it
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "sub.csv"
+    with pytest.raises(RunError, match="test_probs.npz: predicted for other test images, or in another order, than "
+                                       f"{reordered} now lists"):
+        make_submission(run, out)
+    assert not out.exists()
 
 
 def test_predict_on_a_folder_a_csv_and_one_file_matches_the_submission(table_run, table_root, tmp_path):
