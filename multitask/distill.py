@@ -27,9 +27,8 @@ from multitask.context import (build_task, check_checkpoint_place, check_round, 
 from multitask.data.cache import undecodable_error
 from multitask.data.folds import with_labels
 from multitask.decide import Decision, blend_only, load_decision, predict_classes
-from multitask.kfold import train_round
+from multitask.kfold import checked_settings, train_round
 from multitask.labels import FLAT_HEAD
-from multitask.model import check_model
 from multitask.outputs import CHUNK
 from multitask.inference import DecodedImages, run_outputs
 from multitask.run import RunDir, atomic_write_text, save_npz, write_json
@@ -112,7 +111,8 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
                          list(overrides))
     if cfg.model.checkpoint and cfg.model.checkpoint == t_cfg.model.checkpoint:
         check_checkpoint_place(teacher, t_cfg)  # the student starts where the teacher did
-    cfg = cfg.model_copy(update={"model": check_model(cfg.model, build_task(cfg)[1])})  # its checkpoint's digest pinned
+    # as `mt train` checks them, before the teacher predicts (its augmentation at another --img-size)
+    cfg = checked_settings(cfg, build_task(cfg)[1])
     t_ctx = reopen_context(teacher.root, with_images=False)
     run = RunDir(out)
     if run.root.resolve() == teacher.root.resolve():

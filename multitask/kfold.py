@@ -29,7 +29,7 @@ from multitask.decide import decide_round, is_active
 from multitask.device import resolve_device, worker_devices
 from multitask.engine import FoldData, tensorboard_writer_class, train_fold
 from multitask.inference import load_model, predict_probs, vote
-from multitask.labels import Task
+from multitask.labels import Head, Task
 from multitask.metrics import score_probs
 from multitask.model import check_model
 from multitask.numeric import training_rows
@@ -363,6 +363,19 @@ def check_round_labels(ctx: Context, r: int) -> None:
                        f"round {r} again from round {r - 1}; or remove {round_dir} to leave the run at round {r - 1}")
 
 
+def checked_settings(cfg: Config, heads: list[Head]) -> Config:
+    """The settings' own checks, before any data is read or anything written (a bad backbone, heads,
+    checkpoint, device, process count or augmentation): `cfg` with its checkpoint's digest pinned."""
+    cfg = cfg.model_copy(update={"model": check_model(cfg.model, heads)})
+    check_processes(cfg)
+    resolve_device(cfg.train.device)
+    if cfg.aug.backend == "albumentations":
+        check_albumentations(cfg.aug.train, tuple(cfg.data.img_size))
+    if cfg.train.tensorboard:
+        tensorboard_writer_class()
+    return cfg
+
+
 def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, on_epoch=None,
               started: float | None = None) -> dict:
     """`mt train`: round 0 of a run; `force` clears an existing run in `out` first. `on_epoch(fold,
@@ -372,15 +385,10 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     started = time.perf_counter() if started is None else started
     run = RunDir(out)
     task, heads = build_task(cfg)
-    # check, read and decode everything before touching the run directory: a bad backbone, heads,
-    # checkpoint, augmentation, table or an undecodable image stop here, with nothing written
-    cfg = cfg.model_copy(update={"model": check_model(cfg.model, heads)})  # with the checkpoint's digest pinned
-    check_processes(cfg)
+    # check, read and decode everything before touching the run directory: bad settings, a bad table
+    # or an undecodable image stop here, with nothing written
+    cfg = checked_settings(cfg, heads)
     device = resolve_device(cfg.train.device)
-    if cfg.aug.backend == "albumentations":
-        check_albumentations(cfg.aug.train, tuple(cfg.data.img_size))
-    if cfg.train.tensorboard:
-        tensorboard_writer_class()
     table = read_checked(cfg, task, progress)
     check_writable(run.root)  # before the cache build, which may take long
     if dist.world() > 1:  # rank 0 decodes into the cache first; the others then find it there

@@ -207,8 +207,9 @@ def pseudo_section(run, task, n_folds: int) -> str:
         promise = read_json(promise_path)["factors"] if promise_path.exists() else {}
         for f in task.factors:
             counts = chosen[f.name][chosen[f.name] >= 0].value_counts()
-            # per fold: every fold, those that selected nothing among them
-            per_class = ", ".join(f"{f.classes[int(c)]} {n / n_folds:.0f}" for c, n in sorted(counts.items()))
+            # per fold: every fold, those that selected nothing among them; one decimal, or a rare
+            # class chosen twice over five folds would read 0
+            per_class = ", ".join(f"{f.classes[int(c)]} {n / n_folds:.1f}" for c, n in sorted(counts.items()))
             p = promise.get(f.name, {})
             prec = f"{p['precision']:.3f}" if p.get("precision") is not None else "—"
             if p.get("persons") is not None:  # runs of earlier versions did not count them

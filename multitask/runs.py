@@ -104,11 +104,18 @@ def held_out(run: RunDir, answers: Path) -> float | None:
     where the run has no submission or the key is of the other kind."""
     if not run.submission.exists():
         return None
-    sub, truth = pd.read_csv(run.submission), pd.read_csv(answers)
+    sub, truth = pd.read_csv(run.submission, dtype=str, keep_default_na=False), _read_str_csv(answers, "answer key")
     if {"ImageID", "ans"} <= set(sub.columns) and {"ImageID", "ans"} <= set(truth.columns):
-        merged = truth.merge(sub, on="ImageID", suffixes=("_true", "_pred"), how="left")
+        ans = truth["ans"].str.strip()
+        bad = ~ans.str.fullmatch(r"\d+")
+        if bad.any():  # a blank or a word: the key's fault, named, not every run's row made unreadable
+            raise AnswerKeyError(f"{answers}: ans must be a class number on every row; line {bad.idxmax() + 2} "
+                                 f"holds {ans[bad].iloc[0]!r}")
+        merged = truth.assign(ans=ans).merge(sub, on="ImageID", suffixes=("_true", "_pred"), how="left")
         if merged["ans_pred"].isna().any():
-            return None
+            raise AnswerKeyError(f"{run.submission}: no prediction for {int(merged['ans_pred'].isna().sum())} of the "
+                                 f"key's images, e.g. {merged['ImageID'][merged['ans_pred'].isna()].iloc[0]!r}: a "
+                                 f"submission of other test images than {answers} scores")
         y, p = merged["ans_true"].to_numpy(np.int64), merged["ans_pred"].to_numpy(np.int64)
         return macro_f1(y, p, int(max(y.max(), p.max())) + 1)
     cfg = load_config(run.config)

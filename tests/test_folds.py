@@ -65,6 +65,20 @@ def test_leak_check_catches_a_split_person():
         check_no_leak(leaked)
 
 
+def test_a_damaged_folds_csv_is_named_as_such(tmp_path):
+    # a hand edit or a bad merge: one line that names the file, not the split's own assertion
+    from multitask.data.folds import read_folds
+
+    for rows, problem in (("a,0\na,1\nb,1\n", "1 group\(s\) in more than one fold"),
+                          ("a,0\nb,-1\n", "some groups were given no fold"),
+                          ("a,0\nb,one\n", "folds that are not whole numbers, e.g. 'one'")):
+        path = tmp_path / "folds.csv"
+        path.write_text("group,fold\n" + rows)
+        with pytest.raises(ValueError, match=f"{path}: damaged, {problem}.*`mt train --force` makes again") as e:
+            read_folds(path)
+        assert not isinstance(e.value, AssertionError)
+
+
 def test_too_few_persons_is_an_error():
     with pytest.raises(ValueError, match=r"train.folds 5: the training data holds 3 groups \(persons\), too few"):
         make_folds(fake_table(3), mask_task(), 5, seed=0)

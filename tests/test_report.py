@@ -226,10 +226,11 @@ def test_pseudo_label_counts_per_fold_count_the_folds_that_selected_nothing(demo
     train_run(cfg, out)
     shutil.copytree(out / "round0", out / "round1")  # a second round, as pseudo-labelling would add
     mask = task_of(cfg).factors[0]
-    pd.DataFrame({"ImageID": [f"i{k}" for k in range(4)], "fold": 0, "mask": 0, "conf_mask": 0.99,
+    pd.DataFrame({"ImageID": [f"i{k}" for k in range(5)], "fold": 0, "mask": [0, 0, 0, 0, 2], "conf_mask": 0.99,
                   "gender": -1, "conf_gender": 0.0, "age": -1, "conf_age": 0.0}).to_csv(out / "round1" / "pseudo.csv", index=False)
     text = write_report(out).read_text()
-    assert f"<td>{mask.classes[0]} 2</td>" in text  # 4 selected by fold 0, none by fold 1: 2 per fold
+    # 4 selected by fold 0, none by fold 1: 2 per fold; a rare class's single label is not rounded to 0
+    assert f"<td>{mask.classes[0]} 2.0, {mask.classes[2]} 0.5</td>" in text
 
 
 def test_fold_scores_script_scores_each_fold_alone_and_their_vote(demo_root, tmp_path):

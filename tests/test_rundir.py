@@ -266,6 +266,7 @@ def test_a_pseudo_round_with_nothing_to_add_is_not_trained(run, monkeypatch):
     ("model.checkpoint=/nonexistent/w.pth", "/nonexistent/w.pth: checkpoint file not found"),
     ("train.device=gpu", "train.device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
     ("train.device=cuda:99", "train.device 'cuda:99':"),
+    ("train.device=mps", "train.device 'mps': mt trains on the CPU or CUDA GPUs only"),
     # found once the data is read: the folds are made before config.yaml is written
     ("train.folds=500", "train.folds 500: the training data holds"),
 ])
@@ -676,6 +677,17 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     edited.to_csv(copied.submission, index=False)  # by hand, since its record
     assert "a submission whose round is unknown (no record, or changed since)" in \
         runs_table([copied.root], demo_root / "answers.csv").iloc[0]["note"]
+    # a key with a blank class: the key is named, and the run keeps its own figures
+    key = pd.read_csv(demo_root / "answers.csv", dtype=str)
+    key.loc[3, "ans"] = ""
+    key.to_csv(tmp_path / "blank.csv", index=False)
+    blank = runs_table([copied.root], tmp_path / "blank.csv").iloc[0]
+    assert blank["note"] == (f"no held-out score: {tmp_path / 'blank.csv'}: ans must be a class number on every row; "
+                             f"line 5 holds ''") and blank["oof_f1"] == 0.99
+    key.drop(index=3).assign(ans="1").to_csv(tmp_path / "more.csv", index=False)
+    pd.read_csv(copied.submission).drop(index=0).to_csv(copied.submission, index=False)
+    assert "submission.csv: no prediction for 1 of the key's images" in \
+        runs_table([copied.root], tmp_path / "more.csv").iloc[0]["note"]
     # a flat head has no factor of its own: its factor columns are read off the final class, as every run's are
     flat = table.set_index(table["run"].str.rsplit("/", n=1).str[-1]).loc["flat"]
     flat_oof = read_json(tmp_path / "runs" / "flat" / "summary.json")["rounds"][0]["oof"]

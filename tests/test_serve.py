@@ -394,6 +394,18 @@ def test_a_student_stopped_while_it_is_set_up_is_not_taken_for_a_run(runs, tmp_p
     assert distill(runs["shared"], student, epochs=1)["complete"]  # a plain retry, no --force
 
 
+def test_a_students_augmentation_is_checked_before_the_teacher_predicts(runs, tmp_path, monkeypatch):
+    # as `mt train` checks it: a crop to the teacher's size would not fit the student's smaller cache
+    import multitask.distill as distill_mod
+
+    monkeypatch.setattr(distill_mod, "teacher_probs", lambda *a, **k: pytest.fail("the teacher predicted first"))
+    student = tmp_path / "student"
+    with pytest.raises(ConfigError, match="aug.train"):
+        distill(runs["shared"], student, epochs=1, img_size=(24, 24),
+                overrides=["aug.backend=albumentations", "aug.train=[{name: RandomResizedCrop, size: [32, 32]}]"])
+    assert not student.exists()
+
+
 def test_a_student_pins_the_checkpoint_it_starts_from(runs, tmp_path):
     """As `mt train` does: the student's config.yaml holds its checkpoint's digest, so that a later
     `mt resume` of the student knows the file was overwritten."""

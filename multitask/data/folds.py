@@ -107,7 +107,13 @@ def read_folds(path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: damaged, no column {missing[0]!r} (columns: {list(folds.columns)}); it is the "
                          f"run's split, which `mt train --force` makes again")
-    check_no_leak(folds)
+    try:
+        if not pd.api.types.is_integer_dtype(folds["fold"]):
+            bad = folds["fold"][~folds["fold"].astype(str).str.fullmatch(r"-?\d+")]
+            raise FoldLeakError(f"folds that are not whole numbers, e.g. {bad.iloc[0]!r}")
+        check_no_leak(folds)
+    except FoldLeakError as e:  # a hand edit or a bad merge: a damaged file, not a bug of the split
+        raise ValueError(f"{path}: damaged, {e}; it is the run's split, which `mt train --force` makes again") from None
     return folds
 
 
