@@ -200,11 +200,14 @@ def build_training(cfg: Config, task: Task, heads: list[Head], device: torch.dev
     return Training(model, step_model, ema, optimizer, scheduler, criterion, Targets(task, heads, cfg))
 
 
-def last_state(t: Training, epochs_done: int, step: int, best: dict, device: torch.device, train_id: str) -> dict:
-    """What last.pt holds: everything a resumed fold needs to carry on as if never stopped."""
+def last_state(t: Training, epochs_done: int, step: int, best: dict, device: torch.device, train_id: str,
+               settings: str | None = None) -> dict:
+    """What last.pt holds: everything a resumed fold needs to carry on as if never stopped, and the
+    settings it was trained under (context.settings_hash), for `mt resume` to check."""
     return {"model": t.model.state_dict(), "ema": t.ema.module.state_dict() if t.ema is not None else None,
             "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-            "epochs_done": epochs_done, "step": step, "best": best, "rng": rng_state(device), "train_id": train_id}
+            "epochs_done": epochs_done, "step": step, "best": best, "rng": rng_state(device), "train_id": train_id,
+            "settings": settings}
 
 
 def resume_from(path: Path, t: Training, device: torch.device) -> tuple[int, int, dict, list[dict], str]:
@@ -326,7 +329,7 @@ def validate(model, cfg: Config, task: Task, heads: list[Head], data: FoldData,
 
 def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_dir: Path, seed: int,
                device: torch.device, progress=None, label: str = "fold", resume: bool = False,
-               on_epoch=None) -> dict:
+               on_epoch=None, settings: str | None = None) -> dict:
     """Train, validate each epoch, checkpoint; return the best epoch's validation scores and the
     training's id. With `resume`, carry on from out_dir/last.pt where there is one: on the CPU the
     result is the one an uninterrupted run gives (batch order and augmentation are seeded per epoch,
@@ -391,7 +394,7 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
             save_torch(out_dir / "best.pt", {"model": eval_model.state_dict(), "epoch": number, "scores": scores,
                                              "train_id": train_id})
         top.offer(number, scores["f1"], eval_model)
-        save_torch(out_dir / "last.pt", last_state(t, number, step, best, device, train_id))
+        save_torch(out_dir / "last.pt", last_state(t, number, step, best, device, train_id, settings))
         if progress:
             progress.console.print(
                 f"  {label} epoch {number}/{tc.epochs}  loss {row['train_loss']:.3f}  "

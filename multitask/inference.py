@@ -156,9 +156,8 @@ class DecodedImages:
 
 
 def read_once(cfg: Config) -> Config:
-    """Images decoded for one prediction are read once: a device copy of them (data.cache_on_device)
-    would stay in the process-wide store of training's cache copies (dataset.device_copy), and
-    memory would grow with every chunk of `mt predict`."""
+    """Images decoded for one prediction are read once: a whole device copy of each chunk of `mt
+    predict` (data.cache_on_device, dataset.device_copy) would cost more than sending its batches."""
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_on_device": False})})
 
 

@@ -35,7 +35,7 @@ from multitask.model import check_model
 from multitask.numeric import training_rows
 from multitask.parallel import WorkerDied, run_in_workers
 from multitask.run import (SOFT_FILE, RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint,
-                           head_probs, load_npz, read_json, save_npz, write_json)
+                           head_probs, load_npz, load_torch, read_json, save_npz, write_json)
 from multitask.subjects import likeness
 
 
@@ -151,7 +151,7 @@ def train_round_fold(ctx: Context, r: int, k: int, device: torch.device, progres
     fold_dir = ctx.run.fold_dir(r, k)
     best = train_fold(cfg, ctx.task, ctx.heads, data, fold_dir, seed=cfg.train.seed * 1000 + r * 100 + k,
                       device=device, progress=progress, label=f"round {r} fold {k}", resume=resume,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch, settings=run_settings_hashes(ctx.run, cfg)[0])
     dist.on_main(save_predictions, ctx, r, k, best["train_id"], data, va, device)
 
 
@@ -341,15 +341,20 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), progress=None) ->
 
 def check_finished_folds(ctx: Context, r: int) -> None:
     """The folds of round r already finished still predict the images the task's tables list, and
-    were trained under the settings config.yaml holds: an edited table or config.yaml stops `mt
-    resume` here, before the unfinished folds train on it (or a finished round is rebuilt)."""
+    they and the folds killed part-way (their last.pt) were trained under the settings config.yaml
+    holds: an edited table or config.yaml stops `mt resume` here, before the unfinished folds train
+    on it (a killed fold would carry on its old schedule under new settings) or a finished round is
+    rebuilt."""
     trained = {}
     for k in range(ctx.cfg.train.folds):
+        fold_dir = ctx.run.fold_dir(r, k)
         if fold_finished(ctx, r, k):
-            fold_dir = ctx.run.fold_dir(r, k)
             oof = load_npz(fold_dir / "oof.npz")
             check_identities(ctx, r, k, oof, load_npz(fold_dir / "test.npz") if ctx.table.test is not None else None)
             trained[k] = oof.get("settings")
+        elif (fold_dir / "last.pt").exists():  # an older mt's last.pt has no settings: not checked
+            trained[k] = load_torch(fold_dir / "last.pt", "; delete it, and `mt resume` trains the fold from its "
+                                    "start").get("settings")
     ctx.run.check_fold_settings(r, trained, run_settings_hashes(ctx.run, ctx.cfg), former_checkpoint_hint(ctx.cfg))
 
 

@@ -37,6 +37,22 @@ def test_device_copy_and_memory_map_give_the_same_probabilities():
     np.testing.assert_allclose(host["age"], expected.numpy(), atol=1e-6)
 
 
+def test_a_device_copy_is_shared_while_its_cache_lives_and_let_go_with_it():
+    # mt tune reads its caches afresh for every trial: copies kept for good would fill the GPU
+    import gc
+
+    from multitask.data import dataset
+    from multitask.data.dataset import device_copy
+
+    cpu, before = torch.device("cpu"), len(dataset._DEVICE_COPIES)
+    cache = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    first = device_copy(cache, cpu)
+    assert device_copy(cache, cpu) is first and len(dataset._DEVICE_COPIES) == before + 1
+    del cache
+    gc.collect()
+    assert len(dataset._DEVICE_COPIES) == before
+
+
 def test_soft_vote_averages_each_head_over_folds():
     folds = [{"h": np.array([[0.9, 0.1]])}, {"h": np.array([[0.3, 0.7]])}]
     np.testing.assert_allclose(soft_vote(folds)["h"], [[0.6, 0.4]])

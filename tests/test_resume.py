@@ -12,7 +12,7 @@ from conftest import metrics_of, tiny_config
 from multitask.cli import app
 from multitask.config import ConfigError
 from multitask.kfold import resume_run, train_run
-from multitask.run import RunDir, load_npz
+from multitask.run import RunDir, RunError, load_npz
 
 
 def _kill_at_epoch_call(monkeypatch, n):
@@ -86,6 +86,26 @@ def test_resume_keeps_the_runs_settings_and_needs_a_run(demo_root, tmp_path):
     result = CliRunner().invoke(app, ["resume", "--run", str(out), "--jobs", "2"])
     assert result.exit_code == 0, result.output
     assert "round 0 out-of-fold" in result.output
+
+
+def test_a_fold_killed_part_way_is_not_resumed_under_edited_settings(demo_root, tmp_path, monkeypatch):
+    # the review's case: no fold finished, config.yaml's lr edited by hand; fold 0 would carry on its
+    # old schedule from last.pt and every fold be stamped with the new settings
+    import yaml
+
+    out = tmp_path / "run"
+    restore = _kill_at_epoch_call(monkeypatch, 2)  # fold 0 dies in its second epoch (1 of them written)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2"), out)
+    restore()
+    run = RunDir(out)
+    assert (run.fold_dir(0, 0) / "last.pt").exists() and not (run.fold_dir(0, 0) / "oof.npz").exists()
+    written = yaml.safe_load(run.config.read_text())
+    run.config.write_text(yaml.safe_dump(written | {"train": written["train"] | {"lr": written["train"]["lr"] * 3}}))
+    with pytest.raises(RunError, match=r"fold\(s\) 0 were trained under other settings than .*config.yaml holds now"):
+        resume_run(out)
+    run.config.write_text(yaml.safe_dump(written))  # put back: the fold carries on
+    assert resume_run(out)["folds_done"] == [0, 1]
 
 
 def test_only_training_makes_a_runs_folds(demo_root, tmp_path):

@@ -9,6 +9,7 @@ every head, shared or separate backbones alike.
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -68,16 +69,19 @@ def to_chw(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
 
 
-_DEVICE_COPIES: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
+_DEVICE_COPIES: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def device_copy(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """One accelerator copy of a whole cache per process, shared by every fold and round that uses it
-    (the array is kept alongside so its id cannot be reused by another array)."""
+    """One accelerator copy of a whole cache per process, shared by every fold and round that uses it,
+    and let go with the array: each of `mt tune`'s trials reads its caches afresh, and copies kept
+    for good would fill the GPU trial by trial. (The entry goes when the array does, so its id is
+    never another array's while it stands.)"""
     key = (id(array), str(device))
     if key not in _DEVICE_COPIES:
-        _DEVICE_COPIES[key] = (array, to_chw(np.array(array)).to(device))  # np.array: the memmap is read-only
-    return _DEVICE_COPIES[key][1]
+        _DEVICE_COPIES[key] = to_chw(np.array(array)).to(device)  # np.array: the memmap is read-only
+        weakref.finalize(array, _DEVICE_COPIES.pop, key, None)
+    return _DEVICE_COPIES[key]
 
 
 class DeviceImages:
