@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,18 @@ def load_images(cfg: Config, table: ImageTable, progress=None) -> tuple[np.ndarr
     return train, test
 
 
+def image_root(cfg: Config) -> Path:
+    """The folder the task's image paths hang from: the competition root, or a table's `task.images`."""
+    return Path(cfg.task.images) if isinstance(cfg.task, TableTaskCfg) else Path(cfg.data_root)
+
+
+def skipped_listing(cfg: Config, skipped: pd.DataFrame) -> str:
+    """RUN/skipped.csv: each item left out, why, and its path below the data's root (`id`), by which
+    later commands find it again wherever the data set has moved."""
+    root = image_root(cfg)
+    return skipped.assign(id=[os.path.relpath(p, root) for p in skipped["path"]]).to_csv(index=False)
+
+
 def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | None = None,
                  images: tuple | None = None, with_images: bool = True, make_missing_folds: bool = False) -> Context:
     """Read the data and the run's folds, and build (or find) the decoded caches. Only training makes
@@ -339,9 +352,13 @@ def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | No
     if cfg.data.skip_bad and run.skipped.exists() and images is None:
         # what the run's first read found undecodable, left out again without decoding it again
         listed = pd.read_csv(run.skipped, dtype=str, keep_default_na=False)
-        reason = dict(zip(listed["path"], listed["reason"]))
-        rows = [i for i, p in enumerate(table.train["path"]) if p in reason]
-        table.skip(rows, [reason[table.train["path"].iloc[i]] for i in rows])
+        if "id" in listed.columns:
+            keys = [os.path.relpath(p, image_root(cfg)) for p in table.train["path"]]
+        else:  # an older mt listed the paths as they were, which a moved data set no longer matches
+            keys, listed["id"] = table.train["path"].tolist(), listed["path"]
+        reason = dict(zip(listed["id"], listed["reason"]))
+        rows = [i for i, key in enumerate(keys) if key in reason]
+        table.skip(rows, [reason[keys[i]] for i in rows])
     if run.folds.exists():
         folds_table = read_folds(run.folds)
     elif make_missing_folds:

@@ -18,7 +18,7 @@ from multitask import dist
 from multitask.config import Config, ConfigError
 from multitask.context import (Context, build_task, check_checkpoint_place, claim_run_dir, every_fold, load_images,
                                former_checkpoint_hint, open_context, read_checked, reopen_context,
-                               run_settings_hashes)
+                               run_settings_hashes, skipped_listing)
 from multitask.budget import epochs_of_run, fit_epochs
 from multitask.curves import plot_round
 from multitask.data.augment import check_albumentations
@@ -420,4 +420,4 @@ def write_run_start(run: RunDir, cfg: Config, task: Task, force: bool, table) ->
     if folds is not None:
         atomic_write_text(run.folds, folds.to_csv(index=False))
     if not table.skipped.empty:
-        atomic_write_text(run.skipped, table.skipped.to_csv(index=False))
+        atomic_write_text(run.skipped, skipped_listing(cfg, table.skipped))

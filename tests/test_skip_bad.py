@@ -51,7 +51,9 @@ def test_skip_bad_trains_without_the_bad_items_and_lists_them(broken_root, tmp_p
     assert result.exit_code == 0, result.output
     assert "3 training item(s) left out" in result.output
     skipped = pd.read_csv(RunDir(out).skipped)
-    assert len(skipped) == 3 and list(skipped.columns) == ["where", "path", "reason"]
+    assert len(skipped) == 3 and list(skipped.columns) == ["where", "path", "reason", "id"]
+    assert set(skipped["id"]) == {f"train/images/{folders[0]}", f"train/images/{folders[1]}/normal.jpg",
+                                  f"train/images/{folders[2]}/mask1.jpg"}  # below the data's root
     assert "gender 'robot'" in skipped["reason"].iloc[0] and skipped["path"].iloc[0].endswith(folders[0])
     reasons = dict(zip(skipped["path"].str.rsplit("/", n=2).str[-2:].str.join("/"), skipped["reason"]))
     assert reasons[f"{folders[1]}/normal.jpg"].startswith("cannot be decoded")
@@ -74,6 +76,15 @@ def test_skip_bad_trains_without_the_bad_items_and_lists_them(broken_root, tmp_p
     make_ensemble([out, other], tmp_path / "ens")
     assert pd.read_csv(RunDir(tmp_path / "ens").skipped).equals(skipped)
     assert reopen_context(tmp_path / "ens").table.train["path"].equals(ctx.table.train["path"])
+    # a listing of an older mt (paths alone) is still read, where the data has not moved
+    RunDir(other).skipped.write_text(pd.read_csv(RunDir(other).skipped).drop(columns="id").to_csv(index=False))
+    assert len(reopen_context(other).table.train) == 12 * 7 - 7 - 2
+    # the data set moved, and config.yaml told where: the same items are found again below its root
+    moved = tmp_path / "moved"
+    shutil.move(root, moved)
+    written = yaml.safe_load(RunDir(out).config.read_text())
+    RunDir(out).config.write_text(yaml.safe_dump(written | {"data_root": str(moved)}))
+    assert len(reopen_context(out).table.train) == 12 * 7 - 7 - 2
 
 
 def test_skip_bad_leaves_out_table_rows_and_whole_groups(tmp_path):
