@@ -20,6 +20,7 @@ from multitask.config import Config, ConfigError, dump_config, load_config
 from multitask.context import differing_keys, moved_only, read_data, task_of
 from multitask.data.table import value_column
 from multitask.numeric import fine_step, settings_of
+from multitask.lock import describe_holder, file_lock, lock_holder
 from multitask.run import atomic_write_text
 
 STUDY_NAME = "mt"
@@ -180,6 +181,11 @@ def check_same_base(study, base: Config, data: str, out: Path) -> dict[str, str]
     return {key: reduce(lambda node, part: node[part], key.split("."), now) for key in moved}
 
 
+def trial_lock(out: Path, number: int) -> Path:
+    """Held while a process runs the trial: beside its folder, which `mt train` wants a run's alone."""
+    return out / f"trial_{number:03d}.lock"
+
+
 def tune(config: str | None, out: str | Path, trials: int, data: str | Path | None = None,
          overrides: list[str] = (), time_limit_s: float | None = None, say=print) -> dict:
     """Run trials until the study holds `trials` finished ones (complete or pruned), or until the
@@ -209,10 +215,22 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
     for key, place in check_same_base(study, base, data_digest(base), out).items():
         say(f"{key} moved: the study goes on with it at {place}")
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+        holder = lock_holder(trial_lock(out, t.number))
+        if holder is not None:  # another `mt tune` on this study (Optuna's way to spread trials) runs it
+            say(f"trial {t.number} is {describe_holder(holder, 'run', trial_lock(out, t.number))}: left to it")
+            continue
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # a trial the killed study left running
         say(f"trial {t.number} was interrupted: counted as failed, its folder kept")
+    ran = []
 
     def objective(trial) -> float:
+        ran.append(trial.number)
+        with file_lock(trial_lock(out, trial.number)) as holder:
+            if holder is not None:  # Optuna gives each trial its own number: not seen, but never trained twice
+                raise RuntimeError(f"trial {trial.number} is {holder}")
+            return train_trial(trial)
+
+    def train_trial(trial) -> float:
         sets = suggest(trial, base)
         trial.set_user_attr("overrides", sets)
         run = out / f"trial_{trial.number:03d}"
@@ -243,7 +261,7 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
         start = time.perf_counter()
         study.optimize(objective, n_trials=1, catch=(ValueError, RuntimeError))
         took.append(time.perf_counter() - start)
-        last = study.trials[-1]
+        last = study.trials[ran[-1]]  # this process's trial: another on the study may have begun one since
         failed += last.state == optuna.trial.TrialState.FAIL
         say(f"trial {last.number}: " + progress_line(last, base))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -42,6 +42,32 @@ def test_a_study_resumes_and_its_best_config_trains(demo_root, tmp_path):
     assert len(list(study.glob("trial_*"))) == 3  # not one more to learn what the study already knew
 
 
+def test_a_trial_another_process_runs_is_left_to_it(demo_root, tmp_path):
+    # two `mt tune` on one study: the second took the first's running trial for a killed one and
+    # failed it, and the first then lost the trial it finished
+    import optuna
+
+    from multitask.lock import file_lock
+    from multitask.tune import STUDY_NAME, trial_lock
+
+    base = ["model.backbone=test_efficientnet", "data.img_size=[32, 32]", "train.folds=2", "train.epochs=1",
+            "train.batch_size=16", "train.device=cpu", "train.fold=[0]", f"data.cache_dir={tmp_path / 'cache'}"]
+    out, said = tmp_path / "study", []
+    tune(None, out, trials=1, data=demo_root, overrides=base, say=said.append)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    running = study.ask().number  # as another process's trial stands while it trains
+    with file_lock(trial_lock(out, running)) as holder:
+        assert holder is None
+        tune(None, out, trials=2, data=demo_root, overrides=base, say=said.append)
+        assert study.trials[running].state == optuna.trial.TrialState.RUNNING
+        assert any(line.startswith(f"trial {running} is being run by ") and line.endswith(": left to it") for line in said)
+        assert said[-1].startswith(f"trial {running + 1}: ")  # the trial this process ran, not the other's
+    # its process gone (the lock with it): a trial left running was interrupted
+    tune(None, out, trials=2, data=demo_root, overrides=base, say=said.append)
+    assert study.trials[running].state == optuna.trial.TrialState.FAIL
+    assert f"trial {running} was interrupted: counted as failed, its folder kept" in said
+
+
 def test_trials_behind_the_median_are_pruned_at_the_end_of_their_first_fold(demo_root, tmp_path, monkeypatch):
     """The pruner sees every epoch but judges none before the first fold's last: a trial that then
     trails earlier trials stops there, with the epochs it ran and no more."""
