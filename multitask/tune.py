@@ -40,15 +40,16 @@ def suggest(trial, cfg: Config) -> list[str]:
         out.append(f"losses.{h.name}.name={loss}")
         out.append(f"losses.{h.name}.weight={trial.suggest_float(f'weight_{h.name}', 0.5, 2.0)}")
     strength = trial.suggest_float("aug_strength", 0.5, 1.5)
+    h, w = cfg.data.img_size
+    scale = trial.suggest_categorical("img_scale", [1.0, 1.25])
+    size = [h, w] if scale == 1.0 else [_multiple_of_8(h * scale), _multiple_of_8(w * scale)]  # as backbones like
+    if size != [h, w]:
+        out.append(f"data.img_size=[{size[0]}, {size[1]}]")
     # the augmentation the backend reads, the config's own scaled: the other one would change nothing
     if cfg.aug.backend == "torch":
         out.append("aug.torch=" + _flow(scaled_torch_augmentation(cfg.aug.torch.model_dump(mode="json"), strength)))
     else:
-        out.append("aug.train=" + _flow(scaled_augmentation(cfg.aug.train, strength)))
-    h, w = cfg.data.img_size
-    scale = trial.suggest_categorical("img_scale", [1.0, 1.25])
-    if scale != 1.0:  # the configured size as it is, a larger one rounded as the backbones like
-        out.append(f"data.img_size=[{_multiple_of_8(h * scale)}, {_multiple_of_8(w * scale)}]")
+        out.append("aug.train=" + _flow(resized_augmentation(scaled_augmentation(cfg.aug.train, strength), [h, w], size)))
     # each tuned section starts from what the base config holds: its other settings (train_bins,
     # aux_weight, mix's stop epoch, ...) stay as configured
     for f in task.factors:
@@ -105,6 +106,21 @@ def scaled_augmentation(train: list[dict], strength: float) -> list[dict]:
     for t in train:
         magnitudes = ALBUMENTATIONS_MAGNITUDES.get(t.get("name"), {})
         out.append({k: _scaled(v, magnitudes[k], strength) if k in magnitudes else v for k, v in t.items()})
+    return out
+
+
+def resized_augmentation(train: list[dict], size: list[int], new: list[int]) -> list[dict]:
+    """`train` for pictures of `new` size where it names the configured `size` (a crop back to the
+    picture's size: size: [H, W], or height and width): at the old size every trial of the larger
+    picture would fail the check that a transform keeps the picture's size."""
+    out = []
+    for t in train:
+        t = dict(t)
+        if list(t.get("size") or []) == size:
+            t["size"] = list(new)
+        if [t.get("height"), t.get("width")] == size:
+            t["height"], t["width"] = new
+        out.append(t)
     return out
 
 

@@ -196,6 +196,24 @@ def test_augmentation_strength_scales_the_configs_own_albumentations():
     assert noise == {"name": "GaussNoise", "p": 0.2}
 
 
+def test_a_larger_picture_takes_its_crop_to_the_pictures_size_along():
+    # a crop back to the configured size (as mt's own error advises) would fail every trial at 1.25
+    from multitask.data.augment import check_albumentations
+
+    own = ("aug.train=[{name: RandomResizedCrop, size: [36, 100], scale: [0.8, 1.0]}, "
+           "{name: CenterCrop, height: 36, width: 100}, {name: RandomCrop, height: 24, width: 24, pad_if_needed: true}]")
+    sizes = set()
+    for seed in (0, 2):  # draws of scale 1.0 and 1.25
+        _, _, cfg = suggested(own, "data.img_size=[36, 100]", seed=seed)
+        h, w = cfg.data.img_size
+        sizes.add((h, w))
+        crop, centre, other = cfg.aug.train
+        assert crop["size"] == [h, w] and [centre["height"], centre["width"]] == [h, w]
+        assert [other["height"], other["width"]] == [24, 24]  # another size is the user's choice, kept
+        check_albumentations(cfg.aug.train[:2], (h, w))
+    assert sizes == {(36, 100), (48, 128)}
+
+
 def test_a_trial_keeps_the_base_settings_it_does_not_tune():
     base = ["numeric.age={aux: ordinal, aux_weight: 3.0, train_bins: [30, 58], drop_near_edge: 1.0}",
             "aug.mix={prob: 0.1, stop_epoch: 10, switch_prob: 0.9}", "data.img_size=[36, 100]"]
