@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,8 @@ def progress_and_errors():
     except known as e:
         if os.environ.get("MT_TRACEBACK"):
             raise
+        if "multitask.dist" in sys.modules:  # under torchrun: leave without the other ranks (dist.abandon)
+            sys.modules["multitask.dist"].abandon()
         console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -43,6 +44,24 @@ def init_from_env(device_name: str = "auto") -> None:
         torch.cuda.set_device(local_rank())
     td.init_process_group(backend_for(cuda))
     atexit.register(finish)
+    previous = sys.excepthook
+
+    def failing(*exc_info):  # an error this rank alone met: the others are not at the exit's barrier
+        abandon()
+        previous(*exc_info)
+
+    sys.excepthook = failing
+
+
+_abandoned = False
+
+
+def abandon() -> None:
+    """This process leaves on an error (the CLI's red line, or an uncaught exception): at exit it
+    does not wait for the other ranks, which may be in the next epoch's collective and never come.
+    Once it is gone, theirs fails and they leave too, instead of all waiting out the group's timeout."""
+    global _abandoned
+    _abandoned = True
 
 
 def backend_for(cuda: bool) -> str:
@@ -55,7 +74,8 @@ def finish() -> None:
     another still talks to it aborts (gloo's threads are still joinable)."""
     if td.is_available() and td.is_initialized():
         try:
-            td.barrier()
+            if not _abandoned:
+                td.barrier()
         finally:
             td.destroy_process_group()
 

@@ -312,6 +312,45 @@ def test_ddp_on_two_cpu_processes_matches_one_process(demo_root, tmp_path):
     assert all(len(_metrics(tmp_path / "two", 1, k)) == 2 for k in range(2))
 
 
+def test_a_rank_that_fails_alone_does_not_keep_the_others_waiting(tmp_path):
+    # rank 0 meets an error of its own (a write of rank 0's fails) while rank 1 is already in the
+    # next collective: rank 0's exit must not wait at a barrier rank 1 never reaches, or both wait
+    # out the group's timeout (30 minutes under gloo)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import torch, torch.distributed as td\n"
+        "from multitask import dist\n"
+        "dist.init_from_env('cpu')\n"
+        "if dist.rank() == 0:\n"
+        "    raise OSError('a write of rank 0 failed')\n"
+        "td.all_reduce(torch.ones(1))\n")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
+                          text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "a write of rank 0 failed" in done.stderr
+
+
+def test_the_clis_red_line_leaves_without_the_other_ranks(monkeypatch):
+    # a user error printed as one line exits 2 without an exception: the exit's barrier is skipped
+    # for it too (on one rank alone, it would wait for ranks that never come)
+    import typer
+
+    from multitask import dist
+    from multitask.cli import progress_and_errors
+    from multitask.config import ConfigError
+
+    monkeypatch.setattr(dist, "_abandoned", False)
+    with pytest.raises(typer.Exit):
+        with progress_and_errors():
+            raise ConfigError("refused on this rank")
+    assert dist._abandoned
+
+
 def test_torchrun_on_gpus_reduces_cpu_tensors_too(monkeypatch):
     """NCCL alone takes only CUDA tensors: the epoch's loss sums (a CPU tensor) would stop every
     multi-GPU run at its first epoch's end. On GPUs the group pairs NCCL with gloo for the CPU."""
