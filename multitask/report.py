@@ -86,6 +86,11 @@ def thumbnail(path: str, size: int = 96) -> str:
         return ""
 
 
+STUDENT = ("<p><b>A distilled student</b> (<code>mt distill</code>): what this page calls OOF is its one "
+           "validation fold, whose persons the teacher's other folds trained on. Its figures are optimistic, "
+           "not an out-of-fold estimate.</p>")
+
+
 def write_report(run_dir) -> Path:
     """RUN/report.html: scores per round, curves, confusion matrices, per-class figures, the most
     confident OOF mistakes with their pictures, pseudo-label statistics, and the resolved config;
@@ -109,6 +114,7 @@ def write_report(run_dir) -> Path:
              f"<b>{html.escape(','.join(h.name for h in heads))}</b>, backbone <b>{html.escape(cfg.model.backbone)}</b>, "
              f"{cfg.data.img_size[0]}×{cfg.data.img_size[1]} px, {cfg.train.folds} folds × {cfg.train.epochs} epochs. "
              f"The figures below are of {html.escape(why)}.</p>",
+             STUDENT if cfg.distill is not None else "",
              scores_section(summaries, fitted, cfg.train.folds),
              curves_section(run),
              '<h2 id="confusion">Confusion matrices (OOF)</h2>'

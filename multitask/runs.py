@@ -164,17 +164,24 @@ def run_row(run: RunDir, answers: Path | None = None) -> dict:
            # compare here, where the argmax (oof_f1, what rounds are chosen by) leaves the decision out
            "decided_f1": honest_f1(summary)}
     row |= factor_columns(oof, task_of(cfg))
+    notes = []
+    if cfg.distill is not None:  # ranked beside OOF figures, it would pass for one
+        notes.append("a student (mt distill): its oof figures are its validation fold's, whose persons the teacher's "
+                     "other folds trained on: optimistic, not OOF")
     if answers is not None:
         try:
             row["held_out_f1"] = held_out(run, answers)
         except AnswerKeyError as e:  # the run's own figures still count; the note says why it has no score
-            row["held_out_f1"], row["note"] = None, f"no held-out score: {e}"
+            row["held_out_f1"] = None
+            notes.append(f"no held-out score: {e}")
         held = submitted_round(run) if row["held_out_f1"] is not None else r
         if held != r:  # a submission made before a better round (`mt pseudo-label`), or of a round asked for
             made = f"round {held}'s" if held is not None else "a submission whose round is unknown (no record, or changed since)"
-            row["note"] = f"held-out score of {made}, the OOF figures round {r}'s"
+            notes.append(f"held-out score of {made}, the OOF figures round {r}'s")
             if len(summary["folds_done"]) == cfg.train.folds:  # a partial round is shown, not submitted
-                row["note"] += f"; `mt submit --run {run.root}` submits round {r}"
+                notes[-1] += f"; `mt submit --run {run.root}` submits round {r}"
+    if notes:
+        row["note"] = "; ".join(notes)
     # the folds' epochs summed, whatever invocations trained them: a killed and resumed run costs what
     # it cost (the last invocation's wall time would show only its own share); a pseudo-label round
     # costs its own and the rounds it learnt from

@@ -452,6 +452,14 @@ def test_a_student_is_a_run_that_submit_predict_and_export_accept(runs, demo_roo
     assert RunDir(teacher).rounds() == [0]
     with pytest.raises(ConfigError, match="already holds a run"):
         distill(teacher, student, epochs=1)
+    # its validation figure is not passed off as OOF beside the teacher's
+    from multitask.report import STUDENT, write_report
+    from multitask.runs import runs_table
+
+    notes = runs_table([teacher, student]).set_index("run")["note"]
+    assert notes[str(student)].startswith("a student (mt distill): its oof figures are its validation fold's")
+    assert pd.isna(notes[str(teacher)])
+    assert STUDENT in write_report(student).read_text() and STUDENT not in write_report(teacher).read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the teacher's own device must be missing here")
