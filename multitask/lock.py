@@ -191,10 +191,11 @@ def describe_holder(holder: dict, doing: str = "trained", path: Path | None = No
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[str | None]:
-    """Create `path` exclusively and hold it for the block: yields None when held, else who holds it.
-    A lock left by a dead process on this host is taken over; one from another host stays until its
-    file is removed by hand (this host cannot tell whether that machine is gone)."""
+def file_lock(path: Path, doing: str = "trained") -> Iterator[str | None]:
+    """Create `path` exclusively and hold it for the block: yields None when held, else who holds it
+    (`doing`: what the holder does, in those words). A lock left by a dead process on this host is
+    taken over; one from another host stays until its file is removed by hand (this host cannot
+    tell whether that machine is gone)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
           "started": process_start(os.getpid())}
@@ -207,7 +208,7 @@ def file_lock(path: Path) -> Iterator[str | None]:
                 _take_over(path)
             if state != "held":  # stale and now removed, or released since: try again
                 continue
-            yield describe_holder(holder, path=path)
+            yield describe_holder(holder, doing, path)
             return
         try:  # held until the block ends: what tells a live holder in another container from a dead one
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -227,14 +228,19 @@ def file_lock(path: Path) -> Iterator[str | None]:
 
 
 @contextmanager
-def waiting_lock(path: Path, timeout_s: float = 600) -> Iterator[None]:
-    """`file_lock`, waited for."""
-    deadline = time.monotonic() + timeout_s
+def waiting_lock(path: Path, timeout_s: float = 600, doing: str = "trained",
+                 other_host_s: float | None = None) -> Iterator[None]:
+    """`file_lock`, waited for; `other_host_s`: the shorter wait for a holder on another machine,
+    whose lock a killed process leaves there for good (this host cannot tell it is gone)."""
+    start = time.monotonic()
     while True:
-        with file_lock(path) as holder:
+        with file_lock(path, doing) as holder:
             if holder is None:
                 yield
                 return
-        if time.monotonic() > deadline:
-            raise LockError(f"{path}: {holder} for more than {timeout_s:.0f} s")
+        held_by = lock_holder(path) or {}
+        waited = (other_host_s if other_host_s is not None and held_by.get("host") not in (None, socket.gethostname())
+                  else timeout_s)
+        if time.monotonic() - start > waited:
+            raise LockError(f"{path}: {holder} for more than {waited:.0f} s")
         time.sleep(0.05)

@@ -876,6 +876,26 @@ def test_time_limit_with_fold_k_into_a_run_keeps_its_epochs(demo_root, tmp_path,
     assert epochs_of_run(other, tiny_config(demo_root, *common, "train.epochs=5")).train.epochs == 3
 
 
+def test_a_rounds_lock_left_on_another_machine_is_waited_for_briefly_and_said_as_written(tmp_path, monkeypatch):
+    # the round's lock is held while its results are written: a killed writer on another machine
+    # leaves it for good, and a reader there waits 30 s for it, not 10 minutes, then says so
+    import json
+
+    import multitask.run as run_mod
+    from multitask.lock import LockError
+
+    monkeypatch.setattr(run_mod, "OTHER_HOST_WAIT_S", 0.2)
+    run = RunDir(tmp_path / "run")
+    lock = run.round_dir(0) / "lock.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": "another-machine", "pid": 1, "since": "then"}))
+    with pytest.raises(LockError, match=r"round0/lock.json: being written by another-machine pid 1 since then "
+                                        r"\(remove .* if that machine is gone\) for more than 0 s"):
+        with run.round_lock(0):
+            pass
+    assert lock.exists()  # another machine's: never taken over from here
+
+
 def test_a_stale_lock_is_taken_over_by_one_process_only(tmp_path):
     """Replays the race: two processes read the same dead holder; the first removes the lock and
     makes its own; the second, in its turn, reads again, finds the first's live lock and leaves it."""
