@@ -7,6 +7,7 @@ RUN/round0/{oof.npz,test_probs.npz,summary.json}     RUN/round1/... (pseudo-labe
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import io
 import json
@@ -23,7 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from multitask.lock import LOCK, alive, describe_holder, file_lock, lock_holder, wait_released, waiting_lock
+from multitask.lock import LOCK, alive, describe_holder, file_lock, lock_holder, unlocked, wait_released, waiting_lock
 
 
 def _umask() -> int:
@@ -87,7 +88,7 @@ def writer_prefix(name: str) -> str:
 def sweep_killed(paths: Iterable[Path]) -> None:
     """Remove the temp files and staging folders among `paths` that killed writes left."""
     for p in paths:
-        if killed_write(p.name):
+        if killed_write(p):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -100,15 +101,27 @@ def sweep_killed_beside(path: Path) -> None:
     sweep_killed(list(path.parent.glob(f".{glob.escape(path.name)}{WRITER_SEP}*.tmp")))
 
 
-def killed_write(name: str) -> bool:
-    """The temp file `name` is left by a write that will never finish: its writer was on this host and
-    is gone, or (a name without its writer) it was made by an mt before writers were named, which
-    no process running now can be."""
-    writer = temp_writer(name)
+def killed_write(path: Path) -> bool:
+    """The temp file (or staging folder) `path` is left by a write that will never finish: its writer
+    was on this host and is gone, or (a name without its writer) it was made by an mt before writers
+    were named, which no process running now can be. A writer in another container that shares the
+    hostname has a pid this one cannot see: a temp file whose flock is held (`hold_while_written`)
+    is such a live writer's."""
+    writer = temp_writer(path.name)
     if writer is None:
         return True
     host, pid = writer
-    return host == socket.gethostname() and not alive(pid)
+    if host != socket.gethostname() or alive(pid):
+        return False
+    return path.is_dir() or unlocked(path) is not False
+
+
+def hold_while_written(fd: int) -> None:
+    """An flock on a temp file's descriptor, kept until it is closed (after the rename): see killed_write."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a filesystem without flock: the write is judged by its pid alone
+        pass
 
 
 @contextmanager
@@ -121,14 +134,18 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_killed_beside(path)  # a killed earlier write's (`mt predict` of a large set leaves a large one)
     fd, tmp = tempfile.mkstemp(prefix=writer_prefix(path.name), suffix=".tmp", dir=path.parent)
+    hold_while_written(fd)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
+        # a second descriptor to write through: `fd`, and the flock with it, stays open past the rename
+        with os.fdopen(os.dup(fd), mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
             yield fh
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 MERGING = ".mt-merging"  # in a folder while staged_dir merges a run into it

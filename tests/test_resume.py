@@ -407,9 +407,22 @@ def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
         (staging / "round0").mkdir(parents=True)
         (staging / "round0" / "oof.npz").write_bytes(b"x")
         assert temp_writer(odd.name) == (host, proc.pid)
-        run.sweep_killed_writes()
-        assert live.exists() and elsewhere.exists()
+        # a writer in another container that shares the hostname: its pid is none of this one's, but
+        # it holds its file's flock while it writes (as atomic_writer does)
+        import fcntl
+
+        other_container = fold / f".best.pt~{host}~{proc.pid}~ghi789.tmp"
+        other_container.write_bytes(b"")
+        held = os.open(other_container, os.O_RDONLY)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            run.sweep_killed_writes()
+        finally:
+            os.close(held)
+        assert live.exists() and elsewhere.exists() and other_container.exists()
         assert not dead.exists() and not unnamed.exists() and not odd.exists() and not staging.exists()
+        run.sweep_killed_writes()  # that writer gone (its flock with it): its file is a killed write's
+        assert not other_container.exists() and live.exists()
     assert (fold / "last.pt").read_bytes() == b"x" and not live.exists()
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from multitask.run import FILE_MODE, check_space, check_writable, sweep_killed, writer_prefix
+from multitask.run import FILE_MODE, check_space, check_writable, hold_while_written, sweep_killed, writer_prefix
 
 # bump when decoding or resizing changes (2: 16-bit greyscale read whole; 3: EXIF orientation; 4: a turned
 # JPEG's draft scale reckoned on its turned sides)
@@ -134,7 +134,7 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
     # the next build removes those whose writer is gone, as `mt resume` does in a run
     sweep_killed(list(out.parent.glob(".*.npy.tmp")))
     fd, tmp = tempfile.mkstemp(prefix=writer_prefix(out.stem), suffix=".npy.tmp", dir=out.parent)
-    os.close(fd)
+    hold_while_written(fd)  # minutes of decoding: another container's sweep must see a live writer
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))
         bad = decode_into(arr, paths, size, workers, on_progress)
@@ -147,6 +147,8 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def cached_images(paths: Sequence[str], size: tuple[int, int], cache_dir: str | Path | None = None,
