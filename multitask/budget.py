@@ -113,17 +113,22 @@ def run_probe(cfg: Config, table, images, device, progress=None) -> Probe:
 
 
 def epochs_of_run(run: RunDir, cfg: Config, say=print) -> Config | None:
-    """`cfg` with the epochs the run already in `run` trains, or None where there is no run yet.
-    A second `--fold K --time-limit` into a run must not measure again: another measurement gives
-    other epochs, and the run's settings cannot change. Recorded epochs above the configured ones are
-    not taken: claim_run_dir then refuses the other settings, as without a time limit."""
+    """`cfg` with the epochs the run already in `run` trains, and its time limit, or None where there
+    is no run yet. A second `--fold K --time-limit` into a run must not measure again: another
+    measurement gives other epochs, and the run's settings cannot change. Its own limit is the one
+    its epochs were fitted to, whatever this one's (another limit, or none, was refused as other
+    settings after this had said it would train the run's epochs). Recorded epochs above the
+    configured ones are not taken: claim_run_dir then refuses the other settings, as without a
+    time limit."""
     if not run.config.exists():
         return None
-    recorded = load_config(run.config).train.epochs
-    if recorded <= cfg.train.epochs:
-        say(f"time limit: {run.root} already holds a run; training its {recorded} epochs per fold "
-            f"(its config.yaml), not measured again")
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": recorded})})
+    recorded = load_config(run.config).train
+    if recorded.epochs <= cfg.train.epochs:
+        limit = f", fitted to its time limit of {recorded.time_limit_s:g} s" if recorded.time_limit_s else ""
+        say(f"time limit: {run.root} already holds a run; training its {recorded.epochs} epochs per fold "
+            f"(its config.yaml{limit}), not measured again")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+            "epochs": recorded.epochs, "time_limit_s": recorded.time_limit_s})})
     return cfg
 
 

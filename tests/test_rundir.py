@@ -861,9 +861,12 @@ def test_time_limit_with_fold_k_into_a_run_keeps_its_epochs(demo_root, tmp_path,
         raise AssertionError("measured again")
 
     monkeypatch.setattr(kfold, "fit_epochs", probe)
-    summary = train_run(tiny_config(demo_root, *common, "train.fold=[1]"), out)
+    # with another limit than the first's: the run's epochs and limit, not a refusal of other settings
+    summary = train_run(tiny_config(demo_root, *common, "train.fold=[1]", "train.time_limit_s=7"), out)
     assert summary["folds_done"] == [0, 1] and "training its 1 epochs per fold" in said[-1]
+    assert "fitted to its time limit of 0.01 s" in said[-1]
     assert len(pd.read_csv(RunDir(out).fold_dir(0, 1) / "metrics.csv")) == 1
+    assert load_config(RunDir(out).config).train.time_limit_s == 0.01
     # fewer epochs configured than a run trains: not taken (claim_run_dir then refuses the settings)
     from multitask.budget import epochs_of_run
     from multitask.config import dump_config
