@@ -339,7 +339,9 @@ def skipped_listing(cfg: Config, skipped: pd.DataFrame) -> str:
     """RUN/skipped.csv: each item left out, why, and its path below the data's root (`id`), by which
     later commands find it again wherever the data set has moved."""
     root = image_root(cfg)
-    return skipped.assign(id=[os.path.relpath(p, root) for p in skipped["path"]]).to_csv(index=False)
+    # a table row whose image is missing, absolute or outside the images folder has no path to list
+    ids = [os.path.relpath(p, root) if isinstance(p, str) and p else "" for p in skipped["path"]]
+    return skipped.assign(id=ids).to_csv(index=False)
 
 
 def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | None = None,
@@ -356,7 +358,7 @@ def open_context(run: RunDir, cfg: Config, progress=None, table: ImageTable | No
             keys = [os.path.relpath(p, image_root(cfg)) for p in table.train["path"]]
         else:  # an older mt listed the paths as they were, which a moved data set no longer matches
             keys, listed["id"] = table.train["path"].tolist(), listed["path"]
-        reason = dict(zip(listed["id"], listed["reason"]))
+        reason = {i: why for i, why in zip(listed["id"], listed["reason"]) if i}
         rows = [i for i, key in enumerate(keys) if key in reason]
         table.skip(rows, [reason[keys[i]] for i in rows])
     if run.folds.exists():

@@ -19,7 +19,7 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"train.device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: torch names them, mt does not train there
-        raise ConfigError(f"train.device {name!r}: mt trains on the CPU or CUDA GPUs only; use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"train.device {name!r}: mt runs on the CPU or CUDA GPUs only; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not visible or (device.index or 0) >= visible:

@@ -217,7 +217,9 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
     factors, folds = oof["factors"], oof["fold"]
     oof_probs = [m["oof_probs"] for m in members]
     without = [m["oof_without"] for m in members]
-    fold_weights = weights_without(without, task.encode(factors), folds, task.n_classes) if weights is None else None
+    # one fold: weights refitted without it would be fitted on no row (and read as fold-honest)
+    fold_weights = (weights_without(without, task.encode(factors), folds, task.n_classes)
+                    if weights is None and len(np.unique(folds)) > 1 else None)
     if weights is None:
         w = fit_weights(oof_probs, task.encode(factors), task.n_classes)
     else:

@@ -228,19 +228,14 @@ def file_lock(path: Path, doing: str = "trained") -> Iterator[str | None]:
 
 
 @contextmanager
-def waiting_lock(path: Path, timeout_s: float = 600, doing: str = "trained",
-                 other_host_s: float | None = None) -> Iterator[None]:
-    """`file_lock`, waited for; `other_host_s`: the shorter wait for a holder on another machine,
-    whose lock a killed process leaves there for good (this host cannot tell it is gone)."""
-    start = time.monotonic()
+def waiting_lock(path: Path, timeout_s: float = 600, doing: str = "trained") -> Iterator[None]:
+    """`file_lock`, waited for."""
+    deadline = time.monotonic() + timeout_s
     while True:
         with file_lock(path, doing) as holder:
             if holder is None:
                 yield
                 return
-        held_by = lock_holder(path) or {}
-        waited = (other_host_s if other_host_s is not None and held_by.get("host") not in (None, socket.gethostname())
-                  else timeout_s)
-        if time.monotonic() - start > waited:
-            raise LockError(f"{path}: {holder} for more than {waited:.0f} s")
+        if time.monotonic() > deadline:
+            raise LockError(f"{path}: {holder} for more than {timeout_s:.0f} s")
         time.sleep(0.05)

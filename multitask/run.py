@@ -351,7 +351,7 @@ class RunDir:
     def round_lock(self, r: int):
         """Held while a process writes round r's results from its folds, so that the last writer is
         the one that saw the most folds."""
-        return waiting_lock(self.round_dir(r) / LOCK, RESULTS_WAIT_S, "written", OTHER_HOST_WAIT_S)
+        return waiting_lock(self.round_dir(r) / LOCK, RESULTS_WAIT_S, "written")
 
     def fold_done(self, r: int, k: int, with_test: bool) -> bool:
         """Fold k of round r has its OOF (and, `with_test`, test) predictions, made by the fold's

@@ -98,6 +98,17 @@ def table_codes(cfg: Config, answers: Path, preds: Path) -> tuple[np.ndarray, np
     return truth, guess
 
 
+def class_numbers(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """`df` (ImageID,ans read as text) with ans as numbers; a blank or a word is named, as the
+    key's (or the submission's) fault, not taken for every run's row being unreadable."""
+    ans = df["ans"].str.strip()
+    bad = ~ans.str.fullmatch(r"\d+")
+    if bad.any():
+        raise AnswerKeyError(f"{path}: ans must be a class number on every row; line {bad.idxmax() + 2} "
+                             f"holds {ans[bad].iloc[0]!r}")
+    return df.assign(ans=ans.astype(np.int64))
+
+
 def held_out(run: RunDir, answers: Path) -> float | None:
     """The macro F1 of the run's submission against an answer key: ImageID,ans (the competition) or
     a table task's key (see table_codes), as score.py and scripts/score_table.py count it; None
@@ -106,12 +117,8 @@ def held_out(run: RunDir, answers: Path) -> float | None:
         return None
     sub, truth = pd.read_csv(run.submission, dtype=str, keep_default_na=False), _read_str_csv(answers, "answer key")
     if {"ImageID", "ans"} <= set(sub.columns) and {"ImageID", "ans"} <= set(truth.columns):
-        ans = truth["ans"].str.strip()
-        bad = ~ans.str.fullmatch(r"\d+")
-        if bad.any():  # a blank or a word: the key's fault, named, not every run's row made unreadable
-            raise AnswerKeyError(f"{answers}: ans must be a class number on every row; line {bad.idxmax() + 2} "
-                                 f"holds {ans[bad].iloc[0]!r}")
-        merged = truth.assign(ans=ans).merge(sub, on="ImageID", suffixes=("_true", "_pred"), how="left")
+        truth, sub = (class_numbers(df, path) for df, path in ((truth, answers), (sub, run.submission)))
+        merged = truth.merge(sub, on="ImageID", suffixes=("_true", "_pred"), how="left")
         if merged["ans_pred"].isna().any():
             raise AnswerKeyError(f"{run.submission}: no prediction for {int(merged['ans_pred'].isna().sum())} of the "
                                  f"key's images, e.g. {merged['ImageID'][merged['ans_pred'].isna()].iloc[0]!r}: a "

@@ -31,4 +31,4 @@ sub = pd.DataFrame({"ImageID": t["image_id"], "ans": cls}).set_index("ImageID").
 with tempfile.TemporaryDirectory() as tmp:
     sub.to_csv(Path(tmp) / "s.csv", index=False)
     held = json.loads(subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent.parent / "shared" / "tools" / "score.py"), str(data / "answers.csv"), str(Path(tmp) / "s.csv")], capture_output=True, text=True).stdout)
-print(json.dumps({"run": str(run.root), "blend": d.blend if d else None, "oof_honest_blend_only": {k: round(v, 4) for k, v in honest.items()}, "held_out_blend_only": held}))
+print(json.dumps({"run": str(run.root), "blend": d.blend if d else None, "oof_honest_blend_only": {k: round(v, 4) for k, v in honest.items()} if honest else None, "held_out_blend_only": held}))

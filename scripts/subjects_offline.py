@@ -53,7 +53,7 @@ def main() -> None:
     # the run's own settings: its subjects too, where it reads them
     _, own = predict_classes(task, heads, head_probs(test), ctx.cfg, load_decision(ctx.run.round_dir(r)),
                              Pictures(test_look))
-    rnd = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
+    rnd = lambda d: {k: round(v, 4) for k, v in d.items()} if d else None  # noqa: E731 (one fold: no honest figure)
     print(json.dumps({
         "run": str(a.run), "subjects_weight": decision.subjects,
         "oof_argmax": rnd(report["argmax"]), "oof_honest": rnd(report["honest"]),

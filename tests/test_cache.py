@@ -66,7 +66,14 @@ def test_a_build_removes_what_a_killed_build_left_and_leaves_a_live_ones(tmp_pat
     elsewhere = tmp_path / "c" / f".89abcdef~other-host.example~{proc.pid}~x4.npy.tmp"
     for p in (killed, unnamed, live, elsewhere):
         p.write_bytes(b"partial")
-    cached_images(make_images(tmp_path / "img"), (20, 16), tmp_path / "c")
+    # the build holds its own temp file's flock while it decodes: how a sweep in another container
+    # sharing the hostname (which cannot see this pid) tells it from a killed build's
+    from multitask.lock import unlocked
+
+    held = []
+    cached_images(make_images(tmp_path / "img"), (20, 16), tmp_path / "c", on_progress=lambda _: held.extend(
+        unlocked(p) for p in (tmp_path / "c").glob(f".*~{host}~{os.getpid()}~*.npy.tmp") if p != live))
+    assert held and not any(held)
     assert live.exists() and elsewhere.exists() and not killed.exists() and not unnamed.exists()
     assert len(list((tmp_path / "c").glob("*.npy"))) == 1
 

@@ -389,10 +389,13 @@ def test_resume_sweeps_the_temp_files_of_killed_writes_only(tmp_path):
 
     run = RunDir(tmp_path / "run")
     fold = run.fold_dir(0, 1)
+    from multitask.lock import unlocked
+
     with atomic_writer(fold / "last.pt") as fh:
         fh.write(b"x")
         (live,) = list(fold.glob(".*.tmp"))
         assert temp_writer(live.name) == (socket.gethostname(), os.getpid())
+        assert unlocked(live) is False  # its writer holds its flock while it writes
         proc = subprocess.Popen([sys.executable, "-c", "pass"])
         proc.wait()
         host = socket.gethostname()

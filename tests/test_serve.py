@@ -406,6 +406,17 @@ def test_a_students_augmentation_is_checked_before_the_teacher_predicts(runs, tm
     assert not student.exists()
 
 
+def test_an_ensemble_of_students_has_no_fold_honest_weights(runs, tmp_path):
+    # students validate on one fold: weights refitted without it would be fitted on no row at all,
+    # and their even vote would pass for a fold-honest figure in `mt runs`
+    a, b = tmp_path / "a", tmp_path / "b"
+    distill(runs["shared"], a, epochs=1)
+    distill(runs["shared"], b, epochs=1, overrides=["train.seed=1"])
+    summary = make_ensemble([a, b], tmp_path / "ens")
+    assert summary["oof_weights_honest"] is None and load_config(RunDir(tmp_path / "ens").config).ensemble.fold_weights is None
+    assert (summary.get("decision") or {}).get("honest") is None
+
+
 def test_a_student_pins_the_checkpoint_it_starts_from(runs, tmp_path):
     """As `mt train` does: the student's config.yaml holds its checkpoint's digest, so that a later
     `mt resume` of the student knows the file was overwritten."""

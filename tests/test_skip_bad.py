@@ -93,6 +93,7 @@ def test_skip_bad_leaves_out_table_rows_and_whole_groups(tmp_path):
     df.loc[0, "colour"] = "purple"                          # one bad row
     g = df["group"].iloc[3]
     df.loc[df["group"] == g, "shape"] = ["circle", "square", "circle"]  # a group that disagrees
+    df.loc[7, "path"] = "no_such_picture.png"               # a row whose image is missing
     df.to_csv(tmp_path / "train.csv", index=False)
     task = {"table": str(tmp_path / "train.csv"), "group_col": "group", "test": "test.csv", "factors": [
         {"name": "shape", "classes": ["circle", "square"], "per_group": True},
@@ -101,10 +102,13 @@ def test_skip_bad_leaves_out_table_rows_and_whole_groups(tmp_path):
     with pytest.raises(DataError, match="purple"):
         train_run(tiny_config(None, *overrides), tmp_path / "run")
     summary = train_run(tiny_config(None, *overrides, "data.skip_bad=true"), tmp_path / "run")
-    skipped = pd.read_csv(RunDir(tmp_path / "run").skipped)
-    assert summary["skipped"] == 4 and len(skipped) == 4  # the row, and the group's three rows
-    assert "purple" in skipped["reason"].iloc[0]
-    assert (skipped["reason"].iloc[1:].str.contains("disagree on shape")).all()
+    skipped = pd.read_csv(RunDir(tmp_path / "run").skipped, dtype=str, keep_default_na=False)
+    assert summary["skipped"] == 5 and len(skipped) == 5  # the two rows, and the group's three rows
+    assert skipped["reason"].str.contains("purple").sum() == 1
+    assert skipped["reason"].str.contains("disagree on shape").sum() == 3
+    missing = skipped[skipped["reason"].str.contains("no_such_picture")]
+    assert len(missing) == 1 and missing["id"].iloc[0] == ""  # no path to list below the root
+    assert len(reopen_context(tmp_path / "run", with_images=False).table.train) == 8 * 3 - 5
 
 
 def test_problems_find_their_rows_when_a_group_name_holds_a_colon():
