@@ -18,7 +18,9 @@ from rich.table import Table
 app = typer.Typer(help="mt: multi-head k-fold training, pseudo-labels and submissions for product labels. "
                        "An error is one line; MT_TRACEBACK=1 shows its traceback.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
+# paths and settings are printed as they are: a folder named `[v2]` would vanish as markup (and
+# `[/tmp]` raise); the few styled lines ask for markup themselves
+console = Console(markup=False)
 
 
 @contextmanager
@@ -42,7 +44,7 @@ def progress_and_errors():
             raise
         if "multitask.dist" in sys.modules:  # under torchrun: leave without the other ranks (dist.abandon)
             sys.modules["multitask.dist"].abandon()
-        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, markup=True)
         raise typer.Exit(2)
 
 
@@ -154,7 +156,8 @@ def train(
     print_decision(summary)
     print_missing(summary)
     if summary["skipped"]:
-        console.print(f"[yellow]{summary['skipped']} training item(s) left out, each with its reason: {out / 'skipped.csv'}[/]")
+        console.print(f"[yellow]{summary['skipped']} training item(s) left out, each with its reason: "
+                      f"{escape(str(out / 'skipped.csv'))}[/]", markup=True)
     console.print(f"run: {out}  (config.yaml, folds.csv, round0/, summary.json)")
 
 
@@ -256,7 +259,7 @@ def predict(
     """The run's fold ensemble with its TTA views (what submit uses), or an exported file, on any
     images: path, each factor's class, class, prob."""
     if (run is None) == (onnx is None):
-        console.print("[bold red]error:[/] give --run or --onnx (one of them)")
+        console.print("[bold red]error:[/] give --run or --onnx (one of them)", markup=True)
         raise typer.Exit(2)
     if onnx is not None:
         from multitask import serve
@@ -369,21 +372,21 @@ def eda(
     with progress_and_errors():
         result = run_eda(load_config(config, [], data=data), out)
     c = result["counts"]
-    console.print(f"[bold]{result['task']}[/]: {c['images']} training images in {c['groups']} groups, "
+    console.print(f"[bold]{escape(result['task'])}[/]: {c['images']} training images in {c['groups']} groups, "
                   f"{c['test_images']} test images; pictures per group: "
-                  + ", ".join(f"{n} ({groups} groups)" for n, groups in c["pictures_per_group"].items()))
+                  + ", ".join(f"{n} ({groups} groups)" for n, groups in c["pictures_per_group"].items()), markup=True)
     for factor, per in c["per_factor"].items():
         console.print(f"  {factor}: " + ", ".join(f"{k} {v}" for k, v in per.items()))
     per_class = c["per_class"]
     rare = sorted(per_class.items(), key=lambda kv: kv[1])[:3]
     console.print(f"  final classes: {len(per_class)}, from {min(per_class.values())} to {max(per_class.values())} images; "
-                  "rarest: " + ", ".join(f"{escape(k)} ({v})" for k, v in rare))
+                  "rarest: " + ", ".join(f"{k} ({v})" for k, v in rare))
     console.print(f"  image types: {result['images']['formats']}; most common sizes: "
                   + ", ".join(list(result["images"]["sizes"])[:3]))
     for kind, found in result["anomalies"].items():
         if found:
             console.print(f"[yellow]  {kind.replace('_', ' ')}: {len(found)}[/]  e.g. {escape(json.dumps(found[0]))}",
-                          soft_wrap=True)
+                          soft_wrap=True, markup=True)
     console.print(f"plots and eda.json: {out}  ({', '.join(result['plots'])})")
 
 
@@ -429,6 +432,8 @@ def runs(
     csv: bool = typer.Option(False, "--csv", help="print CSV instead of a table"),
 ):
     """The leaderboard of your runs: what each is and how it scores, best first."""
+    import pandas as pd
+
     from multitask.runs import runs_table
 
     with progress_and_errors():
@@ -442,7 +447,7 @@ def runs(
         view.add_column(col, justify="right" if table[col].dtype.kind in "if" else "left")
 
     def cell(column: str, v) -> str:
-        if v is None or (isinstance(v, float) and v != v):
+        if v is None or v is pd.NA or (isinstance(v, float) and v != v):
             return ""
         if isinstance(v, float):
             return f"{v:.0f}" if column == "train_s" else f"{v:.4f}"
@@ -451,8 +456,8 @@ def runs(
     if console.width < 120:  # a column each would cut every cell to "ru…", "0.…": a block per run
         console.print(title)
         for i, rec in enumerate(table.to_dict("records"), 1):
-            console.print(f"{i}. {escape(str(rec['run']))}\n   " + escape("  ".join(
-                f"{k}={cell(k, v)}" for k, v in rec.items() if k != "run" and cell(k, v))))
+            console.print(f"{i}. {rec['run']}\n   " + "  ".join(
+                f"{k}={cell(k, v)}" for k, v in rec.items() if k != "run" and cell(k, v)))
         return
     for rec in table.itertuples(index=False):
         view.add_row(*[cell(k, v) for k, v in zip(table.columns, rec)])

@@ -299,7 +299,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
     paths = ctx.table.train["path"].tolist()
     rows = sample_rows(len(paths), check_images, seed=0)
     decoded = DecodedImages([paths[i] for i in rows], cfg.data.decode_workers)
-    images = decoded.at(tuple(info["img_size"]))
+    images = decoded.whole(tuple(info["img_size"]))  # a picture damaged since training: named, not checked on
     decision = load_decision(run.round_dir(r))
     expected = reference(run, r, decoded, cfg, task, heads, decision)
     offsets = decision.offsets if decision is not None else None
@@ -331,7 +331,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
             cal_rows = sample_rows(len(paths), calibration_images, seed=1, exclude=rows)
             if not len(cal_rows):  # the check took every training image: calibrate on those
                 cal_rows = sample_rows(len(paths), calibration_images, seed=1)
-            calibration = DecodedImages([paths[i] for i in cal_rows], cfg.data.decode_workers).at(tuple(info["img_size"]))
+            calibration = DecodedImages([paths[i] for i in cal_rows], cfg.data.decode_workers).whole(tuple(info["img_size"]))
             final = Path(tmp) / "int8.onnx"
             quantize(fp32, final, calibration)
             q = run_onnx(final, images)

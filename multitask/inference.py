@@ -16,7 +16,7 @@ import torch
 from multitask.config import Config
 from multitask.context import build_task, load_run_config
 from multitask.data.augment import tta_view
-from multitask.data.cache import decode_into
+from multitask.data.cache import decode_into, undecodable_error
 from multitask.data.dataset import RowImages, eval_batches
 from multitask.decide import blend_only, load_decision, predict_classes
 from multitask.device import autocast, compiled, place_model, prepare_input, resolve_device
@@ -154,6 +154,12 @@ class DecodedImages:
         self.at(size)
         return self.failed[size]
 
+    def whole(self, size: tuple[int, int]) -> np.ndarray:
+        """`at(size)`, refusing it where a picture failed: its pixels would be whatever memory held."""
+        if self.bad(size):
+            raise undecodable_error(self.paths, self.failed[size])
+        return self.arrays[size]
+
 
 def read_once(cfg: Config) -> Config:
     """Images decoded for one prediction are read once: a whole device copy of each chunk of `mt
@@ -164,7 +170,9 @@ def read_once(cfg: Config) -> Config:
 def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImages, keep: np.ndarray,
                 progress=None, models: dict | None = None) -> dict[str, np.ndarray]:
     """Round r's voted outputs on the kept images; for an ensemble run, its members' final-class
-    probabilities (each with its own auxiliary blend), weighted as `mt ensemble` fitted them."""
+    probabilities (each with its own auxiliary blend), weighted as `mt ensemble` fitted them.
+    `models`, kept across the chunks of one prediction: the fold models loaded, and each round's
+    fold set as first read."""
     cfg = read_once(load_run_config(run, overrides))
     task, heads = build_task(cfg)
     if cfg.ensemble is not None:
@@ -178,5 +186,8 @@ def run_outputs(run: RunDir, r: int, overrides: list[str], decoded: DecodedImage
                                                 blend_only(load_decision(m_run.round_dir(mr))))[0]
         return {FLAT_HEAD: total}
     images = RowImages.of(decoded.at(tuple(cfg.data.img_size)), keep)  # rows of the decoded array, not a copy
-    return ensemble_probs(round_models(run, r, cfg), images, cfg, task, heads, resolve_device(cfg.train.device), progress,
-                          models)
+    # the round's folds as the first chunk found them: a fold another shell finishes meanwhile would
+    # vote the later chunks only, under a decision and a "which folds" said at the start
+    checkpoints = (models.setdefault(("folds", str(run.root), r), round_models(run, r, cfg)) if models is not None
+                   else round_models(run, r, cfg))
+    return ensemble_probs(checkpoints, images, cfg, task, heads, resolve_device(cfg.train.device), progress, models)

@@ -211,6 +211,9 @@ def runs_table(roots: list[Path], answers: Path | None = None) -> pd.DataFrame:
     if not rows:
         raise FileNotFoundError(f"no finished run under {', '.join(map(str, roots))}")
     table = pd.DataFrame(rows)
+    for column in ("epochs", "round"):  # whole numbers, where an unreadable run's row leaves them blank
+        if column in table:
+            table[column] = table[column].astype("Int64")
     scored = [k for k in (["held_out_f1"] if answers is not None else []) + ["oof_f1"]
               if k in table.columns and table[k].notna().any()]
     if not scored:  # every run unreadable: the rows are their notes, nothing to sort by

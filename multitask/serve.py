@@ -61,6 +61,8 @@ class ServedModel:
             raise ServeError("onnxruntime is not installed: pip install onnxruntime (or 'mt[serve]')") from None
 
         self.path = Path(path)
+        if self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: a folder; name the .onnx file `mt export` wrote")
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: ONNX file not found")
         opts = ort.SessionOptions()
@@ -128,6 +130,13 @@ def predict_images(model: str | Path | ServedModel, source: str | Path, out: str
     return result | {"model": str(served.path), "run": served.meta["run"], "round": served.meta["round"]}
 
 
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give 1 or more")
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Predict with an ONNX file from `mt export` (numpy, Pillow, onnxruntime).")
     ap.add_argument("model")
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out", help="predictions CSV to write")
     ap.add_argument("--probs", action="store_true", help="add every factor's probabilities")
     ap.add_argument("--skip-bad", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=positive, default=256)
     a = ap.parse_args(argv)
     try:
         result = predict_images(a.model, a.images, a.out, a.batch_size, a.probs, a.skip_bad)

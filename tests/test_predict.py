@@ -123,4 +123,32 @@ def test_predict_elsewhere_than_the_run_trained_and_without_keeping_device_copie
     done = CliRunner().invoke(app, ["predict", "--run", str(run), "--images", str(images), "--out",
                                     str(tmp_path / "cli.csv"), "--device", "cpu"])
     assert done.exit_code == 0, done.output
+    # the folds as the first chunk found them, for every chunk: a fold another shell finishes (or
+    # takes away) meanwhile would vote the later chunks alone
+    import numpy as np
+
+    import multitask.predict as predict_mod
+    from multitask.run import read_json, write_json
+
+    summary_path = RunDir(run).round_dir(0) / "summary.json"
+    summary = read_json(summary_path)
+    real, calls = predict_mod.run_outputs, []
+
+    def outputs_then_a_fold_goes(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        write_json(summary_path, summary | {"folds_done": summary["folds_done"][:1]})
+        return out
+
+    predict_mod.run_outputs = outputs_then_a_fold_goes
+    try:
+        chunked = predict_images(run, images, tmp_path / "chunked.csv", chunk=4, device="cpu", with_probs=True)
+    finally:
+        predict_mod.run_outputs = real
+        write_json(summary_path, summary)
+    whole = predict_images(run, images, tmp_path / "whole.csv", device="cpu", with_probs=True)
+    assert len(calls) > 1 and chunked["predicted"] == whole["predicted"]
+    a, b = pd.read_csv(tmp_path / "chunked.csv"), pd.read_csv(tmp_path / "whole.csv")
+    probs = [c for c in a.columns if c.startswith("p_")]
+    assert probs and np.allclose(a[probs].to_numpy(), b[probs].to_numpy(), atol=1e-5)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "cli.csv"))

@@ -717,6 +717,17 @@ def test_mt_runs_is_a_leaderboard_of_finished_runs(demo_root, tmp_path):
     assert result.exit_code == 0 and "2 run(s), best first" in result.output
     result = runner.invoke(app, ["runs", str(tmp_path / "runs" / "not_a_run")])
     assert result.exit_code == 2 and "no finished run" in result.output
+    # an unreadable run beside them: the others' whole numbers stay whole; a folder named like
+    # markup is printed as it is
+    broken = tmp_path / "runs" / "[v2]broken"
+    shutil.copytree(tmp_path / "runs" / "flat", broken)
+    (broken / "round0" / "summary.json").write_text("{")
+    result = runner.invoke(app, ["runs", str(tmp_path / "runs"), "--csv"])
+    csv = pd.read_csv(StringIO(result.output), dtype=str)
+    assert len(csv) == 3 and csv["epochs"].notna().sum() == 2 and not csv["epochs"].dropna().str.contains(".", regex=False).any()
+    result = runner.invoke(app, ["runs", str(tmp_path / "runs")], env={"COLUMNS": "100"})
+    assert result.exit_code == 0 and f"{broken}" in result.output.replace("\n", "")
+    assert "epochs=2.0000" not in result.output
 
 
 def test_time_limit_fits_the_epochs_and_says_so(demo_root, tmp_path):

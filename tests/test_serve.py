@@ -324,6 +324,35 @@ def test_the_service_command_says_a_users_error_in_one_line(tmp_path, capsys, mo
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.onnx'}: ONNX file not found"
     assert not (tmp_path / "out.csv").exists()
+    # a folder for the file, and a batch size of 0: one line each too
+    with pytest.raises(SystemExit) as stop:
+        serve.main([str(tmp_path), str(tmp_path), str(tmp_path / "out.csv")])
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: a folder; name the .onnx file `mt export` wrote"
+    with pytest.raises(SystemExit) as stop:
+        serve.main([str(tmp_path / "none.onnx"), str(tmp_path), str(tmp_path / "out.csv"), "--batch-size", "0"])
+    assert stop.value.code == 2 and "--batch-size: 0: give 1 or more" in capsys.readouterr().err
+
+
+def test_a_submission_from_a_folder_for_its_onnx_file_is_one_line(runs, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: a folder; name the .onnx file"):
+        make_submission_onnx(runs["shared"], tmp_path, tmp_path / "sub.csv")
+
+
+def test_an_export_refuses_a_training_picture_damaged_since(runs, demo_root, tmp_path):
+    # its pixels would be whatever memory held, checked against PyTorch on the same garbage and
+    # calibrated on by int8, unsaid
+    import shutil
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(demo_root, data)
+    shutil.copytree(runs["shared"], run)
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump(written | {"data_root": str(data)}))
+    for picture in (data / "train" / "images").rglob("*.jpg"):
+        picture.write_bytes(b"not a picture")  # every one: whichever the check samples
+    with pytest.raises(ImageDecodeError, match="cannot be decoded"):
+        export_run(run, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_an_ensemble_run_exports_as_one_file(demo_root, tmp_path):
