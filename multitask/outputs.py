@@ -25,13 +25,28 @@ class ImageListError(ValueError):
     pass
 
 
+def walk_files(root: Path) -> list[Path]:
+    """Every file below `root`, through linked folders too (once each: a link back up would loop),
+    and links whose target is gone: listed, the decoder names them, where leaving them out would
+    drop images from the predictions unsaid."""
+    seen, out = set(), []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [Path(folder) / f for f in files]
+    return out
+
+
 def list_images(source: str | Path) -> tuple[list[str], list[str]]:
     """(ids, paths) of what `mt predict --images` names: a folder (recursively, image files only,
     hidden files and folders skipped; ids relative to it), a CSV with a `path` column (relative to
     the CSV's folder unless absolute; ids as listed), or one image file."""
     src = Path(source)
     if src.is_dir():
-        found = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        found = sorted(p for p in walk_files(src) if p.suffix.lower() in IMAGE_SUFFIXES
                        and not any(part.startswith(".") for part in p.relative_to(src).parts))
         if not found:
             raise FileNotFoundError(f"{src}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")

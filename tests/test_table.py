@@ -508,6 +508,23 @@ def test_cli_trains_a_table_task_from_its_config_alone_and_predicts(table_root, 
     assert result.exit_code == 2 and f"{tmp_path}: is a folder; a table task reads a table file" in result.output
 
 
+def test_a_folder_of_images_is_listed_through_its_links(tmp_path):
+    # a linked sub-folder was not descended into and a link whose target is gone was left out:
+    # images missing from the predictions, unsaid
+    from multitask.outputs import list_images
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.png").write_bytes(b"")
+    src = tmp_path / "src"
+    (src / "real").mkdir(parents=True)
+    (src / "real" / "a.png").write_bytes(b"")
+    (src / "linked").symlink_to(tmp_path / "other")
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")  # the decoder names it: file not found
+    (src / "real" / "up").symlink_to(src)  # a loop: each folder once
+    ids, paths = list_images(src)
+    assert ids == ["gone.png", "linked/b.png", "real/a.png"]
+
+
 def test_predict_works_for_the_mask_preset(demo_root, tmp_path):
     cfg = tiny_config(demo_root)
     train_run(cfg, tmp_path / "run")
