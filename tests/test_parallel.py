@@ -317,9 +317,9 @@ def test_a_rank_that_fails_alone_does_not_keep_the_others_waiting(tmp_path):
     # next collective: rank 0's exit must not wait at a barrier rank 1 never reaches, or both wait
     # out the group's timeout (30 minutes under gloo)
     import os
+    import socket
     import subprocess
     import sys
-    from pathlib import Path
 
     script = tmp_path / "ranks.py"
     script.write_text(
@@ -329,10 +329,20 @@ def test_a_rank_that_fails_alone_does_not_keep_the_others_waiting(tmp_path):
         "if dist.rank() == 0:\n"
         "    raise OSError('a write of rank 0 failed')\n"
         "td.all_reduce(torch.ones(1))\n")
-    torchrun = Path(sys.executable).parent / "torchrun"
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
-                          text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert done.returncode != 0 and "a write of rank 0 failed" in done.stderr
+    # the two ranks as torchrun starts them (its environment), without the launcher's own start-up
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    try:
+        codes = [rank.wait(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert codes[0] != 0 and "a write of rank 0 failed" in ranks[0].stderr.read()
+    assert codes[1] != 0  # its collective failed once rank 0 was gone: it left too
 
 
 def test_the_clis_red_line_leaves_without_the_other_ranks(monkeypatch):

@@ -13,7 +13,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from multitask.data.table import factor_values, numeric_matrix
 from multitask.labels import Task, mixed_radix
@@ -49,6 +48,10 @@ def make_folds(df: pd.DataFrame, task: Task, n_folds: int, seed: int) -> pd.Data
     if n_groups < n_folds:
         raise ValueError(f"train.folds {n_folds}: the training data holds {n_groups} groups (persons), too few "
                          f"to fill {n_folds} folds")
+    # imported here: scikit-learn (with scipy) takes most of a second to import, and every command
+    # reads the folds while training alone makes them
+    from sklearn.model_selection import StratifiedGroupKFold
+
     strata = split_strata(df, task, group_level_factors(df, task), n_folds)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = np.full(len(df), -1, dtype=np.int64)
