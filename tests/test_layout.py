@@ -100,6 +100,10 @@ def test_age_bins_come_from_config(root):
      or (r / "eval" / "info.csv").write_text("ImageID,ans\nlink.jpg,0\n"), "'link.jpg' leads out of"),
     (lambda r: (r / "train" / "train.csv").write_text(
         "id,gender,race,age,path\n000009,female,Asian,45,../../eval\n"), "'../../eval' leads out of"),
+    # nor may a training picture be a link to a test image
+    (lambda r: (r / "train" / "images" / "000003_male_Black_22" / "normal.png").unlink()
+     or (r / "train" / "images" / "000003_male_Black_22" / "normal.jpg").symlink_to(r / "eval" / "images" / "a.jpg"),
+     "normal.jpg: path '000003_male_Black_22/normal.jpg' leads out of .* through the link"),
 ])
 def test_bad_input_is_a_clear_error_naming_the_file(root, mutate, message):
     mutate(root)

@@ -44,13 +44,17 @@ def is_image_file(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
 
 
-def person_images(folder: Path, problems: list[str]) -> dict[str, Path]:
-    """The person's pictures by stem; hidden files (`._mask1.jpg`) and non-images are not pictures."""
+def person_images(folder: Path, problems: list[str], root: Path | None = None) -> dict[str, Path]:
+    """The person's pictures by stem; hidden files (`._mask1.jpg`) and non-images are not pictures.
+    Each must be a file under `root` (train/images): a picture linked to a test image would be both."""
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if not is_image_file(p):
             continue
-        if p.stem not in MASK_STEMS:
+        why = image_path(root, p.relative_to(root).as_posix())[1] if root is not None else None
+        if why:
+            problems.append(f"{p}: {why}")
+        elif p.stem not in MASK_STEMS:
             problems.append(f"{p}: unexpected picture name {p.stem!r}; expected one of {sorted(MASK_STEMS)}")
         elif p.stem in found:
             problems.append(f"{p}: two pictures named {p.stem!r} in {folder} ({found[p.stem].name}, {p.name})")
@@ -87,7 +91,7 @@ def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, st
         elif first := listed_before(seen, folder, rec.path, line):
             problems.append(f"{where}: person folder {rec.path!r} is listed twice ({first})")
             folder = None
-        pics = person_images(folder, problems) if folder is not None else {}
+        pics = person_images(folder, problems, images_dir) if folder is not None else {}
         if folder is not None and not pics:
             problems.append(f"{where}: {folder} has no pictures (expected {sorted(MASK_STEMS)})")
         if len(problems) > before:
