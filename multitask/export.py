@@ -31,7 +31,7 @@ from multitask.decide import aux_kinds, blend_only, load_decision, predict_class
 from multitask.labels import MARGINAL_FLOOR, Head, Task
 from multitask.numeric import aux_activation, aux_name, fine_to_bins, is_aux, spread_or_default, standardise
 from multitask.inference import HARD_TIE_BREAK, DecodedImages, load_model, round_models, run_outputs
-from multitask.run import RunDir, atomic_write_bytes, check_output_file, sweep_killed_beside, writer_prefix
+from multitask.run import RunDir, atomic_write_bytes, check_output_file, read_json, sweep_killed_beside, writer_prefix
 from multitask.serve import META_KEY, need_serve_extra, task_meta
 
 FORMAT = 1
@@ -294,6 +294,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
         log(f"exporting {why}")
     out = Path(out) if out else (run.onnx_int8 if int8 else run.onnx)
     check_output_file(out)
+    folds = read_json(run.round_dir(r) / "summary.json")["folds_done"]
     graph, info = build_graph(run, r)
     ctx = reopen_context(run.root, with_images=False)
     paths = ctx.table.train["path"].tolist()
@@ -302,6 +303,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, int8: bool = 
     images = decoded.whole(tuple(info["img_size"]))  # a picture damaged since training: named, not checked on
     decision = load_decision(run.round_dir(r))
     expected = reference(run, r, decoded, cfg, task, heads, decision)
+    now = read_json(run.round_dir(r) / "summary.json")["folds_done"]
+    if now != folds:  # the graph and its reference would be of two fold sets: the check would blame the graph
+        raise ExportError(f"{run.round_dir(r)}: its folds changed while it was exported ({folds} then {now}: a fold "
+                          f"finished in another process); export again once it is done; nothing written")
     offsets = decision.offsets if decision is not None else None
     # named for its writer, so that `mt resume` (in a run) or the next export sweeps one a kill left
     sweep_killed_beside(out)

@@ -338,6 +338,29 @@ def test_a_submission_from_a_folder_for_its_onnx_file_is_one_line(runs, tmp_path
         make_submission_onnx(runs["shared"], tmp_path, tmp_path / "sub.csv")
 
 
+def test_an_export_whose_round_changes_meanwhile_says_so(runs, tmp_path, monkeypatch):
+    # a fold finished in another shell between the graph and its PyTorch reference: the check would
+    # blame the graph ("differs from PyTorch") for two different fold sets
+    import shutil
+
+    from multitask.run import write_json
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["shared"], run)
+    summary_path = RunDir(run).round_dir(0) / "summary.json"
+    summary, real = read_json(summary_path), export_mod.build_graph
+
+    def graph_then_a_fold_finishes(*args):
+        built = real(*args)
+        write_json(summary_path, summary | {"folds_done": summary["folds_done"][:1]})
+        return built
+
+    monkeypatch.setattr(export_mod, "build_graph", graph_then_a_fold_finishes)
+    with pytest.raises(ExportError, match=r"round0: its folds changed while it was exported \(\[0, 1\] then \[0\]"):
+        export_run(run, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_an_export_refuses_a_training_picture_damaged_since(runs, demo_root, tmp_path):
     # its pixels would be whatever memory held, checked against PyTorch on the same garbage and
     # calibrated on by int8, unsaid
