@@ -54,3 +54,15 @@ def test_bench_backbones_prints_a_json_line_per_backbone():
     rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
     assert [r["backbone"] for r in rows] == ["test_efficientnet", "lcnet_050"]
     assert all(r["train_img_s"] > 0 and r["params_m"] > 0 and r["img_size"] == 32 for r in rows)
+
+
+def test_step_overhead_counts_a_steps_operators_and_times_it(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT.parent / "step_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--size", "8", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--set", "train.device=cpu"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["backbone"] == "test_efficientnet" and result["img_size"] == 8 and result["batch_size"] == 4
+    assert result["step_ms"] > 0 and result["operators_all"] >= result["operators_top_level"] > 100
