@@ -20,9 +20,10 @@
 # 7 epochs under the 420-s limit) and a short `compile`; on 2026-11-28 `accuracy --config demo` twice
 # (0.6687 in 7 epochs of 15: the small network trained no faster than efficientnet_b0, about 2,000
 # img/s, bound by its step at batch 32). So a session with a device now runs, in this order:
-#   bash scripts/gpu_session.sh small      # bench_throughput on the demo's network: batch 32 and 128,
-#       eager, and each compiled with CUDA graphs (run on a CPU only, at 140 images: 3 min; on a GPU a
-#       guess: 5 minutes): what a step costs, and what buys it back
+#   bash scripts/gpu_session.sh small      # step_overhead (the step alone, eager and as CUDA graphs),
+#       then bench_throughput on the demo's network: batch 32 and 128, eager, and each compiled with
+#       CUDA graphs (run on a CPU only, at 140 images: about 4 min; on a GPU a guess: 6 minutes):
+#       what a step costs, and what buys it back
 #   bash scripts/gpu_session.sh accuracy --config demo --set aug.backend=torch --set data.cache_on_device=true \
 #       --set data.num_workers=0 --set train.compile=true --set train.compile_mode=reduce-overhead \
 #       [--set train.batch_size=128 --set train.lr=LR]
@@ -70,7 +71,11 @@ cache)
     ;;
 small)
     # the demo config's network, test_efficientnet at 64x64 (docs/RESULTS.md: bound by its step at
-    # batch 32 on the H200), over 7,000 generated JPEGs made once
+    # batch 32 on the H200): first the step alone, eager and as CUDA graphs (docs/PERFORMANCE.md,
+    # step_overhead), then bench_throughput over 7,000 generated JPEGs made once
+    for extra in "" "--set train.compile=true --set train.compile_mode=reduce-overhead"; do
+        python3 scripts/step_overhead.py --config demo --size 64 --batch-size 32 $extra | tee -a "$out/small.json"
+    done
     # reduce-overhead: torch.compile's CUDA graphs, one launch for a whole step's kernels
     for extra in "--batch-size 32" "--batch-size 128" "--batch-size 32 --compile --compile-mode reduce-overhead" \
             "--batch-size 128 --compile --compile-mode reduce-overhead"; do
