@@ -60,11 +60,7 @@ class ServedModel:
         except ImportError:
             raise ServeError("onnxruntime is not installed: pip install onnxruntime (or 'mt[serve]')") from None
 
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise FileNotFoundError(f"{self.path}: a folder; name the .onnx file `mt export` wrote")
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: ONNX file not found")
+        self.path = onnx_file(path)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -128,6 +124,16 @@ def predict_images(model: str | Path | ServedModel, source: str | Path, out: str
 
     result = stream_predictions(served.task, ids, paths, out, chunk, served.decode, predict, with_probs, skip_bad)
     return result | {"model": str(served.path), "run": served.meta["run"], "round": served.meta["round"]}
+
+
+def onnx_file(path: str | Path) -> Path:
+    """`path`, refused unless it is a file: a folder, or nothing there, each said in one line."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: a folder; name the .onnx file `mt export` wrote")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ONNX file not found")
+    return path
 
 
 def positive(text: str) -> int:

@@ -91,14 +91,12 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
 def make_submission_onnx(run_dir: str | Path, onnx: str | Path, out: str | Path | None = None, log=None) -> Path:
     """The submission of the run's test images predicted by an exported file (`mt export`) with
     onnxruntime instead of the round's stored probabilities."""
-    from multitask.serve import ServedModel
+    from multitask.serve import ServedModel, onnx_file
 
     ctx = reopen_context(run_dir, with_images=False)
     out = Path(out) if out else ctx.run.submission_onnx
     check_places(out)  # before the predictions, not after them
-    if not Path(onnx).is_file():
-        raise FileNotFoundError(f"{onnx}: " + ("a folder; name the .onnx file `mt export` wrote" if Path(onnx).is_dir()
-                                               else "ONNX file not found"))
+    onnx = onnx_file(onnx)  # before it is hashed
     with open(onnx, "rb") as fh:  # what predicts is read after this: a file replaced since would not match
         onnx_sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
     served = ServedModel(onnx)
