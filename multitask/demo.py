@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multitask.config import load_config
-from multitask.data.synthetic import make_demo_dataset
+from multitask.config import ConfigError, load_config
+from multitask.data.synthetic import AGE_EDGES, make_demo_dataset
 from multitask.kfold import train_run
 from multitask.labels import mask_task
 from multitask.metrics import macro_f1
@@ -39,9 +39,14 @@ def demo_config(out: Path, overrides: list[str] = ()):
 def run_demo(out: str | Path, n_train_persons: int = 80, n_eval_persons: int = 16,
              overrides: list[str] = (), progress=None, log=print) -> dict:
     out = Path(out)
+    cfg = demo_config(out, overrides)
+    if tuple(cfg.data.age_bins) != AGE_EDGES:
+        # its answers and the age its pictures show (hair colour) follow these edges, whatever the config
+        raise ConfigError(f"mt demo: its generated faces show their age group at {list(AGE_EDGES)} years, so "
+                          f"data.age_bins must stay {list(AGE_EDGES)} (got {list(cfg.data.age_bins)}); "
+                          f"try other age groups on your own data with mt train")
     data = make_demo_dataset(out / "data", n_train_persons, n_eval_persons, seed=0)
     log(f"data set: {data['n_train_images']} train images, {data['n_eval_images']} test images -> {out / 'data'}")
-    cfg = demo_config(out, overrides)
     summary = train_run(cfg, out / "run", progress, force=True)  # a demo starts over
     log(f"round 0: OOF macro F1 {summary['oof']['f1']:.3f}")
     for rep in pseudo_label(out / "run", progress=progress):

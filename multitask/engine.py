@@ -33,7 +33,7 @@ from multitask.labels import Head, Task
 from multitask.losses import MultiHeadLoss
 from multitask.metrics import heads_nll, score_probs
 from multitask.model import build_model, param_groups
-from multitask.numeric import Targets, aux_losses, aux_outputs
+from multitask.numeric import Targets, aux_losses, aux_outputs, trained_classes
 from multitask.run import RunError, atomic_write_text, load_torch, save_torch
 
 
@@ -312,11 +312,19 @@ def fold_batches(cfg: Config, task: Task, heads: list[Head], data: FoldData, dev
     """The fold's training batches (drawn by the configured sampler, a shard of them per process
     under torchrun) and which training rows hold every factor (a partial pseudo label does not)."""
     tc = cfg.train
-    labelled = (data.train_factors >= 0).all(1)
-    weights = (sample_weights(task, heads, data.train_factors, tc.sampler, tc.sampler_power, labelled)
-               if tc.sampler != "none" else None)
+    weights = (sample_weights(task, heads, trained_classes(task, cfg, data.train_factors, data.train_values),
+                              tc.sampler, tc.sampler_power) if tc.sampler != "none" else None)
     shard = (dist.rank(), dist.world()) if dist.world() > 1 else None  # batch_size divides: kfold.check_processes
-    return TrainBatches(cfg, data.train_images, data.train_targets(), device, seed, weights, shard), labelled
+    return TrainBatches(cfg, data.train_images, data.train_targets(), device, seed, weights, shard), \
+        (data.train_factors >= 0).all(1)
+
+
+def head_counts(cfg: Config, task: Task, heads: list[Head], data: FoldData) -> dict[str, np.ndarray]:
+    """Each head's class counts over the fold's training rows that hold its factors, in the classes
+    training teaches (a numeric factor's training bins): what per-class loss weights are made from."""
+    classes = trained_classes(task, cfg, data.train_factors, data.train_values)
+    known = {h.name: (classes[:, h.factor_idx] >= 0).all(1) for h in heads}
+    return {h.name: np.bincount(h.targets(classes[known[h.name]]), minlength=h.n) for h in heads}
 
 
 def validate(model, cfg: Config, task: Task, heads: list[Head], data: FoldData,
@@ -343,8 +351,8 @@ def train_fold(cfg: Config, task: Task, heads: list[Head], data: FoldData, out_d
     tc = cfg.train
     seed_everything(seed)
     batches, labelled = fold_batches(cfg, task, heads, data, device, seed)
-    counts = {h.name: np.bincount(h.targets(data.train_factors[labelled]), minlength=h.n) for h in heads}
-    t = build_training(cfg, task, heads, device, len(batches), counts, partial=not labelled.all())
+    t = build_training(cfg, task, heads, device, len(batches), head_counts(cfg, task, heads, data),
+                       partial=not labelled.all())
     model, ema, optimizer, scheduler, criterion = t.model, t.ema, t.optimizer, t.scheduler, t.criterion
     step_model = dist.wrap(t.step_model, device)
     main = dist.is_main()  # under torchrun, rank 0 alone validates and writes

@@ -90,6 +90,10 @@ def numerics(task: Task, cfg: Config) -> list[Numeric]:
         c = settings_of(cfg, f.name)
         if c.train_bins is not None and len(c.train_bins) != len(f.bins):
             raise ConfigError(f"numeric.{f.name}.train_bins {c.train_bins} must have as many edges as its bins {list(f.bins)}")
+        if c.train_bins is not None and f.integer and not all(float(b).is_integer() for b in c.train_bins):
+            # cuts sit half a unit below a whole-number edge: 57.5 would cut at 57 and teach 57 as the upper bin
+            raise ConfigError(f"numeric.{f.name}.train_bins {c.train_bins}: {f.name} is a whole number, so its "
+                              f"training edges must be whole numbers too (58 puts 58 in the upper bin)")
         out.append(Numeric(task.factor_names.index(f.name), col, f, c))
     return out
 
@@ -347,6 +351,19 @@ def regression_sigma(factor: Factor, out: np.ndarray, values: np.ndarray) -> flo
     resid = out[:, 0] * scale + centre - values
     resid = resid[np.isfinite(resid)]
     return float(1.4826 * np.median(np.abs(resid - np.median(resid)))) if len(resid) else spread_or_default(factor, None)
+
+
+def trained_classes(task: Task, cfg: Config, factors: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(N, F) each row's factor classes as training teaches them: a numeric factor with `train_bins`
+    at its training bin where the number is known (the bin `edge_distribution` puts most mass in). Class
+    balance counts these, not the scoring bins."""
+    out = np.array(factors, copy=True)
+    for n in numerics(task, cfg):
+        if n.cfg.train_bins is not None:
+            v = values[:, n.column]
+            known = np.isfinite(v) & (factors[:, n.index] >= 0)
+            out[known, n.index] = np.searchsorted(n.train_cuts, v[known], side="right")
+    return out
 
 
 def near_edge(values: np.ndarray, edges, distance: float) -> np.ndarray:

@@ -30,12 +30,23 @@ def test_rows_with_a_missing_label_are_drawn_at_the_mean_weight_and_count_for_no
     f = skewed_factors(200)
     partial = np.concatenate([f, [[0, 1, -1]] * 50])
     labelled = (partial >= 0).all(1)
-    w = sample_weights(TASK, HEADS, partial, "class", 1.0, labelled)
+    w = sample_weights(TASK, HEADS, partial, "class", 1.0)
     alone = sample_weights(TASK, HEADS, f, "class", 1.0)
     np.testing.assert_allclose(w[~labelled], w[labelled].mean())
     # the labelled rows keep the proportions they have without the partial ones
     np.testing.assert_allclose(w[labelled] / w[labelled].sum(), alone)
     assert np.isclose(w.sum(), 1)
+
+
+def test_a_head_sampler_counts_partial_rows_that_hold_its_factor():
+    """Drawn by the mask head, a pseudo row sure of its mask but not of its age is a mask row like any
+    other (it was drawn at the mean weight, and left out of the counts)."""
+    f = np.array([[0, 0, 0]] * 8 + [[2, 1, 1]] * 2)
+    partial = np.concatenate([f, [[2, 0, -1]] * 2])
+    w = sample_weights(TASK, HEADS, partial, "mask", 1.0)
+    mass = np.bincount(partial[:, 0], weights=w)
+    np.testing.assert_allclose(mass[[0, 2]], [0.5, 0.5])  # 8 worn rows against 4 not worn, two of them partial
+    np.testing.assert_allclose(w[-2:], w[-4:-2])
 
 
 @pytest.mark.parametrize("by", ["class", "age"])

@@ -90,6 +90,9 @@ def test_age_bins_come_from_config(root):
      "two pictures named 'normal'"),
     (lambda r: (r / "eval" / "images" / "a.jpg").unlink(), "(?s)info.csv: 1 problem.*line 3: image .*a.jpg not found"),
     (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\na.jpg,0\na.jpg,0\n"), "duplicate ImageID"),
+    # a name longer than the filesystem takes raised OSError, a traceback without the file's line
+    (lambda r: (r / "eval" / "info.csv").write_text(f"ImageID,ans\n{'x' * 300}.jpg,0\n"),
+     "(?s)info.csv: 1 problem.*line 2: path 'x+.jpg' cannot be read: File name too long"),
     (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\n"), "info.csv: lists no test image; without test images"),
     # a test image must not be a training image, or any file outside eval/images
     (lambda r: (r / "eval" / "info.csv").write_text("ImageID,ans\n../../train/images/000003_male_Black_22/normal.jpg,0\n"),
@@ -129,6 +132,24 @@ def test_a_person_folder_named_two_ways_is_listed_twice(root):
     layout = read_layout(root, [30, 60], skip_bad=True)  # the first stays, the second is left out
     assert sorted(layout.train["group"].unique()) == ["000001_female_Asian_45", "000002_male_White_61"]
     assert len(layout.skipped) == 2
+
+
+def test_one_person_in_two_folders_is_one_group(root):
+    """Two folders with one id and the same labels are one person: their pictures must share a fold.
+    One id on other labels (a typo) stays two persons; a blank id joins nobody."""
+    images = root / "train" / "images"
+    write_person(images, "000001_female_Asian_45_again")
+    write_person(images, "000001_male_Asian_20")
+    write_person(images, "blank_a")
+    write_person(images, "blank_b")
+    with open(root / "train" / "train.csv", "a") as fh:
+        fh.write("000001,female,Asian,45,000001_female_Asian_45_again\n000001,male,Asian,20,000001_male_Asian_20\n"
+                 ",male,Asian,20,blank_a\n,male,Asian,20,blank_b\n")
+    train = read_layout(root, [30, 60]).train
+    group_of = train.groupby("path")["group"].first()
+    assert (group_of[[p for p in train["path"] if "_again/" in p]] == "000001_female_Asian_45").all()
+    assert set(train["group"]) == {"000001_female_Asian_45", "000002_male_White_61", "000003_male_Black_22",
+                                   "000004_female_Asian_33", "000001_male_Asian_20", "blank_a", "blank_b"}
 
 
 def test_one_test_image_named_two_ways_is_a_duplicate(root):

@@ -13,7 +13,8 @@ from multitask.data.synthetic import make_table_dataset
 from multitask.decide import load_decision
 from multitask.kfold import train_run
 from multitask.labels import Factor, Task
-from multitask.numeric import Targets, aux_bins, edge_distribution, near_edge, numerics, training_rows
+from multitask.numeric import (Targets, aux_bins, edge_distribution, near_edge, numerics, trained_classes,
+                               training_rows)
 from multitask.predict import predict_images
 from multitask.run import RunDir, load_npz, read_json
 from multitask.submit import make_submission
@@ -153,6 +154,25 @@ def test_other_training_bins_move_the_targets_and_the_rows_left_out():
     assert ages[~keep].tolist() == [57, 58, 59]
 
 
+def test_class_balance_counts_the_training_bins_the_targets_teach():
+    """With train_bins [30, 58] a 58-year-old is taught as >=60: the sampler draws it, and the loss
+    weights count it, as one of that class, not of 30-59 (they counted the scoring bins)."""
+    from multitask.data.sampling import sample_weights
+    from multitask.engine import FoldData, head_counts
+    ages = np.array([20.0, 40, 45, 50, 58, 59, 62, 70])
+    factors = np.stack([np.zeros(8, int), AGE.bin(ages)], 1)
+    cfg = cfg_with("numeric.age.train_bins=[30, 58]")
+    data = FoldData(None, factors, ages[:, None], None, None)
+    taught = Targets(TASK, TASK.heads("g,age"), cfg)(batch(factors[:, 0], factors[:, 1], ages))["age"].argmax(1)
+    assert np.bincount(taught.numpy(), minlength=3).tolist() == [1, 3, 4]
+    assert head_counts(cfg, TASK, TASK.heads("g,age"), data)["age"].tolist() == [1, 3, 4]
+    classes = trained_classes(TASK, cfg, factors, ages[:, None])
+    w = sample_weights(TASK, TASK.heads("g,age"), classes, "age", power=1.0)
+    assert np.allclose(np.bincount(taught.numpy(), weights=w), 1 / 3)  # every taught class drawn alike
+    # without train_bins the scoring bins are the classes taught
+    assert (trained_classes(TASK, cfg_with(), factors, ages[:, None]) == factors).all()
+
+
 def test_fine_bins_of_a_distribution_output_each_lie_within_one_bin():
     from multitask.numeric import fine_edges, fine_to_bins
 
@@ -234,6 +254,8 @@ def test_a_fold_left_with_no_training_row_says_which_setting_emptied_it(demo_roo
 @pytest.mark.parametrize("override, message", [
     ("numeric.gender.aux=regression", "not binned numeric factors"),
     ("numeric.age.train_bins=[30]", "as many edges"),
+    # whole years are cut half a year below an edge: 57.5 would have taught 57 as the upper bin
+    ("numeric.age.train_bins=[30, 57.5]", "whole numbers too"),
 ])
 def test_numeric_settings_are_checked_against_the_task(demo_root, override, message):
     with pytest.raises(ConfigError, match=message):

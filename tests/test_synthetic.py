@@ -148,6 +148,23 @@ def test_deterministic(tmp_path):
     assert (a / "train/train.csv").read_bytes() != (c / "train/train.csv").read_bytes()
 
 
+def test_a_set_made_again_without_test_persons_keeps_no_earlier_test_images(tmp_path):
+    from multitask.data.layout import read_layout
+    make_demo_dataset(tmp_path, n_train_persons=6, n_eval_persons=1, seed=0)
+    make_demo_dataset(tmp_path, n_train_persons=6, n_eval_persons=0, seed=0)
+    assert not (tmp_path / "eval").exists()  # its info.csv was read as this set's 7 test images
+    assert read_layout(tmp_path, [30, 60]).test is None
+
+
+def test_the_demo_refuses_age_groups_its_faces_do_not_show(tmp_path):
+    from multitask.config import ConfigError
+    from multitask.demo import run_demo
+    # it trained on them, then scored against answers drawn at 30 and 60
+    with pytest.raises(ConfigError, match=r"data.age_bins must stay \[30, 60\]"):
+        run_demo(tmp_path / "demo", 6, 1, ["data.age_bins=[25, 50]"], log=lambda *a: None)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError):
         make_demo_dataset(tmp_path, n_train_persons=-1)

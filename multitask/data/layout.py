@@ -66,13 +66,17 @@ def person_images(folder: Path, problems: list[str], root: Path | None = None) -
 def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, str]] | None = None) -> pd.DataFrame:
     """Every person of train.csv with their pictures; every problem is collected, then all are
     reported at once, each with its file and line. Given a `skipped` list, a person with a problem is
-    left out instead, with all their pictures, and listed there as (where, path, reason)."""
+    left out instead, with all their pictures, and listed there as (where, path, reason).
+
+    A person's group (what the folds keep together) is their folder, or the first folder listed with
+    the same id, gender and age: one person in two folders would otherwise train in one fold and be
+    validated in another. An id shared by persons of other labels is a typo's, not one person."""
     csv_path = root / "train" / "train.csv"
     people = read_csv(csv_path, TRAIN_COLUMNS)
     if people.empty:
         raise LayoutError(f"{csv_path}: no persons")
     images_dir = root / "train" / "images"
-    problems, rows, seen = [], [], {}
+    problems, rows, seen, persons = [], [], {}, {}
     for line, rec in zip(row_names(csv_path, "line", len(people)), people.itertuples(index=False)):
         where = f"{csv_path} {line}"
         before = len(problems)
@@ -100,8 +104,10 @@ def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, st
                                 "; ".join(p.split(": ", 1)[-1] for p in problems[before:])))
                 del problems[before:]
             continue
+        person = rec.id.strip()  # a blank id names nobody: such persons are not joined
+        group = persons.setdefault((person, gender, age), rec.path) if person else rec.path
         for stem, p in pics.items():
-            rows.append((rec.path, str(p), f"{where} ({p.name})", stem, MASK_STEMS[stem], gender, age))
+            rows.append((group, str(p), f"{where} ({p.name})", stem, MASK_STEMS[stem], gender, age))
     if problems and skipped is None:
         raise problems_error(csv_path, problems, LayoutError)
     df = pd.DataFrame(rows, columns=["group", "path", "where", "stem", "mask", "gender", value_column("age")])

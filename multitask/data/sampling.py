@@ -12,26 +12,30 @@ from multitask.config import ConfigError
 from multitask.labels import FLAT_HEAD, Head, Task
 
 
-def class_of_rows(task: Task, heads: list[Head], factors: np.ndarray, by: str) -> tuple[np.ndarray, int]:
-    """(class index of each row, number of classes) by the final class or by a head's class."""
+def class_of_rows(task: Task, heads: list[Head], factors: np.ndarray, by: str) -> tuple[np.ndarray, int, np.ndarray]:
+    """(class index of each row, number of classes, which rows hold the factors that class needs) by
+    the final class or by a head's class. A partial pseudo label (-1 where a factor fell short of its
+    confidence) has a head's class where that head's factors are known."""
     if by == FLAT_HEAD:
-        return task.encode(factors), task.n_classes
-    head = next((h for h in heads if h.name == by), None)
-    if head is None:
-        raise ConfigError(f"train.sampler {by!r} is neither 'none', {FLAT_HEAD!r} nor one of the heads "
-                          f"{[h.name for h in heads]}")
-    return head.targets(factors), head.n
+        idx = list(range(len(task.factors)))
+    else:
+        head = next((h for h in heads if h.name == by), None)
+        if head is None:
+            raise ConfigError(f"train.sampler {by!r} is neither 'none', {FLAT_HEAD!r} nor one of the heads "
+                              f"{[h.name for h in heads]}")
+        idx = list(head.factor_idx)
+    known = (factors[:, idx] >= 0).all(1)
+    safe = np.where(known[:, None], factors, 0)
+    return (task.encode(safe), task.n_classes, known) if by == FLAT_HEAD else (head.targets(safe), head.n, known)
 
 
-def sample_weights(task: Task, heads: list[Head], factors: np.ndarray, by: str, power: float,
-                   labelled: np.ndarray | None = None) -> np.ndarray:
-    """A draw weight per training row (N,), summing to 1. Rows not `labelled` in every factor (partial
-    pseudo labels) keep the mean weight."""
-    labelled = np.ones(len(factors), bool) if labelled is None else labelled
-    cls, n = class_of_rows(task, heads, np.where(labelled[:, None], factors, 0), by)
-    counts = np.bincount(cls[labelled], minlength=n).astype(float)
+def sample_weights(task: Task, heads: list[Head], factors: np.ndarray, by: str, power: float) -> np.ndarray:
+    """A draw weight per training row (N,), summing to 1. Rows without the chosen class (a partial
+    pseudo label unknown in one of its factors) keep the mean weight and count for no class."""
+    cls, n, known = class_of_rows(task, heads, factors, by)
+    counts = np.bincount(cls[known], minlength=n).astype(float)
     w = np.maximum(counts[cls], 1) ** -power
-    w[~labelled] = w[labelled].mean() if labelled.any() else 1.0
+    w[~known] = w[known].mean() if known.any() else 1.0
     return w / w.sum()
 
 

@@ -19,6 +19,7 @@ import csv
 import hashlib
 import multiprocessing as mp
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -30,6 +31,7 @@ MASK_OF_STEM = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "inc
 GENDERS = ("male", "female")
 RACES = ("White", "Black", "Asian", "Indian", "Others")
 AGE_RANGES = ((18, 29), (30, 59), (60, 80))  # inclusive, one per age group
+AGE_EDGES = (30, 60)  # where AGE_RANGES' groups meet: the answers' age groups
 JPEG_QUALITY = 90
 
 SKIN_TONES = ((255, 224, 196), (241, 194, 160), (224, 172, 125), (198, 134, 86), (141, 85, 54), (100, 62, 40))
@@ -63,8 +65,12 @@ def make_demo_dataset(out, n_train_persons: int = 60, n_eval_persons: int = 20,
     root = Path(out)
     train_dir, eval_dir = root / "train", root / "eval"
     (train_dir / "images").mkdir(parents=True, exist_ok=True)
-    if n_eval_persons:  # no eval/ at all without test persons: an info.csv listing none is refused
+    if n_eval_persons:
         (eval_dir / "images").mkdir(parents=True, exist_ok=True)
+    elif eval_dir.is_dir():
+        # no eval/ at all without test persons (an info.csv listing none is refused); an earlier
+        # call's would be read as this set's test images while answers.csv lists none
+        shutil.rmtree(eval_dir)
 
     jobs = [(_write_train_person, (train_dir, i, p, (height, width)))
             for i, p in enumerate(_people(n_train_persons, seed, split=0))]

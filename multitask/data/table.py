@@ -175,7 +175,11 @@ def image_path(root: Path, rel: str, folder: bool = False) -> tuple[Path | None,
         # a link out of the root is refused: a test image linked to a training image would be both
         return None, (f"path {rel!r} leads out of {root} through the link {link} (to {link.resolve()}); "
                       f"make the root the folder the files are in (task.images for a table), or copy them")
-    if not (p.is_dir() if folder else p.is_file()):
+    try:
+        found = p.is_dir() if folder else p.is_file()
+    except OSError as e:  # a name too long for the filesystem, a folder it may not enter
+        return None, f"path {rel!r} cannot be read: {e.strerror or e}"
+    if not found:
         return None, f"{'image folder' if folder else 'image'} {p} not found"
     return p, None
 
