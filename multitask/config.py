@@ -578,13 +578,16 @@ def home(p: str | Path) -> Path:
 
 def _anchor_paths(raw: dict, folder: Path) -> None:
     """A YAML file's relative paths (the data root, a table task's table, a local checkpoint, the
-    cache) are relative to its folder."""
+    cache, an ensemble's members, a student's teacher) are relative to its folder."""
     if isinstance(raw.get("data_root"), str):
         raw["data_root"] = str(folder / home(raw["data_root"]))  # an absolute path stays itself
-    for section, key in (("task", "table"), ("model", "checkpoint"), ("data", "cache_dir")):
+    for section, key in (("task", "table"), ("model", "checkpoint"), ("data", "cache_dir"), ("distill", "teacher")):
         node = raw.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str):
             node[key] = str(folder / home(node[key]))
+    node = raw.get("ensemble")
+    if isinstance(node, dict) and isinstance(node.get("runs"), list):
+        node["runs"] = [str(folder / home(r)) if isinstance(r, str) else r for r in node["runs"]]
 
 
 def absolute_paths(t: TableTaskCfg) -> TableTaskCfg:

@@ -237,8 +237,10 @@ def clear_run(run: RunDir) -> None:
     lock in it: its folds would be written on into the new run."""
     held = held_lock(sorted(run.root.rglob(LOCK)))
     if held:
-        raise ConfigError(f"{held[0].parent} is {describe_holder(held[1])}: --force would remove what it is "
-                          f"writing; stop that process first")
+        lock, holder = held
+        doing = "trained" if lock.parent.name.startswith("fold") else "written"  # a fold's lock, or its round's
+        raise ConfigError(f"{lock.parent} is {describe_holder(holder, doing, lock)}: --force would remove what it "
+                          f"is writing; stop that process first")
     for r in run.started_rounds():
         shutil.rmtree(run.round_dir(r))
     for path in (run.summary, run.submission, run.submission_onnx, provenance_file(run.submission),

@@ -279,7 +279,8 @@ def tensorboard_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise ConfigError(f"train.tensorboard needs the tensorboard package ({e}): pip install 'mt[tensorboard]'") from None
+        raise ConfigError(f"train.tensorboard needs the tensorboard package ({e}): pip install tensorboard "
+                          f"(or, in mt's checkout, pip install -e '.[tensorboard]')") from None
     return SummaryWriter
 
 

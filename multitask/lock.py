@@ -53,6 +53,18 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # the fields after the command name start at the 3rd
 
 
+def flock_free(fd: int) -> bool | None:
+    """Whether nobody holds the flock of the open file `fd` (taken if so, until `fd` is closed), or
+    None where this filesystem has no flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
 def unlocked(path: Path) -> bool | None:
     """Whether nobody holds the flock of the lock file `path` (its holder keeps one while it lives,
     and the kernel drops it when the holder dies, in whatever container it ran), or None where
@@ -64,14 +76,37 @@ def unlocked(path: Path) -> bool | None:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return None
+        return flock_free(fd)
     finally:
         os.close(fd)  # releases a flock just taken
+
+
+def hold_flock(fd: int) -> bool:
+    """Take the flock of a file just made, `fd`, for as long as it is open; False where the
+    filesystem has none. Another process's look (`unlocked`) may hold it for an instant: that is
+    waited out, not taken for a filesystem without flocks (the file would be judged by its pid alone,
+    which another container sharing the hostname cannot see)."""
+    for _ in range(400):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.005)
+        except OSError:
+            return False
+    return False
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _still_at(path: Path, identity: tuple[int, int]) -> bool:
+    """The file at `path` is the one with `identity`: not removed, nor replaced by another's lock."""
+    try:
+        return _identity(os.stat(path)) == identity
+    except FileNotFoundError:
+        return False
 
 
 _HELD: set[str] = set()  # the locks this process holds: a lock naming this pid and not among them is stale
@@ -89,31 +124,40 @@ def _dead(holder: dict, path: Path) -> bool:
     return started is not None and process_start(pid) not in (None, started)
 
 
-def _read(path: Path) -> tuple[str, dict | None]:
-    """("missing", None), ("stale", None): left by a dead process on this host, or left unwritten by a
-    process killed as it made it, or ("held", holder): {} for a lock being written this instant."""
+def _read(path: Path) -> tuple[str, dict | None, tuple[int, int] | None]:
+    """("missing", None, None), ("stale", None, file): left by a dead process on this host, or left
+    unwritten by a process killed as it made it, or ("held", holder, file): {} for a lock being
+    written this instant. The content and the flock are read through one descriptor, so both are of
+    one file (`file`, its identity), not of a lock made again between two opens."""
     try:
-        text = path.read_bytes().decode("utf-8", errors="replace")  # bytes that are no JSON read as unwritten
-        age = time.time() - path.stat().st_mtime
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return "missing", None
+        return "missing", None, None
     except OSError:
-        return "held", {}
+        return "held", {}, None
     try:
-        holder = json.loads(text)
-    except json.JSONDecodeError:
-        holder = None
-    if not isinstance(holder, dict):
-        return ("stale", None) if age > UNWRITTEN_STALE_S else ("held", {})
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        # containers that share a hostname (Docker's --network host, Kubernetes' hostNetwork) do not
-        # share pids: each sees the other's live pid as gone. A lock that holds an flock is judged
-        # by it, which the kernel keeps for a live holder whatever its PID namespace; a lock of an
-        # mt before flocks, or on a filesystem without them, by its pid as before
-        free = unlocked(path) if holder.get("flock") else None
-        if free if free is not None else _dead(holder, path):
-            return "stale", None
-    return "held", holder
+        st = os.fstat(fd)
+        text = b"".join(iter(lambda: os.read(fd, 1 << 16), b"")).decode("utf-8", errors="replace")  # no JSON: unwritten
+        age, file = time.time() - st.st_mtime, _identity(st)
+        try:
+            holder = json.loads(text)
+        except json.JSONDecodeError:
+            holder = None
+        if not isinstance(holder, dict):
+            # its maker takes the flock before it writes: only a free one, on an old file, is a killed maker's
+            stale = age > UNWRITTEN_STALE_S and flock_free(fd) is not False
+            return ("stale", None, file) if stale else ("held", {}, file)
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            # containers that share a hostname (Docker's --network host, Kubernetes' hostNetwork) do not
+            # share pids: each sees the other's live pid as gone. A lock that holds an flock is judged
+            # by it, which the kernel keeps for a live holder whatever its PID namespace; a lock of an
+            # mt before flocks, or on a filesystem without them, by its pid as before
+            free = flock_free(fd) if holder.get("flock") else None
+            if free if free is not None else _dead(holder, path):
+                return "stale", None, file
+        return "held", holder, file
+    finally:
+        os.close(fd)  # releases a flock just taken
 
 
 def lock_holder(path: Path) -> dict | None:
@@ -157,7 +201,8 @@ def _take_over(path: Path) -> None:
     owner is gone, and only a process in its turn removes another's.)"""
     with _takeover_turn(path):
         # only a lock read stale here: a missing one may be created by its next owner any moment
-        if _read(path)[0] == "stale":
+        state, _, file = _read(path)
+        if state == "stale" and _still_at(path, file):
             path.unlink(missing_ok=True)
 
 
@@ -203,24 +248,25 @@ def file_lock(path: Path, doing: str = "trained") -> Iterator[str | None]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # less the umask, as open() gives
         except FileExistsError:
-            state, holder = _read(path)
+            state, holder, _ = _read(path)
             if state == "stale":
                 _take_over(path)
             if state != "held":  # stale and now removed, or released since: try again
                 continue
             yield describe_holder(holder, doing, path)
             return
-        try:  # held until the block ends: what tells a live holder in another container from a dead one
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            flocked = {"flock": True}
-        except OSError:  # a filesystem without flock: the lock is judged by its pid alone
-            flocked = {}
+        # held until the block ends: what tells a live holder in another container from a dead one (on a
+        # filesystem without flock, the lock is judged by its pid alone)
+        flocked = {"flock": True} if hold_flock(fd) else {}
         _HELD.add(os.path.realpath(path))
         try:
             os.write(fd, json.dumps(me | flocked).encode())
             yield None
         finally:
-            path.unlink(missing_ok=True)  # before the flock goes, or a reader would take it for stale
+            # before the flock goes, or a reader would take it for stale; and only if it is still this
+            # lock: one removed by hand (or `mt train --force`) may have been taken by another since
+            if _still_at(path, _identity(os.fstat(fd))):
+                path.unlink(missing_ok=True)
             _HELD.discard(os.path.realpath(path))
             os.close(fd)
         return

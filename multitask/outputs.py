@@ -162,10 +162,11 @@ def stream_predictions(task: Task, ids: list[str], paths: list[str], out: str | 
         if not written:  # nothing is replaced: an earlier file and its listing stay together
             raise ImageDecodeError(f"none of the {len(paths)} image(s) could be decoded; {undecodable_error(paths, bad)}",
                                    bad)
-        if bad:
-            listing = io.StringIO()
-            write_rows(listing, ["path", "reason"], [[ids[i], why] for i, why in bad])
-            atomic_write_text(skipped_file, listing.getvalue())
-    if not bad:  # a listing left by an earlier run of the same file would name images this one kept
+        # the earlier listing goes before the file it lists for is replaced, the new one comes after it:
+        # a kill between the two leaves no listing, never one beside a file it does not describe
         skipped_file.unlink(missing_ok=True)
+    if bad:
+        listing = io.StringIO()
+        write_rows(listing, ["path", "reason"], [[ids[i], why] for i, why in bad])
+        atomic_write_text(skipped_file, listing.getvalue())
     return {"out": str(out), "predicted": written, "skipped": len(bad), "skipped_file": str(skipped_file) if bad else None}

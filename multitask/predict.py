@@ -11,7 +11,7 @@ import numpy as np
 
 from multitask.context import build_task, check_ensemble_members, check_round, load_run_config
 from multitask.decide import load_decision, predict_classes
-from multitask.inference import DecodedImages, run_outputs
+from multitask.inference import DecodedImages, round_models, run_outputs
 from multitask.outputs import CHUNK, list_images, stream_predictions
 from multitask.run import RunDir, check_output_file
 
@@ -31,11 +31,17 @@ def predict_images(run_dir: str | Path, source: str | Path, out: str | Path, bat
     cfg = load_run_config(run, overrides)
     task, heads = build_task(cfg)
     r, why = run.choose_round(cfg.train.folds, round)
-    check_round(run, r, cfg)
-    check_ensemble_members(cfg)  # once, not for every chunk run_outputs predicts
-    decision = load_decision(run.round_dir(r))
-    ids, paths = list_images(source)
     models = {}  # each fold model is loaded once, for every chunk
+
+    def read():
+        check_round(run, r, cfg)
+        if cfg.ensemble is None:  # the folds that vote, read with the decision fitted on their OOF
+            models[("folds", str(run.root), r)] = round_models(run, r, cfg)
+        return load_decision(run.round_dir(r))
+
+    decision = run.read_settled(r, read)
+    check_ensemble_members(cfg)  # once, not for every chunk run_outputs predicts
+    ids, paths = list_images(source)
     tid = progress.add_task("predicting images", total=len(paths)) if progress else None
 
     def decode(part: list[str]) -> tuple[DecodedImages, list[tuple[int, str]]]:

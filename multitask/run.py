@@ -7,7 +7,7 @@ RUN/round0/{oof.npz,test_probs.npz,summary.json}     RUN/round1/... (pseudo-labe
 """
 from __future__ import annotations
 
-import fcntl
+import errno
 import glob
 import io
 import json
@@ -20,11 +20,12 @@ import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from multitask.lock import LOCK, alive, describe_holder, file_lock, lock_holder, unlocked, wait_released, waiting_lock
+from multitask.lock import (LOCK, alive, describe_holder, file_lock, hold_flock, lock_holder, unlocked, wait_released,
+                            waiting_lock)
 
 
 def _umask() -> int:
@@ -33,6 +34,7 @@ def _umask() -> int:
     return mask
 
 
+T = TypeVar("T")
 FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's own 0600 would hide results from other users
 
 
@@ -117,11 +119,23 @@ def killed_write(path: Path) -> bool:
 
 
 def hold_while_written(fd: int) -> None:
-    """An flock on a temp file's descriptor, kept until it is closed (after the rename): see killed_write."""
+    """An flock on a temp file's descriptor, kept until it is closed (after the rename): see
+    killed_write. On a filesystem without flock the write is judged by its pid alone."""
+    hold_flock(fd)
+
+
+def sync_dir(folder: Path) -> None:
+    """Put a rename into `folder` on disk (the folder's entry, as fsync does a file's content)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # a filesystem without flock: the write is judged by its pid alone
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a filesystem that cannot sync a folder
         pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -139,8 +153,11 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
         # a second descriptor to write through: `fd`, and the flock with it, stays open past the rename
         with os.fdopen(os.dup(fd), mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
             yield fh
+            fh.flush()
+        os.fsync(fd)  # on disk before the rename: a crash must not leave an empty file under the final name
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+        sync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -170,7 +187,14 @@ def staged_dir(out: Path) -> Iterator[Path]:
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         if not out.exists():
-            os.replace(staging, out)
+            try:
+                os.replace(staging, out)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise StorageError(f"{out}: made by another command meanwhile (two commands writing one --out?); "
+                                   f"nothing of this one was written there, choose another --out") from None
+            sync_dir(out.parent)
             return
         # a merge marks `out` while it runs: a name of the run's already there is then an earlier
         # merge's, killed halfway, and is replaced; without the mark it is the user's, and is kept
@@ -185,6 +209,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(entry, target)
+        sync_dir(out)
         marker.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -468,6 +493,33 @@ class RunDir:
         if holder is not None:
             raise RunError(f"{self.round_dir(r)}: its results are {describe_holder(holder, 'written', lock)} for "
                            f"more than {timeout_s:.0f} s; run the command again when they are done")
+
+    RESULT_FILES = ("summary.json", "oof.npz", "test_probs.npz", "decision.json")
+
+    def results_state(self, r: int) -> tuple:
+        """What changes when round r's results are written again: each result file's identity (an
+        atomic write makes a new file) and time."""
+        def state(name):
+            try:
+                st = os.stat(self.round_dir(r) / name)
+            except FileNotFoundError:
+                return None
+            return st.st_dev, st.st_ino, st.st_mtime_ns
+        return tuple(state(name) for name in self.RESULT_FILES)
+
+    def read_settled(self, r: int, read: Callable[[], T], tries: int = 3) -> T:
+        """`read()` of round r's results, all of one writing: read again where a process wrote them
+        meanwhile (`mt train --fold K` finishing in another shell rewrites the round's vote, decision and
+        summary file by file), so that a submission never pairs one fold set's vote with another's
+        decision."""
+        for _ in range(tries):
+            self.wait_for_results(r)
+            before = self.results_state(r)
+            out = read()
+            if lock_holder(self.round_dir(r) / LOCK) is None and self.results_state(r) == before:
+                return out
+        raise RunError(f"{self.round_dir(r)}: its results were written again while they were read, {tries} times "
+                       f"over; run the command again once the folds training into it are done")
 
     def choose_round(self, n_folds: int, r: int | None = None, can_pick: bool = True) -> tuple[int, str]:
         """Round r, or by default the complete round (every fold done) with the best OOF macro F1

@@ -48,7 +48,8 @@ def need_serve_extra() -> None:
 
     missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ServeError(f"{' and '.join(missing)} not installed: pip install 'mt[serve]' (or onnx onnxruntime)")
+        raise ServeError(f"{' and '.join(missing)} not installed: pip install onnx onnxruntime "
+                         f"(or, in mt's checkout, pip install -e '.[serve]')")
 
 
 class ServedModel:
@@ -58,7 +59,7 @@ class ServedModel:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ServeError("onnxruntime is not installed: pip install onnxruntime (or 'mt[serve]')") from None
+            raise ServeError("onnxruntime is not installed: pip install onnxruntime") from None
 
         self.path = onnx_file(path)
         opts = ort.SessionOptions()

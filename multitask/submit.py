@@ -75,13 +75,16 @@ def make_submission(run_dir: str | Path, out: str | Path | None = None, progress
     out = Path(out) if out else ctx.run.submission
     check_places(out)
     r, why = ctx.run.choose_round(ctx.cfg.train.folds, round)
-    check_round(ctx.run, r, ctx.cfg)
+
+    def read():
+        check_round(ctx.run, r, ctx.cfg)
+        return (*load_round_test_probs(ctx, r), load_decision(ctx.run.round_dir(r)), ctx.run.round_train_ids(r))
+
+    image_ids, probs, pictures, decision, train_ids = ctx.run.read_settled(r, read)
     if log:
         log(f"using {why}")
-    image_ids, probs, pictures = load_round_test_probs(ctx, r)
-    combined, classes = predict_classes(ctx.task, ctx.heads, probs, ctx.cfg, load_decision(ctx.run.round_dir(r)),
-                                        pictures)
-    made = {"round": r, "why": why, "train_ids": ctx.run.round_train_ids(r)}
+    combined, classes = predict_classes(ctx.task, ctx.heads, probs, ctx.cfg, decision, pictures)
+    made = {"round": r, "why": why, "train_ids": train_ids}
     if ctx.cfg.ensemble is not None:  # no fold models of its own: its members and their trainings say what voted
         made |= {"members": ctx.cfg.ensemble.runs, "member_rounds": ctx.cfg.ensemble.rounds,
                  "member_train_ids": ctx.cfg.ensemble.train_ids}

@@ -209,7 +209,8 @@ def tune(config: str | None, out: str | Path, trials: int, data: str | Path | No
     try:
         import optuna
     except ImportError as e:
-        raise ConfigError(f"mt tune needs optuna ({e}): pip install 'mt[tune]'") from None
+        raise ConfigError(f"mt tune needs optuna ({e}): pip install optuna "
+                          f"(or, in mt's checkout, pip install -e '.[tune]')") from None
     from multitask.kfold import train_run
 
     out = Path(out)

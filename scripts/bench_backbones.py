@@ -35,13 +35,13 @@ def train_img_s(name: str, size: int, batch: int, seconds: float) -> dict:
             "train_img_s": round(steps * batch / (time.perf_counter() - t0), 1), "threads": torch.get_num_threads()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("backbones", nargs="+")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=4.0)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     for name in a.backbones:
         print(json.dumps(train_img_s(name, a.size, a.batch_size, a.seconds)), flush=True)
 

@@ -40,7 +40,7 @@ from multitask.submit import make_submission
 
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 14 persons, 2 folds, 1 epoch")
     ap.add_argument("--data", default=None, help="generate (or reuse) the set here (default: a temp dir)")
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="config name or file [competition]")
     ap.add_argument("--jobs", type=int, default=1, help="folds trained at once")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override (repeatable)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
 
     quick = a.quick
     persons = a.persons or (14 if quick else 2700)

@@ -105,7 +105,7 @@ class NaiveFiles(Dataset):
             return self.tf(im.convert("RGB")), self.targets[i]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 70 JPEGs, few steps")
     ap.add_argument("--model", default=None)
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     ap.add_argument("--data", default=None, help="reuse/generate the JPEG set here (default: a temp dir)")
     ap.add_argument("--run-epochs", type=int, default=None, help="epochs of the real train_fold call (d)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
 
     device = resolve_device("auto")
     cuda = device.type == "cuda"

@@ -8,11 +8,21 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_throughput.py"
 
 
-def test_bench_throughput_quick_prints_one_json_line(tmp_path):
-    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--n-images", "14", "--steps", "2", "--warmup", "1",
-                          "--folds", "2", "--img-size", "64x48", "--batch-size", "4"],
-                         capture_output=True, text=True, check=True, timeout=300)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def script_module(name: str):
+    """A script under scripts/ as a module, to call its main in this process (a process of its own
+    costs seconds of importing torch and timm)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_throughput_quick_prints_one_json_line(capsys):
+    script_module("bench_throughput").main(["--quick", "--n-images", "14", "--steps", "2", "--warmup", "1",
+                                            "--folds", "2", "--img-size", "64x48", "--batch-size", "4"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("model_bound_img_s", "pipeline_img_s", "naive_img_s", "cache_build_s", "infer_img_s", "run_img_s",
                 "run_vs_model_bound", "peak_rss_mb", "device", "model", "img_size"):
         assert key in result, key
@@ -21,11 +31,9 @@ def test_bench_throughput_quick_prints_one_json_line(tmp_path):
     assert result["run_train_images"] + result["run_val_images"] == 14
 
 
-def test_bench_kfold_quick_prints_one_json_line(tmp_path):
-    script = SCRIPT.parent / "bench_kfold.py"
-    out = subprocess.run([sys.executable, str(script), "--quick", "--data", str(tmp_path)],
-                         capture_output=True, text=True, check=True, timeout=300)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_bench_kfold_quick_prints_one_json_line(tmp_path, capsys):
+    script_module("bench_kfold").main(["--quick", "--data", str(tmp_path)])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n_train_images"] == 14 * 7 and result["n_test_images"] == 3 * 7
     assert result["folds"] == 2 and result["epochs"] == 1
     assert result["total_s"] >= result["train_run_s"] > 0
@@ -47,22 +55,16 @@ def test_bench_serve_quick_prints_one_json_line():
     assert result["ensemble_onnx_f1"] == result["ensemble_torch_f1"]
 
 
-def test_bench_backbones_prints_a_json_line_per_backbone():
-    script = SCRIPT.parent / "bench_backbones.py"
-    out = subprocess.run([sys.executable, str(script), "test_efficientnet", "lcnet_050", "--size", "32", "--batch-size", "4",
-                          "--seconds", "0.2"], capture_output=True, text=True, check=True, timeout=300)
-    rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+def test_bench_backbones_prints_a_json_line_per_backbone(capsys):
+    script_module("bench_backbones").main(["test_efficientnet", "lcnet_050", "--size", "32", "--batch-size", "4",
+                                           "--seconds", "0.2"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["backbone"] for r in rows] == ["test_efficientnet", "lcnet_050"]
     assert all(r["train_img_s"] > 0 and r["params_m"] > 0 and r["img_size"] == 32 for r in rows)
 
 
 def test_step_overhead_counts_a_steps_operators_and_times_it(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT.parent / "step_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--size", "8", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--set", "train.device=cpu"])
+    script_module("step_overhead").main(["--size", "8", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--set", "train.device=cpu"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["backbone"] == "test_efficientnet" and result["img_size"] == 8 and result["batch_size"] == 4
     assert result["step_ms"] > 0 and result["operators_all"] >= result["operators_top_level"] > 100

@@ -100,6 +100,30 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     assert next((tmp_path / "c").glob("*.npy")).stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_atomic_files_and_the_cache_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """A crash (power, kernel) after a rename of unsynced data can leave an empty or zeroed file under
+    the final name: a zeroed cache trains on black pictures, an empty summary reads as damaged."""
+    import stat
+
+    from multitask.run import atomic_write_text
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file", os.fstat(fd).st_size))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace",)), replace(a, b))[1])
+    atomic_write_text(tmp_path / "b.csv", "y\n")
+    assert events == [("fsync", "file", 2), ("replace",), ("fsync", "folder", events[-1][2])]
+    events.clear()
+    cached_images(make_images(tmp_path / "img"), (20, 16), tmp_path / "c")
+    assert [e[:2] for e in events] == [("fsync", "file"), ("replace",), ("fsync", "folder")]
+    assert events[0][2] > 5 * 20 * 16 * 3  # the whole array, synced
+
+
 def test_text_files_are_utf8_whatever_the_locale(tmp_path):
     """`mt predict` streams its CSV through a text handle: image ids such as café.jpg must be written
     as UTF-8 under a C locale too, not refused (ASCII) or written in the locale's encoding."""

@@ -219,7 +219,7 @@ def test_a_moved_member_is_named_with_the_way_to_follow_it(members, demo_root, t
                                        r"write its new place in ensemble.runs of the ensemble's config.yaml"):
         predict_images(ens, demo_root / "eval" / "images", tmp_path / "after.csv")
     cfg = yaml.safe_load(RunDir(ens).config.read_text())
-    cfg["ensemble"]["runs"][0] = str(tmp_path / "a_moved")
+    cfg["ensemble"]["runs"][0] = "../a_moved"  # relative: to config.yaml's folder (it was to the working directory)
     RunDir(ens).config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     predict_images(ens, demo_root / "eval" / "images", tmp_path / "after.csv")
     assert pd.read_csv(tmp_path / "after.csv").equals(pd.read_csv(tmp_path / "before.csv"))

@@ -152,3 +152,41 @@ def test_predict_elsewhere_than_the_run_trained_and_without_keeping_device_copie
     probs = [c for c in a.columns if c.startswith("p_")]
     assert probs and np.allclose(a[probs].to_numpy(), b[probs].to_numpy(), atol=1e-5)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "cli.csv"))
+
+
+def test_a_kill_as_the_predictions_are_renamed_leaves_no_listing_of_other_images(tmp_path, monkeypatch):
+    """An earlier `--skip-bad` run's listing, then a new run killed at its file's rename: the new
+    listing was already in place beside the old predictions (naming images that file holds)."""
+    import os
+
+    import pytest
+
+    from multitask.labels import mask_task
+    from multitask.outputs import stream_predictions
+
+    task = mask_task()
+    out, listing = tmp_path / "preds.csv", tmp_path / "preds.skipped.csv"
+    out.write_text("old predictions\n")
+    listing.write_text("path,reason\nold.jpg,bad\n")
+
+    def decode(part):
+        return part, [(i, "cannot decode") for i, p in enumerate(part) if p.startswith("bad")]
+
+    def predict(decoded, keep):
+        probs = np.full((len(keep), task.n_classes), 1 / task.n_classes)
+        return probs, np.zeros(len(keep), int)
+
+    replace = os.replace
+
+    def killed(src, dst):
+        if str(dst) == str(out):
+            raise KeyboardInterrupt("killed at the rename")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stream_predictions(task, ["a", "b"], ["ok.jpg", "bad.jpg"], out, 8, decode, predict, skip_bad=True)
+    assert out.read_text() == "old predictions\n" and not listing.exists()
+    monkeypatch.setattr(os, "replace", replace)
+    stream_predictions(task, ["a", "b"], ["ok.jpg", "bad.jpg"], out, 8, decode, predict, skip_bad=True)
+    assert listing.read_text().splitlines() == ["path,reason", "b,cannot decode"]

@@ -85,6 +85,13 @@ def test_force_is_refused_while_a_live_process_holds_a_lock_in_the_run(run, demo
     finally:
         sleeper.kill()
         sleeper.wait()
+    # a round's lock is its results being written; another machine's names the file to remove if it is gone
+    round_lock = RunDir(run).round_dir(0) / "lock.json"
+    round_lock.write_text(json.dumps({"host": "other-machine", "pid": 7, "since": "x"}))
+    with pytest.raises(ConfigError, match=rf"round0 is being written by other-machine pid 7 since x \(remove "
+                                          rf"{round_lock} if that machine is gone\)"):
+        train_run(cfg, run, force=True)
+    round_lock.unlink()
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "since": "x"}))
     assert train_run(cfg, run, force=True)["complete"]  # a dead process's lock does not stand in the way
 
@@ -141,6 +148,55 @@ def test_a_staging_folder_left_by_a_killed_command_is_cleared_by_the_next_try(tm
         (staging / "config.yaml").write_text("x")
     assert not dead.exists() and (out / "config.yaml").read_text() == "x"
     assert [p.name for p in tmp_path.iterdir()] == ["ens"]
+
+
+def test_a_rounds_results_written_again_while_read_are_read_again(tmp_path):
+    """`mt submit` read the vote and then the decision while `mt train --fold K` in another shell
+    rewrote them: one fold set's vote under another's decision. A read that saw the results change
+    (or their writer at work) is done again; one that never settles is refused."""
+    from multitask.run import RunDir, RunError, write_json
+
+    run = RunDir(tmp_path / "run")
+    write_json(run.round_dir(0) / "summary.json", {"folds_done": [0]})
+    write_json(run.round_dir(0) / "decision.json", {"v": 1})
+    reads = []
+
+    def read():
+        reads.append(len(reads))
+        if len(reads) == 1:  # the other shell's fold finishes now
+            write_json(run.round_dir(0) / "decision.json", {"v": 2})
+            write_json(run.round_dir(0) / "summary.json", {"folds_done": [0, 1]})
+        return len(reads)
+
+    assert run.read_settled(0, read) == 2 and reads == [0, 1]
+
+    def never_settles():
+        write_json(run.round_dir(0) / "summary.json", {"folds_done": [0, 1]})
+    with pytest.raises(RunError, match=r"round0: its results were written again while they were read, 3 times"):
+        run.read_settled(0, never_settles)
+
+
+def test_two_commands_making_one_out_at_once_give_the_second_a_clear_error(tmp_path, monkeypatch):
+    """Both saw no `out`; the first moved its folder there, the second's rename then failed with
+    ENOTEMPTY, a traceback. The first's run stands, and nothing of the second is left."""
+    import os
+
+    from multitask.run import StorageError, staged_dir
+
+    out = tmp_path / "ens"
+    real = os.replace
+
+    def first_gets_there_first(src, dst):
+        if os.path.basename(src).startswith(".ens~") and not os.path.exists(dst):
+            monkeypatch.setattr(os, "replace", real)
+            with staged_dir(out) as first:  # the other command, between this one's look and its rename
+                (first / "config.yaml").write_text("first")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", first_gets_there_first)
+    with pytest.raises(StorageError, match=r"ens: made by another command meanwhile .*choose another --out"):
+        with staged_dir(out) as staging:
+            (staging / "config.yaml").write_text("second")
+    assert (out / "config.yaml").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["ens"]
 
 
 def test_a_merge_into_a_folder_killed_halfway_is_finished_by_the_next_try(tmp_path, monkeypatch):
@@ -1022,6 +1078,75 @@ def test_a_lock_left_unwritten_is_stale_after_a_few_seconds(tmp_path):
     os.utime(lock, (old, old))
     with file_lock(lock) as holder:
         assert holder is None
+
+
+def test_an_unwritten_lock_whose_flock_is_held_is_its_makers_whatever_its_age(tmp_path):
+    """Its maker takes the flock, then writes: one paused between the two (Ctrl-Z, a VM pause, an NFS
+    clock ahead of this one) still holds the lock, and it is not taken over."""
+    import fcntl
+    import os
+    import time
+
+    from multitask.lock import UNWRITTEN_STALE_S, file_lock, lock_holder
+
+    lock = tmp_path / "lock.json"
+    lock.write_text("")
+    old = time.time() - UNWRITTEN_STALE_S - 1
+    os.utime(lock, (old, old))
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # its maker, paused before its content
+        assert lock_holder(lock) == {}
+        with file_lock(lock) as holder:
+            assert holder == "being claimed by another process"
+    finally:
+        os.close(fd)
+    assert lock_holder(lock) is None  # its maker gone
+
+
+def test_a_holder_whose_lock_was_removed_leaves_the_next_holders_lock(tmp_path):
+    """A lock removed by hand (as the message about another machine's lock advises) is taken by
+    another process; the first, finishing, removed whatever lock file was there: the other's, so a
+    third process trained the same fold beside it."""
+    import json
+    import os
+
+    from multitask.lock import file_lock, lock_holder
+
+    lock = tmp_path / "lock.json"
+    with file_lock(lock) as first:
+        assert first is None
+        lock.unlink()  # by hand
+        lock.write_text(json.dumps({"host": "other-machine", "pid": 7, "since": "x"}))  # the next holder's
+    assert lock_holder(lock) == {"host": "other-machine", "pid": 7, "since": "x"}
+    with file_lock(lock) as third:
+        assert third.startswith("being trained by other-machine pid 7")
+    os.unlink(lock)
+
+
+def test_a_new_files_flock_waits_out_another_process_looking_at_it(tmp_path):
+    """Another process's look at a lock or temp file (`unlocked`) holds its flock for an instant; the
+    maker took that for a filesystem without flocks, and its file was then judged by its pid alone
+    (which another container sharing the hostname sees as gone)."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    from multitask.lock import hold_flock, unlocked
+
+    path = tmp_path / "f.tmp"
+    path.write_text("")
+    looker = os.open(path, os.O_RDONLY)
+    fcntl.flock(looker, fcntl.LOCK_EX)
+    threading.Timer(0.1, os.close, [looker]).start()  # the look ends
+    fd = os.open(path, os.O_RDWR)
+    try:
+        t0 = time.monotonic()
+        assert hold_flock(fd) is True and time.monotonic() - t0 >= 0.05
+        assert unlocked(path) is False
+    finally:
+        os.close(fd)
 
 
 LOCK_RACER = """
