@@ -40,7 +40,7 @@ class LossCfg(_Strict):
 # the image table's own columns (data/table.py), and those written beside the factors in pseudo.csv
 # and preds.csv: a factor of that name would overwrite them (a factor `group` would make the folds
 # split by its classes instead of by group)
-RESERVED_NAMES = ("group", "path", "where", "stem", "image_id", "fold", "prob", "ImageID")
+RESERVED_NAMES = ("group", "split_group", "path", "where", "stem", "image_id", "fold", "prob", "ImageID")
 # the auxiliary outputs of numeric factors are named aux_<factor> (numeric.py), and a head's name is
 # its factors' joined by "_": a factor `aux` or `aux_...` would name a head that reads as one of them
 AUX_PREFIX = "aux_"

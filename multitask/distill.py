@@ -112,7 +112,7 @@ def distill(run_dir: str | Path, out: str | Path, backbone: str | None = None, i
     if cfg.model.checkpoint and cfg.model.checkpoint == t_cfg.model.checkpoint:
         check_checkpoint_place(teacher, t_cfg)  # the student starts where the teacher did
     # as `mt train` checks them, before the teacher predicts (its augmentation at another --img-size)
-    cfg = checked_settings(cfg, build_task(cfg)[1])
+    cfg = checked_settings(cfg, *build_task(cfg))
     t_ctx = reopen_context(teacher.root, with_images=False)
     run = RunDir(out)
     if run.root.resolve() == teacher.root.resolve():

@@ -32,7 +32,7 @@ from multitask.inference import load_model, predict_probs, vote
 from multitask.labels import Head, Task
 from multitask.metrics import score_probs
 from multitask.model import check_model
-from multitask.numeric import training_rows
+from multitask.numeric import check_training_bins, training_rows
 from multitask.parallel import WorkerDied, run_in_workers
 from multitask.run import (SOFT_FILE, RunDir, RunError, as_id, atomic_write_text, check_writable, fold_checkpoint,
                            head_probs, load_npz, load_torch, read_json, save_npz, write_json)
@@ -368,10 +368,12 @@ def check_round_labels(ctx: Context, r: int) -> None:
                        f"round {r} again from round {r - 1}; or remove {round_dir} to leave the run at round {r - 1}")
 
 
-def checked_settings(cfg: Config, heads: list[Head]) -> Config:
+def checked_settings(cfg: Config, task: Task, heads: list[Head]) -> Config:
     """The settings' own checks, before any data is read or anything written (a bad backbone, heads,
-    checkpoint, device, process count or augmentation): `cfg` with its checkpoint's digest pinned."""
+    checkpoint, device, process count, training bins or augmentation): `cfg` with its checkpoint's
+    digest pinned."""
     cfg = cfg.model_copy(update={"model": check_model(cfg.model, heads)})
+    check_training_bins(task, cfg)
     check_processes(cfg)
     resolve_device(cfg.train.device)
     if cfg.aug.backend == "albumentations":
@@ -392,7 +394,7 @@ def train_run(cfg: Config, out: str | Path, progress=None, force: bool = False, 
     task, heads = build_task(cfg)
     # check, read and decode everything before touching the run directory: bad settings, a bad table
     # or an undecodable image stop here, with nothing written
-    cfg = checked_settings(cfg, heads)
+    cfg = checked_settings(cfg, task, heads)
     device = resolve_device(cfg.train.device)
     table = read_checked(cfg, task, progress)
     check_writable(run.root)  # before the cache build, which may take long

@@ -136,8 +136,11 @@ def _read(path: Path) -> tuple[str, dict | None, tuple[int, int] | None]:
     except OSError:
         return "held", {}, None
     try:
-        st = os.fstat(fd)
-        text = b"".join(iter(lambda: os.read(fd, 1 << 16), b"")).decode("utf-8", errors="replace")  # no JSON: unwritten
+        try:
+            st = os.fstat(fd)
+            text = b"".join(iter(lambda: os.read(fd, 1 << 16), b"")).decode("utf-8", errors="replace")  # no JSON: unwritten
+        except OSError:  # not a file (a folder of the lock's name), or unreadable: nobody's to take over
+            return "held", {}, None
         age, file = time.time() - st.st_mtime, _identity(st)
         try:
             holder = json.loads(text)

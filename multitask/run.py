@@ -124,6 +124,17 @@ def hold_while_written(fd: int) -> None:
     hold_flock(fd)
 
 
+def sync_file(fd: int) -> None:
+    """Put a file's content on disk before it is renamed into place. A filesystem that cannot
+    (some shared folders of virtual machines, FUSE mounts) answers EINVAL: the write goes on unsynced,
+    as every write did before; a failure to write (EIO, ENOSPC) is raised."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+
+
 def sync_dir(folder: Path) -> None:
     """Put a rename into `folder` on disk (the folder's entry, as fsync does a file's content)."""
     try:
@@ -154,7 +165,7 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
         with os.fdopen(os.dup(fd), mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
             yield fh
             fh.flush()
-        os.fsync(fd)  # on disk before the rename: a crash must not leave an empty file under the final name
+        sync_file(fd)  # on disk before the rename: a crash must not leave an empty file under the final name
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
         sync_dir(path.parent)

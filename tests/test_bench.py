@@ -5,21 +5,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_throughput.py"
 
 
-def script_module(name: str):
+@pytest.fixture
+def script_module(monkeypatch):
     """A script under scripts/ as a module, to call its main in this process (a process of its own
-    costs seconds of importing torch and timm)."""
-    import importlib.util
+    costs seconds of importing torch and timm). Importable by its name meanwhile: a DataLoader worker
+    that is spawned, not forked (macOS, newer Pythons), unpickles the script's classes by it."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    loaded = []
+
+    def load(name: str):
+        loaded.append(name)
+        return importlib.import_module(name)
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
-def test_bench_throughput_quick_prints_one_json_line(capsys):
+def test_bench_throughput_quick_prints_one_json_line(capsys, script_module):
     script_module("bench_throughput").main(["--quick", "--n-images", "14", "--steps", "2", "--warmup", "1",
                                             "--folds", "2", "--img-size", "64x48", "--batch-size", "4"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -31,7 +40,7 @@ def test_bench_throughput_quick_prints_one_json_line(capsys):
     assert result["run_train_images"] + result["run_val_images"] == 14
 
 
-def test_bench_kfold_quick_prints_one_json_line(tmp_path, capsys):
+def test_bench_kfold_quick_prints_one_json_line(tmp_path, capsys, script_module):
     script_module("bench_kfold").main(["--quick", "--data", str(tmp_path)])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n_train_images"] == 14 * 7 and result["n_test_images"] == 3 * 7
@@ -55,7 +64,7 @@ def test_bench_serve_quick_prints_one_json_line():
     assert result["ensemble_onnx_f1"] == result["ensemble_torch_f1"]
 
 
-def test_bench_backbones_prints_a_json_line_per_backbone(capsys):
+def test_bench_backbones_prints_a_json_line_per_backbone(capsys, script_module):
     script_module("bench_backbones").main(["test_efficientnet", "lcnet_050", "--size", "32", "--batch-size", "4",
                                            "--seconds", "0.2"])
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
@@ -63,7 +72,7 @@ def test_bench_backbones_prints_a_json_line_per_backbone(capsys):
     assert all(r["train_img_s"] > 0 and r["params_m"] > 0 and r["img_size"] == 32 for r in rows)
 
 
-def test_step_overhead_counts_a_steps_operators_and_times_it(capsys):
+def test_step_overhead_counts_a_steps_operators_and_times_it(capsys, script_module):
     script_module("step_overhead").main(["--size", "8", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--set", "train.device=cpu"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["backbone"] == "test_efficientnet" and result["img_size"] == 8 and result["batch_size"] == 4

@@ -134,22 +134,26 @@ def test_a_person_folder_named_two_ways_is_listed_twice(root):
     assert len(layout.skipped) == 2
 
 
-def test_one_person_in_two_folders_is_one_group(root):
-    """Two folders with one id and the same labels are one person: their pictures must share a fold.
-    One id on other labels (a typo) stays two persons; a blank id joins nobody."""
+def test_one_person_in_two_folders_is_split_as_one(root):
+    """Two folders with one id and the same labels are one person: the split must keep them in one
+    fold (each stays a group of its own, as in the folds.csv of runs made before). One id on other
+    labels (a typo) stays two persons; a blank id joins nobody."""
+    from multitask.data.folds import make_folds
+    from multitask.labels import mask_task
+
     images = root / "train" / "images"
-    write_person(images, "000001_female_Asian_45_again")
-    write_person(images, "000001_male_Asian_20")
-    write_person(images, "blank_a")
-    write_person(images, "blank_b")
+    for folder in ["000001_female_Asian_45_again", "000001_male_Asian_20", "blank_a", "blank_b"]:
+        write_person(images, folder)
     with open(root / "train" / "train.csv", "a") as fh:
         fh.write("000001,female,Asian,45,000001_female_Asian_45_again\n000001,male,Asian,20,000001_male_Asian_20\n"
                  ",male,Asian,20,blank_a\n,male,Asian,20,blank_b\n")
     train = read_layout(root, [30, 60]).train
-    group_of = train.groupby("path")["group"].first()
-    assert (group_of[[p for p in train["path"] if "_again/" in p]] == "000001_female_Asian_45").all()
-    assert set(train["group"]) == {"000001_female_Asian_45", "000002_male_White_61", "000003_male_Black_22",
-                                   "000004_female_Asian_33", "000001_male_Asian_20", "blank_a", "blank_b"}
+    person = train.groupby("group")["split_group"].first()
+    assert person["000001_female_Asian_45_again"] == "000001_female_Asian_45"
+    assert (person.drop("000001_female_Asian_45_again") == person.drop("000001_female_Asian_45_again").index).all()
+    for seed in range(5):
+        fold = make_folds(train, mask_task(), 4, seed).set_index("group")["fold"]
+        assert len(fold) == 8 and fold["000001_female_Asian_45_again"] == fold["000001_female_Asian_45"]
 
 
 def test_one_test_image_named_two_ways_is_a_duplicate(root):

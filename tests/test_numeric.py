@@ -157,18 +157,18 @@ def test_other_training_bins_move_the_targets_and_the_rows_left_out():
 def test_class_balance_counts_the_training_bins_the_targets_teach():
     """With train_bins [30, 58] a 58-year-old is taught as >=60: the sampler draws it, and the loss
     weights count it, as one of that class, not of 30-59 (they counted the scoring bins)."""
-    from multitask.data.sampling import sample_weights
-    from multitask.engine import FoldData, head_counts
+    from multitask.data.dataset import RowImages
+    from multitask.engine import FoldData, fold_batches, head_counts
     ages = np.array([20.0, 40, 45, 50, 58, 59, 62, 70])
     factors = np.stack([np.zeros(8, int), AGE.bin(ages)], 1)
-    cfg = cfg_with("numeric.age.train_bins=[30, 58]")
-    data = FoldData(None, factors, ages[:, None], None, None)
+    cfg = cfg_with("numeric.age.train_bins=[30, 58]", "train.sampler=age", "train.sampler_power=1.0")
+    data = FoldData(RowImages.of(np.zeros((8, 8, 8, 3), np.uint8)), factors, ages[:, None], None, None)
     taught = Targets(TASK, TASK.heads("g,age"), cfg)(batch(factors[:, 0], factors[:, 1], ages))["age"].argmax(1)
     assert np.bincount(taught.numpy(), minlength=3).tolist() == [1, 3, 4]
     assert head_counts(cfg, TASK, TASK.heads("g,age"), data)["age"].tolist() == [1, 3, 4]
-    classes = trained_classes(TASK, cfg, factors, ages[:, None])
-    w = sample_weights(TASK, TASK.heads("g,age"), classes, "age", power=1.0)
-    assert np.allclose(np.bincount(taught.numpy(), weights=w), 1 / 3)  # every taught class drawn alike
+    batches, _ = fold_batches(cfg, TASK, TASK.heads("g,age"), data, torch.device("cpu"), seed=0)
+    drawn = np.bincount(taught.numpy(), weights=batches.weights.numpy())
+    assert np.allclose(drawn, 1 / 3)  # every taught class drawn alike
     # without train_bins the scoring bins are the classes taught
     assert (trained_classes(TASK, cfg_with(), factors, ages[:, None]) == factors).all()
 
@@ -254,12 +254,20 @@ def test_a_fold_left_with_no_training_row_says_which_setting_emptied_it(demo_roo
 @pytest.mark.parametrize("override, message", [
     ("numeric.gender.aux=regression", "not binned numeric factors"),
     ("numeric.age.train_bins=[30]", "as many edges"),
-    # whole years are cut half a year below an edge: 57.5 would have taught 57 as the upper bin
-    ("numeric.age.train_bins=[30, 57.5]", "whole numbers too"),
 ])
 def test_numeric_settings_are_checked_against_the_task(demo_root, override, message):
     with pytest.raises(ConfigError, match=message):
         numerics(build_task(tiny_config(demo_root, override))[0], tiny_config(demo_root, override))
+
+
+def test_fractional_training_edges_of_whole_years_are_refused_before_training(demo_root, tmp_path):
+    """Whole years are cut half a year below an edge: 57.5 taught 57 as the upper bin. Refused where
+    folds are trained (a run trained so before the check still reads)."""
+    cfg = tiny_config(demo_root, "numeric.age.train_bins=[30, 57.5]")
+    numerics(build_task(cfg)[0], cfg)  # reading such a run's settings is not refused
+    with pytest.raises(ConfigError, match=r"numeric.age.train_bins \[30.0, 57.5\]: age is a whole number"):
+        train_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")

@@ -1104,6 +1104,15 @@ def test_an_unwritten_lock_whose_flock_is_held_is_its_makers_whatever_its_age(tm
     assert lock_holder(lock) is None  # its maker gone
 
 
+def test_a_folder_in_a_locks_place_is_nobodys_to_take_over(tmp_path):
+    from multitask.lock import file_lock, lock_holder
+
+    (tmp_path / "lock.json").mkdir()  # IsADirectoryError escaped from reading it
+    assert lock_holder(tmp_path / "lock.json") == {}
+    with file_lock(tmp_path / "lock.json") as holder:
+        assert holder == "being claimed by another process"
+
+
 def test_a_holder_whose_lock_was_removed_leaves_the_next_holders_lock(tmp_path):
     """A lock removed by hand (as the message about another machine's lock advises) is taken by
     another process; the first, finishing, removed whatever lock file was there: the other's, so a

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from multitask.run import (FILE_MODE, check_space, check_writable, hold_while_written, sweep_killed, sync_dir,
-                           writer_prefix)
+                           sync_file, writer_prefix)
 
 # bump when decoding or resizing changes (2: 16-bit greyscale read whole; 3: EXIF orientation; 4: a turned
 # JPEG's draft scale reckoned on its turned sides)
@@ -143,7 +143,7 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
             raise undecodable_error(paths, bad)
         arr.flush()
         del arr  # close the map before the rename
-        os.fsync(fd)  # after a crash, a cache of zeros under its final name would train on black pictures
+        sync_file(fd)  # after a crash, a cache of zeros under its final name would train on black pictures
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, out)
         sync_dir(out.parent)

@@ -22,6 +22,11 @@ class FoldLeakError(AssertionError):
     pass
 
 
+# a column of groups that belong together (a person listed in two folders, data/layout.py): the split
+# keeps them in one fold, while each stays a group of its own in folds.csv, as runs made before hold it
+SPLIT_GROUP = "split_group"
+
+
 def group_level_factors(df: pd.DataFrame, task: Task) -> list[str]:
     per_group = df.groupby("group")[task.factor_names].nunique()
     return [f for f in task.factor_names if (per_group[f] == 1).all()]
@@ -58,7 +63,8 @@ def make_folds(df: pd.DataFrame, task: Task, n_folds: int, seed: int) -> pd.Data
     with warnings.catch_warnings():
         # small demo sets have strata rarer than the fold count; the split is still grouped
         warnings.filterwarnings("ignore", message="The least populated class")
-        for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(df)), strata, groups=df["group"])):
+        together = df[SPLIT_GROUP] if SPLIT_GROUP in df.columns else df["group"]
+        for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(df)), strata, groups=together)):
             fold[val_idx] = k
     per_image = pd.DataFrame({"group": df["group"].to_numpy(), "fold": fold})
     check_no_leak(per_image)

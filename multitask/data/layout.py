@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from multitask.data.cache import IMAGE_SUFFIXES
+from multitask.data.folds import SPLIT_GROUP
 from multitask.data.table import (SKIPPED_COLUMNS, DataError, ImageTable, image_path, listed_before, problems_error,
                                   read_csv_cells, row_names, value_column)
 from multitask.labels import mask_task
@@ -68,9 +69,10 @@ def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, st
     reported at once, each with its file and line. Given a `skipped` list, a person with a problem is
     left out instead, with all their pictures, and listed there as (where, path, reason).
 
-    A person's group (what the folds keep together) is their folder, or the first folder listed with
-    the same id, gender and age: one person in two folders would otherwise train in one fold and be
-    validated in another. An id shared by persons of other labels is a typo's, not one person."""
+    A person's group is their folder; `person` names the first folder listed with the same id, gender
+    and age, which the split keeps in one fold with it (one person in two folders would otherwise train
+    in one fold and be validated in another). An id shared by persons of other labels is a typo's,
+    not one person."""
     csv_path = root / "train" / "train.csv"
     people = read_csv(csv_path, TRAIN_COLUMNS)
     if people.empty:
@@ -104,13 +106,13 @@ def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, st
                                 "; ".join(p.split(": ", 1)[-1] for p in problems[before:])))
                 del problems[before:]
             continue
-        person = rec.id.strip()  # a blank id names nobody: such persons are not joined
-        group = persons.setdefault((person, gender, age), rec.path) if person else rec.path
+        pid = rec.id.strip()  # a blank id names nobody: such persons are not joined
+        person = persons.setdefault((pid, gender, age), rec.path) if pid else rec.path
         for stem, p in pics.items():
-            rows.append((group, str(p), f"{where} ({p.name})", stem, MASK_STEMS[stem], gender, age))
+            rows.append((rec.path, person, str(p), f"{where} ({p.name})", stem, MASK_STEMS[stem], gender, age))
     if problems and skipped is None:
         raise problems_error(csv_path, problems, LayoutError)
-    df = pd.DataFrame(rows, columns=["group", "path", "where", "stem", "mask", "gender", value_column("age")])
+    df = pd.DataFrame(rows, columns=["group", SPLIT_GROUP, "path", "where", "stem", "mask", "gender", value_column("age")])
     df["age"] = mask_task(age_bins).factors[2].bin(df[value_column("age")].to_numpy())
     return df
 

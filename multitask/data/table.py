@@ -13,6 +13,7 @@ import csv
 import math
 import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,10 +177,12 @@ def image_path(root: Path, rel: str, folder: bool = False) -> tuple[Path | None,
         return None, (f"path {rel!r} leads out of {root} through the link {link} (to {link.resolve()}); "
                       f"make the root the folder the files are in (task.images for a table), or copy them")
     try:
-        found = p.is_dir() if folder else p.is_file()
+        mode = p.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = 0
     except OSError as e:  # a name too long for the filesystem, a folder it may not enter
         return None, f"path {rel!r} cannot be read: {e.strerror or e}"
-    if not found:
+    if not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
         return None, f"{'image folder' if folder else 'image'} {p} not found"
     return p, None
 
