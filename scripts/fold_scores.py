@@ -57,11 +57,11 @@ def fold_scores(run_dir: Path, answers: Path | None = None) -> dict:
             "mean_fold_held_out": round(float(np.mean(held)), 4), "vote_held_out": round(voted, 4)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--answers", type=Path, default=None, help="answer key (ImageID,ans); default: beside the data root")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     for run in args.runs:
         print(json.dumps(fold_scores(run, args.answers)), flush=True)
 

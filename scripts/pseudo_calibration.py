@@ -70,14 +70,14 @@ def calibrations(run_dir: Path, answers: Path, r: int = 0, precision: float = 0.
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--answers", type=Path, required=True, help="the competition's answer key (ImageID,ans)")
     parser.add_argument("--round", type=int, default=0, help="the round whose models would label (default 0)")
     parser.add_argument("--precision", type=float, default=0.95)
     parser.add_argument("--bound", type=float, default=0.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for row in calibrations(args.run, args.answers, args.round, args.precision, args.bound):
         print(json.dumps(row))
 

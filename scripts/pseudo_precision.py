@@ -65,12 +65,12 @@ def pseudo_precision(run_dir: Path, r: int = 1, answers: Path | None = None) -> 
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--round", type=int, default=1, help="the pseudo-label round (default 1)")
     parser.add_argument("--answers", type=Path, default=None, help="the competition's answer key (ImageID,ans)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(json.dumps(pseudo_precision(args.run, args.round, args.answers)))
 
 

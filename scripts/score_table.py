@@ -19,12 +19,12 @@ from multitask.run import RunDir
 from multitask.runs import table_codes
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
     ap.add_argument("--answers", required=True)
     ap.add_argument("--preds", default=None, help="predictions CSV [RUN/submission.csv]")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     cfg = load_run_config(RunDir(a.run))
     task = task_of(cfg)
     try:  # the same reading as `mt runs --answers` (multitask/runs.py)

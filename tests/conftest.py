@@ -1,4 +1,5 @@
 from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -8,6 +9,7 @@ from multitask.config import load_config
 from multitask.data.synthetic import make_demo_dataset
 
 torch.set_num_threads(2)
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +24,25 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_data")
     make_demo_dataset(root, n_train_persons=12, n_eval_persons=4, image_size=(64, 48), seed=0)
     return root
+
+
+@pytest.fixture
+def script_module(monkeypatch):
+    """A script under scripts/ as a module, to call its main in this process (a process of its own
+    costs seconds of importing torch and timm). Importable by its name meanwhile: a DataLoader worker
+    that is spawned, not forked (macOS, newer Pythons), unpickles the script's classes by it."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    loaded = []
+
+    def load(name: str):
+        loaded.append(name)
+        return importlib.import_module(name)
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 def tiny_config(root, *overrides):

@@ -5,27 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_throughput.py"
-
-
-@pytest.fixture
-def script_module(monkeypatch):
-    """A script under scripts/ as a module, to call its main in this process (a process of its own
-    costs seconds of importing torch and timm). Importable by its name meanwhile: a DataLoader worker
-    that is spawned, not forked (macOS, newer Pythons), unpickles the script's classes by it."""
-    import importlib
-
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    loaded = []
-
-    def load(name: str):
-        loaded.append(name)
-        return importlib.import_module(name)
-    yield load
-    for name in loaded:
-        sys.modules.pop(name, None)
 
 
 def test_bench_throughput_quick_prints_one_json_line(capsys, script_module):

@@ -151,11 +151,8 @@ def test_a_perfect_table_submission_scores_one_held_out(tmp_path):
         held_out(RunDir(run), tmp_path / "bad.csv")
 
 
-def test_score_table_script_reads_the_key_as_mt_runs_does(tmp_path):
+def test_score_table_script_reads_the_key_as_mt_runs_does(tmp_path, capsys, script_module):
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import numpy as np
     import pandas as pd
@@ -169,11 +166,8 @@ def test_score_table_script_reads_the_key_as_mt_runs_does(tmp_path):
     pd.DataFrame({"path": key["path"], "colour": key["colour"],
                   "size": [names[i] for i in np.searchsorted([20, 30], key["size"], side="right")]}
                  ).to_csv(run / "submission.csv", index=False)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "score_table.py"
-    out = subprocess.run([sys.executable, str(script), "--run", str(run), "--answers", str(answers)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) | {"n": 0} == {"n": 0, "f1": 1.0, "acc": 1.0, "f1_colour": 1.0, "f1_size": 1.0}
+    script_module("score_table").main(["--run", str(run), "--answers", str(answers)])
+    assert json.loads(capsys.readouterr().out) | {"n": 0} == {"n": 0, "f1": 1.0, "acc": 1.0, "f1_colour": 1.0, "f1_size": 1.0}
 
 
 def test_mt_runs_ranks_runs_without_a_held_out_score_by_their_oof(monkeypatch, tmp_path):
@@ -233,10 +227,8 @@ def test_pseudo_label_counts_per_fold_count_the_folds_that_selected_nothing(demo
     assert f"<td>{mask.classes[0]} 2.0, {mask.classes[2]} 0.5</td>" in text
 
 
-def test_fold_scores_script_scores_each_fold_alone_and_their_vote(demo_root, tmp_path):
+def test_fold_scores_script_scores_each_fold_alone_and_their_vote(demo_root, tmp_path, capsys, script_module):
     import json
-    import sys
-    from pathlib import Path
 
     import numpy as np
     import pandas as pd
@@ -246,8 +238,12 @@ def test_fold_scores_script_scores_each_fold_alone_and_their_vote(demo_root, tmp
 
     run = tmp_path / "run"
     train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}"), run)
-    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "fold_scores.py"), str(run)]
-    before = json.loads(subprocess.run(script, capture_output=True, text=True, timeout=120, check=True).stdout)
+    main = script_module("fold_scores").main
+
+    def scores():
+        main([str(run)])
+        return json.loads(capsys.readouterr().out)
+    before = scores()
 
     # fold 1's test predictions made the answers themselves, and fold 0's OOF rows too: each of those
     # scores 1.0 where it is read, and nothing else moves but the vote
@@ -263,7 +259,7 @@ def test_fold_scores_script_scores_each_fold_alone_and_their_vote(demo_root, tmp
         oof[f"p_{f.name}"][held] = np.eye(f.n)[oof["factors"][held, i]]
     save_npz(fold1, **test)
     save_npz(oof_path, **oof)
-    after = json.loads(subprocess.run(script, capture_output=True, text=True, timeout=120, check=True).stdout)
+    after = scores()
     assert after["fold_held_out"] == [before["fold_held_out"][0], 1.0]
     assert after["fold_oof"] == [1.0, before["fold_oof"][1]]
     assert after["mean_fold_held_out"] == round((before["fold_held_out"][0] + 1) / 2, 4)
@@ -331,12 +327,11 @@ def test_the_reports_classes_carry_the_number_a_submission_holds():
     assert names[3] == "3: worn / female / <30"  # mask·6 + gender·3 + age
 
 
-def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_delivered(demo_root, tmp_path):
+def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_delivered(demo_root, tmp_path, capsys,
+                                                                                    script_module):
     """docs/RESULTS.md: age's promise of 0.95 rested on 36 persons and delivered 0.81 on the test
     persons. The script's figures are the round's own files read again."""
     import json
-    import sys
-    from pathlib import Path
 
     import numpy as np
     import pandas as pd
@@ -346,9 +341,9 @@ def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_deliver
     run = tmp_path / "run"
     train_run(tiny_config(demo_root, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2"), run)
     pseudo_label(run, precision=0.5)
-    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "pseudo_precision.py"), str(run),
-              "--answers", str(demo_root / "answers.csv")]
-    got = json.loads(subprocess.run(script, capture_output=True, text=True, timeout=120, check=True).stdout)
+    capsys.readouterr()
+    script_module("pseudo_precision").main([str(run), "--answers", str(demo_root / "answers.csv")])
+    got = json.loads(capsys.readouterr().out)
     assert got["bound"] == 0.0
     made = json.loads((run / "round1" / "pseudo.json").read_text())["factors"]
     chosen = pd.read_csv(run / "round1" / "pseudo.csv")
@@ -366,10 +361,8 @@ def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_deliver
             assert row["oof_persons"] == made[name]["persons"]
     assert np.isclose(got["factors"]["mask"]["labels_per_fold"], (chosen["mask"] >= 0).sum() / 2, atol=0.05)  # 2 folds
     # the other calibrations' script: its pooled rule is the one the round was made by, read again
-    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "pseudo_calibration.py"), str(run),
-              "--answers", str(demo_root / "answers.csv"), "--precision", "0.5"]
-    rules = [json.loads(line) for line in subprocess.run(script, capture_output=True, text=True, timeout=120,
-                                                         check=True).stdout.splitlines()]
+    script_module("pseudo_calibration").main([str(run), "--answers", str(demo_root / "answers.csv"), "--precision", "0.5"])
+    rules = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["rule"] for r in rules] == ["pooled", "pooled_plain", "per_fold"]
     folds = pd.read_csv(run / "folds.csv")
     persons_in = folds.groupby("fold")["group"].nunique().tolist()
@@ -383,7 +376,7 @@ def test_pseudo_precision_script_sets_the_promise_beside_what_the_labels_deliver
         assert [n <= persons_in[k] for k, n in enumerate(per_fold["oof_persons"])] == [True, True]
     # a fold that selected nothing has no rows in pseudo.csv: labels are still per fold of the teacher
     chosen[chosen["fold"] == 0].to_csv(run / "round1" / "pseudo.csv", index=False)
-    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "pseudo_precision.py"), str(run)]
-    alone = json.loads(subprocess.run(script, capture_output=True, text=True, timeout=120, check=True).stdout)
+    script_module("pseudo_precision").main([str(run)])
+    alone = json.loads(capsys.readouterr().out)
     assert np.isclose(alone["factors"]["mask"]["labels_per_fold"], (chosen[chosen["fold"] == 0]["mask"] >= 0).sum() / 2,
                       atol=0.05)
