@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from multitask.config import ConfigError, EnsembleCfg, dump_config
+from multitask.config import Config, ConfigError, EnsembleCfg, dump_config
 from multitask.context import build_task, check_ensemble_members, check_round, load_run_config
 from multitask.data.folds import read_folds
-from multitask.decide import blend_only, decide_round, is_active, load_decision, predict_classes
-from multitask.labels import FLAT_HEAD
+from multitask.decide import (Decision, blend_only, decide_round, fit_decision, is_active, load_decision,
+                              predict_classes, take)
+from multitask.labels import FLAT_HEAD, Head, Task
 from multitask.metrics import macro_f1, score_classes
 from multitask.run import RunDir, atomic_write_text, head_probs, load_npz, read_json, save_npz, staged_dir, write_json
 
@@ -44,17 +45,40 @@ def member_probs(run_dir: Path, r: int | None = None) -> dict:
     oof = load_npz(run.round_dir(r) / "oof.npz")
     test_path = run.round_dir(r) / "test_probs.npz"
     test = load_npz(test_path) if test_path.exists() else None
-    probs = lambda z: predict_classes(task, heads, head_probs(z), cfg,  # noqa: E731
-                                      blend)[0]
+    probs = lambda z, d=blend: predict_classes(task, heads, head_probs(z), cfg, d)[0]  # noqa: E731
     oof_probs = probs(oof)
-    # fold k held out: an ensemble's vote with its weights refitted without fold k (they saw it otherwise)
+    # fold k held out: an ensemble's vote with its weights refitted without fold k (they saw it
+    # otherwise), or a run's OOF under its blend refitted without fold k
     inner = oof_votes_without(cfg)
-    without = (lambda k: inner(k)[FLAT_HEAD]) if inner is not None else (lambda k: oof_probs)
+    if inner is not None:
+        without = lambda k: inner(k)[FLAT_HEAD]  # noqa: E731
+    elif blend is not None and blend.blend:
+        refit = blends_without(task, heads, cfg, oof)
+        without = lambda k: probs(oof, refit(k))  # noqa: E731
+    else:
+        without = lambda k: oof_probs  # noqa: E731
     return {"cfg": cfg, "task": task, "round": r, "train_ids": run.round_train_ids(r) or {}, "oof": oof,
             "oof_probs": oof_probs, "oof_without": without,
             "test_ids": test["image_id"] if test is not None else None,
             "test_likeness": {"likeness": test["likeness"]} if test is not None and "likeness" in test else {},
             "test_probs": probs(test) if test is not None else None}
+
+
+def blends_without(task: Task, heads: list[Head], cfg: Config, oof: dict) -> Callable[[int], Decision]:
+    """A run's auxiliary blend (its weights, a regression's spread) refitted on its OOF without fold k,
+    once per fold: the blend it keeps was fitted on every fold, fold k's rows too, so the figures an
+    ensemble calls fold-honest, and fold k's pseudo labels, read this one."""
+    fit_cfg = cfg.model_copy(update={"decide": cfg.decide.model_copy(update={"offsets": "none"})})
+    probs, values = head_probs(oof), {key[len("value_"):]: v for key, v in oof.items() if key.startswith("value_")}
+    fitted: dict[int, Decision] = {}
+
+    def refit(k: int) -> Decision:
+        if k not in fitted:
+            rows = np.flatnonzero(oof["fold"] != k)
+            fitted[k] = blend_only(fit_decision(task, heads, take(probs, rows), oof["factors"][rows], take(values, rows),
+                                                fit_cfg))
+        return fitted[k]
+    return refit
 
 
 def check_same_split(run: Path, other: Path, why: str) -> None:
@@ -108,7 +132,11 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
         else:
             task, heads = build_task(member)
             blend = blend_only(load_decision(run.round_dir(r)))
-            member_votes = {k: predict_classes(task, heads, probs, member, blend)[0]
+            if blend is not None and blend.blend:  # fold k reads the blend fitted without its groups
+                blend_of = blends_without(task, heads, member, load_npz(run.round_dir(r) / "oof.npz"))
+            else:
+                blend_of = lambda k: blend  # noqa: E731
+            member_votes = {k: predict_classes(task, heads, probs, member, blend_of(k))[0]
                             for k, probs in fold_test_probs(run, r, test_ids).items()}
         for k, p in member_votes.items():
             wk = ens.fold_weights[k][i] if ens.fold_weights else w
@@ -254,9 +282,10 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
                    "oof_weights_honest": honest_weights_score(without, factors, folds, task, fold_weights)
                    if fold_weights is not None else None}
         if is_active(task, cfg):
-            # fold-honest but for one number per member: fold k's decision is fitted on a vote whose weights
-            # never saw fold k, while each member's auxiliary blend stays its own, fitted on all its OOF
-            voted_without = votes_without(without, fold_weights) if fold_weights else None
+            # fold-honest: fold k's decision is fitted on a vote whose weights (where fitted) and members'
+            # auxiliary blends never saw fold k
+            given = {int(k): w for k in np.unique(folds)} if len(np.unique(folds)) > 1 else None
+            voted_without = votes_without(without, fold_weights or given) if fold_weights or given else None
             summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg,
                                                oof.get("likeness"), voted_without)
         write_json(run.round_dir(0) / "summary.json", summary)

@@ -47,9 +47,9 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     oof0, task = parts[0]["oof"], parts[0]["task"]
     y, folds = task.encode(oof0["factors"]), oof0["fold"]
     classes = np.zeros(len(y), np.int64)
-    for k in np.unique(folds):
-        w = fit_weights([m["oof_probs"][folds != k] for m in parts], y[folds != k], task.n_classes)
-        classes[folds == k] = sum(wi * m["oof_probs"][folds == k] for wi, m in zip(w, parts)).argmax(1)
+    for k in np.unique(folds):  # each member's OOF under its blend refitted without fold k (member_blend_without)
+        w = fit_weights([m["oof_without"](k)[folds != k] for m in parts], y[folds != k], task.n_classes)
+        classes[folds == k] = sum(wi * m["oof_without"](k)[folds == k] for wi, m in zip(w, parts)).argmax(1)
     assert summary["oof_weights_honest"] == pytest.approx(score_classes(task, classes, oof0["factors"]))
     # the same votes for a decision refitted later (scripts/subjects_offline.py, blend_only.py)
     from multitask.ensemble import oof_votes_without
@@ -170,16 +170,37 @@ def test_the_ensembles_honest_decision_scores_each_fold_with_weights_that_never_
     cfg = load_run_config(RunDir(out))
     task, heads = build_task(cfg)
     oof = load_npz(RunDir(out).round_dir(0) / "oof.npz")
-    probs = [member_probs(r)["oof_probs"] for r in (a, b)]
+    without = [member_probs(r)["oof_without"] for r in (a, b)]
     y, folds = task.encode(oof["factors"]), oof["fold"]
     pictures = Pictures(oof["likeness"], folds)
     classes = np.zeros(len(y), np.int64)
     for k in np.unique(folds):
         fit, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        probs = [p(k) for p in without]
         voted = weighted(probs, fit_weights([p[fit] for p in probs], y[fit], task.n_classes))
         d = fit_decision(task, heads, {"class": voted[fit]}, oof["factors"][fit], {}, cfg, pictures.take(fit))
         classes[held] = predict_classes(task, heads, {"class": voted[held]}, cfg, d, pictures.take(held))[1]
     assert summary["decision"]["honest"]["f1"] == macro_f1(y, classes, task.n_classes)
+
+
+def test_a_members_fold_honest_oof_reads_its_blend_refitted_without_the_fold(members):
+    """A member's auxiliary blend (weight, regression spread) was fitted on all its OOF, fold k's rows
+    too: its OOF with fold k held out is read under the blend refitted without them."""
+    differs = False
+    for run in members:
+        m = member_probs(run)
+        oof, task, cfg = m["oof"], m["task"], m["cfg"]
+        heads = build_task(cfg)[1]
+        assert load_decision(RunDir(run).round_dir(0)).blend  # the built-in auxiliary regression head, blended
+        refit_cfg = cfg.model_copy(update={"decide": cfg.decide.model_copy(update={"offsets": "none"})})
+        for k in (0, 1):
+            fit = oof["fold"] != k
+            d = fit_decision(task, heads, {h: p[fit] for h, p in head_probs(oof).items()}, oof["factors"][fit],
+                             {key[6:]: v[fit] for key, v in oof.items() if key.startswith("value_")}, refit_cfg)
+            expected = predict_classes(task, heads, head_probs(oof), cfg, blend_only(d))[0]
+            assert np.allclose(m["oof_without"](k), expected)
+            differs |= not np.allclose(expected, m["oof_probs"])
+    assert differs  # the case tells the refitted blend from the kept one
 
 
 def test_a_nested_ensembles_honest_figures_refit_the_inner_weights_too(members, tmp_path):
@@ -191,12 +212,13 @@ def test_a_nested_ensembles_honest_figures_refit_the_inner_weights_too(members, 
     summary = make_ensemble([inner, a], outer)
     ens = load_run_config(RunDir(inner)).ensemble
     task, _ = build_task(load_run_config(RunDir(outer)))
-    pa, pb = member_probs(a)["oof_probs"], member_probs(b)["oof_probs"]
+    wa, wb = member_probs(a)["oof_without"], member_probs(b)["oof_without"]
     oof = load_npz(RunDir(outer).round_dir(0) / "oof.npz")
     y, folds = task.encode(oof["factors"]), oof["fold"]
     classes, leaky = np.zeros(len(y), np.int64), np.zeros(len(y), np.int64)
     for k in np.unique(folds):
         fit, held = folds != k, folds == k
+        pa, pb = wa(k), wb(k)
         for voted, out in ((weighted([pa, pb], ens.fold_weights[k]), classes), (weighted([pa, pb], ens.weights), leaky)):
             w = fit_weights([voted[fit], pa[fit]], y[fit], task.n_classes)
             out[held] = weighted([voted[held], pa[held]], w).argmax(1)
@@ -233,11 +255,18 @@ def test_an_ensemble_run_cannot_be_trained_further(members, tmp_path):
 
 
 def fold_probs(run, k):
-    """A run's fold-k final-class probabilities of the test images (its blend in), from its files."""
+    """A run's fold-k final-class probabilities of the test images, from its files, with its auxiliary
+    blend as fitted on its OOF without fold k (fold k's labels must not come from a blend that saw it)."""
     cfg = load_run_config(RunDir(run))
     task, heads = build_task(cfg)
     test = load_npz(RunDir(run).fold_dir(0, k) / "test.npz")
-    return predict_classes(task, heads, head_probs(test), cfg, blend_only(load_decision(RunDir(run).round_dir(0))))[0]
+    oof = load_npz(RunDir(run).round_dir(0) / "oof.npz")
+    fit = oof["fold"] != k
+    refit_cfg = cfg.model_copy(update={"decide": cfg.decide.model_copy(update={"offsets": "none"})})
+    values = {key[6:]: v[fit] for key, v in oof.items() if key.startswith("value_")}
+    blend = blend_only(fit_decision(task, heads, {h: p[fit] for h, p in head_probs(oof).items()}, oof["factors"][fit],
+                                    values, refit_cfg))
+    return predict_classes(task, heads, head_probs(test), cfg, blend)[0]
 
 
 def test_pseudo_labels_from_an_ensemble_come_from_its_members_fold_k_models(members, tmp_path):
@@ -248,9 +277,9 @@ def test_pseudo_labels_from_an_ensemble_come_from_its_members_fold_k_models(memb
     votes = fold_votes(ens, ids)
     task = build_task(load_run_config(RunDir(ens)))[0]
     oof = load_npz(RunDir(ens).round_dir(0) / "oof.npz")
-    probs, y, folds = [member_probs(r)["oof_probs"] for r in (a, b)], task.encode(oof["factors"]), oof["fold"]
+    without, y, folds = [member_probs(r)["oof_without"] for r in (a, b)], task.encode(oof["factors"]), oof["fold"]
     for k in (0, 1):  # weighted as fitted without fold k: no fold's labels are voted by weights fitted on it
-        w = fit_weights([p[folds != k] for p in probs], y[folds != k], task.n_classes)
+        w = fit_weights([p(k)[folds != k] for p in without], y[folds != k], task.n_classes)
         assert load_run_config(RunDir(ens)).ensemble.fold_weights[k] == pytest.approx(list(w))
         assert np.allclose(votes[k], sum(wi * fold_probs(m, k) for wi, m in zip(w, (a, b))), atol=1e-6)
     assert not np.allclose(votes[0], votes[1])  # each fold its own models
