@@ -61,14 +61,13 @@ def test_soft_vote_averages_each_head_over_folds():
 def test_prediction_streams_in_bounded_memory(demo_root, tmp_path):
     """1,500 images predicted at 192x192 (166 MB decoded at once): streamed 128 at a time, the peak
     memory the images take stays a fraction of that, and the predictions are the same."""
-    import json
-    import subprocess
-    import sys
+    import tracemalloc
 
     from PIL import Image
 
     from conftest import tiny_config
     from multitask.kfold import train_run
+    from multitask.predict import predict_images
 
     out = tmp_path / "run"
     train_run(tiny_config(demo_root, "data.img_size=[192, 192]", "train.fold=[0]", "aug.tta=[none]",
@@ -78,20 +77,19 @@ def test_prediction_streams_in_bounded_memory(demo_root, tmp_path):
     rng = np.random.default_rng(0)
     for i in range(1500):
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
-    # the peak of numpy's allocations (tracemalloc sees them; torch's own buffers and thread caches,
-    # which vary with the machine, it does not), and the process's peak RSS beside it
-    code = ("import json, resource, sys, tracemalloc; from multitask.predict import predict_images; "
-            "tracemalloc.start(); "
-            "predict_images(sys.argv[1], sys.argv[2], sys.argv[3], round=0, chunk=int(sys.argv[4])); "
-            "print(json.dumps([tracemalloc.get_traced_memory()[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))")
-    peak, rss = {}, {}
+    # the peak of numpy's allocations while predicting (tracemalloc sees them; torch's own buffers and
+    # thread caches, which vary with the machine, it does not)
+    peak = {}
     for chunk in (128, 100_000):
-        done = subprocess.run([sys.executable, "-c", code, str(out), str(images), str(tmp_path / f"p{chunk}.csv"),
-                               str(chunk)], capture_output=True, text=True, check=True)
-        peak[chunk], rss[chunk] = json.loads(done.stdout.strip().splitlines()[-1])
+        tracemalloc.start()
+        try:
+            predict_images(out, images, tmp_path / f"p{chunk}.csv", round=0, chunk=chunk)
+            peak[chunk] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
     decoded = 1500 * 192 * 192 * 3
     # all at once holds every decoded image; 128 at a time, a fraction of them
-    assert peak[100_000] > decoded and peak[128] < 0.4 * decoded, (peak, rss, decoded)
+    assert peak[100_000] > decoded and peak[128] < 0.4 * decoded, (peak, decoded)
     a, b = pd.read_csv(tmp_path / "p128.csv"), pd.read_csv(tmp_path / "p100000.csv")
     assert len(a) == 1500
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
