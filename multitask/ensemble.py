@@ -52,7 +52,7 @@ def member_probs(run_dir: Path, r: int | None = None) -> dict:
     inner = oof_votes_without(cfg)
     if inner is not None:
         without = lambda k: inner(k)[FLAT_HEAD]  # noqa: E731
-    elif blend is not None and blend.blend:
+    elif blend is not None and blend.blend and len(np.unique(oof["fold"])) > 1:  # one fold: refitted on no row
         refit = blends_without(task, heads, cfg, oof)
         without = lambda k: probs(oof, refit(k))  # noqa: E731
     else:
@@ -132,9 +132,10 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
         else:
             task, heads = build_task(member)
             blend = blend_only(load_decision(run.round_dir(r)))
-            if blend is not None and blend.blend:  # fold k reads the blend fitted without its groups
-                blend_of = blends_without(task, heads, member, load_npz(run.round_dir(r) / "oof.npz"))
-            else:
+            oof = load_npz(run.round_dir(r) / "oof.npz") if blend is not None and blend.blend else None
+            if oof is not None and len(np.unique(oof["fold"])) > 1:  # fold k reads the blend fitted without its groups
+                blend_of = blends_without(task, heads, member, oof)
+            else:  # no blend, or OOF of one fold (a student's), where a refit would be fitted on no row
                 blend_of = lambda k: blend  # noqa: E731
             member_votes = {k: predict_classes(task, heads, probs, member, blend_of(k))[0]
                             for k, probs in fold_test_probs(run, r, test_ids).items()}
@@ -150,11 +151,16 @@ def oof_votes_without(cfg) -> Callable[[int], dict[str, np.ndarray]] | None:
     members' OOF (decide.honest_scores' `probs_without`); None for a run that is not such an ensemble.
     A decision refitted on an ensemble's stored OOF vote is fold-honest only with it."""
     ens = cfg.ensemble
-    if ens is None or not ens.fold_weights:
+    if ens is None:
         return None
     # the members' rounds the ensemble voted, whichever each would choose now (a later pseudo-label round)
-    return votes_without([member_probs(Path(run), r)["oof_without"] for run, r in zip(ens.runs, ens.rounds)],
-                         ens.fold_weights)
+    members = [member_probs(Path(run), r) for run, r in zip(ens.runs, ens.rounds)]
+    folds = np.unique(members[0]["oof"]["fold"])
+    if len(folds) < 2:  # OOF of one fold: nothing is fitted without it
+        return None
+    # weights given, not fitted: the same for every fold, while the members' blends are refitted without it
+    weights = ens.fold_weights or {int(k): ens.weights for k in folds}
+    return votes_without([m["oof_without"] for m in members], weights)
 
 
 Without = Callable[[int], np.ndarray]  # a member's OOF probabilities with fold k held out of every fit

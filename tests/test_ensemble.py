@@ -47,7 +47,7 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     oof0, task = parts[0]["oof"], parts[0]["task"]
     y, folds = task.encode(oof0["factors"]), oof0["fold"]
     classes = np.zeros(len(y), np.int64)
-    for k in np.unique(folds):  # each member's OOF under its blend refitted without fold k (member_blend_without)
+    for k in np.unique(folds):  # each member's OOF under its blend refitted without fold k (ensemble.blends_without)
         w = fit_weights([m["oof_without"](k)[folds != k] for m in parts], y[folds != k], task.n_classes)
         classes[folds == k] = sum(wi * m["oof_without"](k)[folds == k] for wi, m in zip(w, parts)).argmax(1)
     assert summary["oof_weights_honest"] == pytest.approx(score_classes(task, classes, oof0["factors"]))
@@ -90,6 +90,12 @@ def test_an_ensemble_of_two_layouts_submits_and_predicts(members, demo_root, tmp
     # given weights are used as given (normalised)
     fixed = make_ensemble([a, b], tmp_path / "fixed", weights=[3, 1])
     assert [m["weight"] for m in fixed["members"]] == [0.75, 0.25]
+    # its fold-honest vote (a later decision's refit, an outer ensemble's) keeps the given weights and
+    # reads each member's blend refitted without the fold
+    fixed_without = oof_votes_without(load_run_config(RunDir(tmp_path / "fixed")))
+    for k in np.unique(folds):
+        assert np.allclose(fixed_without(k)[FLAT_HEAD],
+                           0.75 * parts[0]["oof_without"](k) + 0.25 * parts[1]["oof_without"](k))
     for bad in ([float("nan"), 1], [float("inf"), 1], [-1, 2], [0, 0]):  # nan passed `min(w) < 0`
         with pytest.raises(ConfigError, match="finite, non-negative"):
             make_ensemble([a, b], tmp_path / "bad", weights=bad)
