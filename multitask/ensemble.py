@@ -50,10 +50,10 @@ def member_probs(run_dir: Path, r: int | None = None) -> dict:
     # fold k held out: an ensemble's vote with its weights refitted without fold k (they saw it
     # otherwise), or a run's OOF under its blend refitted without fold k
     inner = oof_votes_without(cfg)
+    refit = blends_without(task, heads, cfg, blend, oof)
     if inner is not None:
         without = lambda k: inner(k)[FLAT_HEAD]  # noqa: E731
-    elif blend is not None and blend.blend and len(np.unique(oof["fold"])) > 1:  # one fold: refitted on no row
-        refit = blends_without(task, heads, cfg, oof)
+    elif refit is not None:
         without = lambda k: probs(oof, refit(k))  # noqa: E731
     else:
         without = lambda k: oof_probs  # noqa: E731
@@ -64,10 +64,14 @@ def member_probs(run_dir: Path, r: int | None = None) -> dict:
             "test_probs": probs(test) if test is not None else None}
 
 
-def blends_without(task: Task, heads: list[Head], cfg: Config, oof: dict) -> Callable[[int], Decision]:
+def blends_without(task: Task, heads: list[Head], cfg: Config, blend: Decision | None,
+                   oof: dict) -> Callable[[int], Decision] | None:
     """A run's auxiliary blend (its weights, a regression's spread) refitted on its OOF without fold k,
-    once per fold: the blend it keeps was fitted on every fold, fold k's rows too, so the figures an
-    ensemble calls fold-honest, and fold k's pseudo labels, read this one."""
+    once per fold: the blend it keeps (`blend`) was fitted on every fold, fold k's rows too, so the
+    figures an ensemble calls fold-honest, and fold k's pseudo labels, read this one. None where the
+    kept blend stands: there is none, or the OOF is of one fold (a refit would be fitted on no row)."""
+    if blend is None or not blend.blend or len(np.unique(oof["fold"])) < 2:
+        return None
     fit_cfg = cfg.model_copy(update={"decide": cfg.decide.model_copy(update={"offsets": "none"})})
     probs, values = head_probs(oof), {key[len("value_"):]: v for key, v in oof.items() if key.startswith("value_")}
     fitted: dict[int, Decision] = {}
@@ -132,11 +136,10 @@ def fold_votes(run_dir: Path, test_ids: np.ndarray) -> dict[int, np.ndarray]:
         else:
             task, heads = build_task(member)
             blend = blend_only(load_decision(run.round_dir(r)))
-            oof = load_npz(run.round_dir(r) / "oof.npz") if blend is not None and blend.blend else None
-            if oof is not None and len(np.unique(oof["fold"])) > 1:  # fold k reads the blend fitted without its groups
-                blend_of = blends_without(task, heads, member, oof)
-            else:  # no blend, or OOF of one fold (a student's), where a refit would be fitted on no row
-                blend_of = lambda k: blend  # noqa: E731
+            # fold k reads the blend fitted without its groups (the OOF is read only where there is a blend)
+            refit = (blends_without(task, heads, member, blend, load_npz(run.round_dir(r) / "oof.npz"))
+                     if blend is not None and blend.blend else None)
+            blend_of = refit or (lambda k: blend)
             member_votes = {k: predict_classes(task, heads, probs, member, blend_of(k))[0]
                             for k, probs in fold_test_probs(run, r, test_ids).items()}
         for k, p in member_votes.items():
@@ -155,12 +158,17 @@ def oof_votes_without(cfg) -> Callable[[int], dict[str, np.ndarray]] | None:
         return None
     # the members' rounds the ensemble voted, whichever each would choose now (a later pseudo-label round)
     members = [member_probs(Path(run), r) for run, r in zip(ens.runs, ens.rounds)]
-    folds = np.unique(members[0]["oof"]["fold"])
-    if len(folds) < 2:  # OOF of one fold: nothing is fitted without it
+    weights = held_out_weights(ens.fold_weights, ens.weights, members[0]["oof"]["fold"])
+    return votes_without([m["oof_without"] for m in members], weights) if weights else None
+
+
+def held_out_weights(fold_weights: dict | None, weights, folds: np.ndarray) -> dict | None:
+    """The weights fold k's held-out vote takes: those refitted without it, else the given ones, the
+    same for every fold (the members' blends are still refitted without it); None for OOF of one
+    fold, where nothing is fitted without it."""
+    if len(np.unique(folds)) < 2:
         return None
-    # weights given, not fitted: the same for every fold, while the members' blends are refitted without it
-    weights = ens.fold_weights or {int(k): ens.weights for k in folds}
-    return votes_without([m["oof_without"] for m in members], weights)
+    return fold_weights or {int(k): weights for k in np.unique(folds)}
 
 
 Without = Callable[[int], np.ndarray]  # a member's OOF probabilities with fold k held out of every fit
@@ -290,8 +298,8 @@ def make_ensemble(runs: list[str | Path], out: str | Path, weights: list[float] 
         if is_active(task, cfg):
             # fold-honest: fold k's decision is fitted on a vote whose weights (where fitted) and members'
             # auxiliary blends never saw fold k
-            given = {int(k): w for k in np.unique(folds)} if len(np.unique(folds)) > 1 else None
-            voted_without = votes_without(without, fold_weights or given) if fold_weights or given else None
+            held_out = held_out_weights(fold_weights, w, folds)
+            voted_without = votes_without(without, held_out) if held_out else None
             summary["decision"] = decide_round(run.round_dir(0), task, heads, {FLAT_HEAD: voted}, factors, {}, folds, cfg,
                                                oof.get("likeness"), voted_without)
         write_json(run.round_dir(0) / "summary.json", summary)

@@ -107,7 +107,7 @@ def killed_write(path: Path) -> bool:
     """The temp file (or staging folder) `path` is left by a write that will never finish: its writer
     was on this host and is gone, or (a name without its writer) it was made by an mt before writers
     were named, which no process running now can be. A writer in another container that shares the
-    hostname has a pid this one cannot see: a temp file whose flock is held (`hold_while_written`)
+    hostname has a pid this one cannot see: a temp file whose flock is held (`lock.hold_flock`, kept until the rename)
     is such a live writer's."""
     writer = temp_writer(path.name)
     if writer is None:
@@ -116,12 +116,6 @@ def killed_write(path: Path) -> bool:
     if host != socket.gethostname() or alive(pid):
         return False
     return path.is_dir() or unlocked(path) is not False
-
-
-def hold_while_written(fd: int) -> None:
-    """An flock on a temp file's descriptor, kept until it is closed (after the rename): see
-    killed_write. On a filesystem without flock the write is judged by its pid alone."""
-    hold_flock(fd)
 
 
 def sync_file(fd: int) -> None:
@@ -159,7 +153,7 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_killed_beside(path)  # a killed earlier write's (`mt predict` of a large set leaves a large one)
     fd, tmp = tempfile.mkstemp(prefix=writer_prefix(path.name), suffix=".tmp", dir=path.parent)
-    hold_while_written(fd)
+    hold_flock(fd)  # kept past the rename: see killed_write
     try:
         # a second descriptor to write through: `fd`, and the flock with it, stays open past the rename
         with os.fdopen(os.dup(fd), mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:

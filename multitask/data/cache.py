@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from multitask.run import (FILE_MODE, check_space, check_writable, hold_while_written, sweep_killed, sync_dir,
-                           sync_file, writer_prefix)
+from multitask.lock import hold_flock
+from multitask.run import FILE_MODE, check_space, check_writable, sweep_killed, sync_dir, sync_file, writer_prefix
 
 # bump when decoding or resizing changes (2: 16-bit greyscale read whole; 3: EXIF orientation; 4: a turned
 # JPEG's draft scale reckoned on its turned sides)
@@ -135,7 +135,7 @@ def build_cache_file(paths: Sequence[str], size: tuple[int, int], out: Path, wor
     # the next build removes those whose writer is gone, as `mt resume` does in a run
     sweep_killed(list(out.parent.glob(".*.npy.tmp")))
     fd, tmp = tempfile.mkstemp(prefix=writer_prefix(out.stem), suffix=".npy.tmp", dir=out.parent)
-    hold_while_written(fd)  # minutes of decoding: another container's sweep must see a live writer
+    hold_flock(fd)  # minutes of decoding: another container's sweep must see a live writer
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))
         bad = decode_into(arr, paths, size, workers, on_progress)

@@ -69,7 +69,7 @@ def read_train(root: Path, age_bins: list[int], skipped: list[tuple[str, str, st
     reported at once, each with its file and line. Given a `skipped` list, a person with a problem is
     left out instead, with all their pictures, and listed there as (where, path, reason).
 
-    A person's group is their folder; `person` names the first folder listed with the same id, gender
+    A person's group is their folder; `split_group` names the first folder listed with the same id, gender
     and age, which the split keeps in one fold with it (one person in two folders would otherwise train
     in one fold and be validated in another). An id shared by persons of other labels is a typo's,
     not one person."""
